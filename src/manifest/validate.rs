@@ -1,0 +1,2 @@
+//! Checks that need the whole directory: references between entities,
+//! duplicate names, paths, certificates.

@@ -1,0 +1,358 @@
+//! The runtime interface under the reconciler, and its implementations.
+//!
+//! - [`smolvm`]: the production driver, running the real `smolvm` CLI.
+//! - [`local`]: bubblewrap sandboxes with a persistent root per machine, for
+//!   Linux machines without KVM and for CI.
+//!
+//! The interface is deliberately small and blocking: the reconciler runs
+//! actions on a bounded pool of threads, and every call has a timeout.
+
+pub mod local;
+pub mod smolvm;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use miette::Diagnostic;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// What a runtime can do to machines.
+pub trait Runtime: Send + Sync {
+    /// `smolvm` or `local`, for messages.
+    fn kind(&self) -> RuntimeKind;
+
+    /// Every machine the runtime knows, managed by bottle or not, sorted by
+    /// name.
+    fn list(&self) -> Result<Vec<MachineInfo>, RuntimeError>;
+
+    /// Create a machine (state `created`; not started).
+    fn create(&self, spec: &MachineSpec) -> Result<(), RuntimeError>;
+
+    fn start(&self, name: &str) -> Result<(), RuntimeError>;
+
+    /// Stop a machine; stopping one that is not running succeeds.
+    fn stop(&self, name: &str) -> Result<(), RuntimeError>;
+
+    /// Change settings of a `created` or `stopped` machine; effective at the
+    /// next start.
+    fn update(&self, name: &str, update: &MachineUpdate) -> Result<(), RuntimeError>;
+
+    /// Delete a machine and its disk, stopping it first if needed.
+    fn delete(&self, name: &str) -> Result<(), RuntimeError>;
+
+    /// Run a command in a running machine. A non-zero exit status is not an
+    /// error here: it is in [`ExecOutput::status`].
+    fn exec(&self, name: &str, request: &ExecRequest) -> Result<ExecOutput, RuntimeError>;
+
+    /// Copy one host file into a running machine, creating missing parent
+    /// directories. The file appears atomically.
+    fn copy_in(
+        &self,
+        name: &str,
+        host_path: &Path,
+        guest_path: &str,
+        options: &CopyOptions,
+    ) -> Result<(), RuntimeError>;
+
+    /// Read one file from a running machine.
+    fn read_file(&self, name: &str, guest_path: &str) -> Result<Vec<u8>, RuntimeError>;
+
+    /// The argv that runs `request` interactively (terminal attached) in the
+    /// machine, for `bottle attach`.
+    fn interactive_argv(&self, name: &str, request: &ExecRequest) -> Vec<String>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    Smolvm,
+    Local,
+}
+
+impl std::fmt::Display for RuntimeKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RuntimeKind::Smolvm => "smolvm",
+            RuntimeKind::Local => "local",
+        })
+    }
+}
+
+/// A machine's state as the runtime reports it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MachineState {
+    Created,
+    Running,
+    Stopped,
+    Failed,
+    /// The VMM is alive but the guest agent does not answer; `start`
+    /// recovers it.
+    Unreachable,
+    /// A fork base; bottle never touches it.
+    Frozen,
+    /// A state this version of bottle does not know, kept verbatim.
+    #[serde(untagged)]
+    Other(String),
+}
+
+impl MachineState {
+    pub fn as_str(&self) -> &str {
+        match self {
+            MachineState::Created => "created",
+            MachineState::Running => "running",
+            MachineState::Stopped => "stopped",
+            MachineState::Failed => "failed",
+            MachineState::Unreachable => "unreachable",
+            MachineState::Frozen => "frozen",
+            MachineState::Other(s) => s,
+        }
+    }
+}
+
+impl std::fmt::Display for MachineState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One machine as listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineInfo {
+    pub name: String,
+    pub state: MachineState,
+    pub cpus: Option<u32>,
+    pub memory_mib: Option<u32>,
+    /// The image as the runtime reports it (`local-dir:/abs/path` for a
+    /// rootfs directory on smolvm).
+    pub image: Option<String>,
+    pub network: bool,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Everything needed to create a machine.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MachineSpec {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    /// `--image`; `None` means the runtime's default (the host's system
+    /// directories on the local runtime).
+    pub image: Option<String>,
+    pub cpus: u32,
+    pub memory_mib: u32,
+    pub env: BTreeMap<String, String>,
+    pub volumes: Vec<VolumeMount>,
+    /// `None`: no network at all.
+    pub egress: Option<Egress>,
+    /// Local runtime only: the user accepted the host's network, unfiltered,
+    /// for a bottle that declares egress.
+    pub allow_unfiltered_network: bool,
+    /// Secrets by reference; values are resolved by the runtime at launch
+    /// and never pass through bottle's argv.
+    pub secrets: Vec<SecretMount>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Egress {
+    pub allow_hosts: Vec<String>,
+    pub allow_cidrs: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct VolumeMount {
+    pub host: PathBuf,
+    pub guest: String,
+    pub read_only: bool,
+}
+
+impl VolumeMount {
+    /// `HOST:GUEST[:ro]`, as smolvm's `-v` takes it.
+    pub fn to_arg(&self) -> String {
+        let ro = if self.read_only { ":ro" } else { "" };
+        format!("{}:{}{ro}", self.host.display(), self.guest)
+    }
+}
+
+/// A secret exposed to the guest as the environment variable `guest_env`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SecretMount {
+    pub guest_env: String,
+    pub source: SecretSource,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SecretSource {
+    /// A host environment variable name (`--secret-env GUEST=HOSTVAR`).
+    HostEnv(String),
+    /// An absolute host file path (`--secret-file GUEST=/abs/path`).
+    HostFile(PathBuf),
+}
+
+/// Settings changed in place on a stopped machine.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MachineUpdate {
+    pub cpus: Option<u32>,
+    pub memory_mib: Option<u32>,
+    pub set_env: BTreeMap<String, String>,
+    pub remove_env: Vec<String>,
+    pub add_volumes: Vec<VolumeMount>,
+    pub remove_volumes: Vec<VolumeMount>,
+}
+
+impl MachineUpdate {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// A command to run in a machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecRequest {
+    pub argv: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub workdir: Option<String>,
+    /// Run as this guest user instead of root.
+    pub user: Option<String>,
+    pub timeout: Duration,
+}
+
+impl ExecRequest {
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
+
+    pub fn new<I, S>(argv: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Self {
+            argv: argv.into_iter().map(Into::into).collect(),
+            env: BTreeMap::new(),
+            workdir: None,
+            user: None,
+            timeout: Self::DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// `sh -c SCRIPT` as root.
+    pub fn shell(script: impl Into<String>) -> Self {
+        Self::new(["sh".to_owned(), "-c".to_owned(), script.into()])
+    }
+
+    pub fn as_user(mut self, user: impl Into<String>) -> Self {
+        self.user = Some(user.into());
+        self
+    }
+
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutput {
+    pub status: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+impl ExecOutput {
+    pub fn success(&self) -> bool {
+        self.status == 0
+    }
+}
+
+/// Owner and mode of a copied file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyOptions {
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Default for CopyOptions {
+    fn default() -> Self {
+        Self {
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+        }
+    }
+}
+
+/// A runtime operation that failed: which machine, which operation, why.
+#[derive(Debug, Error, Diagnostic)]
+#[error("{op} {machine}: {kind}")]
+pub struct RuntimeError {
+    /// The machine, or `-` for operations on none (`list`).
+    pub machine: String,
+    /// `create`, `start`, `exec`, ...
+    pub op: &'static str,
+    #[source]
+    #[diagnostic_source]
+    pub kind: RuntimeErrorKind,
+}
+
+impl RuntimeError {
+    pub fn new(op: &'static str, machine: impl Into<String>, kind: RuntimeErrorKind) -> Self {
+        Self {
+            machine: machine.into(),
+            op,
+            kind,
+        }
+    }
+}
+
+#[derive(Debug, Error, Diagnostic)]
+pub enum RuntimeErrorKind {
+    #[error("no such machine")]
+    #[diagnostic(help("run `bottle status` to see the machines bottle manages"))]
+    NotFound,
+
+    #[error("machine is not running")]
+    #[diagnostic(help("run `bottle apply` to start it"))]
+    NotRunning,
+
+    #[error("a machine with this name already exists")]
+    #[diagnostic(help(
+        "another tool or project created it; delete it with `smolvm machine delete --name NAME -f` if it is unused"
+    ))]
+    AlreadyExists,
+
+    #[error("`{command}` did not finish within {}s", timeout.as_secs())]
+    #[diagnostic(help("the runtime is not answering; check it with `smolvm machine ls --json`"))]
+    Timeout { command: String, timeout: Duration },
+
+    #[error("`{command}` exited with status {status}: {stderr}")]
+    #[diagnostic(help("the runtime rejected the call; its message above says why"))]
+    CommandFailed {
+        command: String,
+        status: i32,
+        stderr: String,
+    },
+
+    #[error("could not run `{command}`: {source}")]
+    #[diagnostic(help("check that the runtime is installed and on PATH (or pass --smolvm PATH)"))]
+    Spawn {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("unexpected output from `{command}`: {detail}")]
+    #[diagnostic(help("this version of the runtime may not be supported; please report it"))]
+    Malformed { command: String, detail: String },
+
+    #[error("{0}")]
+    #[diagnostic(help("see the message above"))]
+    Unsupported(String),
+
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}

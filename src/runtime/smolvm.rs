@@ -1,0 +1,1 @@
+//! The production runtime: the real `smolvm` CLI, driven through duct.
