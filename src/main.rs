@@ -1,3 +1,3 @@
-fn main() {
-    println!("bottle");
+fn main() -> std::process::ExitCode {
+    bottle::cli::main()
 }

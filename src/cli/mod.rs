@@ -1,1 +1,133 @@
-//! The command line: argument parsing and one module per subcommand.
+//! The command line: argument parsing, and one module per subcommand.
+//!
+//! Every subcommand returns `Result<Outcome>`; [`run`] turns that into the
+//! exit codes of DESIGN.md section 5: 0 success or in sync, 1 error, 2 usage
+//! (clap's own), 3 drift or pending changes. Nothing but a completed
+//! comparison can produce 3.
+
+mod graph;
+mod schema;
+mod validate;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// What a command found, beyond plain success.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Done, or in sync.
+    Success,
+    /// The world differs from the manifests (`check`, `plan
+    /// --detailed-exitcode`), or `apply` left blocked actions undone.
+    Drift,
+}
+
+pub const EXIT_ERROR: u8 = 1;
+pub const EXIT_DRIFT: u8 = 3;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "bottle",
+    version,
+    about = "Keep sandboxed coding agents in the state their TOML manifests declare",
+    long_about = "Keep sandboxed coding agents in the state their TOML manifests declare.\n\n\
+        Each agent runs in its own smolvm microVM (a \"bottle\") provisioned with exactly \
+        what its manifest grants: system prompt, skills, trusted CA, git gateway, operator \
+        supervision, egress allowlist, secrets by reference. `bottle apply` makes the \
+        machines match the manifests and changes nothing when they already do.",
+    after_help = "Exit codes: 0 success or in sync, 1 error, 2 usage error, 3 drift or pending changes."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Where machines run: `smolvm` microVMs, or `local` bubblewrap
+    /// sandboxes (Linux without KVM, CI).
+    #[arg(long, global = true, env = "BOTTLE_RUNTIME", value_enum, default_value_t = RuntimeChoice::Smolvm)]
+    pub runtime: RuntimeChoice,
+
+    /// Path of the smolvm binary [default: `smolvm` on PATH].
+    #[arg(long, global = true, env = "BOTTLE_SMOLVM", value_name = "PATH")]
+    pub smolvm: Option<PathBuf>,
+
+    /// Where bottle keeps its lock and the local runtime's machines
+    /// [default: $XDG_STATE_HOME/bottle, or ~/.local/state/bottle].
+    #[arg(long, global = true, env = "BOTTLE_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RuntimeChoice {
+    Smolvm,
+    Local,
+}
+
+/// The manifests directory argument every command takes.
+#[derive(Debug, Args)]
+pub struct DirArg {
+    /// Directory of manifests: every `*.toml` under it is read.
+    #[arg(default_value = "manifests", value_name = "DIR")]
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check the manifests without touching any runtime (for CI on every
+    /// pull request). Prints every problem found, not just the first.
+    Validate(validate::ValidateArgs),
+
+    /// Print the provisioning graph: one node per step per agent, edges
+    /// "must happen after".
+    Graph(graph::GraphArgs),
+
+    /// Print the JSON schema of the manifest format (the one in
+    /// `schemas/bottle.schema.json`).
+    Schema(schema::SchemaArgs),
+}
+
+/// Parse arguments, run the command, return the process exit code.
+pub fn main() -> ExitCode {
+    install_error_renderer();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Validate(args) => validate::run(&cli.global, args),
+        Command::Graph(args) => graph::run(&cli.global, args),
+        Command::Schema(args) => schema::run(&cli.global, args),
+    };
+    match result {
+        Ok(Outcome::Success) => ExitCode::SUCCESS,
+        Ok(Outcome::Drift) => ExitCode::from(EXIT_DRIFT),
+        Err(report) => {
+            eprintln!("{report:?}");
+            ExitCode::from(EXIT_ERROR)
+        }
+    }
+}
+
+/// Diagnostics render with colour and Unicode on a terminal, and as plain
+/// text elsewhere (CI logs, tests, pipes), at a width that does not depend on
+/// the terminal so snapshots are stable.
+fn install_error_renderer() {
+    use std::io::IsTerminal;
+    let tty = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let _ = miette::set_hook(Box::new(move |_| {
+        let theme = if tty {
+            miette::GraphicalTheme::unicode()
+        } else {
+            miette::GraphicalTheme::unicode_nocolor()
+        };
+        Box::new(
+            miette::GraphicalReportHandler::new_themed(theme)
+                .with_width(100)
+                .with_links(false),
+        )
+    }));
+}

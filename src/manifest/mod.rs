@@ -8,6 +8,7 @@
 //! - [`source`]: the text of each file, and key path → span lookups so a
 //!   diagnostic can point at the offending key.
 //! - [`diagnostic`]: the diagnostic type every manifest error is reported as.
+//! - [`schema`]: the JSON schema, generated from the model.
 //! - [`names`]: the naming rule shared by agents, bottles, projects and setup
 //!   steps, chosen so derived machine names are always valid for smolvm.
 
@@ -15,6 +16,7 @@ pub mod diagnostic;
 pub mod load;
 pub mod model;
 pub mod names;
+pub mod schema;
 pub mod source;
 pub mod validate;
 

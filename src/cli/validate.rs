@@ -1,0 +1,31 @@
+//! `bottle validate`: load the manifests, report every problem, or a
+//! one-line summary.
+
+use clap::Args;
+
+use super::{DirArg, GlobalArgs, Outcome};
+use crate::manifest::{self, ProjectNameSource, diagnostic::plural};
+
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    #[command(flatten)]
+    pub dir: DirArg,
+}
+
+pub fn run(_global: &GlobalArgs, args: ValidateArgs) -> miette::Result<Outcome> {
+    let project = manifest::load_dir(&args.dir.dir)?;
+    let origin = match project.name_source {
+        ProjectNameSource::Declared => "",
+        ProjectNameSource::DirectoryName => {
+            " (from the directory name; set [project] name in bottle.toml to pin it)"
+        }
+    };
+    println!(
+        "{}: {}, {} valid; project {}{origin}",
+        args.dir.dir.display(),
+        plural(project.agents.len(), "agent"),
+        plural(project.bottles.len(), "bottle"),
+        project.name,
+    );
+    Ok(Outcome::Success)
+}
