@@ -1,0 +1,167 @@
+//! Reading the files steps depend on: each distinct path once, however many
+//! agents share it, on every core.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use super::hash::{self, Digest32};
+use crate::manifest::{FileId, KeyPath, ManifestDiagnostic, Project};
+
+/// How a path is digested.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum Kind {
+    /// SHA-256 of a file's content (prompt, certificate).
+    File,
+    /// Tree digest of a file or directory (skills, setup inputs).
+    Tree,
+}
+
+/// A key that names a path, to point a read error at.
+#[derive(Debug, Clone)]
+struct Site {
+    file: FileId,
+    key: KeyPath,
+    what: &'static str,
+}
+
+/// Every path digest a project's steps need.
+#[derive(Debug, Default)]
+pub(crate) struct Digests {
+    files: BTreeMap<PathBuf, Digest32>,
+    trees: BTreeMap<PathBuf, Digest32>,
+}
+
+impl Digests {
+    /// Read and digest every referenced file. Read errors become
+    /// diagnostics, one per path, pointing at the first key that names it.
+    pub fn compute(project: &Project) -> Result<Digests, Vec<ManifestDiagnostic>> {
+        let jobs = collect(project);
+        let keys: Vec<&(Kind, PathBuf)> = jobs.keys().collect();
+        let results = run_parallel(&keys, |(kind, path)| digest(*kind, path));
+
+        let mut digests = Digests::default();
+        let mut problems = Vec::new();
+        for (((kind, path), sites), result) in jobs.iter().zip(results) {
+            match (result, kind) {
+                (Ok(d), Kind::File) => drop(digests.files.insert(path.clone(), d)),
+                (Ok(d), Kind::Tree) => drop(digests.trees.insert(path.clone(), d)),
+                (Err(err), _) => problems.push(read_error(project, path, sites, &err)),
+            }
+        }
+        if problems.is_empty() {
+            Ok(digests)
+        } else {
+            Err(problems)
+        }
+    }
+
+    pub fn get(&self, kind: Kind, path: &Path) -> Option<&Digest32> {
+        match kind {
+            Kind::File => self.files.get(path),
+            Kind::Tree => self.trees.get(path),
+        }
+    }
+}
+
+fn digest(kind: Kind, path: &Path) -> io::Result<Digest32> {
+    match kind {
+        Kind::File => hash::file_digest(path),
+        Kind::Tree => hash::tree_digest(path),
+    }
+}
+
+/// Every (kind, path) the steps read, with the keys naming each.
+fn collect(project: &Project) -> BTreeMap<(Kind, PathBuf), Vec<Site>> {
+    let mut jobs: BTreeMap<(Kind, PathBuf), Vec<Site>> = BTreeMap::new();
+    let mut add = |kind, path: &Path, file, key, what| {
+        jobs.entry((kind, path.to_owned()))
+            .or_default()
+            .push(Site { file, key, what });
+    };
+    for (name, bottle) in &project.bottles {
+        let base = || KeyPath::new().key("bottle").key(name.as_str());
+        if let Some(cert) = &bottle.ca_cert {
+            let key = base().key("ca").key("cert");
+            add(Kind::File, cert, bottle.file, key, "CA certificate");
+        }
+        for (s, inputs) in bottle.setup_inputs.iter().enumerate() {
+            for (i, input) in inputs.iter().enumerate() {
+                let key = base().key("setup").index(s).key("inputs").index(i);
+                add(Kind::Tree, input, bottle.file, key, "setup input");
+            }
+        }
+    }
+    for (name, agent) in &project.agents {
+        let base = || KeyPath::new().key("agent").key(name.as_str());
+        if let crate::manifest::Prompt::File(path) = &agent.prompt {
+            add(
+                Kind::File,
+                path,
+                agent.file,
+                base().key("prompt"),
+                "prompt file",
+            );
+        }
+        for (i, skill) in agent.skills.iter().enumerate() {
+            let key = base().key("skills").index(i);
+            add(Kind::Tree, skill, agent.file, key, "skill directory");
+        }
+    }
+    jobs
+}
+
+/// `f` over `items` on up to `available_parallelism` threads, results in
+/// input order.
+fn run_parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .min(items.len());
+    if threads <= 1 {
+        return items.iter().map(f).collect();
+    }
+    let next = AtomicUsize::new(0);
+    let mut results: Vec<(usize, R)> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(item) = items.get(i) else { break };
+                        done.push((i, f(item)));
+                    }
+                    done
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("digest worker panicked"))
+            .collect()
+    });
+    results.sort_unstable_by_key(|(i, _)| *i);
+    results.into_iter().map(|(_, r)| r).collect()
+}
+
+fn read_error(
+    project: &Project,
+    path: &Path,
+    sites: &[Site],
+    err: &io::Error,
+) -> ManifestDiagnostic {
+    let first = &sites[0];
+    let shown = String::from_utf8_lossy(&hash::normalised_path(project, path)).into_owned();
+    let mut message = format!("cannot read {} `{shown}`: {err}", first.what);
+    if sites.len() > 1 {
+        message.push_str(&format!(" (named {} times)", sites.len()));
+    }
+    ManifestDiagnostic::new("bottle::unreadable-input", message)
+        .value(&project.sources, first.file, &first.key, "named here")
+        .help(format!(
+            "make sure `{shown}` exists and is readable (it changed after the manifests were \
+             checked, or holds something that is not a file, directory or symbolic link), \
+             then run the command again"
+        ))
+}

@@ -1,0 +1,519 @@
+//! Content hashes of provisioning steps: the documented contract.
+//!
+//! A step's hash covers everything that decides what the step leaves in the
+//! guest, and nothing else. The reconciler records it in the guest ledger when
+//! the step succeeds; a different hash means the step must run again. The
+//! machine's create-time settings are also hashed on their own (the
+//! `bottle.spec-hash` label): a change there means replacing the machine.
+//!
+//! # Encoding
+//!
+//! SHA-256, written as 64 lower-case hex digits (the short form is the first
+//! [`SHORT_LEN`]). The input is a sequence of byte strings, each prefixed with
+//! its length as a little-endian `u64`, so two different inputs can never
+//! encode the same. It starts with a version tag and the step id, then each
+//! input below as its name followed by its value(s). Lists whose order means
+//! nothing in the guest are sorted; maps are sorted by key. Files enter as the
+//! SHA-256 of their content. Paths of files in the manifests directory enter
+//! relative to it, with `/` separators, so moving or cloning the directory
+//! changes nothing.
+//!
+//! A step's hash covers its own inputs only, not those of the steps it runs
+//! after: the graph orders steps, it does not chain their hashes. (A replaced
+//! machine starts with an empty ledger, so every step runs again anyway.)
+//!
+//! # Step hashes, version `bottle-step-v1`
+//!
+//! | step | inputs, in order |
+//! | --- | --- |
+//! | `machine` | `spec`: the spec hash below; `cpus`; `memory_mib`; `env`: each `KEY`, `VALUE` by key; `volumes`: each absolute host path, guest path, read-only flag, in declaration order (the absolute path is what the machine mounts: moving the manifests directory re-points volumes inside it, an update and restart, never a replacement); `user` |
+//! | `ca` | `cert`: path of the certificate relative to the manifests directory, SHA-256 of its content |
+//! | `prompt` | `user`; `content`: SHA-256 of the prompt file's content, of `prompt_text`, or of the empty string when there is no prompt (the guest path is fixed, so the source path is not an input) |
+//! | `skills` | `user`; `skills`: per skill directory, sorted by its name in the guest (the directory's own name): that name, its tree digest |
+//! | `git` | `user`; `gateway`; `identity`: none, or `user.name`, `user.email`; `remotes`: each `name`, `upstream`, sorted by name |
+//! | `setup:<name>` | `name`; `run`; `inputs`: per input, sorted by path relative to the manifests directory: that path, its tree digest. Runs as root, so not the user; `after` only orders, so it is not an input |
+//! | `supervise` | `user`; `url` |
+//!
+//! `user` is the bottle's agent user: it decides the home directory and the
+//! owner of what the step writes.
+//!
+//! # Spec hash, version `bottle-spec-v1`
+//!
+//! Over the create-time settings smolvm cannot change (`machine update` has
+//! no flag for them), so a difference means replacement. Each field is hashed
+//! on its own (so a plan can name the field that differs); the spec hash is
+//! over the field names and full field hashes, sorted by name.
+//!
+//! | field | inputs |
+//! | --- | --- |
+//! | `image` | `host` (no image, or `"host"`); `oci`, the reference as written; `rootfs-dir` or `archive`, the path relative to the manifests directory (the content of a local image is not hashed: give a changed image a new name to roll it out) |
+//! | `egress` | whether the `egress` table is present (absent: no network at all) |
+//! | `egress.allow_hosts` | the hosts, sorted, duplicates removed |
+//! | `egress.allow_cidrs` | the CIDRs, sorted, duplicates removed |
+//! | `secrets` | per guest variable, by name: the name, then `env` and the host variable, or `file` and the host path |
+//!
+//! `local.allow_unfiltered_network` is not an input anywhere: it is a
+//! permission the local runtime checks, not a setting of the machine.
+//!
+//! # Tree digest, version `bottle-tree-v1`
+//!
+//! For skill directories and setup inputs (a file or a directory). Every
+//! entry under the root, the root included as the empty path, sorted by its
+//! `/`-separated path relative to the root (bytewise): a kind, the path, then
+//! for a file the SHA-256 of its content and for a symlink its target (links
+//! are recorded, not followed; the root itself is followed). Kinds: `d`
+//! directory, `f` file, `x` file with an executable bit set, `l` symlink.
+//! Owners, other mode bits and timestamps are not inputs: the guest copy gets
+//! its own.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::path::{Component, Path};
+
+use sha2::{Digest, Sha256};
+
+use crate::manifest::model::{EgressSpec, GitSpec, SecretRef, SetupSpec};
+use crate::manifest::{Bottle, Image, Project};
+
+/// Version tag of step hashes. Changing any input of any step means bumping
+/// it (every step of every guest runs again once).
+pub const STEP_VERSION: &str = "bottle-step-v1";
+/// Version tag of the spec hash. Changing it replaces every machine.
+pub const SPEC_VERSION: &str = "bottle-spec-v1";
+/// Version tag of tree digests.
+pub const TREE_VERSION: &str = "bottle-tree-v1";
+
+/// Hex digits in a short hash (48 bits: plenty to tell versions apart).
+pub const SHORT_LEN: usize = 12;
+
+/// A raw SHA-256 digest.
+pub type Digest32 = [u8; 32];
+
+/// The first [`SHORT_LEN`] hex digits of a hash.
+pub fn short(hash: &str) -> &str {
+    &hash[..hash.len().min(SHORT_LEN)]
+}
+
+pub fn hex(digest: &Digest32) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(64);
+    for b in digest {
+        out.push(DIGITS[(b >> 4) as usize] as char);
+        out.push(DIGITS[(b & 0xf) as usize] as char);
+    }
+    out
+}
+
+/// The unambiguous encoder described in the module docs.
+pub(crate) struct Enc(Sha256);
+
+impl Enc {
+    pub(crate) fn new(version: &str, what: &str) -> Self {
+        let mut enc = Enc(Sha256::new());
+        enc.str(version);
+        enc.str(what);
+        enc
+    }
+
+    pub(crate) fn bytes(&mut self, bytes: &[u8]) -> &mut Self {
+        self.0.update((bytes.len() as u64).to_le_bytes());
+        self.0.update(bytes);
+        self
+    }
+
+    pub(crate) fn str(&mut self, s: &str) -> &mut Self {
+        self.bytes(s.as_bytes())
+    }
+
+    pub(crate) fn u64(&mut self, n: u64) -> &mut Self {
+        self.bytes(&n.to_le_bytes())
+    }
+
+    pub(crate) fn digest(&mut self, d: &Digest32) -> &mut Self {
+        self.bytes(d)
+    }
+
+    pub(crate) fn finish(self) -> Digest32 {
+        self.0.finalize().into()
+    }
+
+    pub(crate) fn finish_hex(self) -> String {
+        hex(&self.finish())
+    }
+}
+
+/// SHA-256 of a file's content, streamed.
+pub fn file_digest(path: &Path) -> io::Result<Digest32> {
+    let mut file = fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    io::copy(&mut file, &mut hasher)?;
+    Ok(hasher.finalize().into())
+}
+
+pub fn bytes_digest(bytes: &[u8]) -> Digest32 {
+    Sha256::digest(bytes).into()
+}
+
+/// The tree digest of a file or directory (see the module docs).
+pub fn tree_digest(root: &Path) -> io::Result<Digest32> {
+    enum Kind {
+        Dir,
+        File { exec: bool },
+        Link(Vec<u8>),
+    }
+    let mut entries: Vec<(Vec<u8>, std::path::PathBuf, Kind)> = Vec::new();
+    // The root is followed (the manifest named it); links below it are not.
+    let root_meta = fs::metadata(root)?;
+    let mut stack = Vec::new();
+    if root_meta.is_dir() {
+        entries.push((Vec::new(), root.to_owned(), Kind::Dir));
+        stack.push((Vec::new(), root.to_owned()));
+    } else {
+        entries.push((
+            Vec::new(),
+            root.to_owned(),
+            Kind::File {
+                exec: is_executable(&root_meta),
+            },
+        ));
+    }
+    while let Some((rel, dir)) = stack.pop() {
+        for entry in fs::read_dir(&dir)? {
+            let entry = entry?;
+            let mut child_rel = rel.clone();
+            if !child_rel.is_empty() {
+                child_rel.push(b'/');
+            }
+            child_rel.extend_from_slice(os_bytes(&entry.file_name()).as_ref());
+            let path = entry.path();
+            let meta = fs::symlink_metadata(&path)?;
+            let ft = meta.file_type();
+            let kind = if ft.is_dir() {
+                stack.push((child_rel.clone(), path.clone()));
+                Kind::Dir
+            } else if ft.is_file() {
+                Kind::File {
+                    exec: is_executable(&meta),
+                }
+            } else if ft.is_symlink() {
+                Kind::Link(os_bytes(fs::read_link(&path)?.as_os_str()).into_owned())
+            } else {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "{} is not a file, a directory or a symbolic link",
+                        path.display()
+                    ),
+                ));
+            };
+            entries.push((child_rel, path, kind));
+        }
+    }
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+
+    let mut enc = Enc::new(TREE_VERSION, "tree");
+    enc.u64(entries.len() as u64);
+    for (rel, path, kind) in &entries {
+        match kind {
+            Kind::Dir => {
+                enc.str("d").bytes(rel);
+            }
+            Kind::File { exec } => {
+                enc.str(if *exec { "x" } else { "f" })
+                    .bytes(rel)
+                    .digest(&file_digest(path)?);
+            }
+            Kind::Link(target) => {
+                enc.str("l").bytes(rel).bytes(target);
+            }
+        }
+    }
+    Ok(enc.finish())
+}
+
+#[cfg(unix)]
+fn is_executable(meta: &fs::Metadata) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    meta.permissions().mode() & 0o111 != 0
+}
+
+#[cfg(not(unix))]
+fn is_executable(_meta: &fs::Metadata) -> bool {
+    false
+}
+
+#[cfg(unix)]
+pub(crate) fn os_bytes(s: &std::ffi::OsStr) -> std::borrow::Cow<'_, [u8]> {
+    use std::os::unix::ffi::OsStrExt;
+    std::borrow::Cow::Borrowed(s.as_bytes())
+}
+
+#[cfg(not(unix))]
+pub(crate) fn os_bytes(s: &std::ffi::OsStr) -> std::borrow::Cow<'_, [u8]> {
+    match s.to_string_lossy() {
+        std::borrow::Cow::Borrowed(s) => std::borrow::Cow::Borrowed(s.as_bytes()),
+        std::borrow::Cow::Owned(s) => std::borrow::Cow::Owned(s.into_bytes()),
+    }
+}
+
+/// A path as a hash input: relative to the manifests directory with `/`
+/// separators when inside it, else absolute.
+pub fn normalised_path(project: &Project, path: &Path) -> Vec<u8> {
+    let rel = project.relative(path);
+    let mut out = Vec::new();
+    for comp in rel.components() {
+        match comp {
+            Component::RootDir => {
+                out.push(b'/');
+                continue;
+            }
+            Component::CurDir => continue,
+            Component::Prefix(p) => out.extend_from_slice(&os_bytes(p.as_os_str())),
+            Component::ParentDir => out.extend_from_slice(b".."),
+            Component::Normal(s) => out.extend_from_slice(&os_bytes(s)),
+        }
+        out.push(b'/');
+    }
+    if out.len() > 1 {
+        out.pop();
+    }
+    out
+}
+
+/// The machine's hashes, split the way the reconciler needs them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MachineHashes {
+    /// Over the create-time settings (label `bottle.spec-hash`): when it
+    /// differs, the machine must be replaced.
+    pub spec_hash: String,
+    /// Short hash of each create-time field, by name (`image`, `egress`,
+    /// `egress.allow_hosts`, `egress.allow_cidrs`, `secrets`), so a plan can
+    /// say which one differs.
+    pub fields: BTreeMap<&'static str, String>,
+    /// The settings `smolvm machine update` changes (with a restart).
+    pub mutable: MutableSettings,
+}
+
+/// Settings of a machine that `smolvm machine update` can change. smolvm
+/// reports cpus and memory (compare values); it does not report env or
+/// volumes, so those are hashes bottle must remember.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MutableSettings {
+    pub cpus: u32,
+    pub memory_mib: u32,
+    /// Short hash of the environment (by key: key, value).
+    pub env: String,
+    /// Short hash of the volumes (absolute host path, guest path, read-only;
+    /// in order).
+    pub volumes: String,
+}
+
+/// Field names of the spec hash, sorted.
+pub const SPEC_FIELDS: [&str; 5] = [
+    "egress",
+    "egress.allow_cidrs",
+    "egress.allow_hosts",
+    "image",
+    "secrets",
+];
+
+/// The machine hashes of a bottle.
+pub fn machine_hashes(project: &Project, bottle: &Bottle) -> MachineHashes {
+    let full = spec_field_hashes(project, bottle);
+    let mut spec = Enc::new(SPEC_VERSION, "spec");
+    for (name, digest) in &full {
+        spec.str(name).digest(digest);
+    }
+    let fields = full
+        .iter()
+        .map(|(name, d)| (*name, short(&hex(d)).to_owned()))
+        .collect();
+    MachineHashes {
+        spec_hash: spec.finish_hex(),
+        fields,
+        mutable: MutableSettings {
+            cpus: bottle.spec.cpus,
+            memory_mib: bottle.spec.memory_mib,
+            env: short(&hex(&env_digest(&bottle.spec.env))).to_owned(),
+            volumes: short(&hex(&volumes_digest(bottle))).to_owned(),
+        },
+    }
+}
+
+fn spec_field_hashes(project: &Project, bottle: &Bottle) -> BTreeMap<&'static str, Digest32> {
+    let mut out = BTreeMap::new();
+
+    let mut image = Enc::new(SPEC_VERSION, "image");
+    match &bottle.image {
+        Image::Host => image.str("host"),
+        Image::Reference(r) => image.str("oci").str(r),
+        Image::RootfsDir(p) => image.str("rootfs-dir").bytes(&normalised_path(project, p)),
+        Image::Archive(p) => image.str("archive").bytes(&normalised_path(project, p)),
+    };
+    out.insert("image", image.finish());
+
+    let egress = bottle.spec.egress.as_ref();
+    let mut present = Enc::new(SPEC_VERSION, "egress");
+    present.str(if egress.is_some() {
+        "present"
+    } else {
+        "absent"
+    });
+    out.insert("egress", present.finish());
+    let empty = EgressSpec::default();
+    let egress = egress.unwrap_or(&empty);
+    out.insert(
+        "egress.allow_hosts",
+        sorted_set_digest("egress.allow_hosts", &egress.allow_hosts),
+    );
+    out.insert(
+        "egress.allow_cidrs",
+        sorted_set_digest("egress.allow_cidrs", &egress.allow_cidrs),
+    );
+
+    let mut secrets = Enc::new(SPEC_VERSION, "secrets");
+    secrets.u64(bottle.spec.secrets.len() as u64);
+    for (name, reference) in &bottle.spec.secrets {
+        secrets.str(name);
+        match reference {
+            SecretRef {
+                from_env: Some(var),
+                from_file: None,
+            } => secrets.str("env").str(var),
+            SecretRef {
+                from_env: None,
+                from_file: Some(path),
+            } => secrets.str("file").str(path),
+            // Invalid (rejected by the loader); still hashed unambiguously.
+            SecretRef {
+                from_env,
+                from_file,
+            } => secrets
+                .str("invalid")
+                .str(from_env.as_deref().unwrap_or(""))
+                .str(from_file.as_deref().unwrap_or("")),
+        };
+    }
+    out.insert("secrets", secrets.finish());
+    debug_assert!(out.keys().copied().eq(SPEC_FIELDS));
+    out
+}
+
+fn sorted_set_digest(what: &str, items: &[String]) -> Digest32 {
+    let mut items: Vec<&str> = items.iter().map(String::as_str).collect();
+    items.sort_unstable();
+    items.dedup();
+    let mut enc = Enc::new(SPEC_VERSION, what);
+    enc.u64(items.len() as u64);
+    for item in items {
+        enc.str(item);
+    }
+    enc.finish()
+}
+
+fn env_digest(env: &BTreeMap<String, String>) -> Digest32 {
+    let mut enc = Enc::new(STEP_VERSION, "env");
+    enc.u64(env.len() as u64);
+    for (k, v) in env {
+        enc.str(k).str(v);
+    }
+    enc.finish()
+}
+
+fn volumes_digest(bottle: &Bottle) -> Digest32 {
+    let mut enc = Enc::new(STEP_VERSION, "volumes");
+    enc.u64(bottle.volumes.len() as u64);
+    for v in &bottle.volumes {
+        enc.bytes(&os_bytes(v.host.as_os_str()))
+            .str(&v.guest)
+            .str(if v.read_only { "ro" } else { "rw" });
+    }
+    enc.finish()
+}
+
+/// The `machine` step hash.
+pub fn machine_step(bottle: &Bottle, hashes: &MachineHashes) -> String {
+    let mut enc = Enc::new(STEP_VERSION, "machine");
+    enc.str("spec").str(&hashes.spec_hash);
+    enc.str("cpus").u64(bottle.spec.cpus.into());
+    enc.str("memory_mib").u64(bottle.spec.memory_mib.into());
+    enc.str("env").digest(&env_digest(&bottle.spec.env));
+    enc.str("volumes").digest(&volumes_digest(bottle));
+    enc.str("user").str(&bottle.spec.user);
+    enc.finish_hex()
+}
+
+/// The `ca` step hash, from the certificate's path and content digest.
+pub fn ca_step(cert_path: &[u8], cert: &Digest32) -> String {
+    let mut enc = Enc::new(STEP_VERSION, "ca");
+    enc.str("cert").bytes(cert_path).digest(cert);
+    enc.finish_hex()
+}
+
+/// The `prompt` step hash, from the digest of the prompt's content.
+pub fn prompt_step(user: &str, content: &Digest32) -> String {
+    let mut enc = Enc::new(STEP_VERSION, "prompt");
+    enc.str("user").str(user);
+    enc.str("content").digest(content);
+    enc.finish_hex()
+}
+
+/// The `skills` step hash, from each skill's guest name and tree digest.
+pub fn skills_step(user: &str, skills: &[(Vec<u8>, Digest32)]) -> String {
+    let mut skills: Vec<&(Vec<u8>, Digest32)> = skills.iter().collect();
+    skills.sort();
+    let mut enc = Enc::new(STEP_VERSION, "skills");
+    enc.str("user").str(user);
+    enc.str("skills").u64(skills.len() as u64);
+    for (name, digest) in &skills {
+        enc.bytes(name).digest(digest);
+    }
+    enc.finish_hex()
+}
+
+/// The `git` step hash.
+pub fn git_step(user: &str, git: &GitSpec) -> String {
+    let mut enc = Enc::new(STEP_VERSION, "git");
+    enc.str("user").str(user);
+    enc.str("gateway").str(&git.gateway);
+    enc.str("identity");
+    match &git.user {
+        None => enc.str("none"),
+        Some(u) => enc.str("some").str(&u.name).str(&u.email),
+    };
+    let mut remotes: Vec<(&str, &str)> = git
+        .remote
+        .iter()
+        .map(|r| (r.name.as_str(), r.upstream.as_str()))
+        .collect();
+    remotes.sort_unstable();
+    enc.str("remotes").u64(remotes.len() as u64);
+    for (name, upstream) in remotes {
+        enc.str(name).str(upstream);
+    }
+    enc.finish_hex()
+}
+
+/// A `setup` step hash, from each input's normalised path and tree digest.
+pub fn setup_step(setup: &SetupSpec, inputs: &[(Vec<u8>, Digest32)]) -> String {
+    let mut inputs: Vec<&(Vec<u8>, Digest32)> = inputs.iter().collect();
+    inputs.sort();
+    inputs.dedup();
+    let mut enc = Enc::new(STEP_VERSION, "setup");
+    enc.str("name").str(&setup.name);
+    enc.str("run").str(&setup.run);
+    enc.str("inputs").u64(inputs.len() as u64);
+    for (path, digest) in inputs {
+        enc.bytes(path).digest(digest);
+    }
+    enc.finish_hex()
+}
+
+/// The `supervise` step hash.
+pub fn supervise_step(user: &str, url: &str) -> String {
+    let mut enc = Enc::new(STEP_VERSION, "supervise");
+    enc.str("user").str(user);
+    enc.str("url").str(url);
+    enc.finish_hex()
+}

@@ -1,0 +1,981 @@
+//! Unit tests of the graph and its hashes, on projects resolved by a small
+//! stand-in for the manifest loader (so these tests need only the model).
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use super::*;
+use crate::manifest::model::ManifestFile;
+use crate::manifest::{Agent, Bottle, FileId, Image, ProjectNameSource, Sources, Volume};
+
+/// A manifests directory in a tempdir.
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("manifests");
+        std::fs::create_dir(&dir).unwrap();
+        Fixture { _tmp: tmp, dir }
+    }
+
+    fn write(&self, rel: &str, content: &str) -> &Self {
+        let path = self.dir.join(rel);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, content).unwrap();
+        self
+    }
+
+    fn project(&self) -> Project {
+        resolve(&self.dir, None)
+    }
+}
+
+/// Resolve a manifests directory roughly as the loader does; `order` gives
+/// the file order (default: sorted).
+fn resolve(dir: &Path, order: Option<&[&str]>) -> Project {
+    let dir = dir.canonicalize().unwrap();
+    let files: Vec<String> = match order {
+        Some(order) => order.iter().map(|s| s.to_string()).collect(),
+        None => {
+            let mut found = Vec::new();
+            walk(&dir, &dir, &mut found);
+            found.sort();
+            found
+        }
+    };
+    let mut sources = Sources::default();
+    let mut bottles = BTreeMap::new();
+    let mut agents = BTreeMap::new();
+    for rel in files {
+        let path = dir.join(&rel);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let manifest: ManifestFile = toml::from_str(&text).unwrap();
+        let file = sources.add(path.clone(), rel.clone(), Arc::from(text));
+        let base = path.parent().unwrap();
+        for (name, spec) in manifest.bottle {
+            let image = match spec.image.as_deref() {
+                None | Some("host") => Image::Host,
+                Some(i) if i.ends_with(".tar") => Image::Archive(clean(&base.join(i))),
+                Some(i) if i.starts_with('.') => Image::RootfsDir(clean(&base.join(i))),
+                Some(i) => Image::Reference(i.to_owned()),
+            };
+            let volumes = spec
+                .volumes
+                .iter()
+                .map(|v| {
+                    let parts: Vec<&str> = v.split(':').collect();
+                    Volume {
+                        host: clean(&base.join(parts[0])),
+                        guest: parts[1].to_owned(),
+                        read_only: parts.get(2) == Some(&"ro"),
+                    }
+                })
+                .collect();
+            let bottle = Bottle {
+                name: name.clone(),
+                file,
+                image,
+                ca_cert: spec.ca.as_ref().map(|c| clean(&base.join(&c.cert))),
+                volumes,
+                setup_inputs: spec
+                    .setup
+                    .iter()
+                    .map(|s| s.inputs.iter().map(|i| clean(&base.join(i))).collect())
+                    .collect(),
+                spec,
+            };
+            bottles.insert(name, bottle);
+        }
+        for (name, spec) in manifest.agent {
+            let prompt = match (&spec.prompt, &spec.prompt_text) {
+                (Some(p), _) => Prompt::File(clean(&base.join(p))),
+                (None, Some(t)) => Prompt::Text(t.clone()),
+                (None, None) => Prompt::None,
+            };
+            let agent = Agent {
+                name: name.clone(),
+                file,
+                prompt,
+                skills: spec.skills.iter().map(|s| clean(&base.join(s))).collect(),
+                spec,
+            };
+            agents.insert(name, agent);
+        }
+    }
+    Project {
+        name: "test".into(),
+        name_source: ProjectNameSource::Declared,
+        dir,
+        bottles,
+        agents,
+        sources,
+    }
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            walk(root, &path, out);
+        } else if path.extension().is_some_and(|e| e == "toml") {
+            let rel = path.strip_prefix(root).unwrap();
+            out.push(rel.to_string_lossy().into_owned());
+        }
+    }
+}
+
+fn clean(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn hashes(graph: &StepGraph) -> BTreeMap<(String, String), String> {
+    graph
+        .steps()
+        .map(|(_, s)| ((s.agent.clone(), s.kind.id()), s.hash.clone()))
+        .collect()
+}
+
+const FULL: &str = r#"
+[bottle.dev]
+image = "ghcr.io/acme/agent-base:1.2"
+cpus = 2
+memory_mib = 2048
+user = "node"
+env = { GIT_AUTHOR_NAME = "Bottle Bot", EDITOR = "vi" }
+secrets = { GITHUB_TOKEN = { from_env = "GH_PAT" }, NPM = { from_file = "/run/npm" } }
+volumes = ["./workspace:/workspace", "/srv/cache:/cache:ro"]
+
+[bottle.dev.egress]
+allow_hosts = ["api.anthropic.com", "github.com"]
+allow_cidrs = ["10.8.0.0/16"]
+
+[bottle.dev.ca]
+cert = "certs/egress-ca.pem"
+
+[bottle.dev.git]
+gateway = "http://10.8.0.2:9418"
+user = { name = "Bottle Bot", email = "bot@example.com" }
+[[bottle.dev.git.remote]]
+name = "app"
+upstream = "git@github.com:acme/app.git"
+[[bottle.dev.git.remote]]
+name = "lib"
+upstream = "git@github.com:acme/lib.git"
+
+[bottle.dev.supervise]
+url = "http://10.8.0.2:9100/"
+
+[[bottle.dev.setup]]
+name = "toolchain"
+run = "apt-get install -y ripgrep"
+after = ["ca"]
+inputs = ["setup/packages.txt", "setup/scripts"]
+
+[[bottle.dev.setup]]
+name = "cache"
+run = "/opt/bottle/setup/cache/warm.sh"
+after = ["toolchain", "git"]
+"#;
+
+const AGENTS: &str = r#"
+[agent.reviewer]
+bottle = "dev"
+prompt = "prompts/reviewer.md"
+skills = ["skills/rust-review", "skills/docs"]
+
+[agent.writer]
+bottle = "dev"
+prompt_text = "You write docs."
+"#;
+
+fn full_fixture() -> Fixture {
+    let f = Fixture::new();
+    f.write("dev.toml", FULL)
+        .write(
+            "agents/team.toml",
+            &AGENTS
+                .replace("\"prompts/", "\"../prompts/")
+                .replace("\"skills/", "\"../skills/"),
+        )
+        .write(
+            "certs/egress-ca.pem",
+            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        )
+        .write("prompts/reviewer.md", "You review Rust.\n")
+        .write("skills/rust-review/SKILL.md", "# Rust review\n")
+        .write(
+            "skills/rust-review/scripts/check.sh",
+            "#!/bin/sh\ncargo clippy\n",
+        )
+        .write("skills/docs/SKILL.md", "# Docs\n")
+        .write("setup/packages.txt", "ripgrep\n")
+        .write("setup/scripts/warm.sh", "#!/bin/sh\n");
+    std::fs::create_dir_all(f.dir.join("workspace")).unwrap();
+    f
+}
+
+fn build_ok(project: &Project) -> StepGraph {
+    match build(project) {
+        Ok(g) => g,
+        Err(d) => panic!("{:?}", miette::Report::new(d)),
+    }
+}
+
+fn deps(graph: &StepGraph, agent: &str, kind: &str) -> Vec<String> {
+    let id = graph.find(agent, &kind.parse().unwrap()).unwrap();
+    graph
+        .dependencies(id)
+        .into_iter()
+        .map(|d| graph.step(d).kind.id())
+        .collect()
+}
+
+fn ids(graph: &StepGraph, agent: &str) -> Vec<String> {
+    graph.agent_steps(agent).map(|(_, s)| s.kind.id()).collect()
+}
+
+// ---- structure -------------------------------------------------------------
+
+#[test]
+fn nodes_and_edges_follow_the_step_table() {
+    let f = full_fixture();
+    let graph = build_ok(&f.project());
+    assert_eq!(
+        ids(&graph, "reviewer"),
+        [
+            "machine",
+            "ca",
+            "prompt",
+            "skills",
+            "git",
+            "setup:toolchain",
+            "setup:cache",
+            "supervise"
+        ]
+    );
+    assert!(deps(&graph, "reviewer", "machine").is_empty());
+    assert_eq!(deps(&graph, "reviewer", "ca"), ["machine"]);
+    assert_eq!(deps(&graph, "reviewer", "prompt"), ["machine"]);
+    assert_eq!(deps(&graph, "reviewer", "skills"), ["machine"]);
+    assert_eq!(deps(&graph, "reviewer", "git"), ["machine", "ca"]);
+    assert_eq!(
+        deps(&graph, "reviewer", "setup:toolchain"),
+        ["machine", "ca"]
+    );
+    assert_eq!(
+        deps(&graph, "reviewer", "setup:cache"),
+        ["machine", "git", "setup:toolchain"]
+    );
+    assert_eq!(
+        deps(&graph, "reviewer", "supervise"),
+        [
+            "machine",
+            "ca",
+            "prompt",
+            "skills",
+            "git",
+            "setup:toolchain",
+            "setup:cache"
+        ]
+    );
+    // No skills: no skills step, and supervise does not wait for one.
+    assert!(graph.find("writer", &StepKind::Skills).is_none());
+    assert!(!deps(&graph, "writer", "supervise").contains(&"skills".to_owned()));
+    // Dependents mirror dependencies.
+    let machine = graph.find("writer", &StepKind::Machine).unwrap();
+    assert_eq!(
+        graph.dependents(machine).len(),
+        graph.agent_steps("writer").count() - 1
+    );
+    assert_eq!(graph.bottle_of("writer"), Some("dev"));
+    assert_eq!(graph.agents().collect::<Vec<_>>(), ["reviewer", "writer"]);
+}
+
+#[test]
+fn absent_sections_have_no_steps() {
+    let f = Fixture::new();
+    f.write("m.toml", "[bottle.bare]\n[agent.solo]\nbottle = \"bare\"\n");
+    let graph = build_ok(&f.project());
+    assert_eq!(ids(&graph, "solo"), ["machine", "prompt"]);
+    assert_eq!(graph.len(), 2);
+    assert!(graph.get("solo", &StepKind::Ca).is_none());
+    assert!(graph.get("nobody", &StepKind::Machine).is_none());
+    assert_eq!(graph.agent_steps("nobody").count(), 0);
+}
+
+#[test]
+fn git_without_ca_runs_after_machine_only() {
+    let f = Fixture::new();
+    f.write(
+        "m.toml",
+        "[bottle.b.git]\ngateway = \"http://gw\"\n[agent.a]\nbottle = \"b\"\n",
+    );
+    let graph = build_ok(&f.project());
+    assert_eq!(deps(&graph, "a", "git"), ["machine"]);
+}
+
+#[test]
+fn order_is_topological_and_ids_are_positions() {
+    let f = Fixture::new();
+    // Declared out of order: `first` runs after `second`.
+    f.write(
+        "m.toml",
+        r#"
+[bottle.b]
+[[bottle.b.setup]]
+name = "first"
+run = "true"
+after = ["second", "prompt"]
+[[bottle.b.setup]]
+name = "second"
+run = "true"
+[agent.z]
+bottle = "b"
+[agent.a]
+bottle = "b"
+"#,
+    );
+    let graph = build_ok(&f.project());
+    assert_eq!(
+        ids(&graph, "a"),
+        ["machine", "prompt", "setup:second", "setup:first"]
+    );
+    let all: Vec<_> = graph.steps().collect();
+    assert_eq!(all.len(), 8);
+    for (pos, (id, step)) in all.iter().enumerate() {
+        assert_eq!(id.index(), pos);
+        for dep in graph.dependencies(*id) {
+            assert!(dep.index() < pos, "{} before its dependency", step.kind);
+            assert_eq!(graph.step(dep).agent, step.agent, "no edge across agents");
+        }
+    }
+    assert_eq!(all[0].1.agent, "a");
+    assert_eq!(all[4].1.agent, "z");
+}
+
+#[test]
+fn step_ids_round_trip() {
+    for kind in [
+        StepKind::Machine,
+        StepKind::Ca,
+        StepKind::Prompt,
+        StepKind::Skills,
+        StepKind::Git,
+        StepKind::Setup("toolchain".into()),
+        StepKind::Supervise,
+    ] {
+        assert_eq!(kind.id().parse::<StepKind>().unwrap(), kind);
+    }
+    assert_eq!(StepKind::Setup("x".into()).to_string(), "setup:x");
+    assert!("setup:".parse::<StepKind>().is_err());
+    assert!("network".parse::<StepKind>().is_err());
+}
+
+#[test]
+fn after_naming_an_absent_or_unknown_step_does_not_panic() {
+    let f = Fixture::new();
+    f.write(
+        "m.toml",
+        r#"
+[bottle.b]
+[[bottle.b.setup]]
+name = "s"
+run = "true"
+after = ["ca", "git", "nonexistent", "supervise"]
+[agent.a]
+bottle = "b"
+"#,
+    );
+    let graph = build_ok(&f.project());
+    assert_eq!(deps(&graph, "a", "setup:s"), ["machine"]);
+}
+
+// ---- cycles ----------------------------------------------------------------
+
+fn cycle_fixture() -> Fixture {
+    let f = Fixture::new();
+    f.write(
+        "m.toml",
+        r#"[bottle.b]
+
+[[bottle.b.setup]]
+name = "one"
+run = "true"
+after = ["prompt", "three"]
+
+[[bottle.b.setup]]
+name = "two"
+run = "true"
+after = ["one"]
+
+[[bottle.b.setup]]
+name = "three"
+run = "true"
+after = ["two"]
+
+[[bottle.b.setup]]
+name = "fine"
+run = "true"
+after = ["one"]
+
+[agent.a]
+bottle = "b"
+
+[agent.c]
+bottle = "b"
+"#,
+    );
+    f
+}
+
+#[test]
+fn a_cycle_is_one_diagnostic_per_bottle_labelling_each_after_entry() {
+    let f = cycle_fixture();
+    let err = build(&f.project()).unwrap_err();
+    assert_eq!(err.items.len(), 1, "reported once, not once per agent");
+    let d = &err.items[0];
+    assert_eq!(d.code, "bottle::dependency-cycle");
+    assert_eq!(
+        d.message,
+        "setup steps of bottle `b` wait for each other in a cycle: `one` runs after `three`, \
+         which runs after `two`, which runs after `one`"
+    );
+    let text = f.project().sources.get(FileId(0)).text.clone();
+    let labelled: Vec<(&str, String)> = d
+        .labels
+        .iter()
+        .map(|l| {
+            let span = &text[l.offset()..l.offset() + l.len()];
+            (span, l.label().unwrap().to_owned())
+        })
+        .collect();
+    assert_eq!(
+        labelled,
+        [
+            ("\"three\"", "`one` runs after `three`".to_owned()),
+            ("\"one\"", "`two` runs after `one`".to_owned()),
+            ("\"two\"", "`three` runs after `two`".to_owned()),
+        ]
+    );
+    assert!(d.help.as_deref().unwrap().contains("remove one"));
+}
+
+#[test]
+fn a_step_after_itself_and_after_supervise_are_cycles() {
+    let f = Fixture::new();
+    f.write(
+        "m.toml",
+        r#"
+[bottle.b.supervise]
+url = "http://op/"
+[[bottle.b.setup]]
+name = "me"
+run = "true"
+after = ["me"]
+[[bottle.b.setup]]
+name = "late"
+run = "true"
+after = ["supervise"]
+"#,
+    );
+    let err = build(&f.project()).unwrap_err();
+    assert_eq!(err.items.len(), 2);
+    assert!(err.items[0].message.ends_with("`me` runs after `me`"));
+    assert_eq!(err.items[0].labels.len(), 1);
+    let late = &err.items[1];
+    assert!(
+        late.message.contains("`late` runs after `supervise`"),
+        "{}",
+        late.message
+    );
+    assert_eq!(late.labels.len(), 1);
+    assert!(
+        late.help
+            .as_deref()
+            .unwrap()
+            .contains("remove it from `after`")
+    );
+}
+
+// ---- hash stability ----------------------------------------------------------
+
+#[test]
+fn hashes_are_stable_across_file_order_key_order_and_runs() {
+    let f = full_fixture();
+    let first = hashes(&build_ok(&f.project()));
+    assert_eq!(first, hashes(&build_ok(&f.project())));
+    let reversed = resolve(&f.dir, Some(&["dev.toml", "agents/team.toml"]));
+    let sorted = resolve(&f.dir, Some(&["agents/team.toml", "dev.toml"]));
+    assert_eq!(hashes(&build_ok(&reversed)), hashes(&build_ok(&sorted)));
+
+    // The same settings written in another order, split differently (in
+    // the same directory: volumes mount absolute paths).
+    let g = &f;
+    let shuffled = FULL
+        .replace(
+            "env = { GIT_AUTHOR_NAME = \"Bottle Bot\", EDITOR = \"vi\" }",
+            "env = { EDITOR = \"vi\", GIT_AUTHOR_NAME = \"Bottle Bot\" }",
+        )
+        .replace(
+            "allow_hosts = [\"api.anthropic.com\", \"github.com\"]",
+            "allow_hosts = [\"github.com\", \"api.anthropic.com\", \"github.com\"]",
+        )
+        .replace(
+            "inputs = [\"setup/packages.txt\", \"setup/scripts\"]",
+            "inputs = [\"setup/scripts\", \"setup/packages.txt\"]",
+        );
+    // Swap the two remotes.
+    let shuffled = shuffled.replace(
+        "name = \"app\"\nupstream = \"git@github.com:acme/app.git\"\n[[bottle.dev.git.remote]]\nname = \"lib\"\nupstream = \"git@github.com:acme/lib.git\"",
+        "name = \"lib\"\nupstream = \"git@github.com:acme/lib.git\"\n[[bottle.dev.git.remote]]\nname = \"app\"\nupstream = \"git@github.com:acme/app.git\"",
+    );
+    assert_ne!(shuffled, FULL);
+    let agents = AGENTS.replace(
+        "skills = [\"skills/rust-review\", \"skills/docs\"]",
+        "skills = [\"skills/docs\", \"skills/rust-review\"]",
+    );
+    std::fs::remove_file(g.dir.join("dev.toml")).unwrap();
+    std::fs::remove_file(g.dir.join("agents/team.toml")).unwrap();
+    g.write("z.toml", &agents).write(
+        "nested/deeper/a.toml",
+        &shuffled
+            .replace("\"certs/", "\"../../certs/")
+            .replace("\"setup/", "\"../../setup/")
+            .replace("./workspace", "../../workspace"),
+    );
+    let other = hashes(&build_ok(&g.project()));
+    assert_eq!(first, other);
+    assert!(!g.dir.join("dev.toml").exists());
+}
+
+#[test]
+fn moving_the_manifests_directory_keeps_hashes_except_volume_mounts() {
+    let f = full_fixture();
+    let before_project = f.project();
+    let before = build_ok(&before_project);
+    let moved = f._tmp.path().join("elsewhere/renamed");
+    std::fs::create_dir_all(moved.parent().unwrap()).unwrap();
+    std::fs::rename(&f.dir, &moved).unwrap();
+    let after_project = resolve(&moved, None);
+    let after = build_ok(&after_project);
+    for ((id, a), (_, b)) in before.steps().zip(after.steps()) {
+        if a.kind == StepKind::Machine {
+            // `./workspace` is mounted from its new absolute place.
+            assert_ne!(a.hash, b.hash);
+        } else {
+            assert_eq!(
+                a.hash,
+                b.hash,
+                "{} of {} (#{})",
+                a.kind,
+                a.agent,
+                id.index()
+            );
+        }
+    }
+    let (mb, ma) = (
+        before.machine_hashes("reviewer").unwrap(),
+        after.machine_hashes("reviewer").unwrap(),
+    );
+    assert_eq!(
+        mb.spec_hash, ma.spec_hash,
+        "moving must never replace a machine"
+    );
+    assert_ne!(mb.mutable.volumes, ma.mutable.volumes);
+    assert_eq!(mb.mutable.env, ma.mutable.env);
+
+    // Without volumes, every hash survives the move.
+    let g = full_fixture();
+    g.write(
+        "dev.toml",
+        &FULL.replace(
+            "volumes = [\"./workspace:/workspace\", \"/srv/cache:/cache:ro\"]",
+            "",
+        ),
+    );
+    let before = hashes(&build_ok(&g.project()));
+    let moved = g._tmp.path().join("moved");
+    std::fs::rename(&g.dir, &moved).unwrap();
+    assert_eq!(before, hashes(&build_ok(&resolve(&moved, None))));
+}
+
+// ---- hash sensitivity --------------------------------------------------------
+
+/// Apply `change` to a fresh full fixture and return the steps of
+/// `reviewer` whose hash changed.
+fn changed_by(change: impl FnOnce(&Fixture)) -> Vec<String> {
+    let f = full_fixture();
+    let before = hashes(&build_ok(&f.project()));
+    change(&f);
+    let after = hashes(&build_ok(&f.project()));
+    let mut changed: Vec<String> = before
+        .iter()
+        .filter(|((agent, _), _)| agent == "reviewer")
+        .filter(|(k, v)| after.get(*k) != Some(*v))
+        .map(|((_, step), _)| step.clone())
+        .collect();
+    changed.sort();
+    changed
+}
+
+fn edit(f: &Fixture, file: &str, from: &str, to: &str) {
+    let path = f.dir.join(file);
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains(from), "{from:?} not in {file}");
+    std::fs::write(path, text.replacen(from, to, 1)).unwrap();
+}
+
+#[cfg(unix)]
+fn chmod(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+#[test]
+fn each_input_changes_exactly_its_steps() {
+    let m = "dev.toml";
+    type Change = Box<dyn FnOnce(&Fixture)>;
+    let cases: Vec<(&str, Change, &[&str])> = vec![
+        (
+            "image",
+            Box::new(|f| edit(f, m, "base:1.2", "base:1.3")),
+            &["machine"],
+        ),
+        (
+            "cpus",
+            Box::new(|f| edit(f, m, "cpus = 2", "cpus = 4")),
+            &["machine"],
+        ),
+        (
+            "memory",
+            Box::new(|f| edit(f, m, "memory_mib = 2048", "memory_mib = 4096")),
+            &["machine"],
+        ),
+        (
+            "env",
+            Box::new(|f| edit(f, m, "EDITOR = \"vi\"", "EDITOR = \"ed\"")),
+            &["machine"],
+        ),
+        (
+            "secret",
+            Box::new(|f| edit(f, m, "\"GH_PAT\"", "\"GH_TOKEN\"")),
+            &["machine"],
+        ),
+        (
+            "volume",
+            Box::new(|f| edit(f, m, "/cache:ro", "/cache")),
+            &["machine"],
+        ),
+        (
+            "allow_hosts",
+            Box::new(|f| edit(f, m, "\"github.com\"]", "\"gitlab.com\"]")),
+            &["machine"],
+        ),
+        (
+            "allow_cidrs",
+            Box::new(|f| edit(f, m, "10.8.0.0/16", "10.9.0.0/16")),
+            &["machine"],
+        ),
+        (
+            "user",
+            Box::new(|f| edit(f, m, "user = \"node\"", "user = \"dev\"")),
+            &["git", "machine", "prompt", "skills", "supervise"],
+        ),
+        (
+            "cert content",
+            Box::new(|f| edit(f, "certs/egress-ca.pem", "MIIB", "MIIC")),
+            &["ca"],
+        ),
+        (
+            "prompt content",
+            Box::new(|f| edit(f, "prompts/reviewer.md", "Rust", "Go")),
+            &["prompt"],
+        ),
+        (
+            "prompt file to identical text",
+            Box::new(|f| {
+                edit(
+                    f,
+                    "agents/team.toml",
+                    "prompt = \"../prompts/reviewer.md\"",
+                    "prompt_text = \"You review Rust.\\n\"",
+                )
+            }),
+            &[],
+        ),
+        (
+            "skill file content",
+            Box::new(|f| edit(f, "skills/docs/SKILL.md", "Docs", "Documents")),
+            &["skills"],
+        ),
+        (
+            "skill file added",
+            Box::new(|f| {
+                f.write("skills/docs/extra.md", "");
+            }),
+            &["skills"],
+        ),
+        (
+            "skill file renamed",
+            Box::new(|f| {
+                std::fs::rename(
+                    f.dir.join("skills/docs/SKILL.md"),
+                    f.dir.join("skills/docs/README.md"),
+                )
+                .unwrap()
+            }),
+            &["skills"],
+        ),
+        (
+            "skill empty dir added",
+            Box::new(|f| std::fs::create_dir(f.dir.join("skills/docs/empty")).unwrap()),
+            &["skills"],
+        ),
+        #[cfg(unix)]
+        (
+            "skill exec bit",
+            Box::new(|f| chmod(&f.dir.join("skills/rust-review/scripts/check.sh"), 0o755)),
+            &["skills"],
+        ),
+        #[cfg(unix)]
+        (
+            "skill symlink",
+            Box::new(|f| {
+                std::os::unix::fs::symlink("SKILL.md", f.dir.join("skills/docs/link")).unwrap()
+            }),
+            &["skills"],
+        ),
+        (
+            "skill removed",
+            Box::new(|f| edit(f, "agents/team.toml", ", \"../skills/docs\"", "")),
+            &["skills"],
+        ),
+        (
+            "gateway",
+            Box::new(|f| edit(f, m, "10.8.0.2:9418", "10.8.0.3:9418")),
+            &["git"],
+        ),
+        (
+            "git email",
+            Box::new(|f| edit(f, m, "bot@example.com", "bot@example.org")),
+            &["git"],
+        ),
+        (
+            "remote upstream",
+            Box::new(|f| edit(f, m, "acme/lib.git", "acme/lib2.git")),
+            &["git"],
+        ),
+        (
+            "supervise url",
+            Box::new(|f| edit(f, m, "10.8.0.2:9100", "10.8.0.2:9101")),
+            &["supervise"],
+        ),
+        (
+            "setup run",
+            Box::new(|f| edit(f, m, "-y ripgrep", "-y fd-find")),
+            &["setup:toolchain"],
+        ),
+        (
+            "setup input file",
+            Box::new(|f| edit(f, "setup/packages.txt", "ripgrep", "fd")),
+            &["setup:toolchain"],
+        ),
+        (
+            "setup input dir content",
+            Box::new(|f| edit(f, "setup/scripts/warm.sh", "#!/bin/sh", "#!/bin/bash")),
+            &["setup:toolchain"],
+        ),
+        (
+            "setup after only orders",
+            Box::new(|f| {
+                edit(
+                    f,
+                    m,
+                    "after = [\"toolchain\", \"git\"]",
+                    "after = [\"toolchain\"]",
+                )
+            }),
+            &[],
+        ),
+    ];
+    for (what, change, expected) in cases {
+        assert_eq!(changed_by(change), expected, "changing {what}");
+    }
+}
+
+#[test]
+fn removing_or_adding_a_section_changes_the_machine_spec_only_where_it_must() {
+    let f = full_fixture();
+    let before = build_ok(&f.project());
+    edit(
+        &f,
+        "dev.toml",
+        "[bottle.dev.egress]\nallow_hosts = [\"api.anthropic.com\", \"github.com\"]\nallow_cidrs = [\"10.8.0.0/16\"]\n",
+        "",
+    );
+    let after = build_ok(&f.project());
+    let (b, a) = (
+        before.machine_hashes("reviewer").unwrap(),
+        after.machine_hashes("reviewer").unwrap(),
+    );
+    assert_ne!(b.spec_hash, a.spec_hash);
+    let differing: Vec<_> = b
+        .fields
+        .iter()
+        .filter(|(k, v)| a.fields.get(*k) != Some(*v))
+        .map(|(k, _)| *k)
+        .collect();
+    assert_eq!(
+        differing,
+        ["egress", "egress.allow_cidrs", "egress.allow_hosts"]
+    );
+
+    // An empty egress table is not the same as none.
+    edit(
+        &f,
+        "dev.toml",
+        "[bottle.dev.ca]",
+        "[bottle.dev.egress]\n[bottle.dev.ca]",
+    );
+    let empty = build_ok(&f.project());
+    let e = empty.machine_hashes("reviewer").unwrap();
+    assert_ne!(e.fields["egress"], a.fields["egress"]);
+    assert_eq!(
+        e.fields["egress.allow_hosts"],
+        a.fields["egress.allow_hosts"]
+    );
+}
+
+#[test]
+fn mutable_settings_do_not_touch_the_spec_hash() {
+    let f = full_fixture();
+    let before = build_ok(&f.project())
+        .machine_hashes("writer")
+        .unwrap()
+        .clone();
+    edit(&f, "dev.toml", "cpus = 2", "cpus = 3");
+    edit(&f, "dev.toml", "memory_mib = 2048", "memory_mib = 1024");
+    edit(&f, "dev.toml", "EDITOR = \"vi\"", "EDITOR = \"ed\"");
+    edit(&f, "dev.toml", "/cache:ro", "/cache");
+    let after = build_ok(&f.project())
+        .machine_hashes("writer")
+        .unwrap()
+        .clone();
+    assert_eq!(before.spec_hash, after.spec_hash);
+    assert_eq!(before.fields, after.fields);
+    assert_eq!((after.mutable.cpus, after.mutable.memory_mib), (3, 1024));
+    assert_ne!(before.mutable.env, after.mutable.env);
+    assert_ne!(before.mutable.volumes, after.mutable.volumes);
+}
+
+// ---- golden values -----------------------------------------------------------
+
+/// These values are stored in machine labels and guest ledgers. If this test
+/// fails, the hash inputs changed: every existing machine would be REPLACED
+/// (spec hash) or every step re-run (step hashes). If that is intended, bump
+/// the version tag in `hash.rs`, update the contract table, then the values.
+#[test]
+fn golden_hashes() {
+    let f = Fixture::new();
+    f.write(
+        "m.toml",
+        r#"
+[bottle.gold]
+image = "ghcr.io/acme/agent-base:1.2"
+cpus = 2
+memory_mib = 2048
+secrets = { GITHUB_TOKEN = { from_env = "GH_PAT" } }
+[bottle.gold.egress]
+allow_hosts = ["api.anthropic.com"]
+allow_cidrs = ["10.8.0.0/16"]
+[bottle.gold.supervise]
+url = "http://10.8.0.2:9100/"
+[agent.au]
+bottle = "gold"
+prompt_text = "Hello."
+"#,
+    );
+    let graph = build_ok(&f.project());
+    let m = graph.machine_hashes("au").unwrap();
+    let got_spec = m.spec_hash.clone();
+    let got_fields: Vec<String> = m.fields.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let got_steps: Vec<String> = graph
+        .agent_steps("au")
+        .map(|(_, s)| format!("{}={}", s.kind, s.hash))
+        .collect();
+    let expected_spec = "69ba8dc46e7f9fceef7b6d8d142d21964237c91d85b0457f7150bc073b925367";
+    let expected_fields = [
+        "egress=e4fa477a5fc2",
+        "egress.allow_cidrs=05a6a6481d1c",
+        "egress.allow_hosts=3027b8041d0f",
+        "image=02c828f0d89b",
+        "secrets=2b5f445f81a3",
+    ];
+    let expected_steps = [
+        "machine=ef7fe9c115355436c07d931f792fd708765267d7491dc762d37e218909ee2fc3",
+        "prompt=b6527d898107fc3b44c60144e26099aa9ee925a04d8dfafbafe0041406beec96",
+        "supervise=ec6cab3873f75a9dc8062aa274a40b57135e4d5c595ce0b4046d3a367e55e4d3",
+    ];
+    assert!(
+        got_spec == expected_spec && got_fields == expected_fields && got_steps == expected_steps,
+        "the hash inputs changed: every machine would be replaced and every step re-run.\n\
+         got spec {got_spec}\n    fields {got_fields:#?}\n    steps {got_steps:#?}"
+    );
+    assert_eq!(m.mutable.cpus, 2);
+}
+
+#[test]
+fn tree_digest_of_a_file_and_a_directory_differ() {
+    let f = Fixture::new();
+    f.write("one/x", "same");
+    f.write("x", "same");
+    let file = hash::tree_digest(&f.dir.join("x")).unwrap();
+    let dir = hash::tree_digest(&f.dir.join("one")).unwrap();
+    assert_ne!(file, dir);
+    // A file's tree digest depends on its content, not its name.
+    f.write("y", "same");
+    assert_eq!(file, hash::tree_digest(&f.dir.join("y")).unwrap());
+}
+
+// ---- unreadable inputs ---------------------------------------------------------
+
+#[test]
+fn a_file_gone_after_loading_is_a_diagnostic_not_a_panic() {
+    let f = full_fixture();
+    let project = f.project();
+    std::fs::remove_file(f.dir.join("prompts/reviewer.md")).unwrap();
+    std::fs::remove_dir_all(f.dir.join("skills/docs")).unwrap();
+    let err = build(&project).unwrap_err();
+    let messages: Vec<&str> = err.items.iter().map(|d| d.message.as_str()).collect();
+    assert_eq!(messages.len(), 2, "{messages:#?}");
+    assert!(
+        messages[0].starts_with("cannot read prompt file `prompts/reviewer.md`"),
+        "{}",
+        messages[0]
+    );
+    assert!(
+        messages[1].starts_with("cannot read skill directory `skills/docs`"),
+        "{}",
+        messages[1]
+    );
+    assert!(
+        err.items
+            .iter()
+            .all(|d| d.labels.len() == 1 && d.help.is_some())
+    );
+}
