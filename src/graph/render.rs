@@ -3,12 +3,15 @@
 
 use std::fmt::Write;
 
-use super::StepGraph;
+use super::{StepGraph, StepId};
 
 impl StepGraph {
     /// Graphviz DOT: one cluster per agent, one box per step labelled with
     /// its id and short hash, arrows from a step to those that run after it.
-    /// `bottle graph | dot -Tsvg > graph.svg` draws it.
+    /// Arrows implied by others are left out (`supervise` runs after every
+    /// step, but only the last ones point at it), so the picture shows the
+    /// order without the clutter. `bottle graph | dot -Tsvg > graph.svg`
+    /// draws it.
     pub fn to_dot(&self) -> String {
         let mut out = String::new();
         out.push_str("digraph bottle {\n");
@@ -27,12 +30,10 @@ impl StepGraph {
                 let label = format!("{}\n{}", step.kind, step.short_hash());
                 let _ = writeln!(out, "    {} [label={}];", quote(&id), quote(&label));
             }
-            for (id, step) in self.agent_steps(agent) {
-                for dep in self.dependents(id) {
-                    let from = format!("{agent}/{}", step.kind);
-                    let to = format!("{agent}/{}", self.step(dep).kind);
-                    let _ = writeln!(out, "    {} -> {};", quote(&from), quote(&to));
-                }
+            for (from, to) in self.reduced_edges(agent) {
+                let from = format!("{agent}/{}", self.step(from).kind);
+                let to = format!("{agent}/{}", self.step(to).kind);
+                let _ = writeln!(out, "    {} -> {};", quote(&from), quote(&to));
             }
             out.push_str("  }\n");
         }
@@ -79,6 +80,46 @@ impl StepGraph {
             out.push_str("no agents\n");
         }
         out
+    }
+}
+
+impl StepGraph {
+    /// The transitive reduction of an agent's edges, in topological order:
+    /// an edge is dropped when its target is reachable another way.
+    fn reduced_edges(&self, agent: &str) -> Vec<(StepId, StepId)> {
+        let ids: Vec<StepId> = self.agent_steps(agent).map(|(id, _)| id).collect();
+        let Some(first) = ids.first().map(|id| id.index()) else {
+            return Vec::new();
+        };
+        let n = ids.len();
+        // Steps of an agent are contiguous and in topological order, so
+        // reachability fills in from the last step back.
+        let mut reach = vec![vec![false; n]; n];
+        for i in (0..n).rev() {
+            for d in self.dependents(ids[i]) {
+                // Dependents come later in the order: d > i.
+                let d = d.index() - first;
+                reach[i][d] = true;
+                let (head, tail) = reach.split_at_mut(d);
+                for (r, &via) in head[i].iter_mut().zip(tail[0].iter()) {
+                    *r |= via;
+                }
+            }
+        }
+        let mut edges = Vec::new();
+        for &from in &ids {
+            let direct = self.dependents(from);
+            for &to in &direct {
+                let t = to.index() - first;
+                let implied = direct
+                    .iter()
+                    .any(|&other| other != to && reach[other.index() - first][t]);
+                if !implied {
+                    edges.push((from, to));
+                }
+            }
+        }
+        edges
     }
 }
 

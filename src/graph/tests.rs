@@ -702,6 +702,24 @@ fn each_input_changes_exactly_its_steps() {
             &["ca"],
         ),
         (
+            "cert path",
+            Box::new(|f| {
+                let certs = f.dir.join("certs");
+                std::fs::rename(certs.join("egress-ca.pem"), certs.join("proxy.pem")).unwrap();
+                edit(f, m, "egress-ca.pem", "proxy.pem");
+            }),
+            &["ca"],
+        ),
+        (
+            "skill directory name",
+            Box::new(|f| {
+                let skills = f.dir.join("skills");
+                std::fs::rename(skills.join("docs"), skills.join("docs2")).unwrap();
+                edit(f, "agents/team.toml", "skills/docs\"", "skills/docs2\"");
+            }),
+            &["skills"],
+        ),
+        (
             "prompt content",
             Box::new(|f| edit(f, "prompts/reviewer.md", "Rust", "Go")),
             &["prompt"],
@@ -978,4 +996,49 @@ fn a_file_gone_after_loading_is_a_diagnostic_not_a_panic() {
             .iter()
             .all(|d| d.labels.len() == 1 && d.help.is_some())
     );
+}
+
+// ---- rendering -----------------------------------------------------------------
+
+#[test]
+fn dot_draws_the_order_without_implied_edges() {
+    let graph = build_ok(&full_fixture().project());
+    let dot = graph.to_dot();
+    let edges: Vec<&str> = dot
+        .lines()
+        .filter(|l| l.contains("->") && l.contains("reviewer/"))
+        .map(str::trim)
+        .collect();
+    assert_eq!(
+        edges,
+        [
+            r#""reviewer/machine" -> "reviewer/ca";"#,
+            r#""reviewer/machine" -> "reviewer/prompt";"#,
+            r#""reviewer/machine" -> "reviewer/skills";"#,
+            r#""reviewer/ca" -> "reviewer/git";"#,
+            r#""reviewer/ca" -> "reviewer/setup:toolchain";"#,
+            r#""reviewer/prompt" -> "reviewer/supervise";"#,
+            r#""reviewer/skills" -> "reviewer/supervise";"#,
+            r#""reviewer/git" -> "reviewer/setup:cache";"#,
+            r#""reviewer/setup:toolchain" -> "reviewer/setup:cache";"#,
+            r#""reviewer/setup:cache" -> "reviewer/supervise";"#,
+        ]
+    );
+    assert_eq!(dot, graph.to_dot(), "deterministic");
+}
+
+#[test]
+fn text_lists_every_direct_dependency() {
+    let graph = build_ok(&full_fixture().project());
+    let text = graph.to_text();
+    let supervise = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("supervise"))
+        .unwrap();
+    assert!(
+        supervise.ends_with("after machine, ca, prompt, skills, git, setup:toolchain, setup:cache"),
+        "{supervise}"
+    );
+    let empty = Fixture::new();
+    assert_eq!(build_ok(&empty.project()).to_text(), "no agents\n");
 }
