@@ -40,7 +40,9 @@ impl Template {
         let spec = &bottle.spec;
         // The canonical order; built-ins come first so `after` can find them.
         let mut kinds = vec![StepKind::Machine];
-        if spec.ca.is_some() {
+        // Keyed on the resolved path (the loader sets it whenever `ca` is
+        // declared), so the hash below always has a file to read.
+        if bottle.ca_cert.is_some() {
             kinds.push(StepKind::Ca);
         }
         kinds.push(StepKind::Prompt);
