@@ -9,6 +9,10 @@
 
 pub const MAX_NAME_LEN: usize = 48;
 
+/// The rule, for help lines.
+pub const RULE: &str = "names are 1-48 characters: lower-case letters, digits and '-', \
+     starting with a letter, not ending with '-', without '--'";
+
 /// Why a name breaks the rule, phrased to finish "name ... ".
 pub fn check_name(name: &str) -> Result<(), &'static str> {
     if name.is_empty() {
