@@ -222,7 +222,10 @@ fn invalid_names() {
 #[test]
 fn urls() {
     let out = validate("urls");
-    assert!(!out.contains("not-a-real-password"), "password echoed:\n{out}");
+    assert!(
+        !out.contains("not-a-real-password"),
+        "password echoed:\n{out}"
+    );
     insta::assert_snapshot!(out);
 }
 
@@ -234,7 +237,10 @@ fn setup_steps() {
 #[test]
 fn git_remotes() {
     let out = validate("git-remotes");
-    assert!(!out.contains("not-a-real-password"), "password echoed:\n{out}");
+    assert!(
+        !out.contains("not-a-real-password"),
+        "password echoed:\n{out}"
+    );
     insta::assert_snapshot!(out);
 }
 
