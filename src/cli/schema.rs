@@ -8,6 +8,7 @@ use super::{GlobalArgs, Outcome};
 pub struct SchemaArgs {}
 
 pub fn run(_global: &GlobalArgs, _args: SchemaArgs) -> miette::Result<Outcome> {
-    println!("{}", crate::manifest::schema::schema_json());
+    // schema_json() ends with a newline, exactly as the checked-in file.
+    print!("{}", crate::manifest::schema::schema_json());
     Ok(Outcome::Success)
 }

@@ -17,7 +17,8 @@ pub fn run(_global: &GlobalArgs, args: ValidateArgs) -> miette::Result<Outcome> 
     let origin = match project.name_source {
         ProjectNameSource::Declared => "",
         ProjectNameSource::DirectoryName => {
-            " (from the directory name; set [project] name in bottle.toml to pin it)"
+            " (named after the directory holding the manifests directory; \
+             set [project] name in its bottle.toml to pin it)"
         }
     };
     println!(

@@ -96,24 +96,67 @@ impl ManifestDiagnostic {
 
 /// Every problem found in a manifests directory, in a stable order (file,
 /// then position). Rendered as one report with each problem as a related
-/// diagnostic, so a single run shows them all.
-#[derive(Debug, Clone, Error)]
-#[error("{} found in {}", plural(self.items.len(), "problem"), self.dir)]
+/// diagnostic, so a single run shows them all; a lone problem renders as
+/// itself.
+#[derive(Debug, Clone)]
 pub struct Diagnostics {
     /// The manifests directory, as the user named it.
     pub dir: String,
     pub items: Vec<ManifestDiagnostic>,
 }
 
+impl Diagnostics {
+    fn single(&self) -> Option<&ManifestDiagnostic> {
+        match self.items.as_slice() {
+            [one] => Some(one),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for Diagnostics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.single() {
+            Some(one) => one.fmt(f),
+            None => write!(
+                f,
+                "{} found in {}",
+                plural(self.items.len(), "problem"),
+                self.dir
+            ),
+        }
+    }
+}
+
+impl std::error::Error for Diagnostics {}
+
 impl Diagnostic for Diagnostics {
+    fn code<'a>(&'a self) -> Option<Box<dyn std::fmt::Display + 'a>> {
+        self.single().and_then(|d| d.code())
+    }
+
     fn help<'a>(&'a self) -> Option<Box<dyn std::fmt::Display + 'a>> {
-        Some(Box::new(
-            "fix the problems above, then run `bottle validate` again",
-        ))
+        match self.single() {
+            Some(one) => one.help(),
+            None => Some(Box::new(
+                "each problem is shown below: fix them, then run `bottle validate` again",
+            )),
+        }
+    }
+
+    fn source_code(&self) -> Option<&dyn miette::SourceCode> {
+        self.single().and_then(|d| d.source_code())
+    }
+
+    fn labels(&self) -> Option<Box<dyn Iterator<Item = LabeledSpan> + '_>> {
+        self.single().and_then(|d| d.labels())
     }
 
     fn related<'a>(&'a self) -> Option<Box<dyn Iterator<Item = &'a dyn Diagnostic> + 'a>> {
-        Some(Box::new(self.items.iter().map(|d| d as &dyn Diagnostic)))
+        match self.single() {
+            Some(one) => one.related(),
+            None => Some(Box::new(self.items.iter().map(|d| d as &dyn Diagnostic))),
+        }
     }
 }
 
@@ -122,5 +165,45 @@ pub fn plural(n: usize, word: &str) -> String {
         format!("1 {word}")
     } else {
         format!("{n} {word}s")
+    }
+}
+
+/// The candidate closest to `word`, if it is close enough to be what the
+/// user meant ("did you mean ..."): one edit away (a typo or a swap of two
+/// letters), or a similar prefix (`memory` for `memory_mib`). Compares
+/// case-insensitively so `CPUS` still finds `cpus`.
+pub fn suggest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let word = word.to_ascii_lowercase();
+    candidates
+        .into_iter()
+        .filter_map(|c| {
+            let lower = c.to_ascii_lowercase();
+            let edits = strsim::damerau_levenshtein(&word, &lower);
+            let jw = strsim::jaro_winkler(&word, &lower);
+            let close =
+                (edits <= 1 && word.len() >= 3) || (edits <= 2 && word.len() >= 6) || jw >= 0.85;
+            close.then_some((edits, -jw, c))
+        })
+        .min_by(|a, b| a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)))
+        .map(|(_, _, c)| c)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suggests_close_names_only() {
+        let keys = ["image", "cpus", "memory_mib", "user", "env", "secrets"];
+        assert_eq!(suggest("cpu", keys), Some("cpus"));
+        assert_eq!(suggest("memory", keys), Some("memory_mib"));
+        assert_eq!(suggest("secret", keys), Some("secrets"));
+        assert_eq!(suggest("CPUS", keys), Some("cpus"));
+        assert_eq!(suggest("dve", ["dev", "ci"]), Some("dev"));
+        assert_eq!(suggest("memroy_mib", keys), Some("memory_mib"));
+        assert_eq!(suggest("cax", ["machine", "ca", "git"]), Some("ca"));
+        assert_eq!(suggest("toolchain", keys), None);
+        assert_eq!(suggest("x", ["y"]), None);
+        assert_eq!(suggest("reviewer", ["dev", "ci"]), None);
     }
 }

@@ -13,6 +13,8 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::names::{ENV_NAME_PATTERN, NAME_PATTERN};
+
 /// One manifest file. Every `*.toml` file under the manifests directory may
 /// hold any mix of bottles and agents; names are unique across the directory.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
@@ -25,12 +27,16 @@ pub struct ManifestFile {
     pub project: Option<ProjectSpec>,
 
     /// Sandbox profiles ("bottles"), by name. Every agent that uses a bottle
-    /// gets its own machine built from it.
+    /// gets its own machine built from it. Names: 1-48 lower-case letters,
+    /// digits and '-', starting with a letter, no trailing '-', no '--'.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("propertyNames" = { "pattern": NAME_PATTERN, "maxLength": 48 }))]
     pub bottle: BTreeMap<String, BottleSpec>,
 
-    /// Agents, by name: who runs inside a bottle.
+    /// Agents, by name: who runs inside a bottle. Each agent gets its own
+    /// machine. Names follow the same rule as bottle names.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("propertyNames" = { "pattern": NAME_PATTERN, "maxLength": 48 }))]
     pub agent: BTreeMap<String, AgentSpec>,
 }
 
@@ -44,6 +50,7 @@ pub struct ProjectSpec {
     /// name; without it the id is derived from the name of the directory that
     /// contains the manifests directory. Same rule as agent names.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(NAME_PATTERN), length(max = 48))]
     pub name: Option<String>,
 }
 
@@ -54,66 +61,82 @@ pub struct ProjectSpec {
 #[serde(deny_unknown_fields)]
 pub struct BottleSpec {
     /// The guest root filesystem, passed to `smolvm machine create --image`:
-    /// an OCI reference, a `docker save` archive or an unpacked rootfs
-    /// directory (local paths are relative to this file). Omit it (or write
-    /// `"host"`) on the local runtime to use the host's system directories
+    /// an OCI reference (`ghcr.io/acme/agent-base:1.2`), or a local path: a
+    /// value starting with `.`, `/` or `~` is a path (relative to this file,
+    /// `~/` is your home; it may lie outside the manifests directory but
+    /// must exist): a directory is an unpacked root filesystem, a file a
+    /// `docker save` archive. Default: absent, same as `"host"`: smolvm's
+    /// default image, or on the local runtime the host's system directories
     /// read-only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
 
-    /// Virtual CPUs.
+    /// Virtual CPUs, 1 to 256. Default: 2.
     #[serde(default = "default_cpus")]
     #[schemars(range(min = 1, max = 256))]
     pub cpus: u32,
 
-    /// Memory in MiB.
+    /// Memory in MiB, at least 64. Default: 2048.
     #[serde(default = "default_memory_mib")]
     #[schemars(range(min = 64))]
     pub memory_mib: u32,
 
     /// Guest user that runs the agent; its home is `/home/<user>`. Created in
-    /// the guest if the image lacks it.
+    /// the guest if the image lacks it. Not `root` (Claude Code refuses to
+    /// skip permission prompts as root). Default: `node`.
     #[serde(default = "default_user")]
+    #[schemars(pattern(r"^[a-z_][a-z0-9_-]{0,31}$"))]
     pub user: String,
 
-    /// Environment variables set in the guest. Literal values only: anything
-    /// secret belongs in `secrets`.
+    /// Environment variables set in the guest, by name. Literal values only,
+    /// passed as written (`${VAR}` is not expanded): anything secret belongs
+    /// in `secrets`. Default: none.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("propertyNames" = { "pattern": ENV_NAME_PATTERN }))]
     pub env: BTreeMap<String, String>,
 
     /// Secrets, by guest environment variable name, as references that are
     /// resolved on the host at each launch. Values never appear in a manifest,
-    /// a plan, a log or a file bottle writes.
+    /// a plan, a log or a file bottle writes. Default: none.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("propertyNames" = { "pattern": ENV_NAME_PATTERN }))]
     pub secrets: BTreeMap<String, SecretRef>,
 
-    /// Host directories shared with the guest, `HOST:GUEST` or
-    /// `HOST:GUEST:ro`. A relative host path is relative to this file.
+    /// Host paths shared with the guest, `HOST:GUEST` or `HOST:GUEST:ro`. A
+    /// relative host path is relative to this file and `~/` is your home; it
+    /// may lie outside the manifests directory (a deliberate share) but must
+    /// exist. The guest path is absolute. Default: none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<String>,
 
-    /// Network access. Without this table the guest has no network at all.
+    /// Network access. Default: absent, and without this table the guest has
+    /// no network at all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress: Option<EgressSpec>,
 
-    /// A CA certificate the guest must trust (the egress proxy's).
+    /// A CA certificate the guest must trust (the egress proxy's). Default:
+    /// absent, the image's trust store unchanged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca: Option<CaSpec>,
 
-    /// Git access, only through a git gateway.
+    /// Git access, only through a git gateway. Default: absent, no git
+    /// configuration written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub git: Option<GitSpec>,
 
     /// The operator supervision endpoint, registered as an MCP server.
+    /// Default: absent, not supervised.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub supervise: Option<SuperviseSpec>,
 
     /// User-defined provisioning steps, run as root in the guest in
     /// dependency order, and again whenever their command or inputs change.
+    /// Default: none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub setup: Vec<SetupSpec>,
 
-    /// Settings that only the local (bubblewrap) runtime reads.
+    /// Settings that only the local (bubblewrap) runtime reads. Default:
+    /// absent, all settings at their defaults.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub local: Option<LocalSpec>,
 }
@@ -128,27 +151,34 @@ pub fn default_user() -> String {
     "node".to_owned()
 }
 
-/// A secret reference. Exactly one of `from_env` or `from_file`.
+/// A secret reference. Exactly one of `from_env` or `from_file`; never the
+/// value itself.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(extend("oneOf" = [{ "required": ["from_env"] }, { "required": ["from_file"] }]))]
 pub struct SecretRef {
     /// Name of a host environment variable holding the value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(ENV_NAME_PATTERN))]
     pub from_env: Option<String>,
-    /// Absolute host path of a file holding the value.
+    /// Absolute host path of a file holding the value (`~` is not expanded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern("^/"))]
     pub from_file: Option<String>,
 }
 
 /// Where the guest may connect. Hosts are resolved by smolvm when the
-/// machine is created.
+/// machine is created. At least one host or network.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EgressSpec {
-    /// Host names the guest may reach (`smolvm --allow-host`).
+    /// Host names the guest may reach (`smolvm --allow-host`): bare names,
+    /// no scheme, port or wildcard. Nothing is added implicitly: list the
+    /// hosts Claude Code needs too (`api.anthropic.com`). Default: none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow_hosts: Vec<String>,
-    /// Networks the guest may reach, in CIDR notation (`--allow-cidr`).
+    /// Networks the guest may reach, in CIDR notation (`--allow-cidr`), e.g.
+    /// `10.8.0.0/16`; one address is `/32`. Default: none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow_cidrs: Vec<String>,
 }
@@ -157,8 +187,10 @@ pub struct EgressSpec {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CaSpec {
-    /// PEM certificate file, relative to this manifest. Installed into
-    /// `/usr/local/share/ca-certificates/` and the guest trust store.
+    /// PEM certificate file, relative to this manifest and inside the
+    /// manifests directory (certificates only, never a private key).
+    /// Installed into `/usr/local/share/ca-certificates/` and the guest trust
+    /// store.
     pub cert: String,
 }
 
@@ -168,12 +200,16 @@ pub struct CaSpec {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GitSpec {
-    /// Base URL of the git gateway, e.g. `http://10.8.0.2:9418`.
+    /// Base URL of the git gateway, http or https, e.g.
+    /// `http://10.8.0.2:9418` (no credentials, query or fragment).
+    #[schemars(pattern("^[Hh][Tt][Tt][Pp][Ss]?://"))]
     pub gateway: String,
-    /// Commit identity written to the agent user's `~/.gitconfig`.
+    /// Commit identity written to the agent user's `~/.gitconfig`. Default:
+    /// absent, none written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<GitUser>,
-    /// Remotes the agent may use.
+    /// Remotes the agent may use, as `[[bottle.<name>.git.remote]]` tables.
+    /// Default: none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub remote: Vec<GitRemote>,
 }
@@ -182,7 +218,9 @@ pub struct GitSpec {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GitUser {
+    /// `user.name`, e.g. `Bottle Bot`.
     pub name: String,
+    /// `user.email`, e.g. `bot@example.com`.
     pub email: String,
 }
 
@@ -190,9 +228,12 @@ pub struct GitUser {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GitRemote {
-    /// Name of the repository on the gateway.
+    /// Name of the repository on the gateway: letters, digits, '.', '_' and
+    /// '-', without the `.git` suffix (the URL adds it).
+    #[schemars(pattern(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$"), length(max = 100))]
     pub name: String,
-    /// The real upstream URL the agent uses; rewritten to the gateway.
+    /// The real upstream URL the agent uses (e.g.
+    /// `git@github.com:acme/app.git`); rewritten to the gateway.
     pub upstream: String,
 }
 
@@ -200,8 +241,10 @@ pub struct GitRemote {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SuperviseSpec {
-    /// URL of the operator's MCP endpoint (HTTP transport), registered as the
-    /// `supervise` MCP server in the agent user's `~/.claude.json`.
+    /// URL of the operator's MCP endpoint (HTTP transport), http or https,
+    /// registered as the `supervise` MCP server in the agent user's
+    /// `~/.claude.json`.
+    #[schemars(pattern("^[Hh][Tt][Tt][Pp][Ss]?://"))]
     pub url: String,
 }
 
@@ -209,18 +252,24 @@ pub struct SuperviseSpec {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetupSpec {
-    /// Step name, unique within the bottle (same rule as agent names).
+    /// Step name, unique within the bottle (same rule as agent names), and
+    /// not a built-in step's name (`machine`, `ca`, `prompt`, `skills`,
+    /// `git`, `supervise`).
+    #[schemars(pattern(NAME_PATTERN), length(max = 48))]
     pub name: String,
     /// Shell command run as root with `sh -c` in the guest.
+    #[schemars(length(min = 1))]
     pub run: String,
     /// Steps this one runs after: built-in steps (`machine`, `ca`, `prompt`,
     /// `skills`, `git`) or other setup steps of this bottle. Every setup step
-    /// runs after `machine`.
+    /// runs after `machine`, and `supervise` runs after every setup step, so
+    /// it cannot be named here. Default: only `machine`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub after: Vec<String>,
-    /// Host files or directories (relative to this manifest) the command
-    /// depends on: when their content changes the step runs again. They are
-    /// copied into the guest under `/opt/bottle/setup/<name>/`.
+    /// Host files or directories (relative to this manifest, inside the
+    /// manifests directory) the command depends on: when their content
+    /// changes the step runs again. They are copied into the guest under
+    /// `/opt/bottle/setup/<name>/`. Default: none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub inputs: Vec<String>,
 }
@@ -231,7 +280,7 @@ pub struct SetupSpec {
 pub struct LocalSpec {
     /// The local runtime cannot enforce an egress allowlist. A bottle with an
     /// `egress` table is refused on it unless this is `true`, which gives the
-    /// guest the host's network, unfiltered.
+    /// guest the host's network, unfiltered. Default: `false`.
     #[serde(default)]
     pub allow_unfiltered_network: bool,
 }
@@ -240,18 +289,23 @@ pub struct LocalSpec {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AgentSpec {
-    /// Name of the bottle (sandbox profile) the agent runs in.
+    /// Name of the bottle (sandbox profile) the agent runs in, declared in
+    /// any manifest of the directory.
     pub bottle: String,
-    /// System prompt file, relative to this manifest. Mutually exclusive with
-    /// `prompt_text`. The prompt file is always written to the guest; the
-    /// agent gets `--append-system-prompt-file` only when it is non-empty.
+    /// System prompt file, relative to this manifest and inside the
+    /// manifests directory. Mutually exclusive with `prompt_text`. The
+    /// prompt file is always written to the guest; the agent gets
+    /// `--append-system-prompt-file` only when it is non-empty. Default:
+    /// absent, an empty prompt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt: Option<String>,
-    /// System prompt given inline.
+    /// System prompt given inline. Mutually exclusive with `prompt`.
+    /// Default: absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_text: Option<String>,
-    /// Skill directories, relative to this manifest, each copied whole to
-    /// `~/.claude/skills/<directory name>/`.
+    /// Skill directories, relative to this manifest and inside the manifests
+    /// directory, each holding a `SKILL.md` and copied whole to
+    /// `~/.claude/skills/<directory name>/`. Default: none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub skills: Vec<String>,
 }

@@ -9,6 +9,17 @@
 
 pub const MAX_NAME_LEN: usize = 48;
 
+/// The rule as a regular expression, for the JSON schema (with a maximum
+/// length of [`MAX_NAME_LEN`]).
+pub const NAME_PATTERN: &str = "^[a-z]([a-z0-9]|-[a-z0-9])*$";
+
+/// Environment variable names (env keys, secret names, `from_env`).
+pub const ENV_NAME_PATTERN: &str = "^[A-Za-z_][A-Za-z0-9_]*$";
+
+/// The rule, for help lines.
+pub const RULE: &str = "names are 1-48 characters: lower-case letters, digits and '-', \
+     starting with a letter, not ending with '-', without '--'";
+
 /// Why a name breaks the rule, phrased to finish "name ... ".
 pub fn check_name(name: &str) -> Result<(), &'static str> {
     if name.is_empty() {

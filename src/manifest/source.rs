@@ -105,75 +105,55 @@ impl Sources {
     }
 }
 
-#[derive(Clone, Copy, PartialEq)]
-enum Want {
+/// Whether a lookup wants the span of a key or of its value.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Want {
     Key,
     Value,
 }
 
-/// Re-parses the text with spans; only called when a diagnostic is built,
-/// so the happy path pays nothing for it.
+/// Re-parses the text with spans; only called when a diagnostic is built
+/// after loading, so the happy path pays nothing for it. Uses the same
+/// parser as the loader, so spans agree with load-time diagnostics.
 fn lookup(text: &str, path: &KeyPath, want: Want) -> Option<SourceSpan> {
-    use toml_edit::{Item, Table, Value};
+    let (doc, _) = toml::de::DeTable::parse_recoverable(text);
+    let span = doc.span();
+    let root = toml::Spanned::new(span, toml::de::DeValue::Table(doc.into_inner()));
+    find(&root, &path.0, want).map(Into::into)
+}
 
-    #[derive(Clone, Copy)]
-    enum Node<'a> {
-        Item(&'a Item),
-        Table(&'a Table),
-        Value(&'a Value),
-    }
-    impl<'a> Node<'a> {
-        fn span(self) -> Option<std::ops::Range<usize>> {
-            match self {
-                Node::Item(i) => i.span(),
-                Node::Table(t) => t.span(),
-                Node::Value(v) => v.span(),
-            }
-        }
-        fn child(self, key: &str) -> Option<(Option<std::ops::Range<usize>>, Node<'a>)> {
-            let (k, item) = match self {
-                Node::Item(Item::Table(t)) | Node::Table(t) => t.get_key_value(key)?,
-                Node::Item(Item::Value(Value::InlineTable(t)))
-                | Node::Value(Value::InlineTable(t)) => t.get_key_value(key)?,
-                _ => return None,
-            };
-            Some((k.span(), Node::Item(item)))
-        }
-        fn index(self, n: usize) -> Option<Node<'a>> {
-            match self {
-                Node::Item(Item::ArrayOfTables(a)) => a.get(n).map(Node::Table),
-                Node::Item(Item::Value(Value::Array(a))) | Node::Value(Value::Array(a)) => {
-                    a.get(n).map(Node::Value)
-                }
-                _ => None,
-            }
-        }
-    }
+/// The span of the key or value at `path` under `root`, or of the nearest
+/// ancestor that exists (so a label still lands somewhere useful). Array
+/// elements have no key: asking for one gives the element's span.
+pub fn find(
+    root: &toml::Spanned<toml::de::DeValue<'_>>,
+    path: &[Seg],
+    want: Want,
+) -> Option<std::ops::Range<usize>> {
+    use toml::de::DeValue;
 
-    let doc = toml_edit::Document::parse(text).ok()?;
-    let mut node = Node::Item(doc.as_item());
-    let mut best = None;
-    let last = path.0.len().saturating_sub(1);
-    for (i, seg) in path.0.iter().enumerate() {
-        let next = match seg {
-            Seg::Key(k) => match node.child(k) {
-                Some((key_span, child)) => {
-                    if i == last && want == Want::Key && key_span.is_some() {
-                        return key_span.map(Into::into);
+    let mut node = root;
+    let mut best = (root.span().end > 0).then(|| root.span());
+    let last = path.len().saturating_sub(1);
+    for (i, seg) in path.iter().enumerate() {
+        let next = match (seg, node.get_ref()) {
+            (Seg::Key(k), DeValue::Table(t)) => match t.get_key_value(k.as_str()) {
+                Some((key, value)) => {
+                    if i == last && want == Want::Key {
+                        return Some(key.span());
                     }
-                    child
+                    value
                 }
                 None => break,
             },
-            Seg::Index(n) => match node.index(*n) {
-                Some(child) => child,
+            (Seg::Index(n), DeValue::Array(a)) => match a.get(*n) {
+                Some(value) => value,
                 None => break,
             },
+            _ => break,
         };
-        if let Some(span) = next.span() {
-            best = Some(span);
-        }
+        best = Some(next.span());
         node = next;
     }
-    best.map(Into::into)
+    best
 }

@@ -1,2 +1,1774 @@
-//! Checks that need the whole directory: references between entities,
-//! duplicate names, paths, certificates.
+//! Checks that need more than serde: names, references between entities,
+//! duplicates, paths (existence, escapes), certificates, URLs, networks and
+//! secrets. Each problem is reported at the offending key or value, and the
+//! valid entities are resolved into the [`Project`](super::Project) types.
+//!
+//! Path rules:
+//! - Everything bottle copies into a guest (prompt files, skill directories,
+//!   the CA certificate, setup inputs) must live under the manifests
+//!   directory, both as written and after following symlinks.
+//! - Volume hosts and local images are deliberate host paths: they may live
+//!   anywhere (`~/` is the user's home), but they must exist, so a typo fails
+//!   here rather than at machine creation.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::path::{Component, Path, PathBuf};
+
+use super::diagnostic::suggest;
+use super::load::{Cx, Decl, Decls, Kind};
+use super::model::{AgentSpec, BottleSpec, SetupSpec};
+use super::source::Want;
+use super::{
+    Agent, Bottle, FileId, Image, KeyPath, ManifestDiagnostic, Prompt, Volume, load, names,
+};
+
+/// Built-in provisioning steps a setup step may run after (DESIGN.md §3).
+/// `supervise` is not among them: it runs after everything else.
+pub const BUILTIN_STEPS: [&str; 5] = ["machine", "ca", "prompt", "skills", "git"];
+
+/// Step names setup steps may not take.
+const RESERVED_STEPS: [&str; 6] = ["machine", "ca", "prompt", "skills", "git", "supervise"];
+
+/// A CA file larger than this is not a certificate (and is not read).
+const MAX_CERT_BYTES: u64 = 1 << 20;
+
+pub(super) fn check(
+    cx: &mut Cx,
+    decls: &Decls,
+) -> (BTreeMap<String, Bottle>, BTreeMap<String, Agent>) {
+    duplicates(cx, Kind::Bottle, &decls.bottles);
+    duplicates(cx, Kind::Agent, &decls.agents);
+
+    let bottle_names: BTreeSet<&str> = decls.bottles.iter().map(|d| d.name.as_str()).collect();
+    let mut bottles = BTreeMap::new();
+    for d in &decls.bottles {
+        check_entity_name(cx, Kind::Bottle, d);
+        if let Some(b) = bottle(cx, d) {
+            bottles.entry(d.name.clone()).or_insert(b);
+        }
+    }
+    let mut agents = BTreeMap::new();
+    for d in &decls.agents {
+        check_entity_name(cx, Kind::Agent, d);
+        if let Some(a) = agent(cx, d, &bottle_names) {
+            agents.entry(d.name.clone()).or_insert(a);
+        }
+    }
+    (bottles, agents)
+}
+
+/// The same name declared in two files: labelled in the first, with each
+/// further definition as a related diagnostic in its own file.
+fn duplicates<T>(cx: &mut Cx, kind: Kind, decls: &[Decl<T>]) {
+    for (name, group) in load::by_name(decls) {
+        let [first, rest @ ..] = group.as_slice() else {
+            continue;
+        };
+        if rest.is_empty() {
+            continue;
+        }
+        let mut d = ManifestDiagnostic::new(
+            "bottle::duplicate-name",
+            format!("{} is defined {} times", kind.describe(name), group.len()),
+        )
+        .help(format!(
+            "{} names are unique across the whole manifests directory: \
+             rename or remove all but one",
+            kind.table()
+        ));
+        for other in rest {
+            d = d.related(
+                ManifestDiagnostic::new(
+                    "bottle::duplicate-name",
+                    format!("{} is defined again here", kind.describe(name)),
+                )
+                .span(
+                    cx.sources,
+                    other.file,
+                    other.name_span.clone(),
+                    "defined again here",
+                ),
+            );
+        }
+        cx.report_at(first.file, first.name_span.clone(), d, "first defined here");
+    }
+}
+
+fn check_entity_name<T>(cx: &mut Cx, kind: Kind, d: &Decl<T>) {
+    if let Err(why) = names::check_name(&d.name) {
+        let d2 = ManifestDiagnostic::new(
+            "bottle::invalid-name",
+            format!("{} name `{}` {why}", kind.table(), d.name),
+        )
+        .help(name_help(&d.name));
+        cx.report_at(d.file, d.name_span.clone(), d2, "invalid name");
+    }
+}
+
+fn name_help(name: &str) -> String {
+    match names::sanitize(name) {
+        Some(s) if s != name => format!(
+            "{}; they become part of machine names. e.g. `{s}`",
+            names::RULE
+        ),
+        _ => format!("{}; they become part of machine names", names::RULE),
+    }
+}
+
+/// Shorthand for a diagnostic with a help line.
+fn diag(code: &'static str, message: String, help: impl Into<String>) -> ManifestDiagnostic {
+    ManifestDiagnostic::new(code, message).help(help)
+}
+
+fn bottle(cx: &mut Cx, d: &Decl<BottleSpec>) -> Option<Bottle> {
+    let spec = d.spec.as_ref()?;
+    let file = d.file;
+    let base = d.path(Kind::Bottle);
+    let what = Kind::Bottle.describe(&d.name);
+    let before = cx.found.len();
+
+    if !(1..=256).contains(&spec.cpus) {
+        cx.report(
+            file,
+            &base.clone().key("cpus"),
+            Want::Value,
+            diag(
+                "bottle::out-of-range",
+                format!("`cpus` in {what} must be between 1 and 256"),
+                "give the number of virtual CPUs, e.g. `cpus = 2`",
+            ),
+            "out of range",
+        );
+    }
+    if spec.memory_mib < 64 {
+        cx.report(
+            file,
+            &base.clone().key("memory_mib"),
+            Want::Value,
+            diag(
+                "bottle::out-of-range",
+                format!("`memory_mib` in {what} must be at least 64"),
+                "give the guest memory in MiB, e.g. `memory_mib = 2048`",
+            ),
+            "too small",
+        );
+    }
+    check_user(cx, file, &base, &what, &spec.user);
+    let image = image(cx, file, &base, &what, spec.image.as_deref());
+    check_env_and_secrets(cx, file, &base, &what, spec);
+    let volumes = volumes(cx, file, &base, &what, &spec.volumes);
+    check_egress(cx, file, &base, &what, spec, d.clean);
+
+    let ca_cert = spec.ca.as_ref().and_then(|ca| {
+        let path = base.clone().key("ca").key("cert");
+        let cert = resolve_inside(
+            cx,
+            file,
+            &path,
+            &ca.cert,
+            "CA certificate",
+            Expect::File,
+            None,
+        )?;
+        check_cert(cx, file, &path, &ca.cert, &cert).then_some(cert)
+    });
+
+    if let Some(git) = &spec.git {
+        check_git(cx, file, &base, &what, git);
+    }
+    if let Some(supervise) = &spec.supervise {
+        let path = base.clone().key("supervise").key("url");
+        if let Err((problem, help)) = check_http_url(&supervise.url, false) {
+            cx.report(
+                file,
+                &path,
+                Want::Value,
+                diag(
+                    "bottle::invalid-url",
+                    format!("`supervise.url` in {what} {problem}"),
+                    help,
+                ),
+                "invalid URL",
+            );
+        }
+    }
+    let setup_inputs = setup(cx, file, &base, &what, &spec.setup, d.clean);
+
+    (cx.found.len() == before).then(|| Bottle {
+        name: d.name.clone(),
+        spec: spec.clone(),
+        file,
+        image: image.unwrap_or(Image::Host),
+        ca_cert,
+        volumes,
+        setup_inputs,
+    })
+}
+
+fn check_user(cx: &mut Cx, file: FileId, base: &KeyPath, what: &str, user: &str) {
+    let path = base.clone().key("user");
+    if user == "root" {
+        cx.report(
+            file,
+            &path,
+            Want::Value,
+            diag(
+                "bottle::root-user",
+                format!("{what} runs its agent as root"),
+                "Claude Code refuses `--dangerously-skip-permissions` as root: \
+                 use an ordinary user, e.g. `user = \"node\"` (created in the guest if missing)",
+            ),
+            "root",
+        );
+        return;
+    }
+    let valid = !user.is_empty()
+        && user.len() <= 32
+        && user.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && user
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+    if !valid {
+        cx.report(
+            file,
+            &path,
+            Want::Value,
+            diag(
+                "bottle::invalid-user",
+                format!("`user` in {what} is not a valid user name"),
+                "user names are up to 32 lower-case letters, digits, '_' and '-', \
+                 starting with a letter or '_', e.g. `user = \"node\"`",
+            ),
+            "invalid user name",
+        );
+    }
+}
+
+/// `image`: absent or `"host"`, a local path (starting with `.`, `/` or
+/// `~`), or an OCI reference.
+fn image(
+    cx: &mut Cx,
+    file: FileId,
+    base: &KeyPath,
+    what: &str,
+    image: Option<&str>,
+) -> Option<Image> {
+    let raw = match image {
+        None | Some("host") => return Some(Image::Host),
+        Some(raw) => raw,
+    };
+    let path = base.clone().key("image");
+    if raw.trim().is_empty() || raw.chars().any(char::is_whitespace) {
+        cx.report(
+            file,
+            &path,
+            Want::Value,
+            diag(
+                "bottle::invalid-image",
+                format!("`image` in {what} is not an image reference or a path"),
+                "write an OCI reference (`ghcr.io/acme/agent-base:1.2`), a local path starting \
+                 with `./`, `/` or `~/`, or omit `image` to use the host's system directories \
+                 on the local runtime",
+            ),
+            "invalid image",
+        );
+        return None;
+    }
+    if !raw.starts_with(['.', '/', '~']) {
+        return Some(Image::Reference(raw.to_owned()));
+    }
+    let resolved = match host_path(cx, file, raw) {
+        Ok(p) => p,
+        Err(help) => {
+            cx.report(
+                file,
+                &path,
+                Want::Value,
+                diag(
+                    "bottle::invalid-path",
+                    format!("`image` path in {what} cannot be resolved"),
+                    help,
+                ),
+                "unresolvable path",
+            );
+            return None;
+        }
+    };
+    match cx.stat(&resolved) {
+        Some(info) if info.is_dir => Some(Image::RootfsDir(resolved)),
+        Some(_) => Some(Image::Archive(resolved)),
+        None => {
+            cx.report(
+                file,
+                &path,
+                Want::Value,
+                diag(
+                    "bottle::image-not-found",
+                    format!("local image `{raw}` of {what} does not exist"),
+                    "point it at an unpacked root filesystem directory or a `docker save` \
+                     archive (relative to this file); an OCI reference never starts with \
+                     `.`, `/` or `~`",
+                ),
+                "no such file or directory",
+            );
+            None
+        }
+    }
+}
+
+fn is_env_name(name: &str) -> bool {
+    name.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+const ENV_NAME_HELP: &str =
+    "variable names are ASCII letters, digits and '_', not starting with a digit";
+
+/// A variable name that by convention holds a credential.
+fn secret_shaped(name: &str) -> bool {
+    let upper = name.to_ascii_uppercase();
+    let last = upper.rsplit('_').next().unwrap_or("");
+    matches!(last, "TOKEN" | "SECRET" | "PASSWORD" | "PASSWD" | "APIKEY")
+        || ["_API_KEY", "_ACCESS_KEY", "_PRIVATE_KEY"]
+            .iter()
+            .any(|s| upper.ends_with(s))
+}
+
+/// An `env` entry that is most likely a credential written in the clear.
+pub(super) fn literal_secret(var: &str, value: &str) -> bool {
+    secret_shaped(var) && value.len() >= 8 && !value.contains(char::is_whitespace)
+}
+
+fn check_env_and_secrets(cx: &mut Cx, file: FileId, base: &KeyPath, what: &str, spec: &BottleSpec) {
+    for (var, value) in &spec.env {
+        let path = base.clone().key("env").key(var);
+        if !is_env_name(var) {
+            cx.report(
+                file,
+                &path,
+                Want::Key,
+                diag(
+                    "bottle::invalid-env-name",
+                    format!("`{var}` in {what}'s `env` is not a valid variable name"),
+                    ENV_NAME_HELP,
+                ),
+                "invalid variable name",
+            );
+        }
+        if spec.secrets.contains_key(var) {
+            cx.report(
+                file,
+                &path,
+                Want::Key,
+                diag(
+                    "bottle::env-secret-conflict",
+                    format!("`{var}` is set in both `env` and `secrets` of {what}"),
+                    "keep one: a secret reference in `secrets`, or a plain value in `env`",
+                ),
+                "also a secret",
+            );
+        } else if literal_secret(var, value) {
+            cx.report(
+                file,
+                &path,
+                Want::Value,
+                diag(
+                    "bottle::literal-secret",
+                    format!("`{var}` in {what}'s `env` looks like a secret written as a literal"),
+                    format!(
+                        "move it to `secrets` as a reference: \
+                         `{var} = {{ from_env = \"HOST_VAR\" }}`; if the value was committed, \
+                         rotate it"
+                    ),
+                ),
+                "literal value (not shown)",
+            );
+        } else if value.contains("${") {
+            cx.report(
+                file,
+                &path,
+                Want::Value,
+                diag(
+                    "bottle::env-interpolation",
+                    format!("`{var}` in {what}'s `env` uses `${{...}}`, which is not expanded"),
+                    format!(
+                        "env values are passed literally; to pass a host variable into the guest, \
+                         declare it in `secrets`: `{var} = {{ from_env = \"HOST_VAR\" }}`"
+                    ),
+                ),
+                "not expanded",
+            );
+        }
+    }
+
+    for (var, secret) in &spec.secrets {
+        let path = base.clone().key("secrets").key(var);
+        if !is_env_name(var) {
+            cx.report(
+                file,
+                &path,
+                Want::Key,
+                diag(
+                    "bottle::invalid-env-name",
+                    format!("secret `{var}` in {what} is not a valid variable name"),
+                    format!("a secret is set as a guest environment variable; {ENV_NAME_HELP}"),
+                ),
+                "invalid variable name",
+            );
+        }
+        match (&secret.from_env, &secret.from_file) {
+            (Some(_), Some(_)) | (None, None) => {
+                let both = secret.from_env.is_some();
+                cx.report(
+                    file,
+                    &path,
+                    Want::Value,
+                    diag(
+                        "bottle::secret-source",
+                        format!(
+                            "secret `{var}` in {what} names {} source",
+                            if both { "more than one" } else { "no" }
+                        ),
+                        format!(
+                            "give exactly one: `{var} = {{ from_env = \"HOST_VAR\" }}` or \
+                             `{var} = {{ from_file = \"/abs/path\" }}`"
+                        ),
+                    ),
+                    if both {
+                        "both from_env and from_file"
+                    } else {
+                        "no from_env or from_file"
+                    },
+                );
+            }
+            (Some(env), None) if !is_env_name(env) => {
+                cx.report(
+                    file,
+                    &path.clone().key("from_env"),
+                    Want::Value,
+                    diag(
+                        "bottle::invalid-env-name",
+                        format!(
+                            "`from_env` of secret `{var}` in {what} is not a valid variable name"
+                        ),
+                        format!(
+                            "name the host environment variable holding the value; {ENV_NAME_HELP}"
+                        ),
+                    ),
+                    "invalid variable name",
+                );
+            }
+            (None, Some(path_str)) if !Path::new(path_str).is_absolute() => {
+                cx.report(
+                    file,
+                    &path.clone().key("from_file"),
+                    Want::Value,
+                    diag(
+                        "bottle::relative-secret-file",
+                        format!("`from_file` of secret `{var}` in {what} is not an absolute path"),
+                        "secret files are read on the host at each launch: give an absolute path \
+                         (`~` is not expanded), e.g. `from_file = \"/run/secrets/github\"`",
+                    ),
+                    "not absolute",
+                );
+            }
+            _ => {}
+        }
+    }
+}
+
+fn volumes(cx: &mut Cx, file: FileId, base: &KeyPath, what: &str, raw: &[String]) -> Vec<Volume> {
+    let mut out = Vec::new();
+    let mut guests = BTreeSet::new();
+    for (i, v) in raw.iter().enumerate() {
+        let path = base.clone().key("volumes").index(i);
+        let bad = |cx: &mut Cx, problem: String, help: &str, label: &str| {
+            cx.report(
+                file,
+                &path,
+                Want::Value,
+                diag(
+                    "bottle::invalid-volume",
+                    format!("volume `{v}` in {what} {problem}"),
+                    help,
+                ),
+                label,
+            );
+        };
+        let parts: Vec<&str> = v.split(':').collect();
+        let (host, guest, read_only) = match parts.as_slice() {
+            [h, g] => (*h, *g, false),
+            [h, g, "ro"] => (*h, *g, true),
+            [h, g, "rw"] => (*h, *g, false),
+            [_, _, mode] => {
+                bad(
+                    cx,
+                    format!("has an unknown mode `{mode}`"),
+                    "the mode is `ro` (read-only) or `rw` (the default): `./workspace:/workspace:ro`",
+                    "unknown mode",
+                );
+                continue;
+            }
+            _ => {
+                bad(
+                    cx,
+                    "is not HOST:GUEST".to_owned(),
+                    "write `HOST:GUEST` or `HOST:GUEST:ro`, e.g. `./workspace:/workspace`",
+                    "expected HOST:GUEST[:ro]",
+                );
+                continue;
+            }
+        };
+        if host.is_empty() {
+            bad(
+                cx,
+                "has no host path".to_owned(),
+                "write `HOST:GUEST`, e.g. `./workspace:/workspace`",
+                "empty host path",
+            );
+            continue;
+        }
+        let guest_problem = if !guest.starts_with('/') {
+            Some("guest path is not absolute")
+        } else if guest.trim_end_matches('/').is_empty() {
+            Some("cannot mount over the guest's /")
+        } else if Path::new(guest)
+            .components()
+            .any(|c| c == Component::ParentDir)
+        {
+            Some("guest path contains `..`")
+        } else {
+            None
+        };
+        if let Some(label) = guest_problem {
+            bad(
+                cx,
+                "has an invalid guest path".to_owned(),
+                "the guest side is an absolute path other than `/`, without `..`, \
+                 e.g. `./workspace:/workspace`",
+                label,
+            );
+            continue;
+        }
+        if !guests.insert(guest) {
+            bad(
+                cx,
+                format!("mounts `{guest}` a second time"),
+                "each guest path can hold one volume: remove or move one of them",
+                "guest path already used",
+            );
+            continue;
+        }
+        let resolved = match host_path(cx, file, host) {
+            Ok(p) => p,
+            Err(help) => {
+                bad(
+                    cx,
+                    "has an unresolvable host path".to_owned(),
+                    &help,
+                    "unresolvable path",
+                );
+                continue;
+            }
+        };
+        if cx.stat(&resolved).is_none() {
+            bad(
+                cx,
+                format!("shares `{host}`, which does not exist"),
+                "create it (volumes share existing host paths), or fix the path; \
+                 a relative host path is relative to this file",
+                "no such file or directory",
+            );
+            continue;
+        }
+        out.push(Volume {
+            host: resolved,
+            guest: guest.to_owned(),
+            read_only,
+        });
+    }
+    out
+}
+
+fn check_egress(
+    cx: &mut Cx,
+    file: FileId,
+    base: &KeyPath,
+    what: &str,
+    spec: &BottleSpec,
+    clean: bool,
+) {
+    let Some(egress) = &spec.egress else { return };
+    let path = base.clone().key("egress");
+    if clean && egress.allow_hosts.is_empty() && egress.allow_cidrs.is_empty() {
+        cx.report(
+            file,
+            &path,
+            Want::Key,
+            diag(
+                "bottle::empty-egress",
+                format!("the `egress` table of {what} allows nothing"),
+                "list what the guest may reach in `allow_hosts` or `allow_cidrs`, \
+                 or remove the table: without it the guest has no network at all",
+            ),
+            "empty egress table",
+        );
+    }
+    for (i, host) in egress.allow_hosts.iter().enumerate() {
+        if let Err((problem, help)) = check_host(host) {
+            cx.report(
+                file,
+                &path.clone().key("allow_hosts").index(i),
+                Want::Value,
+                diag(
+                    "bottle::invalid-host",
+                    format!("egress host `{host}` in {what} {problem}"),
+                    help,
+                ),
+                "invalid host name",
+            );
+        }
+    }
+    for (i, cidr) in egress.allow_cidrs.iter().enumerate() {
+        if let Err((problem, help)) = check_cidr(cidr) {
+            cx.report(
+                file,
+                &path.clone().key("allow_cidrs").index(i),
+                Want::Value,
+                diag(
+                    "bottle::invalid-cidr",
+                    format!("egress network `{cidr}` in {what} {problem}"),
+                    help,
+                ),
+                "invalid CIDR",
+            );
+        }
+    }
+}
+
+/// Why a host name is not one smolvm's `--allow-host` can take.
+pub fn check_host(host: &str) -> Result<(), (String, String)> {
+    let err = |p: &str, h: String| Err((p.to_owned(), h));
+    if let Some((_, rest)) = host.split_once("://") {
+        let bare = rest.split(['/', ':', '?']).next().unwrap_or(rest);
+        return err(
+            "is a URL, not a host name",
+            format!("write only the host name: `{bare}`"),
+        );
+    }
+    if let Ok(ip) = host.trim_matches(['[', ']']).parse::<IpAddr>() {
+        let bits = if ip.is_ipv4() { 32 } else { 128 };
+        return err(
+            "is an IP address",
+            format!("put addresses in `allow_cidrs`: `\"{ip}/{bits}\"`"),
+        );
+    }
+    if let Some(rest) = host.strip_prefix("*.") {
+        return err(
+            "is a wildcard",
+            format!(
+                "smolvm resolves each allowed host when the machine is created, so wildcards \
+                 cannot work: list each host, e.g. `{}`",
+                rest
+            ),
+        );
+    }
+    if let Some((name, _)) = host.split_once(':') {
+        return err(
+            "has a port",
+            format!("write only the host name, without a port: `{name}`"),
+        );
+    }
+    let labels_ok = host.split('.').all(|l| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    });
+    if host.is_empty() || host.len() > 253 || !labels_ok {
+        return err(
+            "is not a valid host name",
+            "host names are dot-separated labels of letters, digits and '-' \
+             (each 1-63 characters, not starting or ending with '-'), e.g. `api.anthropic.com`"
+                .to_owned(),
+        );
+    }
+    Ok(())
+}
+
+/// Why a string is not a network in CIDR notation.
+pub fn check_cidr(cidr: &str) -> Result<(), (String, String)> {
+    let notation = || {
+        Err((
+            "is not in CIDR notation".to_owned(),
+            "write a network as ADDRESS/PREFIX, e.g. `10.8.0.0/16`".to_owned(),
+        ))
+    };
+    let Some((addr, len)) = cidr.split_once('/') else {
+        return match cidr.parse::<IpAddr>() {
+            Ok(ip) => Err((
+                "has no prefix length".to_owned(),
+                format!(
+                    "add one: `{ip}/{}` for this one address",
+                    if ip.is_ipv4() { 32 } else { 128 }
+                ),
+            )),
+            Err(_) => notation(),
+        };
+    };
+    let Ok(ip) = addr.parse::<IpAddr>() else {
+        return notation();
+    };
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let len: u32 = match len.parse() {
+        Ok(n) if n <= max && !len.starts_with('+') => n,
+        _ => {
+            return Err((
+                format!("has an invalid prefix length (0-{max})"),
+                "write a network as ADDRESS/PREFIX, e.g. `10.8.0.0/16`".to_owned(),
+            ));
+        }
+    };
+    let network = match ip {
+        IpAddr::V4(v4) => {
+            let mask = u32::MAX.checked_shl(32 - len).unwrap_or(0);
+            IpAddr::from((u32::from(v4) & mask).to_be_bytes())
+        }
+        IpAddr::V6(v6) => {
+            let mask = u128::MAX.checked_shl(128 - len).unwrap_or(0);
+            IpAddr::from((u128::from(v6) & mask).to_be_bytes())
+        }
+    };
+    if network != ip {
+        return Err((
+            "has bits set past its prefix length".to_owned(),
+            format!("did you mean `{network}/{len}`?"),
+        ));
+    }
+    Ok(())
+}
+
+/// Why a URL is not an `http(s)://host[:port][/path]` URL. `base` also
+/// rejects a query or fragment (the git gateway URL gets paths appended).
+pub fn check_http_url(url: &str, base: bool) -> Result<(), (String, String)> {
+    let example = if base {
+        "e.g. `http://10.8.0.2:9418`"
+    } else {
+        "e.g. `http://10.8.0.2:9100/`"
+    };
+    let err = |p: &str| {
+        Err((
+            p.to_owned(),
+            format!("write an http:// or https:// URL, {example}"),
+        ))
+    };
+    let lower = url.to_ascii_lowercase();
+    let Some(rest) = lower
+        .strip_prefix("http://")
+        .or_else(|| lower.strip_prefix("https://"))
+    else {
+        return err("is not an http(s) URL");
+    };
+    if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return err("contains whitespace");
+    }
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    if authority.contains('@') {
+        return Err((
+            "carries credentials".to_owned(),
+            format!(
+                "remove the `user:password@` part: credentials never go in a manifest; {example}"
+            ),
+        ));
+    }
+    if base && tail.contains(['?', '#']) {
+        return err("has a query or fragment");
+    }
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        match v6.split_once(']') {
+            Some((h, p)) if h.parse::<std::net::Ipv6Addr>().is_ok() => (h, p.strip_prefix(':')),
+            _ => return err("has an invalid IPv6 host"),
+        }
+    } else {
+        match authority.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        }
+    };
+    if host.is_empty() {
+        return err("has no host");
+    }
+    if !authority.starts_with('[') && check_host(host).is_err() && host.parse::<IpAddr>().is_err() {
+        return err("has an invalid host");
+    }
+    if let Some(port) = port
+        && port.parse::<u16>().map_or(true, |p| p == 0)
+    {
+        return err("has an invalid port");
+    }
+    Ok(())
+}
+
+/// The byte range of the password in a `scheme://user:password@host` URL.
+pub(super) fn url_password(url: &str) -> Option<std::ops::Range<usize>> {
+    let start = url.find("://")? + 3;
+    let end = start
+        + url[start..]
+            .find(['/', '?', '#'])
+            .unwrap_or(url.len() - start);
+    let at = start + url[start..end].rfind('@')?;
+    let colon = start + url[start..at].find(':')?;
+    Some(colon + 1..at)
+}
+
+/// Why a name is not a repository name on the git gateway.
+pub fn check_repo_name(name: &str) -> Result<(), (String, String)> {
+    let rule = "repository names are letters, digits, '.', '_' and '-', not starting with \
+                '.' or '-', without '..', e.g. `app`";
+    if name.ends_with(".git") && name.len() > 4 {
+        return Err((
+            "ends with `.git`".to_owned(),
+            format!(
+                "drop the suffix: `{}`; the gateway URL adds it",
+                &name[..name.len() - 4]
+            ),
+        ));
+    }
+    let ok = !name.is_empty()
+        && name.len() <= 100
+        && !name.starts_with(['.', '-'])
+        && !name.contains("..")
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(("is not a valid repository name".to_owned(), rule.to_owned()))
+    }
+}
+
+fn check_git(cx: &mut Cx, file: FileId, base: &KeyPath, what: &str, git: &super::model::GitSpec) {
+    let path = base.clone().key("git");
+    if let Err((problem, help)) = check_http_url(&git.gateway, true) {
+        cx.report(
+            file,
+            &path.clone().key("gateway"),
+            Want::Value,
+            diag(
+                "bottle::invalid-url",
+                format!("`git.gateway` in {what} {problem}"),
+                help,
+            ),
+            "invalid URL",
+        );
+    }
+    if let Some(user) = &git.user {
+        let bad_name = user.name.trim().is_empty()
+            || user
+                .name
+                .chars()
+                .any(|c| c.is_control() || c == '<' || c == '>');
+        if bad_name {
+            cx.report(
+                file,
+                &path.clone().key("user").key("name"),
+                Want::Value,
+                diag(
+                    "bottle::invalid-git-user",
+                    format!("`git.user.name` in {what} is not a usable commit author name"),
+                    "give a non-empty name without '<', '>' or control characters, \
+                     e.g. `name = \"Bottle Bot\"`",
+                ),
+                "invalid name",
+            );
+        }
+        let email = &user.email;
+        let bad_email = !email.contains('@')
+            || email.starts_with('@')
+            || email.ends_with('@')
+            || email
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control() || c == '<' || c == '>');
+        if bad_email {
+            cx.report(
+                file,
+                &path.clone().key("user").key("email"),
+                Want::Value,
+                diag(
+                    "bottle::invalid-git-user",
+                    format!("`git.user.email` in {what} is not an email address"),
+                    "give an address like `email = \"bot@example.com\"`",
+                ),
+                "not an email address",
+            );
+        }
+    }
+    let mut seen_names = BTreeSet::new();
+    let mut seen_upstreams = BTreeSet::new();
+    for (i, remote) in git.remote.iter().enumerate() {
+        let rpath = path.clone().key("remote").index(i);
+        if let Err((problem, help)) = check_repo_name(&remote.name) {
+            cx.report(
+                file,
+                &rpath.clone().key("name"),
+                Want::Value,
+                diag(
+                    "bottle::invalid-remote",
+                    format!("git remote name `{}` in {what} {problem}", remote.name),
+                    help,
+                ),
+                "invalid repository name",
+            );
+        } else if !seen_names.insert(remote.name.as_str()) {
+            cx.report(
+                file,
+                &rpath.clone().key("name"),
+                Want::Value,
+                diag(
+                    "bottle::duplicate-remote",
+                    format!("git remote `{}` is declared twice in {what}", remote.name),
+                    "each remote name maps to one repository on the gateway: remove one",
+                ),
+                "declared again",
+            );
+        }
+        let upstream = remote.upstream.as_str();
+        if upstream.trim().is_empty() || upstream.chars().any(char::is_whitespace) {
+            cx.report(
+                file,
+                &rpath.clone().key("upstream"),
+                Want::Value,
+                diag(
+                    "bottle::invalid-remote",
+                    format!("the upstream of git remote `{}` in {what} is not a URL", remote.name),
+                    "give the URL the agent uses, e.g. `upstream = \"git@github.com:acme/app.git\"`",
+                ),
+                "invalid upstream",
+            );
+        } else if url_password(upstream).is_some() {
+            cx.report(
+                file,
+                &rpath.clone().key("upstream"),
+                Want::Value,
+                diag(
+                    "bottle::url-credentials",
+                    format!(
+                        "the upstream of git remote `{}` in {what} carries a password",
+                        remote.name
+                    ),
+                    "remove the `user:password@` part: the gateway holds the credentials, \
+                     and a manifest never does",
+                ),
+                "password in the URL (not shown)",
+            );
+        } else if !seen_upstreams.insert(upstream) {
+            cx.report(
+                file,
+                &rpath.clone().key("upstream"),
+                Want::Value,
+                diag(
+                    "bottle::duplicate-remote",
+                    format!("upstream `{upstream}` is declared by two git remotes in {what}"),
+                    "an upstream can be rewritten to only one gateway repository: remove one",
+                ),
+                "declared again",
+            );
+        }
+    }
+}
+
+/// Checks setup steps; returns each step's resolved inputs.
+fn setup(
+    cx: &mut Cx,
+    file: FileId,
+    base: &KeyPath,
+    what: &str,
+    steps: &[SetupSpec],
+    clean: bool,
+) -> Vec<Vec<PathBuf>> {
+    let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+    for (i, step) in steps.iter().enumerate() {
+        let path = base.clone().key("setup").index(i).key("name");
+        if let Err(why) = names::check_name(&step.name) {
+            cx.report(
+                file,
+                &path,
+                Want::Value,
+                diag(
+                    "bottle::invalid-name",
+                    format!("setup step name `{}` in {what} {why}", step.name),
+                    names::RULE,
+                ),
+                "invalid name",
+            );
+        } else if RESERVED_STEPS.contains(&step.name.as_str()) {
+            cx.report(
+                file,
+                &path,
+                Want::Value,
+                diag(
+                    "bottle::reserved-name",
+                    format!(
+                        "setup step `{}` in {what} takes a built-in step's name",
+                        step.name
+                    ),
+                    format!(
+                        "built-in steps are {}: pick another name",
+                        list(RESERVED_STEPS.iter().copied())
+                    ),
+                ),
+                "built-in step name",
+            );
+        } else if let Some(first) = seen.insert(step.name.as_str(), i) {
+            let first_span = cx.span(
+                file,
+                &base.clone().key("setup").index(first).key("name"),
+                Want::Value,
+            );
+            let d = diag(
+                "bottle::duplicate-step",
+                format!("setup step `{}` is declared twice in {what}", step.name),
+                "setup step names are unique within a bottle: rename or remove one",
+            )
+            .span(cx.sources, file, first_span, "first declared here");
+            cx.report(file, &path, Want::Value, d, "declared again");
+        }
+        if step.run.trim().is_empty() {
+            cx.report(
+                file,
+                &base.clone().key("setup").index(i).key("run"),
+                Want::Value,
+                diag(
+                    "bottle::empty-command",
+                    format!("setup step `{}` in {what} has an empty `run`", step.name),
+                    "give the shell command to run as root in the guest, \
+                     e.g. `run = \"apt-get install -y ripgrep\"`",
+                ),
+                "empty command",
+            );
+        }
+    }
+
+    let step_names: Vec<&str> = seen.keys().copied().collect();
+    for (i, step) in steps.iter().enumerate() {
+        for (j, after) in step.after.iter().enumerate() {
+            let path = base.clone().key("setup").index(i).key("after").index(j);
+            if after == "supervise" {
+                cx.report(
+                    file,
+                    &path,
+                    Want::Value,
+                    diag(
+                        "bottle::after-supervise",
+                        format!(
+                            "setup step `{}` in {what} cannot run after `supervise`",
+                            step.name
+                        ),
+                        "supervise always runs last, after every setup step, so nothing can \
+                         come after it: remove `supervise` from `after`",
+                    ),
+                    "supervise runs last",
+                );
+            } else if clean
+                && !BUILTIN_STEPS.contains(&after.as_str())
+                && !step_names.contains(&after.as_str())
+            {
+                // (Skipped when a step was dropped for an error: it may be
+                // the one named here.)
+                let candidates = BUILTIN_STEPS
+                    .iter()
+                    .copied()
+                    .chain(step_names.iter().copied());
+                let help = match suggest(after, candidates) {
+                    Some(s) => format!("did you mean `{s}`?"),
+                    None => format!(
+                        "`after` names built-in steps ({}) or setup steps of this bottle{}",
+                        list(BUILTIN_STEPS.iter().copied()),
+                        if step_names.len() > 1 {
+                            format!(
+                                " ({})",
+                                list(step_names.iter().copied().filter(|n| *n != step.name))
+                            )
+                        } else {
+                            String::new()
+                        }
+                    ),
+                };
+                cx.report(
+                    file,
+                    &path,
+                    Want::Value,
+                    diag(
+                        "bottle::unknown-step",
+                        format!(
+                            "setup step `{}` in {what} runs after `{after}`, which is not a step",
+                            step.name
+                        ),
+                        help,
+                    ),
+                    "no such step",
+                );
+            }
+        }
+    }
+
+    steps
+        .iter()
+        .enumerate()
+        .map(|(i, step)| {
+            step.inputs
+                .iter()
+                .enumerate()
+                .filter_map(|(j, input)| {
+                    let path = base.clone().key("setup").index(i).key("inputs").index(j);
+                    resolve_inside(cx, file, &path, input, "setup input", Expect::Any, None)
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn list<'a>(items: impl Iterator<Item = &'a str>) -> String {
+    items
+        .map(|s| format!("`{s}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn agent(cx: &mut Cx, d: &Decl<AgentSpec>, bottles: &BTreeSet<&str>) -> Option<Agent> {
+    let spec = d.spec.as_ref()?;
+    let file = d.file;
+    let base = d.path(Kind::Agent);
+    let what = Kind::Agent.describe(&d.name);
+    let before = cx.found.len();
+
+    if !bottles.contains(spec.bottle.as_str()) {
+        let help = match suggest(&spec.bottle, bottles.iter().copied()) {
+            Some(s) => format!("did you mean `{s}`?"),
+            None if bottles.is_empty() => format!(
+                "declare it: `[bottle.{}]` in any manifest of the directory",
+                spec.bottle
+            ),
+            None => format!("declared bottles: {}", list(bottles.iter().copied())),
+        };
+        cx.report(
+            file,
+            &base.clone().key("bottle"),
+            Want::Value,
+            diag(
+                "bottle::unknown-bottle",
+                format!(
+                    "{what} runs in bottle `{}`, which is not declared",
+                    spec.bottle
+                ),
+                help,
+            ),
+            "no such bottle",
+        );
+    }
+
+    let prompt = match (&spec.prompt, &spec.prompt_text) {
+        (Some(_), Some(_)) => {
+            let text_span = cx.span(file, &base.clone().key("prompt_text"), Want::Key);
+            let d = diag(
+                "bottle::prompt-conflict",
+                format!("{what} has both `prompt` and `prompt_text`"),
+                "keep one: `prompt` names a file, `prompt_text` gives the text inline",
+            )
+            .span(cx.sources, file, text_span, "and prompt_text");
+            cx.report(
+                file,
+                &base.clone().key("prompt"),
+                Want::Key,
+                d,
+                "prompt file",
+            );
+            None
+        }
+        (Some(path), None) => {
+            let looks_like_text = path.contains('\n') || path.split_whitespace().count() > 3;
+            let help = looks_like_text.then(|| {
+                "`prompt` names a file; to give the prompt inline (as the old `prompt` did), \
+                 write `prompt_text = \"...\"`"
+                    .to_owned()
+            });
+            resolve_inside(
+                cx,
+                file,
+                &base.clone().key("prompt"),
+                path,
+                "prompt file",
+                Expect::File,
+                help,
+            )
+            .map(Prompt::File)
+        }
+        (None, Some(text)) => Some(Prompt::Text(text.clone())),
+        (None, None) => Some(Prompt::None),
+    };
+
+    let mut skills = Vec::new();
+    let mut skill_names: BTreeMap<String, usize> = BTreeMap::new();
+    for (i, skill) in spec.skills.iter().enumerate() {
+        let path = base.clone().key("skills").index(i);
+        let Some(dir) = resolve_inside(
+            cx,
+            file,
+            &path,
+            skill,
+            "skill directory",
+            Expect::Dir,
+            Some(
+                "skills are directories relative to this file, each holding a SKILL.md, \
+                 e.g. `skills = [\"skills/rust-review\"]`"
+                    .to_owned(),
+            ),
+        ) else {
+            continue;
+        };
+        if cx.stat(&dir.join("SKILL.md")).is_none_or(|i| !i.is_file) {
+            cx.report(
+                file,
+                &path,
+                Want::Value,
+                diag(
+                    "bottle::skill-without-skill-md",
+                    format!("skill directory `{skill}` of {what} has no SKILL.md"),
+                    "Claude Code loads a skill from its SKILL.md: add one with YAML front matter \
+                     (`name`, `description`) followed by the instructions",
+                ),
+                "no SKILL.md here",
+            );
+            continue;
+        }
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if let Some(first) = skill_names.insert(name.clone(), i) {
+            let first_span = cx.span(file, &base.clone().key("skills").index(first), Want::Value);
+            let d = diag(
+                "bottle::duplicate-skill",
+                format!("{what} has two skills named `{name}`"),
+                "each skill is copied to ~/.claude/skills/<directory name>/: \
+                 rename one of the directories or remove one",
+            )
+            .span(cx.sources, file, first_span, "first skill");
+            cx.report(file, &path, Want::Value, d, "same directory name");
+            continue;
+        }
+        skills.push(dir);
+    }
+
+    let prompt = prompt?;
+    (cx.found.len() == before).then(|| Agent {
+        name: d.name.clone(),
+        spec: spec.clone(),
+        file,
+        prompt,
+        skills,
+    })
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Expect {
+    File,
+    Dir,
+    Any,
+}
+
+/// Resolve a path that is copied into the guest: relative to the manifest
+/// naming it, and inside the manifests directory as written and after
+/// symlinks. Returns the absolute path as written (symlinks kept, so a
+/// linked skill keeps its name).
+fn resolve_inside(
+    cx: &mut Cx,
+    file: FileId,
+    path: &KeyPath,
+    raw: &str,
+    what: &str,
+    expect: Expect,
+    extra_help: Option<String>,
+) -> Option<PathBuf> {
+    if raw.trim().is_empty() {
+        cx.report(
+            file,
+            path,
+            Want::Value,
+            diag(
+                "bottle::empty-path",
+                format!("{what} path is empty"),
+                format!("name the {what} relative to this manifest"),
+            ),
+            "empty path",
+        );
+        return None;
+    }
+    let base = cx.sources.path(file).parent().unwrap_or(cx.root).to_owned();
+    let lexical = normalize(&base.join(raw));
+    if !lexical.starts_with(cx.root) {
+        cx.report(
+            file,
+            path,
+            Want::Value,
+            diag(
+                "bottle::path-escapes",
+                format!("{what} `{raw}` is outside the manifests directory"),
+                "bottle copies it into the guest, so it must live under the manifests \
+                 directory: move it there and name it relative to this file",
+            ),
+            "leads outside the manifests directory",
+        );
+        return None;
+    }
+    let Some(info) = cx.stat(&lexical) else {
+        let help = extra_help.unwrap_or_else(|| match similar(cx, &lexical, raw) {
+            Some(s) => format!("did you mean `{s}`?"),
+            None => "create it, or fix the path (relative to this file)".to_owned(),
+        });
+        cx.report(
+            file,
+            path,
+            Want::Value,
+            diag(
+                "bottle::missing-path",
+                format!("{what} `{raw}` does not exist"),
+                help,
+            ),
+            "not found",
+        );
+        return None;
+    };
+    if !info.canonical.starts_with(cx.root) {
+        cx.report(
+            file,
+            path,
+            Want::Value,
+            diag(
+                "bottle::path-escapes",
+                format!("{what} `{raw}` leads outside the manifests directory through a symlink"),
+                "bottle copies it into the guest, so it must live under the manifests \
+                 directory: replace the symlink with the real file or directory",
+            ),
+            "symlink to a path outside the manifests directory",
+        );
+        return None;
+    }
+    let kind_problem = match expect {
+        Expect::File if !info.is_file => Some("is not a file"),
+        Expect::Dir if !info.is_dir => Some("is not a directory"),
+        Expect::Any if !info.is_file && !info.is_dir => Some("is not a file or directory"),
+        _ => None,
+    };
+    if let Some(problem) = kind_problem {
+        cx.report(
+            file,
+            path,
+            Want::Value,
+            diag(
+                "bottle::wrong-path-kind",
+                format!("{what} `{raw}` {problem}"),
+                match expect {
+                    Expect::Dir => "name a directory (relative to this file)",
+                    _ => "name a regular file (relative to this file)",
+                },
+            ),
+            problem,
+        );
+        return None;
+    }
+    Some(lexical)
+}
+
+/// A sibling of a missing path with a close name, as the user would write
+/// it. Only runs when a path is missing, so listing the directory is fine.
+fn similar(cx: &Cx, missing: &Path, raw: &str) -> Option<String> {
+    let parent = missing.parent()?;
+    let name = missing.file_name()?.to_string_lossy().into_owned();
+    if !parent.starts_with(cx.root) {
+        return None;
+    }
+    let entries: Vec<String> = std::fs::read_dir(parent)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    let best = suggest(&name, entries.iter().map(String::as_str))?;
+    let prefix = raw.trim_end_matches('/');
+    let prefix = &prefix[..prefix.len() - prefix.rsplit('/').next()?.len()];
+    Some(format!("{prefix}{best}"))
+}
+
+/// A host path (volume or image): `~/` expanded, relative to the manifest.
+fn host_path(cx: &Cx, file: FileId, raw: &str) -> Result<PathBuf, String> {
+    let base = cx.sources.path(file).parent().unwrap_or(cx.root);
+    let expanded = if raw == "~" || raw.starts_with("~/") {
+        let home = std::env::var_os("HOME").ok_or_else(|| {
+            "`~` needs $HOME, which is not set: write the absolute path".to_owned()
+        })?;
+        PathBuf::from(home).join(raw.trim_start_matches('~').trim_start_matches('/'))
+    } else if raw.starts_with('~') {
+        return Err("only `~/` (your home) is expanded: write the absolute path".to_owned());
+    } else {
+        base.join(raw)
+    };
+    Ok(normalize(&expanded))
+}
+
+/// `..` and `.` resolved lexically (symlinks are checked separately).
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Reads the CA file and checks it is PEM certificates only.
+fn check_cert(cx: &mut Cx, file: FileId, path: &KeyPath, raw: &str, cert: &Path) -> bool {
+    let bytes = match std::fs::metadata(cert) {
+        Ok(meta) if meta.len() > MAX_CERT_BYTES => Err("is larger than 1 MiB".to_owned()),
+        _ => std::fs::read(cert).map_err(|e| format!("cannot be read: {e}")),
+    };
+    let problem = match bytes {
+        Err(problem) => Some((problem, "give a PEM certificate file".to_owned())),
+        Ok(bytes) => match check_pem(&bytes) {
+            Ok(_) => None,
+            Err(PemProblem::PrivateKey) => {
+                cx.report(
+                    file,
+                    path,
+                    Want::Value,
+                    diag(
+                        "bottle::ca-private-key",
+                        format!("CA certificate `{raw}` contains a private key"),
+                        "only the certificate goes into the guest: extract it \
+                         (`openssl x509 -in FILE -out ca.pem`) and keep the key off this \
+                         directory; if the key was committed, replace the CA",
+                    ),
+                    "holds a private key",
+                );
+                return false;
+            }
+            Err(PemProblem::Malformed(problem)) => Some((
+                problem,
+                "give the CA's certificate in PEM form: `-----BEGIN CERTIFICATE-----`, \
+                 base64 DER, `-----END CERTIFICATE-----` (convert a DER file with \
+                 `openssl x509 -inform der -in ca.der -out ca.pem`)"
+                    .to_owned(),
+            )),
+        },
+    };
+    match problem {
+        None => true,
+        Some((problem, help)) => {
+            cx.report(
+                file,
+                path,
+                Want::Value,
+                diag(
+                    "bottle::invalid-cert",
+                    format!("CA certificate `{raw}` is not a PEM certificate"),
+                    help,
+                ),
+                format!("this file {problem}"),
+            );
+            false
+        }
+    }
+}
+
+#[derive(Debug, PartialEq)]
+pub enum PemProblem {
+    PrivateKey,
+    /// Phrased to follow "it ...".
+    Malformed(String),
+}
+
+/// Checks that `bytes` holds one or more well-formed PEM certificates and
+/// nothing else that matters; returns how many.
+pub fn check_pem(bytes: &[u8]) -> Result<usize, PemProblem> {
+    let bad = |s: &str| Err(PemProblem::Malformed(s.to_owned()));
+    let Ok(text) = std::str::from_utf8(bytes) else {
+        return bad("is not text (a DER file?)");
+    };
+    if text.contains("PRIVATE KEY-----") {
+        return Err(PemProblem::PrivateKey);
+    }
+    let mut count = 0;
+    let mut body: Option<String> = None;
+    let mut other = None;
+    for line in text.lines().map(str::trim) {
+        match (&mut body, line) {
+            (None, "-----BEGIN CERTIFICATE-----") => body = Some(String::new()),
+            (None, l) if l.starts_with("-----BEGIN ") => {
+                other.get_or_insert_with(|| {
+                    l.trim_matches('-').trim_start_matches("BEGIN ").to_owned()
+                });
+            }
+            (None, _) => {}
+            (Some(b), "-----END CERTIFICATE-----") => {
+                let der = match base64_decode(b) {
+                    Some(der) if !der.is_empty() => der,
+                    _ => return bad("has a certificate block that is not valid base64"),
+                };
+                // Every X.509 certificate is a DER SEQUENCE.
+                if der[0] != 0x30 || der.len() < 64 {
+                    return bad("has a certificate block that does not hold a DER certificate");
+                }
+                count += 1;
+                body = None;
+            }
+            (Some(_), l) if l.starts_with("-----") => {
+                return bad("has a certificate block without its -----END CERTIFICATE----- line");
+            }
+            (Some(b), l) => b.push_str(l),
+        }
+    }
+    if body.is_some() {
+        return bad("has a certificate block without its -----END CERTIFICATE----- line");
+    }
+    match (count, other) {
+        (0, Some(kind)) => Err(PemProblem::Malformed(format!(
+            "holds a `{kind}` block, not a certificate"
+        ))),
+        (0, None) => bad("has no -----BEGIN CERTIFICATE----- block"),
+        (n, _) => Ok(n),
+    }
+}
+
+/// Strict standard base64 (with padding); `None` if malformed.
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    fn val(c: u8) -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    }
+    let bytes = s.as_bytes();
+    if !bytes.len().is_multiple_of(4) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(bytes.len() / 4 * 3);
+    let chunks = bytes.len() / 4;
+    for (i, chunk) in bytes.chunks(4).enumerate() {
+        let pad = chunk.iter().rev().take_while(|&&c| c == b'=').count();
+        if pad > 2 || (pad > 0 && i + 1 != chunks) {
+            return None;
+        }
+        let mut n = 0u32;
+        for &c in &chunk[..4 - pad] {
+            n = (n << 6) | val(c)?;
+        }
+        n <<= 6 * pad as u32;
+        let decoded = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
+        out.extend_from_slice(&decoded[..3 - pad]);
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_is_strict() {
+        assert_eq!(base64_decode("aGVsbG8=").unwrap(), b"hello");
+        assert_eq!(base64_decode("aGk=").unwrap(), b"hi");
+        assert_eq!(base64_decode("YWJj").unwrap(), b"abc");
+        assert!(base64_decode("aGVsbG8").is_none());
+        assert!(base64_decode("aG=sbG8=").is_none());
+        assert!(base64_decode("a$Vs").is_none());
+    }
+
+    fn pem(body: &str) -> String {
+        format!("-----BEGIN CERTIFICATE-----\n{body}\n-----END CERTIFICATE-----\n")
+    }
+
+    #[test]
+    fn pem_needs_a_der_certificate_block() {
+        // A DER SEQUENCE header followed by filler: well-formed enough.
+        let mut der = vec![0x30, 0x82, 0x01, 0x00];
+        der.resize(80, 7);
+        let body = encode(&der);
+        assert_eq!(check_pem(pem(&body).as_bytes()), Ok(1));
+        assert_eq!(
+            check_pem(format!("{}{}", pem(&body), pem(&body)).as_bytes()),
+            Ok(2)
+        );
+        assert!(matches!(
+            check_pem(pem("not base64!").as_bytes()),
+            Err(PemProblem::Malformed(_))
+        ));
+        assert!(matches!(
+            check_pem(pem("aGVsbG8=").as_bytes()),
+            Err(PemProblem::Malformed(_))
+        ));
+        assert!(matches!(check_pem(b"hello"), Err(PemProblem::Malformed(_))));
+        let truncated = format!("-----BEGIN CERTIFICATE-----\n{body}\n");
+        assert!(matches!(
+            check_pem(truncated.as_bytes()),
+            Err(PemProblem::Malformed(_))
+        ));
+        // Split so secret scanners do not take this test for a leaked key.
+        let key = concat!(
+            "-----BEGIN PRIVATE",
+            " KEY-----\nAAAA\n-----END PRIVATE",
+            " KEY-----\n"
+        );
+        assert_eq!(check_pem(key.as_bytes()), Err(PemProblem::PrivateKey));
+        let public = "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n";
+        assert_eq!(
+            check_pem(public.as_bytes()),
+            Err(PemProblem::Malformed(
+                "holds a `PUBLIC KEY` block, not a certificate".into()
+            ))
+        );
+    }
+
+    fn encode(bytes: &[u8]) -> String {
+        const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let n = chunk
+                .iter()
+                .enumerate()
+                .fold(0u32, |n, (i, &b)| n | (b as u32) << (16 - 8 * i));
+            for i in 0..4 {
+                if i <= chunk.len() {
+                    out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn hosts() {
+        for ok in [
+            "api.anthropic.com",
+            "github.com",
+            "localhost",
+            "a-b.example",
+        ] {
+            assert_eq!(check_host(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "https://github.com",
+            "10.0.0.1",
+            "*.github.com",
+            "github.com:443",
+            "bad_host.com",
+            "-a.com",
+            "a..b",
+            "",
+        ] {
+            assert!(check_host(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            check_host("https://github.com/acme").unwrap_err().1,
+            "write only the host name: `github.com`"
+        );
+    }
+
+    #[test]
+    fn cidrs() {
+        for ok in [
+            "10.8.0.0/16",
+            "0.0.0.0/0",
+            "192.168.1.7/32",
+            "fd00::/8",
+            "::1/128",
+        ] {
+            assert_eq!(check_cidr(ok), Ok(()), "{ok}");
+        }
+        assert_eq!(
+            check_cidr("10.8.1.0/16").unwrap_err().1,
+            "did you mean `10.8.0.0/16`?"
+        );
+        assert!(
+            check_cidr("10.8.0.0")
+                .unwrap_err()
+                .1
+                .contains("10.8.0.0/32")
+        );
+        for bad in ["10.8.0.0/33", "10.8.0/16", "fd00::/129", "10.8.0.0/x", "/8"] {
+            assert!(check_cidr(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn urls() {
+        for ok in [
+            "http://10.8.0.2:9418",
+            "https://git.example.com/base",
+            "http://[fd00::2]:9100/",
+            "http://localhost",
+        ] {
+            assert_eq!(check_http_url(ok, true), Ok(()), "{ok}");
+        }
+        for bad in [
+            "ftp://x",
+            "10.8.0.2:9418",
+            "http://",
+            "http://user:pw@host/",
+            "http://host:99999",
+            "http://ho st",
+            "http://host/?q=1",
+        ] {
+            assert!(check_http_url(bad, true).is_err(), "{bad}");
+        }
+        assert_eq!(check_http_url("http://host/mcp?x=1", false), Ok(()));
+    }
+
+    #[test]
+    fn finds_passwords_in_urls() {
+        let url = "https://user:pw@host:1/x@y";
+        assert_eq!(url_password(url).map(|r| &url[r]), Some("pw"));
+        assert_eq!(url_password("ssh://git@github.com/a.git"), None);
+        assert_eq!(url_password("git@github.com:acme/app.git"), None);
+        assert_eq!(url_password("http://host/a:b@c"), None);
+    }
+
+    #[test]
+    fn repo_names() {
+        for ok in ["app", "my.repo", "a_b-c"] {
+            assert_eq!(check_repo_name(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", ".hidden", "-x", "a/b", "a..b", "has space"] {
+            assert!(check_repo_name(bad).is_err(), "{bad}");
+        }
+        assert!(check_repo_name("app.git").unwrap_err().1.contains("`app`"));
+    }
+
+    #[test]
+    fn env_names_and_secret_shapes() {
+        assert!(is_env_name("GITHUB_TOKEN") && is_env_name("_x1"));
+        assert!(!is_env_name("1X") && !is_env_name("A-B") && !is_env_name(""));
+        assert!(secret_shaped("GITHUB_TOKEN") && secret_shaped("ANTHROPIC_API_KEY"));
+        assert!(!secret_shaped("TOKEN_URL") && !secret_shaped("GIT_AUTHOR_NAME"));
+    }
+
+    #[test]
+    fn normalizes_lexically() {
+        assert_eq!(normalize(Path::new("/a/b/../c/./d")), Path::new("/a/c/d"));
+        assert_eq!(normalize(Path::new("/a/../../etc")), Path::new("/etc"));
+    }
+}
