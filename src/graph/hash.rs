@@ -46,7 +46,7 @@
 //!
 //! | field | inputs |
 //! | --- | --- |
-//! | `image` | `host` (no image, or `"host"`); `oci`, the reference as written; `rootfs-dir` or `archive`, the path relative to the manifests directory (the content of a local image is not hashed: give a changed image a new name to roll it out) |
+//! | `image` | `host` (no image, or `"host"`); `oci`, the reference as written; `rootfs-dir` or `archive`, then the path: relative to the manifests directory when inside it, else absolute (`~/images/...`). The content of a local image is not hashed: give a changed image a new name to roll it out |
 //! | `egress` | whether the `egress` table is present (absent: no network at all) |
 //! | `egress.allow_hosts` | the hosts, sorted, duplicates removed |
 //! | `egress.allow_cidrs` | the CIDRs, sorted, duplicates removed |
