@@ -260,6 +260,17 @@ fn nothing_leaks_between_machines_or_to_the_host() {
     );
     assert!(out.stdout.is_empty());
     assert_ne!(out.status, 0);
+    // Nor change host-wide kernel settings (writing the current value back
+    // is harmless if this ever regresses).
+    let out = f.sh(
+        &a,
+        "cat /proc/sys/vm/swappiness > /tmp/v && cat /tmp/v > /proc/sys/vm/swappiness",
+    );
+    assert_ne!(out.status, 0, "/proc/sys is writable");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Read-only"),
+        "{out:?}"
+    );
     // The guest's root cannot mount or make device nodes.
     let out = f.sh(&a, "mount -t tmpfs none /mnt");
     assert_ne!(out.status, 0);
@@ -816,5 +827,117 @@ fn rootfs_image_provides_system_and_etc() {
     assert!(matches!(
         kind(f.rt.create(&spec).unwrap_err()),
         RuntimeErrorKind::Unsupported(msg) if msg.contains("rootfs")
+    ));
+}
+
+#[test]
+fn concurrent_creates_and_execs() {
+    let f = Fixture::new();
+    // Of several creates of one name, exactly one wins.
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| f.rt.create(&Fixture::spec("race"))))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(results.iter().filter(|r| r.is_ok()).count(), 1);
+    for r in results.into_iter().filter_map(Result::err) {
+        assert!(matches!(r.kind, RuntimeErrorKind::AlreadyExists), "{r:?}");
+    }
+    f.rt.start("race").unwrap();
+    // Execs from many threads at once, as the reconciler's pool does.
+    std::thread::scope(|s| {
+        for t in 0..8 {
+            let f = &f;
+            s.spawn(move || {
+                for i in 0..15 {
+                    let out = f.ok("race", &format!("echo {t}-{i}"));
+                    assert_eq!(out, format!("{t}-{i}\n"));
+                }
+            });
+        }
+    });
+    // Concurrent starts and stops leave a consistent state.
+    f.rt.stop("race").unwrap();
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| f.rt.start("race").unwrap());
+        }
+    });
+    assert_eq!(f.state("race"), MachineState::Running);
+    // One sandbox, not four: bwrap's outer process and the init, for this
+    // machine's root.
+    let root = f.rt.machine_dir("race").join("root");
+    let root = root.to_string_lossy();
+    let sandboxes = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            cmdline.contains("bwrap") && cmdline.contains(&*root)
+        })
+        .count();
+    assert_eq!(sandboxes, 2);
+    assert_eq!(f.rt.list().unwrap().len(), 1);
+}
+
+#[test]
+fn volume_mount_points_do_not_follow_guest_symlinks() {
+    let f = Fixture::new();
+    let m = f.up(Fixture::spec("volsym"));
+    let outside = tempfile::tempdir().unwrap();
+    let volume = tempfile::tempdir().unwrap();
+    // The guest turns /workspace into a link to a host directory, hoping
+    // the next start creates and mounts there.
+    f.ok(
+        &m,
+        &format!(
+            "rm -rf /workspace && ln -s {} /workspace",
+            outside.path().display()
+        ),
+    );
+    f.rt.stop(&m).unwrap();
+    let update = MachineUpdate {
+        add_volumes: vec![VolumeMount {
+            host: volume.path().to_owned(),
+            guest: "/workspace/vol".to_owned(),
+            read_only: false,
+        }],
+        ..MachineUpdate::default()
+    };
+    f.rt.update(&m, &update).unwrap();
+    match kind(f.rt.start(&m).unwrap_err()) {
+        RuntimeErrorKind::Unsupported(msg) => assert!(msg.contains("symlink"), "{msg}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(!outside.path().join("vol").exists());
+    assert_eq!(f.state(&m), MachineState::Stopped);
+    // System links the guest broke are put back at start.
+    let update = MachineUpdate {
+        remove_volumes: update.add_volumes.clone(),
+        ..MachineUpdate::default()
+    };
+    f.rt.update(&m, &update).unwrap();
+    f.rt.start(&m).unwrap();
+    if let Ok(link) = std::fs::read_link("/bin") {
+        f.ok(&m, "rm /bin && mkdir /bin");
+        f.rt.stop(&m).unwrap();
+        f.rt.start(&m).unwrap();
+        assert_eq!(f.ok(&m, "readlink /bin").trim_end(), link.to_str().unwrap());
+    }
+    // Volumes on system directories are refused up front.
+    let update = MachineUpdate {
+        add_volumes: vec![VolumeMount {
+            host: volume.path().to_owned(),
+            guest: "/usr/lib/x".to_owned(),
+            read_only: true,
+        }],
+        ..MachineUpdate::default()
+    };
+    f.rt.stop(&m).unwrap();
+    assert!(matches!(
+        kind(f.rt.update(&m, &update).unwrap_err()),
+        RuntimeErrorKind::Unsupported(msg) if msg.contains("system directory")
     ));
 }

@@ -460,6 +460,13 @@ impl LocalRuntime {
         if request.argv.is_empty() {
             return Err(unsupported(op, name, "no command given".to_owned()));
         }
+        if let Some(k) = request.env.keys().find(|k| !valid_env_name(k)) {
+            return Err(unsupported(
+                op,
+                name,
+                format!("environment variable name `{k}` is not valid"),
+            ));
+        }
         let (record, target) = self.target(op, name)?;
         let prepared = self.prepare(op, &record, &target, request, stdin)?;
         let command = exec::display_argv(&prepared.argv);
@@ -553,6 +560,11 @@ fn now_unix() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or_default()
+}
+
+/// A name the environment can hold (`NAME=value`).
+fn valid_env_name(s: &str) -> bool {
+    !s.is_empty() && !s.contains(['=', '\0'])
 }
 
 fn is_identifier(s: &str) -> bool {
@@ -752,7 +764,7 @@ impl Runtime for LocalRuntime {
                 _ => {}
             }
         }
-        if let Some(k) = spec.env.keys().find(|k| k.is_empty() || k.contains('=')) {
+        if let Some(k) = spec.env.keys().find(|k| !valid_env_name(k)) {
             return Err(unsupported(
                 OP,
                 name,
@@ -877,6 +889,7 @@ impl Runtime for LocalRuntime {
                     stderr,
                 },
             ),
+            sandbox::LaunchError::Volume(message) => unsupported(OP, name, message),
             sandbox::LaunchError::Timeout => RuntimeError::new(
                 OP,
                 name,
@@ -935,11 +948,7 @@ impl Runtime for LocalRuntime {
             ));
         }
         Self::check_volumes(OP, name, &update.add_volumes)?;
-        if let Some(k) = update
-            .set_env
-            .keys()
-            .find(|k| k.is_empty() || k.contains('='))
-        {
+        if let Some(k) = update.set_env.keys().find(|k| !valid_env_name(k)) {
             return Err(unsupported(
                 OP,
                 name,

@@ -71,6 +71,8 @@ pub enum LaunchError {
     Spawn(io::Error),
     /// bwrap failed; its message from the log.
     Failed(String),
+    /// A volume cannot be mounted; what to fix.
+    Volume(String),
     Timeout,
     Io(io::Error),
 }
@@ -84,6 +86,15 @@ impl From<io::Error> for LaunchError {
 /// The command the sandbox runs: report readiness, then hold the
 /// namespaces open.
 const INIT_SCRIPT: &str = "echo ready && exec sleep infinity >/dev/null";
+
+/// Parts of `/proc` that act on the whole host, bound read-only.
+const PROC_READ_ONLY: [&str; 5] = [
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+    "/proc/irq",
+    "/proc/bus",
+    "/proc/fs",
+];
 
 /// bwrap's arguments, after `--info-fd N`.
 pub fn bwrap_args(spec: &LaunchSpec<'_>, entries: &[(&str, SystemEntry)]) -> Vec<OsString> {
@@ -114,15 +125,14 @@ pub fn bwrap_args(spec: &LaunchSpec<'_>, entries: &[(&str, SystemEntry)]) -> Vec
         }
     }
     push(&[&"--bind", &spec.root.join("usr/local"), &"/usr/local"]);
-    push(&[
-        &"--proc",
-        &"/proc",
-        &"--dev",
-        &"/dev",
-        &"--ro-bind",
-        &"/sys",
-        &"/sys",
-    ]);
+    push(&[&"--proc", &"/proc"]);
+    // Host-wide kernel settings (`/proc/sys/kernel/core_pattern` runs a
+    // host program as root) and triggers: read-only, whether or not bwrap
+    // managed to cover them itself.
+    for dir in PROC_READ_ONLY {
+        push(&[&"--ro-bind-try", &dir, &dir]);
+    }
+    push(&[&"--dev", &"/dev", &"--ro-bind", &"/sys", &"/sys"]);
     push(&[
         &"--tmpfs",
         &"/run",
@@ -144,7 +154,7 @@ pub fn launch(spec: &LaunchSpec<'_>) -> Result<InitProcess, LaunchError> {
     let entries = system_entries(spec.sys_root)?;
     prepare_mount_points(spec.root, &entries)?;
     for (host, guest, _) in spec.volumes {
-        prepare_volume_point(spec.root, host, guest).map_err(LaunchError::Failed)?;
+        prepare_volume_point(spec.root, host, guest).map_err(LaunchError::Volume)?;
     }
 
     let (mut info_r, info_w) = io::pipe()?;
