@@ -23,6 +23,21 @@
 //!
 //! Needs root (to mount and to enter namespaces), `bwrap`, and util-linux's
 //! `setsid` (and `nsenter` for interactive sessions).
+//!
+//! What a VM would give and this runtime does not:
+//!
+//! - no CPU or memory limits: `cpus` and `memory_mib` are recorded and
+//!   reported only;
+//! - no egress filtering: a machine has no network at all, or the host's;
+//! - `/usr` is read-only (no `apt-get install`; install under `/usr/local`,
+//!   `/opt` or a home directory), and bwrap mounts everything `nosuid`, so
+//!   set-uid programs (`sudo`) do not raise a user's privileges;
+//! - the guest's root is the host's uid 0 with a reduced capability set,
+//!   without a user namespace or a seccomp filter: it is confined by the
+//!   mount, pid, ipc, uts and net namespaces and the dropped capabilities,
+//!   but shares, say, uid 0's kernel keyrings;
+//! - an interactive session uses the caller's terminal directly, not a
+//!   pseudo-terminal of its own.
 
 mod accounts;
 mod exec;
@@ -177,7 +192,7 @@ impl From<&Egress> for RecordedEgress {
 impl MachineRecord {
     /// The init's pid while running.
     pub fn pid(&self) -> Option<u32> {
-        self.init.map(|i| i.pid)
+        self.init.as_ref().map(|i| i.pid)
     }
 
     pub fn volume_mounts(&self) -> Vec<VolumeMount> {
@@ -202,7 +217,7 @@ impl MachineRecord {
 
     /// The record with its state probed from the recorded init.
     fn probed(mut self) -> Self {
-        let alive = self.init.is_some_and(|i| i.is_alive());
+        let alive = self.init.as_ref().is_some_and(|i| i.is_alive());
         if self.state == MachineState::Running && !alive {
             self.state = MachineState::Stopped;
         }
@@ -289,15 +304,21 @@ impl LocalRuntime {
         let Ok(entries) = fs::read_dir(&self.state_dir) else {
             return;
         };
+        // Only old leftovers: a young one may belong to a create or delete
+        // still running in another process. The ctime of a renamed
+        // directory is the time of the rename.
+        let older_than = |entry: &fs::DirEntry, secs: i64| {
+            use std::os::unix::fs::MetadataExt;
+            entry
+                .metadata()
+                .is_ok_and(|m| now_unix() as i64 - m.ctime() > secs)
+        };
         for entry in entries.flatten() {
             let name = entry.file_name();
             let name = name.to_string_lossy();
-            let stale_staging = name.starts_with(".staging-")
-                && entry
-                    .metadata()
-                    .and_then(|m| m.modified())
-                    .is_ok_and(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(3600));
-            if name.starts_with(".trash-") || stale_staging {
+            if (name.starts_with(".trash-") && older_than(&entry, 600))
+                || (name.starts_with(".staging-") && older_than(&entry, 3600))
+            {
                 let _ = fs::remove_dir_all(entry.path());
             }
         }
@@ -386,8 +407,9 @@ impl LocalRuntime {
         let record = self.load(op, name)?;
         let target = record
             .init
+            .as_ref()
             .filter(|_| record.state == MachineState::Running)
-            .and_then(|init| exec::Target::open(&init));
+            .and_then(exec::Target::open);
         match target {
             Some(t) => Ok((record, t)),
             None => Err(RuntimeError::new(op, name, RuntimeErrorKind::NotRunning)),
@@ -486,7 +508,7 @@ impl LocalRuntime {
             )),
             Err(exec::RunError::Spawn(source)) => {
                 // The init may have died between the check and the spawn.
-                if !record.init.is_some_and(|i| i.is_alive()) {
+                if !record.init.as_ref().is_some_and(|i| i.is_alive()) {
                     return Err(RuntimeError::new(op, name, RuntimeErrorKind::NotRunning));
                 }
                 Err(RuntimeError::new(
@@ -903,7 +925,7 @@ impl Runtime for LocalRuntime {
             }
         })?;
         record.state = MachineState::Running;
-        record.init = Some(init);
+        record.init = Some(init.clone());
         if let Err(e) = self.save(OP, &record) {
             let _ = sandbox::kill(&init, STOP_TIMEOUT);
             return Err(e);
@@ -914,8 +936,8 @@ impl Runtime for LocalRuntime {
     fn stop(&self, name: &str) -> Result<(), RuntimeError> {
         const OP: &str = "stop";
         let (_lock, record) = self.lock(OP, name)?;
-        if let Some(init) = record.init {
-            sandbox::kill(&init, STOP_TIMEOUT).map_err(|source| {
+        if let Some(init) = &record.init {
+            sandbox::kill(init, STOP_TIMEOUT).map_err(|source| {
                 io_err(
                     OP,
                     name,
@@ -935,6 +957,9 @@ impl Runtime for LocalRuntime {
         Ok(())
     }
 
+    /// Like smolvm, only on a machine that is not running. CPU and memory
+    /// are recorded, not enforced; environment and volumes apply from the
+    /// next start (the environment from the next exec, in fact).
     fn update(&self, name: &str, update: &MachineUpdate) -> Result<(), RuntimeError> {
         const OP: &str = "update";
         let (_lock, record) = self.lock(OP, name)?;
@@ -985,8 +1010,8 @@ impl Runtime for LocalRuntime {
     fn delete(&self, name: &str) -> Result<(), RuntimeError> {
         const OP: &str = "delete";
         let (lock, record) = self.lock(OP, name)?;
-        if let Some(init) = record.init {
-            sandbox::kill(&init, STOP_TIMEOUT).map_err(|source| {
+        if let Some(init) = &record.init {
+            sandbox::kill(init, STOP_TIMEOUT).map_err(|source| {
                 io_err(
                     OP,
                     name,

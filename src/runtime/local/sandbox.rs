@@ -23,20 +23,35 @@ use serde::{Deserialize, Serialize};
 use super::seed::{SystemEntry, VIRTUAL_DIRS, make_dir, system_entries};
 
 /// The init process of a running machine, as recorded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InitProcess {
     pub pid: u32,
     /// Field 22 of `/proc/PID/stat` (clock ticks since boot): tells the
     /// init apart from a later process that reused its pid.
     pub start_time: u64,
+    /// The kernel's boot id when the init started: after a reboot a pid and
+    /// a start time can both repeat.
+    pub boot_id: String,
 }
 
 impl InitProcess {
     /// Whether the recorded init is still running.
     pub fn is_alive(&self) -> bool {
-        proc_stat(self.pid)
-            .is_some_and(|(state, start)| start == self.start_time && state != 'Z' && state != 'X')
+        self.boot_id == boot_id()
+            && proc_stat(self.pid).is_some_and(|(state, start)| {
+                start == self.start_time && state != 'Z' && state != 'X'
+            })
     }
+}
+
+/// This boot's id (`/proc/sys/kernel/random/boot_id`).
+pub fn boot_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default()
+    })
 }
 
 /// State letter and start time of a process, from `/proc/PID/stat`.
@@ -201,8 +216,13 @@ pub fn launch(spec: &LaunchSpec<'_>) -> Result<InitProcess, LaunchError> {
         Some(_) => read_until(&mut ready_r, deadline, |buf| buf.contains(&b'\n'))?,
         None => Vec::new(),
     };
-    let init =
-        pid.and_then(|pid| proc_stat(pid).map(|(_, start_time)| InitProcess { pid, start_time }));
+    let init = pid.and_then(|pid| {
+        proc_stat(pid).map(|(_, start_time)| InitProcess {
+            pid,
+            start_time,
+            boot_id: boot_id().to_owned(),
+        })
+    });
     match init {
         Some(init) if ready.starts_with(b"ready\n") => Ok(init),
         _ => {
@@ -433,6 +453,28 @@ mod tests {
         let (state, start) = proc_stat(std::process::id()).unwrap();
         assert!(state == 'R' || state == 'S', "{state}");
         assert!(start > 0);
+    }
+
+    #[test]
+    fn liveness_needs_pid_start_time_and_boot() {
+        let pid = std::process::id();
+        let (_, start_time) = proc_stat(pid).unwrap();
+        let me = InitProcess {
+            pid,
+            start_time,
+            boot_id: boot_id().to_owned(),
+        };
+        assert!(me.is_alive());
+        let reused = InitProcess {
+            start_time: start_time + 1,
+            ..me.clone()
+        };
+        assert!(!reused.is_alive());
+        let rebooted = InitProcess {
+            boot_id: "another-boot".to_owned(),
+            ..me
+        };
+        assert!(!rebooted.is_alive());
     }
 
     #[test]
