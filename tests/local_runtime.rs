@@ -941,3 +941,26 @@ fn volume_mount_points_do_not_follow_guest_symlinks() {
         RuntimeErrorKind::Unsupported(msg) if msg.contains("system directory")
     ));
 }
+
+#[test]
+fn no_fd_of_the_host_process_reaches_the_guest() {
+    // A directory fd opened without O_CLOEXEC would lead out of the chroot.
+    let leak = rustix::fs::open(
+        "/",
+        rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::RDONLY,
+        rustix::fs::Mode::empty(),
+    )
+    .unwrap();
+    let f = Fixture::new();
+    let m = f.up(Fixture::spec("fds"));
+    // In an exec'd command: stdin, stdout, stderr and the one `ls` opens.
+    let fds = f.ok(&m, "ls /proc/self/fd");
+    assert_eq!(fds, "0\n1\n2\n3\n", "{fds}");
+    // In the sandbox's own processes: no host directory.
+    let links = f.ok(
+        &m,
+        "for p in /proc/[0-9]*; do ls -l $p/fd/ 2>/dev/null; done",
+    );
+    assert!(!links.contains("-> /\n"), "{links}");
+    drop(leak);
+}

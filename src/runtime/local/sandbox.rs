@@ -190,10 +190,12 @@ pub fn launch(spec: &LaunchSpec<'_>) -> Result<InitProcess, LaunchError> {
         .stdin(Stdio::null())
         .stdout(Stdio::from(ready_w))
         .stderr(Stdio::from(log));
-    // SAFETY: fcntl on an fd number known before the fork; nothing else.
+    // SAFETY: fcntl and close_range on fd numbers known before the fork;
+    // nothing else.
     unsafe {
         cmd.pre_exec(move || {
             // Let the info pipe cross exec; every other fd stays close-on-exec.
+            super::exec::cloexec_from(3, Some(info_fd as u32))?;
             let fd = std::os::fd::BorrowedFd::borrow_raw(info_fd);
             rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
             Ok(())
