@@ -76,7 +76,17 @@ mod tests {
 
     #[test]
     fn rejects_names_smolvm_or_the_mapping_would_reject() {
-        for name in ["", "Dev", "1abc", "-a", "a-", "a--b", "a_b", "a.b", &"a".repeat(49)] {
+        for name in [
+            "",
+            "Dev",
+            "1abc",
+            "-a",
+            "a-",
+            "a--b",
+            "a_b",
+            "a.b",
+            &"a".repeat(49),
+        ] {
             assert!(check_name(name).is_err(), "{name:?} should be rejected");
         }
     }

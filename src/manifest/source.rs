@@ -133,9 +133,8 @@ fn lookup(text: &str, path: &KeyPath, want: Want) -> Option<SourceSpan> {
         fn child(self, key: &str) -> Option<(Option<std::ops::Range<usize>>, Node<'a>)> {
             let (k, item) = match self {
                 Node::Item(Item::Table(t)) | Node::Table(t) => t.get_key_value(key)?,
-                Node::Item(Item::Value(Value::InlineTable(t))) | Node::Value(Value::InlineTable(t)) => {
-                    t.get_key_value(key)?
-                }
+                Node::Item(Item::Value(Value::InlineTable(t)))
+                | Node::Value(Value::InlineTable(t)) => t.get_key_value(key)?,
                 _ => return None,
             };
             Some((k.span(), Node::Item(item)))
