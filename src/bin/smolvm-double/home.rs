@@ -138,12 +138,8 @@ impl Home {
         let _ = std::fs::remove_dir_all(self.data_dir(name));
     }
 
-    /// The state a test forced on a machine, if any.
-    pub fn forced_state(&self, name: &str) -> Option<String> {
-        self.forced_states().remove(name)
-    }
-
-    fn forced_states(&self) -> BTreeMap<String, String> {
+    /// The states tests forced on machines, by name.
+    pub fn forced_states(&self) -> BTreeMap<String, String> {
         std::fs::read(self.root.join("states.json"))
             .ok()
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())

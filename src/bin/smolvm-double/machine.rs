@@ -91,18 +91,22 @@ impl Double<'_> {
             .map_err(|error| Failure::backend("list machines", error))
     }
 
-    fn found(&self, info: MachineInfo) -> Result<Found, Failure> {
+    fn found(
+        &self,
+        info: MachineInfo,
+        forced: &BTreeMap<String, String>,
+    ) -> Result<Found, Failure> {
         let meta = self.home.meta(&info.name)?.unwrap_or_default();
-        let state = self
-            .home
-            .forced_state(&info.name)
+        let state = forced
+            .get(&info.name)
+            .cloned()
             .unwrap_or_else(|| info.state.as_str().to_owned());
         Ok(Found { info, meta, state })
     }
 
     fn find(&self, name: &str) -> Result<Option<Found>, Failure> {
         match self.list()?.into_iter().find(|info| info.name == name) {
-            Some(info) => self.found(info).map(Some),
+            Some(info) => self.found(info, &self.home.forced_states()).map(Some),
             None => Ok(None),
         }
     }
@@ -371,10 +375,11 @@ impl Double<'_> {
     }
 
     fn ls(&self, cmd: LsCmd, io: &mut Io<'_>) -> Verb {
+        let forced = self.home.forced_states();
         let found: Vec<Found> = self
             .list()?
             .into_iter()
-            .map(|info| self.found(info))
+            .map(|info| self.found(info, &forced))
             .collect::<Result<_, _>>()?;
         let mut records: Vec<Record<'_>> = found
             .iter()

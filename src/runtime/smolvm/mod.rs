@@ -78,7 +78,7 @@ impl SmolvmRuntime {
         let binary = match binary {
             Some(path) if path.components().count() > 1 || path.is_absolute() => {
                 if is_executable(&path) {
-                    path
+                    std::path::absolute(&path).unwrap_or(path)
                 } else {
                     return Err(SmolvmSetupError::NotExecutable { path });
                 }
