@@ -1,1 +1,0 @@
-//! The production runtime: the real `smolvm` CLI, driven through duct.

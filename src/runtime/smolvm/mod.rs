@@ -1,0 +1,349 @@
+//! The production runtime: the real `smolvm` CLI, driven through duct.
+//!
+//! Every call runs `smolvm machine ...` with stdin closed, output captured
+//! and a deadline; a call that outlives it is killed and reported as
+//! [`RuntimeErrorKind::Timeout`]. Failures are read from smolvm's
+//! `Error: <message>` line: the ones the reconciler acts on become
+//! [`NotFound`](RuntimeErrorKind::NotFound),
+//! [`AlreadyExists`](RuntimeErrorKind::AlreadyExists) and
+//! [`NotRunning`](RuntimeErrorKind::NotRunning); anything else is
+//! [`CommandFailed`](RuntimeErrorKind::CommandFailed) with the command, its
+//! status and its stderr. The exact CLI is in `smolvm-cli.md`; the argv of
+//! every call is in [`argv`].
+
+mod argv;
+mod output;
+mod process;
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use miette::Diagnostic;
+use thiserror::Error;
+
+use super::{
+    CopyOptions, ExecOutput, ExecRequest, MachineInfo, MachineSpec, MachineUpdate, Runtime,
+    RuntimeError, RuntimeErrorKind, RuntimeKind,
+};
+
+/// The `smolvm` binary could not be used.
+#[derive(Debug, Error, Diagnostic)]
+pub enum SmolvmSetupError {
+    #[error("`smolvm` was not found on PATH")]
+    #[diagnostic(
+        code(bottle::smolvm::not_found),
+        help(
+            "install smolvm (https://github.com/smol-machines/smolvm), pass its path with \
+             `--smolvm PATH` or BOTTLE_SMOLVM, or run the bottles in local sandboxes with \
+             `--runtime local`"
+        )
+    )]
+    NotOnPath,
+
+    #[error("smolvm binary `{}` does not exist or is not executable", path.display())]
+    #[diagnostic(
+        code(bottle::smolvm::not_executable),
+        help(
+            "point `--smolvm` / BOTTLE_SMOLVM at the smolvm executable, or run the bottles in \
+             local sandboxes with `--runtime local`"
+        )
+    )]
+    NotExecutable { path: PathBuf },
+}
+
+/// Drives the `smolvm` CLI.
+#[derive(Debug, Clone)]
+pub struct SmolvmRuntime {
+    binary: PathBuf,
+    call_timeout: Duration,
+    start_timeout: Duration,
+    exec_grace: Duration,
+    env: Vec<(OsString, OsString)>,
+}
+
+impl SmolvmRuntime {
+    /// Deadline of every call but `start` and `exec`.
+    pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(120);
+    /// `start` pulls the image on first boot, so it gets longer.
+    pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(900);
+    /// `exec` gets its request's timeout (which smolvm enforces in the
+    /// guest) plus this, for smolvm to connect and report.
+    pub const DEFAULT_EXEC_GRACE: Duration = Duration::from_secs(30);
+
+    /// Use `binary`, or `smolvm` found on PATH when `None`. A binary given
+    /// without a directory (`smolvm-1.9`) is also looked up on PATH.
+    pub fn new(binary: Option<PathBuf>) -> Result<Self, SmolvmSetupError> {
+        let binary = match binary {
+            Some(path) if path.components().count() > 1 || path.is_absolute() => {
+                if is_executable(&path) {
+                    std::path::absolute(&path).unwrap_or(path)
+                } else {
+                    return Err(SmolvmSetupError::NotExecutable { path });
+                }
+            }
+            Some(name) => find_on_path(name.as_os_str())
+                .ok_or(SmolvmSetupError::NotExecutable { path: name })?,
+            None => find_on_path("smolvm".as_ref()).ok_or(SmolvmSetupError::NotOnPath)?,
+        };
+        Ok(Self {
+            binary,
+            call_timeout: Self::DEFAULT_CALL_TIMEOUT,
+            start_timeout: Self::DEFAULT_START_TIMEOUT,
+            exec_grace: Self::DEFAULT_EXEC_GRACE,
+            env: Vec::new(),
+        })
+    }
+
+    pub fn binary(&self) -> &Path {
+        &self.binary
+    }
+
+    pub fn with_call_timeout(mut self, timeout: Duration) -> Self {
+        self.call_timeout = timeout;
+        self
+    }
+
+    pub fn with_start_timeout(mut self, timeout: Duration) -> Self {
+        self.start_timeout = timeout;
+        self
+    }
+
+    pub fn with_exec_grace(mut self, grace: Duration) -> Self {
+        self.exec_grace = grace;
+        self
+    }
+
+    /// Set an environment variable for every smolvm call (on top of the
+    /// inherited environment, which smolvm reads `--secret-env` values from).
+    pub fn with_env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    fn command(&self, args: &[OsString]) -> String {
+        process::display_command(&self.binary, args)
+    }
+
+    /// Run one call; its output whatever the exit status.
+    fn run(
+        &self,
+        op: &'static str,
+        machine: &str,
+        args: &[OsString],
+        timeout: Duration,
+    ) -> Result<Output, RuntimeError> {
+        process::run(&self.binary, args, &self.env, timeout)
+            .map_err(|kind| RuntimeError::new(op, machine, kind))
+    }
+
+    /// Run one call that must succeed.
+    fn run_ok(
+        &self,
+        op: &'static str,
+        machine: &str,
+        args: Vec<OsString>,
+        timeout: Duration,
+    ) -> Result<Output, RuntimeError> {
+        let output = self.run(op, machine, &args, timeout)?;
+        if output.status.success() {
+            Ok(output)
+        } else {
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            let kind =
+                output::classify(&self.command(&args), process::status_code(&output), &stderr);
+            Err(RuntimeError::new(op, machine, kind))
+        }
+    }
+}
+
+impl Runtime for SmolvmRuntime {
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Smolvm
+    }
+
+    fn list(&self) -> Result<Vec<MachineInfo>, RuntimeError> {
+        let args = argv::list();
+        let output = self.run_ok("list", "-", args.clone(), self.call_timeout)?;
+        output::parse_list(&output.stdout, &self.command(&args))
+            .map_err(|kind| RuntimeError::new("list", "-", kind))
+    }
+
+    fn create(&self, spec: &MachineSpec) -> Result<(), RuntimeError> {
+        self.run_ok("create", &spec.name, argv::create(spec), self.call_timeout)
+            .map(drop)
+    }
+
+    fn start(&self, name: &str) -> Result<(), RuntimeError> {
+        self.run_ok("start", name, argv::start(name), self.start_timeout)
+            .map(drop)
+    }
+
+    fn stop(&self, name: &str) -> Result<(), RuntimeError> {
+        // Exits 0 on a machine that is not running.
+        self.run_ok("stop", name, argv::stop(name), self.call_timeout)
+            .map(drop)
+    }
+
+    fn update(&self, name: &str, update: &MachineUpdate) -> Result<(), RuntimeError> {
+        if update.is_empty() {
+            return Ok(());
+        }
+        self.run_ok(
+            "update",
+            name,
+            argv::update(name, update),
+            self.call_timeout,
+        )
+        .map(drop)
+    }
+
+    fn delete(&self, name: &str) -> Result<(), RuntimeError> {
+        self.run_ok("delete", name, argv::delete(name), self.call_timeout)
+            .map(drop)
+    }
+
+    fn exec(&self, name: &str, request: &ExecRequest) -> Result<ExecOutput, RuntimeError> {
+        let args = argv::exec(name, request);
+        let output = self.run("exec", name, &args, request.timeout + self.exec_grace)?;
+        let status = process::status_code(&output);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        // A signal death is smolvm dying, not the command: the command's
+        // status never reached us.
+        if process::killed_by_signal(&output) || output::is_smolvm_exec_failure(status, &stderr) {
+            let kind = output::classify(&self.command(&args), status, &stderr);
+            return Err(RuntimeError::new("exec", name, kind));
+        }
+        Ok(ExecOutput {
+            status,
+            stdout: output.stdout,
+            stderr: output.stderr,
+        })
+    }
+
+    fn copy_in(
+        &self,
+        name: &str,
+        host_path: &Path,
+        guest_path: &str,
+        options: &CopyOptions,
+    ) -> Result<(), RuntimeError> {
+        check_guest_path("copy", name, guest_path)?;
+        let io = |context: String| {
+            move |source| RuntimeError::new("copy", name, RuntimeErrorKind::Io { context, source })
+        };
+        let host_path = std::path::absolute(host_path)
+            .map_err(io(format!("resolving {}", host_path.display())))?;
+        // smolvm reads `NAME:PATH` from whichever side has a colon, checking
+        // the source first: a host path with a colon is copied to one without.
+        let staged;
+        let source = if host_path.as_os_str().as_encoded_bytes().contains(&b':') {
+            staged = tempfile::NamedTempFile::new().map_err(io("staging a copy".into()))?;
+            std::fs::copy(&host_path, staged.path())
+                .map_err(io(format!("staging {}", host_path.display())))?;
+            staged.path().to_path_buf()
+        } else {
+            host_path
+        };
+        self.run_ok(
+            "copy",
+            name,
+            argv::copy_in(name, &source, guest_path, options),
+            self.call_timeout,
+        )
+        .map(drop)
+    }
+
+    fn read_file(&self, name: &str, guest_path: &str) -> Result<Vec<u8>, RuntimeError> {
+        check_guest_path("read", name, guest_path)?;
+        let io = |context: &str| {
+            let context = context.to_owned();
+            move |source| RuntimeError::new("read", name, RuntimeErrorKind::Io { context, source })
+        };
+        let dir = tempfile::tempdir().map_err(io("creating a temporary directory"))?;
+        let local = dir.path().join("file");
+        self.run_ok(
+            "read",
+            name,
+            argv::copy_out(name, guest_path, &local),
+            self.call_timeout,
+        )?;
+        std::fs::read(&local).map_err(io(&format!("reading the copy of {guest_path}")))
+    }
+
+    fn interactive_argv(&self, name: &str, request: &ExecRequest) -> Vec<String> {
+        argv::interactive(&self.binary, name, request)
+    }
+}
+
+fn check_guest_path(op: &'static str, name: &str, guest_path: &str) -> Result<(), RuntimeError> {
+    if guest_path.starts_with('/') {
+        Ok(())
+    } else {
+        Err(RuntimeError::new(
+            op,
+            name,
+            RuntimeErrorKind::Unsupported(format!("guest path `{guest_path}` is not absolute")),
+        ))
+    }
+}
+
+fn find_on_path(name: &std::ffi::OsStr) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| is_executable(candidate))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_explicit_binary_must_be_executable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("smolvm");
+        std::fs::write(&path, "#!/bin/sh\n").unwrap();
+        let error = SmolvmRuntime::new(Some(path.clone())).unwrap_err();
+        assert!(matches!(&error, SmolvmSetupError::NotExecutable { path: p } if *p == path));
+
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(
+            SmolvmRuntime::new(Some(path.clone())).unwrap().binary(),
+            path
+        );
+    }
+
+    #[test]
+    fn a_bare_name_is_looked_up_on_path() {
+        let runtime = SmolvmRuntime::new(Some("sh".into())).unwrap();
+        assert!(runtime.binary().is_absolute());
+        assert!(matches!(
+            SmolvmRuntime::new(Some("no-such-smolvm-binary".into())),
+            Err(SmolvmSetupError::NotExecutable { .. })
+        ));
+    }
+
+    #[test]
+    fn the_missing_binary_diagnostic_says_what_to_do() {
+        let help = SmolvmSetupError::NotOnPath.help().unwrap().to_string();
+        assert!(
+            help.contains("--runtime local") && help.contains("--smolvm"),
+            "{help}"
+        );
+    }
+
+    #[test]
+    fn relative_guest_paths_are_refused_before_any_call() {
+        let error = check_guest_path("copy", "a", "etc/x").unwrap_err();
+        assert!(matches!(error.kind, RuntimeErrorKind::Unsupported(_)));
+    }
+}

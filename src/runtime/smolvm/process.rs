@@ -1,0 +1,180 @@
+//! Running one `smolvm` command: through duct, with a deadline, output
+//! captured, stdin closed.
+
+use std::ffi::OsString;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::Path;
+use std::process::Output;
+use std::time::Duration;
+
+use crate::runtime::RuntimeErrorKind;
+
+/// How long a killed command gets to be reaped before we stop waiting for it.
+const REAP_GRACE: Duration = Duration::from_secs(5);
+
+/// `smolvm machine ls --json`, as shown in messages.
+pub(crate) fn display_command(binary: &Path, args: &[OsString]) -> String {
+    let program = binary
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_else(|| binary.display().to_string());
+    let mut shown = program;
+    for arg in args {
+        shown.push(' ');
+        shown.push_str(&quote(&arg.to_string_lossy()));
+    }
+    shown
+}
+
+/// Quote an argument for display only when it needs it, so messages stay
+/// readable and can still be pasted into a shell.
+fn quote(arg: &str) -> String {
+    let plain = !arg.is_empty()
+        && arg
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_=:/.,@%+".contains(c));
+    if plain {
+        arg.to_owned()
+    } else {
+        format!("'{}'", arg.replace('\'', r"'\''"))
+    }
+}
+
+/// Run `binary args...` to completion or until `timeout` passes.
+///
+/// stdin is `/dev/null`: smolvm's prompts (`delete` without `-f`) then read
+/// end-of-file instead of waiting for an answer that never comes. The child
+/// runs in a process group of its own so a hung command is killed together
+/// with anything it started.
+pub(crate) fn run(
+    binary: &Path,
+    args: &[OsString],
+    env: &[(OsString, OsString)],
+    timeout: Duration,
+) -> Result<Output, RuntimeErrorKind> {
+    let mut expression = duct::cmd(binary, args)
+        .stdin_null()
+        .stdout_capture()
+        .stderr_capture()
+        .unchecked()
+        .before_spawn(|command| {
+            command.process_group(0);
+            Ok(())
+        });
+    for (key, value) in env {
+        expression = expression.env(key, value);
+    }
+    let handle = expression
+        .start()
+        .map_err(|source| RuntimeErrorKind::Spawn {
+            command: display_command(binary, args),
+            source,
+        })?;
+    let io_error = |source| RuntimeErrorKind::Io {
+        context: format!("waiting for `{}`", display_command(binary, args)),
+        source,
+    };
+    match handle.wait_timeout(timeout).map_err(io_error)? {
+        Some(output) => Ok(output.clone()),
+        None => {
+            for pid in handle.pids() {
+                if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+                    // The group may already be gone; the kill below covers
+                    // the direct child either way.
+                    let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+                }
+            }
+            let _ = handle.kill();
+            let _ = handle.wait_timeout(REAP_GRACE);
+            Err(RuntimeErrorKind::Timeout {
+                command: display_command(binary, args),
+                timeout,
+            })
+        }
+    }
+}
+
+/// The exit status as a number: the code, or 128 + the signal that killed
+/// the process, as shells report it.
+pub(crate) fn status_code(output: &Output) -> i32 {
+    output
+        .status
+        .code()
+        .or_else(|| output.status.signal().map(|signal| 128 + signal))
+        .unwrap_or(-1)
+}
+
+/// Whether the process was killed by a signal rather than exiting.
+pub(crate) fn killed_by_signal(output: &Output) -> bool {
+    output.status.signal().is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_quotes_only_what_needs_it() {
+        let args: Vec<OsString> = [
+            "machine",
+            "exec",
+            "--name",
+            "a",
+            "--",
+            "sh",
+            "-c",
+            "echo 'hi'",
+        ]
+        .into_iter()
+        .map(Into::into)
+        .collect();
+        assert_eq!(
+            display_command(Path::new("/usr/local/bin/smolvm"), &args),
+            r"smolvm machine exec --name a -- sh -c 'echo '\''hi'\'''"
+        );
+    }
+
+    #[test]
+    fn a_hung_command_times_out_and_is_killed() {
+        let started = std::time::Instant::now();
+        let error = run(
+            Path::new("/bin/sh"),
+            &["-c".into(), "sleep 30 & sleep 30".into()],
+            &[],
+            Duration::from_millis(200),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&error, RuntimeErrorKind::Timeout { command, .. } if command.starts_with("sh -c")),
+            "{error:?}"
+        );
+        // The background `sleep` shares the pipes; without the group kill the
+        // wait for output would last the full 30 s.
+        assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_missing_binary_is_a_spawn_error() {
+        let error = run(
+            Path::new("/nonexistent/smolvm"),
+            &[],
+            &[],
+            Duration::from_secs(5),
+        )
+        .unwrap_err();
+        assert!(matches!(error, RuntimeErrorKind::Spawn { .. }), "{error:?}");
+    }
+
+    #[test]
+    fn signal_deaths_report_128_plus_signal() {
+        let output = run(
+            Path::new("/bin/sh"),
+            &["-c".into(), "kill -9 $$".into()],
+            &[],
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        assert_eq!(status_code(&output), 137);
+        assert!(killed_by_signal(&output));
+    }
+}
