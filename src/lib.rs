@@ -9,7 +9,16 @@
 //!    bubblewrap runtime.
 //! 4. [`cli`] is the command line on top.
 
+pub mod apply;
 pub mod cli;
+pub mod desired;
 pub mod graph;
+pub mod ledger;
+pub mod lock;
 pub mod manifest;
+pub mod observe;
+pub mod plan;
 pub mod runtime;
+pub mod steps;
+pub mod time;
+pub mod watch;

@@ -5,9 +5,17 @@
 //! (clap's own), 3 drift or pending changes. Nothing but a completed
 //! comparison can produce 3.
 
+mod apply;
+mod attach;
+mod check;
+mod destroy;
 mod graph;
+mod plan;
 mod schema;
+mod session;
+mod status;
 mod validate;
+mod watch;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -91,6 +99,31 @@ pub enum Command {
     /// Print the JSON schema of the manifest format (the one in
     /// `schemas/bottle.schema.json`).
     Schema(schema::SchemaArgs),
+
+    /// Show what `apply` would do: every action with its cause.
+    Plan(plan::PlanArgs),
+
+    /// Make the machines match the manifests: create, start and provision
+    /// what is missing or different, undo what was removed. Changes nothing
+    /// when everything matches.
+    Apply(apply::ApplyArgs),
+
+    /// Drift check for CI: exit 0 when every agent matches its manifest, 3
+    /// when something differs (each difference named with its cause).
+    Check(check::CheckArgs),
+
+    /// Each agent's machine, its state, and the state of each step.
+    Status(status::StatusArgs),
+
+    /// Delete this project's machines (all of them, or some agents').
+    Destroy(destroy::DestroyArgs),
+
+    /// Run the agent's Claude Code session in its machine.
+    Attach(attach::AttachArgs),
+
+    /// Keep reconciling: whenever a manifest or a file it references
+    /// changes, and periodically to repair drift inside guests.
+    Watch(watch::WatchArgs),
 }
 
 /// Parse arguments, run the command, return the process exit code.
@@ -101,6 +134,13 @@ pub fn main() -> ExitCode {
         Command::Validate(args) => validate::run(&cli.global, args),
         Command::Graph(args) => graph::run(&cli.global, args),
         Command::Schema(args) => schema::run(&cli.global, args),
+        Command::Plan(args) => plan::run(&cli.global, args),
+        Command::Apply(args) => apply::run(&cli.global, args),
+        Command::Check(args) => check::run(&cli.global, args),
+        Command::Status(args) => status::run(&cli.global, args),
+        Command::Destroy(args) => destroy::run(&cli.global, args),
+        Command::Attach(args) => attach::run(&cli.global, args),
+        Command::Watch(args) => watch::run(&cli.global, args),
     };
     match result {
         Ok(Outcome::Success) => ExitCode::SUCCESS,

@@ -1,0 +1,106 @@
+//! `bottle attach`: open the agent's Claude Code session inside its bottle.
+
+use clap::Args;
+use miette::Diagnostic;
+use thiserror::Error;
+
+use super::{GlobalArgs, Outcome, session};
+use crate::runtime::{ExecRequest, MachineState};
+use crate::steps::{AgentCtx, prompt, sh_quote};
+
+#[derive(Debug, Args)]
+pub struct AttachArgs {
+    /// The agent to attach to.
+    pub agent: String,
+
+    /// Directory of manifests.
+    #[arg(default_value = "manifests", value_name = "DIR")]
+    pub dir: std::path::PathBuf,
+
+    /// Print the command that would run instead of running it.
+    #[arg(long)]
+    pub print_command: bool,
+}
+
+#[derive(Debug, Error, Diagnostic)]
+pub enum AttachError {
+    #[error("no agent named `{agent}` in the manifests")]
+    #[diagnostic(code(bottle::unknown_agent), help("declared agents: {known}"))]
+    UnknownAgent { agent: String, known: String },
+    #[error("machine {machine} of agent `{agent}` is {state}")]
+    #[diagnostic(
+        code(bottle::not_running),
+        help("run `bottle apply --target {agent}` first")
+    )]
+    NotRunning {
+        agent: String,
+        machine: String,
+        state: String,
+    },
+}
+
+/// The command `attach` runs inside the guest: Claude Code as the agent
+/// user, with the prompt file only when the prompt is non-empty.
+pub fn claude_argv(ctx: &AgentCtx) -> miette::Result<Vec<String>> {
+    let mut argv = vec![
+        "claude".to_owned(),
+        "--dangerously-skip-permissions".to_owned(),
+    ];
+    let content = prompt::content(ctx)?;
+    if !content.iter().all(u8::is_ascii_whitespace) {
+        argv.push("--append-system-prompt-file".to_owned());
+        argv.push(prompt::guest_path(ctx));
+    }
+    Ok(argv)
+}
+
+pub fn run(global: &GlobalArgs, args: AttachArgs) -> miette::Result<Outcome> {
+    let desired = session::load(&args.dir)?;
+    let Some(agent) = desired.agents.get(&args.agent) else {
+        return Err(AttachError::UnknownAgent {
+            agent: args.agent.clone(),
+            known: desired
+                .agents
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", "),
+        }
+        .into());
+    };
+    let ctx = desired.ctx(agent);
+    let mut request = ExecRequest::new(claude_argv(&ctx)?).as_user(ctx.user());
+    request.workdir = Some(ctx.home());
+    let rt = session::runtime(global)?;
+    let argv = rt.interactive_argv(&agent.machine, &request);
+    if args.print_command {
+        println!(
+            "{}",
+            argv.iter()
+                .map(|a| sh_quote(a))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        return Ok(Outcome::Success);
+    }
+    let state = rt
+        .list()?
+        .into_iter()
+        .find(|m| m.name == agent.machine)
+        .map(|m| m.state);
+    if state != Some(MachineState::Running) {
+        return Err(AttachError::NotRunning {
+            agent: agent.name.clone(),
+            machine: agent.machine.clone(),
+            state: state.map_or("absent".to_owned(), |s| s.to_string()),
+        }
+        .into());
+    }
+    use std::os::unix::process::CommandExt;
+    let err = std::process::Command::new(&argv[0]).args(&argv[1..]).exec();
+    Err(miette::miette!(
+        help = "check that the runtime binary is installed",
+        "could not run {}: {err}",
+        argv[0]
+    ))
+}

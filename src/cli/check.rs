@@ -1,0 +1,96 @@
+//! `bottle check`: the drift check for CI. Exit 0 in sync, 3 drift.
+
+use clap::Args;
+use serde::Serialize;
+
+use super::{DirArg, GlobalArgs, Outcome, session};
+use crate::plan::{Plan, PlanOptions};
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub dir: DirArg,
+
+    /// Print the report as JSON (with `format_version`).
+    #[arg(long)]
+    pub json: bool,
+
+    /// Only this agent (repeatable).
+    #[arg(long = "target", value_name = "AGENT")]
+    pub targets: Vec<String>,
+
+    /// How many probes run at once.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub parallelism: u16,
+}
+
+#[derive(Debug, Serialize)]
+struct DriftReport<'a> {
+    format_version: u32,
+    project: &'a str,
+    in_sync: bool,
+    drift: Vec<Drift<'a>>,
+}
+
+#[derive(Debug, Serialize)]
+struct Drift<'a> {
+    agent: Option<&'a str>,
+    machine: &'a str,
+    step: &'a str,
+    action: &'a str,
+    cause: &'a str,
+}
+
+fn report(plan: &Plan) -> DriftReport<'_> {
+    DriftReport {
+        format_version: 1,
+        project: &plan.project,
+        in_sync: plan.is_empty(),
+        drift: plan
+            .actions
+            .iter()
+            .map(|a| Drift {
+                agent: a.agent.as_deref(),
+                machine: &a.machine,
+                step: a.op.step(),
+                action: a.op.verb(),
+                cause: &a.cause,
+            })
+            .collect(),
+    }
+}
+
+pub fn run(global: &GlobalArgs, args: CheckArgs) -> miette::Result<Outcome> {
+    let options = PlanOptions {
+        targets: (!args.targets.is_empty()).then(|| args.targets.clone()),
+        ..PlanOptions::default()
+    };
+    let survey = session::survey(global, &args.dir.dir, &options, args.parallelism.into())?;
+    let report = report(&survey.plan);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("reports serialize")
+        );
+    } else if report.in_sync {
+        println!(
+            "In sync: {} agent(s) match their manifests.",
+            survey.desired.agents.len()
+        );
+    } else {
+        println!("Drift in project {}:", report.project);
+        for d in &report.drift {
+            let who = d.agent.unwrap_or(d.machine);
+            println!("  {who}: {} ({} needed): {}", d.step, d.action, d.cause);
+        }
+        println!(
+            "{} difference(s); run `bottle apply` to converge.",
+            report.drift.len()
+        );
+    }
+    Ok(if report.in_sync {
+        Outcome::Success
+    } else {
+        Outcome::Drift
+    })
+}

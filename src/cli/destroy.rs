@@ -1,0 +1,113 @@
+//! `bottle destroy`: delete this project's machines (all, or some agents').
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::time::Duration;
+
+use clap::Args;
+use miette::Diagnostic;
+use thiserror::Error;
+
+use super::{DirArg, GlobalArgs, Outcome, session};
+use crate::lock::ProjectLock;
+use crate::observe::is_ours;
+use crate::steps::machine::LABEL_AGENT;
+
+#[derive(Debug, Args)]
+pub struct DestroyArgs {
+    #[command(flatten)]
+    pub dir: DirArg,
+
+    /// Only these agents' machines [default: every machine of this project,
+    /// declared or not].
+    #[arg(long = "agent", value_name = "AGENT")]
+    pub agents: Vec<String>,
+
+    /// Do not ask for confirmation.
+    #[arg(long, short = 'y')]
+    pub yes: bool,
+}
+
+#[derive(Debug, Error, Diagnostic)]
+pub enum DestroyError {
+    #[error("refusing to delete {count} machine(s) without confirmation")]
+    #[diagnostic(
+        code(bottle::confirm),
+        help("there is no terminal to ask on; pass --yes to delete without asking")
+    )]
+    NoTerminal { count: usize },
+    #[error("no machine of this project belongs to agent `{0}`")]
+    #[diagnostic(
+        code(bottle::unknown_target),
+        help("run `bottle status` to see the machines of this project")
+    )]
+    UnknownAgent(String),
+}
+
+pub fn run(global: &GlobalArgs, args: DestroyArgs) -> miette::Result<Outcome> {
+    let project = crate::manifest::load_dir(&args.dir.dir)?;
+    let state = session::state_dir(global)?;
+    let _lock = ProjectLock::acquire(&state, &project.name, "destroy", Duration::ZERO)?;
+    let rt = session::runtime(global)?;
+    let machines: Vec<_> = rt
+        .list()?
+        .into_iter()
+        .filter(|m| is_ours(m, &project.name))
+        .collect();
+    let agent_of =
+        |m: &crate::runtime::MachineInfo| m.labels.get(LABEL_AGENT).cloned().unwrap_or_default();
+    for agent in &args.agents {
+        if !machines.iter().any(|m| &agent_of(m) == agent) {
+            return Err(DestroyError::UnknownAgent(agent.clone()).into());
+        }
+    }
+    let doomed: Vec<_> = machines
+        .into_iter()
+        .filter(|m| args.agents.is_empty() || args.agents.contains(&agent_of(m)))
+        .collect();
+    if doomed.is_empty() {
+        println!("No machines of project {} to delete.", project.name);
+        return Ok(Outcome::Success);
+    }
+    println!(
+        "Machines of project {} to delete (their disks are lost):",
+        project.name
+    );
+    for m in &doomed {
+        println!("  {} (agent {}, {})", m.name, agent_of(m), m.state);
+    }
+    if !args.yes {
+        if !std::io::stdin().is_terminal() {
+            return Err(DestroyError::NoTerminal {
+                count: doomed.len(),
+            }
+            .into());
+        }
+        print!("Delete {} machine(s)? [y/N] ", doomed.len());
+        std::io::stdout().flush().ok();
+        let mut answer = String::new();
+        std::io::stdin().lock().read_line(&mut answer).ok();
+        if !matches!(answer.trim(), "y" | "Y" | "yes") {
+            println!("Cancelled; nothing was deleted.");
+            return Ok(Outcome::Success);
+        }
+    }
+    let mut failed = Vec::new();
+    for m in &doomed {
+        match rt.delete(&m.name) {
+            Ok(()) => println!("deleted {}", m.name),
+            Err(e) => {
+                eprintln!("{:?}", miette::Report::new(e));
+                failed.push(m.name.clone());
+            }
+        }
+    }
+    if failed.is_empty() {
+        Ok(Outcome::Success)
+    } else {
+        Err(miette::miette!(
+            help = "run `bottle destroy` again",
+            "could not delete: {}",
+            failed.join(", ")
+        ))
+    }
+}

@@ -1,0 +1,78 @@
+//! `bottle plan`: show what `apply` would do.
+
+use clap::Args;
+
+use super::{DirArg, GlobalArgs, Outcome, session};
+use crate::plan::PlanOptions;
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    pub dir: DirArg,
+
+    /// Print the plan as JSON (with `format_version`).
+    #[arg(long)]
+    pub json: bool,
+
+    /// Exit 3 when the plan has changes, 0 when it has none (1 is an error).
+    #[arg(long)]
+    pub detailed_exitcode: bool,
+
+    #[command(flatten)]
+    pub select: SelectArgs,
+}
+
+/// Flags that shape a plan, shared by `plan`, `apply` and `check`.
+#[derive(Debug, Args, Clone, Default)]
+pub struct SelectArgs {
+    /// Only this agent (repeatable). Nothing is pruned with a target.
+    #[arg(long = "target", value_name = "AGENT")]
+    pub targets: Vec<String>,
+
+    /// Allow replacing machines whose create-time settings (image, egress,
+    /// secrets) changed. Replacement destroys the machine's disk; without
+    /// this flag it is shown as blocked.
+    #[arg(long)]
+    pub allow_replace: bool,
+
+    /// Delete managed machines of this project that no agent declares any
+    /// more. Without this flag they are shown as blocked.
+    #[arg(long)]
+    pub prune: bool,
+
+    /// How many runtime calls run at once.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub parallelism: u16,
+}
+
+impl SelectArgs {
+    pub fn options(&self) -> PlanOptions {
+        PlanOptions {
+            allow_replace: self.allow_replace,
+            prune: self.prune,
+            targets: (!self.targets.is_empty()).then(|| self.targets.clone()),
+            include_undeclared: false,
+        }
+    }
+}
+
+pub fn run(global: &GlobalArgs, args: PlanArgs) -> miette::Result<Outcome> {
+    let survey = session::survey(
+        global,
+        &args.dir.dir,
+        &args.select.options(),
+        args.select.parallelism.into(),
+    )?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&survey.plan).expect("plans serialize")
+        );
+    } else {
+        print!("{}", survey.plan.render());
+    }
+    if args.detailed_exitcode && !survey.plan.is_empty() {
+        return Ok(Outcome::Drift);
+    }
+    Ok(Outcome::Success)
+}

@@ -1,0 +1,198 @@
+//! What the runtime-facing commands share: loading the desired state,
+//! opening the runtime, the state directory, progress output.
+
+use std::path::{Path, PathBuf};
+
+use miette::{Diagnostic, IntoDiagnostic};
+use thiserror::Error;
+
+use super::{GlobalArgs, RuntimeChoice};
+use crate::apply::{ActionReport, Outcome as ActionOutcome, Progress};
+use crate::desired::Desired;
+use crate::manifest::{self, Diagnostics, KeyPath, ManifestDiagnostic};
+use crate::observe::Snapshot;
+use crate::plan::{Action, Plan, PlanOptions};
+use crate::runtime::Runtime;
+
+/// Load manifests and build the desired state.
+pub fn load(dir: &Path) -> miette::Result<Desired> {
+    let project = manifest::load_dir(dir)?;
+    let graph = crate::graph::build(&project)?;
+    Ok(Desired::new(project, &graph))
+}
+
+/// The state directory: `--state-dir`, `$XDG_STATE_HOME/bottle` or
+/// `~/.local/state/bottle`.
+pub fn state_dir(global: &GlobalArgs) -> miette::Result<PathBuf> {
+    if let Some(dir) = &global.state_dir {
+        return Ok(dir.clone());
+    }
+    if let Some(xdg) = std::env::var_os("XDG_STATE_HOME").filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(xdg).join("bottle"));
+    }
+    match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        Some(home) => Ok(PathBuf::from(home).join(".local/state/bottle")),
+        None => Err(NoStateDir.into()),
+    }
+}
+
+#[derive(Debug, Error, Diagnostic)]
+#[error("no state directory: neither --state-dir, XDG_STATE_HOME nor HOME is set")]
+#[diagnostic(
+    code(bottle::no_state_dir),
+    help("pass --state-dir DIR or set BOTTLE_STATE_DIR")
+)]
+struct NoStateDir;
+
+/// Open the runtime the user chose.
+pub fn runtime(global: &GlobalArgs) -> miette::Result<Box<dyn Runtime>> {
+    match global.runtime {
+        RuntimeChoice::Smolvm => Ok(Box::new(crate::runtime::smolvm::SmolvmRuntime::new(
+            global.smolvm.clone(),
+        )?)),
+        RuntimeChoice::Local => {
+            let dir = state_dir(global)?.join("local");
+            Ok(Box::new(
+                crate::runtime::local::LocalRuntime::open(&dir).into_diagnostic()?,
+            ))
+        }
+    }
+}
+
+/// Runtime-specific checks on the manifests: the local runtime cannot
+/// enforce an egress allowlist, so it refuses a bottle with egress unless
+/// the user accepted unfiltered networking, and notes it when they did.
+pub fn check_runtime_support(
+    desired: &Desired,
+    global: &GlobalArgs,
+) -> Result<Vec<String>, Diagnostics> {
+    let mut notes = Vec::new();
+    if global.runtime != RuntimeChoice::Local {
+        return Ok(notes);
+    }
+    let project = &desired.project;
+    let mut problems = Vec::new();
+    for bottle in project.bottles.values() {
+        if bottle.spec.egress.is_none() {
+            continue;
+        }
+        let unfiltered = bottle
+            .spec
+            .local
+            .as_ref()
+            .is_some_and(|l| l.allow_unfiltered_network);
+        if unfiltered {
+            notes.push(format!(
+                "bottle `{}`: the local runtime cannot enforce the egress allowlist; its guests get the host's network, unfiltered",
+                bottle.name
+            ));
+        } else {
+            let path = KeyPath::new().key("bottle").key(&bottle.name).key("egress");
+            problems.push(
+                ManifestDiagnostic::new("bottle::local_egress", format!("the local runtime cannot enforce the egress allowlist of bottle `{}`", bottle.name))
+                    .key(&project.sources, bottle.file, &path, "an allowlist the local runtime cannot enforce")
+                    .help(format!(
+                        "use --runtime smolvm, or accept the host's network unfiltered with `[bottle.{}.local] allow_unfiltered_network = true`",
+                        bottle.name
+                    )),
+            );
+        }
+    }
+    if problems.is_empty() {
+        Ok(notes)
+    } else {
+        Err(Diagnostics {
+            dir: project.dir.display().to_string(),
+            items: problems,
+        })
+    }
+}
+
+/// Progress as plain lines on stderr: a counter, the action, its outcome.
+pub struct Lines;
+
+impl Progress for Lines {
+    fn started(&self, _action: &Action, _running: usize, _total: usize) {}
+
+    fn finished(&self, report: &ActionReport, finished: usize, total: usize) {
+        let a = &report.action;
+        let who = a.agent.as_deref().unwrap_or(&a.machine);
+        let line = match &report.outcome {
+            ActionOutcome::Done { seconds } => format!(
+                "done     {who}: {} {} ({seconds:.2}s)",
+                a.op.verb(),
+                a.op.step()
+            ),
+            ActionOutcome::Failed { seconds, error } => {
+                format!(
+                    "FAILED   {who}: {} {} ({seconds:.2}s): {error}",
+                    a.op.verb(),
+                    a.op.step()
+                )
+            }
+            ActionOutcome::Skipped { reason } => {
+                format!("skipped  {who}: {} {}: {reason}", a.op.verb(), a.op.step())
+            }
+            ActionOutcome::Blocked { reason } => {
+                format!("blocked  {who}: {} {}: {reason}", a.op.verb(), a.op.step())
+            }
+        };
+        eprintln!("[{finished}/{total}] {line}");
+    }
+}
+
+/// Everything a runtime-facing command starts from: the desired state,
+/// the runtime, one observation, and the plan derived from them.
+pub struct Survey {
+    pub desired: Desired,
+    pub runtime: Box<dyn Runtime>,
+    pub snapshot: Snapshot,
+    pub plan: Plan,
+}
+
+pub fn survey(
+    global: &GlobalArgs,
+    dir: &Path,
+    options: &PlanOptions,
+    parallelism: usize,
+) -> miette::Result<Survey> {
+    let desired = load(dir)?;
+    for target in options.targets.iter().flatten() {
+        if !desired.agents.contains_key(target) {
+            return Err(UnknownTarget {
+                agent: target.clone(),
+                known: desired
+                    .agents
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }
+            .into());
+        }
+    }
+    let notes = check_runtime_support(&desired, global)?;
+    let runtime = runtime(global)?;
+    let snapshot = crate::observe::observe(
+        runtime.as_ref(),
+        &desired,
+        options.targets.as_deref(),
+        parallelism,
+    )?;
+    let mut plan = crate::plan::plan(&desired, &snapshot, options);
+    plan.notes.extend(notes);
+    Ok(Survey {
+        desired,
+        runtime,
+        snapshot,
+        plan,
+    })
+}
+
+#[derive(Debug, Error, Diagnostic)]
+#[error("no agent named `{agent}` in the manifests")]
+#[diagnostic(code(bottle::unknown_target), help("declared agents: {known}"))]
+pub struct UnknownTarget {
+    pub agent: String,
+    pub known: String,
+}

@@ -1,0 +1,149 @@
+//! `bottle status`: each agent's machine, its state, and each step's state.
+
+use clap::Args;
+use serde::Serialize;
+
+use super::{DirArg, GlobalArgs, Outcome, session};
+use crate::plan::PlanOptions;
+use crate::runtime::MachineState;
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub dir: DirArg,
+
+    /// Print as JSON (with `format_version`).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Status {
+    format_version: u32,
+    project: String,
+    agents: Vec<AgentStatus>,
+    /// Managed machines of this project no agent declares.
+    undeclared: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct AgentStatus {
+    agent: String,
+    machine: String,
+    /// `absent`, or the runtime's state.
+    state: String,
+    steps: Vec<StepStatus>,
+    /// Unix seconds of the latest recorded step.
+    last_applied: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+struct StepStatus {
+    step: String,
+    /// `ok`, `pending` or `unknown` (machine not running).
+    state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cause: Option<String>,
+}
+
+pub fn run(global: &GlobalArgs, args: StatusArgs) -> miette::Result<Outcome> {
+    let survey = session::survey(global, &args.dir.dir, &PlanOptions::default(), 8)?;
+    let mut status = Status {
+        format_version: 1,
+        project: survey.desired.project.name.clone(),
+        agents: Vec::new(),
+        undeclared: Vec::new(),
+    };
+    for agent in survey.desired.agents.values() {
+        let machine = survey.snapshot.machine(&agent.machine);
+        let probe = survey.snapshot.probes.get(&agent.machine);
+        let running = machine.is_some_and(|m| m.state == MachineState::Running);
+        let steps = agent
+            .steps
+            .iter()
+            .map(|s| {
+                let id = s.kind.id();
+                let action = survey
+                    .plan
+                    .actions
+                    .iter()
+                    .find(|a| a.agent.as_deref() == Some(&agent.name) && a.op.step() == id);
+                let lifecycle = survey
+                    .plan
+                    .actions
+                    .iter()
+                    .find(|a| a.agent.as_deref() == Some(&agent.name) && a.op.is_lifecycle());
+                match (action, running) {
+                    (Some(a), _) => StepStatus {
+                        step: id,
+                        state: "pending",
+                        cause: Some(a.cause.clone()),
+                    },
+                    (None, true) => StepStatus {
+                        step: id,
+                        state: "ok",
+                        cause: None,
+                    },
+                    (None, false) => StepStatus {
+                        step: id,
+                        state: "unknown",
+                        cause: lifecycle.map(|a| a.cause.clone()),
+                    },
+                }
+            })
+            .collect();
+        status.agents.push(AgentStatus {
+            agent: agent.name.clone(),
+            machine: agent.machine.clone(),
+            state: machine.map_or("absent".to_owned(), |m| m.state.to_string()),
+            steps,
+            last_applied: probe.and_then(|p| p.ledger.values().map(|e| e.applied_at).max()),
+        });
+    }
+    status.undeclared = survey
+        .plan
+        .actions
+        .iter()
+        .filter(|a| a.agent.is_none())
+        .map(|a| a.machine.clone())
+        .collect();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&status).expect("status serializes")
+        );
+        return Ok(Outcome::Success);
+    }
+    println!("project {}", status.project);
+    println!(
+        "{:<16} {:<32} {:<12} {:<20} STEPS",
+        "AGENT", "MACHINE", "STATE", "LAST APPLIED"
+    );
+    for a in &status.agents {
+        let steps: Vec<String> = a
+            .steps
+            .iter()
+            .map(|s| match s.state {
+                "ok" => s.step.clone(),
+                other => format!("{}({other})", s.step),
+            })
+            .collect();
+        let last = a
+            .last_applied
+            .map_or("-".to_owned(), crate::time::format_unix);
+        println!(
+            "{:<16} {:<32} {:<12} {:<20} {}",
+            a.agent,
+            a.machine,
+            a.state,
+            last,
+            steps.join(" ")
+        );
+    }
+    for m in &status.undeclared {
+        println!(
+            "{m}: managed by this project but no agent declares it (`bottle apply --prune` deletes it)"
+        );
+    }
+    Ok(Outcome::Success)
+}

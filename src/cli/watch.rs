@@ -1,0 +1,91 @@
+//! `bottle watch`: reconcile whenever the manifests change.
+
+use std::sync::mpsc;
+use std::time::Duration;
+
+use clap::Args;
+use miette::IntoDiagnostic;
+
+use super::{DirArg, GlobalArgs, Outcome, session};
+use crate::lock::ProjectLock;
+use crate::watch::{self, Message, WatchOptions};
+
+#[derive(Debug, Args)]
+pub struct WatchArgs {
+    #[command(flatten)]
+    pub dir: DirArg,
+
+    /// Allow replacing machines whose create-time settings changed (their
+    /// disk is lost). Without it, such changes are reported as blocked, once.
+    #[arg(long)]
+    pub allow_replace: bool,
+
+    /// Delete machines of agents removed from the manifests. Without it,
+    /// they are reported as blocked, once.
+    #[arg(long)]
+    pub prune: bool,
+
+    /// How many runtime calls run at once.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub parallelism: u16,
+
+    /// Milliseconds to wait for a burst of file events to settle before
+    /// reconciling (editors write several events per save).
+    #[arg(long, value_name = "MS", default_value_t = 150)]
+    pub debounce: u64,
+
+    /// Seconds between full resyncs, which repair drift made inside guests;
+    /// 0 disables them.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    pub resync: u64,
+
+    /// Log JSON lines instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(global: &GlobalArgs, args: WatchArgs) -> miette::Result<Outcome> {
+    let dir = args.dir.dir.clone();
+    // The first load must succeed: there is no last good state to keep yet.
+    let first = session::load(&dir)?;
+    session::check_runtime_support(&first, global)?;
+    let state = session::state_dir(global)?;
+    let _lock = ProjectLock::acquire(&state, &first.project.name, "watch", Duration::ZERO)?;
+    let rt = session::runtime(global)?;
+
+    let (tx, rx) = mpsc::channel();
+    let stop = tx.clone();
+    let mut interrupted = false;
+    ctrlc::set_handler(move || {
+        // First Ctrl-C: finish the running reconcile, then stop. Second: go.
+        if interrupted {
+            std::process::exit(130);
+        }
+        interrupted = true;
+        let _ = stop.send(Message::Stop);
+    })
+    .into_diagnostic()?;
+    let canonical = dir.canonicalize().into_diagnostic()?;
+    let ignore = vec![state.canonicalize().unwrap_or(state.clone()), state];
+    let _watcher = watch::start_watcher(&canonical, &[], Duration::from_millis(args.debounce), tx)
+        .into_diagnostic()?;
+    drop(first);
+
+    let options = WatchOptions {
+        dir: canonical,
+        allow_replace: args.allow_replace,
+        prune: args.prune,
+        parallelism: args.parallelism.into(),
+        debounce: Duration::from_millis(args.debounce),
+        resync: (args.resync > 0).then(|| Duration::from_secs(args.resync)),
+        json: args.json,
+        ignore,
+    };
+    let load = || -> miette::Result<crate::desired::Desired> {
+        let desired = session::load(&dir)?;
+        session::check_runtime_support(&desired, global)?;
+        Ok(desired)
+    };
+    watch::run(&options, rt.as_ref(), &load, rx)?;
+    Ok(Outcome::Success)
+}

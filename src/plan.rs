@@ -1,0 +1,518 @@
+//! Plan: a pure function of (desired state, observed snapshot, options) to
+//! a DAG of actions, each with a cause a person understands.
+//!
+//! Same inputs, same plan, in a stable order: agents by name, each agent's
+//! actions in dependency order, then deletions. Golden tests compare
+//! [`Plan::render`]'s text.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::desired::{Desired, DesiredAgent, DesiredStep};
+use crate::graph::StepKind;
+use crate::ledger::LedgerEntry;
+use crate::observe::{Probe, Snapshot, is_ours};
+use crate::runtime::{MachineInfo, MachineState, MachineUpdate};
+use crate::steps::{
+    self,
+    machine::{
+        self as machine_step, LABEL_AGENT, LABEL_MANAGED_BY, LABEL_PROJECT, LABEL_SPEC_FIELD,
+        LABEL_SPEC_HASH, MANAGED_BY,
+    },
+};
+
+pub const PLAN_FORMAT: u32 = 1;
+
+/// What the user allowed.
+#[derive(Debug, Clone, Default)]
+pub struct PlanOptions {
+    /// Replace machines whose create-time settings changed (their disk is
+    /// lost).
+    pub allow_replace: bool,
+    /// Delete managed machines no agent declares any more.
+    pub prune: bool,
+    /// Limit the plan to these agents (`None`: all). Nothing is pruned when
+    /// targets are given, unless `include_undeclared` is set.
+    pub targets: Option<Vec<String>>,
+    /// Plan deletions of undeclared machines even with targets (watch uses
+    /// it when agents leave the manifests).
+    pub include_undeclared: bool,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Plan {
+    pub format_version: u32,
+    pub project: String,
+    pub actions: Vec<Action>,
+    /// Things the user should know that are not actions.
+    pub notes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Action {
+    pub id: usize,
+    pub machine: String,
+    /// The agent, when one declares this machine.
+    pub agent: Option<String>,
+    pub op: Op,
+    pub cause: String,
+    /// Ids of actions that must finish first.
+    pub after: Vec<usize>,
+    /// Why the action will not run without a flag, if it will not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blocked: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Op {
+    /// Create and start the machine, then create the agent user.
+    Create,
+    /// Delete and re-create the machine: its disk is lost.
+    Replace,
+    /// Start a machine that is not running (after `update`, if any); its
+    /// steps are checked once it runs.
+    Start {
+        #[serde(skip)]
+        update: MachineUpdate,
+    },
+    /// Stop, `update`, start.
+    Restart {
+        #[serde(skip)]
+        update: MachineUpdate,
+    },
+    /// Apply one step.
+    Apply {
+        step: String,
+        hash: String,
+        #[serde(skip)]
+        previous: Option<LedgerEntry>,
+    },
+    /// Undo a step that left the manifest.
+    Undo {
+        step: String,
+        #[serde(skip)]
+        entry: LedgerEntry,
+    },
+    /// Delete a managed machine no agent declares.
+    Delete,
+}
+
+impl Op {
+    pub fn verb(&self) -> &'static str {
+        match self {
+            Op::Create => "create",
+            Op::Replace => "replace",
+            Op::Start { .. } => "start",
+            Op::Restart { .. } => "restart",
+            Op::Apply { .. } => "apply",
+            Op::Undo { .. } => "undo",
+            Op::Delete => "delete",
+        }
+    }
+
+    /// The step the action is about (`machine` for machine actions).
+    pub fn step(&self) -> &str {
+        match self {
+            Op::Apply { step, .. } | Op::Undo { step, .. } => step,
+            _ => "machine",
+        }
+    }
+
+    fn sigil(&self) -> char {
+        match self {
+            Op::Create => '+',
+            Op::Replace => '±',
+            Op::Start { .. } | Op::Restart { .. } | Op::Apply { .. } => '~',
+            Op::Undo { .. } | Op::Delete => '-',
+        }
+    }
+
+    /// Does the action change the machine's lifecycle (and so gate every
+    /// step of the agent)?
+    pub fn is_lifecycle(&self) -> bool {
+        matches!(
+            self,
+            Op::Create | Op::Replace | Op::Start { .. } | Op::Restart { .. } | Op::Delete
+        )
+    }
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.actions.is_empty()
+    }
+
+    pub fn blocked(&self) -> impl Iterator<Item = &Action> {
+        self.actions.iter().filter(|a| a.blocked.is_some())
+    }
+
+    /// The plan as text, one block per machine.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if self.actions.is_empty() {
+            out.push_str("No changes: every agent matches its manifest.\n");
+        }
+        let mut current: Option<&str> = None;
+        for action in &self.actions {
+            if current != Some(action.machine.as_str()) {
+                if current.is_some() {
+                    out.push('\n');
+                }
+                match &action.agent {
+                    Some(agent) => writeln!(out, "agent {agent} (machine {})", action.machine),
+                    None => writeln!(out, "machine {} (no agent declares it)", action.machine),
+                }
+                .ok();
+                current = Some(&action.machine);
+            }
+            write!(
+                out,
+                "  {} {:<8} {:<16} {}",
+                action.op.sigil(),
+                action.op.verb(),
+                action.op.step(),
+                action.cause
+            )
+            .ok();
+            if let Some(blocked) = &action.blocked {
+                write!(out, "  [blocked: {blocked}]").ok();
+            }
+            out.push('\n');
+        }
+        for note in &self.notes {
+            writeln!(out, "note: {note}").ok();
+        }
+        if !self.actions.is_empty() {
+            writeln!(out, "\n{}", self.summary()).ok();
+        }
+        out
+    }
+
+    /// `Plan: 1 to create, 4 to apply, 1 blocked.`
+    pub fn summary(&self) -> String {
+        let mut counts: BTreeMap<usize, (&str, usize)> = BTreeMap::new();
+        for a in &self.actions {
+            let (order, label) = match a.op {
+                Op::Create => (0, "to create"),
+                Op::Replace => (1, "to replace"),
+                Op::Start { .. } => (2, "to start"),
+                Op::Restart { .. } => (3, "to restart"),
+                Op::Apply { .. } => (4, "to apply"),
+                Op::Undo { .. } => (5, "to undo"),
+                Op::Delete => (6, "to delete"),
+            };
+            counts.entry(order).or_insert((label, 0)).1 += 1;
+        }
+        let mut parts: Vec<String> = counts.values().map(|(l, n)| format!("{n} {l}")).collect();
+        let blocked = self.blocked().count();
+        if blocked > 0 {
+            parts.push(format!("{blocked} blocked"));
+        }
+        format!("Plan: {}.", parts.join(", "))
+    }
+}
+
+/// Compare the desired state with the snapshot.
+pub fn plan(desired: &Desired, snapshot: &Snapshot, options: &PlanOptions) -> Plan {
+    let mut builder = Builder {
+        plan: Plan {
+            format_version: PLAN_FORMAT,
+            project: desired.project.name.clone(),
+            ..Plan::default()
+        },
+    };
+    let targeted = |agent: &str| {
+        options
+            .targets
+            .as_ref()
+            .is_none_or(|t| t.iter().any(|a| a == agent))
+    };
+    for agent in desired.agents.values().filter(|a| targeted(&a.name)) {
+        plan_agent(&mut builder, desired, agent, snapshot, options);
+    }
+    if options.targets.is_none() || options.include_undeclared {
+        plan_prune(&mut builder, desired, snapshot, options);
+    }
+    builder.plan
+}
+
+struct Builder {
+    plan: Plan,
+}
+
+impl Builder {
+    fn push(
+        &mut self,
+        agent: &DesiredAgent,
+        op: Op,
+        cause: impl Into<String>,
+        after: Vec<usize>,
+    ) -> usize {
+        let id = self.plan.actions.len();
+        self.plan.actions.push(Action {
+            id,
+            machine: agent.machine.clone(),
+            agent: Some(agent.name.clone()),
+            op,
+            cause: cause.into(),
+            after,
+            blocked: None,
+        });
+        id
+    }
+}
+
+fn plan_agent(
+    b: &mut Builder,
+    desired: &Desired,
+    agent: &DesiredAgent,
+    snapshot: &Snapshot,
+    options: &PlanOptions,
+) {
+    let Some(machine) = snapshot.machine(&agent.machine) else {
+        let create = b.push(agent, Op::Create, "no machine yet", vec![]);
+        plan_all_steps(b, agent, create, "new machine");
+        return;
+    };
+    if !is_ours(machine, &desired.project.name) {
+        let owner = describe_owner(machine);
+        let id = b.push(
+            agent,
+            Op::Create,
+            format!("the name is taken by a machine {owner}"),
+            vec![],
+        );
+        b.plan.actions[id].blocked = Some("bottle never touches machines it does not manage; rename the agent or remove that machine".into());
+        return;
+    }
+    if machine.state == MachineState::Frozen {
+        b.plan.notes.push(format!(
+            "machine {} is frozen (a fork base): left untouched",
+            machine.name
+        ));
+        return;
+    }
+    let changed = spec_fields_changed(agent, machine);
+    if !changed.is_empty() {
+        let id = b.push(
+            agent,
+            Op::Replace,
+            format!("spec-hash differs: {}", changed.join(", ")),
+            vec![],
+        );
+        if !options.allow_replace {
+            b.plan.actions[id].blocked =
+                Some("replacing destroys the machine's disk; pass --allow-replace".into());
+        }
+        plan_all_steps(b, agent, id, "machine replaced");
+        return;
+    }
+    let ctx = desired.ctx(agent);
+    if machine.state != MachineState::Running {
+        // smolvm updates only created or stopped machines; others are
+        // started as they are and restarted once probed, if still needed.
+        let updatable = matches!(machine.state, MachineState::Created | MachineState::Stopped);
+        let (causes, update) = if updatable {
+            machine_step::pending_update(&ctx, machine.cpus, machine.memory_mib, None)
+        } else {
+            (Vec::new(), MachineUpdate::default())
+        };
+        let mut cause = format!(
+            "machine is {}; its steps are checked once it runs",
+            machine.state
+        );
+        if !causes.is_empty() {
+            cause = format!("{cause} (update first: {})", causes.join(", "));
+        }
+        b.push(agent, Op::Start { update }, cause, vec![]);
+        return;
+    }
+    let empty = Probe::default();
+    let probe = snapshot.probes.get(&agent.machine).unwrap_or(&empty);
+    if let Some(error) = &probe.error {
+        let id = b.push(
+            agent,
+            Op::Restart {
+                update: MachineUpdate::default(),
+            },
+            format!("the guest could not be probed ({error})"),
+            vec![],
+        );
+        plan_all_steps(b, agent, id, "guest state unknown");
+        return;
+    }
+    let (causes, update) = machine_step::pending_update(
+        &ctx,
+        machine.cpus,
+        machine.memory_mib,
+        probe.ledger.get("machine"),
+    );
+    let gate = (!update.is_empty())
+        .then(|| b.push(agent, Op::Restart { update }, causes.join(", "), vec![]));
+    plan_steps(b, desired, agent, probe, gate);
+}
+
+fn describe_owner(machine: &MachineInfo) -> String {
+    match (
+        machine.labels.get(LABEL_MANAGED_BY),
+        machine.labels.get(LABEL_PROJECT),
+    ) {
+        (Some(m), Some(p)) if m == MANAGED_BY => format!("of bottle project `{p}`"),
+        _ => "that bottle does not manage".to_owned(),
+    }
+}
+
+/// Which create-time fields differ, by their labels.
+fn spec_fields_changed(agent: &DesiredAgent, machine: &MachineInfo) -> Vec<String> {
+    if machine.labels.get(LABEL_SPEC_HASH) == agent.spec_labels.get(LABEL_SPEC_HASH) {
+        return Vec::new();
+    }
+    let mut fields: Vec<String> = agent
+        .spec_labels
+        .iter()
+        .filter_map(|(k, v)| {
+            let field = k.strip_prefix(LABEL_SPEC_FIELD)?;
+            (machine.labels.get(k) != Some(v)).then(|| field.to_owned())
+        })
+        .collect();
+    if fields.is_empty() {
+        fields.push("spec-hash".to_owned());
+    }
+    fields
+}
+
+/// Every step of a machine that is new or replaced.
+fn plan_all_steps(b: &mut Builder, agent: &DesiredAgent, gate: usize, cause: &str) {
+    let mut ids: BTreeMap<StepKind, usize> = BTreeMap::new();
+    ids.insert(StepKind::Machine, gate);
+    for step in agent.steps.iter().filter(|s| s.kind != StepKind::Machine) {
+        let after = deps(step, &ids, Some(gate));
+        let id = b.push(agent, apply_op(step, None), cause, after);
+        ids.insert(step.kind.clone(), id);
+    }
+}
+
+fn apply_op(step: &DesiredStep, previous: Option<&LedgerEntry>) -> Op {
+    Op::Apply {
+        step: step.kind.id(),
+        hash: step.hash.clone(),
+        previous: previous.cloned(),
+    }
+}
+
+fn deps(step: &DesiredStep, ids: &BTreeMap<StepKind, usize>, gate: Option<usize>) -> Vec<usize> {
+    let mut after: Vec<usize> = step
+        .after
+        .iter()
+        .filter_map(|k| ids.get(k).copied())
+        .collect();
+    if let Some(g) = gate.filter(|g| !after.contains(g)) {
+        after.push(g);
+    }
+    after.sort_unstable();
+    after
+}
+
+/// Steps of a running, probed machine: apply what is missing, changed in the
+/// manifest or drifted in the guest; undo what left the manifest.
+fn plan_steps(
+    b: &mut Builder,
+    desired: &Desired,
+    agent: &DesiredAgent,
+    probe: &Probe,
+    gate: Option<usize>,
+) {
+    let ctx = desired.ctx(agent);
+    let mut ids: BTreeMap<StepKind, usize> = BTreeMap::new();
+    if let Some(g) = gate {
+        ids.insert(StepKind::Machine, g);
+    }
+    for step in &agent.steps {
+        // A restart re-provisions the machine step itself.
+        if gate.is_some() && step.kind == StepKind::Machine {
+            continue;
+        }
+        let id = step.kind.id();
+        let recorded = probe.ledger.get(&id);
+        let cause = match recorded {
+            None => Some("not applied yet".to_owned()),
+            Some(entry) if entry.hash != step.hash => Some(match step.kind {
+                StepKind::Machine => "machine settings changed in manifest".to_owned(),
+                _ => format!("{} changed in manifest", describe(&step.kind)),
+            }),
+            Some(entry) => match probe.digest(&id) {
+                Some(observed) if observed != entry.digest => Some(format!(
+                    "{} changed in guest: {}",
+                    describe(&step.kind),
+                    steps::drift_path(&step.kind, &ctx)
+                )),
+                _ => None,
+            },
+        };
+        if let Some(cause) = cause {
+            let after = deps(step, &ids, gate);
+            let action = b.push(agent, apply_op(step, recorded), cause, after);
+            ids.insert(step.kind.clone(), action);
+        }
+    }
+    for (id, entry) in &probe.ledger {
+        let known = id
+            .parse::<StepKind>()
+            .ok()
+            .is_some_and(|k| agent.step(&k).is_some());
+        if !known {
+            let cause = match id.parse::<StepKind>().ok() {
+                Some(StepKind::Setup(name)) => format!(
+                    "setup step `{name}` removed from manifest (its effects stay; bottle cannot undo a command)"
+                ),
+                Some(kind) => format!("{} removed from manifest", describe(&kind)),
+                None => format!("unknown step `{id}` in the guest ledger"),
+            };
+            b.push(
+                agent,
+                Op::Undo {
+                    step: id.clone(),
+                    entry: entry.clone(),
+                },
+                cause,
+                gate.into_iter().collect(),
+            );
+        }
+    }
+}
+
+fn describe(kind: &StepKind) -> String {
+    match kind {
+        StepKind::Machine => "agent user".to_owned(),
+        StepKind::Ca => "CA certificate".to_owned(),
+        StepKind::Prompt => "prompt".to_owned(),
+        StepKind::Skills => "skills".to_owned(),
+        StepKind::Git => "git configuration".to_owned(),
+        StepKind::Setup(name) => format!("setup step `{name}`"),
+        StepKind::Supervise => "supervise server".to_owned(),
+    }
+}
+
+/// Managed machines of this project that no agent declares.
+fn plan_prune(b: &mut Builder, desired: &Desired, snapshot: &Snapshot, options: &PlanOptions) {
+    for machine in &snapshot.machines {
+        if !is_ours(machine, &desired.project.name) || desired.by_machine(&machine.name).is_some() {
+            continue;
+        }
+        let agent = machine.labels.get(LABEL_AGENT).cloned().unwrap_or_default();
+        let id = b.plan.actions.len();
+        b.plan.actions.push(Action {
+            id,
+            machine: machine.name.clone(),
+            agent: None,
+            op: Op::Delete,
+            cause: format!("agent `{agent}` is no longer declared"),
+            after: vec![],
+            blocked: (!options.prune)
+                .then(|| "deleting destroys the machine's disk; pass --prune".to_owned()),
+        });
+    }
+}

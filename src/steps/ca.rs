@@ -1,0 +1,75 @@
+//! The ca step: the bottle's CA certificate in the guest trust store.
+
+use super::{AgentCtx, StepResult, digest, run_script, sh_quote, upload_file};
+use crate::ledger::LedgerEntry;
+use crate::runtime::{CopyOptions, Runtime};
+
+const CA_DIR: &str = "/usr/local/share/ca-certificates";
+
+/// Where the certificate goes; `update-ca-certificates` links it into
+/// `/etc/ssl/certs` as `bottle-<bottle>.pem`.
+pub fn cert_path(ctx: &AgentCtx) -> String {
+    format!("{CA_DIR}/bottle-{}.crt", ctx.bottle.name)
+}
+
+fn linked_path(ctx: &AgentCtx) -> String {
+    format!("/etc/ssl/certs/bottle-{}.pem", ctx.bottle.name)
+}
+
+pub fn probe(ctx: &AgentCtx) -> String {
+    let cert = sh_quote(&cert_path(ctx));
+    let linked = sh_quote(&linked_path(ctx));
+    format!(
+        "if [ -f {cert} ]; then sha256sum < {cert}; else echo missing; fi; \
+         if [ -e {linked} ]; then echo trusted; else echo untrusted; fi"
+    )
+}
+
+pub fn apply(ctx: &AgentCtx, rt: &dyn Runtime, entry: &mut LedgerEntry) -> StepResult<()> {
+    let host = ctx
+        .bottle
+        .ca_cert
+        .as_ref()
+        .expect("the ca step exists only with a cert");
+    let path = cert_path(ctx);
+    upload_file(
+        rt,
+        ctx.machine,
+        host,
+        &path,
+        &CopyOptions {
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+        },
+    )?;
+    let out = run_script(
+        rt,
+        ctx.machine,
+        "update-ca-certificates",
+        &format!(
+            "update-ca-certificates >/dev/null 2>&1 || update-ca-certificates >&2 || exit 1; {}",
+            probe(ctx)
+        ),
+        &[],
+        "the image needs the ca-certificates package (update-ca-certificates)",
+    )?;
+    entry.digest = digest(&out);
+    entry.paths = vec![path];
+    Ok(())
+}
+
+pub fn undo(entry: &LedgerEntry, _ctx: &AgentCtx, rt: &dyn Runtime) -> StepResult<()> {
+    let machine = _ctx.machine;
+    let mut args: Vec<&str> = entry.paths.iter().map(String::as_str).collect();
+    args.retain(|p| p.starts_with(CA_DIR));
+    run_script(
+        rt,
+        machine,
+        "removing the CA certificate",
+        "rm -f \"$@\" && update-ca-certificates --fresh >/dev/null 2>&1 || update-ca-certificates --fresh >&2",
+        &args,
+        "the image needs the ca-certificates package (update-ca-certificates)",
+    )?;
+    Ok(())
+}

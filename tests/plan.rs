@@ -1,0 +1,288 @@
+//! Golden tests of the planner: a fixed desired state (tests/fixtures/plan)
+//! against hand-made snapshots, compared as the text `bottle plan` prints.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use bottle::desired::Desired;
+use bottle::ledger::LedgerEntry;
+use bottle::observe::{Probe, Snapshot};
+use bottle::plan::{PlanOptions, plan};
+use bottle::runtime::{MachineInfo, MachineState};
+use bottle::steps::{machine, probe_digest};
+
+fn desired() -> Desired {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/plan");
+    let project = bottle::manifest::load_dir(&dir).expect("fixture is valid");
+    let graph = bottle::graph::build(&project).expect("fixture graph builds");
+    Desired::new(project, &graph)
+}
+
+/// A machine as `ls` reports it for `agent`, with the labels bottle gave it.
+fn listed(desired: &Desired, agent: &str, state: MachineState) -> MachineInfo {
+    let a = &desired.agents[agent];
+    let ctx = desired.ctx(a);
+    let spec = machine::machine_spec(&ctx);
+    MachineInfo {
+        name: a.machine.clone(),
+        state,
+        cpus: Some(spec.cpus),
+        memory_mib: Some(spec.memory_mib),
+        image: None,
+        network: spec.egress.is_some(),
+        labels: spec.labels,
+    }
+}
+
+/// What the probe of an agent whose every step is applied and untouched
+/// would report.
+fn probed(desired: &Desired, agent: &str) -> Probe {
+    let a = &desired.agents[agent];
+    let mut probe = Probe::default();
+    for step in &a.steps {
+        let id = step.kind.id();
+        let section = match step.kind {
+            bottle::graph::StepKind::Supervise => {
+                r#"{"mcpServers": {"supervise": {"type": "http", "url": "http://10.8.0.2:9100/"}}}"#
+                    .to_owned()
+            }
+            _ => format!("state of {id}\n"),
+        };
+        let mut entry = LedgerEntry::new(&step.kind, step.hash.clone());
+        entry.applied_at = 1_795_764_145;
+        if !matches!(step.kind, bottle::graph::StepKind::Setup(_)) {
+            entry.digest = probe_digest(&step.kind, &section);
+            probe.sections.insert(id.clone(), section);
+        }
+        if step.kind == bottle::graph::StepKind::Machine {
+            entry.detail = machine::mutable_detail(&desired.ctx(a));
+            probe.sections.insert(id.clone(), "1000 1000\n".into());
+            entry.digest = probe_digest(&step.kind, "1000 1000\n");
+        }
+        probe.ledger.insert(id, entry);
+    }
+    probe
+}
+
+/// Every agent running and in sync.
+fn in_sync(desired: &Desired) -> Snapshot {
+    let mut machines: Vec<MachineInfo> = desired
+        .agents
+        .keys()
+        .map(|a| listed(desired, a, MachineState::Running))
+        .collect();
+    machines.sort_by(|a, b| a.name.cmp(&b.name));
+    let probes = desired
+        .agents
+        .values()
+        .map(|a| (a.machine.clone(), probed(desired, &a.name)))
+        .collect::<BTreeMap<_, _>>();
+    Snapshot { machines, probes }
+}
+
+fn render(desired: &Desired, snapshot: &Snapshot, options: &PlanOptions) -> String {
+    plan(desired, snapshot, options).render()
+}
+
+fn machine_of<'a>(snapshot: &'a mut Snapshot, name: &str) -> &'a mut MachineInfo {
+    snapshot
+        .machines
+        .iter_mut()
+        .find(|m| m.name == name)
+        .expect("machine listed")
+}
+
+#[test]
+fn fresh_project_creates_every_machine_and_step() {
+    let d = desired();
+    insta::assert_snapshot!(render(&d, &Snapshot::default(), &PlanOptions::default()));
+}
+
+#[test]
+fn nothing_to_do_when_everything_matches() {
+    let d = desired();
+    insta::assert_snapshot!(render(&d, &in_sync(&d), &PlanOptions::default()), @"No changes: every agent matches its manifest.");
+}
+
+#[test]
+fn a_step_changed_in_the_manifest_is_applied_again() {
+    let d = desired();
+    let mut out = String::new();
+    for step in [
+        "ca",
+        "prompt",
+        "skills",
+        "git",
+        "setup:toolchain",
+        "supervise",
+        "machine",
+    ] {
+        let mut s = in_sync(&d);
+        let probe = s.probes.get_mut("bottle_golden_reviewer").unwrap();
+        probe.ledger.get_mut(step).unwrap().hash = "an older hash".into();
+        out.push_str(&format!(
+            "## {step}\n{}\n",
+            render(&d, &s, &PlanOptions::default())
+        ));
+    }
+    insta::assert_snapshot!(out);
+}
+
+#[test]
+fn a_step_drifted_in_the_guest_is_applied_again() {
+    let d = desired();
+    let mut out = String::new();
+    for step in ["ca", "prompt", "skills", "git", "supervise", "machine"] {
+        let mut s = in_sync(&d);
+        let probe = s.probes.get_mut("bottle_golden_reviewer").unwrap();
+        let edited = match step {
+            "supervise" => {
+                r#"{"mcpServers": {"supervise": {"type": "http", "url": "http://evil/"}}}"#
+            }
+            _ => "edited inside the guest\n",
+        };
+        probe.sections.insert(step.into(), edited.into());
+        out.push_str(&format!(
+            "## {step}\n{}\n",
+            render(&d, &s, &PlanOptions::default())
+        ));
+    }
+    insta::assert_snapshot!(out);
+}
+
+#[test]
+fn a_step_that_left_the_manifest_is_undone() {
+    let d = desired();
+    let mut s = in_sync(&d);
+    // coder declares no skills, but its guest still has some; and a setup
+    // step that was removed.
+    let probe = s.probes.get_mut("bottle_golden_coder").unwrap();
+    let mut skills = LedgerEntry::new(&bottle::graph::StepKind::Skills, "h");
+    skills.paths = vec!["/home/node/.claude/skills/review".into()];
+    probe.ledger.insert("skills".into(), skills);
+    let old = bottle::graph::StepKind::Setup("old-tool".into());
+    probe.ledger.insert(old.id(), LedgerEntry::new(&old, "h"));
+    insta::assert_snapshot!(render(&d, &s, &PlanOptions::default()));
+}
+
+#[test]
+fn an_immutable_setting_changed_means_replacement_only_when_allowed() {
+    let d = desired();
+    let mut s = in_sync(&d);
+    let m = machine_of(&mut s, "bottle_golden_reviewer");
+    m.labels.insert("bottle.spec-hash".into(), "0000".into());
+    m.labels
+        .insert("bottle.spec.egress.allow_hosts".into(), "0000".into());
+    let blocked = render(&d, &s, &PlanOptions::default());
+    let allowed = render(
+        &d,
+        &s,
+        &PlanOptions {
+            allow_replace: true,
+            ..PlanOptions::default()
+        },
+    );
+    insta::assert_snapshot!(format!(
+        "## without --allow-replace\n{blocked}\n## with --allow-replace\n{allowed}"
+    ));
+}
+
+#[test]
+fn stopped_and_unreachable_machines_are_started() {
+    let d = desired();
+    let mut s = in_sync(&d);
+    let coder = machine_of(&mut s, "bottle_golden_coder");
+    coder.state = MachineState::Stopped;
+    coder.memory_mib = Some(4096);
+    let reviewer = machine_of(&mut s, "bottle_golden_reviewer");
+    reviewer.state = MachineState::Unreachable;
+    reviewer.cpus = Some(4);
+    s.probes.clear();
+    insta::assert_snapshot!(render(&d, &s, &PlanOptions::default()));
+}
+
+#[test]
+fn changed_resources_restart_a_running_machine() {
+    let d = desired();
+    let mut s = in_sync(&d);
+    machine_of(&mut s, "bottle_golden_coder").memory_mib = Some(4096);
+    let probe = s.probes.get_mut("bottle_golden_coder").unwrap();
+    probe
+        .ledger
+        .get_mut("machine")
+        .unwrap()
+        .detail
+        .insert("env_hash".into(), "old".into());
+    insta::assert_snapshot!(render(&d, &s, &PlanOptions::default()));
+}
+
+#[test]
+fn undeclared_machines_are_pruned_only_when_allowed_and_foreign_ones_never() {
+    let d = desired();
+    let mut s = in_sync(&d);
+    let mut gone = listed(&d, "coder", MachineState::Running);
+    gone.name = "bottle_golden_retired".into();
+    gone.labels.insert("bottle.agent".into(), "retired".into());
+    let mut foreign = listed(&d, "coder", MachineState::Running);
+    foreign.name = "bottle_other_coder".into();
+    foreign
+        .labels
+        .insert("bottle.project".into(), "other".into());
+    let mut unmanaged = foreign.clone();
+    unmanaged.name = "hand-made".into();
+    unmanaged.labels.clear();
+    s.machines.extend([gone, foreign, unmanaged]);
+    s.machines.sort_by(|a, b| a.name.cmp(&b.name));
+    let blocked = render(&d, &s, &PlanOptions::default());
+    let allowed = render(
+        &d,
+        &s,
+        &PlanOptions {
+            prune: true,
+            ..PlanOptions::default()
+        },
+    );
+    let targeted = render(
+        &d,
+        &s,
+        &PlanOptions {
+            prune: true,
+            targets: Some(vec!["coder".into()]),
+            ..PlanOptions::default()
+        },
+    );
+    insta::assert_snapshot!(format!(
+        "## without --prune\n{blocked}\n## with --prune\n{allowed}\n## with --prune --target coder\n{targeted}"
+    ));
+}
+
+#[test]
+fn a_name_taken_by_another_project_is_never_touched() {
+    let d = desired();
+    let mut s = in_sync(&d);
+    let m = machine_of(&mut s, "bottle_golden_coder");
+    m.labels
+        .insert("bottle.project".into(), "someone-else".into());
+    s.probes.remove("bottle_golden_coder");
+    insta::assert_snapshot!(render(&d, &s, &PlanOptions::default()));
+}
+
+#[test]
+fn a_guest_that_cannot_be_probed_is_restarted_and_reprovisioned() {
+    let d = desired();
+    let mut s = in_sync(&d);
+    s.probes.get_mut("bottle_golden_coder").unwrap().error = Some("exec timed out".into());
+    insta::assert_snapshot!(render(&d, &s, &PlanOptions::default()));
+}
+
+#[test]
+fn plans_are_deterministic() {
+    let d = desired();
+    let s = in_sync(&d);
+    let a =
+        serde_json::to_string(&plan(&d, &Snapshot::default(), &PlanOptions::default())).unwrap();
+    let b =
+        serde_json::to_string(&plan(&d, &Snapshot::default(), &PlanOptions::default())).unwrap();
+    assert_eq!(a, b);
+    assert!(plan(&d, &s, &PlanOptions::default()).is_empty());
+}
