@@ -133,6 +133,7 @@ pub fn load_dir(dir: &Path) -> Result<Project, Diagnostics> {
         root: &root,
         found,
         fs: HashMap::new(),
+        certs: HashMap::new(),
     };
     let mut decls = Decls::default();
     for (i, doc) in docs.iter().enumerate() {
@@ -421,6 +422,7 @@ pub(super) struct Cx<'a> {
     pub found: Found,
     /// Paths are often shared (one skill, many agents): stat each once.
     fs: HashMap<PathBuf, Option<FsInfo>>,
+    certs: HashMap<PathBuf, Result<usize, validate::PemProblem>>,
 }
 
 impl Cx<'_> {
@@ -455,21 +457,67 @@ impl Cx<'_> {
         self.found.push(file, (start, d));
     }
 
-    /// Canonical path and kind of `path`, or `None` when it does not exist.
+    /// Canonical path and kind of `path` (absolute, without `..`), or
+    /// `None` when it does not exist. Resolves through the cached parent, so
+    /// a thousand prompt files in one directory cost one `lstat` each rather
+    /// than a `realpath` walk each.
     pub fn stat(&mut self, path: &Path) -> Option<FsInfo> {
         if let Some(info) = self.fs.get(path) {
             return info.clone();
         }
-        let info = fs::canonicalize(path).ok().and_then(|canonical| {
-            let meta = fs::metadata(&canonical).ok()?;
-            Some(FsInfo {
-                canonical,
-                is_dir: meta.is_dir(),
-                is_file: meta.is_file(),
-            })
-        });
+        let info = match (path.parent(), path.file_name()) {
+            (Some(parent), Some(name)) => self.stat(parent).and_then(|parent| {
+                if !parent.is_dir {
+                    return None;
+                }
+                let candidate = parent.canonical.join(name);
+                let meta = fs::symlink_metadata(&candidate).ok()?;
+                let (canonical, meta) = if meta.is_symlink() {
+                    let canonical = fs::canonicalize(&candidate).ok()?;
+                    let meta = fs::metadata(&canonical).ok()?;
+                    (canonical, meta)
+                } else {
+                    (candidate, meta)
+                };
+                Some(FsInfo {
+                    canonical,
+                    is_dir: meta.is_dir(),
+                    is_file: meta.is_file(),
+                })
+            }),
+            // The root, or a path that is not absolute.
+            _ => fs::canonicalize(path).ok().and_then(|canonical| {
+                let meta = fs::metadata(&canonical).ok()?;
+                Some(FsInfo {
+                    canonical,
+                    is_dir: meta.is_dir(),
+                    is_file: meta.is_file(),
+                })
+            }),
+        };
         self.fs.insert(path.to_owned(), info.clone());
         info
+    }
+
+    /// The verdict on a CA file, read and checked once however many
+    /// bottles name it.
+    pub fn cert(&mut self, path: &Path) -> Result<usize, validate::PemProblem> {
+        if let Some(verdict) = self.certs.get(path) {
+            return verdict.clone();
+        }
+        let verdict = match fs::metadata(path) {
+            Ok(meta) if meta.len() > validate::MAX_CERT_BYTES => Err(
+                validate::PemProblem::Unreadable("is larger than 1 MiB".to_owned()),
+            ),
+            _ => match fs::read(path) {
+                Ok(bytes) => validate::check_pem(&bytes),
+                Err(e) => Err(validate::PemProblem::Unreadable(format!(
+                    "cannot be read: {e}"
+                ))),
+            },
+        };
+        self.certs.insert(path.to_owned(), verdict.clone());
+        verdict
     }
 }
 

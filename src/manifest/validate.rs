@@ -31,7 +31,7 @@ pub const BUILTIN_STEPS: [&str; 5] = ["machine", "ca", "prompt", "skills", "git"
 const RESERVED_STEPS: [&str; 6] = ["machine", "ca", "prompt", "skills", "git", "supervise"];
 
 /// A CA file larger than this is not a certificate (and is not read).
-const MAX_CERT_BYTES: u64 = 1 << 20;
+pub(super) const MAX_CERT_BYTES: u64 = 1 << 20;
 
 pub(super) fn check(
     cx: &mut Cx,
@@ -1437,61 +1437,51 @@ fn normalize(path: &Path) -> PathBuf {
 
 /// Reads the CA file and checks it is PEM certificates only.
 fn check_cert(cx: &mut Cx, file: FileId, path: &KeyPath, raw: &str, cert: &Path) -> bool {
-    let bytes = match std::fs::metadata(cert) {
-        Ok(meta) if meta.len() > MAX_CERT_BYTES => Err("is larger than 1 MiB".to_owned()),
-        _ => std::fs::read(cert).map_err(|e| format!("cannot be read: {e}")),
-    };
-    let problem = match bytes {
-        Err(problem) => Some((problem, "give a PEM certificate file".to_owned())),
-        Ok(bytes) => match check_pem(&bytes) {
-            Ok(_) => None,
-            Err(PemProblem::PrivateKey) => {
-                cx.report(
-                    file,
-                    path,
-                    Want::Value,
-                    diag(
-                        "bottle::ca-private-key",
-                        format!("CA certificate `{raw}` contains a private key"),
-                        "only the certificate goes into the guest: extract it \
-                         (`openssl x509 -in FILE -out ca.pem`) and keep the key off this \
-                         directory; if the key was committed, replace the CA",
-                    ),
-                    "holds a private key",
-                );
-                return false;
-            }
-            Err(PemProblem::Malformed(problem)) => Some((
-                problem,
-                "give the CA's certificate in PEM form: `-----BEGIN CERTIFICATE-----`, \
-                 base64 DER, `-----END CERTIFICATE-----` (convert a DER file with \
-                 `openssl x509 -inform der -in ca.der -out ca.pem`)"
-                    .to_owned(),
-            )),
-        },
-    };
-    match problem {
-        None => true,
-        Some((problem, help)) => {
+    let (problem, help) = match cx.cert(cert) {
+        Ok(_) => return true,
+        Err(PemProblem::PrivateKey) => {
             cx.report(
                 file,
                 path,
                 Want::Value,
                 diag(
-                    "bottle::invalid-cert",
-                    format!("CA certificate `{raw}` is not a PEM certificate"),
-                    help,
+                    "bottle::ca-private-key",
+                    format!("CA certificate `{raw}` contains a private key"),
+                    "only the certificate goes into the guest: extract it \
+                     (`openssl x509 -in FILE -out ca.pem`) and keep the key off this \
+                     directory; if the key was committed, replace the CA",
                 ),
-                format!("this file {problem}"),
+                "holds a private key",
             );
-            false
+            return false;
         }
-    }
+        Err(PemProblem::Unreadable(problem)) => (problem, "give a PEM certificate file"),
+        Err(PemProblem::Malformed(problem)) => (
+            problem,
+            "give the CA's certificate in PEM form: `-----BEGIN CERTIFICATE-----`, \
+             base64 DER, `-----END CERTIFICATE-----` (convert a DER file with \
+             `openssl x509 -inform der -in ca.der -out ca.pem`)",
+        ),
+    };
+    cx.report(
+        file,
+        path,
+        Want::Value,
+        diag(
+            "bottle::invalid-cert",
+            format!("CA certificate `{raw}` is not a PEM certificate"),
+            help,
+        ),
+        format!("this file {problem}"),
+    );
+    false
 }
 
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum PemProblem {
     PrivateKey,
+    /// Too large or unreadable; phrased to follow "it ...".
+    Unreadable(String),
     /// Phrased to follow "it ...".
     Malformed(String),
 }
