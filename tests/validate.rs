@@ -117,6 +117,11 @@ fn wrong_type() {
 }
 
 #[test]
+fn wrong_shape() {
+    insta::assert_snapshot!(validate("wrong-shape"));
+}
+
+#[test]
 fn unknown_key() {
     insta::assert_snapshot!(validate("unknown-key"));
 }

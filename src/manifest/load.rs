@@ -149,7 +149,7 @@ pub fn load_dir(dir: &Path) -> Result<Project, Diagnostics> {
 
     let name = project_name(&mut cx, &root, decls.project.take());
     let (bottles, agents) = validate::check(&mut cx, &decls);
-    if decls.agents.is_empty() {
+    if decls.agents.is_empty() && !decls.saw_agent_table {
         cx.found.global(
             ManifestDiagnostic::new(
                 "bottle::no-agents",
@@ -547,6 +547,9 @@ pub(super) struct Decls {
     pub project: Option<(FileId, ProjectSpec)>,
     pub bottles: Vec<Decl<BottleSpec>>,
     pub agents: Vec<Decl<AgentSpec>>,
+    /// An `agent` key was seen, even a malformed one (then "no agents" would
+    /// only repeat its error).
+    pub saw_agent_table: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -605,6 +608,7 @@ fn read_file(cx: &mut Cx, file: FileId, rel: &Path, doc: &Doc, broken: bool, out
                 }
             }
             "bottle" | "agent" => {
+                out.saw_agent_table |= key.get_ref() == "agent";
                 let kind = if key.get_ref() == "bottle" {
                     Kind::Bottle
                 } else {
@@ -666,7 +670,7 @@ fn read_file(cx: &mut Cx, file: FileId, rel: &Path, doc: &Doc, broken: bool, out
             }
             _ if broken => {}
             other => {
-                let d = match retired(None, &[], other, value) {
+                let d = match retired(None, &[], other) {
                     Some((message, help)) => {
                         ManifestDiagnostic::new("bottle::retired-key", message).help(help)
                     }
@@ -784,7 +788,7 @@ fn entity<T: DeserializeOwned>(
         let where_ = context(&what, &base, parent);
 
         if let Some(field) = between(message, "unknown field `", "`") {
-            let d = match retired(Some(kind), parent, field, hit.value) {
+            let d = match retired(Some(kind), parent, field) {
                 Some((message, help)) => {
                     ManifestDiagnostic::new("bottle::retired-key", message).help(help)
                 }
@@ -824,16 +828,35 @@ fn entity<T: DeserializeOwned>(
             let found = a_type(hit.value.get_ref().type_str());
             let invalid = message.starts_with("invalid value");
             let pattern = pattern(kind, &hit.path);
-            let key_name = match key {
-                Some(Seg::Key(k)) => format!("`{k}`"),
-                _ => format!("`{}`", KeyPath(hit.path.clone())),
+            // An array element is named by its array, in the array's table.
+            let (key_name, where_) = match key {
+                Some(Seg::Index(_)) => {
+                    let (table, array) = split_last(parent);
+                    let array = match array {
+                        Some(Seg::Key(a)) => a.as_str(),
+                        _ => "an array",
+                    };
+                    (
+                        format!("an element of `{array}`"),
+                        context(&what, &base, table),
+                    )
+                }
+                Some(Seg::Key(k)) => (format!("`{k}`"), where_),
+                None => (format!("`{}`", KeyPath(hit.path.clone())), where_),
             };
             let message = if invalid {
                 format!("invalid value for {key_name} in {where_}: expected {expected}")
             } else {
                 format!("wrong type for {key_name} in {where_}: expected {expected}, found {found}")
             };
+            let array_of_tables = matches!(pattern.as_str(), "bottle.setup" | "bottle.git.remote");
             let help = match example(&pattern) {
+                // `[bottle.x.setup]` where `[[bottle.x.setup]]` was meant.
+                _ if array_of_tables && found == "a table" => {
+                    let mut full = base.clone();
+                    full.0.extend(hit.path.iter().cloned());
+                    format!("declare each entry with double brackets: `[[{full}]]`")
+                }
                 Some(ex) => format!("write it as {expected}, e.g. `{ex}`"),
                 None => format!("write it as {expected}"),
             };
@@ -940,6 +963,36 @@ fn precheck(cx: &mut Cx, file: FileId, kind: Kind, what: &str, value: &mut Doc) 
         }
     }
 
+    // serde reads a struct from an array too (by position), which gives
+    // baffling errors: an array where a table belongs is reported here.
+    for key in ["egress", "ca", "git", "supervise", "local"] {
+        let Some(value) = table.get(key).filter(|v| v.get_ref().is_array()) else {
+            continue;
+        };
+        clean = false;
+        let span = value.span();
+        table.remove(key);
+        let help = match key {
+            "egress" => "list hosts and networks in a table: `[bottle.<name>.egress]` with \
+                         `allow_hosts = [\"api.anthropic.com\"]` and `allow_cidrs = [...]`"
+                .to_owned(),
+            _ => format!(
+                "write it as a table, e.g. `{}`",
+                example(&format!("bottle.{key}")).unwrap_or_default()
+            ),
+        };
+        cx.report_at(
+            file,
+            span,
+            ManifestDiagnostic::new(
+                "bottle::wrong-type",
+                format!("wrong type for `{key}` in {what}: expected a table, found an array"),
+            )
+            .help(help),
+            "this is an array",
+        );
+    }
+
     if let Some(supervise) = table.get("supervise")
         && let Some(on) = supervise.get_ref().as_bool()
     {
@@ -968,7 +1021,7 @@ fn precheck(cx: &mut Cx, file: FileId, kind: Kind, what: &str, value: &mut Doc) 
 /// Retired or renamed keys of the tool bottle descends from (claude-bottle),
 /// with the precise migration. `parent` is the path of the table holding
 /// `key`, relative to the entity; `kind` is `None` at a file's top level.
-fn retired(kind: Option<Kind>, parent: &[Seg], key: &str, value: &Doc) -> Option<(String, String)> {
+fn retired(kind: Option<Kind>, parent: &[Seg], key: &str) -> Option<(String, String)> {
     let parent: Vec<&str> = parent
         .iter()
         .filter_map(|s| match s {
@@ -1008,10 +1061,6 @@ fn retired(kind: Option<Kind>, parent: &[Seg], key: &str, value: &Doc) -> Option
             &format!("`{key}` is gone: credentials are passed as secret references"),
             "declare each credential in `secrets`, e.g. \
              `secrets = { GITHUB_TOKEN = { from_env = \"GH_PAT\" } }`",
-        ),
-        (Some(Kind::Bottle), [], "egress") if value.get_ref().is_array() => hit(
-            "`egress` is a table of allowed hosts and networks",
-            "write `[bottle.<name>.egress]` with `allow_hosts = [...]`",
         ),
         _ => None,
     }
