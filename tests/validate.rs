@@ -373,3 +373,29 @@ fn images_are_classified() {
         bottle::manifest::ProjectNameSource::DirectoryName
     );
 }
+
+/// Hidden entries and symlinked directories are not read; nested
+/// directories are, and a file's paths are relative to that file.
+#[test]
+fn walk_skips_hidden_entries_and_symlinked_directories() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("manifests");
+    let elsewhere = tmp.path().join("elsewhere");
+    for dir in [m.join(".git"), m.join("team/prompts"), elsewhere.clone()] {
+        fs::create_dir_all(dir).unwrap();
+    }
+    let garbage = "this is [not toml";
+    fs::write(m.join(".git/config.toml"), garbage).unwrap();
+    fs::write(m.join(".draft.toml"), garbage).unwrap();
+    fs::write(elsewhere.join("x.toml"), garbage).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, m.join("team/linked")).unwrap();
+    fs::write(m.join("team/prompts/r.md"), "Review.\n").unwrap();
+    fs::write(
+        m.join("team/agents.toml"),
+        "[bottle.dev]\n\n[agent.reviewer]\nbottle = \"dev\"\nprompt = \"prompts/r.md\"\n",
+    )
+    .unwrap();
+    let (code, stdout, stderr) = run_in(tmp.path(), "manifests");
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("1 agent, 1 bottle valid"), "{stdout}");
+}
