@@ -117,6 +117,11 @@ fn wrong_type() {
 }
 
 #[test]
+fn wrong_shape() {
+    insta::assert_snapshot!(validate("wrong-shape"));
+}
+
+#[test]
 fn unknown_key() {
     insta::assert_snapshot!(validate("unknown-key"));
 }
@@ -285,4 +290,112 @@ fn nonexistent_directory() {
 #[test]
 fn file_instead_of_directory() {
     insta::assert_snapshot!(validate("no-manifests/README.md"));
+}
+
+/// What the loader hands the rest of the pipeline for the examples:
+/// resolved, absolute paths and classified settings.
+#[test]
+fn examples_resolve_into_a_project() {
+    use bottle::manifest::{Image, ProjectNameSource, Prompt, load_dir};
+
+    let root = fs::canonicalize(Path::new(env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let m = root.join("manifests");
+    let project = load_dir(&m).unwrap_or_else(|e| panic!("{e:?}"));
+    assert_eq!(project.name, "example");
+    assert_eq!(project.name_source, ProjectNameSource::Declared);
+    assert_eq!(project.dir, m);
+    assert_eq!(project.machine_name("coder"), "bottle_example_coder");
+
+    let dev = &project.bottles["dev"];
+    assert_eq!(dev.image, Image::Host);
+    assert_eq!(
+        dev.ca_cert.as_deref(),
+        Some(m.join("certs/egress-ca.pem").as_path())
+    );
+    assert_eq!(dev.volumes.len(), 1);
+    assert_eq!(dev.volumes[0].host, m.join("workspace"));
+    assert_eq!(dev.volumes[0].guest, "/workspace");
+    assert!(!dev.volumes[0].read_only);
+    assert_eq!(
+        dev.setup_inputs,
+        vec![vec![m.join("scripts/check-tools.sh")], vec![]]
+    );
+    assert_eq!(project.sources.path(dev.file), m.join("bottles/dev.toml"));
+    assert!(project.bottles["review"].volumes[0].read_only);
+
+    let coder = &project.agents["coder"];
+    assert_eq!(coder.prompt, Prompt::File(m.join("prompts/coder.md")));
+    assert_eq!(coder.skills, vec![m.join("skills/commit-style")]);
+    let security = &project.agents["security"];
+    assert!(matches!(&security.prompt, Prompt::Text(t) if t.contains("security reviewer")));
+    assert_eq!(
+        security.skills,
+        vec![m.join("skills/threat-model"), m.join("skills/rust-review")]
+    );
+    assert_eq!(
+        project.relative(&coder.skills[0]),
+        Path::new("skills/commit-style")
+    );
+}
+
+/// Image values: "host" or absent, references, and local paths (a rootfs
+/// directory or an archive file, relative to the manifest).
+#[test]
+fn images_are_classified() {
+    use bottle::manifest::{Image, load_dir};
+
+    let tmp = tempfile::tempdir().unwrap();
+    let m = fs::canonicalize(tmp.path()).unwrap().join("manifests");
+    fs::create_dir_all(m.join("rootfs/usr")).unwrap();
+    fs::write(m.join("agent.tar"), "not really a tar").unwrap();
+    fs::write(
+        m.join("dev.toml"),
+        "[bottle.a]\n[bottle.b]\nimage = \"host\"\n[bottle.c]\nimage = \"alpine:3.20\"\n\
+         [bottle.d]\nimage = \"./rootfs\"\n[bottle.e]\nimage = \"./agent.tar\"\n\
+         [agent.x]\nbottle = \"a\"\n",
+    )
+    .unwrap();
+    let project = load_dir(&m).unwrap_or_else(|e| panic!("{e:?}"));
+    let image = |b: &str| project.bottles[b].image.clone();
+    assert_eq!(image("a"), Image::Host);
+    assert_eq!(image("b"), Image::Host);
+    assert_eq!(image("c"), Image::Reference("alpine:3.20".into()));
+    assert_eq!(image("d"), Image::RootfsDir(m.join("rootfs")));
+    assert_eq!(image("e"), Image::Archive(m.join("agent.tar")));
+    // No bottle.toml: named after the directory holding `manifests`.
+    let parent = m.parent().unwrap().file_name().unwrap().to_string_lossy();
+    assert_eq!(
+        Some(project.name.clone()),
+        bottle::manifest::names::sanitize(&parent)
+    );
+    assert_eq!(
+        project.name_source,
+        bottle::manifest::ProjectNameSource::DirectoryName
+    );
+}
+
+/// Hidden entries and symlinked directories are not read; nested
+/// directories are, and a file's paths are relative to that file.
+#[test]
+fn walk_skips_hidden_entries_and_symlinked_directories() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("manifests");
+    let elsewhere = tmp.path().join("elsewhere");
+    for dir in [m.join(".git"), m.join("team/prompts"), elsewhere.clone()] {
+        fs::create_dir_all(dir).unwrap();
+    }
+    let garbage = "this is [not toml";
+    fs::write(m.join(".git/config.toml"), garbage).unwrap();
+    fs::write(m.join(".draft.toml"), garbage).unwrap();
+    fs::write(elsewhere.join("x.toml"), garbage).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, m.join("team/linked")).unwrap();
+    fs::write(m.join("team/prompts/r.md"), "Review.\n").unwrap();
+    fs::write(
+        m.join("team/agents.toml"),
+        "[bottle.dev]\n\n[agent.reviewer]\nbottle = \"dev\"\nprompt = \"prompts/r.md\"\n",
+    )
+    .unwrap();
+    let (code, stdout, stderr) = run_in(tmp.path(), "manifests");
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("1 agent, 1 bottle valid"), "{stdout}");
 }

@@ -10,20 +10,46 @@ use super::source::{FileId, KeyPath, Sources};
 
 /// One problem in the manifests, pointing into one file. A problem that spans
 /// two files (a name defined twice) carries the second place as `related`.
-#[derive(Debug, Clone, Error, Diagnostic)]
+/// `code` is stable (`bottle::unknown-key`), for scripts and searches.
+#[derive(Debug, Clone, Error)]
 #[error("{message}")]
 pub struct ManifestDiagnostic {
     pub message: String,
-    #[diagnostic(code)]
     pub code: &'static str,
-    #[source_code]
     pub src: Option<NamedSource<Arc<str>>>,
-    #[label(collection)]
     pub labels: Vec<LabeledSpan>,
-    #[help]
     pub help: Option<String>,
-    #[related]
     pub related: Vec<ManifestDiagnostic>,
+}
+
+// Written out rather than derived: the derive has no way to take the code
+// from a field.
+impl Diagnostic for ManifestDiagnostic {
+    fn code<'a>(&'a self) -> Option<Box<dyn std::fmt::Display + 'a>> {
+        Some(Box::new(self.code))
+    }
+
+    fn help<'a>(&'a self) -> Option<Box<dyn std::fmt::Display + 'a>> {
+        self.help
+            .as_ref()
+            .map(|h| Box::new(h) as Box<dyn std::fmt::Display>)
+    }
+
+    fn source_code(&self) -> Option<&dyn miette::SourceCode> {
+        self.src.as_ref().map(|s| s as &dyn miette::SourceCode)
+    }
+
+    fn labels(&self) -> Option<Box<dyn Iterator<Item = LabeledSpan> + '_>> {
+        (!self.labels.is_empty())
+            .then(|| Box::new(self.labels.iter().cloned()) as Box<dyn Iterator<Item = LabeledSpan>>)
+    }
+
+    fn related<'a>(&'a self) -> Option<Box<dyn Iterator<Item = &'a dyn Diagnostic> + 'a>> {
+        (!self.related.is_empty()).then(|| {
+            Box::new(self.related.iter().map(|d| d as &dyn Diagnostic))
+                as Box<dyn Iterator<Item = &'a dyn Diagnostic> + 'a>
+        })
+    }
 }
 
 impl ManifestDiagnostic {

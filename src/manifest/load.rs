@@ -133,6 +133,7 @@ pub fn load_dir(dir: &Path) -> Result<Project, Diagnostics> {
         root: &root,
         found,
         fs: HashMap::new(),
+        certs: HashMap::new(),
     };
     let mut decls = Decls::default();
     for (i, doc) in docs.iter().enumerate() {
@@ -148,7 +149,7 @@ pub fn load_dir(dir: &Path) -> Result<Project, Diagnostics> {
 
     let name = project_name(&mut cx, &root, decls.project.take());
     let (bottles, agents) = validate::check(&mut cx, &decls);
-    if decls.agents.is_empty() {
+    if decls.agents.is_empty() && !decls.saw_agent_table {
         cx.found.global(
             ManifestDiagnostic::new(
                 "bottle::no-agents",
@@ -421,6 +422,7 @@ pub(super) struct Cx<'a> {
     pub found: Found,
     /// Paths are often shared (one skill, many agents): stat each once.
     fs: HashMap<PathBuf, Option<FsInfo>>,
+    certs: HashMap<PathBuf, Result<usize, validate::PemProblem>>,
 }
 
 impl Cx<'_> {
@@ -455,21 +457,67 @@ impl Cx<'_> {
         self.found.push(file, (start, d));
     }
 
-    /// Canonical path and kind of `path`, or `None` when it does not exist.
+    /// Canonical path and kind of `path` (absolute, without `..`), or
+    /// `None` when it does not exist. Resolves through the cached parent, so
+    /// a thousand prompt files in one directory cost one `lstat` each rather
+    /// than a `realpath` walk each.
     pub fn stat(&mut self, path: &Path) -> Option<FsInfo> {
         if let Some(info) = self.fs.get(path) {
             return info.clone();
         }
-        let info = fs::canonicalize(path).ok().and_then(|canonical| {
-            let meta = fs::metadata(&canonical).ok()?;
-            Some(FsInfo {
-                canonical,
-                is_dir: meta.is_dir(),
-                is_file: meta.is_file(),
-            })
-        });
+        let info = match (path.parent(), path.file_name()) {
+            (Some(parent), Some(name)) => self.stat(parent).and_then(|parent| {
+                if !parent.is_dir {
+                    return None;
+                }
+                let candidate = parent.canonical.join(name);
+                let meta = fs::symlink_metadata(&candidate).ok()?;
+                let (canonical, meta) = if meta.is_symlink() {
+                    let canonical = fs::canonicalize(&candidate).ok()?;
+                    let meta = fs::metadata(&canonical).ok()?;
+                    (canonical, meta)
+                } else {
+                    (candidate, meta)
+                };
+                Some(FsInfo {
+                    canonical,
+                    is_dir: meta.is_dir(),
+                    is_file: meta.is_file(),
+                })
+            }),
+            // The root, or a path that is not absolute.
+            _ => fs::canonicalize(path).ok().and_then(|canonical| {
+                let meta = fs::metadata(&canonical).ok()?;
+                Some(FsInfo {
+                    canonical,
+                    is_dir: meta.is_dir(),
+                    is_file: meta.is_file(),
+                })
+            }),
+        };
         self.fs.insert(path.to_owned(), info.clone());
         info
+    }
+
+    /// The verdict on a CA file, read and checked once however many
+    /// bottles name it.
+    pub fn cert(&mut self, path: &Path) -> Result<usize, validate::PemProblem> {
+        if let Some(verdict) = self.certs.get(path) {
+            return verdict.clone();
+        }
+        let verdict = match fs::metadata(path) {
+            Ok(meta) if meta.len() > validate::MAX_CERT_BYTES => Err(
+                validate::PemProblem::Unreadable("is larger than 1 MiB".to_owned()),
+            ),
+            _ => match fs::read(path) {
+                Ok(bytes) => validate::check_pem(&bytes),
+                Err(e) => Err(validate::PemProblem::Unreadable(format!(
+                    "cannot be read: {e}"
+                ))),
+            },
+        };
+        self.certs.insert(path.to_owned(), verdict.clone());
+        verdict
     }
 }
 
@@ -499,6 +547,9 @@ pub(super) struct Decls {
     pub project: Option<(FileId, ProjectSpec)>,
     pub bottles: Vec<Decl<BottleSpec>>,
     pub agents: Vec<Decl<AgentSpec>>,
+    /// An `agent` key was seen, even a malformed one (then "no agents" would
+    /// only repeat its error).
+    pub saw_agent_table: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -557,6 +608,7 @@ fn read_file(cx: &mut Cx, file: FileId, rel: &Path, doc: &Doc, broken: bool, out
                 }
             }
             "bottle" | "agent" => {
+                out.saw_agent_table |= key.get_ref() == "agent";
                 let kind = if key.get_ref() == "bottle" {
                     Kind::Bottle
                 } else {
@@ -618,7 +670,7 @@ fn read_file(cx: &mut Cx, file: FileId, rel: &Path, doc: &Doc, broken: bool, out
             }
             _ if broken => {}
             other => {
-                let d = match retired(None, &[], other, value) {
+                let d = match retired(None, &[], other) {
                     Some((message, help)) => {
                         ManifestDiagnostic::new("bottle::retired-key", message).help(help)
                     }
@@ -736,7 +788,7 @@ fn entity<T: DeserializeOwned>(
         let where_ = context(&what, &base, parent);
 
         if let Some(field) = between(message, "unknown field `", "`") {
-            let d = match retired(Some(kind), parent, field, hit.value) {
+            let d = match retired(Some(kind), parent, field) {
                 Some((message, help)) => {
                     ManifestDiagnostic::new("bottle::retired-key", message).help(help)
                 }
@@ -776,16 +828,35 @@ fn entity<T: DeserializeOwned>(
             let found = a_type(hit.value.get_ref().type_str());
             let invalid = message.starts_with("invalid value");
             let pattern = pattern(kind, &hit.path);
-            let key_name = match key {
-                Some(Seg::Key(k)) => format!("`{k}`"),
-                _ => format!("`{}`", KeyPath(hit.path.clone())),
+            // An array element is named by its array, in the array's table.
+            let (key_name, where_) = match key {
+                Some(Seg::Index(_)) => {
+                    let (table, array) = split_last(parent);
+                    let array = match array {
+                        Some(Seg::Key(a)) => a.as_str(),
+                        _ => "an array",
+                    };
+                    (
+                        format!("an element of `{array}`"),
+                        context(&what, &base, table),
+                    )
+                }
+                Some(Seg::Key(k)) => (format!("`{k}`"), where_),
+                None => (format!("`{}`", KeyPath(hit.path.clone())), where_),
             };
             let message = if invalid {
                 format!("invalid value for {key_name} in {where_}: expected {expected}")
             } else {
                 format!("wrong type for {key_name} in {where_}: expected {expected}, found {found}")
             };
+            let array_of_tables = matches!(pattern.as_str(), "bottle.setup" | "bottle.git.remote");
             let help = match example(&pattern) {
+                // `[bottle.x.setup]` where `[[bottle.x.setup]]` was meant.
+                _ if array_of_tables && found == "a table" => {
+                    let mut full = base.clone();
+                    full.0.extend(hit.path.iter().cloned());
+                    format!("declare each entry with double brackets: `[[{full}]]`")
+                }
                 Some(ex) => format!("write it as {expected}, e.g. `{ex}`"),
                 None => format!("write it as {expected}"),
             };
@@ -892,6 +963,36 @@ fn precheck(cx: &mut Cx, file: FileId, kind: Kind, what: &str, value: &mut Doc) 
         }
     }
 
+    // serde reads a struct from an array too (by position), which gives
+    // baffling errors: an array where a table belongs is reported here.
+    for key in ["egress", "ca", "git", "supervise", "local"] {
+        let Some(value) = table.get(key).filter(|v| v.get_ref().is_array()) else {
+            continue;
+        };
+        clean = false;
+        let span = value.span();
+        table.remove(key);
+        let help = match key {
+            "egress" => "list hosts and networks in a table: `[bottle.<name>.egress]` with \
+                         `allow_hosts = [\"api.anthropic.com\"]` and `allow_cidrs = [...]`"
+                .to_owned(),
+            _ => format!(
+                "write it as a table, e.g. `{}`",
+                example(&format!("bottle.{key}")).unwrap_or_default()
+            ),
+        };
+        cx.report_at(
+            file,
+            span,
+            ManifestDiagnostic::new(
+                "bottle::wrong-type",
+                format!("wrong type for `{key}` in {what}: expected a table, found an array"),
+            )
+            .help(help),
+            "this is an array",
+        );
+    }
+
     if let Some(supervise) = table.get("supervise")
         && let Some(on) = supervise.get_ref().as_bool()
     {
@@ -920,7 +1021,7 @@ fn precheck(cx: &mut Cx, file: FileId, kind: Kind, what: &str, value: &mut Doc) 
 /// Retired or renamed keys of the tool bottle descends from (claude-bottle),
 /// with the precise migration. `parent` is the path of the table holding
 /// `key`, relative to the entity; `kind` is `None` at a file's top level.
-fn retired(kind: Option<Kind>, parent: &[Seg], key: &str, value: &Doc) -> Option<(String, String)> {
+fn retired(kind: Option<Kind>, parent: &[Seg], key: &str) -> Option<(String, String)> {
     let parent: Vec<&str> = parent
         .iter()
         .filter_map(|s| match s {
@@ -960,10 +1061,6 @@ fn retired(kind: Option<Kind>, parent: &[Seg], key: &str, value: &Doc) -> Option
             &format!("`{key}` is gone: credentials are passed as secret references"),
             "declare each credential in `secrets`, e.g. \
              `secrets = { GITHUB_TOKEN = { from_env = \"GH_PAT\" } }`",
-        ),
-        (Some(Kind::Bottle), [], "egress") if value.get_ref().is_array() => hit(
-            "`egress` is a table of allowed hosts and networks",
-            "write `[bottle.<name>.egress]` with `allow_hosts = [...]`",
         ),
         _ => None,
     }

@@ -157,3 +157,56 @@ pub fn find(
     }
     best
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT: &str = "[bottle.dev]\ncpus = 2\n\n[[bottle.dev.setup]]\nname = \"a\"\nrun = \"x\"\n\n\
+                        [[bottle.dev.setup]]\nname = \"b\"\nrun = \"y\"\nafter = [\"a\", \"b\"]\n";
+
+    fn sources() -> (Sources, FileId) {
+        let mut s = Sources::default();
+        let id = s.add("/m/dev.toml".into(), "m/dev.toml".into(), TEXT.into());
+        (s, id)
+    }
+
+    fn text(span: SourceSpan) -> &'static str {
+        &TEXT[span.offset()..span.offset() + span.len()]
+    }
+
+    #[test]
+    fn finds_keys_and_values_in_arrays_of_tables() {
+        let (s, id) = sources();
+        let after = KeyPath::new()
+            .key("bottle")
+            .key("dev")
+            .key("setup")
+            .index(1)
+            .key("after");
+        assert_eq!(text(s.key_span(id, &after).unwrap()), "after");
+        assert_eq!(text(s.value_span(id, &after).unwrap()), "[\"a\", \"b\"]");
+        assert_eq!(
+            text(s.value_span(id, &after.clone().index(1)).unwrap()),
+            "\"b\""
+        );
+        assert_eq!(after.to_string(), "bottle.dev.setup[1].after");
+    }
+
+    #[test]
+    fn falls_back_to_the_nearest_ancestor() {
+        let (s, id) = sources();
+        let missing = KeyPath::new()
+            .key("bottle")
+            .key("dev")
+            .key("setup")
+            .index(0)
+            .key("after");
+        assert_eq!(
+            text(s.value_span(id, &missing).unwrap()),
+            "[[bottle.dev.setup]]"
+        );
+        let cpus = KeyPath::new().key("bottle").key("dev").key("cpus");
+        assert_eq!(text(s.value_span(id, &cpus).unwrap()), "2");
+    }
+}
