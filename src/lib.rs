@@ -18,6 +18,7 @@ pub mod lock;
 pub mod manifest;
 pub mod observe;
 pub mod plan;
+pub mod preflight;
 pub mod runtime;
 pub mod steps;
 pub mod time;

@@ -155,6 +155,14 @@ impl Plan {
         if self.actions.is_empty() {
             out.push_str("No changes: every agent matches its manifest.\n");
         }
+        // Steps line up in a column as wide as the longest step name.
+        let width = self
+            .actions
+            .iter()
+            .map(|a| a.op.step().len())
+            .max()
+            .unwrap_or(0)
+            .max(9);
         let mut current: Option<&str> = None;
         for action in &self.actions {
             if current != Some(action.machine.as_str()) {
@@ -170,7 +178,7 @@ impl Plan {
             }
             write!(
                 out,
-                "  {} {:<8} {:<16} {}",
+                "  {} {:<8} {:<width$} {}",
                 action.op.sigil(),
                 action.op.verb(),
                 action.op.step(),

@@ -8,6 +8,7 @@ use super::plan::SelectArgs;
 use super::{DirArg, GlobalArgs, Outcome, session};
 use crate::apply::{self, Outcome as ActionOutcome, Report};
 use crate::lock::ProjectLock;
+use crate::preflight::Secrets;
 
 #[derive(Debug, Args)]
 pub struct ApplyArgs {
@@ -42,7 +43,13 @@ pub fn run(global: &GlobalArgs, args: ApplyArgs) -> miette::Result<Outcome> {
             Duration::from_secs(args.lock_wait),
         )?)
     };
-    let survey = session::survey(global, &args.dir.dir, &options, parallelism)?;
+    let survey = session::survey(
+        global,
+        &args.dir.dir,
+        &options,
+        parallelism,
+        Secrets::Required,
+    )?;
     print!("{}", survey.plan.render());
     if args.dry_run || survey.plan.is_empty() {
         return Ok(Outcome::Success);

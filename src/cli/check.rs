@@ -5,6 +5,7 @@ use serde::Serialize;
 
 use super::{DirArg, GlobalArgs, Outcome, session};
 use crate::plan::{Plan, PlanOptions};
+use crate::preflight::Secrets;
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
@@ -65,7 +66,13 @@ pub fn run(global: &GlobalArgs, args: CheckArgs) -> miette::Result<Outcome> {
         targets: (!args.targets.is_empty()).then(|| args.targets.clone()),
         ..PlanOptions::default()
     };
-    let survey = session::survey(global, &args.dir.dir, &options, args.parallelism.into())?;
+    let survey = session::survey(
+        global,
+        &args.dir.dir,
+        &options,
+        args.parallelism.into(),
+        Secrets::Noted,
+    )?;
     let report = report(&survey.plan);
     if args.json {
         println!(

@@ -4,6 +4,7 @@ use clap::Args;
 
 use super::{DirArg, GlobalArgs, Outcome, session};
 use crate::plan::PlanOptions;
+use crate::preflight::Secrets;
 
 #[derive(Debug, Args)]
 pub struct PlanArgs {
@@ -62,6 +63,7 @@ pub fn run(global: &GlobalArgs, args: PlanArgs) -> miette::Result<Outcome> {
         &args.dir.dir,
         &args.select.options(),
         args.select.parallelism.into(),
+        Secrets::Noted,
     )?;
     if args.json {
         println!(

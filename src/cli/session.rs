@@ -9,10 +9,11 @@ use thiserror::Error;
 use super::{GlobalArgs, RuntimeChoice};
 use crate::apply::{ActionReport, Outcome as ActionOutcome, Progress};
 use crate::desired::Desired;
-use crate::manifest::{self, Diagnostics, KeyPath, ManifestDiagnostic};
+use crate::manifest;
 use crate::observe::Snapshot;
 use crate::plan::{Action, Plan, PlanOptions};
-use crate::runtime::Runtime;
+use crate::preflight::{self, Secrets};
+use crate::runtime::{Runtime, RuntimeKind};
 
 /// Load manifests and build the desired state.
 pub fn load(dir: &Path) -> miette::Result<Desired> {
@@ -44,6 +45,13 @@ pub fn state_dir(global: &GlobalArgs) -> miette::Result<PathBuf> {
 )]
 struct NoStateDir;
 
+pub fn runtime_kind(global: &GlobalArgs) -> RuntimeKind {
+    match global.runtime {
+        RuntimeChoice::Smolvm => RuntimeKind::Smolvm,
+        RuntimeChoice::Local => RuntimeKind::Local,
+    }
+}
+
 /// Open the runtime the user chose.
 pub fn runtime(global: &GlobalArgs) -> miette::Result<Box<dyn Runtime>> {
     match global.runtime {
@@ -56,55 +64,6 @@ pub fn runtime(global: &GlobalArgs) -> miette::Result<Box<dyn Runtime>> {
                 crate::runtime::local::LocalRuntime::open(&dir).into_diagnostic()?,
             ))
         }
-    }
-}
-
-/// Runtime-specific checks on the manifests: the local runtime cannot
-/// enforce an egress allowlist, so it refuses a bottle with egress unless
-/// the user accepted unfiltered networking, and notes it when they did.
-pub fn check_runtime_support(
-    desired: &Desired,
-    global: &GlobalArgs,
-) -> Result<Vec<String>, Diagnostics> {
-    let mut notes = Vec::new();
-    if global.runtime != RuntimeChoice::Local {
-        return Ok(notes);
-    }
-    let project = &desired.project;
-    let mut problems = Vec::new();
-    for bottle in project.bottles.values() {
-        if bottle.spec.egress.is_none() {
-            continue;
-        }
-        let unfiltered = bottle
-            .spec
-            .local
-            .as_ref()
-            .is_some_and(|l| l.allow_unfiltered_network);
-        if unfiltered {
-            notes.push(format!(
-                "bottle `{}`: the local runtime cannot enforce the egress allowlist; its guests get the host's network, unfiltered",
-                bottle.name
-            ));
-        } else {
-            let path = KeyPath::new().key("bottle").key(&bottle.name).key("egress");
-            problems.push(
-                ManifestDiagnostic::new("bottle::local_egress", format!("the local runtime cannot enforce the egress allowlist of bottle `{}`", bottle.name))
-                    .key(&project.sources, bottle.file, &path, "an allowlist the local runtime cannot enforce")
-                    .help(format!(
-                        "use --runtime smolvm, or accept the host's network unfiltered with `[bottle.{}.local] allow_unfiltered_network = true`",
-                        bottle.name
-                    )),
-            );
-        }
-    }
-    if problems.is_empty() {
-        Ok(notes)
-    } else {
-        Err(Diagnostics {
-            dir: project.dir.display().to_string(),
-            items: problems,
-        })
     }
 }
 
@@ -155,6 +114,7 @@ pub fn survey(
     dir: &Path,
     options: &PlanOptions,
     parallelism: usize,
+    secrets: Secrets,
 ) -> miette::Result<Survey> {
     let desired = load(dir)?;
     for target in options.targets.iter().flatten() {
@@ -171,7 +131,7 @@ pub fn survey(
             .into());
         }
     }
-    let notes = check_runtime_support(&desired, global)?;
+    let notes = preflight::check(&desired, runtime_kind(global), secrets)?;
     let runtime = runtime(global)?;
     let snapshot = crate::observe::observe(
         runtime.as_ref(),

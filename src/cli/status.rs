@@ -5,6 +5,7 @@ use serde::Serialize;
 
 use super::{DirArg, GlobalArgs, Outcome, session};
 use crate::plan::PlanOptions;
+use crate::preflight::Secrets;
 use crate::runtime::MachineState;
 
 #[derive(Debug, Args)]
@@ -47,7 +48,13 @@ struct StepStatus {
 }
 
 pub fn run(global: &GlobalArgs, args: StatusArgs) -> miette::Result<Outcome> {
-    let survey = session::survey(global, &args.dir.dir, &PlanOptions::default(), 8)?;
+    let survey = session::survey(
+        global,
+        &args.dir.dir,
+        &PlanOptions::default(),
+        8,
+        Secrets::Noted,
+    )?;
     let mut status = Status {
         format_version: 1,
         project: survey.desired.project.name.clone(),

@@ -8,6 +8,7 @@ use miette::IntoDiagnostic;
 
 use super::{DirArg, GlobalArgs, Outcome, session};
 use crate::lock::ProjectLock;
+use crate::preflight::{self, Secrets};
 use crate::watch::{self, Message, WatchOptions};
 
 #[derive(Debug, Args)]
@@ -48,7 +49,7 @@ pub fn run(global: &GlobalArgs, args: WatchArgs) -> miette::Result<Outcome> {
     let dir = args.dir.dir.clone();
     // The first load must succeed: there is no last good state to keep yet.
     let first = session::load(&dir)?;
-    session::check_runtime_support(&first, global)?;
+    preflight::check(&first, session::runtime_kind(global), Secrets::Required)?;
     let state = session::state_dir(global)?;
     let _lock = ProjectLock::acquire(&state, &first.project.name, "watch", Duration::ZERO)?;
     let rt = session::runtime(global)?;
@@ -83,7 +84,7 @@ pub fn run(global: &GlobalArgs, args: WatchArgs) -> miette::Result<Outcome> {
     };
     let load = || -> miette::Result<crate::desired::Desired> {
         let desired = session::load(&dir)?;
-        session::check_runtime_support(&desired, global)?;
+        preflight::check(&desired, session::runtime_kind(global), Secrets::Required)?;
         Ok(desired)
     };
     watch::run(&options, rt.as_ref(), &load, rx)?;

@@ -128,12 +128,12 @@ pub fn undo(entry: &LedgerEntry, ctx: &AgentCtx, rt: &dyn Runtime) -> StepResult
 }
 
 /// A tar archive holding each path (file or directory) at its top level
-/// under its own name. Symlinks are archived as links, never followed, so
-/// nothing outside a skill directory is copied.
+/// under its own name, with modification times kept (owners are set in the
+/// guest). Symlinks are archived as links, never followed, so nothing
+/// outside a skill directory is copied.
 pub fn tar_paths<'a>(paths: impl Iterator<Item = &'a Path>) -> StepResult<Vec<u8>> {
     let mut builder = tar::Builder::new(Vec::new());
     builder.follow_symlinks(false);
-    builder.mode(tar::HeaderMode::Deterministic);
     for path in paths {
         let name = path.file_name().unwrap_or_default();
         let result = if path.is_dir() {
