@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant, SystemTime};
 
-use notify::RecursiveMode;
+use notify::{EventKind, RecursiveMode};
 use notify_debouncer_full::{DebounceEventResult, new_debouncer};
 use serde_json::json;
 
@@ -62,7 +62,11 @@ impl Trigger {
                 let names: Vec<String> = paths
                     .iter()
                     .take(5)
-                    .map(|p| p.strip_prefix(dir).unwrap_or(p).display().to_string())
+                    .map(|p| match p.strip_prefix(dir) {
+                        Ok(rel) if rel.as_os_str().is_empty() => ".".to_owned(),
+                        Ok(rel) => rel.display().to_string(),
+                        Err(_) => p.display().to_string(),
+                    })
                     .collect();
                 let more = paths.len().saturating_sub(5);
                 let more = if more > 0 {
@@ -447,7 +451,13 @@ pub fn start_watcher(
     let mut debouncer = new_debouncer(debounce, None, move |result: DebounceEventResult| {
         let message = match result {
             Ok(events) => {
-                let paths: Vec<PathBuf> = events.into_iter().flat_map(|e| e.event.paths).collect();
+                // Reading files (bottle's own reloads included) produces
+                // access events: only changes count.
+                let paths: Vec<PathBuf> = events
+                    .into_iter()
+                    .filter(|e| !matches!(e.event.kind, EventKind::Access(_)))
+                    .flat_map(|e| e.event.paths)
+                    .collect();
                 if paths.is_empty() {
                     return;
                 }
