@@ -131,6 +131,17 @@ fn lifecycle_states_and_errors() {
     assert_eq!(out.stdout, b"out\n");
     assert_eq!(out.stderr, b"err\n");
 
+    // A missing program fails like in a shell.
+    let out =
+        f.rt.exec("life", &ExecRequest::new(["no-such-program"]))
+            .unwrap();
+    assert_eq!(out.status, 127);
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("no-such-program: "));
+    let out =
+        f.rt.exec("life", &ExecRequest::new(["/etc/hostname"]))
+            .unwrap();
+    assert_eq!(out.status, 126);
+
     f.rt.stop("life").unwrap();
     assert_eq!(f.state("life"), MachineState::Stopped);
     f.rt.stop("life").unwrap();
@@ -484,6 +495,10 @@ fn useradd_and_exec_as_that_user() {
         kind(f.rt.exec(&m, &ExecRequest::shell("true").as_user("ghost")).unwrap_err()),
         RuntimeErrorKind::Unsupported(msg) if msg.contains("ghost")
     ));
+    // Programs are found on the guest's PATH, not the host's.
+    f.ok(&m, "printf '#!/bin/sh\\necho guest-only\\n' > /usr/local/bin/guest-only && chmod +x /usr/local/bin/guest-only");
+    let out = f.rt.exec(&m, &ExecRequest::new(["guest-only"])).unwrap();
+    assert_eq!(out.stdout, b"guest-only\n");
     // A working directory.
     let mut req = ExecRequest::shell("pwd");
     req.workdir = Some("/tmp".to_owned());
