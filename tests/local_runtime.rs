@@ -131,6 +131,17 @@ fn lifecycle_states_and_errors() {
     assert_eq!(out.stdout, b"out\n");
     assert_eq!(out.stderr, b"err\n");
 
+    // A missing program fails like in a shell.
+    let out =
+        f.rt.exec("life", &ExecRequest::new(["no-such-program"]))
+            .unwrap();
+    assert_eq!(out.status, 127);
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("no-such-program: "));
+    let out =
+        f.rt.exec("life", &ExecRequest::new(["/etc/hostname"]))
+            .unwrap();
+    assert_eq!(out.status, 126);
+
     f.rt.stop("life").unwrap();
     assert_eq!(f.state("life"), MachineState::Stopped);
     f.rt.stop("life").unwrap();
@@ -484,6 +495,10 @@ fn useradd_and_exec_as_that_user() {
         kind(f.rt.exec(&m, &ExecRequest::shell("true").as_user("ghost")).unwrap_err()),
         RuntimeErrorKind::Unsupported(msg) if msg.contains("ghost")
     ));
+    // Programs are found on the guest's PATH, not the host's.
+    f.ok(&m, "printf '#!/bin/sh\\necho guest-only\\n' > /usr/local/bin/guest-only && chmod +x /usr/local/bin/guest-only");
+    let out = f.rt.exec(&m, &ExecRequest::new(["guest-only"])).unwrap();
+    assert_eq!(out.stdout, b"guest-only\n");
     // A working directory.
     let mut req = ExecRequest::shell("pwd");
     req.workdir = Some("/tmp".to_owned());
@@ -757,13 +772,18 @@ fn delete_removes_the_machine_directory() {
     assert!(left.is_empty(), "{left:?}");
 }
 
-/// A minimal merged-usr rootfs: `sh`, `sleep` and `cat` with their
-/// libraries, and an `/etc` of its own.
-fn minimal_rootfs(r: &Path) {
+/// A minimal rootfs: `sh`, `sleep` and `cat` with their libraries, and an
+/// `/etc` of its own. Merged-usr (`/bin -> usr/bin`) or not (`/bin`,
+/// `/lib`, `/lib64` real directories).
+fn minimal_rootfs(r: &Path, merged: bool) {
     let put = |path: &Path, to: &Path| {
         let rel = path.strip_prefix("/").unwrap();
         let rel = rel.strip_prefix("usr").unwrap_or(rel);
-        let dst = r.join("usr").join(rel);
+        let dst = if merged {
+            r.join("usr").join(rel)
+        } else {
+            r.join(rel)
+        };
         std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
         std::fs::copy(to, &dst).unwrap();
     };
@@ -785,7 +805,11 @@ fn minimal_rootfs(r: &Path) {
     }
     std::fs::create_dir_all(r.join("usr/local")).unwrap();
     for link in ["bin", "lib", "lib64", "sbin"] {
-        std::os::unix::fs::symlink(format!("usr/{link}"), r.join(link)).unwrap();
+        if merged {
+            std::os::unix::fs::symlink(format!("usr/{link}"), r.join(link)).unwrap();
+        } else {
+            std::fs::create_dir_all(r.join(link)).unwrap();
+        }
     }
     std::fs::create_dir_all(r.join("etc")).unwrap();
     for file in ["passwd", "group"] {
@@ -803,7 +827,7 @@ fn rootfs_image_provides_system_and_etc() {
     let f = Fixture::new();
     let rootfs = tempfile::tempdir().unwrap();
     let r = rootfs.path();
-    minimal_rootfs(r);
+    minimal_rootfs(r, true);
     let mut spec = Fixture::spec("rootfs");
     spec.image = Some(r.to_string_lossy().into_owned());
     let m = f.up(spec);
@@ -963,4 +987,22 @@ fn no_fd_of_the_host_process_reaches_the_guest() {
     );
     assert!(!links.contains("-> /\n"), "{links}");
     drop(leak);
+}
+
+#[test]
+fn rootfs_without_merged_usr_binds_each_system_directory() {
+    let f = Fixture::new();
+    let rootfs = tempfile::tempdir().unwrap();
+    let r = rootfs.path();
+    minimal_rootfs(r, false);
+    let mut spec = Fixture::spec("split-usr");
+    spec.image = Some(r.to_string_lossy().into_owned());
+    let m = f.up(spec);
+    assert_eq!(f.ok(&m, "cat /etc/rootfs-marker"), "from the rootfs\n");
+    assert_eq!(f.ok(&m, "test -L /bin || echo real"), "real\n");
+    // Bound read-only, like /usr.
+    assert_ne!(f.sh(&m, "cat /bin/sh > /bin/copy").status, 0);
+    assert_ne!(f.sh(&m, "cat /bin/sh > /lib/copy").status, 0);
+    assert!(!r.join("bin/copy").exists());
+    assert!(!f.rt.machine_dir(&m).join("root/bin/sh").exists());
 }

@@ -163,16 +163,19 @@ fn run(
     let runtime = open_runtime(home)?;
     let double = Double {
         home,
-        runtime: &*runtime,
+        runtime: &runtime,
         knobs: &knobs,
         call,
     };
     double.run(command, io)
 }
 
-fn open_runtime(home: &Home) -> Result<Box<dyn Runtime>, Failure> {
-    Err(Failure::double(format!(
-        "no local runtime yet in {}",
-        home.local_dir().display()
-    )))
+fn open_runtime(home: &Home) -> Result<impl Runtime, Failure> {
+    let dir = home.local_dir();
+    bottle::runtime::local::LocalRuntime::open(&dir).map_err(|error| {
+        Failure::double(format!(
+            "opening the local runtime in {}: {error}",
+            dir.display()
+        ))
+    })
 }

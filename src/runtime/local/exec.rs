@@ -2,7 +2,7 @@
 //!
 //! A command joins the namespaces of the machine's init process (pid, ipc,
 //! uts and net from a short-lived thread, so only the child is affected;
-//! mount in the child itself), chroots to the init's root, drops the
+//! mount in the child itself, through `/proc/PID/ns` files), chroots to the init's root, drops the
 //! capabilities a guest must not have, switches to the requested user and
 //! execs. One fork and one exec: no helper process, which keeps the overhead
 //! of an exec to a few milliseconds.
@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use rustix::event::{PollFd, PollFlags, Timespec, poll};
 use rustix::fs::{Mode, OFlags, ResolveFlags, openat2};
 use rustix::process::{Pid, PidfdFlags, Signal, pidfd_open};
-use rustix::thread::{CapabilitySet, ThreadNameSpaceType};
+use rustix::thread::{CapabilitySet, LinkNameSpaceType};
 
 use super::accounts::{UserIds, lookup_user};
 use super::sandbox::InitProcess;
@@ -56,9 +56,14 @@ const ACCOUNT_FILE_LIMIT: u64 = 16 << 20;
 
 /// Handles on a running machine's init process.
 pub struct Target {
-    pub pidfd: OwnedFd,
+    /// Keeps the init's pid from being reused while the handles are open.
+    _pidfd: OwnedFd,
     /// The init's root directory (`/proc/PID/root`), the guest's `/`.
     pub root: OwnedFd,
+    /// `/proc/PID/ns/{pid,ipc,uts,net}`, joined from a thread.
+    thread_ns: [OwnedFd; 4],
+    /// `/proc/PID/ns/mnt`, joined in the child.
+    mnt_ns: OwnedFd,
     pub pid: u32,
 }
 
@@ -68,23 +73,35 @@ impl Target {
         let pid = Pid::from_raw(init.pid as i32)?;
         let pidfd = pidfd_open(pid, PidfdFlags::empty()).ok()?;
         // The pidfd pins the process: if the start time matches now, the
-        // pidfd is the init and not a process that reused its pid.
+        // pid is the init and not a process that reused it.
         if !init.is_alive() {
             return None;
         }
-        let root = rustix::fs::open(
-            format!("/proc/{}/root", init.pid),
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .ok()?;
-        // The root was opened by pid: check the pid was still ours.
+        let open = |what: &str, flags: OFlags| {
+            rustix::fs::open(
+                format!("/proc/{}/{what}", init.pid),
+                flags | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .ok()
+        };
+        let root = open("root", OFlags::PATH | OFlags::DIRECTORY)?;
+        let thread_ns = [
+            open("ns/pid", OFlags::RDONLY)?,
+            open("ns/ipc", OFlags::RDONLY)?,
+            open("ns/uts", OFlags::RDONLY)?,
+            open("ns/net", OFlags::RDONLY)?,
+        ];
+        let mnt_ns = open("ns/mnt", OFlags::RDONLY)?;
+        // They were opened by pid: check it still was the init's.
         if !init.is_alive() {
             return None;
         }
         Some(Self {
-            pidfd,
+            _pidfd: pidfd,
             root,
+            thread_ns,
+            mnt_ns,
             pid: init.pid,
         })
     }
@@ -234,7 +251,7 @@ fn spawn_in(target: &Target, p: &Prepared) -> io::Result<Child> {
         .collect();
     let uid = rustix::process::Uid::from_raw(p.user.uid);
     let gid = rustix::process::Gid::from_raw(p.user.gid);
-    let pidfd_raw: RawFd = target.pidfd.as_raw_fd();
+    let mnt_raw: RawFd = target.mnt_ns.as_raw_fd();
     let root_raw: RawFd = target.root.as_raw_fd();
 
     let mut cmd = Command::new(program);
@@ -254,9 +271,9 @@ fn spawn_in(target: &Target, p: &Prepared) -> io::Result<Child> {
     // no locks). The two fds stay open in the parent until spawn returns.
     unsafe {
         cmd.pre_exec(move || {
-            let pidfd = BorrowedFd::borrow_raw(pidfd_raw);
+            let mnt = BorrowedFd::borrow_raw(mnt_raw);
             let root = BorrowedFd::borrow_raw(root_raw);
-            enter_guest(pidfd, root, &cwd, &gids, uid, gid)
+            enter_guest(mnt, root, &cwd, &gids, uid, gid)
         });
     }
 
@@ -264,13 +281,9 @@ fn spawn_in(target: &Target, p: &Prepared) -> io::Result<Child> {
     // does it, and cannot be undone: do it on a thread of its own.
     std::thread::scope(|s| {
         s.spawn(|| {
-            rustix::thread::move_into_thread_name_spaces(
-                target.pidfd.as_fd(),
-                ThreadNameSpaceType::PROCESS_ID
-                    | ThreadNameSpaceType::INTER_PROCESS_COMMUNICATION
-                    | ThreadNameSpaceType::HOST_NAME_AND_NIS_DOMAIN_NAME
-                    | ThreadNameSpaceType::NETWORK,
-            )?;
+            for ns in &target.thread_ns {
+                rustix::thread::move_into_link_name_space(ns.as_fd(), None)?;
+            }
             cmd.spawn()
         })
         .join()
@@ -281,14 +294,14 @@ fn spawn_in(target: &Target, p: &Prepared) -> io::Result<Child> {
 /// In the child, before exec: join the mount namespace, chroot to the
 /// guest's root, drop capabilities and switch user.
 fn enter_guest(
-    pidfd: BorrowedFd<'_>,
+    mnt_ns: BorrowedFd<'_>,
     root: BorrowedFd<'_>,
     cwd: &CString,
     gids: &[rustix::process::Gid],
     uid: rustix::process::Uid,
     gid: rustix::process::Gid,
 ) -> io::Result<()> {
-    rustix::thread::move_into_thread_name_spaces(pidfd, ThreadNameSpaceType::MOUNT)?;
+    rustix::thread::move_into_link_name_space(mnt_ns, Some(LinkNameSpaceType::Mount))?;
     rustix::process::fchdir(root)?;
     rustix::process::chroot(c".")?;
     rustix::process::chdir(cwd.as_c_str())?;

@@ -511,6 +511,22 @@ impl LocalRuntime {
                 if !record.init.as_ref().is_some_and(|i| i.is_alive()) {
                     return Err(RuntimeError::new(op, name, RuntimeErrorKind::NotRunning));
                 }
+                // A program that is missing or not executable in the guest
+                // is the command's failure, with a shell's status, as a
+                // VM's agent would report it.
+                let status = match source.kind() {
+                    io::ErrorKind::NotFound => Some(127),
+                    io::ErrorKind::PermissionDenied => Some(126),
+                    _ => None,
+                };
+                if let Some(status) = status {
+                    let program = request.argv[0].as_str();
+                    return Ok(ExecOutput {
+                        status,
+                        stdout: Vec::new(),
+                        stderr: format!("{program}: {source}\n").into_bytes(),
+                    });
+                }
                 Err(RuntimeError::new(
                     op,
                     name,

@@ -211,7 +211,10 @@ impl Runtime for SmolvmRuntime {
         let stderr = String::from_utf8_lossy(&output.stderr);
         // A signal death is smolvm dying, not the command: the command's
         // status never reached us.
-        if process::killed_by_signal(&output) || output::is_smolvm_exec_failure(status, &stderr) {
+        if process::killed_by_signal(&output)
+            || output::is_smolvm_exec_failure(status, &stderr)
+            || output::is_usage_error(status, &stderr)
+        {
             let kind = output::classify(&self.command(&args), status, &stderr);
             return Err(RuntimeError::new("exec", name, kind));
         }

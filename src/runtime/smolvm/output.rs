@@ -126,6 +126,12 @@ pub(crate) fn is_smolvm_exec_failure(status: i32, stderr: &str) -> bool {
             .is_some_and(|message| SMOLVM_ERROR_PREFIXES.iter().any(|p| message.starts_with(p)))
 }
 
+/// Whether smolvm rejected its own command line (clap: exit 2, `error: `
+/// then a `Usage:` line): a driver bug, never the guest command's failure.
+pub(crate) fn is_usage_error(status: i32, stderr: &str) -> bool {
+    status == 2 && stderr.starts_with("error: ") && stderr.contains("\nUsage: ")
+}
+
 /// Map a failed command to an error kind, recognising the failures the
 /// reconciler handles differently (documented in smolvm-cli.md).
 pub(crate) fn classify(command: &str, status: i32, stderr: &str) -> RuntimeErrorKind {
@@ -304,5 +310,10 @@ mod tests {
         assert!(!is_smolvm_exec_failure(2, "Error: vm not found: a\n"));
         assert!(!is_smolvm_exec_failure(1, "Error: bad input\n"));
         assert!(!is_smolvm_exec_failure(1, "line\nError: vm not found: a\n"));
+
+        let clap = "error: unexpected argument '-n' found\n\nUsage: smolvm machine exec [OPTIONS] <COMMAND>...\n";
+        assert!(is_usage_error(2, clap));
+        assert!(!is_usage_error(1, clap));
+        assert!(!is_usage_error(2, "error: no such file\n"));
     }
 }

@@ -1,0 +1,593 @@
+//! The smolvm driver against the smolvm double: the contract between what
+//! bottle sends and what smolvm (as the double reproduces it) answers. And
+//! the double's CLI itself, exactly as smolvm-cli.md documents smolvm's.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use bottle::runtime::{
+    CopyOptions, Egress, ExecRequest, MachineSpec, MachineState, MachineUpdate, Runtime,
+    RuntimeErrorKind, SecretMount, SecretSource,
+};
+use support::{Double, stderr, stdout};
+
+fn spec(name: &str) -> MachineSpec {
+    MachineSpec {
+        name: name.into(),
+        labels: BTreeMap::from([
+            ("bottle.managed-by".into(), "bottle".into()),
+            ("bottle.agent".into(), name.into()),
+        ]),
+        cpus: 2,
+        memory_mib: 1024,
+        ..MachineSpec::default()
+    }
+}
+
+fn kind_of<T: std::fmt::Debug>(
+    result: Result<T, bottle::runtime::RuntimeError>,
+) -> RuntimeErrorKind {
+    result.expect_err("the call should fail").kind
+}
+
+// --- The driver over the double ---------------------------------------------
+
+#[test]
+fn created_machines_are_listed_with_their_labels_sorted_by_name() {
+    let double = Double::new();
+    let runtime = double.runtime();
+    let names = ["t3", "t1", "t5", "t2", "t4", "t6"];
+    for name in names {
+        runtime.create(&spec(name)).unwrap();
+    }
+    let machines = runtime.list().unwrap();
+    let listed: Vec<&str> = machines.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(listed, ["t1", "t2", "t3", "t4", "t5", "t6"]);
+    let t3 = &machines[2];
+    assert_eq!(t3.state, MachineState::Created);
+    assert_eq!(t3.labels, spec("t3").labels);
+    assert_eq!(
+        (t3.cpus, t3.memory_mib, t3.network),
+        (Some(2), Some(1024), false)
+    );
+
+    // smolvm's own order is not the name order: the sort is the driver's.
+    let raw: Vec<serde_json::Value> =
+        serde_json::from_str(&stdout(&double.run(&["machine", "ls", "--json"]))).unwrap();
+    let raw_names: Vec<&str> = raw.iter().map(|m| m["name"].as_str().unwrap()).collect();
+    assert_ne!(raw_names, listed);
+}
+
+#[test]
+fn egress_and_secrets_reach_smolvm_as_flags_and_references_only() {
+    let secret = "s3cr3t-value-that-must-not-leak";
+    let double = Double::new().with_env("BOTTLE_CONTRACT_SECRET", secret);
+    let runtime = double.runtime();
+    let mut with_network = spec("net");
+    with_network.egress = Some(Egress {
+        allow_hosts: vec!["api.anthropic.com".into()],
+        allow_cidrs: vec!["10.8.0.0/16".into()],
+    });
+    with_network.secrets = vec![SecretMount {
+        guest_env: "TOKEN".into(),
+        source: SecretSource::HostEnv("BOTTLE_CONTRACT_SECRET".into()),
+    }];
+    runtime.create(&with_network).unwrap();
+    assert!(runtime.list().unwrap()[0].network);
+
+    let create = double
+        .calls()
+        .into_iter()
+        .find(|c| c.verb == "create")
+        .unwrap();
+    let argv = create.args.join(" ");
+    assert!(
+        argv.contains("--allow-host api.anthropic.com --allow-cidr 10.8.0.0/16"),
+        "{argv}"
+    );
+    assert!(
+        argv.contains("--secret-env TOKEN=BOTTLE_CONTRACT_SECRET"),
+        "{argv}"
+    );
+
+    // The value reaches the guest at launch...
+    runtime.start("net").unwrap();
+    let output = runtime
+        .exec("net", &ExecRequest::shell("printf %s \"$TOKEN\""))
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&output.stdout), secret);
+    // ...and no argv bottle made, nor anything in the double's home, holds it.
+    let log = std::fs::read_to_string(double.home().join("calls.jsonl")).unwrap();
+    assert!(!log.contains(secret));
+    for entry in std::fs::read_dir(double.home().join("machines")).unwrap() {
+        assert!(
+            !std::fs::read_to_string(entry.unwrap().path())
+                .unwrap()
+                .contains(secret)
+        );
+    }
+}
+
+#[test]
+fn copied_files_have_their_content_mode_and_owner() {
+    let double = Double::new();
+    let runtime = double.runtime();
+    runtime.create(&spec("files")).unwrap();
+    runtime.start("files").unwrap();
+
+    let host = double.home().join("prompt with: colon.md");
+    std::fs::write(&host, "You review Rust.\n").unwrap();
+    let options = CopyOptions {
+        mode: 0o600,
+        uid: 1234,
+        gid: 2345,
+    };
+    runtime
+        .copy_in("files", &host, "/srv/bottle/new/dir/prompt.md", &options)
+        .unwrap();
+
+    let cat = runtime
+        .exec(
+            "files",
+            &ExecRequest::new(["cat", "/srv/bottle/new/dir/prompt.md"]),
+        )
+        .unwrap();
+    assert!(cat.success(), "{cat:?}");
+    assert_eq!(cat.stdout, b"You review Rust.\n");
+    let stat = runtime
+        .exec(
+            "files",
+            &ExecRequest::new(["stat", "-c", "%a %u %g", "/srv/bottle/new/dir/prompt.md"]),
+        )
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&stat.stdout).trim(),
+        "600 1234 2345"
+    );
+    assert_eq!(
+        runtime
+            .read_file("files", "/srv/bottle/new/dir/prompt.md")
+            .unwrap(),
+        b"You review Rust.\n"
+    );
+}
+
+#[test]
+fn exec_reports_status_output_env_workdir_and_user() {
+    let double = Double::new();
+    let runtime = double.runtime();
+    runtime.create(&spec("exec")).unwrap();
+    runtime.start("exec").unwrap();
+
+    let mut request = ExecRequest::shell("echo out; echo err >&2; echo \"$GREETING\"; pwd; exit 3");
+    request.env.insert("GREETING".into(), "hello".into());
+    request.workdir = Some("/tmp".into());
+    let output = runtime.exec("exec", &request).unwrap();
+    assert_eq!(output.status, 3);
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "out\nhello\n/tmp\n"
+    );
+    assert_eq!(String::from_utf8_lossy(&output.stderr), "err\n");
+
+    let whoami = runtime
+        .exec("exec", &ExecRequest::new(["id", "-un"]).as_user("nobody"))
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&whoami.stdout).trim(),
+        "nobody",
+        "{whoami:?}"
+    );
+}
+
+#[test]
+fn update_changes_cpus_and_memory_of_a_stopped_machine_only() {
+    let double = Double::new();
+    let runtime = double.runtime();
+    runtime.create(&spec("upd")).unwrap();
+    let update = MachineUpdate {
+        cpus: Some(3),
+        memory_mib: Some(3072),
+        ..MachineUpdate::default()
+    };
+    runtime.update("upd", &update).unwrap();
+    let machine = &runtime.list().unwrap()[0];
+    assert_eq!((machine.cpus, machine.memory_mib), (Some(3), Some(3072)));
+
+    // An empty update makes no call at all.
+    let before = double.count("update");
+    runtime.update("upd", &MachineUpdate::default()).unwrap();
+    assert_eq!(double.count("update"), before);
+
+    runtime.start("upd").unwrap();
+    match kind_of(runtime.update("upd", &update)) {
+        RuntimeErrorKind::CommandFailed {
+            command,
+            status,
+            stderr,
+        } => {
+            assert!(
+                command.starts_with("smolvm-double machine update --name upd"),
+                "{command}"
+            );
+            assert_eq!(status, 1);
+            assert_eq!(
+                stderr,
+                "Error: invalid vm state: expected stopped, got running"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn lifecycle_and_delete() {
+    let double = Double::new();
+    let runtime = double.runtime();
+    runtime.create(&spec("life")).unwrap();
+    // Stopping a machine that is not running succeeds.
+    runtime.stop("life").unwrap();
+    runtime.start("life").unwrap();
+    assert_eq!(runtime.list().unwrap()[0].state, MachineState::Running);
+    runtime.stop("life").unwrap();
+    assert_eq!(runtime.list().unwrap()[0].state, MachineState::Stopped);
+    runtime.start("life").unwrap();
+    // Delete stops a running machine first, and needs no answer (-f).
+    runtime.delete("life").unwrap();
+    assert!(runtime.list().unwrap().is_empty());
+    assert!(
+        double
+            .calls()
+            .iter()
+            .any(|c| c.verb == "delete" && c.args.contains(&"-f".into()))
+    );
+}
+
+#[test]
+fn documented_failures_map_to_their_kinds() {
+    let double = Double::new();
+    let runtime = double.runtime();
+    runtime.create(&spec("here")).unwrap();
+
+    assert!(matches!(
+        kind_of(runtime.create(&spec("here"))),
+        RuntimeErrorKind::AlreadyExists
+    ));
+    for result in [
+        runtime.start("gone"),
+        runtime.stop("gone"),
+        runtime.delete("gone"),
+    ] {
+        assert!(matches!(kind_of(result), RuntimeErrorKind::NotFound));
+    }
+    assert!(matches!(
+        kind_of(runtime.update(
+            "gone",
+            &MachineUpdate {
+                cpus: Some(1),
+                ..Default::default()
+            }
+        )),
+        RuntimeErrorKind::NotFound
+    ));
+    assert!(matches!(
+        kind_of(runtime.exec("gone", &ExecRequest::shell("true"))),
+        RuntimeErrorKind::NotFound
+    ));
+
+    // `here` exists but is not running.
+    let host = double.home().join("f");
+    std::fs::write(&host, "x").unwrap();
+    assert!(matches!(
+        kind_of(runtime.exec("here", &ExecRequest::shell("true"))),
+        RuntimeErrorKind::NotRunning
+    ));
+    assert!(matches!(
+        kind_of(runtime.copy_in("here", &host, "/f", &CopyOptions::default())),
+        RuntimeErrorKind::NotRunning
+    ));
+    assert!(matches!(
+        kind_of(runtime.read_file("here", "/etc/hostname")),
+        RuntimeErrorKind::NotRunning
+    ));
+
+    // A state smolvm may report and bottle must not mistake for running.
+    runtime.start("here").unwrap();
+    double.force_state("here", "unreachable");
+    assert_eq!(runtime.list().unwrap()[0].state, MachineState::Unreachable);
+    assert!(matches!(
+        kind_of(runtime.exec("here", &ExecRequest::shell("true"))),
+        RuntimeErrorKind::NotRunning
+    ));
+    runtime.start("here").unwrap();
+    assert_eq!(runtime.list().unwrap()[0].state, MachineState::Running);
+
+    // A command failing in the guest is not a runtime error.
+    let output = runtime
+        .exec("here", &ExecRequest::new(["cat", "/nonexistent"]))
+        .unwrap();
+    assert_eq!(output.status, 1);
+    assert!(matches!(
+        kind_of(runtime.read_file("here", "/nonexistent")),
+        RuntimeErrorKind::CommandFailed { .. }
+    ));
+}
+
+#[test]
+fn a_hung_call_times_out_naming_the_command() {
+    let double = Double::new().with_env("SMOLVM_DOUBLE_HANG", "ls");
+    let runtime = double
+        .runtime()
+        .with_call_timeout(Duration::from_millis(500));
+    let started = Instant::now();
+    match kind_of(runtime.list()) {
+        RuntimeErrorKind::Timeout { command, timeout } => {
+            assert_eq!(command, "smolvm-double machine ls --json");
+            assert_eq!(timeout, Duration::from_millis(500));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // The call was made, and never finished.
+    let calls = double.calls();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].exit, None);
+}
+
+#[test]
+fn malformed_json_is_reported_as_such() {
+    let double = Double::new();
+    double.runtime().create(&spec("m")).unwrap();
+    let double = double.with_env("SMOLVM_DOUBLE_BAD_JSON", "1");
+    let runtime = double.runtime();
+    match kind_of(runtime.list()) {
+        RuntimeErrorKind::Malformed { command, .. } => {
+            assert_eq!(command, "smolvm-double machine ls --json")
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn the_nth_call_of_a_verb_fails_when_asked_to() {
+    let double = Double::new().with_env("SMOLVM_DOUBLE_FAIL", "create:2");
+    let runtime = double.runtime();
+    runtime.create(&spec("first")).unwrap();
+    match kind_of(runtime.create(&spec("second"))) {
+        RuntimeErrorKind::CommandFailed { status, stderr, .. } => {
+            assert_eq!(status, 1);
+            assert!(
+                stderr.contains("injected failure of call 2 of `create`"),
+                "{stderr}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    runtime.create(&spec("second")).unwrap();
+    let names: Vec<String> = runtime
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|m| m.name)
+        .collect();
+    assert_eq!(names, ["first", "second"]);
+    assert_eq!(double.count("create"), 3);
+    assert_eq!(double.mutating_calls(), 3);
+}
+
+#[test]
+fn an_exec_that_dies_midway_is_an_error_not_a_result() {
+    let double = Double::new().with_env("SMOLVM_DOUBLE_EXEC_DIE", "2");
+    let runtime = double.runtime();
+    runtime.create(&spec("die")).unwrap();
+    runtime.start("die").unwrap();
+    runtime.exec("die", &ExecRequest::shell("true")).unwrap();
+    match kind_of(runtime.exec(
+        "die",
+        &ExecRequest::shell("echo done > /tmp/ran; echo 0123456789"),
+    )) {
+        RuntimeErrorKind::CommandFailed { status, .. } => assert_eq!(status, 137),
+        other => panic!("{other:?}"),
+    }
+    // The command itself ran.
+    let ran = runtime
+        .exec("die", &ExecRequest::new(["cat", "/tmp/ran"]))
+        .unwrap();
+    assert_eq!(ran.stdout, b"done\n");
+}
+
+#[test]
+fn reads_make_no_mutating_calls() {
+    let double = Double::new();
+    let runtime = double.runtime();
+    runtime.create(&spec("r")).unwrap();
+    runtime.start("r").unwrap();
+    let before = double.mutating_calls();
+    runtime.list().unwrap();
+    runtime.exec("r", &ExecRequest::shell("true")).unwrap();
+    runtime.read_file("r", "/etc/hostname").unwrap();
+    // read_file is a download: `cp`, counted as mutating by verb alone.
+    assert_eq!(double.mutating_calls(), before + 1);
+    assert_eq!(double.count("ls"), 1);
+    assert_eq!(double.count("exec"), 1);
+}
+
+// --- The double's CLI, as smolvm-cli.md documents smolvm's -------------------
+
+fn assert_error(output: &std::process::Output, message: &str) {
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert_eq!(stderr(output), format!("Error: {message}\n"));
+}
+
+#[test]
+fn usage_errors_exit_2_with_clap_text() {
+    let double = Double::new();
+    for (args, unexpected) in [
+        (
+            &["machine", "update", "--name", "a", "--label", "k=v"][..],
+            "'--label'",
+        ),
+        (&["machine", "exec", "-n", "a", "--", "true"], "'-n'"),
+        (&["machine", "create", "myvm"], "'myvm'"),
+    ] {
+        let output = double.run(args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        let text = stderr(&output);
+        assert!(
+            text.starts_with(&format!("error: unexpected argument {unexpected} found")),
+            "{text}"
+        );
+        assert!(text.contains("\nUsage: smolvm machine "), "{text}");
+    }
+}
+
+#[test]
+fn create_errors_have_smolvm_texts() {
+    let double = Double::new().with_env("SMOLVM_DOUBLE_RESOLVE", "hosts");
+    assert!(
+        double
+            .run(&["machine", "create", "--name", "dup"])
+            .status
+            .success()
+    );
+    assert_error(
+        &double.run(&["machine", "create", "--name", "dup"]),
+        "config operation failed: create machine: machine 'dup' already exists or is being created",
+    );
+    assert_error(
+        &double.run(&["machine", "create", "--name", "x", "--label", "novalue"]),
+        "config operation failed: --label: expected KEY=VALUE, got 'novalue'",
+    );
+    assert_error(
+        &double.run(&["machine", "create", "--name", "x", "--label", "=value"]),
+        "config operation failed: --label: label key cannot be empty (in '=value')",
+    );
+    assert_error(
+        &double.run(&["machine", "create", "--name", "a--b"]),
+        "config operation failed: create machine: machine name cannot contain consecutive hyphens",
+    );
+    assert_error(
+        &double.run(&[
+            "machine",
+            "create",
+            "--name",
+            "x",
+            "--allow-host",
+            "api.anthropic.com",
+        ]),
+        "config operation failed: --allow-host: failed to resolve 'api.anthropic.com': \
+         failed to lookup address information: Name or service not known",
+    );
+    let resolvable = Double::new()
+        .with_env("SMOLVM_DOUBLE_RESOLVE", "hosts")
+        .with_env("SMOLVM_DOUBLE_HOSTS", "api.anthropic.com=160.79.104.10");
+    assert!(
+        resolvable
+            .run(&[
+                "machine",
+                "create",
+                "--name",
+                "x",
+                "--allow-host",
+                "api.anthropic.com"
+            ])
+            .status
+            .success()
+    );
+}
+
+#[test]
+fn delete_without_force_deletes_nothing() {
+    let double = Double::new();
+    assert!(
+        double
+            .run(&["machine", "create", "--name", "keep"])
+            .status
+            .success()
+    );
+    let output = double.run(&["machine", "delete", "--name", "keep"]);
+    assert_eq!(output.status.code(), Some(0));
+    assert_eq!(stderr(&output), "Delete machine 'keep'? [y/N] ");
+    assert_eq!(stdout(&output), "Cancelled\n");
+    let listed = stdout(&double.run(&["machine", "ls", "--json"]));
+    assert!(listed.contains("\"name\": \"keep\""), "{listed}");
+
+    assert_error(
+        &double.run(&["machine", "delete", "--name", "nope", "-f"]),
+        "vm not found: nope",
+    );
+}
+
+#[test]
+fn stop_of_a_machine_that_is_not_running_exits_0() {
+    let double = Double::new();
+    assert!(
+        double
+            .run(&["machine", "create", "--name", "idle"])
+            .status
+            .success()
+    );
+    let output = double.run(&["machine", "stop", "--name", "idle"]);
+    assert_eq!(output.status.code(), Some(0));
+    assert_eq!(
+        stdout(&output),
+        "Machine 'idle' is not running (state: created)\n"
+    );
+}
+
+#[test]
+fn status_of_an_unknown_name_leaves_a_folder_but_no_machine() {
+    let double = Double::new();
+    assert_error(
+        &double.run(&["machine", "status", "--name", "ghost", "--json"]),
+        "config operation failed: machine status: machine 'ghost' not found",
+    );
+    assert!(double.data_dir("ghost").is_dir());
+    assert_eq!(
+        stdout(&double.run(&["machine", "ls", "--json"])).trim(),
+        "[]"
+    );
+
+    assert!(
+        double
+            .run(&["machine", "create", "--name", "seen"])
+            .status
+            .success()
+    );
+    let status: serde_json::Value = serde_json::from_slice(
+        &double
+            .run(&["machine", "status", "--name", "seen", "--json"])
+            .stdout,
+    )
+    .unwrap();
+    assert_eq!(status["name"], "seen");
+    assert_eq!(status["state"], "created");
+    assert_eq!(status["labels"], serde_json::json!({}));
+}
+
+#[test]
+fn exec_and_cp_on_a_stopped_machine() {
+    let double = Double::new();
+    assert!(
+        double
+            .run(&["machine", "create", "--name", "off"])
+            .status
+            .success()
+    );
+    let not_running = "agent operation failed: connect: machine 'off' is not running. \
+                       Use 'smolvm machine start --name off' first.";
+    assert_error(
+        &double.run(&["machine", "exec", "--name", "off", "--", "true"]),
+        not_running,
+    );
+    assert_error(
+        &double.run(&["machine", "cp", "/etc/hostname", "off:/x"]),
+        not_running,
+    );
+    assert_error(
+        &double.run(&["machine", "exec", "--name", "ghost", "--", "true"]),
+        "vm not found: ghost",
+    );
+}
