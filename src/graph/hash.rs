@@ -187,7 +187,8 @@ pub fn tree_digest(root: &Path) -> io::Result<Digest32> {
             }
             child_rel.extend_from_slice(os_bytes(&entry.file_name()).as_ref());
             let path = entry.path();
-            let meta = fs::symlink_metadata(&path)?;
+            // Does not follow links; stats relative to the open directory.
+            let meta = entry.metadata()?;
             let ft = meta.file_type();
             let kind = if ft.is_dir() {
                 stack.push((child_rel.clone(), path.clone()));
