@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use miette::{Diagnostic, IntoDiagnostic};
+use miette::Diagnostic;
 use thiserror::Error;
 
 use super::{GlobalArgs, RuntimeChoice};
@@ -60,9 +60,7 @@ pub fn runtime(global: &GlobalArgs) -> miette::Result<Box<dyn Runtime>> {
         )?)),
         RuntimeChoice::Local => {
             let dir = state_dir(global)?.join("local");
-            Ok(Box::new(
-                crate::runtime::local::LocalRuntime::open(&dir).into_diagnostic()?,
-            ))
+            Ok(Box::new(crate::runtime::local::LocalRuntime::open(&dir)?))
         }
     }
 }
