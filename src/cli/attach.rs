@@ -24,9 +24,6 @@ pub struct AttachArgs {
 
 #[derive(Debug, Error, Diagnostic)]
 pub enum AttachError {
-    #[error("no agent named `{agent}` in the manifests")]
-    #[diagnostic(code(bottle::unknown_agent), help("declared agents: {known}"))]
-    UnknownAgent { agent: String, known: String },
     #[error("machine {machine} of agent `{agent}` is {state}")]
     #[diagnostic(
         code(bottle::not_running),
@@ -56,18 +53,7 @@ pub fn claude_argv(ctx: &AgentCtx) -> miette::Result<Vec<String>> {
 
 pub fn run(global: &GlobalArgs, args: AttachArgs) -> miette::Result<Outcome> {
     let desired = session::load(&args.dir)?;
-    let Some(agent) = desired.agents.get(&args.agent) else {
-        return Err(AttachError::UnknownAgent {
-            agent: args.agent.clone(),
-            known: desired
-                .agents
-                .keys()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", "),
-        }
-        .into());
-    };
+    let agent = session::agent(&desired, &args.agent)?;
     let ctx = desired.ctx(agent);
     let mut request = ExecRequest::new(claude_argv(&ctx)?).as_user(ctx.user());
     request.workdir = Some(ctx.home());

@@ -8,7 +8,7 @@ use thiserror::Error;
 
 use super::{GlobalArgs, RuntimeChoice};
 use crate::apply::{ActionReport, Outcome as ActionOutcome, Progress};
-use crate::desired::Desired;
+use crate::desired::{Desired, DesiredAgent};
 use crate::manifest;
 use crate::observe::Snapshot;
 use crate::plan::{Action, Plan, PlanOptions};
@@ -116,18 +116,7 @@ pub fn survey(
 ) -> miette::Result<Survey> {
     let desired = load(dir)?;
     for target in options.targets.iter().flatten() {
-        if !desired.agents.contains_key(target) {
-            return Err(UnknownTarget {
-                agent: target.clone(),
-                known: desired
-                    .agents
-                    .keys()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            }
-            .into());
-        }
+        agent(&desired, target)?;
     }
     let notes = preflight::check(&desired, runtime_kind(global), secrets)?;
     let runtime = runtime(global)?;
@@ -144,6 +133,20 @@ pub fn survey(
         runtime,
         snapshot,
         plan,
+    })
+}
+
+/// The declared agent named `name`, or a diagnostic listing the declared
+/// ones.
+pub fn agent<'a>(desired: &'a Desired, name: &str) -> Result<&'a DesiredAgent, UnknownTarget> {
+    desired.agents.get(name).ok_or_else(|| UnknownTarget {
+        agent: name.to_owned(),
+        known: desired
+            .agents
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", "),
     })
 }
 

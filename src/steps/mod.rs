@@ -207,6 +207,52 @@ pub fn upload_file(
     Ok(())
 }
 
+/// Pack `paths` into one archive and copy it into the guest as the
+/// root-only file `staged`, for a script to unpack.
+pub fn upload_tree(
+    rt: &dyn Runtime,
+    machine: &str,
+    paths: &[std::path::PathBuf],
+    staged: &str,
+) -> StepResult<()> {
+    let archive = tar_paths(paths.iter().map(|p| p.as_path()))?;
+    let root_only = CopyOptions {
+        mode: 0o600,
+        uid: 0,
+        gid: 0,
+    };
+    upload(rt, machine, &archive, staged, &root_only)
+}
+
+/// A tar archive holding each path (file or directory) at its top level
+/// under its own name, with modification times kept (owners are set in the
+/// guest). Symlinks are archived as links, never followed, so nothing
+/// outside a skill directory is copied.
+pub fn tar_paths<'a>(paths: impl Iterator<Item = &'a Path>) -> StepResult<Vec<u8>> {
+    let mut builder = tar::Builder::new(Vec::new());
+    builder.follow_symlinks(false);
+    for path in paths {
+        let name = path.file_name().unwrap_or_default();
+        let result = if path.is_dir() {
+            builder.append_dir_all(name, path)
+        } else {
+            builder.append_path_with_name(path, name)
+        };
+        result.map_err(|e| {
+            StepError::Other(
+                format!("cannot read {}: {e}", path.display()),
+                "check that the path exists and is readable".into(),
+            )
+        })?;
+    }
+    builder.into_inner().map_err(|e| {
+        StepError::Other(
+            format!("cannot build an archive: {e}"),
+            "check free memory".into(),
+        )
+    })
+}
+
 /// Record a ledger entry in the guest.
 pub fn record(rt: &dyn Runtime, machine: &str, entry: &LedgerEntry) -> StepResult<()> {
     let json = serde_json::to_string(entry).expect("ledger entries serialize");

@@ -2,11 +2,9 @@
 //! `~/.claude/skills/<directory name>/`, a stale copy replaced whole, a
 //! skill removed from the manifest deleted.
 
-use std::path::Path;
-
-use super::{AgentCtx, GuestUser, StepError, StepResult, digest, run_script, sh_quote, upload};
+use super::{AgentCtx, GuestUser, StepResult, digest, run_script, sh_quote, upload_tree};
 use crate::ledger::LedgerEntry;
-use crate::runtime::{CopyOptions, Runtime};
+use crate::runtime::Runtime;
 
 pub fn skills_dir(ctx: &AgentCtx) -> String {
     format!("{}/.claude/skills", ctx.home())
@@ -66,19 +64,8 @@ pub fn apply(
 ) -> StepResult<()> {
     let names = names(ctx);
     let dir = skills_dir(ctx);
-    let archive = tar_paths(ctx.agent.skills.iter().map(|p| p.as_path()))?;
     let staged = format!("/tmp/bottle-skills-{}.tar", ctx.agent.name);
-    upload(
-        rt,
-        ctx.machine,
-        &archive,
-        &staged,
-        &CopyOptions {
-            mode: 0o600,
-            uid: 0,
-            gid: 0,
-        },
-    )?;
+    upload_tree(rt, ctx.machine, &ctx.agent.skills, &staged)?;
     let removed: Vec<String> = previous
         .map(|p| p.detail_strings("skills"))
         .unwrap_or_default()
@@ -125,33 +112,4 @@ pub fn undo(entry: &LedgerEntry, ctx: &AgentCtx, rt: &dyn Runtime) -> StepResult
         "check the guest",
     )?;
     Ok(())
-}
-
-/// A tar archive holding each path (file or directory) at its top level
-/// under its own name, with modification times kept (owners are set in the
-/// guest). Symlinks are archived as links, never followed, so nothing
-/// outside a skill directory is copied.
-pub fn tar_paths<'a>(paths: impl Iterator<Item = &'a Path>) -> StepResult<Vec<u8>> {
-    let mut builder = tar::Builder::new(Vec::new());
-    builder.follow_symlinks(false);
-    for path in paths {
-        let name = path.file_name().unwrap_or_default();
-        let result = if path.is_dir() {
-            builder.append_dir_all(name, path)
-        } else {
-            builder.append_path_with_name(path, name)
-        };
-        result.map_err(|e| {
-            StepError::Other(
-                format!("cannot read {}: {e}", path.display()),
-                "check that the path exists and is readable".into(),
-            )
-        })?;
-    }
-    builder.into_inner().map_err(|e| {
-        StepError::Other(
-            format!("cannot build an archive: {e}"),
-            "check free memory".into(),
-        )
-    })
 }
