@@ -56,6 +56,7 @@ pub struct Cli {
 }
 
 #[derive(Debug, Args)]
+#[command(next_help_heading = "Global options")]
 pub struct GlobalArgs {
     /// Where machines run: `smolvm` microVMs, or `local` bubblewrap
     /// sandboxes (Linux without KVM, CI).
