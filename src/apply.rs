@@ -392,5 +392,12 @@ fn converge_after_start(
         targets: Some(vec![agent.name.clone()]),
         ..PlanOptions::default()
     };
-    Ok(plan::plan(desired, &snapshot, &options).actions)
+    let plan = plan::plan(desired, &snapshot, &options);
+    if let Some(error) = plan.errors.first() {
+        return Err(StepError::Other(
+            format!("started, but {}", error.message),
+            "run `bottle apply` again once the machine answers".into(),
+        ));
+    }
+    Ok(plan.actions)
 }

@@ -6,7 +6,9 @@ use std::sync::Mutex;
 
 use crate::desired::{Desired, DesiredAgent};
 use crate::ledger::{LEDGER_DIR, LedgerEntry};
-use crate::runtime::{ExecRequest, MachineInfo, MachineState, Runtime, RuntimeError};
+use crate::runtime::{
+    ExecRequest, MachineInfo, MachineState, Runtime, RuntimeError, RuntimeErrorKind,
+};
 use crate::steps::{
     self,
     machine::{LABEL_MANAGED_BY, LABEL_PROJECT, MANAGED_BY},
@@ -98,20 +100,23 @@ pub fn observe(
 const MARK: &str = "@@bottle-probe";
 
 /// The one script a probe runs: the ledger, then each step's fragment.
+/// Every marker starts on a line of its own even when the output before it
+/// (a file's content) has no final newline; digests ignore trailing
+/// newlines, so the extra one changes nothing.
 pub fn probe_script(desired: &Desired, agent: &DesiredAgent) -> String {
     let ctx = desired.ctx(agent);
     let mut script = format!(
-        "for f in {LEDGER_DIR}/*.json; do [ -f \"$f\" ] || continue; echo '{MARK} ledger'; cat \"$f\"; echo; done\n"
+        "for f in {LEDGER_DIR}/*.json; do [ -f \"$f\" ] || continue; printf '\\n%s\\n' '{MARK} ledger'; cat \"$f\"; done\n"
     );
     for step in &agent.steps {
         if let Some(fragment) = steps::probe_fragment(&step.kind, &ctx) {
             script.push_str(&format!(
-                "echo '{MARK} step {}'\n( {fragment} ) 2>/dev/null\n",
+                "printf '\\n%s\\n' '{MARK} step {}'\n( {fragment} ) 2>/dev/null\n",
                 step.kind.id()
             ));
         }
     }
-    script.push_str(&format!("echo '{MARK} end'\n"));
+    script.push_str(&format!("printf '\\n%s\\n' '{MARK} end'\n"));
     script
 }
 
@@ -131,16 +136,38 @@ pub fn probe_one(
         Ok(out) if out.success() => parse_probe(&String::from_utf8_lossy(&out.stdout)),
         Ok(out) => Probe {
             error: Some(format!(
-                "probe exited with status {}: {}",
+                "the probe exited with status {}: {}",
                 out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
+                short(&String::from_utf8_lossy(&out.stderr))
             )),
             ..Probe::default()
         },
         Err(e) => Probe {
-            error: Some(e.to_string()),
+            error: Some(describe(&e)),
             ..Probe::default()
         },
+    }
+}
+
+/// A runtime error in a line, without the probe script it ran.
+fn describe(e: &RuntimeError) -> String {
+    match &e.kind {
+        RuntimeErrorKind::CommandFailed { status, stderr, .. } => {
+            format!("exec exited with status {status}: {}", short(stderr))
+        }
+        RuntimeErrorKind::Timeout { timeout, .. } => {
+            format!("exec did not finish within {}s", timeout.as_secs())
+        }
+        RuntimeErrorKind::Spawn { source, .. } => format!("could not run the runtime: {source}"),
+        other => short(&other.to_string()),
+    }
+}
+
+fn short(text: &str) -> String {
+    let text = text.trim();
+    match text.char_indices().nth(300) {
+        Some((i, _)) => format!("{}…", &text[..i]),
+        None => text.to_owned(),
     }
 }
 
@@ -203,6 +230,26 @@ mod tests {
         assert_eq!(probe.ledger["prompt"].hash, "h");
         assert_eq!(probe.sections["prompt"], "600 1000 1000\nabc  -\n");
         assert_eq!(probe.sections["git"], "");
+    }
+
+    #[test]
+    fn a_file_without_a_final_newline_does_not_hide_the_next_marker() {
+        // What the script prints when ~/.claude.json has no final newline.
+        let out = format!("\n{MARK} step supervise\n{{\"a\": 1}}\n{MARK} end\n");
+        let probe = parse_probe(&out);
+        assert_eq!(probe.error, None);
+        assert_eq!(probe.sections["supervise"], "{\"a\": 1}\n");
+    }
+
+    #[test]
+    fn the_probe_script_puts_every_marker_on_its_own_line() {
+        let script = format!("printf '\\n%s\\n' '{MARK} end'");
+        let out = std::process::Command::new("sh")
+            .args(["-c", &format!("printf 'no newline'; {script}")])
+            .output()
+            .unwrap();
+        let probe = parse_probe(&String::from_utf8(out.stdout).unwrap());
+        assert_eq!(probe.error, None, "the end marker was found");
     }
 
     #[test]

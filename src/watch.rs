@@ -410,10 +410,24 @@ impl LoopState {
                 );
             }
         }
+        for e in &plan.errors {
+            log.log(
+                "error",
+                &format!("  error {}: {}", e.agent, e.message),
+                json!({ "agent": e.agent, "machine": e.machine, "error": e.message }),
+            );
+        }
         let report = apply::execute(&desired, &snapshot, &plan, rt, options.parallelism, log);
         self.last_good = Some(desired);
-        if report.failed() > 0 {
-            self.fail(log, &format!("{} action(s) failed", report.failed()));
+        if report.failed() > 0 || !plan.errors.is_empty() {
+            self.fail(
+                log,
+                &format!(
+                    "{} action(s) failed, {} agent(s) not observed",
+                    report.failed(),
+                    plan.errors.len()
+                ),
+            );
         } else {
             self.backoff.reset();
             self.retry_at = None;

@@ -268,11 +268,17 @@ fn a_name_taken_by_another_project_is_never_touched() {
 }
 
 #[test]
-fn a_guest_that_cannot_be_probed_is_restarted_and_reprovisioned() {
+fn a_guest_that_cannot_be_probed_is_an_error_not_drift() {
     let d = desired();
     let mut s = in_sync(&d);
     s.probes.get_mut("bottle_golden_coder").unwrap().error = Some("exec timed out".into());
-    insta::assert_snapshot!(render(&d, &s, &PlanOptions::default()));
+    let p = plan(&d, &s, &PlanOptions::default());
+    assert!(
+        p.actions.is_empty(),
+        "nothing is planned on an unknown state"
+    );
+    assert_eq!(p.errors.len(), 1);
+    insta::assert_snapshot!(p.render());
 }
 
 #[test]

@@ -31,27 +31,22 @@ pub fn run(global: &GlobalArgs, args: ApplyArgs) -> miette::Result<Outcome> {
     let options = args.select.options();
     let parallelism = usize::from(args.select.parallelism);
     // The lock is taken before observing, so the plan cannot be stale.
-    let project = crate::manifest::load_dir(&args.dir.dir)?;
+    let desired = session::load(&args.dir.dir)?;
     let _lock = if args.dry_run {
         None
     } else {
         let state = session::state_dir(global)?;
         Some(ProjectLock::acquire(
             &state,
-            &project.name,
+            &desired.project.name,
             "apply",
             Duration::from_secs(args.lock_wait),
         )?)
     };
-    let survey = session::survey(
-        global,
-        &args.dir.dir,
-        &options,
-        parallelism,
-        Secrets::Required,
-    )?;
+    let survey = session::survey(global, desired, &options, parallelism, Secrets::Required)?;
     print!("{}", survey.plan.render());
     if args.dry_run || survey.plan.is_empty() {
+        session::observation_errors(&survey.plan)?;
         return Ok(Outcome::Success);
     }
     eprintln!();
@@ -64,6 +59,7 @@ pub fn run(global: &GlobalArgs, args: ApplyArgs) -> miette::Result<Outcome> {
         &session::Lines,
     );
     print!("\n{}", render_summary(&report));
+    session::observation_errors(&survey.plan)?;
     Ok(outcome(&report)?)
 }
 

@@ -60,7 +60,7 @@ impl SelectArgs {
 pub fn run(global: &GlobalArgs, args: PlanArgs) -> miette::Result<Outcome> {
     let survey = session::survey(
         global,
-        &args.dir.dir,
+        session::load(&args.dir.dir)?,
         &args.select.options(),
         args.select.parallelism.into(),
         Secrets::Noted,
@@ -73,6 +73,7 @@ pub fn run(global: &GlobalArgs, args: PlanArgs) -> miette::Result<Outcome> {
     } else {
         print!("{}", survey.plan.render());
     }
+    session::observation_errors(&survey.plan)?;
     if args.detailed_exitcode && !survey.plan.is_empty() {
         return Ok(Outcome::Drift);
     }

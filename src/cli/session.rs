@@ -109,12 +109,11 @@ pub struct Survey {
 
 pub fn survey(
     global: &GlobalArgs,
-    dir: &Path,
+    desired: Desired,
     options: &PlanOptions,
     parallelism: usize,
     secrets: Secrets,
 ) -> miette::Result<Survey> {
-    let desired = load(dir)?;
     for target in options.targets.iter().flatten() {
         agent(&desired, target)?;
     }
@@ -148,6 +147,34 @@ pub fn agent<'a>(desired: &'a Desired, name: &str) -> Result<&'a DesiredAgent, U
             .collect::<Vec<_>>()
             .join(", "),
     })
+}
+
+/// Fail (exit 1) when some agents could not be observed; call after
+/// printing what was found, so the rest of the report is not lost.
+pub fn observation_errors(plan: &Plan) -> Result<(), ObservationFailed> {
+    if plan.errors.is_empty() {
+        return Ok(());
+    }
+    Err(ObservationFailed {
+        agents: plan
+            .errors
+            .iter()
+            .map(|e| e.agent.clone())
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
+}
+
+#[derive(Debug, Error, Diagnostic)]
+#[error("could not observe agent(s) {agents}; their state is unknown")]
+#[diagnostic(
+    code(bottle::observe_failed),
+    help(
+        "the errors above say why; check the runtime (e.g. `smolvm machine ls --json`) and the machines, then run again"
+    )
+)]
+pub struct ObservationFailed {
+    pub agents: String,
 }
 
 #[derive(Debug, Error, Diagnostic)]
