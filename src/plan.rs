@@ -483,6 +483,13 @@ fn plan_steps(
         let recorded = probe.ledger.get(&id);
         let cause = match recorded {
             None => Some("not applied yet".to_owned()),
+            Some(entry) if entry.detail_str("user").is_some_and(|u| u != ctx.user()) => {
+                Some(format!(
+                    "agent user changed: {} → {}",
+                    entry.detail_str("user").unwrap_or_default(),
+                    ctx.user()
+                ))
+            }
             Some(entry) if entry.hash != step.hash => Some(match step.kind {
                 StepKind::Machine => "machine settings changed in manifest".to_owned(),
                 _ => format!("{} changed in manifest", describe(&step.kind)),

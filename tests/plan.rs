@@ -292,3 +292,21 @@ fn plans_are_deterministic() {
     assert_eq!(a, b);
     assert!(plan(&d, &s, &PlanOptions::default()).is_empty());
 }
+
+#[test]
+fn a_changed_agent_user_is_named_as_the_cause() {
+    let d = desired();
+    let mut s = in_sync(&d);
+    let probe = s.probes.get_mut("bottle_golden_reviewer").unwrap();
+    for step in ["prompt", "skills"] {
+        let entry = probe.ledger.get_mut(step).unwrap();
+        entry.detail.insert("user".into(), "olduser".into());
+    }
+    insta::assert_snapshot!(render(&d, &s, &PlanOptions::default()), @r"
+    agent reviewer (machine bottle_golden_reviewer)
+      ~ apply    prompt    agent user changed: olduser → node
+      ~ apply    skills    agent user changed: olduser → node
+
+    Plan: 2 to apply.
+    ");
+}

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use super::{AgentCtx, StepResult, run_script, run_script_as, upload_tree};
+use super::{AgentCtx, GuestUser, StepResult, run_script, run_script_as, stage_tree};
 use crate::ledger::LedgerEntry;
 use crate::runtime::Runtime;
 
@@ -20,7 +20,7 @@ pub fn apply(
     name: &str,
     rt: &dyn Runtime,
     entry: &mut LedgerEntry,
-) -> StepResult<()> {
+) -> StepResult<Vec<String>> {
     let index = ctx
         .bottle
         .spec
@@ -37,8 +37,8 @@ pub fn apply(
         .cloned()
         .unwrap_or_default();
     if !inputs.is_empty() {
-        let staged = format!("/tmp/bottle-setup-{name}.tar");
-        upload_tree(rt, ctx.machine, &inputs, &staged)?;
+        let root = GuestUser { uid: 0, gid: 0 };
+        let staged = stage_tree(rt, ctx.machine, &inputs, root)?;
         run_script(
             rt,
             ctx.machine,
@@ -62,7 +62,7 @@ pub fn apply(
         SETUP_TIMEOUT,
     )?;
     entry.paths = vec![dir];
-    Ok(())
+    Ok(Vec::new())
 }
 
 pub fn undo(name: &str, ctx: &AgentCtx, rt: &dyn Runtime) -> StepResult<()> {
