@@ -17,7 +17,8 @@ pub struct AttachArgs {
     #[arg(default_value = "manifests", value_name = "DIR")]
     pub dir: std::path::PathBuf,
 
-    /// Print the command that would run instead of running it.
+    /// Print the command that would run (shell-quoted) instead of running
+    /// it. The machine must be running, as for attaching.
     #[arg(long)]
     pub print_command: bool,
 }
@@ -58,17 +59,6 @@ pub fn run(global: &GlobalArgs, args: AttachArgs) -> miette::Result<Outcome> {
     let mut request = ExecRequest::new(claude_argv(&ctx)?).as_user(ctx.user());
     request.workdir = Some(ctx.home());
     let rt = session::runtime(global)?;
-    let argv = rt.interactive_argv(&agent.machine, &request);
-    if args.print_command {
-        println!(
-            "{}",
-            argv.iter()
-                .map(|a| sh_quote(a))
-                .collect::<Vec<_>>()
-                .join(" ")
-        );
-        return Ok(Outcome::Success);
-    }
     let state = rt
         .list()?
         .into_iter()
@@ -81,6 +71,19 @@ pub fn run(global: &GlobalArgs, args: AttachArgs) -> miette::Result<Outcome> {
             state: state.map_or("absent".to_owned(), |s| s.to_string()),
         }
         .into());
+    }
+    // Only now: the local runtime builds the command from the running
+    // machine's namespaces.
+    let argv = rt.interactive_argv(&agent.machine, &request);
+    if args.print_command {
+        println!(
+            "{}",
+            argv.iter()
+                .map(|a| sh_quote(a))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        return Ok(Outcome::Success);
     }
     use std::os::unix::process::CommandExt;
     let err = std::process::Command::new(&argv[0]).args(&argv[1..]).exec();

@@ -30,14 +30,15 @@ pub struct SelectArgs {
     #[arg(long = "target", value_name = "AGENT")]
     pub targets: Vec<String>,
 
-    /// Allow replacing machines whose create-time settings (image, egress,
-    /// secrets) changed. Replacement destroys the machine's disk; without
-    /// this flag it is shown as blocked.
+    /// Replace machines whose create-time settings (image, egress, secrets)
+    /// changed; replacement destroys the machine's disk. Without it those
+    /// replacements are blocked (`plan` shows them as blocked).
     #[arg(long)]
     pub allow_replace: bool,
 
     /// Delete managed machines of this project that no agent declares any
-    /// more. Without this flag they are shown as blocked.
+    /// more. Without it those deletions are blocked (`plan` shows them as
+    /// blocked).
     #[arg(long)]
     pub prune: bool,
 
