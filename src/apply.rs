@@ -210,11 +210,9 @@ pub fn execute(
             // Follow-ups join the walk behind the action that found them.
             let base = actions.len();
             for (n, mut f) in follow_ups.into_iter().enumerate() {
-                let local = f.id;
                 f.id = base + n;
                 f.after = f.after.iter().map(|a| base + *a).collect();
                 f.after.push(id);
-                let _ = local;
                 actions.push(f);
                 outcomes.push(None);
                 states.push(State::Pending);
