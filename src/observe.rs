@@ -166,7 +166,17 @@ pub fn parse_probe(output: &str) -> Probe {
         }
     };
     for line in output.split_inclusive('\n') {
-        if let Some(header) = line.trim_end_matches('\n').strip_prefix(MARK) {
+        // A fragment whose output does not end with a newline (a
+        // `~/.claude.json` written without one) leaves the next mark at the
+        // end of its last line: that line's start is still its output.
+        let (before, marked) = match line.find(MARK) {
+            Some(at) => (&line[..at], Some(&line[at..])),
+            None => (line, None),
+        };
+        if let Some((_, body)) = current.as_mut() {
+            body.push_str(before);
+        }
+        if let Some(header) = marked.and_then(|m| m.trim_end_matches('\n').strip_prefix(MARK)) {
             if let Some((h, body)) = current.take() {
                 flush(&mut probe, &h, body);
             }
@@ -176,8 +186,6 @@ pub fn parse_probe(output: &str) -> Probe {
                 break;
             }
             current = Some((header.to_owned(), String::new()));
-        } else if let Some((_, body)) = current.as_mut() {
-            body.push_str(line);
         }
     }
     if !ended {
@@ -203,6 +211,14 @@ mod tests {
         assert_eq!(probe.ledger["prompt"].hash, "h");
         assert_eq!(probe.sections["prompt"], "600 1000 1000\nabc  -\n");
         assert_eq!(probe.sections["git"], "");
+    }
+
+    #[test]
+    fn output_without_a_final_newline_keeps_its_section() {
+        let out = format!("{MARK} step supervise\n{{\"theme\": \"dark\"}}{MARK} end\n");
+        let probe = parse_probe(&out);
+        assert_eq!(probe.error, None);
+        assert_eq!(probe.sections["supervise"], "{\"theme\": \"dark\"}");
     }
 
     #[test]
