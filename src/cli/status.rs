@@ -4,7 +4,7 @@ use clap::Args;
 use serde::Serialize;
 
 use super::{DirArg, GlobalArgs, Outcome, session};
-use crate::plan::PlanOptions;
+use crate::plan::{Op, PlanOptions};
 use crate::preflight::Secrets;
 use crate::runtime::MachineState;
 
@@ -65,7 +65,7 @@ pub fn run(global: &GlobalArgs, args: StatusArgs) -> miette::Result<Outcome> {
         let machine = survey.snapshot.machine(&agent.machine);
         let probe = survey.snapshot.probes.get(&agent.machine);
         let running = machine.is_some_and(|m| m.state == MachineState::Running);
-        let steps = agent
+        let mut steps: Vec<StepStatus> = agent
             .steps
             .iter()
             .map(|s| {
@@ -99,6 +99,22 @@ pub fn run(global: &GlobalArgs, args: StatusArgs) -> miette::Result<Outcome> {
                 }
             })
             .collect();
+        // Steps that left the manifest but are still in the guest: their
+        // undo is pending too (`check` reports them as drift).
+        steps.extend(
+            survey
+                .plan
+                .actions
+                .iter()
+                .filter(|a| {
+                    a.agent.as_deref() == Some(&agent.name) && matches!(a.op, Op::Undo { .. })
+                })
+                .map(|a| StepStatus {
+                    step: a.op.step().to_owned(),
+                    state: "pending",
+                    cause: Some(a.cause.clone()),
+                }),
+        );
         status.agents.push(AgentStatus {
             agent: agent.name.clone(),
             machine: agent.machine.clone(),
