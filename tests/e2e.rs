@@ -225,6 +225,20 @@ fn apply_provisions_every_step_in_the_guest_and_a_second_apply_changes_nothing()
     );
     assert!(!create.contains("--image"), "no image: smolvm's default");
 
+    // The volume, read-only.
+    assert_eq!(
+        p.double.sh(CODER, "cat /workspace/README.md"),
+        fixture("workspace/README.md")
+    );
+    assert_ne!(
+        p.double
+            .exec(CODER, &["touch", "/workspace/new"])
+            .status
+            .code(),
+        Some(0),
+        "mounted read-only"
+    );
+
     // The agent users exist, with their homes.
     assert_eq!(p.double.sh(CODER, "stat -c '%U' /home/node"), "node\n");
     assert_eq!(
@@ -639,6 +653,67 @@ fn drift_is_reported_and_repaired_and_manifest_edits_converge() {
     assert_eq!(
         p.double.sh(CODER, "cat /home/node/.bottle/prompt.md"),
         "You write Rust.\n"
+    );
+    check_in_sync(&p);
+
+    // In-place settings of a running machine: a restart with `update`, the
+    // disk kept (its setup step does not run again).
+    p.edit(
+        "bottles.toml",
+        "cpus = 1\nmemory_mib = 512\n",
+        "cpus = 2\nmemory_mib = 768\nenv = { NOTES = \"on\" }\n",
+    );
+    let plan = p.bottle(&["plan"]);
+    assert_eq!(
+        plan.stdout,
+        "agent reader (machine bottle_e2e_reader)\n  \
+         ~ restart  machine   cpus 1 → 2, memory_mib 512 → 768, env changed\n\
+         \nPlan: 1 to restart.\n"
+    );
+    let start = p.double.calls().len();
+    p.bottle(&["apply"]).success();
+    let changes: Vec<String> = mutating(&calls_since(&p, start))
+        .iter()
+        .map(|c| c.verb.clone())
+        .collect();
+    assert_eq!(changes, ["stop", "update", "start"]);
+    let reader = p.double.machine_json(READER).unwrap();
+    assert_eq!(
+        (&reader["cpus"], &reader["memory_mib"]),
+        (&json!(2), &json!(768))
+    );
+    assert_eq!(p.double.sh(READER, "printf %s \"$NOTES\""), "on");
+    assert_eq!(p.double.sh(READER, "cat /var/lib/e2e-marker"), "notes\n");
+    check_in_sync(&p);
+
+    // A machine stopped behind bottle's back, with drift inside: started,
+    // then probed and repaired in the same apply.
+    p.double
+        .sh(CODER, "rm -rf /home/node/.claude/skills/review/scripts");
+    let stopped = p.double.run(&["machine", "stop", "--name", CODER]);
+    assert!(stopped.status.success(), "{}", support::stderr(&stopped));
+    let check = p.bottle(&["check"]);
+    check.code(3);
+    assert_eq!(
+        check.stdout,
+        "Drift in project e2e:\n  \
+         coder: machine (start needed): machine is stopped; its steps are checked once it runs\n\
+         1 difference(s); run `bottle apply` to converge.\n"
+    );
+    let run = p.bottle(&["apply"]);
+    run.success();
+    assert!(
+        run.stdout.contains("Changed:\n  coder: start machine (",)
+            && run.stdout.contains("\n  coder: apply skills ("),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(
+        p.double.sh(
+            CODER,
+            "cat /home/node/.claude/skills/review/scripts/check.sh"
+        ),
+        "#!/bin/sh\necho checked twice\n"
     );
     check_in_sync(&p);
 
@@ -1209,6 +1284,21 @@ fn replacement_and_deletion_wait_for_their_flags_and_other_machines_are_never_to
         "{}",
         status.stdout
     );
+    // Manifests that do not load delete nothing, even with --prune.
+    let agents = p.read("agents.toml");
+    p.write("agents.toml", "[agent.coder\n");
+    let start = p.double.calls().len();
+    p.bottle(&["apply", "--prune"]).code(1);
+    p.write("agents.toml", "");
+    let run = p.bottle(&["apply", "--prune"]);
+    run.code(1);
+    assert!(run.stderr.contains("no agents declared"), "{}", run.stderr);
+    assert!(
+        p.double.calls()[start..].is_empty(),
+        "nothing was even listed"
+    );
+    p.write("agents.toml", &agents);
+
     let start = p.double.calls().len();
     p.bottle(&["apply", "--dry-run", "--prune"]).success();
     assert!(mutating(&calls_since(&p, start)).is_empty());
@@ -1232,6 +1322,36 @@ fn replacement_and_deletion_wait_for_their_flags_and_other_machines_are_never_to
     for call in calls_since(&p, foreign_from) {
         assert!(!names(&call, other) && !names(&call, scratch), "{call:?}");
     }
+    // An agent whose machine name is taken by a machine bottle does not
+    // manage: blocked, and that machine is left alone.
+    let squat = "bottle_e2e_squat";
+    let created = p.double.run(&["machine", "create", "--name", squat]);
+    assert!(created.status.success(), "{}", support::stderr(&created));
+    let squat_from = p.double.calls().len();
+    p.write(
+        "agents.toml",
+        &format!(
+            "{}\n[agent.squat]\nbottle = \"plain\"\n",
+            p.read("agents.toml")
+        ),
+    );
+    let run = p.bottle(&["apply"]);
+    run.code(3);
+    assert!(
+        run.stdout.contains(
+            "Blocked:\n  squat: create machine (bottle never touches machines it does not manage; \
+             rename the agent or remove that machine)"
+        ),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        p.double.calls()[squat_from..]
+            .iter()
+            .all(|c| !names(c, squat))
+    );
+    assert_eq!(labels(&p, squat), json!({}));
+
     // destroy deletes this project's machines only.
     p.bottle(&["destroy", "--yes"]).success();
     let left: BTreeSet<String> = p
@@ -1240,7 +1360,10 @@ fn replacement_and_deletion_wait_for_their_flags_and_other_machines_are_never_to
         .iter()
         .map(|m| m["name"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(left, BTreeSet::from([other.to_owned(), scratch.to_owned()]));
+    assert_eq!(
+        left,
+        BTreeSet::from([other.to_owned(), scratch.to_owned(), squat.to_owned()])
+    );
 }
 
 // --- status, destroy, the lock -------------------------------------------------
