@@ -4,7 +4,8 @@
 //! what bottle asked of smolvm checked in the double's call log.
 //!
 //! The fixture has two agents: `coder` in bottle `dev` (every section: egress,
-//! secret, CA, git, supervise, two setup steps, a prompt file, two skills)
+//! a secret, a read-only volume, CA, git, supervise, two setup steps, a
+//! prompt file, two skills)
 //! and `reader` in bottle `plain` (no image, no egress, no prompt, one skill,
 //! one setup step). Each test owns a copy of it, a double and a state
 //! directory; the [`Project`] guard deletes its machines when the test ends.
@@ -101,7 +102,8 @@ fn claude_json(p: &Project) -> Value {
     serde_json::from_str(&p.double.sh(CODER, "cat /home/node/.claude.json")).unwrap()
 }
 
-/// The agent user's view of git's global url rewrites.
+/// The agent user's view of git's global url rewrites (`git config` exits
+/// 1 when there is none, 0 otherwise; anything else is a failure).
 fn git_urls(p: &Project) -> String {
     let out = p.double.exec(
         CODER,
@@ -117,7 +119,15 @@ fn git_urls(p: &Project) -> String {
             "url",
         ],
     );
-    support::stdout(&out)
+    let found = support::stdout(&out);
+    let expected = if found.is_empty() { 1 } else { 0 };
+    assert_eq!(
+        out.status.code(),
+        Some(expected),
+        "{}",
+        support::stderr(&out)
+    );
+    found
 }
 
 /// Lines of the progress output (`[n/N] done     agent: verb step (..s)`),
