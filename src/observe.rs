@@ -6,7 +6,9 @@ use std::sync::Mutex;
 
 use crate::desired::{Desired, DesiredAgent};
 use crate::ledger::{LEDGER_DIR, LedgerEntry};
-use crate::runtime::{ExecRequest, MachineInfo, MachineState, Runtime, RuntimeError};
+use crate::runtime::{
+    ExecRequest, MachineInfo, MachineState, Runtime, RuntimeError, RuntimeErrorKind,
+};
 use crate::steps::{
     self,
     machine::{LABEL_MANAGED_BY, LABEL_PROJECT, MANAGED_BY},
@@ -143,9 +145,25 @@ pub fn probe_one(
             ..Probe::default()
         },
         Err(e) => Probe {
-            error: Some(e.to_string()),
+            error: Some(probe_failure(&e)),
             ..Probe::default()
         },
+    }
+}
+
+/// Why a probe could not run. Without the command: it holds the whole probe
+/// script, which would bury the reason in a drift report.
+fn probe_failure(e: &RuntimeError) -> String {
+    match &e.kind {
+        RuntimeErrorKind::CommandFailed { status, stderr, .. } => {
+            format!("exec exited with status {status}: {}", stderr.trim())
+        }
+        RuntimeErrorKind::Timeout { timeout, .. } => {
+            format!("exec did not finish within {}s", timeout.as_secs())
+        }
+        RuntimeErrorKind::Spawn { source, .. } => format!("could not run the runtime: {source}"),
+        RuntimeErrorKind::Malformed { detail, .. } => format!("unexpected output: {detail}"),
+        _ => e.to_string(),
     }
 }
 
