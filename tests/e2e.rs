@@ -1101,6 +1101,36 @@ fn a_failed_action_skips_its_dependents_only_and_the_next_apply_converges() {
         "tools ripgrep ca=yes\nidentity git=E2E Bot tools=1 secret=set\n"
     );
 
+    // A probe that fails is drift (exit 3) with a short cause, then gone.
+    let failing_exec = format!("exec:{}", p.double.count("exec") + 1);
+    let check = p.bottle_env(
+        &["check", "--parallelism", "1"],
+        &[("SMOLVM_DOUBLE_FAIL", &failing_exec)],
+    );
+    check.code(3);
+    let line = check.stdout.lines().nth(1).unwrap();
+    assert!(
+        line.starts_with(
+            "  coder: machine (restart needed): the guest could not be probed (probe exited with status 1: \
+             Error: smolvm-double: injected failure of call"
+        ),
+        "{}",
+        check.stdout
+    );
+    check_in_sync(&p);
+    // One the runtime refuses to run (the double resolves secrets at each
+    // exec): the reason, not the probe script, which would bury it.
+    let check = p.bottle_env_remove(&["check"], &["BOTTLE_E2E_SECRET"]);
+    check.code(3);
+    let line = check.stdout.lines().nth(1).unwrap();
+    assert!(
+        line.starts_with("  coder: machine (restart needed): the guest could not be probed (exec exited with status 1: ")
+            && line.contains("BOTTLE_E2E_SECRET is not set")
+            && !line.contains("@@bottle-probe"),
+        "{}",
+        check.stdout
+    );
+
     // A runtime call that fails: the first `cp` of the next apply (both
     // prompts changed; one worker, so coder's prompt is copied first).
     p.write("prompts/coder.md", "You write Rust.\n");

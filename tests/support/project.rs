@@ -163,6 +163,16 @@ impl Project {
         self.run_command(args, command)
     }
 
+    /// Run `bottle ARGS... <manifests dir>` without these variables (set by
+    /// the double's knobs or the test's own environment).
+    pub fn bottle_env_remove(&self, args: &[&str], remove: &[&str]) -> Run {
+        let mut command = self.command(args);
+        for key in remove {
+            command.env_remove(key);
+        }
+        self.run_command(args, command)
+    }
+
     /// Run `bottle ARGS...` (no manifests directory appended).
     pub fn bottle_raw(&self, args: &[&str]) -> Run {
         self.run_command(args, self.command_without_dir(args))
