@@ -94,3 +94,20 @@ fn plan_apply_check_status_of_a_project() {
     snapshot!(&p, "check_drift", p.bottle(&["check"]));
     snapshot!(&p, "status_drift", p.bottle(&["status"]));
 }
+
+#[test]
+fn a_reader_that_goes_away_ends_bottle_quietly() {
+    // `bottle schema | head -1`: the pipe closes before bottle writes.
+    use std::os::unix::process::ExitStatusExt;
+    let p = Project::new("e2e");
+    let mut child = p
+        .command_without_dir(&["schema"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.signal(), Some(libc::SIGPIPE), "{output:?}");
+    assert_eq!(String::from_utf8_lossy(&output.stderr), "", "no panic");
+}
