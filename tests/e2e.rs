@@ -895,21 +895,27 @@ fn kill_apply_when(
         .stderr(Stdio::null());
     let mut child = command.spawn().expect("starting bottle apply");
     let pid = Pid::from_raw(child.id() as i32).unwrap();
-    wait_until(what, Duration::from_secs(60), || {
-        ready(&p.double.calls()) || child.try_wait().unwrap().is_some()
-    });
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "apply finished before {what}"
-    );
+    // Whatever happens, bottle and the calls it leaves are ended before any
+    // assertion: a hung call would otherwise outlive the test.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut reached = false;
+    while Instant::now() < deadline && child.try_wait().unwrap().is_none() {
+        if ready(&p.double.calls()) {
+            reached = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // Stopped first, so it starts no call while its children are listed.
-    kill_process(pid, Signal::STOP).unwrap();
-    wait_until("bottle to stop", Duration::from_secs(10), || {
-        proc_state(child.id()).is_some_and(|(state, _)| state == 'T')
-    });
+    let _ = kill_process(pid, Signal::STOP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline && proc_state(child.id()).is_some_and(|(state, _)| state != 'T')
+    {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let calls = children_of(child.id());
-    kill_process(pid, Signal::KILL).unwrap();
-    assert_eq!(child.wait().unwrap().code(), None, "killed");
+    let _ = kill_process(pid, Signal::KILL);
+    let status = child.wait().unwrap();
     if let InFlight::Kill = in_flight {
         for call in &calls {
             let _ = kill_process_group(Pid::from_raw(*call as i32).unwrap(), Signal::KILL);
@@ -920,6 +926,8 @@ fn kill_apply_when(
         Duration::from_secs(60),
         || calls.iter().all(|c| proc_state(*c).is_none()),
     );
+    assert!(reached, "apply ended, or timed out, before {what}");
+    assert_eq!(status.code(), None, "killed");
 }
 
 #[test]

@@ -189,14 +189,6 @@ impl Project {
     pub fn runs(&self) -> Vec<Run> {
         self.runs.borrow().clone()
     }
-
-    /// The machine name of an agent of this project.
-    pub fn machine(&self, agent: &str) -> String {
-        let project = bottle::manifest::load_dir(self.dir.path())
-            .map(|p| p.name)
-            .unwrap_or_else(|_| "e2e".to_owned());
-        format!("bottle_{project}_{agent}")
-    }
 }
 
 impl Drop for Project {
