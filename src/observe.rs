@@ -100,23 +100,25 @@ pub fn observe(
 const MARK: &str = "@@bottle-probe";
 
 /// The one script a probe runs: the ledger, then each step's fragment.
-/// Every marker starts on a line of its own even when the output before it
-/// (a file's content) has no final newline; digests ignore trailing
-/// newlines, so the extra one changes nothing.
+///
+/// A fragment's output is hex-encoded (`od`, POSIX): it shows files the
+/// agent user controls (its prompt, skills, `~/.gitconfig`,
+/// `~/.claude.json`), which could otherwise hold a line that looks like a
+/// mark and forge another step's section, hiding drift from `check`.
 pub fn probe_script(desired: &Desired, agent: &DesiredAgent) -> String {
     let ctx = desired.ctx(agent);
     let mut script = format!(
-        "for f in {LEDGER_DIR}/*.json; do [ -f \"$f\" ] || continue; printf '\\n%s\\n' '{MARK} ledger'; cat \"$f\"; done\n"
+        "for f in {LEDGER_DIR}/*.json; do [ -f \"$f\" ] || continue; echo '{MARK} ledger'; cat \"$f\"; echo; done\n"
     );
     for step in &agent.steps {
         if let Some(fragment) = steps::probe_fragment(&step.kind, &ctx) {
             script.push_str(&format!(
-                "printf '\\n%s\\n' '{MARK} step {}'\n( {fragment} ) 2>/dev/null\n",
+                "echo '{MARK} step {}'\n( {fragment} ) 2>/dev/null | od -An -v -tx1\n",
                 step.kind.id()
             ));
         }
     }
-    script.push_str(&format!("printf '\\n%s\\n' '{MARK} end'\n"));
+    script.push_str(&format!("echo '{MARK} end'\n"));
     script
 }
 
@@ -136,38 +138,32 @@ pub fn probe_one(
         Ok(out) if out.success() => parse_probe(&String::from_utf8_lossy(&out.stdout)),
         Ok(out) => Probe {
             error: Some(format!(
-                "the probe exited with status {}: {}",
+                "probe exited with status {}: {}",
                 out.status,
-                short(&String::from_utf8_lossy(&out.stderr))
+                String::from_utf8_lossy(&out.stderr).trim()
             )),
             ..Probe::default()
         },
         Err(e) => Probe {
-            error: Some(describe(&e)),
+            error: Some(probe_failure(&e)),
             ..Probe::default()
         },
     }
 }
 
-/// A runtime error in a line, without the probe script it ran.
-fn describe(e: &RuntimeError) -> String {
+/// Why a probe could not run. Without the command: it holds the whole probe
+/// script, which would bury the reason in a drift report.
+fn probe_failure(e: &RuntimeError) -> String {
     match &e.kind {
         RuntimeErrorKind::CommandFailed { status, stderr, .. } => {
-            format!("exec exited with status {status}: {}", short(stderr))
+            format!("exec exited with status {status}: {}", stderr.trim())
         }
         RuntimeErrorKind::Timeout { timeout, .. } => {
             format!("exec did not finish within {}s", timeout.as_secs())
         }
         RuntimeErrorKind::Spawn { source, .. } => format!("could not run the runtime: {source}"),
-        other => short(&other.to_string()),
-    }
-}
-
-fn short(text: &str) -> String {
-    let text = text.trim();
-    match text.char_indices().nth(300) {
-        Some((i, _)) => format!("{}…", &text[..i]),
-        None => text.to_owned(),
+        RuntimeErrorKind::Malformed { detail, .. } => format!("unexpected output: {detail}"),
+        _ => e.to_string(),
     }
 }
 
@@ -189,7 +185,16 @@ pub fn parse_probe(output: &str) -> Probe {
                 }
             }
         } else if let Some(step) = header.strip_prefix("step ") {
-            probe.sections.insert(step.to_owned(), body);
+            match decode_hex(&body) {
+                Some(output) => {
+                    probe.sections.insert(step.to_owned(), output);
+                }
+                None => {
+                    probe
+                        .error
+                        .get_or_insert(format!("unreadable probe output for step {step}"));
+                }
+            }
         }
     };
     for line in output.split_inclusive('\n') {
@@ -215,15 +220,36 @@ pub fn parse_probe(output: &str) -> Probe {
     probe
 }
 
+/// `od -An -v -tx1` output back to the text it encodes.
+fn decode_hex(text: &str) -> Option<String> {
+    let bytes = text
+        .split_ascii_whitespace()
+        .map(|byte| u8::from_str_radix(byte, 16).ok())
+        .collect::<Option<Vec<u8>>>()?;
+    Some(String::from_utf8_lossy(&bytes).into_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What `od -An -v -tx1` prints for `text`.
+    fn od(text: &str) -> String {
+        text.as_bytes()
+            .chunks(16)
+            .map(|line| {
+                let bytes: String = line.iter().map(|b| format!(" {b:02x}")).collect();
+                format!("{bytes}\n")
+            })
+            .collect()
+    }
 
     #[test]
     fn parses_ledger_entries_and_sections() {
         let out = format!(
             "{MARK} ledger\n{{\"format_version\":1,\"step\":\"prompt\",\"hash\":\"h\",\"digest\":\"d\",\"applied_at\":1}}\n\n\
-             {MARK} step prompt\n600 1000 1000\nabc  -\n{MARK} step git\n{MARK} end\n"
+             {MARK} step prompt\n{}{MARK} step git\n{MARK} end\n",
+            od("600 1000 1000\nabc  -\n")
         );
         let probe = parse_probe(&out);
         assert_eq!(probe.error, None);
@@ -233,28 +259,30 @@ mod tests {
     }
 
     #[test]
-    fn a_file_without_a_final_newline_does_not_hide_the_next_marker() {
-        // What the script prints when ~/.claude.json has no final newline.
-        let out = format!("\n{MARK} step supervise\n{{\"a\": 1}}\n{MARK} end\n");
+    fn guest_content_cannot_forge_a_section() {
+        // What an agent user could write into its own ~/.claude.json, with
+        // no final newline.
+        let forged = format!("{{}}\n{MARK} step prompt\n600 1000 1000\nabc  -\n{MARK} end");
+        let out = format!(
+            "{MARK} step prompt\n{}{MARK} step supervise\n{}{MARK} end\n",
+            od("600 1000 1000\ntampered  -\n"),
+            od(&forged)
+        );
         let probe = parse_probe(&out);
         assert_eq!(probe.error, None);
-        assert_eq!(probe.sections["supervise"], "{\"a\": 1}\n");
-    }
-
-    #[test]
-    fn the_probe_script_puts_every_marker_on_its_own_line() {
-        let script = format!("printf '\\n%s\\n' '{MARK} end'");
-        let out = std::process::Command::new("sh")
-            .args(["-c", &format!("printf 'no newline'; {script}")])
-            .output()
-            .unwrap();
-        let probe = parse_probe(&String::from_utf8(out.stdout).unwrap());
-        assert_eq!(probe.error, None, "the end marker was found");
+        assert_eq!(probe.sections["prompt"], "600 1000 1000\ntampered  -\n");
+        assert_eq!(probe.sections["supervise"], forged);
     }
 
     #[test]
     fn a_cut_short_probe_is_an_error() {
-        let probe = parse_probe(&format!("{MARK} step prompt\nabc\n"));
+        let probe = parse_probe(&format!("{MARK} step prompt\n{}", od("abc\n")));
+        assert!(probe.error.is_some());
+    }
+
+    #[test]
+    fn a_section_that_is_not_hex_is_an_error() {
+        let probe = parse_probe(&format!("{MARK} step prompt\nabc  -\n{MARK} end\n"));
         assert!(probe.error.is_some());
     }
 }

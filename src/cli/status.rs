@@ -4,7 +4,7 @@ use clap::Args;
 use serde::Serialize;
 
 use super::{DirArg, GlobalArgs, Outcome, session};
-use crate::plan::PlanOptions;
+use crate::plan::{Op, PlanOptions};
 use crate::preflight::Secrets;
 use crate::runtime::MachineState;
 
@@ -67,7 +67,7 @@ pub fn run(global: &GlobalArgs, args: StatusArgs) -> miette::Result<Outcome> {
         let error = survey.plan.errors.iter().find(|e| e.agent == agent.name);
         // Steps of a machine that could not be probed are unknown, not ok.
         let running = machine.is_some_and(|m| m.state == MachineState::Running) && error.is_none();
-        let steps = agent
+        let mut steps: Vec<StepStatus> = agent
             .steps
             .iter()
             .map(|s| {
@@ -103,6 +103,22 @@ pub fn run(global: &GlobalArgs, args: StatusArgs) -> miette::Result<Outcome> {
                 }
             })
             .collect();
+        // Steps that left the manifest but are still in the guest: their
+        // undo is pending too (`check` reports them as drift).
+        steps.extend(
+            survey
+                .plan
+                .actions
+                .iter()
+                .filter(|a| {
+                    a.agent.as_deref() == Some(&agent.name) && matches!(a.op, Op::Undo { .. })
+                })
+                .map(|a| StepStatus {
+                    step: a.op.step().to_owned(),
+                    state: "pending",
+                    cause: Some(a.cause.clone()),
+                }),
+        );
         status.agents.push(AgentStatus {
             agent: agent.name.clone(),
             machine: agent.machine.clone(),

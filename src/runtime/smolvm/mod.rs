@@ -12,6 +12,7 @@
 //! every call is in `argv`.
 
 mod argv;
+pub use argv::AS_USER;
 mod output;
 mod process;
 
