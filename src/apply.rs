@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,19 @@ use crate::observe::{self, Snapshot};
 use crate::plan::{self, Action, Op, Plan, PlanOptions};
 use crate::runtime::{MachineState, Runtime};
 use crate::steps::{self, AgentCtx, GuestUser, StepError, machine};
+
+static CANCEL: AtomicBool = AtomicBool::new(false);
+
+/// Ask running walks to start nothing new (Ctrl-C): actions under way
+/// finish, so no runtime call is left running behind bottle's back, and
+/// the rest is reported as skipped.
+pub fn request_cancel() {
+    CANCEL.store(true, Ordering::SeqCst);
+}
+
+pub fn cancelled() -> bool {
+    CANCEL.load(Ordering::SeqCst)
+}
 
 /// How an action ended.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -153,6 +167,10 @@ pub fn execute(
                     let decided = if let Some(reason) = &actions[i].blocked {
                         Some(Outcome::Blocked {
                             reason: reason.clone(),
+                        })
+                    } else if cancelled() {
+                        Some(Outcome::Skipped {
+                            reason: "interrupted before it started".to_owned(),
                         })
                     } else {
                         actions[i].after.iter().find_map(|&d| match &outcomes[d] {

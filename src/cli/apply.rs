@@ -50,6 +50,22 @@ pub fn run(global: &GlobalArgs, args: ApplyArgs) -> miette::Result<Outcome> {
         return Ok(Outcome::Success);
     }
     eprintln!();
+    // First Ctrl-C: finish what is running, start nothing new. Second: go.
+    let mut interrupted = false;
+    ctrlc::set_handler(move || {
+        if interrupted {
+            std::process::exit(130);
+        }
+        interrupted = true;
+        eprintln!("interrupted: finishing the actions under way (Ctrl-C again to quit at once)");
+        apply::request_cancel();
+    })
+    .map_err(|e| {
+        miette::miette!(
+            help = "this is a bug; please report it",
+            "cannot handle Ctrl-C: {e}"
+        )
+    })?;
     let report = apply::execute(
         &survey.desired,
         &survey.snapshot,
@@ -59,6 +75,9 @@ pub fn run(global: &GlobalArgs, args: ApplyArgs) -> miette::Result<Outcome> {
         &session::Lines,
     );
     print!("\n{}", render_summary(&report));
+    if apply::cancelled() {
+        return Err(Interrupted.into());
+    }
     session::observation_errors(&survey.plan)?;
     Ok(outcome(&report)?)
 }
@@ -76,6 +95,14 @@ fn outcome(report: &Report) -> Result<Outcome, ApplyFailed> {
         Outcome::Success
     })
 }
+
+#[derive(Debug, thiserror::Error, miette::Diagnostic)]
+#[error("interrupted: the actions under way finished, the rest did not start")]
+#[diagnostic(
+    code(bottle::interrupted),
+    help("run `bottle apply` again to finish; what completed is kept")
+)]
+pub struct Interrupted;
 
 #[derive(Debug, thiserror::Error, miette::Diagnostic)]
 #[error("{failed} action(s) failed")]

@@ -63,6 +63,7 @@ pub fn run(global: &GlobalArgs, args: WatchArgs) -> miette::Result<Outcome> {
             std::process::exit(130);
         }
         interrupted = true;
+        crate::apply::request_cancel();
         let _ = stop.send(Message::Stop);
     })
     .into_diagnostic()?;
