@@ -833,109 +833,83 @@ fn setup(
 
     let step_names: Vec<&str> = seen.keys().copied().collect();
     for (i, step) in steps.iter().enumerate() {
-        for (j, after) in step.after.iter().enumerate() {
-            let path = base.clone().key("setup").index(i).key("after").index(j);
-            if after == "supervise" {
-                cx.report(
-                    file,
-                    &path,
-                    Want::Value,
-                    diag(
-                        "bottle::after-supervise",
-                        format!(
-                            "setup step `{}` in {what} cannot run after `supervise`",
-                            step.name
-                        ),
-                        "supervise always runs last, after every setup step, so nothing can \
-                         come after it: remove `supervise` from `after`",
-                    ),
-                    "supervise runs last",
-                );
-            } else if clean
-                && !BUILTIN_STEPS.contains(&after.as_str())
-                && !step_names.contains(&after.as_str())
-            {
-                // (Skipped when a step was dropped for an error: it may be
-                // the one named here.)
-                let candidates = BUILTIN_STEPS
-                    .iter()
-                    .copied()
-                    .chain(step_names.iter().copied());
-                let help = match suggest(after, candidates) {
-                    Some(s) => format!("did you mean `{s}`?"),
-                    None => format!(
-                        "`after` names built-in steps ({}) or setup steps of this bottle{}",
-                        list(BUILTIN_STEPS.iter().copied()),
-                        if step_names.len() > 1 {
+        // `after` and `before` name steps alike; each has the one built-in
+        // step it cannot name (nothing follows `supervise`, nothing
+        // precedes `machine`).
+        let orders = [
+            (
+                "after",
+                &step.after,
+                "supervise",
+                "bottle::after-supervise",
+                "supervise always runs last, after every setup step, so nothing can \
+              come after it: remove `supervise` from `after`",
+                "supervise runs last",
+            ),
+            (
+                "before",
+                &step.before,
+                "machine",
+                "bottle::before-machine",
+                "every step runs in the machine, after it is created: remove `machine` from `before`",
+                "everything runs after the machine",
+            ),
+        ];
+        for (key, names, forbidden, code, forbidden_help, forbidden_label) in orders {
+            for (j, name) in names.iter().enumerate() {
+                let path = base.clone().key("setup").index(i).key(key).index(j);
+                if name == forbidden {
+                    cx.report(
+                        file,
+                        &path,
+                        Want::Value,
+                        diag(
+                            code,
                             format!(
-                                " ({})",
-                                list(step_names.iter().copied().filter(|n| *n != step.name))
-                            )
-                        } else {
-                            String::new()
-                        }
-                    ),
-                };
-                cx.report(
-                    file,
-                    &path,
-                    Want::Value,
-                    diag(
-                        "bottle::unknown-step",
-                        format!(
-                            "setup step `{}` in {what} runs after `{after}`, which is not a step",
-                            step.name
+                                "setup step `{}` in {what} cannot run {key} `{forbidden}`",
+                                step.name
+                            ),
+                            forbidden_help,
                         ),
-                        help,
-                    ),
-                    "no such step",
-                );
-            }
-        }
-        for (j, before) in step.before.iter().enumerate() {
-            let path = base.clone().key("setup").index(i).key("before").index(j);
-            if before == "machine" {
-                cx.report(
-                    file,
-                    &path,
-                    Want::Value,
-                    diag(
-                        "bottle::before-machine",
-                        format!("setup step `{}` in {what} cannot run before `machine`", step.name),
-                        "every step runs in the machine, after it is created: remove `machine` from `before`",
-                    ),
-                    "everything runs after the machine",
-                );
-            } else if clean
-                && before != "supervise"
-                && !BUILTIN_STEPS.contains(&before.as_str())
-                && !step_names.contains(&before.as_str())
-            {
-                let candidates = BUILTIN_STEPS
-                    .iter()
-                    .copied()
-                    .chain(step_names.iter().copied());
-                let help = match suggest(before, candidates) {
-                    Some(s) => format!("did you mean `{s}`?"),
-                    None => format!(
-                        "`before` names built-in steps ({}) or setup steps of this bottle",
-                        list(BUILTIN_STEPS.iter().copied().filter(|s| *s != "machine"))
-                    ),
-                };
-                cx.report(
-                    file,
-                    &path,
-                    Want::Value,
-                    diag(
-                        "bottle::unknown-step",
-                        format!(
-                            "setup step `{}` in {what} runs before `{before}`, which is not a step",
-                            step.name
+                        forbidden_label,
+                    );
+                } else if clean
+                    && !(BUILTIN_STEPS.contains(&name.as_str()) || name == "supervise")
+                    && !step_names.contains(&name.as_str())
+                {
+                    // (Skipped when a step was dropped for an error: it may
+                    // be the one named here.)
+                    let builtins = || BUILTIN_STEPS.iter().copied().filter(|s| *s != forbidden);
+                    let help = match suggest(name, builtins().chain(step_names.iter().copied())) {
+                        Some(s) => format!("did you mean `{s}`?"),
+                        None => format!(
+                            "`{key}` names built-in steps ({}) or setup steps of this bottle{}",
+                            list(builtins()),
+                            if step_names.len() > 1 {
+                                format!(
+                                    " ({})",
+                                    list(step_names.iter().copied().filter(|n| *n != step.name))
+                                )
+                            } else {
+                                String::new()
+                            }
                         ),
-                        help,
-                    ),
-                    "no such step",
-                );
+                    };
+                    cx.report(
+                        file,
+                        &path,
+                        Want::Value,
+                        diag(
+                            "bottle::unknown-step",
+                            format!(
+                                "setup step `{}` in {what} runs {key} `{name}`, which is not a step",
+                                step.name
+                            ),
+                            help,
+                        ),
+                        "no such step",
+                    );
+                }
             }
         }
     }
