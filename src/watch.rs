@@ -559,19 +559,42 @@ pub fn run(
             }
             Ok(Message::WatchError(e)) => state.watch_error(&e),
             Ok(Message::Files(paths)) => {
-                // Drain everything that queued meanwhile: one follow-up.
-                let mut all: BTreeSet<PathBuf> = paths.into_iter().collect();
-                while let Ok(m) = rx.try_recv() {
-                    match m {
-                        Message::Files(more) => all.extend(more),
-                        Message::Stop => {
+                // Everything that queued meanwhile joins one follow-up; so
+                // do batches that arrive within a tick of each other (the
+                // debouncer releases each event once it is old enough, so
+                // one save can straddle two ticks).
+                let mut all: BTreeSet<PathBuf> =
+                    paths.into_iter().filter(|p| state.relevant(p)).collect();
+                let settle = settle_window(options.debounce);
+                let give_up = Instant::now() + options.debounce.max(settle * 4);
+                let mut quiet_until = Instant::now() + settle;
+                loop {
+                    let now = Instant::now();
+                    let wait = if all.is_empty() {
+                        Duration::ZERO
+                    } else {
+                        quiet_until.min(give_up).saturating_duration_since(now)
+                    };
+                    match rx.recv_timeout(wait) {
+                        Ok(Message::Files(more)) => {
+                            let before = all.len();
+                            all.extend(more.into_iter().filter(|p| state.relevant(p)));
+                            if all.len() > before {
+                                quiet_until = Instant::now() + settle;
+                            }
+                        }
+                        Ok(Message::Stop) => {
                             stop(&log);
                             return Ok(());
                         }
-                        Message::WatchError(e) => state.watch_error(&e),
+                        Ok(Message::WatchError(e)) => state.watch_error(&e),
+                        Err(RecvTimeoutError::Timeout) => break,
+                        Err(RecvTimeoutError::Disconnected) => {
+                            stop(&log);
+                            return Ok(());
+                        }
                     }
                 }
-                all.retain(|p| state.relevant(p));
                 if !all.is_empty() {
                     next = Some(Trigger::Files(all));
                 }
@@ -932,6 +955,18 @@ impl LoopState<'_> {
     }
 }
 
+/// How often the debouncer looks for events old enough to release: an
+/// eighth of the debounce (at least 5 ms), so a save reaches the loop soon
+/// after it settles; idle, that is a few dozen cheap wake-ups a second.
+pub fn debouncer_tick(debounce: Duration) -> Duration {
+    (debounce / 8).max(Duration::from_millis(5)).min(debounce)
+}
+
+/// How long the loop waits after a batch for the rest of the same save.
+fn settle_window(debounce: Duration) -> Duration {
+    debouncer_tick(debounce) + Duration::from_millis(5)
+}
+
 /// notify behind a debouncer: the manifests directory recursively, plus
 /// directories outside it non-recursively (see [`WatchSet::outside_dirs`]).
 /// Dropping it stops watching.
@@ -945,37 +980,39 @@ impl FsWatcher {
     /// Watch `root` (canonical); events go to `tx` as [`Message`]s.
     pub fn start(root: &Path, debounce: Duration, tx: Sender<Message>) -> notify::Result<Self> {
         let rescan_root = root.to_owned();
-        let mut debouncer = new_debouncer(debounce, None, move |result: DebounceEventResult| {
-            let message = match result {
-                Ok(events) => {
-                    let mut paths = Vec::new();
-                    for event in events {
-                        if event.need_rescan() {
-                            // Events were lost (queue overflow): reload.
-                            paths.push(rescan_root.clone());
+        let tick = debouncer_tick(debounce);
+        let mut debouncer =
+            new_debouncer(debounce, Some(tick), move |result: DebounceEventResult| {
+                let message = match result {
+                    Ok(events) => {
+                        let mut paths = Vec::new();
+                        for event in events {
+                            if event.need_rescan() {
+                                // Events were lost (queue overflow): reload.
+                                paths.push(rescan_root.clone());
+                            }
+                            // Reading files (bottle's own reloads and copies
+                            // included) produces access events: only changes
+                            // count.
+                            if !matches!(event.event.kind, EventKind::Access(_)) {
+                                paths.extend(event.event.paths);
+                            }
                         }
-                        // Reading files (bottle's own reloads and copies
-                        // included) produces access events: only changes
-                        // count.
-                        if !matches!(event.event.kind, EventKind::Access(_)) {
-                            paths.extend(event.event.paths);
+                        if paths.is_empty() {
+                            return;
                         }
+                        Message::Files(paths)
                     }
-                    if paths.is_empty() {
-                        return;
-                    }
-                    Message::Files(paths)
-                }
-                Err(errors) => Message::WatchError(
-                    errors
-                        .iter()
-                        .map(|e| e.to_string())
-                        .collect::<Vec<_>>()
-                        .join("; "),
-                ),
-            };
-            let _ = tx.send(message);
-        })?;
+                    Err(errors) => Message::WatchError(
+                        errors
+                            .iter()
+                            .map(|e| e.to_string())
+                            .collect::<Vec<_>>()
+                            .join("; "),
+                    ),
+                };
+                let _ = tx.send(message);
+            })?;
         debouncer.watch(root, RecursiveMode::Recursive)?;
         Ok(Self {
             debouncer,
