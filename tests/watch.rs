@@ -693,6 +693,33 @@ fn agents_added_renamed_and_removed_and_blocked_actions_reported_once() {
     assert_eq!(event(&watch.outcome(EVENT)), "done");
     assert!(machine_names(&double).contains(&md), "not pruned");
 
+    // The watch holds the project's lock.
+    let apply = |flags: &[&str]| {
+        Command::new(BOTTLE)
+            .args([
+                "--smolvm",
+                Double::binary().to_str().unwrap(),
+                "--state-dir",
+            ])
+            .arg(&project.state)
+            .arg("apply")
+            .args(flags)
+            .arg(&project.dir)
+            .env("SMOLVM_DOUBLE_HOME", double.home())
+            .env("SMOLVM_DOUBLE_RESOLVE", "any")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .output()
+            .expect("running bottle apply")
+    };
+    let locked = apply(&["--prune"]);
+    assert_eq!(locked.status.code(), Some(1), "{}", stderr(&locked));
+    assert!(
+        stderr(&locked).contains("is locked by"),
+        "{}",
+        stderr(&locked)
+    );
+
     // Ctrl-C stops cleanly and releases the lock: apply --prune gets it.
     let status = watch.interrupt();
     assert!(status.success(), "{status:?}\n{}", watch.report());
@@ -703,20 +730,7 @@ fn agents_added_renamed_and_removed_and_blocked_actions_reported_once() {
         "{}",
         watch.report()
     );
-    let apply = Command::new(BOTTLE)
-        .args([
-            "--smolvm",
-            Double::binary().to_str().unwrap(),
-            "--state-dir",
-        ])
-        .arg(&project.state)
-        .args(["apply", "--prune"])
-        .arg(&project.dir)
-        .env("SMOLVM_DOUBLE_HOME", double.home())
-        .env("SMOLVM_DOUBLE_RESOLVE", "any")
-        .stdin(Stdio::null())
-        .output()
-        .expect("running bottle apply");
+    let apply = apply(&["--prune"]);
     assert!(
         apply.status.success(),
         "{}\n{}",
@@ -835,6 +849,19 @@ fn events_during_a_reconcile_queue_exactly_one_follow_up() {
             _ => {}
         }
     }
+
+    // Ctrl-C in the middle of a reconcile lets it finish, then stops.
+    std::fs::write(project.path("prompts/a.md"), "You are A, interrupted.\n").unwrap();
+    watch.wait("a reconcile", EVENT, |e| event(e) == "reconcile");
+    let status = watch.interrupt();
+    assert!(status.success(), "{status:?}\n{}", watch.report());
+    watch.rest();
+    let tail: Vec<&str> = watch.seen.iter().rev().take(3).map(event).collect();
+    assert_eq!(tail, ["stop", "done", "action"], "{}", watch.report());
+    assert_eq!(
+        prompt_in(&double, &project.machine("a")),
+        "You are A, interrupted.\n"
+    );
 }
 
 #[test]
@@ -908,10 +935,10 @@ fn a_resync_repairs_drift_made_inside_a_guest() {
 }
 
 #[test]
-fn a_manifest_symlinked_from_outside_is_watched_where_it_lives() {
+fn paths_outside_the_manifests_directory_are_watched_and_the_set_follows_the_manifests() {
     let double = Double::new();
     let _machines = Machines(&double);
-    let project = Project::new("wlink");
+    let project = Project::new("woutside");
     // Agent c's manifest lives outside the manifests directory.
     let shared = project.root.join("shared");
     std::fs::create_dir_all(&shared).unwrap();
@@ -934,4 +961,172 @@ fn a_manifest_symlinked_from_outside_is_watched_where_it_lives() {
     assert_eq!(agents(&changed), ["c"], "{changed}");
     assert_eq!(event(&watch.outcome(EVENT)), "done");
     assert_eq!(prompt_in(&double, &mc), "You are C, from outside.");
+
+    // A volume outside, added while it does not exist yet: invalid. Nothing
+    // watched it, but creating it resumes work (invalid manifests are
+    // re-read every few seconds), and the agents of that bottle get it.
+    let volume = project.root.join("data/shared-volume");
+    let bottles = project.read("bottle.toml");
+    save_by_rename(
+        &project.path("bottle.toml"),
+        &bottles.replace(
+            "[bottle.other]\n",
+            "[bottle.other]\nvolumes = [\"../data/shared-volume:/data\"]\n",
+        ),
+    );
+    let invalid = watch.outcome(EVENT);
+    assert_eq!(event(&invalid), "invalid", "{invalid}");
+    std::fs::create_dir_all(&volume).unwrap();
+    std::fs::write(volume.join("hello"), "from the host\n").unwrap();
+    let resumed = watch.wait("the resumed reconcile", EVENT, |e| event(e) == "reconcile");
+    assert_eq!(agents(&resumed), ["c"], "{resumed}");
+    assert_eq!(event(&watch.outcome(EVENT)), "done", "{}", watch.report());
+    assert_eq!(guest(&double, &mc, "cat /data/hello"), "from the host\n");
+    // Now it is watched where it lives: writing inside it is the guest's
+    // business, removing it is an invalid manifest.
+    std::fs::write(volume.join("more"), "x").unwrap();
+    watch.assert_quiet("a write inside the volume");
+    std::fs::remove_dir_all(&volume).unwrap();
+    let invalid = watch.outcome(EVENT);
+    assert_eq!(event(&invalid), "invalid", "{invalid}");
+    assert_eq!(
+        invalid["codes"],
+        serde_json::json!(["bottle::invalid-volume"])
+    );
+    std::fs::create_dir_all(&volume).unwrap();
+    assert_eq!(event(&watch.outcome(EVENT)), "skip");
+
+    // A manifest linked in later from yet another place is watched too.
+    let elsewhere = project.root.join("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    std::fs::write(
+        elsewhere.join("d.toml"),
+        "[agent.d]\nbottle = \"other\"\nprompt_text = \"You are D.\"\n",
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(elsewhere.join("d.toml"), project.path("agents/d.toml")).unwrap();
+    let added = watch.wait("the new agent", EVENT, |e| event(e) == "reconcile");
+    assert_eq!(agents(&added), ["d"], "{added}");
+    assert_eq!(event(&watch.outcome(EVENT)), "done");
+    save_by_rename(
+        &elsewhere.join("d.toml"),
+        "[agent.d]\nbottle = \"other\"\nprompt_text = \"You are D, edited.\"\n",
+    );
+    let edited = watch.wait("the edit elsewhere", EVENT, |e| event(e) == "reconcile");
+    assert_eq!(agents(&edited), ["d"], "{edited}");
+    assert_eq!(event(&watch.outcome(EVENT)), "done");
+    assert_eq!(
+        prompt_in(&double, &project.machine("d")),
+        "You are D, edited."
+    );
+
+    // Unlinked, its old target is nobody's input any more.
+    std::fs::remove_file(project.path("agents/d.toml")).unwrap();
+    let removed = watch.wait("the removal", EVENT, |e| event(e) == "reconcile");
+    assert_eq!(removed["removed"], true, "{removed}");
+    assert_eq!(event(&watch.outcome(EVENT)), "done");
+    std::fs::write(elsewhere.join("d.toml"), "[agent.d]\nbottle = \"gone\"\n").unwrap();
+    let after: Vec<Value> = watch
+        .events_during(QUIET)
+        .into_iter()
+        .filter(|e| event(e) != "blocked")
+        .collect();
+    assert!(after.is_empty(), "{after:#?}");
+}
+
+#[test]
+fn text_mode_logs_timestamped_lines_and_diagnostics_on_stderr() {
+    let double = Double::new();
+    let _machines = Machines(&double);
+    let project = Project::new("wtext");
+    let mut child = Command::new(BOTTLE)
+        .args([
+            "--smolvm",
+            Double::binary().to_str().unwrap(),
+            "--state-dir",
+        ])
+        .arg(&project.state)
+        .args(["watch", "--debounce", "100"])
+        .arg(&project.dir)
+        .env("SMOLVM_DOUBLE_HOME", double.home())
+        .env("SMOLVM_DOUBLE_RESOLVE", "any")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting bottle watch");
+    // Killed (if still running) before the machines are deleted.
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    let out = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut err = child.stderr.take().unwrap();
+    let errors = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = err.read_to_string(&mut text);
+        text
+    });
+    let mut child = Kill(child);
+    let mut seen = Vec::new();
+    let mut wait_line = |what: &str, timeout: Duration| {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = lines
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("no line with {what:?}; got {seen:#?}"));
+            seen.push(line.clone());
+            if line.contains(what) {
+                return seen.clone();
+            }
+        }
+    };
+    let first = wait_line("reconcile #1 done", STARTUP);
+    for line in &first {
+        // `2026-11-27T08:41:53.319Z message`
+        let (ts, message) = line.split_at(24);
+        assert!(
+            ts.len() == 24 && ts.as_bytes()[10] == b'T' && ts.ends_with('Z'),
+            "{line}"
+        );
+        assert!(message.starts_with(' '), "{line}");
+    }
+    assert!(
+        first[1].contains("reconcile #1 (start): all agents"),
+        "{first:#?}"
+    );
+    assert!(
+        first.iter().any(|l| l.contains("done a: create machine")),
+        "one line per action: {first:#?}"
+    );
+
+    std::fs::write(project.path("bottle.toml"), "[project\n").unwrap();
+    wait_line("manifests are invalid", EVENT);
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.0.id() as libc::pid_t, libc::SIGINT) };
+    let deadline = Instant::now() + EVENT;
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "no exit after SIGINT");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+    let all = wait_line("stopping", EVENT);
+    assert!(all.last().unwrap().ends_with(" stopping"), "{all:#?}");
+    let stderr = errors.join().unwrap();
+    assert!(stderr.contains("bottle::toml-syntax"), "{stderr}");
+    assert!(stderr.contains("bottle.toml"), "{stderr}");
 }
