@@ -617,6 +617,23 @@ fn invalid_manifests_keep_the_last_good_state_until_fixed() {
     assert_eq!(event(&watch.outcome(EVENT)), "done");
     assert_eq!(prompt_in(&double, &ma), "You are A, fixed.\n");
 
+    // Renaming the project would manage other machines than the ones this
+    // watch holds the lock for: refused like an invalid manifest.
+    let bottles = project.read("bottle.toml");
+    save_by_rename(
+        &project.path("bottle.toml"),
+        &bottles.replace("name = \"winvalid\"", "name = \"winvalid2\""),
+    );
+    let renamed = watch.outcome(EVENT);
+    assert_eq!(event(&renamed), "invalid", "{renamed}");
+    assert_eq!(
+        renamed["codes"],
+        serde_json::json!(["bottle::project_renamed"])
+    );
+    save_by_rename(&project.path("bottle.toml"), &bottles);
+    assert_eq!(event(&watch.outcome(EVENT)), "skip");
+    assert_eq!(machine_names(&double).len(), 3);
+
     // A referenced file renamed away is a missing path; renaming it back
     // changes nothing in any guest.
     std::fs::rename(project.path("prompts/b.md"), project.path("prompts/b.old")).unwrap();
