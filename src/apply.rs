@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,19 @@ use crate::observe::{self, Snapshot};
 use crate::plan::{self, Action, Op, Plan, PlanOptions};
 use crate::runtime::{MachineState, Runtime};
 use crate::steps::{self, AgentCtx, GuestUser, StepError, machine};
+
+static CANCEL: AtomicBool = AtomicBool::new(false);
+
+/// Ask running walks to start nothing new (Ctrl-C): actions under way
+/// finish, so no runtime call is left running behind bottle's back, and
+/// the rest is reported as skipped.
+pub fn request_cancel() {
+    CANCEL.store(true, Ordering::SeqCst);
+}
+
+pub fn cancelled() -> bool {
+    CANCEL.load(Ordering::SeqCst)
+}
 
 /// How an action ended.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -91,7 +105,14 @@ pub fn execute(
     progress: &dyn Progress,
 ) -> Report {
     let started_at = Instant::now();
-    let users = Mutex::new(known_users(desired, snapshot));
+    let shared = Shared {
+        users: Mutex::new(known_users(desired, snapshot)),
+        setup: desired
+            .agents
+            .keys()
+            .map(|a| (a.clone(), Mutex::new(())))
+            .collect(),
+    };
     let mut actions: Vec<Action> = plan.actions.clone();
     let mut outcomes: Vec<Option<Outcome>> = vec![None; actions.len()];
     let mut states: Vec<State> = vec![State::Pending; actions.len()];
@@ -104,13 +125,13 @@ pub fn execute(
         for _ in 0..parallelism.max(1) {
             let done_tx = done_tx.clone();
             let work_rx = &work_rx;
-            let users = &users;
+            let shared = &shared;
             scope.spawn(move || {
                 loop {
                     let next = work_rx.lock().expect("work lock").recv();
                     let Ok(action) = next else { break };
                     let t = Instant::now();
-                    let (outcome, follow_ups) = match run(desired, &action, rt, users) {
+                    let (outcome, follow_ups) = match run(desired, &action, rt, shared) {
                         Ok(follow_ups) => (
                             Outcome::Done {
                                 seconds: secs(t.elapsed()),
@@ -146,6 +167,10 @@ pub fn execute(
                     let decided = if let Some(reason) = &actions[i].blocked {
                         Some(Outcome::Blocked {
                             reason: reason.clone(),
+                        })
+                    } else if cancelled() {
+                        Some(Outcome::Skipped {
+                            reason: "interrupted before it started".to_owned(),
                         })
                     } else {
                         actions[i].after.iter().find_map(|&d| match &outcomes[d] {
@@ -203,11 +228,9 @@ pub fn execute(
             // Follow-ups join the walk behind the action that found them.
             let base = actions.len();
             for (n, mut f) in follow_ups.into_iter().enumerate() {
-                let local = f.id;
                 f.id = base + n;
                 f.after = f.after.iter().map(|a| base + *a).collect();
                 f.after.push(id);
-                let _ = local;
                 actions.push(f);
                 outcomes.push(None);
                 states.push(State::Pending);
@@ -266,12 +289,23 @@ fn known_users(desired: &Desired, snapshot: &Snapshot) -> HashMap<String, GuestU
     users
 }
 
+/// What actions running at once share, per agent.
+struct Shared {
+    /// The agent user's ids, once known.
+    users: Mutex<HashMap<String, GuestUser>>,
+    /// Setup commands of one agent never run at the same time (two package
+    /// installs would fight over the package manager's lock); the graph
+    /// still decides their order.
+    setup: HashMap<String, Mutex<()>>,
+}
+
 fn run(
     desired: &Desired,
     action: &Action,
     rt: &dyn Runtime,
-    users: &Mutex<HashMap<String, GuestUser>>,
+    shared: &Shared,
 ) -> Result<Vec<Action>, StepError> {
+    let users = &shared.users;
     let Some(agent_name) = &action.agent else {
         // Only deletions concern machines no agent declares.
         rt.delete(&action.machine)?;
@@ -338,13 +372,12 @@ fn run(
                             "run `bottle apply` again; the machine step will create it".into(),
                         )
                     })?;
+                let _serial = matches!(kind, StepKind::Setup(_))
+                    .then(|| shared.setup[agent_name].lock().expect("setup lock"));
                 steps::apply(&kind, hash, &ctx, user, previous.as_ref(), rt)?;
             }
         }
-        Op::Undo { entry, .. } => {
-            let user = users.lock().expect("users lock").get(agent_name).copied();
-            steps::undo(entry, &ctx, user, rt)?;
-        }
+        Op::Undo { entry, .. } => steps::undo(entry, &ctx, rt)?,
         Op::Delete => rt.delete(&action.machine)?,
     }
     Ok(Vec::new())
@@ -352,7 +385,7 @@ fn run(
 
 fn provision_user(ctx: &AgentCtx, hash: &str, rt: &dyn Runtime) -> Result<GuestUser, StepError> {
     let (user, entry) = machine::ensure_user(ctx, hash, rt)?;
-    steps::record(rt, ctx.machine, &entry)?;
+    steps::record(rt, ctx.machine, &entry, &[])?;
     Ok(user)
 }
 
@@ -392,5 +425,12 @@ fn converge_after_start(
         targets: Some(vec![agent.name.clone()]),
         ..PlanOptions::default()
     };
-    Ok(plan::plan(desired, &snapshot, &options).actions)
+    let plan = plan::plan(desired, &snapshot, &options);
+    if let Some(error) = plan.errors.first() {
+        return Err(StepError::Other(
+            format!("started, but {}", error.message),
+            "run `bottle apply` again once the machine answers".into(),
+        ));
+    }
+    Ok(plan.actions)
 }

@@ -89,7 +89,7 @@ impl ProjectLock {
         let holder = format!(
             "`bottle {command}` (pid {}) since {}",
             std::process::id(),
-            crate::ledger::now_unix()
+            crate::time::rfc3339(std::time::SystemTime::now())
         );
         file.set_len(0)
             .and_then(|_| file.seek(SeekFrom::Start(0)))

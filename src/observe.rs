@@ -6,7 +6,9 @@ use std::sync::Mutex;
 
 use crate::desired::{Desired, DesiredAgent};
 use crate::ledger::{LEDGER_DIR, LedgerEntry};
-use crate::runtime::{ExecRequest, MachineInfo, MachineState, Runtime, RuntimeError};
+use crate::runtime::{
+    ExecRequest, MachineInfo, MachineState, Runtime, RuntimeError, RuntimeErrorKind,
+};
 use crate::steps::{
     self,
     machine::{LABEL_MANAGED_BY, LABEL_PROJECT, MANAGED_BY},
@@ -98,6 +100,11 @@ pub fn observe(
 const MARK: &str = "@@bottle-probe";
 
 /// The one script a probe runs: the ledger, then each step's fragment.
+///
+/// A fragment's output is hex-encoded (`od`, POSIX): it shows files the
+/// agent user controls (its prompt, skills, `~/.gitconfig`,
+/// `~/.claude.json`), which could otherwise hold a line that looks like a
+/// mark and forge another step's section, hiding drift from `check`.
 pub fn probe_script(desired: &Desired, agent: &DesiredAgent) -> String {
     let ctx = desired.ctx(agent);
     let mut script = format!(
@@ -106,7 +113,7 @@ pub fn probe_script(desired: &Desired, agent: &DesiredAgent) -> String {
     for step in &agent.steps {
         if let Some(fragment) = steps::probe_fragment(&step.kind, &ctx) {
             script.push_str(&format!(
-                "echo '{MARK} step {}'\n( {fragment} ) 2>/dev/null\n",
+                "echo '{MARK} step {}'\n( {fragment} ) 2>/dev/null | od -An -v -tx1\n",
                 step.kind.id()
             ));
         }
@@ -138,9 +145,25 @@ pub fn probe_one(
             ..Probe::default()
         },
         Err(e) => Probe {
-            error: Some(e.to_string()),
+            error: Some(probe_failure(&e)),
             ..Probe::default()
         },
+    }
+}
+
+/// Why a probe could not run. Without the command: it holds the whole probe
+/// script, which would bury the reason in a drift report.
+fn probe_failure(e: &RuntimeError) -> String {
+    match &e.kind {
+        RuntimeErrorKind::CommandFailed { status, stderr, .. } => {
+            format!("exec exited with status {status}: {}", stderr.trim())
+        }
+        RuntimeErrorKind::Timeout { timeout, .. } => {
+            format!("exec did not finish within {}s", timeout.as_secs())
+        }
+        RuntimeErrorKind::Spawn { source, .. } => format!("could not run the runtime: {source}"),
+        RuntimeErrorKind::Malformed { detail, .. } => format!("unexpected output: {detail}"),
+        _ => e.to_string(),
     }
 }
 
@@ -162,7 +185,16 @@ pub fn parse_probe(output: &str) -> Probe {
                 }
             }
         } else if let Some(step) = header.strip_prefix("step ") {
-            probe.sections.insert(step.to_owned(), body);
+            match decode_hex(&body) {
+                Some(output) => {
+                    probe.sections.insert(step.to_owned(), output);
+                }
+                None => {
+                    probe
+                        .error
+                        .get_or_insert(format!("unreadable probe output for step {step}"));
+                }
+            }
         }
     };
     for line in output.split_inclusive('\n') {
@@ -188,15 +220,36 @@ pub fn parse_probe(output: &str) -> Probe {
     probe
 }
 
+/// `od -An -v -tx1` output back to the text it encodes.
+fn decode_hex(text: &str) -> Option<String> {
+    let bytes = text
+        .split_ascii_whitespace()
+        .map(|byte| u8::from_str_radix(byte, 16).ok())
+        .collect::<Option<Vec<u8>>>()?;
+    Some(String::from_utf8_lossy(&bytes).into_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What `od -An -v -tx1` prints for `text`.
+    fn od(text: &str) -> String {
+        text.as_bytes()
+            .chunks(16)
+            .map(|line| {
+                let bytes: String = line.iter().map(|b| format!(" {b:02x}")).collect();
+                format!("{bytes}\n")
+            })
+            .collect()
+    }
 
     #[test]
     fn parses_ledger_entries_and_sections() {
         let out = format!(
             "{MARK} ledger\n{{\"format_version\":1,\"step\":\"prompt\",\"hash\":\"h\",\"digest\":\"d\",\"applied_at\":1}}\n\n\
-             {MARK} step prompt\n600 1000 1000\nabc  -\n{MARK} step git\n{MARK} end\n"
+             {MARK} step prompt\n{}{MARK} step git\n{MARK} end\n",
+            od("600 1000 1000\nabc  -\n")
         );
         let probe = parse_probe(&out);
         assert_eq!(probe.error, None);
@@ -206,8 +259,30 @@ mod tests {
     }
 
     #[test]
+    fn guest_content_cannot_forge_a_section() {
+        // What an agent user could write into its own ~/.claude.json, with
+        // no final newline.
+        let forged = format!("{{}}\n{MARK} step prompt\n600 1000 1000\nabc  -\n{MARK} end");
+        let out = format!(
+            "{MARK} step prompt\n{}{MARK} step supervise\n{}{MARK} end\n",
+            od("600 1000 1000\ntampered  -\n"),
+            od(&forged)
+        );
+        let probe = parse_probe(&out);
+        assert_eq!(probe.error, None);
+        assert_eq!(probe.sections["prompt"], "600 1000 1000\ntampered  -\n");
+        assert_eq!(probe.sections["supervise"], forged);
+    }
+
+    #[test]
     fn a_cut_short_probe_is_an_error() {
-        let probe = parse_probe(&format!("{MARK} step prompt\nabc\n"));
+        let probe = parse_probe(&format!("{MARK} step prompt\n{}", od("abc\n")));
+        assert!(probe.error.is_some());
+    }
+
+    #[test]
+    fn a_section_that_is_not_hex_is_an_error() {
+        let probe = parse_probe(&format!("{MARK} step prompt\nabc  -\n{MARK} end\n"));
         assert!(probe.error.is_some());
     }
 }

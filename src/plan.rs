@@ -48,6 +48,16 @@ pub struct Plan {
     pub actions: Vec<Action>,
     /// Things the user should know that are not actions.
     pub notes: Vec<String>,
+    /// Agents whose state could not be observed: nothing is planned for
+    /// them, and commands exit 1 (an unknown state is not drift).
+    pub errors: Vec<PlanError>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PlanError {
+    pub machine: String,
+    pub agent: String,
+    pub message: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -152,7 +162,7 @@ impl Plan {
     /// The plan as text, one block per machine.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        if self.actions.is_empty() {
+        if self.actions.is_empty() && self.errors.is_empty() {
             out.push_str("No changes: every agent matches its manifest.\n");
         }
         // Steps line up in a column as wide as the longest step name.
@@ -189,6 +199,14 @@ impl Plan {
                 write!(out, "  [blocked: {blocked}]").ok();
             }
             out.push('\n');
+        }
+        for e in &self.errors {
+            writeln!(
+                out,
+                "error: agent {} (machine {}): {}",
+                e.agent, e.machine, e.message
+            )
+            .ok();
         }
         for note in &self.notes {
             writeln!(out, "note: {note}").ok();
@@ -252,6 +270,14 @@ struct Builder {
 }
 
 impl Builder {
+    fn error(&mut self, agent: &DesiredAgent, message: String) {
+        self.plan.errors.push(PlanError {
+            machine: agent.machine.clone(),
+            agent: agent.name.clone(),
+            message,
+        });
+    }
+
     fn push(
         &mut self,
         agent: &DesiredAgent,
@@ -311,11 +337,20 @@ fn plan_agent(
             format!("spec-hash differs: {}", changed.join(", ")),
             vec![],
         );
-        if !options.allow_replace {
-            b.plan.actions[id].blocked =
+        if options.allow_replace {
+            plan_all_steps(b, agent, id, "machine replaced");
+        } else {
+            // The steps would all follow the replacement; listing each one
+            // as skipped says nothing more.
+            let steps = agent.steps.len().saturating_sub(1);
+            let action = &mut b.plan.actions[id];
+            action.cause = format!(
+                "{} (then its {steps} steps are applied again)",
+                action.cause
+            );
+            action.blocked =
                 Some("replacing destroys the machine's disk; pass --allow-replace".into());
         }
-        plan_all_steps(b, agent, id, "machine replaced");
         return;
     }
     let ctx = desired.ctx(agent);
@@ -338,20 +373,21 @@ fn plan_agent(
         b.push(agent, Op::Start { update }, cause, vec![]);
         return;
     }
-    let empty = Probe::default();
-    let probe = snapshot.probes.get(&agent.machine).unwrap_or(&empty);
-    if let Some(error) = &probe.error {
-        let id = b.push(
-            agent,
-            Op::Restart {
-                update: MachineUpdate::default(),
-            },
-            format!("the guest could not be probed ({error})"),
-            vec![],
-        );
-        plan_all_steps(b, agent, id, "guest state unknown");
-        return;
-    }
+    // Without a probe nothing can be compared: that is an error of
+    // observation, never drift (and never a reason to restart anything).
+    let probe = match snapshot.probes.get(&agent.machine) {
+        Some(Probe {
+            error: Some(error), ..
+        }) => {
+            b.error(agent, format!("could not probe the guest: {error}"));
+            return;
+        }
+        Some(probe) => probe,
+        None => {
+            b.error(agent, "the running machine was not probed".to_owned());
+            return;
+        }
+    };
     let (causes, update) = machine_step::pending_update(
         &ctx,
         machine.cpus,
@@ -447,6 +483,13 @@ fn plan_steps(
         let recorded = probe.ledger.get(&id);
         let cause = match recorded {
             None => Some("not applied yet".to_owned()),
+            Some(entry) if entry.detail_str("user").is_some_and(|u| u != ctx.user()) => {
+                Some(format!(
+                    "agent user changed: {} → {}",
+                    entry.detail_str("user").unwrap_or_default(),
+                    ctx.user()
+                ))
+            }
             Some(entry) if entry.hash != step.hash => Some(match step.kind {
                 StepKind::Machine => "machine settings changed in manifest".to_owned(),
                 _ => format!("{} changed in manifest", describe(&step.kind)),

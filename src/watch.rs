@@ -771,6 +771,15 @@ impl LoopState<'_> {
         };
         let plan = plan::plan(&desired, &snapshot, &plan_options);
         self.report_blocked(&desired, &plan, targets.as_deref(), removed);
+        // Agents whose guest could not be probed get nothing planned: an
+        // unknown state is not drift. They are owed a retry.
+        for e in &plan.errors {
+            self.log.log(
+                "error",
+                &format!("  error {}: {}", e.agent, e.message),
+                json!({ "agent": e.agent, "machine": e.machine, "error": e.message }),
+            );
+        }
         let progress = ReconcileProgress {
             log: self.log,
             held: held_actions(&plan),
@@ -784,9 +793,27 @@ impl LoopState<'_> {
             &progress,
         );
         self.last_good = Some(desired);
-        if report.failed() > 0 {
+        if apply::cancelled() {
+            // Ctrl-C: the calls under way finished, nothing new started;
+            // the loop stops next, so no retry is scheduled.
+            self.log.log(
+                "interrupted",
+                &format!(
+                    "reconcile #{n} interrupted: {} action(s) done in {:.2}s",
+                    report.done(),
+                    report.seconds
+                ),
+                json!({ "done": report.done(), "seconds": report.seconds }),
+            );
+            return;
+        }
+        if report.failed() > 0 || !plan.errors.is_empty() {
             self.owe(targets.as_deref(), removed);
-            self.fail(&format!("{} action(s) failed", report.failed()));
+            self.fail(&format!(
+                "{} action(s) failed, {} agent(s) not observed",
+                report.failed(),
+                plan.errors.len()
+            ));
             return;
         }
         match &targets {

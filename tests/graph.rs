@@ -99,3 +99,37 @@ fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// `before` orders a setup step ahead of built-in steps (tools an image
+/// lacks), and takes part in cycle detection like `after`.
+#[test]
+fn before_puts_a_setup_step_ahead_of_built_in_steps() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("m");
+    std::fs::create_dir_all(&m).unwrap();
+    let manifest = |extra: &str| {
+        format!(
+            "[project]\nname = \"b\"\n[bottle.alpine.git]\ngateway = \"http://10.0.0.1:9418\"\n\
+             [[bottle.alpine.setup]]\nname = \"tools\"\nrun = \"apk add git\"\nbefore = [\"git\"]\n{extra}\
+             [agent.a]\nbottle = \"alpine\"\n"
+        )
+    };
+    std::fs::write(m.join("bottle.toml"), manifest("")).unwrap();
+    let project = bottle::manifest::load_dir(&m).unwrap();
+    let graph = bottle::graph::build(&project).unwrap();
+    let git = graph.find("a", &bottle::graph::StepKind::Git).unwrap();
+    let deps: Vec<String> = graph
+        .dependencies(git)
+        .into_iter()
+        .map(|d| graph.step(d).kind.id())
+        .collect();
+    assert_eq!(deps, ["machine", "setup:tools"]);
+
+    let cyclic = "[[bottle.alpine.setup]]\nname = \"late\"\nrun = \"true\"\nafter = [\"git\"]\nbefore = [\"tools\"]\n";
+    std::fs::write(m.join("bottle.toml"), manifest(cyclic)).unwrap();
+    let project = bottle::manifest::load_dir(&m).unwrap();
+    let err = bottle::graph::build(&project).unwrap_err();
+    let text = format!("{:?}", miette::Report::new(err));
+    assert!(text.contains("`tools` runs before `git`"), "{text}");
+    assert!(text.contains("`late` runs before `tools`"), "{text}");
+}

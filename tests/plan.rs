@@ -268,11 +268,17 @@ fn a_name_taken_by_another_project_is_never_touched() {
 }
 
 #[test]
-fn a_guest_that_cannot_be_probed_is_restarted_and_reprovisioned() {
+fn a_guest_that_cannot_be_probed_is_an_error_not_drift() {
     let d = desired();
     let mut s = in_sync(&d);
     s.probes.get_mut("bottle_golden_coder").unwrap().error = Some("exec timed out".into());
-    insta::assert_snapshot!(render(&d, &s, &PlanOptions::default()));
+    let p = plan(&d, &s, &PlanOptions::default());
+    assert!(
+        p.actions.is_empty(),
+        "nothing is planned on an unknown state"
+    );
+    assert_eq!(p.errors.len(), 1);
+    insta::assert_snapshot!(p.render());
 }
 
 #[test]
@@ -285,4 +291,22 @@ fn plans_are_deterministic() {
         serde_json::to_string(&plan(&d, &Snapshot::default(), &PlanOptions::default())).unwrap();
     assert_eq!(a, b);
     assert!(plan(&d, &s, &PlanOptions::default()).is_empty());
+}
+
+#[test]
+fn a_changed_agent_user_is_named_as_the_cause() {
+    let d = desired();
+    let mut s = in_sync(&d);
+    let probe = s.probes.get_mut("bottle_golden_reviewer").unwrap();
+    for step in ["prompt", "skills"] {
+        let entry = probe.ledger.get_mut(step).unwrap();
+        entry.detail.insert("user".into(), "olduser".into());
+    }
+    insta::assert_snapshot!(render(&d, &s, &PlanOptions::default()), @r"
+    agent reviewer (machine bottle_golden_reviewer)
+      ~ apply    prompt    agent user changed: olduser → node
+      ~ apply    skills    agent user changed: olduser → node
+
+    Plan: 2 to apply.
+    ");
 }

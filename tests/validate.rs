@@ -399,3 +399,14 @@ fn walk_skips_hidden_entries_and_symlinked_directories() {
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(stdout.contains("1 agent, 1 bottle valid"), "{stdout}");
 }
+
+/// `validate` builds the graph too, so CI catches a dependency cycle
+/// without a runtime.
+#[test]
+fn validate_reports_a_dependency_cycle() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/graph");
+    let (code, stdout, stderr) = run_in(&dir, "cycle");
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(stderr.contains("bottle::dependency-cycle"), "{stderr}");
+    assert!(stderr.contains("`fetch` runs after `build`"), "{stderr}");
+}

@@ -31,30 +31,41 @@ pub fn run(global: &GlobalArgs, args: ApplyArgs) -> miette::Result<Outcome> {
     let options = args.select.options();
     let parallelism = usize::from(args.select.parallelism);
     // The lock is taken before observing, so the plan cannot be stale.
-    let project = crate::manifest::load_dir(&args.dir.dir)?;
+    let desired = session::load(&args.dir.dir)?;
     let _lock = if args.dry_run {
         None
     } else {
         let state = session::state_dir(global)?;
         Some(ProjectLock::acquire(
             &state,
-            &project.name,
+            &desired.project.name,
             "apply",
             Duration::from_secs(args.lock_wait),
         )?)
     };
-    let survey = session::survey(
-        global,
-        &args.dir.dir,
-        &options,
-        parallelism,
-        Secrets::Required,
-    )?;
+    let survey = session::survey(global, desired, &options, parallelism, Secrets::Required)?;
     print!("{}", survey.plan.render());
     if args.dry_run || survey.plan.is_empty() {
+        session::observation_errors(&survey.plan)?;
         return Ok(Outcome::Success);
     }
     eprintln!();
+    // First Ctrl-C: finish what is running, start nothing new. Second: go.
+    let mut interrupted = false;
+    ctrlc::set_handler(move || {
+        if interrupted {
+            std::process::exit(130);
+        }
+        interrupted = true;
+        eprintln!("interrupted: finishing the actions under way (Ctrl-C again to quit at once)");
+        apply::request_cancel();
+    })
+    .map_err(|e| {
+        miette::miette!(
+            help = "this is a bug; please report it",
+            "cannot handle Ctrl-C: {e}"
+        )
+    })?;
     let report = apply::execute(
         &survey.desired,
         &survey.snapshot,
@@ -64,6 +75,10 @@ pub fn run(global: &GlobalArgs, args: ApplyArgs) -> miette::Result<Outcome> {
         &session::Lines,
     );
     print!("\n{}", render_summary(&report));
+    if apply::cancelled() {
+        return Err(Interrupted.into());
+    }
+    session::observation_errors(&survey.plan)?;
     Ok(outcome(&report)?)
 }
 
@@ -80,6 +95,14 @@ fn outcome(report: &Report) -> Result<Outcome, ApplyFailed> {
         Outcome::Success
     })
 }
+
+#[derive(Debug, thiserror::Error, miette::Diagnostic)]
+#[error("interrupted: the actions under way finished, the rest did not start")]
+#[diagnostic(
+    code(bottle::interrupted),
+    help("run `bottle apply` again to finish; what completed is kept")
+)]
+pub struct Interrupted;
 
 #[derive(Debug, thiserror::Error, miette::Diagnostic)]
 #[error("{failed} action(s) failed")]

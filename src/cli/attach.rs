@@ -17,16 +17,14 @@ pub struct AttachArgs {
     #[arg(default_value = "manifests", value_name = "DIR")]
     pub dir: std::path::PathBuf,
 
-    /// Print the command that would run instead of running it.
+    /// Print the command that would run (shell-quoted) instead of running
+    /// it. The machine must be running, as for attaching.
     #[arg(long)]
     pub print_command: bool,
 }
 
 #[derive(Debug, Error, Diagnostic)]
 pub enum AttachError {
-    #[error("no agent named `{agent}` in the manifests")]
-    #[diagnostic(code(bottle::unknown_agent), help("declared agents: {known}"))]
-    UnknownAgent { agent: String, known: String },
     #[error("machine {machine} of agent `{agent}` is {state}")]
     #[diagnostic(
         code(bottle::not_running),
@@ -56,33 +54,11 @@ pub fn claude_argv(ctx: &AgentCtx) -> miette::Result<Vec<String>> {
 
 pub fn run(global: &GlobalArgs, args: AttachArgs) -> miette::Result<Outcome> {
     let desired = session::load(&args.dir)?;
-    let Some(agent) = desired.agents.get(&args.agent) else {
-        return Err(AttachError::UnknownAgent {
-            agent: args.agent.clone(),
-            known: desired
-                .agents
-                .keys()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", "),
-        }
-        .into());
-    };
+    let agent = session::agent(&desired, &args.agent)?;
     let ctx = desired.ctx(agent);
     let mut request = ExecRequest::new(claude_argv(&ctx)?).as_user(ctx.user());
     request.workdir = Some(ctx.home());
     let rt = session::runtime(global)?;
-    let argv = rt.interactive_argv(&agent.machine, &request);
-    if args.print_command {
-        println!(
-            "{}",
-            argv.iter()
-                .map(|a| sh_quote(a))
-                .collect::<Vec<_>>()
-                .join(" ")
-        );
-        return Ok(Outcome::Success);
-    }
     let state = rt
         .list()?
         .into_iter()
@@ -95,6 +71,19 @@ pub fn run(global: &GlobalArgs, args: AttachArgs) -> miette::Result<Outcome> {
             state: state.map_or("absent".to_owned(), |s| s.to_string()),
         }
         .into());
+    }
+    // Only now: the local runtime builds the command from the running
+    // machine's namespaces.
+    let argv = rt.interactive_argv(&agent.machine, &request);
+    if args.print_command {
+        println!(
+            "{}",
+            argv.iter()
+                .map(|a| sh_quote(a))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        return Ok(Outcome::Success);
     }
     use std::os::unix::process::CommandExt;
     let err = std::process::Command::new(&argv[0]).args(&argv[1..]).exec();

@@ -31,6 +31,9 @@ struct DriftReport<'a> {
     project: &'a str,
     in_sync: bool,
     drift: Vec<Drift<'a>>,
+    /// Agents that could not be observed (the command exits 1).
+    errors: &'a [crate::plan::PlanError],
+    notes: &'a [String],
 }
 
 #[derive(Debug, Serialize)]
@@ -42,11 +45,25 @@ struct Drift<'a> {
     cause: &'a str,
 }
 
+fn print_notes(report: &DriftReport) {
+    for e in report.errors {
+        println!(
+            "error: agent {} (machine {}): {}",
+            e.agent, e.machine, e.message
+        );
+    }
+    for note in report.notes {
+        println!("note: {note}");
+    }
+}
+
 fn report(plan: &Plan) -> DriftReport<'_> {
     DriftReport {
-        format_version: 1,
+        format_version: crate::plan::PLAN_FORMAT,
         project: &plan.project,
-        in_sync: plan.is_empty(),
+        in_sync: plan.is_empty() && plan.errors.is_empty(),
+        errors: &plan.errors,
+        notes: &plan.notes,
         drift: plan
             .actions
             .iter()
@@ -68,7 +85,7 @@ pub fn run(global: &GlobalArgs, args: CheckArgs) -> miette::Result<Outcome> {
     };
     let survey = session::survey(
         global,
-        &args.dir.dir,
+        session::load(&args.dir.dir)?,
         &options,
         args.parallelism.into(),
         Secrets::Noted,
@@ -80,21 +97,28 @@ pub fn run(global: &GlobalArgs, args: CheckArgs) -> miette::Result<Outcome> {
             serde_json::to_string_pretty(&report).expect("reports serialize")
         );
     } else if report.in_sync {
+        print_notes(&report);
         println!(
             "In sync: {} agent(s) match their manifests.",
             survey.desired.agents.len()
         );
     } else {
-        println!("Drift in project {}:", report.project);
+        if !report.drift.is_empty() {
+            println!("Drift in project {}:", report.project);
+        }
         for d in &report.drift {
             let who = d.agent.unwrap_or(d.machine);
             println!("  {who}: {} ({} needed): {}", d.step, d.action, d.cause);
         }
-        println!(
-            "{} difference(s); run `bottle apply` to converge.",
-            report.drift.len()
-        );
+        if !report.drift.is_empty() {
+            println!(
+                "{} difference(s); run `bottle apply` to converge.",
+                report.drift.len()
+            );
+        }
+        print_notes(&report);
     }
+    session::observation_errors(&survey.plan)?;
     Ok(if report.in_sync {
         Outcome::Success
     } else {

@@ -22,6 +22,11 @@ pub struct DestroyArgs {
     #[arg(long = "agent", value_name = "AGENT")]
     pub agents: Vec<String>,
 
+    /// The project whose machines to delete, instead of reading it from the
+    /// manifests (for when they are gone or broken).
+    #[arg(long, value_name = "NAME")]
+    pub project: Option<String>,
+
     /// Do not ask for confirmation.
     #[arg(long, short = 'y')]
     pub yes: bool,
@@ -35,6 +40,12 @@ pub enum DestroyError {
         help("there is no terminal to ask on; pass --yes to delete without asking")
     )]
     NoTerminal { count: usize },
+    #[error("`{0}` is not a project name: it {1}")]
+    #[diagnostic(
+        code(bottle::invalid_name),
+        help("project names are 1-48 lower-case letters, digits and '-', starting with a letter")
+    )]
+    BadProject(String, &'static str),
     #[error("no machine of this project belongs to agent `{0}`")]
     #[diagnostic(
         code(bottle::unknown_target),
@@ -44,14 +55,21 @@ pub enum DestroyError {
 }
 
 pub fn run(global: &GlobalArgs, args: DestroyArgs) -> miette::Result<Outcome> {
-    let project = crate::manifest::load_dir(&args.dir.dir)?;
+    let project_name = match &args.project {
+        Some(name) => {
+            crate::manifest::names::check_name(name)
+                .map_err(|why| DestroyError::BadProject(name.clone(), why))?;
+            name.clone()
+        }
+        None => crate::manifest::load_dir(&args.dir.dir)?.name,
+    };
     let state = session::state_dir(global)?;
-    let _lock = ProjectLock::acquire(&state, &project.name, "destroy", Duration::ZERO)?;
+    let _lock = ProjectLock::acquire(&state, &project_name, "destroy", Duration::ZERO)?;
     let rt = session::runtime(global)?;
     let machines: Vec<_> = rt
         .list()?
         .into_iter()
-        .filter(|m| is_ours(m, &project.name))
+        .filter(|m| is_ours(m, &project_name))
         .collect();
     let agent_of =
         |m: &crate::runtime::MachineInfo| m.labels.get(LABEL_AGENT).cloned().unwrap_or_default();
@@ -65,12 +83,12 @@ pub fn run(global: &GlobalArgs, args: DestroyArgs) -> miette::Result<Outcome> {
         .filter(|m| args.agents.is_empty() || args.agents.contains(&agent_of(m)))
         .collect();
     if doomed.is_empty() {
-        println!("No machines of project {} to delete.", project.name);
+        println!("No machines of project {} to delete.", project_name);
         return Ok(Outcome::Success);
     }
     println!(
         "Machines of project {} to delete (their disks are lost):",
-        project.name
+        project_name
     );
     for m in &doomed {
         println!("  {} (agent {}, {})", m.name, agent_of(m), m.state);

@@ -1,6 +1,6 @@
 //! The command line: argument parsing, and one module per subcommand.
 //!
-//! Every subcommand returns `Result<Outcome>`; [`run`] turns that into the
+//! Every subcommand returns `Result<Outcome>`; [`main`] turns that into the
 //! exit codes of DESIGN.md section 5: 0 success or in sync, 1 error, 2 usage
 //! (clap's own), 3 drift or pending changes. Nothing but a completed
 //! comparison can produce 3.
@@ -56,6 +56,7 @@ pub struct Cli {
 }
 
 #[derive(Debug, Args)]
+#[command(next_help_heading = "Global options")]
 pub struct GlobalArgs {
     /// Where machines run: `smolvm` microVMs, or `local` bubblewrap
     /// sandboxes (Linux without KVM, CI).

@@ -30,14 +30,15 @@ pub struct SelectArgs {
     #[arg(long = "target", value_name = "AGENT")]
     pub targets: Vec<String>,
 
-    /// Allow replacing machines whose create-time settings (image, egress,
-    /// secrets) changed. Replacement destroys the machine's disk; without
-    /// this flag it is shown as blocked.
+    /// Replace machines whose create-time settings (image, egress, secrets)
+    /// changed; replacement destroys the machine's disk. Without it those
+    /// replacements are blocked (`plan` shows them as blocked).
     #[arg(long)]
     pub allow_replace: bool,
 
     /// Delete managed machines of this project that no agent declares any
-    /// more. Without this flag they are shown as blocked.
+    /// more. Without it those deletions are blocked (`plan` shows them as
+    /// blocked).
     #[arg(long)]
     pub prune: bool,
 
@@ -60,7 +61,7 @@ impl SelectArgs {
 pub fn run(global: &GlobalArgs, args: PlanArgs) -> miette::Result<Outcome> {
     let survey = session::survey(
         global,
-        &args.dir.dir,
+        session::load(&args.dir.dir)?,
         &args.select.options(),
         args.select.parallelism.into(),
         Secrets::Noted,
@@ -73,6 +74,7 @@ pub fn run(global: &GlobalArgs, args: PlanArgs) -> miette::Result<Outcome> {
     } else {
         print!("{}", survey.plan.render());
     }
+    session::observation_errors(&survey.plan)?;
     if args.detailed_exitcode && !survey.plan.is_empty() {
         return Ok(Outcome::Drift);
     }

@@ -3,12 +3,12 @@
 
 use std::path::{Path, PathBuf};
 
-use miette::{Diagnostic, IntoDiagnostic};
+use miette::Diagnostic;
 use thiserror::Error;
 
 use super::{GlobalArgs, RuntimeChoice};
 use crate::apply::{ActionReport, Outcome as ActionOutcome, Progress};
-use crate::desired::Desired;
+use crate::desired::{Desired, DesiredAgent};
 use crate::manifest;
 use crate::observe::Snapshot;
 use crate::plan::{Action, Plan, PlanOptions};
@@ -60,9 +60,7 @@ pub fn runtime(global: &GlobalArgs) -> miette::Result<Box<dyn Runtime>> {
         )?)),
         RuntimeChoice::Local => {
             let dir = state_dir(global)?.join("local");
-            Ok(Box::new(
-                crate::runtime::local::LocalRuntime::open(&dir).into_diagnostic()?,
-            ))
+            Ok(Box::new(crate::runtime::local::LocalRuntime::open(&dir)?))
         }
     }
 }
@@ -111,25 +109,13 @@ pub struct Survey {
 
 pub fn survey(
     global: &GlobalArgs,
-    dir: &Path,
+    desired: Desired,
     options: &PlanOptions,
     parallelism: usize,
     secrets: Secrets,
 ) -> miette::Result<Survey> {
-    let desired = load(dir)?;
     for target in options.targets.iter().flatten() {
-        if !desired.agents.contains_key(target) {
-            return Err(UnknownTarget {
-                agent: target.clone(),
-                known: desired
-                    .agents
-                    .keys()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            }
-            .into());
-        }
+        agent(&desired, target)?;
     }
     let notes = preflight::check(&desired, runtime_kind(global), secrets)?;
     let runtime = runtime(global)?;
@@ -147,6 +133,48 @@ pub fn survey(
         snapshot,
         plan,
     })
+}
+
+/// The declared agent named `name`, or a diagnostic listing the declared
+/// ones.
+pub fn agent<'a>(desired: &'a Desired, name: &str) -> Result<&'a DesiredAgent, UnknownTarget> {
+    desired.agents.get(name).ok_or_else(|| UnknownTarget {
+        agent: name.to_owned(),
+        known: desired
+            .agents
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
+}
+
+/// Fail (exit 1) when some agents could not be observed; call after
+/// printing what was found, so the rest of the report is not lost.
+pub fn observation_errors(plan: &Plan) -> Result<(), ObservationFailed> {
+    if plan.errors.is_empty() {
+        return Ok(());
+    }
+    Err(ObservationFailed {
+        agents: plan
+            .errors
+            .iter()
+            .map(|e| e.agent.clone())
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
+}
+
+#[derive(Debug, Error, Diagnostic)]
+#[error("could not observe agent(s) {agents}; their state is unknown")]
+#[diagnostic(
+    code(bottle::observe_failed),
+    help(
+        "the errors above say why; check the runtime (e.g. `smolvm machine ls --json`) and the machines, then run again"
+    )
+)]
+pub struct ObservationFailed {
+    pub agents: String,
 }
 
 #[derive(Debug, Error, Diagnostic)]

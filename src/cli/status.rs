@@ -4,7 +4,7 @@ use clap::Args;
 use serde::Serialize;
 
 use super::{DirArg, GlobalArgs, Outcome, session};
-use crate::plan::PlanOptions;
+use crate::plan::{Op, PlanOptions};
 use crate::preflight::Secrets;
 use crate::runtime::MachineState;
 
@@ -50,13 +50,13 @@ struct StepStatus {
 pub fn run(global: &GlobalArgs, args: StatusArgs) -> miette::Result<Outcome> {
     let survey = session::survey(
         global,
-        &args.dir.dir,
+        session::load(&args.dir.dir)?,
         &PlanOptions::default(),
         8,
         Secrets::Noted,
     )?;
     let mut status = Status {
-        format_version: 1,
+        format_version: crate::plan::PLAN_FORMAT,
         project: survey.desired.project.name.clone(),
         agents: Vec::new(),
         undeclared: Vec::new(),
@@ -64,8 +64,10 @@ pub fn run(global: &GlobalArgs, args: StatusArgs) -> miette::Result<Outcome> {
     for agent in survey.desired.agents.values() {
         let machine = survey.snapshot.machine(&agent.machine);
         let probe = survey.snapshot.probes.get(&agent.machine);
-        let running = machine.is_some_and(|m| m.state == MachineState::Running);
-        let steps = agent
+        let error = survey.plan.errors.iter().find(|e| e.agent == agent.name);
+        // Steps of a machine that could not be probed are unknown, not ok.
+        let running = machine.is_some_and(|m| m.state == MachineState::Running) && error.is_none();
+        let mut steps: Vec<StepStatus> = agent
             .steps
             .iter()
             .map(|s| {
@@ -94,11 +96,29 @@ pub fn run(global: &GlobalArgs, args: StatusArgs) -> miette::Result<Outcome> {
                     (None, false) => StepStatus {
                         step: id,
                         state: "unknown",
-                        cause: lifecycle.map(|a| a.cause.clone()),
+                        cause: lifecycle
+                            .map(|a| a.cause.clone())
+                            .or_else(|| error.map(|e| e.message.clone())),
                     },
                 }
             })
             .collect();
+        // Steps that left the manifest but are still in the guest: their
+        // undo is pending too (`check` reports them as drift).
+        steps.extend(
+            survey
+                .plan
+                .actions
+                .iter()
+                .filter(|a| {
+                    a.agent.as_deref() == Some(&agent.name) && matches!(a.op, Op::Undo { .. })
+                })
+                .map(|a| StepStatus {
+                    step: a.op.step().to_owned(),
+                    state: "pending",
+                    cause: Some(a.cause.clone()),
+                }),
+        );
         status.agents.push(AgentStatus {
             agent: agent.name.clone(),
             machine: agent.machine.clone(),
@@ -119,6 +139,7 @@ pub fn run(global: &GlobalArgs, args: StatusArgs) -> miette::Result<Outcome> {
             "{}",
             serde_json::to_string_pretty(&status).expect("status serializes")
         );
+        session::observation_errors(&survey.plan)?;
         return Ok(Outcome::Success);
     }
     println!("project {}", status.project);
@@ -152,5 +173,12 @@ pub fn run(global: &GlobalArgs, args: StatusArgs) -> miette::Result<Outcome> {
             "{m}: managed by this project but no agent declares it (`bottle apply --prune` deletes it)"
         );
     }
+    for e in &survey.plan.errors {
+        println!(
+            "error: agent {} (machine {}): {}",
+            e.agent, e.machine, e.message
+        );
+    }
+    session::observation_errors(&survey.plan)?;
     Ok(Outcome::Success)
 }

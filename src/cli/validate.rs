@@ -1,5 +1,6 @@
-//! `bottle validate`: load the manifests, report every problem, or a
-//! one-line summary.
+//! `bottle validate`: load the manifests and build the provisioning graph
+//! (which finds dependency cycles), report every problem, or a one-line
+//! summary.
 
 use clap::Args;
 
@@ -14,6 +15,7 @@ pub struct ValidateArgs {
 
 pub fn run(_global: &GlobalArgs, args: ValidateArgs) -> miette::Result<Outcome> {
     let project = manifest::load_dir(&args.dir.dir)?;
+    let graph = crate::graph::build(&project)?;
     let origin = match project.name_source {
         ProjectNameSource::Declared => "",
         ProjectNameSource::DirectoryName => {
@@ -22,10 +24,11 @@ pub fn run(_global: &GlobalArgs, args: ValidateArgs) -> miette::Result<Outcome> 
         }
     };
     println!(
-        "{}: {}, {} valid; project {}{origin}",
+        "{}: {}, {} valid ({}); project {}{origin}",
         args.dir.dir.display(),
         plural(project.agents.len(), "agent"),
         plural(project.bottles.len(), "bottle"),
+        plural(graph.len(), "provisioning step"),
         project.name,
     );
     Ok(Outcome::Success)

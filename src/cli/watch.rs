@@ -59,13 +59,16 @@ pub fn run(global: &GlobalArgs, args: WatchArgs) -> miette::Result<Outcome> {
     let stop = tx.clone();
     let mut interrupted = false;
     ctrlc::set_handler(move || {
-        // First Ctrl-C: finish the running reconcile, then stop. Second: go
-        // now (the kernel releases the lock with the process).
+        // First Ctrl-C: let the calls under way finish, start nothing new,
+        // then stop. Second: go now (the kernel releases the lock with the
+        // process).
         if interrupted {
             std::process::exit(130);
         }
         interrupted = true;
-        eprintln!("stopping after the running reconcile (Ctrl-C again to stop at once)");
+        // Calls under way finish; nothing new starts.
+        crate::apply::request_cancel();
+        eprintln!("stopping once the calls under way finish (Ctrl-C again to stop at once)");
         let _ = stop.send(Message::Stop);
     })
     .into_diagnostic()?;

@@ -1,7 +1,7 @@
 //! Reading the files steps depend on: each distinct path once, however many
 //! agents share it, on every core.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,7 +10,7 @@ use super::hash::{self, Digest32};
 use crate::manifest::{FileId, KeyPath, ManifestDiagnostic, Project};
 
 /// How a path is digested.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Kind {
     /// SHA-256 of a file's content (prompt, certificate).
     File,
@@ -29,8 +29,10 @@ struct Site {
 /// Every path digest a project's steps need.
 #[derive(Debug, Default)]
 pub(crate) struct Digests {
-    files: BTreeMap<PathBuf, Digest32>,
-    trees: BTreeMap<PathBuf, Digest32>,
+    // Hash maps: ordered maps of paths compare component by component,
+    // which showed in profiles of large projects.
+    files: HashMap<PathBuf, Digest32>,
+    trees: HashMap<PathBuf, Digest32>,
 }
 
 impl Digests {
@@ -38,8 +40,7 @@ impl Digests {
     /// diagnostics, one per path, pointing at the first key that names it.
     pub fn compute(project: &Project) -> Result<Digests, Vec<ManifestDiagnostic>> {
         let jobs = collect(project);
-        let keys: Vec<&(Kind, PathBuf)> = jobs.keys().collect();
-        let results = run_parallel(&keys, |(kind, path)| digest(*kind, path));
+        let results = run_parallel(&jobs, |((kind, path), _)| digest(*kind, path));
 
         let mut digests = Digests::default();
         let mut problems = Vec::new();
@@ -72,31 +73,52 @@ fn digest(kind: Kind, path: &Path) -> io::Result<Digest32> {
     }
 }
 
-/// Every (kind, path) the steps read, with the keys naming each.
-fn collect(project: &Project) -> BTreeMap<(Kind, PathBuf), Vec<Site>> {
-    let mut jobs: BTreeMap<(Kind, PathBuf), Vec<Site>> = BTreeMap::new();
-    let mut add = |kind, path: &Path, file, key, what| {
-        jobs.entry((kind, path.to_owned()))
-            .or_default()
-            .push(Site { file, key, what });
+/// Every (kind, path) the steps read, once, with the keys naming each.
+fn collect(project: &Project) -> Vec<((Kind, PathBuf), Vec<Site>)> {
+    struct Jobs<'p> {
+        index: HashMap<(Kind, &'p Path), usize>,
+        jobs: Vec<((Kind, PathBuf), Vec<Site>)>,
+    }
+    impl<'p> Jobs<'p> {
+        fn add(
+            &mut self,
+            kind: Kind,
+            path: &'p Path,
+            file: FileId,
+            key: KeyPath,
+            what: &'static str,
+        ) {
+            let site = Site { file, key, what };
+            match self.index.get(&(kind, path)) {
+                Some(&i) => self.jobs[i].1.push(site),
+                None => {
+                    self.index.insert((kind, path), self.jobs.len());
+                    self.jobs.push(((kind, path.to_owned()), vec![site]));
+                }
+            }
+        }
+    }
+    let mut jobs = Jobs {
+        index: HashMap::new(),
+        jobs: Vec::new(),
     };
     for (name, bottle) in &project.bottles {
         let base = || KeyPath::new().key("bottle").key(name.as_str());
         if let Some(cert) = &bottle.ca_cert {
             let key = base().key("ca").key("cert");
-            add(Kind::File, cert, bottle.file, key, "CA certificate");
+            jobs.add(Kind::File, cert, bottle.file, key, "CA certificate");
         }
         for (s, inputs) in bottle.setup_inputs.iter().enumerate() {
             for (i, input) in inputs.iter().enumerate() {
                 let key = base().key("setup").index(s).key("inputs").index(i);
-                add(Kind::Tree, input, bottle.file, key, "setup input");
+                jobs.add(Kind::Tree, input, bottle.file, key, "setup input");
             }
         }
     }
     for (name, agent) in &project.agents {
         let base = || KeyPath::new().key("agent").key(name.as_str());
         if let crate::manifest::Prompt::File(path) = &agent.prompt {
-            add(
+            jobs.add(
                 Kind::File,
                 path,
                 agent.file,
@@ -106,10 +128,10 @@ fn collect(project: &Project) -> BTreeMap<(Kind, PathBuf), Vec<Site>> {
         }
         for (i, skill) in agent.skills.iter().enumerate() {
             let key = base().key("skills").index(i);
-            add(Kind::Tree, skill, agent.file, key, "skill directory");
+            jobs.add(Kind::Tree, skill, agent.file, key, "skill directory");
         }
     }
-    jobs
+    jobs.jobs
 }
 
 /// `f` over `items` on up to `available_parallelism` threads, results in

@@ -31,7 +31,7 @@
 //! | `prompt` | `user`; `content`: SHA-256 of the prompt file's content, of `prompt_text`, or of the empty string when there is no prompt (the guest path is fixed, so the source path is not an input) |
 //! | `skills` | `user`; `skills`: per skill directory, sorted by its name in the guest (the directory's own name): that name, its tree digest |
 //! | `git` | `user`; `gateway`; `identity`: none, or `user.name`, `user.email`; `remotes`: each `name`, `upstream`, sorted by name |
-//! | `setup:<name>` | `name`; `run`; `inputs`: per input, sorted by path relative to the manifests directory: that path, its tree digest. Runs as root, so not the user; `after` only orders, so it is not an input |
+//! | `setup:<name>` | `name`; `run`; `inputs`: per input, sorted by path relative to the manifests directory: that path, its tree digest. Runs as root, so not the user; `after` and `before` only order, so they are not inputs |
 //! | `supervise` | `user`; `url` |
 //!
 //! `user` is the bottle's agent user: it decides the home directory and the
@@ -187,7 +187,8 @@ pub fn tree_digest(root: &Path) -> io::Result<Digest32> {
             }
             child_rel.extend_from_slice(os_bytes(&entry.file_name()).as_ref());
             let path = entry.path();
-            let meta = fs::symlink_metadata(&path)?;
+            // Does not follow links; stats relative to the open directory.
+            let meta = entry.metadata()?;
             let ft = meta.file_type();
             let kind = if ft.is_dir() {
                 stack.push((child_rel.clone(), path.clone()));

@@ -31,6 +31,8 @@ pub(crate) struct Template {
 #[derive(Debug, Clone, Copy)]
 struct AfterEntry {
     setup: usize,
+    /// `after` or `before`.
+    key: &'static str,
     entry: usize,
 }
 
@@ -59,6 +61,7 @@ impl Template {
             .map(|()| kinds.len() - 1);
 
         let position = |kind: &StepKind| kinds.iter().position(|k| k == kind);
+        let supervise_at = supervise;
         let machine = 0;
 
         let mut graph: DiGraph<(), Option<AfterEntry>> = DiGraph::with_capacity(kinds.len(), 0);
@@ -86,7 +89,33 @@ impl Template {
                         // absent built-in (`ca` without a `ca` table) is
                         // trivially satisfied: either way, no edge.
                         if let Some(target) = resolve_after(&kinds, first_setup, name) {
-                            dep(target, i, Some(AfterEntry { setup: s, entry }));
+                            dep(
+                                target,
+                                i,
+                                Some(AfterEntry {
+                                    setup: s,
+                                    key: "after",
+                                    entry,
+                                }),
+                            );
+                        }
+                    }
+                    // `before` is `after` seen from the other side; `supervise`
+                    // runs last anyway, and `machine` is the loader's to reject.
+                    for (entry, name) in spec.setup[s].before.iter().enumerate() {
+                        match resolve_after(&kinds, first_setup, name) {
+                            Some(target) if target != machine && Some(target) != supervise_at => {
+                                dep(
+                                    i,
+                                    target,
+                                    Some(AfterEntry {
+                                        setup: s,
+                                        key: "before",
+                                        entry,
+                                    }),
+                                );
+                            }
+                            _ => {}
                         }
                     }
                 }
@@ -228,16 +257,18 @@ fn cycle_diagnostics(
                     .map(|w| (w, e.source().index(), e.target().index()))
             })
             .collect();
-        entries.sort_by_key(|(w, _, _)| (w.setup, w.entry));
+        entries.sort_by_key(|(w, _, _)| (w.setup, w.key, w.entry));
         for (w, target, step) in entries {
             let key = KeyPath::new()
                 .key("bottle")
                 .key(bottle.name.as_str())
                 .key("setup")
                 .index(w.setup)
-                .key("after")
+                .key(w.key)
                 .index(w.entry);
-            let label = if Some(target) == supervise {
+            let label = if w.key == "before" {
+                format!("`{}` runs before `{}`", name_of(target), name_of(step))
+            } else if Some(target) == supervise {
                 format!(
                     "`{}` runs after `supervise`, which runs last",
                     name_of(step)
@@ -250,7 +281,7 @@ fn cycle_diagnostics(
         let help = if supervise.is_some_and(|s| inside(NodeIndex::new(s))) {
             "`supervise` always runs after every other step: remove it from `after`"
         } else {
-            "remove one of the labelled `after` entries so the steps have an order to run in"
+            "remove one of the labelled `after`/`before` entries so the steps have an order to run in"
         };
         out.push(diag.help(help));
     }

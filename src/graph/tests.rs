@@ -1,15 +1,14 @@
-//! Unit tests of the graph and its hashes, on projects resolved by a small
-//! stand-in for the manifest loader (so these tests need only the model).
+//! Unit tests of the graph and its hashes, on directories read by the real
+//! manifest loader.
 
 use std::collections::BTreeMap;
-use std::path::{Component, Path, PathBuf};
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 
 use super::*;
-use crate::manifest::model::ManifestFile;
-use crate::manifest::{Agent, Bottle, FileId, Image, ProjectNameSource, Sources, Volume};
+use crate::manifest::FileId;
 
-/// A manifests directory in a tempdir.
+/// A manifests directory in a tempdir, next to a `cache` directory that a
+/// volume can share from outside it.
 struct Fixture {
     _tmp: tempfile::TempDir,
     dir: PathBuf,
@@ -20,6 +19,7 @@ impl Fixture {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("manifests");
         std::fs::create_dir(&dir).unwrap();
+        std::fs::create_dir(tmp.path().join("cache")).unwrap();
         Fixture { _tmp: tmp, dir }
     }
 
@@ -31,117 +31,19 @@ impl Fixture {
     }
 
     fn project(&self) -> Project {
-        resolve(&self.dir, None)
+        load(&self.dir)
     }
 }
 
-/// Resolve a manifests directory roughly as the loader does; `order` gives
-/// the file order (default: sorted).
-fn resolve(dir: &Path, order: Option<&[&str]>) -> Project {
-    let dir = dir.canonicalize().unwrap();
-    let files: Vec<String> = match order {
-        Some(order) => order.iter().map(|s| s.to_string()).collect(),
-        None => {
-            let mut found = Vec::new();
-            walk(&dir, &dir, &mut found);
-            found.sort();
-            found
-        }
-    };
-    let mut sources = Sources::default();
-    let mut bottles = BTreeMap::new();
-    let mut agents = BTreeMap::new();
-    for rel in files {
-        let path = dir.join(&rel);
-        let text = std::fs::read_to_string(&path).unwrap();
-        let manifest: ManifestFile = toml::from_str(&text).unwrap();
-        let file = sources.add(path.clone(), rel.clone(), Arc::from(text));
-        let base = path.parent().unwrap();
-        for (name, spec) in manifest.bottle {
-            let image = match spec.image.as_deref() {
-                None | Some("host") => Image::Host,
-                Some(i) if i.ends_with(".tar") => Image::Archive(clean(&base.join(i))),
-                Some(i) if i.starts_with('.') => Image::RootfsDir(clean(&base.join(i))),
-                Some(i) => Image::Reference(i.to_owned()),
-            };
-            let volumes = spec
-                .volumes
-                .iter()
-                .map(|v| {
-                    let parts: Vec<&str> = v.split(':').collect();
-                    Volume {
-                        host: clean(&base.join(parts[0])),
-                        guest: parts[1].to_owned(),
-                        read_only: parts.get(2) == Some(&"ro"),
-                    }
-                })
-                .collect();
-            let bottle = Bottle {
-                name: name.clone(),
-                file,
-                image,
-                ca_cert: spec.ca.as_ref().map(|c| clean(&base.join(&c.cert))),
-                volumes,
-                setup_inputs: spec
-                    .setup
-                    .iter()
-                    .map(|s| s.inputs.iter().map(|i| clean(&base.join(i))).collect())
-                    .collect(),
-                spec,
-            };
-            bottles.insert(name, bottle);
-        }
-        for (name, spec) in manifest.agent {
-            let prompt = match (&spec.prompt, &spec.prompt_text) {
-                (Some(p), _) => Prompt::File(clean(&base.join(p))),
-                (None, Some(t)) => Prompt::Text(t.clone()),
-                (None, None) => Prompt::None,
-            };
-            let agent = Agent {
-                name: name.clone(),
-                file,
-                prompt,
-                skills: spec.skills.iter().map(|s| clean(&base.join(s))).collect(),
-                spec,
-            };
-            agents.insert(name, agent);
-        }
-    }
-    Project {
-        name: "test".into(),
-        name_source: ProjectNameSource::Declared,
-        dir,
-        bottles,
-        agents,
-        sources,
+fn load(dir: &Path) -> Project {
+    match crate::manifest::load_dir(dir) {
+        Ok(p) => p,
+        Err(d) => panic!("{:?}", miette::Report::new(d)),
     }
 }
 
-fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            walk(root, &path, out);
-        } else if path.extension().is_some_and(|e| e == "toml") {
-            let rel = path.strip_prefix(root).unwrap();
-            out.push(rel.to_string_lossy().into_owned());
-        }
-    }
-}
-
-fn clean(path: &Path) -> PathBuf {
-    let mut out = PathBuf::new();
-    for c in path.components() {
-        match c {
-            Component::CurDir => {}
-            Component::ParentDir => {
-                out.pop();
-            }
-            c => out.push(c),
-        }
-    }
-    out
-}
+const CERT: &str = include_str!("../../tests/fixtures/graph/basic/certs/egress-ca.pem");
+const OTHER_CERT: &str = include_str!("../../tests/fixtures/graph/other-ca.pem");
 
 fn hashes(graph: &StepGraph) -> BTreeMap<(String, String), String> {
     graph
@@ -158,7 +60,7 @@ memory_mib = 2048
 user = "node"
 env = { GIT_AUTHOR_NAME = "Bottle Bot", EDITOR = "vi" }
 secrets = { GITHUB_TOKEN = { from_env = "GH_PAT" }, NPM = { from_file = "/run/npm" } }
-volumes = ["./workspace:/workspace", "/srv/cache:/cache:ro"]
+volumes = ["./workspace:/workspace", "../cache:/cache:ro"]
 
 [bottle.dev.egress]
 allow_hosts = ["api.anthropic.com", "github.com"]
@@ -212,10 +114,7 @@ fn full_fixture() -> Fixture {
                 .replace("\"prompts/", "\"../prompts/")
                 .replace("\"skills/", "\"../skills/"),
         )
-        .write(
-            "certs/egress-ca.pem",
-            "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
-        )
+        .write("certs/egress-ca.pem", CERT)
         .write("prompts/reviewer.md", "You review Rust.\n")
         .write("skills/rust-review/SKILL.md", "# Rust review\n")
         .write(
@@ -396,12 +295,15 @@ fn after_naming_an_absent_or_unknown_step_does_not_panic() {
 [[bottle.b.setup]]
 name = "s"
 run = "true"
-after = ["ca", "git", "nonexistent", "supervise"]
 [agent.a]
 bottle = "b"
 "#,
     );
-    let graph = build_ok(&f.project());
+    // The loader rejects these names; the graph must still cope.
+    let mut project = f.project();
+    let after = &mut project.bottles.get_mut("b").unwrap().spec.setup[0].after;
+    after.extend(["ca", "git", "nonexistent", "supervise"].map(String::from));
+    let graph = build_ok(&project);
     assert_eq!(deps(&graph, "a", "setup:s"), ["machine"]);
 }
 
@@ -490,10 +392,24 @@ after = ["me"]
 [[bottle.b.setup]]
 name = "late"
 run = "true"
-after = ["supervise"]
+[agent.a]
+bottle = "b"
 "#,
     );
-    let err = build(&f.project()).unwrap_err();
+    // The loader rejects `after = ["supervise"]`; should it ever get
+    // through, it is a cycle, not a hang or a panic.
+    let mut project = f.project();
+    let late = &mut project.bottles.get_mut("b").unwrap().spec.setup[1];
+    late.after.push("supervise".into());
+    let text = project.sources.get(FileId(0)).text.replace(
+        "name = \"late\"\nrun = \"true\"\n",
+        "name = \"late\"\nrun = \"true\"\nafter = [\"supervise\"]\n",
+    );
+    let path = project.sources.path(FileId(0)).to_owned();
+    let mut sources = crate::manifest::Sources::default();
+    sources.add(path, "m.toml".into(), text.into());
+    project.sources = sources;
+    let err = build(&project).unwrap_err();
     assert_eq!(err.items.len(), 2);
     assert!(err.items[0].message.ends_with("`me` runs after `me`"));
     assert_eq!(err.items[0].labels.len(), 1);
@@ -504,6 +420,12 @@ after = ["supervise"]
         late.message
     );
     assert_eq!(late.labels.len(), 1);
+    let label = &late.labels[0];
+    let text = &project.sources.get(FileId(0)).text;
+    assert_eq!(
+        &text[label.offset()..label.offset() + label.len()],
+        "\"supervise\""
+    );
     assert!(
         late.help
             .as_deref()
@@ -519,12 +441,9 @@ fn hashes_are_stable_across_file_order_key_order_and_runs() {
     let f = full_fixture();
     let first = hashes(&build_ok(&f.project()));
     assert_eq!(first, hashes(&build_ok(&f.project())));
-    let reversed = resolve(&f.dir, Some(&["dev.toml", "agents/team.toml"]));
-    let sorted = resolve(&f.dir, Some(&["agents/team.toml", "dev.toml"]));
-    assert_eq!(hashes(&build_ok(&reversed)), hashes(&build_ok(&sorted)));
 
-    // The same settings written in another order, split differently (in
-    // the same directory: volumes mount absolute paths).
+    // The same settings written in another order, in files that sort the
+    // other way round (in the same directory: volumes mount absolute paths).
     let g = &f;
     let shuffled = FULL
         .replace(
@@ -556,7 +475,8 @@ fn hashes_are_stable_across_file_order_key_order_and_runs() {
         &shuffled
             .replace("\"certs/", "\"../../certs/")
             .replace("\"setup/", "\"../../setup/")
-            .replace("./workspace", "../../workspace"),
+            .replace("./workspace", "../../workspace")
+            .replace("../cache", "../../../cache"),
     );
     let other = hashes(&build_ok(&g.project()));
     assert_eq!(first, other);
@@ -569,9 +489,9 @@ fn moving_the_manifests_directory_keeps_hashes_except_volume_mounts() {
     let before_project = f.project();
     let before = build_ok(&before_project);
     let moved = f._tmp.path().join("elsewhere/renamed");
-    std::fs::create_dir_all(moved.parent().unwrap()).unwrap();
+    std::fs::create_dir_all(moved.parent().unwrap().join("cache")).unwrap();
     std::fs::rename(&f.dir, &moved).unwrap();
-    let after_project = resolve(&moved, None);
+    let after_project = load(&moved);
     let after = build_ok(&after_project);
     for ((id, a), (_, b)) in before.steps().zip(after.steps()) {
         if a.kind == StepKind::Machine {
@@ -604,14 +524,14 @@ fn moving_the_manifests_directory_keeps_hashes_except_volume_mounts() {
     g.write(
         "dev.toml",
         &FULL.replace(
-            "volumes = [\"./workspace:/workspace\", \"/srv/cache:/cache:ro\"]",
+            "volumes = [\"./workspace:/workspace\", \"../cache:/cache:ro\"]",
             "",
         ),
     );
     let before = hashes(&build_ok(&g.project()));
     let moved = g._tmp.path().join("moved");
     std::fs::rename(&g.dir, &moved).unwrap();
-    assert_eq!(before, hashes(&build_ok(&resolve(&moved, None))));
+    assert_eq!(before, hashes(&build_ok(&load(&moved))));
 }
 
 // ---- hash sensitivity --------------------------------------------------------
@@ -698,7 +618,9 @@ fn each_input_changes_exactly_its_steps() {
         ),
         (
             "cert content",
-            Box::new(|f| edit(f, "certs/egress-ca.pem", "MIIB", "MIIC")),
+            Box::new(|f| {
+                f.write("certs/egress-ca.pem", OTHER_CERT);
+            }),
             &["ca"],
         ),
         (
@@ -751,11 +673,8 @@ fn each_input_changes_exactly_its_steps() {
         (
             "skill file renamed",
             Box::new(|f| {
-                std::fs::rename(
-                    f.dir.join("skills/docs/SKILL.md"),
-                    f.dir.join("skills/docs/README.md"),
-                )
-                .unwrap()
+                let scripts = f.dir.join("skills/rust-review/scripts");
+                std::fs::rename(scripts.join("check.sh"), scripts.join("lint.sh")).unwrap()
             }),
             &["skills"],
         ),
@@ -863,14 +782,11 @@ fn removing_or_adding_a_section_changes_the_machine_spec_only_where_it_must() {
         ["egress", "egress.allow_cidrs", "egress.allow_hosts"]
     );
 
-    // An empty egress table is not the same as none.
-    edit(
-        &f,
-        "dev.toml",
-        "[bottle.dev.ca]",
-        "[bottle.dev.egress]\n[bottle.dev.ca]",
-    );
-    let empty = build_ok(&f.project());
+    // An empty egress table (which the loader refuses) is not the same as
+    // none.
+    let mut project = f.project();
+    project.bottles.get_mut("dev").unwrap().spec.egress = Some(Default::default());
+    let empty = build_ok(&project);
     let e = empty.machine_hashes("reviewer").unwrap();
     assert_ne!(e.fields["egress"], a.fields["egress"]);
     assert_eq!(
@@ -1039,6 +955,8 @@ fn text_lists_every_direct_dependency() {
         supervise.ends_with("after machine, ca, prompt, skills, git, setup:toolchain, setup:cache"),
         "{supervise}"
     );
-    let empty = Fixture::new();
-    assert_eq!(build_ok(&empty.project()).to_text(), "no agents\n");
+    let f = full_fixture();
+    let mut project = f.project();
+    project.agents.clear();
+    assert_eq!(build_ok(&project).to_text(), "no agents\n");
 }

@@ -266,6 +266,13 @@ pub struct SetupSpec {
     /// it cannot be named here. Default: only `machine`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub after: Vec<String>,
+    /// Steps that run after this one: built-in steps (`ca`, `prompt`,
+    /// `skills`, `git`) or other setup steps of this bottle, e.g. to install
+    /// `git` and `ca-certificates` on an image without them before the `git`
+    /// and `ca` steps use them. Not `machine`, which everything runs after.
+    /// Default: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub before: Vec<String>,
     /// Host files or directories (relative to this manifest, inside the
     /// manifests directory) the command depends on: when their content
     /// changes the step runs again. They are copied into the guest under

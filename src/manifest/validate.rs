@@ -892,6 +892,52 @@ fn setup(
                 );
             }
         }
+        for (j, before) in step.before.iter().enumerate() {
+            let path = base.clone().key("setup").index(i).key("before").index(j);
+            if before == "machine" {
+                cx.report(
+                    file,
+                    &path,
+                    Want::Value,
+                    diag(
+                        "bottle::before-machine",
+                        format!("setup step `{}` in {what} cannot run before `machine`", step.name),
+                        "every step runs in the machine, after it is created: remove `machine` from `before`",
+                    ),
+                    "everything runs after the machine",
+                );
+            } else if clean
+                && before != "supervise"
+                && !BUILTIN_STEPS.contains(&before.as_str())
+                && !step_names.contains(&before.as_str())
+            {
+                let candidates = BUILTIN_STEPS
+                    .iter()
+                    .copied()
+                    .chain(step_names.iter().copied());
+                let help = match suggest(before, candidates) {
+                    Some(s) => format!("did you mean `{s}`?"),
+                    None => format!(
+                        "`before` names built-in steps ({}) or setup steps of this bottle",
+                        list(BUILTIN_STEPS.iter().copied().filter(|s| *s != "machine"))
+                    ),
+                };
+                cx.report(
+                    file,
+                    &path,
+                    Want::Value,
+                    diag(
+                        "bottle::unknown-step",
+                        format!(
+                            "setup step `{}` in {what} runs before `{before}`, which is not a step",
+                            step.name
+                        ),
+                        help,
+                    ),
+                    "no such step",
+                );
+            }
+        }
     }
 
     steps

@@ -283,16 +283,27 @@ impl Default for CopyOptions {
 }
 
 /// A runtime operation that failed: which machine, which operation, why.
-#[derive(Debug, Error, Diagnostic)]
-#[error("{op} {machine}: {kind}")]
+///
+/// The message already carries the reason, so the kind is not chained as a
+/// source (it would print twice); its code and help are the diagnostic's.
+#[derive(Debug, Error)]
+#[error("{op}{}: {kind}", if machine == "-" { String::new() } else { format!(" {machine}") })]
 pub struct RuntimeError {
     /// The machine, or `-` for operations on none (`list`).
     pub machine: String,
     /// `create`, `start`, `exec`, ...
     pub op: &'static str,
-    #[source]
-    #[diagnostic_source]
     pub kind: RuntimeErrorKind,
+}
+
+impl Diagnostic for RuntimeError {
+    fn code<'a>(&'a self) -> Option<Box<dyn std::fmt::Display + 'a>> {
+        self.kind.code()
+    }
+
+    fn help<'a>(&'a self) -> Option<Box<dyn std::fmt::Display + 'a>> {
+        self.kind.help()
+    }
 }
 
 impl RuntimeError {
@@ -345,11 +356,12 @@ pub enum RuntimeErrorKind {
     #[diagnostic(help("this version of the runtime may not be supported; please report it"))]
     Malformed { command: String, detail: String },
 
+    /// The message says what to do instead.
     #[error("{0}")]
-    #[diagnostic(help("see the message above"))]
     Unsupported(String),
 
     #[error("{context}: {source}")]
+    #[diagnostic(help("check the permissions and free space of the directory named above"))]
     Io {
         context: String,
         #[source]

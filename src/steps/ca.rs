@@ -6,26 +6,27 @@ use crate::runtime::{CopyOptions, Runtime};
 
 const CA_DIR: &str = "/usr/local/share/ca-certificates";
 
-/// Where the certificate goes; `update-ca-certificates` links it into
-/// `/etc/ssl/certs` as `bottle-<bottle>.pem`.
+/// Where the certificate goes; `update-ca-certificates` adds it to the
+/// trust bundle.
 pub fn cert_path(ctx: &AgentCtx) -> String {
     format!("{CA_DIR}/bottle-{}.crt", ctx.bottle.name)
 }
 
-fn linked_path(ctx: &AgentCtx) -> String {
-    format!("/etc/ssl/certs/bottle-{}.pem", ctx.bottle.name)
-}
+/// The trust bundle `update-ca-certificates` writes, on Debian and Alpine.
+const BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
+/// The certificate's hash, and whether the bundle holds it (its last
+/// base64 line, the end of the signature, is unique to it).
 pub fn probe(ctx: &AgentCtx) -> String {
     let cert = sh_quote(&cert_path(ctx));
-    let linked = sh_quote(&linked_path(ctx));
     format!(
-        "if [ -f {cert} ]; then sha256sum < {cert}; else echo missing; fi; \
-         if [ -e {linked} ]; then echo trusted; else echo untrusted; fi"
+        "if [ -f {cert} ]; then sha256sum < {cert}; \
+         if grep -qF \"$(tail -n 2 {cert} | head -n 1)\" {BUNDLE}; then echo trusted; else echo untrusted; fi; \
+         else echo missing; fi"
     )
 }
 
-pub fn apply(ctx: &AgentCtx, rt: &dyn Runtime, entry: &mut LedgerEntry) -> StepResult<()> {
+pub fn apply(ctx: &AgentCtx, rt: &dyn Runtime, entry: &mut LedgerEntry) -> StepResult<Vec<String>> {
     let host = ctx
         .bottle
         .ca_cert
@@ -56,7 +57,7 @@ pub fn apply(ctx: &AgentCtx, rt: &dyn Runtime, entry: &mut LedgerEntry) -> StepR
     )?;
     entry.digest = digest(&out);
     entry.paths = vec![path];
-    Ok(())
+    Ok(Vec::new())
 }
 
 pub fn undo(entry: &LedgerEntry, _ctx: &AgentCtx, rt: &dyn Runtime) -> StepResult<()> {

@@ -2,7 +2,7 @@
 //! upstream URL to the gateway (`url.<gateway>/<name>.git.insteadOf`) and
 //! sets the commit identity. Other settings in the file are left alone.
 
-use super::{AgentCtx, StepResult, digest, run_script_as, sh_quote};
+use super::{AgentCtx, StepResult, digest, entry_user, home_of, run_script_as, sh_quote};
 use crate::ledger::LedgerEntry;
 use crate::runtime::{ExecRequest, Runtime};
 
@@ -29,13 +29,15 @@ pub fn rewrites(ctx: &AgentCtx) -> Vec<(String, String)> {
 }
 
 const CONFIGURE: &str = r#"set -e
-# $1: number of old sections, then the old sections, then user name and
-# email (empty: unset), then section/upstream pairs.
+# $1: number of old sections, then the old sections; then user name and
+# email (empty: leave alone), then "unset" when bottle set an identity that
+# the manifest no longer declares; then section/upstream pairs.
 n="$1"; shift
 while [ "$n" -gt 0 ]; do git config --global --remove-section "$1" 2>/dev/null || true; shift; n=$((n-1)); done
-if [ -n "$1" ]; then git config --global user.name "$1"; else git config --global --unset user.name || true; fi
-if [ -n "$2" ]; then git config --global user.email "$2"; else git config --global --unset user.email || true; fi
-shift 2
+if [ -n "$1" ]; then git config --global user.name "$1"; fi
+if [ -n "$2" ]; then git config --global user.email "$2"; fi
+if [ "$3" = unset ]; then git config --global --unset user.name || true; git config --global --unset user.email || true; fi
+shift 3
 while [ $# -gt 0 ]; do git config --global --add "$1.insteadOf" "$2"; shift 2; done
 "#;
 
@@ -44,7 +46,7 @@ pub fn apply(
     rt: &dyn Runtime,
     previous: Option<&LedgerEntry>,
     entry: &mut LedgerEntry,
-) -> StepResult<()> {
+) -> StepResult<Vec<String>> {
     let old = previous
         .map(|p| p.detail_strings("sections"))
         .unwrap_or_default();
@@ -67,9 +69,19 @@ pub fn apply(
         .and_then(|g| g.user.as_ref())
         .map(|u| (u.name.as_str(), u.email.as_str()))
         .unwrap_or(("", ""));
+    // Only an identity bottle set itself is ever removed.
+    let had_identity = previous
+        .and_then(|p| p.detail.get("identity"))
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
+    let unset = if had_identity && name.is_empty() {
+        "unset"
+    } else {
+        "keep"
+    };
     let mut args: Vec<&str> = vec![&count];
     args.extend(remove.iter().map(String::as_str));
-    args.extend([name, email]);
+    args.extend([name, email, unset]);
     for (section, upstream) in &rewrites {
         args.push(section);
         args.push(upstream);
@@ -98,7 +110,7 @@ pub fn apply(
     entry
         .detail
         .insert("identity".into(), serde_json::json!(!name.is_empty()));
-    Ok(())
+    Ok(Vec::new())
 }
 
 pub fn undo(entry: &LedgerEntry, ctx: &AgentCtx, rt: &dyn Runtime) -> StepResult<()> {
@@ -108,7 +120,8 @@ pub fn undo(entry: &LedgerEntry, ctx: &AgentCtx, rt: &dyn Runtime) -> StepResult
         .get("identity")
         .and_then(|v| v.as_bool())
         .unwrap_or(false);
-    let mut script = format!("export HOME={}\n", sh_quote(&ctx.home()));
+    let user = entry_user(entry, ctx);
+    let mut script = format!("export HOME={}\n", sh_quote(&home_of(user)));
     script.push_str("for s in \"$@\"; do git config --global --remove-section \"$s\" 2>/dev/null || true; done\n");
     if identity {
         script.push_str("git config --global --unset user.name || true; git config --global --unset user.email || true\n");
@@ -117,7 +130,7 @@ pub fn undo(entry: &LedgerEntry, ctx: &AgentCtx, rt: &dyn Runtime) -> StepResult
     run_script_as(
         rt,
         ctx.machine,
-        Some(ctx.user()),
+        Some(user),
         "removing the git configuration",
         &script,
         &args,

@@ -196,8 +196,11 @@ if ! id -u "$u" >/dev/null 2>&1; then
   else adduser -D -h "$h" -s /bin/sh "$u"; fi
 fi
 mkdir -p "$h"
-chown "$(id -u "$u"):$(id -g "$u")" "$h"
+chown -h "$(id -u "$u"):$(id -g "$u")" "$h"
 mkdir -p /var/lib/bottle/ledger && chmod 700 /var/lib/bottle /var/lib/bottle/ledger
+# Files for the agent's home wait here, owned by the agent user, under
+# names nobody can list: the user copies them in with its own rights.
+mkdir -p /var/lib/bottle-stage && chmod 711 /var/lib/bottle-stage
 echo "$(id -u "$u") $(id -g "$u")"
 "#;
 

@@ -207,23 +207,122 @@ pub fn upload_file(
     Ok(())
 }
 
-/// Record a ledger entry in the guest.
-pub fn record(rt: &dyn Runtime, machine: &str, entry: &LedgerEntry) -> StepResult<()> {
+/// Pack `paths` into one archive and [`stage`] it for `user` (root for
+/// setup inputs).
+pub fn stage_tree(
+    rt: &dyn Runtime,
+    machine: &str,
+    paths: &[std::path::PathBuf],
+    user: GuestUser,
+) -> StepResult<String> {
+    stage(
+        rt,
+        machine,
+        &tar_paths(paths.iter().map(|p| p.as_path()))?,
+        user,
+    )
+}
+
+/// A tar archive holding each path (file or directory) at its top level
+/// under its own name, with modification times kept (owners are set in the
+/// guest). Symlinks are archived as links, never followed, so nothing
+/// outside a skill directory is copied.
+pub fn tar_paths<'a>(paths: impl Iterator<Item = &'a Path>) -> StepResult<Vec<u8>> {
+    let mut builder = tar::Builder::new(Vec::new());
+    builder.follow_symlinks(false);
+    for path in paths {
+        let name = path.file_name().unwrap_or_default();
+        let result = if path.is_dir() {
+            builder.append_dir_all(name, path)
+        } else {
+            builder.append_path_with_name(path, name)
+        };
+        result.map_err(|e| {
+            StepError::Other(
+                format!("cannot read {}: {e}", path.display()),
+                "check that the path exists and is readable".into(),
+            )
+        })?;
+    }
+    builder.into_inner().map_err(|e| {
+        StepError::Other(
+            format!("cannot build an archive: {e}"),
+            "check free memory".into(),
+        )
+    })
+}
+
+/// Where files bound for the agent's home are staged (created by the
+/// machine step, mode 0711: enterable, not listable).
+pub const STAGE_DIR: &str = "/var/lib/bottle-stage";
+
+/// Stage `bytes` for the agent user: a file under an unguessable name in
+/// [`STAGE_DIR`], owned by the user, mode 0600. Everything that lands in the
+/// agent's home is written *by the agent user* from such a file, so a
+/// symlink the agent planted in its home can never make root write, chown
+/// or delete anything outside it.
+pub fn stage(rt: &dyn Runtime, machine: &str, bytes: &[u8], user: GuestUser) -> StepResult<String> {
+    let name: String = std::iter::repeat_with(fastrand::alphanumeric)
+        .take(24)
+        .collect();
+    let path = format!("{STAGE_DIR}/{name}");
+    let owner = CopyOptions {
+        mode: 0o600,
+        uid: user.uid,
+        gid: user.gid,
+    };
+    upload(rt, machine, bytes, &path, &owner)?;
+    Ok(path)
+}
+
+/// Run a script as the agent user (home writes and removals).
+pub fn run_as_agent(
+    rt: &dyn Runtime,
+    ctx: &AgentCtx,
+    user_name: &str,
+    what: &str,
+    script: &str,
+    args: &[&str],
+    help: &str,
+) -> StepResult<String> {
+    let script = format!("export HOME={}\n{script}", sh_quote(&home_of(user_name)));
+    run_script_as(
+        rt,
+        ctx.machine,
+        Some(user_name),
+        what,
+        &script,
+        args,
+        help,
+        ExecRequest::DEFAULT_TIMEOUT,
+    )
+}
+
+/// Record a ledger entry in the guest, removing staged files.
+pub fn record(
+    rt: &dyn Runtime,
+    machine: &str,
+    entry: &LedgerEntry,
+    staged: &[String],
+) -> StepResult<()> {
     let json = serde_json::to_string(entry).expect("ledger entries serialize");
+    let mut args = vec![json.as_str()];
+    args.extend(staged.iter().map(String::as_str));
     run_script(
         rt,
         machine,
         "recording the ledger entry",
-        &ledger::write_script(&entry.step),
-        &[&json],
+        &format!("{}\nshift; rm -f \"$@\"", ledger::write_script(&entry.step)),
+        &args,
         "check free space in the guest's /var",
     )?;
     Ok(())
 }
 
-/// The digest of a probe fragment's output.
+/// The digest of a probe fragment's output. Trailing newlines do not count:
+/// the probe puts each of its markers on a line of its own.
 pub fn digest(output: &str) -> String {
-    sha256_hex(output.as_bytes())
+    sha256_hex(output.trim_end_matches(['\n', '\r']).as_bytes())
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -294,6 +393,12 @@ pub fn drift_path(kind: &StepKind, ctx: &AgentCtx) -> String {
     }
 }
 
+/// The user a ledger entry's files belong to: recorded by the steps that
+/// write into a home, else the agent's current user.
+pub fn entry_user<'a>(entry: &'a LedgerEntry, ctx: &'a AgentCtx) -> &'a str {
+    entry.detail_str("user").unwrap_or(ctx.user())
+}
+
 /// Apply one (non-machine) step and record it in the ledger.
 pub fn apply(
     kind: &StepKind,
@@ -303,8 +408,17 @@ pub fn apply(
     previous: Option<&LedgerEntry>,
     rt: &dyn Runtime,
 ) -> StepResult<()> {
+    // The agent user changed: what the step left in the old user's home
+    // goes first, or it would be orphaned there.
+    let previous = match previous {
+        Some(p) if entry_user(p, ctx) != ctx.user() => {
+            undo_step(p, ctx, rt)?;
+            None
+        }
+        other => other,
+    };
     let mut entry = LedgerEntry::new(kind, hash);
-    match kind {
+    let staged = match kind {
         StepKind::Machine => unreachable!("the machine step is applied by the machine actions"),
         StepKind::Ca => ca::apply(ctx, rt, &mut entry)?,
         StepKind::Prompt => prompt::apply(ctx, user, rt, &mut entry)?,
@@ -312,28 +426,36 @@ pub fn apply(
         StepKind::Git => git::apply(ctx, rt, previous, &mut entry)?,
         StepKind::Setup(name) => setup::apply(ctx, name, rt, &mut entry)?,
         StepKind::Supervise => supervise::apply(ctx, user, rt, &mut entry)?,
+    };
+    if matches!(
+        kind,
+        StepKind::Prompt | StepKind::Skills | StepKind::Git | StepKind::Supervise
+    ) {
+        entry
+            .detail
+            .insert("user".into(), serde_json::json!(ctx.user()));
     }
-    record(rt, ctx.machine, &entry)
+    record(rt, ctx.machine, &entry, &staged)
+}
+
+/// Undo what a step left in the guest (its ledger entry stays).
+fn undo_step(entry: &LedgerEntry, ctx: &AgentCtx, rt: &dyn Runtime) -> StepResult<()> {
+    match entry.step.parse::<StepKind>().ok() {
+        Some(StepKind::Ca) => ca::undo(entry, ctx, rt),
+        Some(StepKind::Prompt) => prompt::undo(entry, ctx, rt),
+        Some(StepKind::Skills) => skills::undo(entry, ctx, rt),
+        Some(StepKind::Git) => git::undo(entry, ctx, rt),
+        Some(StepKind::Setup(name)) => setup::undo(&name, ctx, rt),
+        Some(StepKind::Supervise) => supervise::undo(entry, ctx, rt),
+        // The machine step is never undone (the machine is deleted instead);
+        // an unknown step from a newer bottle is only forgotten.
+        Some(StepKind::Machine) | None => Ok(()),
+    }
 }
 
 /// Undo a step that left the manifest, then forget it.
-pub fn undo(
-    entry: &LedgerEntry,
-    ctx: &AgentCtx,
-    user: Option<GuestUser>,
-    rt: &dyn Runtime,
-) -> StepResult<()> {
-    match entry.step.parse::<StepKind>().ok() {
-        Some(StepKind::Ca) => ca::undo(entry, ctx, rt)?,
-        Some(StepKind::Prompt) => prompt::undo(entry, ctx, rt)?,
-        Some(StepKind::Skills) => skills::undo(entry, ctx, rt)?,
-        Some(StepKind::Git) => git::undo(entry, ctx, rt)?,
-        Some(StepKind::Setup(name)) => setup::undo(&name, ctx, rt)?,
-        Some(StepKind::Supervise) => supervise::undo(entry, ctx, user, rt)?,
-        // The machine step is never undone (the machine is deleted instead);
-        // an unknown step from a newer bottle is only forgotten.
-        Some(StepKind::Machine) | None => {}
-    }
+pub fn undo(entry: &LedgerEntry, ctx: &AgentCtx, rt: &dyn Runtime) -> StepResult<()> {
+    undo_step(entry, ctx, rt)?;
     run_script(
         rt,
         ctx.machine,

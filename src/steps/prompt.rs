@@ -1,10 +1,12 @@
 //! The prompt step: the system prompt file in the agent user's home, always
 //! written (empty when no prompt is declared), mode 0600, owned by the user.
 
-use super::{AgentCtx, GuestUser, StepError, StepResult, digest, run_script, sh_quote, upload};
+use super::{
+    AgentCtx, GuestUser, StepError, StepResult, digest, entry_user, run_as_agent, sh_quote, stage,
+};
 use crate::ledger::LedgerEntry;
 use crate::manifest::Prompt;
-use crate::runtime::{CopyOptions, Runtime};
+use crate::runtime::Runtime;
 
 pub fn guest_path(ctx: &AgentCtx) -> String {
     format!("{}/.bottle/prompt.md", ctx.home())
@@ -29,45 +31,45 @@ pub fn probe(ctx: &AgentCtx) -> String {
     format!("if [ -f {f} ]; then stat -c '%a %u %g' {f}; sha256sum < {f}; else echo missing; fi")
 }
 
+const INSTALL: &str = r#"set -e
+umask 077
+d=$(dirname "$2")
+mkdir -p "$d"
+chmod 700 "$d"
+cp "$1" "$2.tmp"
+chmod 600 "$2.tmp"
+mv -f "$2.tmp" "$2"
+"#;
+
+/// Returns the staged files for `record` to remove.
 pub fn apply(
     ctx: &AgentCtx,
     user: GuestUser,
     rt: &dyn Runtime,
     entry: &mut LedgerEntry,
-) -> StepResult<()> {
+) -> StepResult<Vec<String>> {
     let path = guest_path(ctx);
-    let bytes = content(ctx)?;
-    upload(
+    let staged = stage(rt, ctx.machine, &content(ctx)?, user)?;
+    let out = run_as_agent(
         rt,
-        ctx.machine,
-        &bytes,
-        &path,
-        &CopyOptions {
-            mode: 0o600,
-            uid: user.uid,
-            gid: user.gid,
-        },
-    )?;
-    // The copy creates `.bottle` as root; the user must own its own dir.
-    let dir = format!("{}/.bottle", ctx.home());
-    let out = run_script(
-        rt,
-        ctx.machine,
-        "setting the prompt file's owner",
-        &format!("chown \"$1\" \"$2\" && chmod 700 \"$2\" && {}", probe(ctx)),
-        &[&format!("{}:{}", user.uid, user.gid), &dir],
+        ctx,
+        ctx.user(),
+        "writing the prompt file",
+        &format!("{INSTALL}{}", probe(ctx)),
+        &[&staged, &path],
         "check the agent user's home directory in the guest",
     )?;
     entry.digest = digest(&out);
     entry.paths = vec![path];
-    Ok(())
+    Ok(vec![staged])
 }
 
 pub fn undo(entry: &LedgerEntry, ctx: &AgentCtx, rt: &dyn Runtime) -> StepResult<()> {
     let args: Vec<&str> = entry.paths.iter().map(String::as_str).collect();
-    run_script(
+    run_as_agent(
         rt,
-        ctx.machine,
+        ctx,
+        entry_user(entry, ctx),
         "removing the prompt file",
         "rm -f \"$@\"",
         &args,

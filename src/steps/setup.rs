@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use super::{AgentCtx, StepResult, run_script, run_script_as, skills::tar_paths, upload};
+use super::{AgentCtx, GuestUser, StepResult, run_script, run_script_as, stage_tree};
 use crate::ledger::LedgerEntry;
-use crate::runtime::{CopyOptions, Runtime};
+use crate::runtime::Runtime;
 
 /// How long a setup command may run.
 pub const SETUP_TIMEOUT: Duration = Duration::from_secs(30 * 60);
@@ -20,7 +20,7 @@ pub fn apply(
     name: &str,
     rt: &dyn Runtime,
     entry: &mut LedgerEntry,
-) -> StepResult<()> {
+) -> StepResult<Vec<String>> {
     let index = ctx
         .bottle
         .spec
@@ -37,19 +37,8 @@ pub fn apply(
         .cloned()
         .unwrap_or_default();
     if !inputs.is_empty() {
-        let archive = tar_paths(inputs.iter().map(|p| p.as_path()))?;
-        let staged = format!("/tmp/bottle-setup-{name}.tar");
-        upload(
-            rt,
-            ctx.machine,
-            &archive,
-            &staged,
-            &CopyOptions {
-                mode: 0o600,
-                uid: 0,
-                gid: 0,
-            },
-        )?;
+        let root = GuestUser { uid: 0, gid: 0 };
+        let staged = stage_tree(rt, ctx.machine, &inputs, root)?;
         run_script(
             rt,
             ctx.machine,
@@ -73,7 +62,7 @@ pub fn apply(
         SETUP_TIMEOUT,
     )?;
     entry.paths = vec![dir];
-    Ok(())
+    Ok(Vec::new())
 }
 
 pub fn undo(name: &str, ctx: &AgentCtx, rt: &dyn Runtime) -> StepResult<()> {

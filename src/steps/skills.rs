@@ -2,11 +2,11 @@
 //! `~/.claude/skills/<directory name>/`, a stale copy replaced whole, a
 //! skill removed from the manifest deleted.
 
-use std::path::Path;
-
-use super::{AgentCtx, GuestUser, StepError, StepResult, digest, run_script, sh_quote, upload};
+use super::{
+    AgentCtx, GuestUser, StepResult, digest, entry_user, run_as_agent, sh_quote, stage_tree,
+};
 use crate::ledger::LedgerEntry;
-use crate::runtime::{CopyOptions, Runtime};
+use crate::runtime::Runtime;
 
 pub fn skills_dir(ctx: &AgentCtx) -> String {
     format!("{}/.claude/skills", ctx.home())
@@ -25,6 +25,8 @@ pub fn names(ctx: &AgentCtx) -> Vec<String> {
         .collect()
 }
 
+/// Per skill: every entry's mode and type, then every file's content hash,
+/// so an edited, added or removed file, directory or link all show.
 pub fn probe(ctx: &AgentCtx) -> String {
     let dir = skills_dir(ctx);
     names(ctx)
@@ -32,7 +34,8 @@ pub fn probe(ctx: &AgentCtx) -> String {
         .map(|name| {
             let d = sh_quote(&format!("{dir}/{name}"));
             format!(
-                "echo {n}; if [ -d {d} ]; then (cd {d} && find . -type f -exec sha256sum {{}} + | LC_ALL=C sort -k2); else echo missing; fi",
+                "echo {n}; if [ -d {d} ]; then (cd {d} && find . -exec stat -c '%a %F %n' {{}} + | LC_ALL=C sort; \
+                 find . -type f -exec sha256sum {{}} + | LC_ALL=C sort -k2); else echo missing; fi",
                 n = sh_quote(&format!("== {name}"))
             )
         })
@@ -40,118 +43,71 @@ pub fn probe(ctx: &AgentCtx) -> String {
         .join("; ")
 }
 
+/// Run as the agent user: unpack into a fresh directory beside the skills,
+/// then replace each declared skill whole and remove the ones that left.
+/// `$3` counts the declared names that follow; the rest are removed.
 const INSTALL: &str = r#"set -e
-archive="$1"; dir="$2"; owner="$3"; shift 3
+archive="$1"; dir="$2"; keep="$3"; shift 3
 mkdir -p "$dir"
 stage=$(mktemp -d "$dir/.bottle-stage.XXXXXX")
 tar -xf "$archive" -C "$stage"
-rm -f "$archive"
-keep=1
+i=0
 for name in "$@"; do
-  if [ "$name" = "--" ]; then keep=0; continue; fi
+  i=$((i+1))
   rm -rf "${dir:?}/$name"
-  if [ "$keep" = 1 ]; then mv "$stage/$name" "$dir/$name"; fi
+  if [ "$i" -le "$keep" ]; then mv "$stage/$name" "$dir/$name"; fi
 done
 rmdir "$stage"
-chown "$owner" "$(dirname "$dir")" "$dir"
-chown -R "$owner" "$dir"
 "#;
 
+/// Returns the staged files for `record` to remove.
 pub fn apply(
     ctx: &AgentCtx,
     user: GuestUser,
     rt: &dyn Runtime,
     previous: Option<&LedgerEntry>,
     entry: &mut LedgerEntry,
-) -> StepResult<()> {
+) -> StepResult<Vec<String>> {
     let names = names(ctx);
     let dir = skills_dir(ctx);
-    let archive = tar_paths(ctx.agent.skills.iter().map(|p| p.as_path()))?;
-    let staged = format!("/tmp/bottle-skills-{}.tar", ctx.agent.name);
-    upload(
-        rt,
-        ctx.machine,
-        &archive,
-        &staged,
-        &CopyOptions {
-            mode: 0o600,
-            uid: 0,
-            gid: 0,
-        },
-    )?;
+    let staged = stage_tree(rt, ctx.machine, &ctx.agent.skills, user)?;
     let removed: Vec<String> = previous
         .map(|p| p.detail_strings("skills"))
         .unwrap_or_default()
         .into_iter()
         .filter(|n| !names.contains(n))
         .collect();
-    let owner = format!("{}:{}", user.uid, user.gid);
-    let mut args: Vec<&str> = vec![&staged, &dir, &owner];
+    let keep = names.len().to_string();
+    let mut args: Vec<&str> = vec![&staged, &dir, &keep];
     args.extend(names.iter().map(String::as_str));
-    args.push("--");
     args.extend(removed.iter().map(String::as_str));
-    run_script(
+    let out = run_as_agent(
         rt,
-        ctx.machine,
+        ctx,
+        ctx.user(),
         "installing skills",
-        INSTALL,
+        &format!("{INSTALL}{}", probe(ctx)),
         &args,
         "the image needs `tar` and `mktemp`",
-    )?;
-    let out = run_script(
-        rt,
-        ctx.machine,
-        "probing skills",
-        &probe(ctx),
-        &[],
-        "check the guest",
     )?;
     entry.digest = digest(&out);
     entry.paths = names.iter().map(|n| format!("{dir}/{n}")).collect();
     entry
         .detail
         .insert("skills".into(), serde_json::json!(names));
-    Ok(())
+    Ok(vec![staged])
 }
 
 pub fn undo(entry: &LedgerEntry, ctx: &AgentCtx, rt: &dyn Runtime) -> StepResult<()> {
     let args: Vec<&str> = entry.paths.iter().map(String::as_str).collect();
-    run_script(
+    run_as_agent(
         rt,
-        ctx.machine,
+        ctx,
+        entry_user(entry, ctx),
         "removing skills",
         "rm -rf \"$@\"",
         &args,
         "check the guest",
     )?;
     Ok(())
-}
-
-/// A tar archive holding each path (file or directory) at its top level
-/// under its own name, with modification times kept (owners are set in the
-/// guest). Symlinks are archived as links, never followed, so nothing
-/// outside a skill directory is copied.
-pub fn tar_paths<'a>(paths: impl Iterator<Item = &'a Path>) -> StepResult<Vec<u8>> {
-    let mut builder = tar::Builder::new(Vec::new());
-    builder.follow_symlinks(false);
-    for path in paths {
-        let name = path.file_name().unwrap_or_default();
-        let result = if path.is_dir() {
-            builder.append_dir_all(name, path)
-        } else {
-            builder.append_path_with_name(path, name)
-        };
-        result.map_err(|e| {
-            StepError::Other(
-                format!("cannot read {}: {e}", path.display()),
-                "check that the path exists and is readable".into(),
-            )
-        })?;
-    }
-    builder.into_inner().map_err(|e| {
-        StepError::Other(
-            format!("cannot build an archive: {e}"),
-            "check free memory".into(),
-        )
-    })
 }

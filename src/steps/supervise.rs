@@ -5,9 +5,12 @@
 
 use serde_json::{Map, Value, json};
 
-use super::{AgentCtx, GuestUser, StepError, StepResult, digest, run_script, sh_quote, upload};
+use super::{
+    AgentCtx, GuestUser, StepError, StepResult, digest, entry_user, home_of, run_as_agent,
+    run_script, sh_quote, stage,
+};
 use crate::ledger::LedgerEntry;
-use crate::runtime::{CopyOptions, Runtime};
+use crate::runtime::Runtime;
 
 pub const SERVER_NAME: &str = "supervise";
 
@@ -37,69 +40,106 @@ pub fn digest_of_config(text: &str) -> String {
     }
 }
 
+/// JSON with object keys sorted at every level (the file keeps its own
+/// order, so the digest must not depend on it).
 fn canonical(v: &Value) -> String {
-    // serde_json's Map is ordered by key (no preserve_order feature), so
-    // serialization is canonical.
-    v.to_string()
+    fn sorted(v: &Value) -> Value {
+        match v {
+            Value::Object(map) => {
+                let mut keys: Vec<&String> = map.keys().collect();
+                keys.sort();
+                Value::Object(
+                    keys.into_iter()
+                        .map(|k| (k.clone(), sorted(&map[k])))
+                        .collect(),
+                )
+            }
+            Value::Array(items) => Value::Array(items.iter().map(sorted).collect()),
+            other => other.clone(),
+        }
+    }
+    sorted(v).to_string()
 }
 
 fn entry_value(url: &str) -> Value {
     json!({ "type": "http", "url": url })
 }
 
-fn read_config(ctx: &AgentCtx, rt: &dyn Runtime) -> StepResult<Map<String, Value>> {
-    let text = run_script(
+/// `~/.claude.json` of `user`, read by that user, with the user's ids.
+fn read_config(
+    ctx: &AgentCtx,
+    user: &str,
+    rt: &dyn Runtime,
+) -> StepResult<(GuestUser, Map<String, Value>)> {
+    let path = format!("{}/.claude.json", home_of(user));
+    let out = run_as_agent(
         rt,
-        ctx.machine,
+        ctx,
+        user,
         "reading ~/.claude.json",
-        &probe(ctx),
-        &[],
-        "check the guest",
+        "id -u; id -g; if [ -f \"$1\" ]; then cat \"$1\"; fi",
+        &[&path],
+        "check the agent user's home directory in the guest",
     )?;
-    if text.trim().is_empty() {
-        return Ok(Map::new());
-    }
-    match serde_json::from_str::<Value>(&text) {
-        Ok(Value::Object(map)) => Ok(map),
-        _ => Err(StepError::Other(
+    let mut lines = out.splitn(3, '\n');
+    let ids = (
+        lines.next().and_then(|l| l.trim().parse().ok()),
+        lines.next().and_then(|l| l.trim().parse().ok()),
+    );
+    let (Some(uid), Some(gid)) = ids else {
+        return Err(StepError::Other(
             format!(
-                "{} in machine {} is not a JSON object",
-                config_path(ctx),
+                "could not read the ids of user {user} in machine {}",
                 ctx.machine
             ),
+            "check that `id` works in the image".into(),
+        ));
+    };
+    let text = lines.next().unwrap_or_default();
+    if text.trim().is_empty() {
+        return Ok((GuestUser { uid, gid }, Map::new()));
+    }
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(map)) => Ok((GuestUser { uid, gid }, map)),
+        _ => Err(StepError::Other(
+            format!("{path} in machine {} is not a JSON object", ctx.machine),
             "fix or remove the file in the guest; bottle will not overwrite it".into(),
         )),
     }
 }
 
+/// Write the file as the user, by rename, so Claude Code never reads half
+/// of it. Returns the text written and the staged file.
 fn write_config(
     ctx: &AgentCtx,
-    user: GuestUser,
+    user: &str,
+    ids: GuestUser,
     rt: &dyn Runtime,
     map: Map<String, Value>,
-) -> StepResult<String> {
+) -> StepResult<(String, String)> {
     let mut text = serde_json::to_string_pretty(&Value::Object(map)).expect("json serializes");
     text.push('\n');
-    upload(
+    let staged = stage(rt, ctx.machine, text.as_bytes(), ids)?;
+    let path = format!("{}/.claude.json", home_of(user));
+    run_as_agent(
         rt,
-        ctx.machine,
-        text.as_bytes(),
-        &config_path(ctx),
-        &CopyOptions {
-            mode: 0o600,
-            uid: user.uid,
-            gid: user.gid,
-        },
+        ctx,
+        user,
+        "writing ~/.claude.json",
+        "umask 077 && cp \"$1\" \"$2.bottle-tmp\" && mv -f \"$2.bottle-tmp\" \"$2\"",
+        &[&staged, &path],
+        "check the agent user's home directory in the guest",
     )?;
-    Ok(text)
+    Ok((text, staged))
 }
 
+/// Returns the staged files for `record` to remove.
 pub fn apply(
     ctx: &AgentCtx,
-    user: GuestUser,
+    _user: GuestUser,
     rt: &dyn Runtime,
     entry: &mut LedgerEntry,
-) -> StepResult<()> {
+) -> StepResult<Vec<String>> {
     let url = &ctx
         .bottle
         .spec
@@ -107,7 +147,7 @@ pub fn apply(
         .as_ref()
         .expect("the supervise step exists only when declared")
         .url;
-    let mut map = read_config(ctx, rt)?;
+    let (ids, mut map) = read_config(ctx, ctx.user(), rt)?;
     let servers = map
         .entry("mcpServers")
         .or_insert_with(|| Value::Object(Map::new()));
@@ -118,27 +158,32 @@ pub fn apply(
         ));
     };
     servers.insert(SERVER_NAME.into(), entry_value(url));
-    let written = write_config(ctx, user, rt, map)?;
+    let (written, staged) = write_config(ctx, ctx.user(), ids, rt, map)?;
     entry.digest = digest_of_config(&written);
     entry.paths = vec![config_path(ctx)];
-    Ok(())
+    Ok(vec![staged])
 }
 
-pub fn undo(
-    _entry: &LedgerEntry,
-    ctx: &AgentCtx,
-    user: Option<GuestUser>,
-    rt: &dyn Runtime,
-) -> StepResult<()> {
-    let mut map = read_config(ctx, rt)?;
+/// Remove the `supervise` server from the file of the user it was written
+/// for; the staged copy is removed right away (no ledger entry follows).
+pub fn undo(entry: &LedgerEntry, ctx: &AgentCtx, rt: &dyn Runtime) -> StepResult<()> {
+    let user = entry_user(entry, ctx);
+    let (ids, mut map) = read_config(ctx, user, rt)?;
     let removed = map
         .get_mut("mcpServers")
         .and_then(Value::as_object_mut)
         .and_then(|s| s.remove(SERVER_NAME))
         .is_some();
     if removed {
-        let user = user.unwrap_or(GuestUser { uid: 0, gid: 0 });
-        write_config(ctx, user, rt, map)?;
+        let (_, staged) = write_config(ctx, user, ids, rt, map)?;
+        run_script(
+            rt,
+            ctx.machine,
+            "removing a staged file",
+            "rm -f \"$1\"",
+            &[&staged],
+            "check the guest",
+        )?;
     }
     Ok(())
 }

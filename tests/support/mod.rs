@@ -142,3 +142,75 @@ pub fn stdout(output: &Output) -> String {
 pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
+
+// --- Added for the end-to-end tests (tests/e2e.rs, tests/cli.rs) -----------
+
+pub mod project;
+
+impl Double {
+    /// Set this double's home and knobs on a command (a `bottle` run that
+    /// drives the double, say).
+    pub fn apply_env(&self, command: &mut Command) {
+        command
+            .env("SMOLVM_DOUBLE_HOME", self.home.path())
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
+    }
+
+    /// `machine ls --json`, parsed.
+    pub fn list_json(&self) -> Vec<serde_json::Value> {
+        let output = self.run(&["machine", "ls", "--json"]);
+        assert!(output.status.success(), "ls: {}", stderr(&output));
+        serde_json::from_slice(&output.stdout).expect("ls --json is JSON")
+    }
+
+    /// One machine as `ls --json` reports it.
+    pub fn machine_json(&self, name: &str) -> Option<serde_json::Value> {
+        self.list_json()
+            .into_iter()
+            .find(|m| m["name"].as_str() == Some(name))
+    }
+
+    /// `machine exec --name NAME -- ARGV...` (as root, like smolvm).
+    pub fn exec(&self, name: &str, argv: &[&str]) -> Output {
+        let mut args = vec!["machine", "exec", "--name", name, "--"];
+        args.extend_from_slice(argv);
+        self.run(&args)
+    }
+
+    /// `sh -c SCRIPT` in the guest as root; its stdout, asserting success.
+    pub fn sh(&self, name: &str, script: &str) -> String {
+        let output = self.exec(name, &["sh", "-c", script]);
+        assert!(
+            output.status.success(),
+            "`{script}` in {name} failed ({:?}): {}",
+            output.status.code(),
+            stderr(&output)
+        );
+        stdout(&output)
+    }
+
+    /// Delete every machine of this double, stopping it first (the sandbox
+    /// processes of running machines outlive their home otherwise).
+    /// Knobs are left out: a test's injected failure or hang must not
+    /// keep its machines alive.
+    pub fn delete_all_machines(&self) {
+        let plain = |args: &[&str]| {
+            Command::new(Self::binary())
+                .args(args)
+                .env("SMOLVM_DOUBLE_HOME", self.home.path())
+                .env("SMOLVM_DOUBLE_RESOLVE", "any")
+                .stdin(Stdio::null())
+                .output()
+        };
+        let Ok(output) = plain(&["machine", "ls", "--json"]) else {
+            return;
+        };
+        let machines: Vec<serde_json::Value> =
+            serde_json::from_slice(&output.stdout).unwrap_or_default();
+        for machine in machines {
+            if let Some(name) = machine["name"].as_str() {
+                let _ = plain(&["machine", "delete", "--name", name, "-f"]);
+            }
+        }
+    }
+}

@@ -144,15 +144,22 @@ fn guest_command(request: &ExecRequest) -> Vec<String> {
     let mut command = Vec::new();
     if let Some(user) = &request.user {
         command.extend([
-            "runuser".to_owned(),
-            "-u".to_owned(),
+            "sh".to_owned(),
+            "-c".to_owned(),
+            AS_USER.to_owned(),
             user.clone(),
-            "--".to_owned(),
         ]);
     }
     command.extend(request.argv.iter().cloned());
     command
 }
+
+/// Runs `"$@"` as the user named by `$0`: with `runuser` where the image
+/// has it (util-linux), else with `su`, which busybox images (smolvm's
+/// default Alpine) have. Both set HOME, USER and LOGNAME for the user.
+/// Every `su` option comes before `--`, so options in the command itself
+/// are never taken for su's own (util-linux su permutes its arguments).
+pub const AS_USER: &str = r#"if command -v runuser >/dev/null 2>&1; then exec runuser -u "$0" -- "$@"; fi; exec su -s /bin/sh -c 'exec "$@"' -- "$0" sh "$@""#;
 
 fn exec_options(argv: &mut Argv, request: &ExecRequest) {
     for (key, value) in &request.env {
@@ -356,7 +363,7 @@ mod tests {
         let request = request.as_user("node");
         assert_eq!(
             words(exec("a", &request))[10..],
-            ["--", "runuser", "-u", "node", "--", "sh", "-c", "id -un"]
+            ["--", "sh", "-c", AS_USER, "node", "sh", "-c", "id -un"]
         );
     }
 
@@ -374,10 +381,10 @@ mod tests {
                 "a",
                 "-it",
                 "--",
-                "runuser",
-                "-u",
+                "sh",
+                "-c",
+                AS_USER,
                 "node",
-                "--",
                 "claude",
                 "--dangerously-skip-permissions"
             ]
@@ -405,5 +412,33 @@ mod tests {
             words(copy_out("a", "/etc/x", Path::new("/tmp/x"))).join(" "),
             "machine cp a:/etc/x /tmp/x"
         );
+    }
+
+    /// Both branches of the wrapper, for real: `runuser` (util-linux), and
+    /// `su` as on busybox images, with arguments that look like su options.
+    #[test]
+    fn as_user_runs_the_command_as_the_user_through_runuser_or_su() {
+        for path in ["/usr/sbin:/usr/bin:/sbin:/bin", "/usr/bin:/bin"] {
+            let out = std::process::Command::new("sh")
+                .args([
+                    "-c",
+                    AS_USER,
+                    "nobody",
+                    "sh",
+                    "-c",
+                    "echo \"$(id -un) $1 $2\"",
+                    "x",
+                    "-c",
+                    "a b",
+                ])
+                .env("PATH", path)
+                .output()
+                .expect("sh runs");
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout),
+                "nobody -c a b\n",
+                "PATH={path}: {out:?}"
+            );
+        }
     }
 }

@@ -9,9 +9,10 @@
 //! [`NotRunning`](RuntimeErrorKind::NotRunning); anything else is
 //! [`CommandFailed`](RuntimeErrorKind::CommandFailed) with the command, its
 //! status and its stderr. The exact CLI is in `smolvm-cli.md`; the argv of
-//! every call is in [`argv`].
+//! every call is in `argv`.
 
 mod argv;
+pub use argv::AS_USER;
 mod output;
 mod process;
 

@@ -1,0 +1,113 @@
+//! The command line's full output (stdout, stderr, exit code), as a user
+//! sees it: help texts, and plan/apply/check/status on the e2e fixture
+//! through the smolvm double. Durations, temporary paths and timestamps are
+//! filtered out; `apply` runs with one worker so its progress lines come in
+//! a stable order (tests/e2e.rs covers real parallelism).
+
+mod support;
+
+use support::project::{Project, Run};
+
+/// `exit: N`, then both streams.
+fn transcript(run: &Run) -> String {
+    format!(
+        "exit: {}\n--- stdout\n{}--- stderr\n{}",
+        run.code.map_or("killed".to_owned(), |c| c.to_string()),
+        run.stdout,
+        run.stderr
+    )
+}
+
+/// What changes from one run to the next, replaced by placeholders.
+fn filters(p: &Project) -> Vec<(String, String)> {
+    vec![
+        (
+            regex_escape(&p.dir().display().to_string()),
+            "[MANIFESTS]".into(),
+        ),
+        (
+            regex_escape(&p.state_dir().display().to_string()),
+            "[STATE]".into(),
+        ),
+        (
+            regex_escape(&support::Double::binary().display().to_string()),
+            "[SMOLVM]".into(),
+        ),
+        (r"\(\d+\.\d+s".into(), "(<secs>".into()),
+        (r"in \d+\.\d+s\.".into(), "in <secs>.".into()),
+        (
+            r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}".into(),
+            "<yyyy-mm-dd hh:mm:ss>".into(),
+        ),
+    ]
+}
+
+fn regex_escape(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            let special = "\\.+*?()|[]{}^$".contains(c);
+            special.then_some('\\').into_iter().chain([c])
+        })
+        .collect()
+}
+
+macro_rules! snapshot {
+    ($p:expr, $name:expr, $run:expr) => {{
+        let filters = filters($p);
+        let filters: Vec<(&str, &str)> = filters
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect();
+        insta::with_settings!({ filters => filters, prepend_module_to_snapshot => true }, {
+            insta::assert_snapshot!($name, transcript(&$run));
+        });
+    }};
+}
+
+#[test]
+fn help_texts() {
+    let p = Project::new("e2e");
+    snapshot!(&p, "help", p.bottle_raw(&["--help"]));
+    snapshot!(&p, "apply_help", p.bottle_raw(&["apply", "--help"]));
+}
+
+#[test]
+fn plan_apply_check_status_of_a_project() {
+    let p = Project::with_double(
+        "e2e",
+        support::Double::new().with_env("BOTTLE_E2E_SECRET", "not-a-real-secret-cli"),
+    );
+    snapshot!(&p, "plan_fresh", p.bottle(&["plan"]));
+    snapshot!(
+        &p,
+        "apply_fresh",
+        p.bottle(&["apply", "--parallelism", "1"])
+    );
+    snapshot!(&p, "apply_again", p.bottle(&["apply"]));
+
+    // Drift in the guest, and a manifest change.
+    p.double.sh(
+        "bottle_e2e_coder",
+        "echo tampered >> /home/node/.bottle/prompt.md",
+    );
+    p.edit("agents.toml", "skills = [\"skills/style\"]", "skills = []");
+    snapshot!(&p, "check_drift", p.bottle(&["check"]));
+    snapshot!(&p, "status_drift", p.bottle(&["status"]));
+}
+
+#[test]
+fn a_reader_that_goes_away_ends_bottle_quietly() {
+    // `bottle schema | head -1`: the pipe closes before bottle writes.
+    use std::os::unix::process::ExitStatusExt;
+    let p = Project::new("e2e");
+    let mut child = p
+        .command_without_dir(&["schema"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.signal(), Some(libc::SIGPIPE), "{output:?}");
+    assert_eq!(String::from_utf8_lossy(&output.stderr), "", "no panic");
+}
