@@ -31,8 +31,9 @@ pub struct WatchArgs {
     pub parallelism: u16,
 
     /// Milliseconds to wait for a burst of file events to settle before
-    /// reconciling (editors write several events per save).
-    #[arg(long, value_name = "MS", default_value_t = 150)]
+    /// reconciling (editors write several events per save). At least 10:
+    /// the debouncer polls every quarter of it.
+    #[arg(long, value_name = "MS", default_value_t = 150, value_parser = clap::value_parser!(u64).range(10..=60_000))]
     pub debounce: u64,
 
     /// Seconds between full resyncs, which repair drift made inside guests;
@@ -58,23 +59,34 @@ pub fn run(global: &GlobalArgs, args: WatchArgs) -> miette::Result<Outcome> {
     let stop = tx.clone();
     let mut interrupted = false;
     ctrlc::set_handler(move || {
-        // First Ctrl-C: finish the running reconcile, then stop. Second: go.
+        // First Ctrl-C: let the calls under way finish, start nothing new,
+        // then stop. Second: go now (the kernel releases the lock with the
+        // process).
         if interrupted {
             std::process::exit(130);
         }
         interrupted = true;
+        // Calls under way finish; nothing new starts.
         crate::apply::request_cancel();
+        eprintln!("stopping once the calls under way finish (Ctrl-C again to stop at once)");
         let _ = stop.send(Message::Stop);
     })
     .into_diagnostic()?;
     let canonical = dir.canonicalize().into_diagnostic()?;
+    // Bottle's own writes (lock files, the local runtime's machines) never
+    // trigger anything, even with the state directory inside the manifests.
     let ignore = vec![state.canonicalize().unwrap_or(state.clone()), state];
-    let _watcher = watch::start_watcher(&canonical, &[], Duration::from_millis(args.debounce), tx)
-        .into_diagnostic()?;
+    let mut watcher = watch::FsWatcher::start(&canonical, Duration::from_millis(args.debounce), tx)
+        .map_err(|e| WatchFailed {
+            dir: canonical.display().to_string(),
+            error: e.to_string(),
+        })?;
+    let project = first.project.name.clone();
     drop(first);
 
     let options = WatchOptions {
         dir: canonical,
+        project,
         allow_replace: args.allow_replace,
         prune: args.prune,
         parallelism: args.parallelism.into(),
@@ -88,6 +100,19 @@ pub fn run(global: &GlobalArgs, args: WatchArgs) -> miette::Result<Outcome> {
         preflight::check(&desired, session::runtime_kind(global), Secrets::Required)?;
         Ok(desired)
     };
-    watch::run(&options, rt.as_ref(), &load, rx)?;
+    watch::run(&options, rt.as_ref(), &load, rx, Some(&mut watcher))?;
     Ok(Outcome::Success)
+}
+
+#[derive(Debug, thiserror::Error, miette::Diagnostic)]
+#[error("cannot watch {dir}: {error}")]
+#[diagnostic(
+    code(bottle::watch_failed),
+    help(
+        "check that the directory is readable; on Linux, a large tree can exceed the inotify watch limit (raise fs.inotify.max_user_watches)"
+    )
+)]
+struct WatchFailed {
+    dir: String,
+    error: String,
 }
