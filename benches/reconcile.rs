@@ -1,0 +1,797 @@
+//! Reconcile benchmark: the release `bottle` binary against the smolvm
+//! double, parallelism 8, every double call slowed by
+//! `SMOLVM_DOUBLE_LATENCY_MS` (default 50).
+//!
+//! ```text
+//! cargo bench --bench reconcile              # both parts
+//! cargo bench --bench reconcile -- noop      # or: fresh
+//! ```
+//!
+//! Knobs: `RECONCILE_BENCH_LATENCY_MS` (50), `RECONCILE_BENCH_RUNS` (no-op
+//! runs, 5), `RECONCILE_BENCH_FRESH_RUNS` (3). Needs root and bwrap, like
+//! the double. Every machine is deleted at the end, also after a panic or
+//! Ctrl-C.
+//!
+//! # What is measured, and against what
+//!
+//! **No-op reconcile of 100 agents** (machines created once, untimed, then
+//! `bottle apply` run several times with nothing to do):
+//! - bottle's own CPU: utime+stime of the `bottle` process itself, read from
+//!   `/proc/PID/stat` while it is a zombie (`waitid(WNOWAIT)`). Not the
+//!   wait4 rusage: that also holds the reaped children, i.e. the double.
+//! - wall time against the lower bound set by the calls a no-op must make:
+//!   one `ls` and one probe `exec` per agent, 8 at a time:
+//!   `t_ls + ceil(100/8) * t_exec`. Right after each bottle run the bench
+//!   makes exactly those calls itself through the production driver (same
+//!   probe scripts, same 8 threads, nothing else): `t_ls` is its `ls`,
+//!   `t_exec` the median latency of its 100 execs. Measured 8 at a time
+//!   because the double's processes share the host's cores: at 8 concurrent
+//!   calls each takes longer than alone, for any client.
+//!
+//! **Fresh apply of 50 agents** (no machines): bottle's `--smolvm` is this
+//! bench binary in wrapper mode, which runs the double and logs each call's
+//! start and end (monotonic clock), so the bound uses the durations the
+//! calls really had in this run. With `W` the summed duration of all calls
+//! after `ls`, and the critical path `CP` the longest chain of the plan's
+//! action DAG (create → each step) weighted by the durations of the calls
+//! each action made on its machine:
+//! `bound = d_ls + max(CP, W / 8)`; no schedule of these calls at
+//! parallelism 8 finishes sooner. The wrapper's own process start (about a
+//! millisecond per call) counts against bottle, not in the bound.
+//!
+//! Why the added latency: a real smolvm call costs tens of milliseconds
+//! spent waiting on the VM, not host CPU. Without it the double's calls are
+//! CPU work, 8 of them on a small host contend with each other and with
+//! bottle, and the bound measures the host rather than bottle. With it the
+//! runtime's cost dominates, as it does with smolvm, and the ratio shows what
+//! bottle adds: its CPU, its scheduling gaps, calls it waits on needlessly.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bottle::desired::Desired;
+use bottle::observe::{Snapshot, probe_script};
+use bottle::plan::{Plan, PlanOptions, plan};
+use bottle::runtime::smolvm::SmolvmRuntime;
+use bottle::runtime::{ExecRequest, Runtime};
+
+const PARALLELISM: usize = 8;
+const NOOP_AGENTS: usize = 100;
+const FRESH_AGENTS: usize = 50;
+const NOOP_TARGET: f64 = 1.2;
+const FRESH_TARGET: f64 = 1.3;
+
+/// Set (to the double's path) when this binary runs as the call wrapper.
+const WRAP_ENV: &str = "RECONCILE_BENCH_WRAP";
+/// Where the wrapper appends one JSON line per call (none when unset).
+const WRAP_LOG_ENV: &str = "RECONCILE_BENCH_WRAP_LOG";
+
+const BOTTLE: &str = env!("CARGO_BIN_EXE_bottle");
+const DOUBLE: &str = env!("CARGO_BIN_EXE_smolvm-double");
+
+/// Double homes whose machines must go, also on Ctrl-C.
+static HOMES: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+fn main() {
+    if let Some(real) = std::env::var_os(WRAP_ENV) {
+        wrap(Path::new(&real));
+    }
+    let parts: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let wants = |part: &str| parts.is_empty() || parts.iter().any(|p| p == part);
+    let latency = env_number("RECONCILE_BENCH_LATENCY_MS", 50);
+    ctrlc::set_handler(|| {
+        eprintln!("interrupted: deleting the benchmark's machines");
+        for home in HOMES.lock().map(|h| h.clone()).unwrap_or_default() {
+            delete_all(&home);
+        }
+        std::process::exit(130);
+    })
+    .expect("installing the Ctrl-C handler");
+
+    println!(
+        "reconcile benchmark: release bottle against smolvm-double, --parallelism {PARALLELISM}, \
+         SMOLVM_DOUBLE_LATENCY_MS={latency}"
+    );
+    println!("reproduce: cargo bench --bench reconcile [-- noop|fresh] (as root, with bwrap)\n");
+    if wants("noop") {
+        noop(latency, env_number("RECONCILE_BENCH_RUNS", 5) as usize);
+    }
+    if wants("fresh") {
+        fresh(
+            latency,
+            env_number("RECONCILE_BENCH_FRESH_RUNS", 3) as usize,
+        );
+    }
+}
+
+// ---------------------------------------------------------------- bound --
+
+/// The lower bound set by the calls of one run, from their durations.
+struct Bound {
+    /// The `ls` that starts every run: nothing else can overlap it.
+    d_ls: Duration,
+    /// The longest chain of calls that must follow each other.
+    critical: Duration,
+    /// All other calls, summed.
+    work: Duration,
+    calls: usize,
+}
+
+impl Bound {
+    /// Wrapped calls of one `bottle apply` whose plan (on an empty snapshot
+    /// for a fresh apply, none for a no-op) is `planned`.
+    fn of(calls: &[Wrapped], planned: &Plan) -> Self {
+        assert!(calls.iter().all(|c| c.exit == 0), "a runtime call failed");
+        let mut weight: HashMap<(String, String), Duration> = HashMap::new();
+        let (mut d_ls, mut work, mut longest) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+        for call in calls {
+            if call.verb() == "ls" {
+                d_ls += call.duration();
+                continue;
+            }
+            work += call.duration();
+            longest = longest.max(call.duration());
+            if !planned.actions.is_empty() {
+                *weight.entry(call.attribution()).or_default() += call.duration();
+            }
+        }
+        // Longest path through the action DAG (`after` ids come first),
+        // each action weighted by its calls.
+        let mut finish: Vec<Duration> = Vec::with_capacity(planned.actions.len());
+        for action in &planned.actions {
+            let key = (action.machine.clone(), action.op.step().to_owned());
+            let start = action.after.iter().map(|&d| finish[d]).max();
+            finish.push(start.unwrap_or_default() + weight.get(&key).copied().unwrap_or_default());
+        }
+        Self {
+            d_ls,
+            critical: finish.into_iter().max().unwrap_or_default().max(longest),
+            work,
+            calls: calls.len(),
+        }
+    }
+
+    fn total(&self) -> Duration {
+        self.d_ls + self.critical.max(self.work / PARALLELISM as u32)
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{:.0} ms = ls {:.0} ms + max(critical path {:.0} ms, other calls {:.0} ms / {PARALLELISM})",
+            ms(self.total()),
+            ms(self.d_ls),
+            ms(self.critical),
+            ms(self.work),
+        )
+    }
+}
+
+struct Sample {
+    wall: Duration,
+    cpu: Duration,
+    children_cpu: Duration,
+    bound: Bound,
+    /// From bottle's start to its first call, and from its last call's end
+    /// to its exit: time no call can hide.
+    lead: Duration,
+    tail: Duration,
+    /// No-op only: the same calls made by a client that does nothing else.
+    replay: Option<Duration>,
+}
+
+impl Sample {
+    fn new(measured: &Measured, calls: &[Wrapped], planned: &Plan) -> Self {
+        let first = calls.iter().map(|c| c.start_ns).min().expect("calls");
+        let last = calls.iter().map(|c| c.end_ns).max().expect("calls");
+        Self {
+            wall: measured.wall,
+            cpu: measured.cpu,
+            children_cpu: measured.children_cpu,
+            bound: Bound::of(calls, planned),
+            lead: Duration::from_nanos(first - measured.started_ns),
+            tail: Duration::from_nanos(measured.ended_ns - last),
+            replay: None,
+        }
+    }
+
+    fn ratio(&self) -> f64 {
+        self.wall.as_secs_f64() / self.bound.total().as_secs_f64()
+    }
+
+    fn line(&self, run: usize) -> String {
+        format!(
+            "  run {run}: wall {:.0} ms, bound {}, ratio {:.3}, {} calls, \
+             before/after the calls {:.0}/{:.0} ms, bottle CPU {:.0} ms",
+            ms(self.wall),
+            self.bound.describe(),
+            self.ratio(),
+            self.bound.calls,
+            ms(self.lead),
+            ms(self.tail),
+            ms(self.cpu),
+        )
+    }
+}
+
+/// Medians of the samples' figures, printed the same way for both parts.
+fn report(samples: &[Sample], agents: usize, target: f64) {
+    let med = |f: &dyn Fn(&Sample) -> f64| median(samples.iter().map(f).collect());
+    let ratio = med(&|s| s.ratio());
+    println!("  wall time              {:.0} ms", med(&|s| ms(s.wall)));
+    println!(
+        "  lower bound            {:.0} ms = ls {:.0} ms + max(critical path {:.0} ms, \
+         other calls {:.0} ms / {PARALLELISM})",
+        med(&|s| ms(s.bound.total())),
+        med(&|s| ms(s.bound.d_ls)),
+        med(&|s| ms(s.bound.critical)),
+        med(&|s| ms(s.bound.work)),
+    );
+    println!(
+        "                         (durations of the run's own calls; mean {:.1} ms per call after ls)",
+        med(&|s| ms(s.bound.work) / (s.bound.calls - 1) as f64),
+    );
+    println!(
+        "  bottle alone           {:.0} ms before its first call, {:.0} ms after its last",
+        med(&|s| ms(s.lead)),
+        med(&|s| ms(s.tail)),
+    );
+    if samples.iter().all(|s| s.replay.is_some()) {
+        println!(
+            "  same calls, no bottle  {:.0} ms (ls, then the {agents} probes {PARALLELISM} at a time, \
+             made by this bench through the same driver and wrapper)",
+            med(&|s| ms(s.replay.unwrap_or_default())),
+        );
+    }
+    println!(
+        "  wall / bound           {ratio:.3}   target ≤ {target}: {}",
+        verdict(ratio <= target)
+    );
+    println!(
+        "  bottle's own CPU       {:.2} ms per agent ({:.0} ms utime+stime of the bottle process; \
+         the runtime's processes used {:.0} ms more, not counted)\n",
+        med(&|s| ms(s.cpu)) / agents as f64,
+        med(&|s| ms(s.cpu)),
+        med(&|s| ms(s.children_cpu)),
+    );
+}
+
+// ---------------------------------------------------------------- no-op --
+
+fn noop(latency: u64, runs: usize) {
+    let fx = Fixture::new("noop", NOOP_AGENTS);
+    eprintln!("no-op: creating {NOOP_AGENTS} machines (untimed, no added latency)...");
+    fx.apply(&[], false).expect_success("the setup apply");
+    let desired = fx.desired();
+    let slowed = [("SMOLVM_DOUBLE_LATENCY_MS", latency.to_string())];
+    // Warm page caches and the double's state files once.
+    fx.apply(&slowed, true)
+        .expect_no_changes("the warm-up no-op");
+
+    let mut samples = Vec::new();
+    for run in 1..=runs {
+        let measured = fx.apply(&slowed, true);
+        measured.expect_no_changes("a no-op run");
+        let calls = fx.wrapped();
+        assert_eq!(
+            count_verbs(calls.iter().map(Wrapped::verb)),
+            BTreeMap::from([("exec".into(), NOOP_AGENTS), ("ls".into(), 1)]),
+            "a no-op makes one ls and one probe exec per agent, nothing else"
+        );
+        let sample = Sample {
+            replay: Some(replay_observe(&fx, &desired, latency)),
+            ..Sample::new(&measured, &calls, &Plan::default())
+        };
+        eprintln!("{}", sample.line(run));
+        samples.push(sample);
+    }
+    println!("No-op reconcile, {NOOP_AGENTS} agents ({runs} runs, medians):");
+    println!("  runtime calls          1 ls + {NOOP_AGENTS} probe exec, nothing else (checked)");
+    report(&samples, NOOP_AGENTS, NOOP_TARGET);
+}
+
+/// The calls a no-op must make, made by a client that does nothing else:
+/// `ls`, then every agent's probe exec, `PARALLELISM` at a time. Its wall
+/// time.
+fn replay_observe(fx: &Fixture, desired: &Desired, latency: u64) -> Duration {
+    let rt = SmolvmRuntime::new(Some(fx.wrapper.clone()))
+        .expect("the bench binary")
+        .with_env("SMOLVM_DOUBLE_HOME", &fx.home)
+        .with_env("SMOLVM_DOUBLE_LATENCY_MS", latency.to_string())
+        .with_env(WRAP_ENV, DOUBLE);
+    let requests: Vec<(String, ExecRequest)> = desired
+        .agents
+        .values()
+        .map(|agent| {
+            let script = probe_script(desired, agent);
+            (
+                agent.machine.clone(),
+                ExecRequest::new(["sh".to_owned(), "-c".to_owned(), script]),
+            )
+        })
+        .collect();
+    let started = now_ns();
+    assert_eq!(rt.list().expect("ls").len(), NOOP_AGENTS);
+    let queue = Mutex::new(requests.iter());
+    std::thread::scope(|scope| {
+        for _ in 0..PARALLELISM {
+            scope.spawn(|| {
+                loop {
+                    let next = queue.lock().unwrap().next();
+                    let Some((machine, request)) = next else {
+                        break;
+                    };
+                    let out = rt.exec(machine, request).expect("probe exec");
+                    assert!(out.success(), "probe exec of {machine} failed");
+                }
+            });
+        }
+    });
+    since(started)
+}
+
+// ---------------------------------------------------------------- fresh --
+
+fn fresh(latency: u64, runs: usize) {
+    let fx = Fixture::new("fresh", FRESH_AGENTS);
+    let planned = plan(&fx.desired(), &Snapshot::default(), &PlanOptions::default());
+    let env = [("SMOLVM_DOUBLE_LATENCY_MS", latency.to_string())];
+    let mut samples = Vec::new();
+    let mut verbs = BTreeMap::new();
+    let mut per_action: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for run in 1..=runs {
+        if run > 1 {
+            delete_all(&fx.home);
+        }
+        eprintln!("fresh: run {run}, applying {FRESH_AGENTS} agents...");
+        let measured = fx.apply(&env, true);
+        measured.expect_success("a fresh apply");
+        let calls = fx.wrapped();
+        verbs = count_verbs(calls.iter().map(Wrapped::verb));
+        for action in &planned.actions {
+            let key = (action.machine.clone(), action.op.step().to_owned());
+            per_action
+                .entry(format!("{} {}", action.op.verb(), action.op.step()))
+                .or_default()
+                .push(
+                    calls
+                        .iter()
+                        .filter(|c| c.verb() != "ls" && c.attribution() == key)
+                        .count() as f64,
+                );
+        }
+        let sample = Sample::new(&measured, &calls, &planned);
+        eprintln!("{}", sample.line(run));
+        samples.push(sample);
+    }
+    println!(
+        "Fresh apply, {FRESH_AGENTS} agents, {latency} ms added to every call ({runs} runs, medians):"
+    );
+    println!(
+        "  runtime calls          {}: {}",
+        verbs.values().sum::<usize>(),
+        verbs
+            .iter()
+            .map(|(v, n)| format!("{n} {v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "  calls per action       {}",
+        per_action
+            .into_iter()
+            .map(|(action, n)| format!("{action} {}", median(n)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    report(&samples, FRESH_AGENTS, FRESH_TARGET);
+}
+
+/// One call as the wrapper saw it.
+#[derive(serde::Deserialize)]
+struct Wrapped {
+    start_ns: u64,
+    end_ns: u64,
+    args: Vec<String>,
+    exit: i32,
+}
+
+impl Wrapped {
+    fn verb(&self) -> &str {
+        self.args.get(1).map_or("-", String::as_str)
+    }
+
+    fn duration(&self) -> Duration {
+        Duration::from_nanos(self.end_ns - self.start_ns)
+    }
+
+    fn machine(&self) -> Option<String> {
+        if let Some(i) = self.args.iter().position(|a| a == "--name") {
+            return self.args.get(i + 1).cloned();
+        }
+        // `cp HOST NAME:/guest/path`
+        let target = self.args.last()?;
+        target.split_once(":/").map(|(name, _)| name.to_owned())
+    }
+
+    /// The (machine, step) whose action made this call. A ledger write
+    /// names its step; other calls are known by the guest paths their step
+    /// owns.
+    fn attribution(&self) -> (String, String) {
+        let text = self.args.join(" ");
+        const LEDGER: &str = "/var/lib/bottle/ledger/";
+        let recorded = text
+            .find(LEDGER)
+            .and_then(|at| text[at + LEDGER.len()..].split(".json").next())
+            .filter(|file| !file.contains(['*', ' ']));
+        let step = if let Some(file) = recorded {
+            file.replace('.', ":")
+        } else if matches!(self.verb(), "create" | "start") || text.contains("useradd") {
+            "machine".to_owned()
+        } else if text.contains("/.bottle/prompt.md") {
+            "prompt".to_owned()
+        } else if text.contains("/.claude/skills") || text.contains("/tmp/bottle-skills-") {
+            "skills".to_owned()
+        } else if text.contains("git config") {
+            "git".to_owned()
+        } else {
+            panic!("cannot tell which step this call is for: {:?}", self.args)
+        };
+        let machine = self
+            .machine()
+            .unwrap_or_else(|| panic!("no machine in {:?}", self.args));
+        (machine, step)
+    }
+}
+
+/// Wrapper mode: run the double with our arguments and stdio, log the
+/// call's start and end, exit as it did.
+fn wrap(real: &Path) -> ! {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let start_ns = now_ns();
+    let status = Command::new(real)
+        .args(&args)
+        .status()
+        .expect("running the double");
+    let end_ns = now_ns();
+    let line = serde_json::json!({
+        "start_ns": start_ns,
+        "end_ns": end_ns,
+        "args": args,
+        "exit": status.code().unwrap_or(-1),
+    });
+    if let Some(log) = std::env::var_os(WRAP_LOG_ENV) {
+        // One write of a line opened for appending: lines never interleave.
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("the wrapper's log");
+        file.write_all(format!("{line}\n").as_bytes())
+            .expect("writing the wrapper's log");
+    }
+    use std::os::unix::process::ExitStatusExt;
+    if let Some(signal) = status.signal() {
+        // Die the same way, so the driver sees what it would have seen.
+        unsafe {
+            libc::signal(signal, libc::SIG_DFL);
+            libc::raise(signal);
+        }
+    }
+    std::process::exit(status.code().unwrap_or(1));
+}
+
+// -------------------------------------------------------------- fixture --
+
+/// Manifests, a double home and a state directory in a temporary
+/// directory; deletes every machine of the home when dropped.
+struct Fixture {
+    dir: tempfile::TempDir,
+    manifests: PathBuf,
+    home: PathBuf,
+    state: PathBuf,
+    /// This binary, which `apply` can put between bottle and the double.
+    wrapper: PathBuf,
+}
+
+impl Fixture {
+    /// `agents` agents of one simple bottle: no egress, a prompt, a skill,
+    /// git rewrites and identity.
+    fn new(project: &str, agents: usize) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("bottle-reconcile-bench-")
+            .tempdir()
+            .expect("temporary directory");
+        let manifests = dir.path().join("manifests");
+        let skill = manifests.join("skills/house-style");
+        std::fs::create_dir_all(&skill).expect("manifest dirs");
+        std::fs::write(
+            skill.join("SKILL.md"),
+            "---\nname: house-style\ndescription: How we write commits\n---\nShort imperative subjects.\n",
+        )
+        .expect("skill");
+        std::fs::write(
+            manifests.join("bottle.toml"),
+            format!(
+                r#"[project]
+name = "bench-{project}"
+
+[bottle.plain]
+image = "host"
+cpus = 1
+memory_mib = 512
+user = "agent"
+
+[bottle.plain.git]
+gateway = "http://10.8.0.2:9418"
+user = {{ name = "Bench Bot", email = "bench@example.com" }}
+
+[[bottle.plain.git.remote]]
+name = "app"
+upstream = "https://github.com/acme/app.git"
+"#
+            ),
+        )
+        .expect("bottle.toml");
+        let mut text = String::new();
+        for i in 0..agents {
+            text.push_str(&format!(
+                "[agent.a{i:03}]\nbottle = \"plain\"\nprompt_text = \"You are agent {i}.\"\nskills = [\"skills/house-style\"]\n\n"
+            ));
+        }
+        std::fs::write(manifests.join("agents.toml"), text).expect("agents.toml");
+        let home = dir.path().join("double");
+        let state = dir.path().join("state");
+        HOMES.lock().unwrap().push(home.clone());
+        Self {
+            dir,
+            manifests,
+            home,
+            state,
+            wrapper: std::env::current_exe().expect("the bench's own path"),
+        }
+    }
+
+    fn desired(&self) -> Desired {
+        let project = bottle::manifest::load_dir(&self.manifests).expect("bench manifests load");
+        let graph = bottle::graph::build(&project).expect("bench graph builds");
+        Desired::new(project, &graph)
+    }
+
+    /// `bottle apply`, with the double as its smolvm, or (`wrapped`) this
+    /// binary as a wrapper that logs each call's start and end.
+    fn apply(&self, env: &[(&str, String)], wrapped: bool) -> Measured {
+        let logged = self.logged_calls();
+        let _ = std::fs::remove_file(self.wrap_log());
+        let out = self.dir.path().join("bottle.out");
+        let err = self.dir.path().join("bottle.err");
+        let mut command = Command::new(BOTTLE);
+        command
+            .arg("--smolvm")
+            .arg(if wrapped {
+                &self.wrapper
+            } else {
+                Path::new(DOUBLE)
+            })
+            .arg("--state-dir")
+            .arg(&self.state)
+            .args(["apply", "--parallelism", &PARALLELISM.to_string()])
+            .arg(&self.manifests)
+            .env("SMOLVM_DOUBLE_HOME", &self.home)
+            .env("SMOLVM_DOUBLE_RESOLVE", "any")
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(File::create(&out).expect("stdout file"))
+            .stderr(File::create(&err).expect("stderr file"));
+        if wrapped {
+            command
+                .env(WRAP_ENV, DOUBLE)
+                .env(WRAP_LOG_ENV, self.wrap_log());
+        }
+        let mut measured = measure(command);
+        measured.stdout = std::fs::read_to_string(out).unwrap_or_default();
+        measured.stderr = std::fs::read_to_string(err).unwrap_or_default();
+        if wrapped {
+            assert_eq!(
+                self.wrapped().len(),
+                self.logged_calls() - logged,
+                "the wrapper saw every call the double logged"
+            );
+        }
+        measured
+    }
+
+    fn wrap_log(&self) -> PathBuf {
+        self.dir.path().join("wrapped-calls.jsonl")
+    }
+
+    /// The calls of the last wrapped apply.
+    fn wrapped(&self) -> Vec<Wrapped> {
+        std::fs::read_to_string(self.wrap_log())
+            .expect("the wrapper's call log")
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("a wrapper log line"))
+            .collect()
+    }
+
+    /// How many calls the double's own log holds.
+    fn logged_calls(&self) -> usize {
+        std::fs::read_to_string(self.home.join("calls.jsonl"))
+            .map(|text| text.lines().count())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        delete_all(&self.home);
+        HOMES.lock().unwrap().retain(|h| h != &self.home);
+    }
+}
+
+fn driver(home: &Path) -> SmolvmRuntime {
+    SmolvmRuntime::new(Some(DOUBLE.into()))
+        .expect("the double is built")
+        .with_env("SMOLVM_DOUBLE_HOME", home)
+        .with_env("SMOLVM_DOUBLE_RESOLVE", "any")
+}
+
+/// Delete every machine the double lists, `PARALLELISM` at a time.
+fn delete_all(home: &Path) {
+    if !home.exists() {
+        return;
+    }
+    let rt = driver(home);
+    let Ok(machines) = rt.list() else {
+        eprintln!("cannot list the machines of {}", home.display());
+        return;
+    };
+    let queue = Mutex::new(machines.into_iter());
+    std::thread::scope(|scope| {
+        for _ in 0..PARALLELISM {
+            scope.spawn(|| {
+                loop {
+                    let next = queue.lock().unwrap().next();
+                    let Some(machine) = next else { break };
+                    if let Err(e) = rt.delete(&machine.name) {
+                        eprintln!("deleting {}: {e}", machine.name);
+                    }
+                }
+            });
+        }
+    });
+}
+
+// ----------------------------------------------------------- measuring --
+
+struct Measured {
+    started_ns: u64,
+    ended_ns: u64,
+    wall: Duration,
+    /// utime+stime of the process itself.
+    cpu: Duration,
+    /// utime+stime of its reaped children (the runtime calls).
+    children_cpu: Duration,
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Measured {
+    fn expect_success(&self, what: &str) {
+        assert_eq!(
+            self.code, 0,
+            "{what} exited {}:\n{}\n{}",
+            self.code, self.stdout, self.stderr
+        );
+    }
+
+    fn expect_no_changes(&self, what: &str) {
+        self.expect_success(what);
+        assert!(
+            self.stdout.contains("No changes"),
+            "{what} planned changes:\n{}",
+            self.stdout
+        );
+    }
+}
+
+/// Run `command`; its wall time, and its CPU read while it is a zombie, so
+/// the process's own time is told apart from its children's.
+fn measure(mut command: Command) -> Measured {
+    let started = now_ns();
+    let mut child = command.spawn().expect("spawning bottle");
+    let pid = child.id() as libc::pid_t;
+    // Wait for the exit without reaping: /proc/PID/stat stays readable.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    let waited = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOWAIT,
+        )
+    };
+    assert_eq!(waited, 0, "waitid: {}", std::io::Error::last_os_error());
+    let ended = now_ns();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/PID/stat");
+    // Fields after the command name in parentheses; utime is field 14.
+    let fields: Vec<u64> = stat[stat.rfind(')').expect("stat format") + 2..]
+        .split(' ')
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let ticks = |a: usize, b: usize| Duration::from_secs_f64((fields[a] + fields[b]) as f64 / tick);
+    let (cpu, children_cpu) = (ticks(11, 12), ticks(13, 14));
+    let status = child.wait().expect("reaping bottle");
+    use std::os::unix::process::ExitStatusExt;
+    let code = status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+    Measured {
+        started_ns: started,
+        ended_ns: ended,
+        wall: Duration::from_nanos(ended - started),
+        cpu,
+        children_cpu,
+        code,
+        stdout: String::new(),
+        stderr: String::new(),
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: one clock for this process and the
+/// wrapper processes.
+fn now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn since(start_ns: u64) -> Duration {
+    Duration::from_nanos(now_ns() - start_ns)
+}
+
+fn count_verbs<'a>(verbs: impl Iterator<Item = &'a str>) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for verb in verbs {
+        *counts.entry(verb.to_owned()).or_default() += 1;
+    }
+    counts
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    assert!(!values.is_empty(), "median of nothing");
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn env_number(key: &str, default: u64) -> u64 {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met { "met" } else { "MISSED" }
+}
