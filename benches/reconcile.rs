@@ -8,7 +8,8 @@
 //! ```
 //!
 //! Knobs: `RECONCILE_BENCH_LATENCY_MS` (50), `RECONCILE_BENCH_RUNS` (no-op
-//! runs, 5), `RECONCILE_BENCH_FRESH_RUNS` (3). Needs root and bwrap, like
+//! runs, 5), `RECONCILE_BENCH_FRESH_RUNS` (3), `RECONCILE_BENCH_BOTTLE` (a
+//! `bottle` binary to measure instead of this build's). Needs root and bwrap, like
 //! the double. Every machine is deleted at the end, also after a panic or
 //! Ctrl-C.
 //!
@@ -97,8 +98,9 @@ fn main() {
     .expect("installing the Ctrl-C handler");
 
     println!(
-        "reconcile benchmark: release bottle against smolvm-double, --parallelism {PARALLELISM}, \
-         SMOLVM_DOUBLE_LATENCY_MS={latency}"
+        "reconcile benchmark: {} against smolvm-double, --parallelism {PARALLELISM}, \
+         SMOLVM_DOUBLE_LATENCY_MS={latency}",
+        bottle_binary().display()
     );
     println!("reproduce: cargo bench --bench reconcile [-- noop|fresh] (as root, with bwrap)\n");
     if wants("noop") {
@@ -572,7 +574,7 @@ upstream = "https://github.com/acme/app.git"
         let _ = std::fs::remove_file(self.wrap_log());
         let out = self.dir.path().join("bottle.out");
         let err = self.dir.path().join("bottle.err");
-        let mut command = Command::new(BOTTLE);
+        let mut command = Command::new(bottle_binary());
         command
             .arg("--smolvm")
             .arg(if wrapped {
@@ -783,6 +785,11 @@ fn median(mut values: Vec<f64>) -> f64 {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+/// `RECONCILE_BENCH_BOTTLE`, to compare another build, else this one's.
+fn bottle_binary() -> PathBuf {
+    std::env::var_os("RECONCILE_BENCH_BOTTLE").map_or_else(|| BOTTLE.into(), PathBuf::from)
 }
 
 fn env_number(key: &str, default: u64) -> u64 {
