@@ -60,6 +60,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
 use bottle::desired::Desired;
@@ -84,6 +85,8 @@ const DOUBLE: &str = env!("CARGO_BIN_EXE_smolvm-double");
 
 /// Double homes whose machines must go, also on Ctrl-C.
 static HOMES: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+/// The `bottle` running now (0: none), which Ctrl-C reaches too.
+static BOTTLE_PID: AtomicI32 = AtomicI32::new(0);
 
 fn main() {
     if let Some(real) = std::env::var_os(WRAP_ENV) {
@@ -97,8 +100,26 @@ fn main() {
     let latency = env_number("RECONCILE_BENCH_LATENCY_MS", 50);
     ctrlc::set_handler(|| {
         eprintln!("interrupted: deleting the benchmark's machines");
+        // bottle finishes the calls under way on Ctrl-C: a machine it is
+        // creating must exist before the listing below.
+        let pid = BOTTLE_PID.load(Ordering::SeqCst);
+        if pid != 0 {
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            unsafe {
+                libc::waitid(
+                    libc::P_PID,
+                    pid as libc::id_t,
+                    &mut info,
+                    libc::WEXITED | libc::WNOWAIT,
+                )
+            };
+        }
         for home in HOMES.lock().map(|h| h.clone()).unwrap_or_default() {
             delete_all(&home);
+            // exit() below skips the fixture's TempDir drop.
+            if let Some(dir) = home.parent() {
+                let _ = std::fs::remove_dir_all(dir);
+            }
         }
         std::process::exit(130);
     })
@@ -144,17 +165,15 @@ impl Bound {
         let mut weight: HashMap<(String, String), Duration> = HashMap::new();
         let (mut d_ls, mut work, mut longest) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
         let mut durations = Vec::new();
-        for call in calls {
-            if call.verb() == "ls" {
+        for (call, owner) in calls.iter().zip(attribute(calls)) {
+            let Some(owner) = owner else {
                 d_ls += call.duration();
                 continue;
-            }
+            };
             work += call.duration();
             durations.push(call.duration().as_secs_f64());
             longest = longest.max(call.duration());
-            if !planned.actions.is_empty() {
-                *weight.entry(call.attribution()).or_default() += call.duration();
-            }
+            *weight.entry(owner).or_default() += call.duration();
         }
         // Longest path through the action DAG (`after` ids come first),
         // each action weighted by its calls.
@@ -379,17 +398,13 @@ fn fresh(latency: u64, runs: usize) {
         measured.expect_success("a fresh apply");
         let calls = fx.wrapped();
         verbs = count_verbs(calls.iter().map(Wrapped::verb));
+        let owners = attribute(&calls);
         for action in &planned.actions {
-            let key = (action.machine.clone(), action.op.step().to_owned());
+            let key = Some((action.machine.clone(), action.op.step().to_owned()));
             per_action
                 .entry(format!("{} {}", action.op.verb(), action.op.step()))
                 .or_default()
-                .push(
-                    calls
-                        .iter()
-                        .filter(|c| c.verb() != "ls" && c.attribution() == key)
-                        .count() as f64,
-                );
+                .push(owners.iter().filter(|o| **o == key).count() as f64);
         }
         let sample = Sample::new(&measured, &calls, &planned);
         eprintln!("{}", sample.line(run));
@@ -445,34 +460,65 @@ impl Wrapped {
         target.split_once(":/").map(|(name, _)| name.to_owned())
     }
 
-    /// The (machine, step) whose action made this call. A ledger write
-    /// names its step; other calls are known by the guest paths their step
-    /// owns.
-    fn attribution(&self) -> (String, String) {
-        let text = self.args.join(" ");
-        const LEDGER: &str = "/var/lib/bottle/ledger/";
-        let recorded = text
-            .find(LEDGER)
-            .and_then(|at| text[at + LEDGER.len()..].split(".json").next())
-            .filter(|file| !file.contains(['*', ' ']));
-        let step = if let Some(file) = recorded {
-            file.replace('.', ":")
-        } else if matches!(self.verb(), "create" | "start") || text.contains("useradd") {
-            "machine".to_owned()
-        } else if text.contains("/.bottle/prompt.md") {
-            "prompt".to_owned()
-        } else if text.contains("/.claude/skills") || text.contains("/tmp/bottle-skills-") {
-            "skills".to_owned()
-        } else if text.contains("git config") {
-            "git".to_owned()
-        } else {
-            panic!("cannot tell which step this call is for: {:?}", self.args)
-        };
-        let machine = self
-            .machine()
-            .unwrap_or_else(|| panic!("no machine in {:?}", self.args));
-        (machine, step)
+    /// The step whose ledger entry this call writes, if it is a record.
+    fn recorded_step(&self) -> Option<String> {
+        const WRITE: &str = "> /var/lib/bottle/ledger/";
+        self.args.iter().find_map(|arg| {
+            let file = arg[arg.find(WRITE)? + WRITE.len()..]
+                .split(".json")
+                .next()?;
+            Some(file.replace('.', ":"))
+        })
     }
+}
+
+/// The (machine, step) whose action made each call; `None` for `ls`. A
+/// ledger record names its step; a copy is named by its step's record
+/// (which removes the staged file, or lists the path as the step's own);
+/// other execs by what their scripts touch.
+fn attribute(calls: &[Wrapped]) -> Vec<Option<(String, String)>> {
+    let records: Vec<(String, String, &Wrapped)> = calls
+        .iter()
+        .filter_map(|c| Some((c.machine()?, c.recorded_step()?, c)))
+        .collect();
+    let unknown = |call: &Wrapped| -> ! {
+        panic!("cannot tell which step this call is for: {:?}", call.args)
+    };
+    calls
+        .iter()
+        .map(|call| {
+            if call.verb() == "ls" {
+                return None;
+            }
+            let machine = call.machine().unwrap_or_else(|| unknown(call));
+            let text = call.args.join(" ");
+            let step = if let Some(step) = call.recorded_step() {
+                step
+            } else if matches!(call.verb(), "create" | "start") || text.contains("useradd") {
+                "machine".to_owned()
+            } else if call.verb() == "cp" {
+                let target = call.args.last().map(String::as_str).unwrap_or_default();
+                let guest = &target[target.find(":/").unwrap_or_else(|| unknown(call)) + 1..];
+                records
+                    .iter()
+                    .find(|(m, _, r)| *m == machine && r.args.iter().any(|a| a.contains(guest)))
+                    .map(|(_, step, _)| step.clone())
+                    .unwrap_or_else(|| unknown(call))
+            } else if text.contains("@@bottle-probe") {
+                // Observation, before any action.
+                "probe".to_owned()
+            } else if text.contains("/.bottle/prompt.md") {
+                "prompt".to_owned()
+            } else if text.contains("/.claude/skills") {
+                "skills".to_owned()
+            } else if text.contains("git config") {
+                "git".to_owned()
+            } else {
+                unknown(call)
+            };
+            Some((machine, step))
+        })
+        .collect()
 }
 
 /// Wrapper mode: run the double with our arguments and stdio, log the
@@ -669,6 +715,9 @@ fn driver(home: &Path) -> SmolvmRuntime {
 
 /// Delete every machine the double lists, `PARALLELISM` at a time.
 fn delete_all(home: &Path) {
+    // One at a time: Ctrl-C's handler and a panicking run may both clean.
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     if !home.exists() {
         return;
     }
@@ -733,6 +782,7 @@ fn measure(mut command: Command) -> Measured {
     let started = now_ns();
     let mut child = command.spawn().expect("spawning bottle");
     let pid = child.id() as libc::pid_t;
+    BOTTLE_PID.store(pid, Ordering::SeqCst);
     // Wait for the exit without reaping: /proc/PID/stat stays readable.
     let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
     let waited = unsafe {
@@ -754,6 +804,7 @@ fn measure(mut command: Command) -> Measured {
     let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     let ticks = |a: usize, b: usize| Duration::from_secs_f64((fields[a] + fields[b]) as f64 / tick);
     let (cpu, children_cpu) = (ticks(11, 12), ticks(13, 14));
+    BOTTLE_PID.store(0, Ordering::SeqCst);
     let status = child.wait().expect("reaping bottle");
     use std::os::unix::process::ExitStatusExt;
     let code = status
