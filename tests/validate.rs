@@ -318,7 +318,7 @@ fn examples_resolve_into_a_project() {
     assert!(!dev.volumes[0].read_only);
     assert_eq!(
         dev.setup_inputs,
-        vec![vec![m.join("scripts/check-tools.sh")], vec![]]
+        vec![vec![], vec![m.join("scripts/check-tools.sh")], vec![]]
     );
     assert_eq!(project.sources.path(dev.file), m.join("bottles/dev.toml"));
     assert!(project.bottles["review"].volumes[0].read_only);
