@@ -214,3 +214,11 @@ impl Double {
         }
     }
 }
+
+/// Machines are bubblewrap sandboxes whose init outlives the test process:
+/// whatever a test created goes with its double, even when the test fails.
+impl Drop for Double {
+    fn drop(&mut self) {
+        self.delete_all_machines();
+    }
+}
