@@ -336,7 +336,7 @@ pub enum RuntimeErrorKind {
     #[diagnostic(help("the runtime is not answering; check it with `smolvm machine ls --json`"))]
     Timeout { command: String, timeout: Duration },
 
-    #[error("`{command}` exited with status {status}: {stderr}")]
+    #[error("exited with status {status}: {stderr} (command: `{command}`)")]
     #[diagnostic(help("the runtime rejected the call; its message above says why"))]
     CommandFailed {
         command: String,
