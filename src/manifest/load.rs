@@ -893,6 +893,30 @@ fn entity<T: DeserializeOwned>(
     None
 }
 
+/// Remove from the sub-table `key` of `table` (when it is a table) the
+/// entries whose value matches `pred`, returning their names and spans.
+fn take_entries<'a>(
+    table: &mut DeTable<'a>,
+    key: &str,
+    pred: fn(&DeValue<'a>) -> bool,
+) -> Vec<(String, Range<usize>)> {
+    let Some(sub) = table.get_mut(key) else {
+        return Vec::new();
+    };
+    let DeValue::Table(sub) = sub.get_mut() else {
+        return Vec::new();
+    };
+    let taken: Vec<_> = sub
+        .iter()
+        .filter(|(_, v)| pred(v.get_ref()))
+        .map(|(k, v)| (k.get_ref().to_string(), v.span()))
+        .collect();
+    for (k, _) in &taken {
+        sub.remove(k.as_str());
+    }
+    taken
+}
+
 /// Checks done on the raw value before deserializing, for mistakes that
 /// deserve a better message than serde's: literal secrets (whose values
 /// must never be echoed), retired shapes (`supervise = true`), secrets
@@ -907,60 +931,40 @@ fn precheck(cx: &mut Cx, file: FileId, kind: Kind, what: &str, value: &mut Doc) 
     };
     let mut clean = true;
 
-    if let Some(secrets) = table.get_mut("secrets")
-        && let DeValue::Table(secrets) = secrets.get_mut()
-    {
-        let literal: Vec<_> = secrets
-            .iter()
-            .filter(|(_, v)| v.get_ref().is_str())
-            .map(|(k, v)| (k.get_ref().to_string(), v.span()))
-            .collect();
-        for (var, span) in literal {
-            clean = false;
-            secrets.remove(var.as_str());
-            cx.report_at(
-                file,
-                span,
-                ManifestDiagnostic::new(
-                    "bottle::literal-secret",
-                    format!("secret `{var}` in {what} is written as a literal value"),
-                )
-                .help(format!(
-                    "manifests hold references, never secret values: write \
-                     `{var} = {{ from_env = \"HOST_VAR\" }}` (a host environment variable) or \
-                     `{var} = {{ from_file = \"/abs/path\" }}`; if the value was committed, \
-                     rotate it"
-                )),
-                "secret value in the manifest (not shown)",
-            );
-        }
+    for (var, span) in take_entries(table, "secrets", DeValue::is_str) {
+        clean = false;
+        cx.report_at(
+            file,
+            span,
+            ManifestDiagnostic::new(
+                "bottle::literal-secret",
+                format!("secret `{var}` in {what} is written as a literal value"),
+            )
+            .help(format!(
+                "manifests hold references, never secret values: write \
+                 `{var} = {{ from_env = \"HOST_VAR\" }}` (a host environment variable) or \
+                 `{var} = {{ from_file = \"/abs/path\" }}`; if the value was committed, \
+                 rotate it"
+            )),
+            "secret value in the manifest (not shown)",
+        );
     }
 
-    if let Some(env) = table.get_mut("env")
-        && let DeValue::Table(env) = env.get_mut()
-    {
-        let tables: Vec<_> = env
-            .iter()
-            .filter(|(_, v)| v.get_ref().is_table())
-            .map(|(k, v)| (k.get_ref().to_string(), v.span()))
-            .collect();
-        for (var, span) in tables {
-            clean = false;
-            env.remove(var.as_str());
-            cx.report_at(
-                file,
-                span,
-                ManifestDiagnostic::new(
-                    "bottle::retired-key",
-                    format!("`env.{var}` in {what} is a table; env values are plain strings"),
-                )
-                .help(format!(
-                    "a value taken from the host or kept secret belongs in `secrets`: \
-                     `secrets = {{ {var} = {{ from_env = \"HOST_VAR\" }} }}`"
-                )),
-                "not a string",
-            );
-        }
+    for (var, span) in take_entries(table, "env", DeValue::is_table) {
+        clean = false;
+        cx.report_at(
+            file,
+            span,
+            ManifestDiagnostic::new(
+                "bottle::retired-key",
+                format!("`env.{var}` in {what} is a table; env values are plain strings"),
+            )
+            .help(format!(
+                "a value taken from the host or kept secret belongs in `secrets`: \
+                 `secrets = {{ {var} = {{ from_env = \"HOST_VAR\" }} }}`"
+            )),
+            "not a string",
+        );
     }
 
     // serde reads a struct from an array too (by position), which gives
