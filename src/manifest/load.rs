@@ -634,37 +634,14 @@ fn read_file(cx: &mut Cx, file: FileId, rel: &Path, doc: &Doc, broken: bool, out
                     continue;
                 };
                 for (name, value) in entities.iter() {
-                    let name_str = name.get_ref().as_ref();
-                    let spec_ok = !broken;
+                    let (name_str, span) = (name.get_ref().as_ref(), name.span());
                     match kind {
-                        Kind::Bottle => {
-                            let spec = if spec_ok {
-                                entity::<BottleSpec>(cx, file, kind, name_str, value)
-                            } else {
-                                None
-                            };
-                            out.bottles.push(Decl {
-                                name: name_str.to_owned(),
-                                file,
-                                name_span: name.span(),
-                                clean: spec.as_ref().is_some_and(|s| s.1),
-                                spec: spec.map(|s| s.0),
-                            });
-                        }
-                        _ => {
-                            let spec = if spec_ok {
-                                entity::<AgentSpec>(cx, file, kind, name_str, value)
-                            } else {
-                                None
-                            };
-                            out.agents.push(Decl {
-                                name: name_str.to_owned(),
-                                file,
-                                name_span: name.span(),
-                                clean: spec.as_ref().is_some_and(|s| s.1),
-                                spec: spec.map(|s| s.0),
-                            });
-                        }
+                        Kind::Bottle => out
+                            .bottles
+                            .push(decl(cx, file, kind, name_str, span, value, !broken)),
+                        _ => out
+                            .agents
+                            .push(decl(cx, file, kind, name_str, span, value, !broken)),
                     }
                 }
             }
@@ -688,6 +665,31 @@ fn read_file(cx: &mut Cx, file: FileId, rel: &Path, doc: &Doc, broken: bool, out
                 cx.report_at(file, key.span(), d, "unknown key");
             }
         }
+    }
+}
+
+/// One declared bottle or agent. Its spec is deserialized (and its
+/// problems reported) only when `parse`; otherwise only its name counts.
+fn decl<T: DeserializeOwned>(
+    cx: &mut Cx,
+    file: FileId,
+    kind: Kind,
+    name: &str,
+    name_span: Range<usize>,
+    raw: &Doc,
+    parse: bool,
+) -> Decl<T> {
+    let spec = if parse {
+        entity::<T>(cx, file, kind, name, raw)
+    } else {
+        None
+    };
+    Decl {
+        name: name.to_owned(),
+        file,
+        name_span,
+        clean: spec.as_ref().is_some_and(|s| s.1),
+        spec: spec.map(|s| s.0),
     }
 }
 
