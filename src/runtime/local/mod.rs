@@ -500,6 +500,21 @@ fn io_err(op: &'static str, name: &str, context: String, source: io::Error) -> R
     RuntimeError::new(op, name, RuntimeErrorKind::Io { context, source })
 }
 
+/// Kill a machine's recorded init, if it has one.
+fn kill_init(op: &'static str, name: &str, record: &MachineRecord) -> Result<(), RuntimeError> {
+    let Some(init) = &record.init else {
+        return Ok(());
+    };
+    sandbox::kill(init, STOP_TIMEOUT).map_err(|source| {
+        io_err(
+            op,
+            name,
+            format!("kill the sandbox (pid {})", init.pid),
+            source,
+        )
+    })
+}
+
 fn unsupported(op: &'static str, name: &str, message: String) -> RuntimeError {
     RuntimeError::new(op, name, RuntimeErrorKind::Unsupported(message))
 }
@@ -863,16 +878,7 @@ impl Runtime for LocalRuntime {
     fn stop(&self, name: &str) -> Result<(), RuntimeError> {
         const OP: &str = "stop";
         let (_lock, record) = self.lock(OP, name)?;
-        if let Some(init) = &record.init {
-            sandbox::kill(init, STOP_TIMEOUT).map_err(|source| {
-                io_err(
-                    OP,
-                    name,
-                    format!("kill the sandbox (pid {})", init.pid),
-                    source,
-                )
-            })?;
-        }
+        kill_init(OP, name, &record)?;
         if record.state == MachineState::Running || record.init.is_some() {
             let record = MachineRecord {
                 state: MachineState::Stopped,
@@ -937,16 +943,7 @@ impl Runtime for LocalRuntime {
     fn delete(&self, name: &str) -> Result<(), RuntimeError> {
         const OP: &str = "delete";
         let (lock, record) = self.lock(OP, name)?;
-        if let Some(init) = &record.init {
-            sandbox::kill(init, STOP_TIMEOUT).map_err(|source| {
-                io_err(
-                    OP,
-                    name,
-                    format!("kill the sandbox (pid {})", init.pid),
-                    source,
-                )
-            })?;
-        }
+        kill_init(OP, name, &record)?;
         // Move the directory out of the way first, so the machine is gone
         // at once even if removing a large root takes a while.
         let dir = self.machine_dir(name);
