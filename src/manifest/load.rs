@@ -634,37 +634,14 @@ fn read_file(cx: &mut Cx, file: FileId, rel: &Path, doc: &Doc, broken: bool, out
                     continue;
                 };
                 for (name, value) in entities.iter() {
-                    let name_str = name.get_ref().as_ref();
-                    let spec_ok = !broken;
+                    let (name_str, span) = (name.get_ref().as_ref(), name.span());
                     match kind {
-                        Kind::Bottle => {
-                            let spec = if spec_ok {
-                                entity::<BottleSpec>(cx, file, kind, name_str, value)
-                            } else {
-                                None
-                            };
-                            out.bottles.push(Decl {
-                                name: name_str.to_owned(),
-                                file,
-                                name_span: name.span(),
-                                clean: spec.as_ref().is_some_and(|s| s.1),
-                                spec: spec.map(|s| s.0),
-                            });
-                        }
-                        _ => {
-                            let spec = if spec_ok {
-                                entity::<AgentSpec>(cx, file, kind, name_str, value)
-                            } else {
-                                None
-                            };
-                            out.agents.push(Decl {
-                                name: name_str.to_owned(),
-                                file,
-                                name_span: name.span(),
-                                clean: spec.as_ref().is_some_and(|s| s.1),
-                                spec: spec.map(|s| s.0),
-                            });
-                        }
+                        Kind::Bottle => out
+                            .bottles
+                            .push(decl(cx, file, kind, name_str, span, value, !broken)),
+                        _ => out
+                            .agents
+                            .push(decl(cx, file, kind, name_str, span, value, !broken)),
                     }
                 }
             }
@@ -688,6 +665,31 @@ fn read_file(cx: &mut Cx, file: FileId, rel: &Path, doc: &Doc, broken: bool, out
                 cx.report_at(file, key.span(), d, "unknown key");
             }
         }
+    }
+}
+
+/// One declared bottle or agent. Its spec is deserialized (and its
+/// problems reported) only when `parse`; otherwise only its name counts.
+fn decl<T: DeserializeOwned>(
+    cx: &mut Cx,
+    file: FileId,
+    kind: Kind,
+    name: &str,
+    name_span: Range<usize>,
+    raw: &Doc,
+    parse: bool,
+) -> Decl<T> {
+    let spec = if parse {
+        entity::<T>(cx, file, kind, name, raw)
+    } else {
+        None
+    };
+    Decl {
+        name: name.to_owned(),
+        file,
+        name_span,
+        clean: spec.as_ref().is_some_and(|s| s.1),
+        spec: spec.map(|s| s.0),
     }
 }
 
@@ -893,6 +895,30 @@ fn entity<T: DeserializeOwned>(
     None
 }
 
+/// Remove from the sub-table `key` of `table` (when it is a table) the
+/// entries whose value matches `pred`, returning their names and spans.
+fn take_entries<'a>(
+    table: &mut DeTable<'a>,
+    key: &str,
+    pred: fn(&DeValue<'a>) -> bool,
+) -> Vec<(String, Range<usize>)> {
+    let Some(sub) = table.get_mut(key) else {
+        return Vec::new();
+    };
+    let DeValue::Table(sub) = sub.get_mut() else {
+        return Vec::new();
+    };
+    let taken: Vec<_> = sub
+        .iter()
+        .filter(|(_, v)| pred(v.get_ref()))
+        .map(|(k, v)| (k.get_ref().to_string(), v.span()))
+        .collect();
+    for (k, _) in &taken {
+        sub.remove(k.as_str());
+    }
+    taken
+}
+
 /// Checks done on the raw value before deserializing, for mistakes that
 /// deserve a better message than serde's: literal secrets (whose values
 /// must never be echoed), retired shapes (`supervise = true`), secrets
@@ -907,60 +933,40 @@ fn precheck(cx: &mut Cx, file: FileId, kind: Kind, what: &str, value: &mut Doc) 
     };
     let mut clean = true;
 
-    if let Some(secrets) = table.get_mut("secrets")
-        && let DeValue::Table(secrets) = secrets.get_mut()
-    {
-        let literal: Vec<_> = secrets
-            .iter()
-            .filter(|(_, v)| v.get_ref().is_str())
-            .map(|(k, v)| (k.get_ref().to_string(), v.span()))
-            .collect();
-        for (var, span) in literal {
-            clean = false;
-            secrets.remove(var.as_str());
-            cx.report_at(
-                file,
-                span,
-                ManifestDiagnostic::new(
-                    "bottle::literal-secret",
-                    format!("secret `{var}` in {what} is written as a literal value"),
-                )
-                .help(format!(
-                    "manifests hold references, never secret values: write \
-                     `{var} = {{ from_env = \"HOST_VAR\" }}` (a host environment variable) or \
-                     `{var} = {{ from_file = \"/abs/path\" }}`; if the value was committed, \
-                     rotate it"
-                )),
-                "secret value in the manifest (not shown)",
-            );
-        }
+    for (var, span) in take_entries(table, "secrets", DeValue::is_str) {
+        clean = false;
+        cx.report_at(
+            file,
+            span,
+            ManifestDiagnostic::new(
+                "bottle::literal-secret",
+                format!("secret `{var}` in {what} is written as a literal value"),
+            )
+            .help(format!(
+                "manifests hold references, never secret values: write \
+                 `{var} = {{ from_env = \"HOST_VAR\" }}` (a host environment variable) or \
+                 `{var} = {{ from_file = \"/abs/path\" }}`; if the value was committed, \
+                 rotate it"
+            )),
+            "secret value in the manifest (not shown)",
+        );
     }
 
-    if let Some(env) = table.get_mut("env")
-        && let DeValue::Table(env) = env.get_mut()
-    {
-        let tables: Vec<_> = env
-            .iter()
-            .filter(|(_, v)| v.get_ref().is_table())
-            .map(|(k, v)| (k.get_ref().to_string(), v.span()))
-            .collect();
-        for (var, span) in tables {
-            clean = false;
-            env.remove(var.as_str());
-            cx.report_at(
-                file,
-                span,
-                ManifestDiagnostic::new(
-                    "bottle::retired-key",
-                    format!("`env.{var}` in {what} is a table; env values are plain strings"),
-                )
-                .help(format!(
-                    "a value taken from the host or kept secret belongs in `secrets`: \
-                     `secrets = {{ {var} = {{ from_env = \"HOST_VAR\" }} }}`"
-                )),
-                "not a string",
-            );
-        }
+    for (var, span) in take_entries(table, "env", DeValue::is_table) {
+        clean = false;
+        cx.report_at(
+            file,
+            span,
+            ManifestDiagnostic::new(
+                "bottle::retired-key",
+                format!("`env.{var}` in {what} is a table; env values are plain strings"),
+            )
+            .help(format!(
+                "a value taken from the host or kept secret belongs in `secrets`: \
+                 `secrets = {{ {var} = {{ from_env = \"HOST_VAR\" }} }}`"
+            )),
+            "not a string",
+        );
     }
 
     // serde reads a struct from an array too (by position), which gives

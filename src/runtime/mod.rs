@@ -154,13 +154,13 @@ pub struct MachineSpec {
     pub secrets: Vec<SecretMount>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Egress {
     pub allow_hosts: Vec<String>,
     pub allow_cidrs: Vec<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct VolumeMount {
     pub host: PathBuf,
     pub guest: String,
@@ -176,13 +176,18 @@ impl VolumeMount {
 }
 
 /// A secret exposed to the guest as the environment variable `guest_env`.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+///
+/// Serialized (in the local runtime's `machine.json`) flat, by reference
+/// only: `{"guest_env": "X", "host_env": "VAR"}` or `"host_file": "/path"`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct SecretMount {
     pub guest_env: String,
+    #[serde(flatten)]
     pub source: SecretSource,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum SecretSource {
     /// A host environment variable name (`--secret-env GUEST=HOSTVAR`).
     HostEnv(String),

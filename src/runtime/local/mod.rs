@@ -94,13 +94,13 @@ pub struct MachineRecord {
     /// Recorded and reported, not enforced (see `cpus`).
     pub memory_mib: u32,
     pub env: BTreeMap<String, String>,
-    pub volumes: Vec<RecordedVolume>,
+    pub volumes: Vec<VolumeMount>,
     /// The declared egress allow-lists. The local runtime cannot filter: a
     /// machine with egress shares the host's network, unfiltered.
-    pub egress: Option<RecordedEgress>,
+    pub egress: Option<Egress>,
     /// Whether the machine shares the host's network.
     pub network: bool,
-    pub secrets: Vec<RecordedSecret>,
+    pub secrets: Vec<SecretMount>,
     /// Unix seconds.
     pub created_at: u64,
     pub state: MachineState,
@@ -108,99 +108,10 @@ pub struct MachineRecord {
     pub init: Option<InitProcess>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct RecordedVolume {
-    pub host: PathBuf,
-    pub guest: String,
-    pub read_only: bool,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RecordedEgress {
-    pub allow_hosts: Vec<String>,
-    pub allow_cidrs: Vec<String>,
-}
-
-/// A secret by reference: only where to read it on the host.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RecordedSecret {
-    pub guest_env: String,
-    #[serde(flatten)]
-    pub source: RecordedSecretSource,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RecordedSecretSource {
-    HostEnv(String),
-    HostFile(PathBuf),
-}
-
-impl From<&VolumeMount> for RecordedVolume {
-    fn from(v: &VolumeMount) -> Self {
-        Self {
-            host: v.host.clone(),
-            guest: v.guest.clone(),
-            read_only: v.read_only,
-        }
-    }
-}
-
-impl From<&RecordedVolume> for VolumeMount {
-    fn from(v: &RecordedVolume) -> Self {
-        Self {
-            host: v.host.clone(),
-            guest: v.guest.clone(),
-            read_only: v.read_only,
-        }
-    }
-}
-
-impl From<&SecretMount> for RecordedSecret {
-    fn from(s: &SecretMount) -> Self {
-        Self {
-            guest_env: s.guest_env.clone(),
-            source: match &s.source {
-                SecretSource::HostEnv(v) => RecordedSecretSource::HostEnv(v.clone()),
-                SecretSource::HostFile(p) => RecordedSecretSource::HostFile(p.clone()),
-            },
-        }
-    }
-}
-
-impl From<&RecordedSecret> for SecretMount {
-    fn from(s: &RecordedSecret) -> Self {
-        Self {
-            guest_env: s.guest_env.clone(),
-            source: match &s.source {
-                RecordedSecretSource::HostEnv(v) => SecretSource::HostEnv(v.clone()),
-                RecordedSecretSource::HostFile(p) => SecretSource::HostFile(p.clone()),
-            },
-        }
-    }
-}
-
-impl From<&Egress> for RecordedEgress {
-    fn from(e: &Egress) -> Self {
-        Self {
-            allow_hosts: e.allow_hosts.clone(),
-            allow_cidrs: e.allow_cidrs.clone(),
-        }
-    }
-}
-
 impl MachineRecord {
     /// The init's pid while running.
     pub fn pid(&self) -> Option<u32> {
         self.init.as_ref().map(|i| i.pid)
-    }
-
-    pub fn volume_mounts(&self) -> Vec<VolumeMount> {
-        self.volumes.iter().map(VolumeMount::from).collect()
-    }
-
-    pub fn secret_mounts(&self) -> Vec<SecretMount> {
-        self.secrets.iter().map(SecretMount::from).collect()
     }
 
     pub fn info(&self) -> MachineInfo {
@@ -589,6 +500,21 @@ fn io_err(op: &'static str, name: &str, context: String, source: io::Error) -> R
     RuntimeError::new(op, name, RuntimeErrorKind::Io { context, source })
 }
 
+/// Kill a machine's recorded init, if it has one.
+fn kill_init(op: &'static str, name: &str, record: &MachineRecord) -> Result<(), RuntimeError> {
+    let Some(init) = &record.init else {
+        return Ok(());
+    };
+    sandbox::kill(init, STOP_TIMEOUT).map_err(|source| {
+        io_err(
+            op,
+            name,
+            format!("kill the sandbox (pid {})", init.pid),
+            source,
+        )
+    })
+}
+
 fn unsupported(op: &'static str, name: &str, message: String) -> RuntimeError {
     RuntimeError::new(op, name, RuntimeErrorKind::Unsupported(message))
 }
@@ -612,16 +538,16 @@ fn is_identifier(s: &str) -> bool {
 }
 
 /// Read a secret's value on the host, now.
-fn resolve_secret(secret: &RecordedSecret) -> Result<OsString, String> {
+fn resolve_secret(secret: &SecretMount) -> Result<OsString, String> {
     let guest = &secret.guest_env;
     match &secret.source {
-        RecordedSecretSource::HostEnv(var) => std::env::var_os(var).ok_or_else(|| {
+        SecretSource::HostEnv(var) => std::env::var_os(var).ok_or_else(|| {
             format!(
                 "secret {guest}: the host environment variable {var} is not set; export it in \
                  the environment bottle runs in"
             )
         }),
-        RecordedSecretSource::HostFile(path) => {
+        SecretSource::HostFile(path) => {
             let read = || -> io::Result<Vec<u8>> {
                 // Like smolvm: refuse a symlink and anything but a regular file.
                 let file = seed::open_nofollow(path)?;
@@ -819,10 +745,10 @@ impl Runtime for LocalRuntime {
             cpus: spec.cpus,
             memory_mib: spec.memory_mib,
             env: spec.env.clone(),
-            volumes: spec.volumes.iter().map(RecordedVolume::from).collect(),
-            egress: spec.egress.as_ref().map(RecordedEgress::from),
+            volumes: spec.volumes.clone(),
+            egress: spec.egress.clone(),
             network,
-            secrets: spec.secrets.iter().map(RecordedSecret::from).collect(),
+            secrets: spec.secrets.clone(),
             created_at: now_unix(),
             state: MachineState::Created,
             init: None,
@@ -952,16 +878,7 @@ impl Runtime for LocalRuntime {
     fn stop(&self, name: &str) -> Result<(), RuntimeError> {
         const OP: &str = "stop";
         let (_lock, record) = self.lock(OP, name)?;
-        if let Some(init) = &record.init {
-            sandbox::kill(init, STOP_TIMEOUT).map_err(|source| {
-                io_err(
-                    OP,
-                    name,
-                    format!("kill the sandbox (pid {})", init.pid),
-                    source,
-                )
-            })?;
-        }
+        kill_init(OP, name, &record)?;
         if record.state == MachineState::Running || record.init.is_some() {
             let record = MachineRecord {
                 state: MachineState::Stopped,
@@ -1018,7 +935,7 @@ impl Runtime for LocalRuntime {
         });
         for add in &update.add_volumes {
             record.volumes.retain(|v| v.guest != add.guest);
-            record.volumes.push(RecordedVolume::from(add));
+            record.volumes.push(add.clone());
         }
         self.save(OP, &record)
     }
@@ -1026,16 +943,7 @@ impl Runtime for LocalRuntime {
     fn delete(&self, name: &str) -> Result<(), RuntimeError> {
         const OP: &str = "delete";
         let (lock, record) = self.lock(OP, name)?;
-        if let Some(init) = &record.init {
-            sandbox::kill(init, STOP_TIMEOUT).map_err(|source| {
-                io_err(
-                    OP,
-                    name,
-                    format!("kill the sandbox (pid {})", init.pid),
-                    source,
-                )
-            })?;
-        }
+        kill_init(OP, name, &record)?;
         // Move the directory out of the way first, so the machine is gone
         // at once even if removing a large root takes a while.
         let dir = self.machine_dir(name);
@@ -1201,11 +1109,11 @@ trap - EXIT
             .secrets
             .iter()
             .map(|s| match &s.source {
-                RecordedSecretSource::HostEnv(var) => exec::InteractiveSecret::HostEnv {
+                SecretSource::HostEnv(var) => exec::InteractiveSecret::HostEnv {
                     guest: &s.guest_env,
                     host_var: var,
                 },
-                RecordedSecretSource::HostFile(path) => exec::InteractiveSecret::HostFile {
+                SecretSource::HostFile(path) => exec::InteractiveSecret::HostFile {
                     guest: &s.guest_env,
                     path,
                 },
