@@ -1602,3 +1602,44 @@ fn status_destroy_and_the_lock() {
     none.success();
     assert_eq!(none.stdout, "No machines of project e2e to delete.\n");
 }
+
+/// Ctrl-C during an apply: the calls under way finish (none is left running
+/// behind bottle's back), nothing new starts, the rest is reported as
+/// skipped, exit 1; the next apply finishes the job.
+#[test]
+fn ctrl_c_lets_the_calls_under_way_finish_and_starts_nothing_new() {
+    use rustix::process::{Pid, Signal, kill_process};
+    let p = project();
+    let mut command = p.command(&["apply"]);
+    command
+        .env("SMOLVM_DOUBLE_LATENCY_MS", "300")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = command.spawn().expect("starting bottle apply");
+    let pid = Pid::from_raw(child.id() as i32).unwrap();
+    wait_until("both creates to finish", Duration::from_secs(60), || {
+        p.double
+            .calls()
+            .iter()
+            .filter(|c| c.verb == "create" && c.exit.is_some())
+            .count()
+            == 2
+    });
+    kill_process(pid, Signal::INT).expect("SIGINT");
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(stderr.contains("bottle::interrupted"), "{stderr}");
+    assert!(
+        stdout.contains("(interrupted before it started)"),
+        "{stdout}"
+    );
+    // Every call bottle made had ended when it exited: a call still in
+    // flight would log itself within its 300 ms latency.
+    let logged = p.double.calls().len();
+    std::thread::sleep(Duration::from_millis(900));
+    assert_eq!(p.double.calls().len(), logged, "a call outlived bottle");
+    p.bottle(&["apply"]).success();
+    check_in_sync(&p);
+}
