@@ -106,16 +106,6 @@ impl SmolvmRuntime {
         self
     }
 
-    pub fn with_start_timeout(mut self, timeout: Duration) -> Self {
-        self.start_timeout = timeout;
-        self
-    }
-
-    pub fn with_exec_grace(mut self, grace: Duration) -> Self {
-        self.exec_grace = grace;
-        self
-    }
-
     /// Set an environment variable for every smolvm call (on top of the
     /// inherited environment, which smolvm reads `--secret-env` values from).
     pub fn with_env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
