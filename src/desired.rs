@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use crate::graph::{MachineHashes, StepGraph, StepKind};
 use crate::manifest::Project;
-use crate::steps::{AgentCtx, machine};
+use crate::steps::AgentCtx;
 
 #[derive(Debug)]
 pub struct Desired {
@@ -20,8 +20,6 @@ pub struct Desired {
 pub struct DesiredAgent {
     pub name: String,
     pub machine: String,
-    /// Labels `bottle.spec-hash` and `bottle.spec.<field>`.
-    pub spec_labels: BTreeMap<String, String>,
     /// The machine's create-time and in-place settings, hashed.
     pub machine_hashes: MachineHashes,
     /// In dependency order.
@@ -64,7 +62,6 @@ impl Desired {
                 DesiredAgent {
                     name: name.clone(),
                     machine: machine_name,
-                    spec_labels: machine::spec_labels(&hashes),
                     machine_hashes: hashes,
                     steps,
                 },
@@ -86,7 +83,6 @@ impl Desired {
             &self.project,
             &self.project.agents[&agent.name],
             &agent.machine,
-            &agent.spec_labels,
             &agent.machine_hashes,
         )
     }

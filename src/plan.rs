@@ -409,18 +409,19 @@ fn describe_owner(machine: &MachineInfo) -> String {
     }
 }
 
-/// Which create-time fields differ, by their labels.
+/// Which create-time fields differ, by the machine's spec labels.
 fn spec_fields_changed(agent: &DesiredAgent, machine: &MachineInfo) -> Vec<String> {
-    if machine.labels.get(LABEL_SPEC_HASH) == agent.spec_labels.get(LABEL_SPEC_HASH) {
+    let want = &agent.machine_hashes;
+    if machine.labels.get(LABEL_SPEC_HASH) == Some(&want.spec_hash) {
         return Vec::new();
     }
-    let mut fields: Vec<String> = agent
-        .spec_labels
+    let mut fields: Vec<String> = want
+        .fields
         .iter()
-        .filter_map(|(k, v)| {
-            let field = k.strip_prefix(LABEL_SPEC_FIELD)?;
-            (machine.labels.get(k) != Some(v)).then(|| field.to_owned())
+        .filter(|(field, hash)| {
+            machine.labels.get(&format!("{LABEL_SPEC_FIELD}{field}")) != Some(*hash)
         })
+        .map(|(field, _)| (*field).to_owned())
         .collect();
     if fields.is_empty() {
         fields.push("spec-hash".to_owned());

@@ -49,7 +49,6 @@ use crate::desired::Desired;
 use crate::manifest::{Image, Project, Prompt};
 use crate::plan::{self, Action, Plan, PlanOptions};
 use crate::runtime::Runtime;
-use crate::steps::machine::LABEL_SPEC_HASH;
 
 /// How often invalid manifests are re-read without an event.
 pub const INVALID_RECHECK: Duration = Duration::from_secs(2);
@@ -370,9 +369,8 @@ pub fn fingerprints(desired: &Desired) -> BTreeMap<String, String> {
         .values()
         .map(|a| {
             let mut s = format!("{}\n", a.machine);
-            for (k, v) in &a.spec_labels {
-                s.push_str(&format!("{k}={v}\n"));
-            }
+            // The spec hash covers every create-time field.
+            s.push_str(&format!("spec={}\n", a.machine_hashes.spec_hash));
             for step in &a.steps {
                 s.push_str(&format!("{}={}\n", step.kind.id(), step.hash));
             }
@@ -921,8 +919,7 @@ impl LoopState<'_> {
                 .agent
                 .as_ref()
                 .and_then(|a| desired.agents.get(a))
-                .and_then(|a| a.spec_labels.get(LABEL_SPEC_HASH))
-                .map(String::as_str)
+                .map(|a| a.machine_hashes.spec_hash.as_str())
                 .unwrap_or_default();
             let key = format!(
                 "{}|{}|{}|{spec}",

@@ -81,7 +81,7 @@ pub fn volume_mounts(bottle: &Bottle) -> Vec<VolumeMount> {
 /// What `create` sends for an agent's machine.
 pub fn machine_spec(ctx: &AgentCtx) -> MachineSpec {
     let bottle = ctx.bottle;
-    let mut labels = ctx.spec_labels.clone();
+    let mut labels = spec_labels(ctx.machine_hashes);
     labels.insert(LABEL_MANAGED_BY.into(), MANAGED_BY.into());
     labels.insert(LABEL_PROJECT.into(), ctx.project.name.clone());
     labels.insert(LABEL_AGENT.into(), ctx.agent.name.clone());

@@ -20,7 +20,6 @@ pub mod setup;
 pub mod skills;
 pub mod supervise;
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -40,8 +39,6 @@ pub struct AgentCtx<'a> {
     pub agent: &'a Agent,
     pub bottle: &'a Bottle,
     pub machine: &'a str,
-    /// The labels the machine must carry (`bottle.spec-hash`, ...).
-    pub spec_labels: &'a BTreeMap<String, String>,
     pub machine_hashes: &'a MachineHashes,
 }
 
@@ -50,7 +47,6 @@ impl<'a> AgentCtx<'a> {
         project: &'a Project,
         agent: &'a Agent,
         machine: &'a str,
-        spec_labels: &'a BTreeMap<String, String>,
         machine_hashes: &'a MachineHashes,
     ) -> Self {
         let bottle = &project.bottles[&agent.spec.bottle];
@@ -59,7 +55,6 @@ impl<'a> AgentCtx<'a> {
             agent,
             bottle,
             machine,
-            spec_labels,
             machine_hashes,
         }
     }
