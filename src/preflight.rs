@@ -104,3 +104,59 @@ pub fn check(
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desired(bottle_extra: &str) -> Desired {
+        let tmp = tempfile::tempdir().unwrap();
+        let m = tmp.path().join("m");
+        std::fs::create_dir_all(&m).unwrap();
+        std::fs::write(
+            m.join("bottle.toml"),
+            format!("[project]\nname = \"p\"\n[bottle.dev]\n{bottle_extra}\n[agent.a]\nbottle = \"dev\"\n"),
+        )
+        .unwrap();
+        let project = crate::manifest::load_dir(&m).unwrap();
+        let graph = crate::graph::build(&project).unwrap();
+        Desired::new(project, &graph)
+    }
+
+    const EGRESS: &str = "[bottle.dev.egress]\nallow_hosts = [\"example.com\"]\n";
+    const SECRET: &str =
+        "secrets = { TOKEN = { from_env = \"BOTTLE_PREFLIGHT_TEST_NEVER_SET\" } }\n";
+
+    #[test]
+    fn the_local_runtime_refuses_egress_it_cannot_enforce() {
+        let d = desired(EGRESS);
+        let err = check(&d, RuntimeKind::Local, Secrets::Required).unwrap_err();
+        assert_eq!(err.items[0].code, "bottle::local-egress");
+        assert_eq!(
+            check(&d, RuntimeKind::Smolvm, Secrets::Required).unwrap(),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn accepted_unfiltered_network_is_noted_every_time() {
+        let d = desired(&format!(
+            "{EGRESS}[bottle.dev.local]\nallow_unfiltered_network = true\n"
+        ));
+        let notes = check(&d, RuntimeKind::Local, Secrets::Required).unwrap();
+        assert_eq!(notes.len(), 1);
+        assert!(notes[0].contains("unfiltered"), "{notes:?}");
+    }
+
+    #[test]
+    fn a_missing_secret_source_is_an_error_to_apply_and_a_note_to_plan() {
+        let d = desired(SECRET);
+        let err = check(&d, RuntimeKind::Smolvm, Secrets::Required).unwrap_err();
+        assert_eq!(err.items[0].code, "bottle::secret-unavailable");
+        let notes = check(&d, RuntimeKind::Smolvm, Secrets::Noted).unwrap();
+        assert!(
+            notes[0].contains("BOTTLE_PREFLIGHT_TEST_NEVER_SET"),
+            "{notes:?}"
+        );
+    }
+}
