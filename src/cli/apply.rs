@@ -50,22 +50,7 @@ pub fn run(global: &GlobalArgs, args: ApplyArgs) -> miette::Result<Outcome> {
         return Ok(Outcome::Success);
     }
     eprintln!();
-    // First Ctrl-C: finish what is running, start nothing new. Second: go.
-    let mut interrupted = false;
-    ctrlc::set_handler(move || {
-        if interrupted {
-            std::process::exit(130);
-        }
-        interrupted = true;
-        eprintln!("interrupted: finishing the actions under way (Ctrl-C again to quit at once)");
-        apply::request_cancel();
-    })
-    .map_err(|e| {
-        miette::miette!(
-            help = "this is a bug; please report it",
-            "cannot handle Ctrl-C: {e}"
-        )
-    })?;
+    session::on_interrupt("interrupted: finishing the actions under way", || {})?;
     let report = apply::execute(
         &survey.desired,
         &survey.snapshot,

@@ -65,6 +65,29 @@ pub fn runtime(global: &GlobalArgs) -> miette::Result<Box<dyn Runtime>> {
     }
 }
 
+/// Ctrl-C, the same for every command that runs actions: the first one
+/// lets the runtime calls under way finish and starts nothing new
+/// (`then` runs after that is requested); a second one quits at once (the
+/// kernel releases the lock with the process).
+pub fn on_interrupt(message: &'static str, then: impl Fn() + Send + 'static) -> miette::Result<()> {
+    let mut interrupted = false;
+    ctrlc::set_handler(move || {
+        if interrupted {
+            std::process::exit(130);
+        }
+        interrupted = true;
+        crate::apply::request_cancel();
+        eprintln!("{message} (Ctrl-C again to quit at once)");
+        then();
+    })
+    .map_err(|e| {
+        miette::miette!(
+            help = "this is a bug; please report it",
+            "cannot handle Ctrl-C: {e}"
+        )
+    })
+}
+
 /// Progress as plain lines on stderr: a counter, the action, its outcome.
 pub struct Lines;
 

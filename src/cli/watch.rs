@@ -57,21 +57,9 @@ pub fn run(global: &GlobalArgs, args: WatchArgs) -> miette::Result<Outcome> {
 
     let (tx, rx) = mpsc::channel();
     let stop = tx.clone();
-    let mut interrupted = false;
-    ctrlc::set_handler(move || {
-        // First Ctrl-C: let the calls under way finish, start nothing new,
-        // then stop. Second: go now (the kernel releases the lock with the
-        // process).
-        if interrupted {
-            std::process::exit(130);
-        }
-        interrupted = true;
-        // Calls under way finish; nothing new starts.
-        crate::apply::request_cancel();
-        eprintln!("stopping once the calls under way finish (Ctrl-C again to stop at once)");
+    session::on_interrupt("stopping once the calls under way finish", move || {
         let _ = stop.send(Message::Stop);
-    })
-    .into_diagnostic()?;
+    })?;
     let canonical = dir.canonicalize().into_diagnostic()?;
     // Bottle's own writes (lock files, the local runtime's machines) never
     // trigger anything, even with the state directory inside the manifests.
