@@ -19,7 +19,7 @@ use crate::desired::{Desired, DesiredAgent};
 use crate::graph::StepKind;
 use crate::observe::{self, Snapshot};
 use crate::plan::{self, Action, Op, Plan, PlanOptions};
-use crate::runtime::{MachineState, Runtime};
+use crate::runtime::{MachineState, MachineUpdate, Runtime};
 use crate::steps::{self, AgentCtx, GuestUser, StepError, machine};
 
 static CANCEL: AtomicBool = AtomicBool::new(false);
@@ -106,6 +106,7 @@ pub fn execute(
 ) -> Report {
     let started_at = Instant::now();
     let shared = Shared {
+        snapshot,
         users: Mutex::new(known_users(desired, snapshot)),
         setup: desired
             .agents
@@ -290,7 +291,9 @@ fn known_users(desired: &Desired, snapshot: &Snapshot) -> HashMap<String, GuestU
 }
 
 /// What actions running at once share, per agent.
-struct Shared {
+struct Shared<'a> {
+    /// What observation found, before this walk changed anything.
+    snapshot: &'a Snapshot,
     /// The agent user's ids, once known.
     users: Mutex<HashMap<String, GuestUser>>,
     /// Setup commands of one agent never run at the same time (two package
@@ -342,7 +345,7 @@ fn run(
                 rt.update(&action.machine, update)?;
             }
             rt.start(&action.machine)?;
-            return converge_after_start(desired, agent, rt, users);
+            return converge_after_start(desired, agent, rt, shared, update);
         }
         Op::Restart { update } => {
             rt.stop(&action.machine)?;
@@ -395,24 +398,28 @@ fn converge_after_start(
     desired: &Desired,
     agent: &DesiredAgent,
     rt: &dyn Runtime,
-    users: &Mutex<HashMap<String, GuestUser>>,
+    shared: &Shared,
+    update: &MachineUpdate,
 ) -> Result<Vec<Action>, StepError> {
-    let mut listed = rt.list()?;
-    listed.retain(|m| m.name == agent.machine);
-    let Some(machine) = listed.first_mut() else {
-        return Err(StepError::Other(
-            format!("machine {} vanished after start", agent.machine),
-            "run `bottle apply` again".into(),
-        ));
-    };
+    // The machine as observed, now running with the update applied: no
+    // second `ls` is needed to know that.
+    let mut machine = shared
+        .snapshot
+        .machine(&agent.machine)
+        .cloned()
+        .expect("only observed machines are started");
     machine.state = MachineState::Running;
+    machine.cpus = update.cpus.or(machine.cpus);
+    machine.memory_mib = update.memory_mib.or(machine.memory_mib);
+    let listed = vec![machine];
     let probe = observe::probe_one(rt, desired, agent, &agent.machine);
     if let Some(user) = probe
         .sections
         .get("machine")
         .and_then(|s| machine::user_from_probe(s))
     {
-        users
+        shared
+            .users
             .lock()
             .expect("users lock")
             .insert(agent.name.clone(), user);
