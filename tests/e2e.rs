@@ -795,16 +795,23 @@ fn drift_is_reported_and_repaired_and_manifest_edits_converge() {
         .replace("after = [\"ca\"]\n", "")
         .replace("after = [\"tools\", \"git\"]", "after = [\"tools\"]");
     p.write("bottles.toml", &bottles);
+    p.edit("agents.toml", r#"skills = ["skills/review"]"#, "");
     let plan = p.bottle(&["plan"]);
     assert_eq!(
         plan.stdout,
         "agent coder (machine bottle_e2e_coder)\n  \
          - undo     ca        CA certificate removed from manifest\n  \
          - undo     git       git configuration removed from manifest\n  \
+         - undo     skills    skills removed from manifest\n  \
          - undo     supervise supervise server removed from manifest\n\
-         \nPlan: 3 to undo.\n"
+         \nPlan: 4 to undo.\n"
     );
     p.bottle(&["apply"]).success();
+    assert_eq!(
+        p.double.sh(CODER, "ls -A /home/node/.claude/skills"),
+        "",
+        "the last skill removed from the manifest is deleted"
+    );
     assert_eq!(
         p.double.sh(
             CODER,
@@ -852,7 +859,7 @@ fn drift_is_reported_and_repaired_and_manifest_edits_converge() {
     assert_eq!(
         p.double
             .sh(CODER, "ls /var/lib/bottle/ledger | LC_ALL=C sort"),
-        "machine.json\nprompt.json\nsetup.identity.json\nsetup.tools.json\nskills.json\n"
+        "machine.json\nprompt.json\nsetup.identity.json\nsetup.tools.json\n"
     );
     check_in_sync(&p);
 }

@@ -433,12 +433,27 @@ pub fn apply(
     record(rt, ctx.machine, &entry, &staged)
 }
 
+/// Remove the files and directories a step owns in the agent's home, as the
+/// user they belong to (the prompt file, the skill directories).
+fn remove_owned_paths(entry: &LedgerEntry, ctx: &AgentCtx, rt: &dyn Runtime) -> StepResult<()> {
+    let args: Vec<&str> = entry.paths.iter().map(String::as_str).collect();
+    run_as_agent(
+        rt,
+        ctx,
+        entry_user(entry, ctx),
+        &format!("removing what the {} step left", entry.step),
+        "rm -rf \"$@\"",
+        &args,
+        "check the agent user's home directory in the guest",
+    )?;
+    Ok(())
+}
+
 /// Undo what a step left in the guest (its ledger entry stays).
 fn undo_step(entry: &LedgerEntry, ctx: &AgentCtx, rt: &dyn Runtime) -> StepResult<()> {
     match entry.step.parse::<StepKind>().ok() {
         Some(StepKind::Ca) => ca::undo(entry, ctx, rt),
-        Some(StepKind::Prompt) => prompt::undo(entry, ctx, rt),
-        Some(StepKind::Skills) => skills::undo(entry, ctx, rt),
+        Some(StepKind::Prompt | StepKind::Skills) => remove_owned_paths(entry, ctx, rt),
         Some(StepKind::Git) => git::undo(entry, ctx, rt),
         Some(StepKind::Setup(name)) => setup::undo(&name, ctx, rt),
         Some(StepKind::Supervise) => supervise::undo(entry, ctx, rt),

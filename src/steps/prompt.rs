@@ -1,9 +1,7 @@
 //! The prompt step: the system prompt file in the agent user's home, always
 //! written (empty when no prompt is declared), mode 0600, owned by the user.
 
-use super::{
-    AgentCtx, GuestUser, StepError, StepResult, digest, entry_user, run_as_agent, sh_quote, stage,
-};
+use super::{AgentCtx, GuestUser, StepError, StepResult, digest, run_as_agent, sh_quote, stage};
 use crate::ledger::LedgerEntry;
 use crate::manifest::Prompt;
 use crate::runtime::Runtime;
@@ -62,18 +60,4 @@ pub fn apply(
     entry.digest = digest(&out);
     entry.paths = vec![path];
     Ok(vec![staged])
-}
-
-pub fn undo(entry: &LedgerEntry, ctx: &AgentCtx, rt: &dyn Runtime) -> StepResult<()> {
-    let args: Vec<&str> = entry.paths.iter().map(String::as_str).collect();
-    run_as_agent(
-        rt,
-        ctx,
-        entry_user(entry, ctx),
-        "removing the prompt file",
-        "rm -f \"$@\"",
-        &args,
-        "check the guest",
-    )?;
-    Ok(())
 }

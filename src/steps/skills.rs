@@ -2,9 +2,7 @@
 //! `~/.claude/skills/<directory name>/`, a stale copy replaced whole, a
 //! skill removed from the manifest deleted.
 
-use super::{
-    AgentCtx, GuestUser, StepResult, digest, entry_user, run_as_agent, sh_quote, stage_tree,
-};
+use super::{AgentCtx, GuestUser, StepResult, digest, run_as_agent, sh_quote, stage_tree};
 use crate::ledger::LedgerEntry;
 use crate::runtime::Runtime;
 
@@ -96,18 +94,4 @@ pub fn apply(
         .detail
         .insert("skills".into(), serde_json::json!(names));
     Ok(vec![staged])
-}
-
-pub fn undo(entry: &LedgerEntry, ctx: &AgentCtx, rt: &dyn Runtime) -> StepResult<()> {
-    let args: Vec<&str> = entry.paths.iter().map(String::as_str).collect();
-    run_as_agent(
-        rt,
-        ctx,
-        entry_user(entry, ctx),
-        "removing skills",
-        "rm -rf \"$@\"",
-        &args,
-        "check the guest",
-    )?;
-    Ok(())
 }
