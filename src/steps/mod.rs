@@ -314,10 +314,10 @@ pub fn record(
     Ok(())
 }
 
-/// The digest of a probe fragment's output. Trailing newlines do not count:
-/// the probe puts each of its markers on a line of its own.
+/// The digest of a probe fragment's output, byte for byte: the probe
+/// hex-encodes each section, so it sees exactly what the apply script saw.
 pub fn digest(output: &str) -> String {
-    sha256_hex(output.trim_end_matches(['\n', '\r']).as_bytes())
+    sha256_hex(output.as_bytes())
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
