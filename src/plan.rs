@@ -60,6 +60,17 @@ pub struct PlanError {
     pub message: String,
 }
 
+/// The line every command prints for it.
+impl std::fmt::Display for PlanError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "error: agent {} (machine {}): {}",
+            self.agent, self.machine, self.message
+        )
+    }
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Action {
     pub id: usize,
@@ -201,12 +212,7 @@ impl Plan {
             out.push('\n');
         }
         for e in &self.errors {
-            writeln!(
-                out,
-                "error: agent {} (machine {}): {}",
-                e.agent, e.machine, e.message
-            )
-            .ok();
+            writeln!(out, "{e}").ok();
         }
         for note in &self.notes {
             writeln!(out, "note: {note}").ok();

@@ -47,10 +47,7 @@ struct Drift<'a> {
 
 fn print_notes(report: &DriftReport) {
     for e in report.errors {
-        println!(
-            "error: agent {} (machine {}): {}",
-            e.agent, e.machine, e.message
-        );
+        println!("{e}");
     }
     for note in report.notes {
         println!("note: {note}");

@@ -174,10 +174,7 @@ pub fn run(global: &GlobalArgs, args: StatusArgs) -> miette::Result<Outcome> {
         );
     }
     for e in &survey.plan.errors {
-        println!(
-            "error: agent {} (machine {}): {}",
-            e.agent, e.machine, e.message
-        );
+        println!("{e}");
     }
     session::observation_errors(&survey.plan)?;
     Ok(Outcome::Success)
