@@ -212,17 +212,23 @@ fn the_sandbox_outlives_a_killed_runtime_process() {
     let f = Fixture::new();
     f.up(Fixture::spec("orphan"));
     let pid = f.rt.record("orphan").unwrap().pid().unwrap();
+    let (init_ppid, init_sid) = parent_and_session(&pid.to_string());
+    let (_, our_sid) = parent_and_session("self");
+    assert_ne!(init_ppid, std::process::id());
+    // Read from /proc rather than getsid(2): when this test's session leader
+    // lives outside our PID namespace (CI containers), the kernel reports 0.
+    assert_ne!(init_sid, our_sid);
+    assert_ne!(
+        init_sid, 0,
+        "the sandbox's session leader must be visible to us"
+    );
+}
+
+/// The parent pid and session id of `/proc/<pid>/stat`.
+fn parent_and_session(pid: &str) -> (u32, u32) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
-    let (ppid, sid): (u32, u32) = (fields[1].parse().unwrap(), fields[3].parse().unwrap());
-    assert_ne!(ppid, std::process::id());
-    assert_ne!(
-        sid,
-        rustix::process::getsid(None)
-            .unwrap()
-            .as_raw_nonzero()
-            .get() as u32
-    );
+    (fields[1].parse().unwrap(), fields[3].parse().unwrap())
 }
 
 #[test]
