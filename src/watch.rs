@@ -20,7 +20,8 @@
 //!   replaced or deleted because of a half-saved file. While invalid, the
 //!   manifests are also re-read every few seconds (silently unless the
 //!   diagnostics change), so creating a missing host path that nothing
-//!   watched yet resumes work too.
+//!   watched yet resumes work too; and the periodic resync still repairs
+//!   drift inside guests against the last good state.
 //! - Only agents whose desired state changed are reconciled (their step
 //!   hashes cover file contents, so a prompt edit touches exactly the agents
 //!   using that prompt, and a bottle change every agent in that bottle).
@@ -686,7 +687,13 @@ impl LoopState<'_> {
         });
         let desired = match loaded {
             Ok(d) => d,
-            Err(report) => return self.invalid(&trigger, &why, &files, &report),
+            Err(report) => {
+                self.invalid(&trigger, &why, &files, &report);
+                if trigger == Trigger::Resync {
+                    self.resync_last_good();
+                }
+                return;
+            }
         };
         let recovered = self.invalid.take().is_some();
         self.recheck_at = None;
@@ -753,43 +760,18 @@ impl LoopState<'_> {
             include_undeclared: removed,
             targets: targets.clone(),
         };
-        let snapshot = match crate::observe::observe(
-            self.rt,
-            &desired,
-            plan_options.targets.as_deref(),
-            options.parallelism,
-        ) {
-            Ok(s) => s,
+        let outcome = self.observe_plan_apply(&desired, &plan_options, |state, plan| {
+            state.report_blocked(&desired, plan, targets.as_deref(), removed);
+        });
+        let (plan, report) = match outcome {
+            Ok(done) => done,
             Err(e) => {
                 self.last_good = Some(desired);
                 self.owe(targets.as_deref(), removed);
-                self.fail(&format!("observe failed: {e}"));
+                self.fail(&e);
                 return;
             }
         };
-        let plan = plan::plan(&desired, &snapshot, &plan_options);
-        self.report_blocked(&desired, &plan, targets.as_deref(), removed);
-        // Agents whose guest could not be probed get nothing planned: an
-        // unknown state is not drift. They are owed a retry.
-        for e in &plan.errors {
-            self.log.log(
-                "error",
-                &format!("  error {}: {}", e.agent, e.message),
-                json!({ "agent": e.agent, "machine": e.machine, "error": e.message }),
-            );
-        }
-        let progress = ReconcileProgress {
-            log: self.log,
-            held: held_actions(&plan),
-        };
-        let report = apply::execute(
-            &desired,
-            &snapshot,
-            &plan,
-            self.rt,
-            options.parallelism,
-            &progress,
-        );
         self.last_good = Some(desired);
         if apply::cancelled() {
             // Ctrl-C: the calls under way finished, nothing new started;
@@ -839,6 +821,110 @@ impl LoopState<'_> {
             json!({ "done": report.done(), "blocked": report.blocked(), "seconds": report.seconds }),
         );
         self.settle();
+    }
+
+    /// Observe the agents in scope, plan, let `prepare` look at or adjust
+    /// the plan, then apply it. Agents whose guest could not be probed get
+    /// nothing planned (an unknown state is not drift); they are logged
+    /// here and left to the caller to retry.
+    fn observe_plan_apply(
+        &mut self,
+        desired: &Desired,
+        plan_options: &PlanOptions,
+        prepare: impl FnOnce(&mut Self, &mut Plan),
+    ) -> Result<(Plan, apply::Report), String> {
+        let snapshot = crate::observe::observe(
+            self.rt,
+            desired,
+            plan_options.targets.as_deref(),
+            self.options.parallelism,
+        )
+        .map_err(|e| format!("observe failed: {e}"))?;
+        let mut plan = plan::plan(desired, &snapshot, plan_options);
+        prepare(self, &mut plan);
+        for e in &plan.errors {
+            self.log.log(
+                "error",
+                &format!("  error {}: {}", e.agent, e.message),
+                json!({ "agent": e.agent, "machine": e.machine, "error": e.message }),
+            );
+        }
+        let progress = ReconcileProgress {
+            log: self.log,
+            held: held_actions(&plan),
+        };
+        let report = apply::execute(
+            desired,
+            &snapshot,
+            &plan,
+            self.rt,
+            self.options.parallelism,
+            &progress,
+        );
+        Ok((plan, report))
+    }
+
+    /// The periodic resync while the manifests are invalid: the last good
+    /// state stays in force, so drift inside guests is still repaired
+    /// against it; but nothing is created, replaced or deleted on the word
+    /// of manifests that no longer load. A failure waits for the next
+    /// resync (or the fix) rather than a retry.
+    fn resync_last_good(&mut self) {
+        let Some(desired) = self.last_good.take() else {
+            return;
+        };
+        let n = self.begin();
+        let why = "periodic resync; manifests are invalid";
+        self.log.log(
+            "reconcile",
+            &format!(
+                "reconcile #{n} ({why}): all agents as last loaded; nothing is created, replaced or deleted"
+            ),
+            json!({ "trigger": "resync", "reason": why, "files": [], "full": true, "agents": [], "removed": false, "last_good": true }),
+        );
+        let plan_options = PlanOptions::default();
+        let outcome = self.observe_plan_apply(&desired, &plan_options, |_, plan| {
+            for action in &mut plan.actions {
+                if matches!(action.op, plan::Op::Create | plan::Op::Replace | plan::Op::Delete) {
+                    action.blocked = Some(
+                        "the manifests are invalid: nothing is created, replaced or deleted until they are fixed"
+                            .to_owned(),
+                    );
+                }
+            }
+        });
+        self.last_good = Some(desired);
+        let summary = match outcome {
+            // Ctrl-C: the loop stops next.
+            Ok(_) if apply::cancelled() => return,
+            Err(e) => Err(e),
+            Ok((plan, report)) if report.failed() > 0 || !plan.errors.is_empty() => Err(format!(
+                "{} action(s) failed, {} agent(s) not observed",
+                report.failed(),
+                plan.errors.len()
+            )),
+            Ok((_, report)) => Ok(report),
+        };
+        match summary {
+            Ok(report) => self.log.log(
+                "done",
+                &format!(
+                    "reconcile #{n} done: {} action(s) in {:.2}s{}",
+                    report.done(),
+                    report.seconds,
+                    match report.blocked() {
+                        0 => String::new(),
+                        b => format!(", {b} held until the manifests are fixed"),
+                    }
+                ),
+                json!({ "done": report.done(), "blocked": report.blocked(), "seconds": report.seconds }),
+            ),
+            Err(what) => self.log.log(
+                "failed",
+                &format!("reconcile #{n} failed: {what}; the next resync tries again"),
+                json!({ "error": what, "retry": null }),
+            ),
+        }
     }
 
     /// After a reconcile that did not fail: reset the backoff once nothing

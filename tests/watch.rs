@@ -1184,3 +1184,58 @@ fn text_mode_logs_timestamped_lines_and_diagnostics_on_stderr() {
     assert!(stderr.contains("bottle::toml-syntax"), "{stderr}");
     assert!(stderr.contains("bottle.toml"), "{stderr}");
 }
+
+#[test]
+fn while_invalid_a_resync_still_repairs_drift_but_creates_nothing() {
+    let double = Double::new();
+    let _machines = Machines(&double);
+    let project = Project::new("wheld");
+    let mut watch = started(&double, &project, &["--resync", "1"], &[]);
+    let (ma, mb) = (project.machine("a"), project.machine("b"));
+
+    // Half-saved: the file that declares agent c no longer parses.
+    save_by_rename(&project.path("agents/c.toml"), "[agent.c\nbottle = ");
+    // (A resync may finish first: the interval is one second.)
+    watch.wait("the invalid manifests", EVENT, |e| event(e) == "invalid");
+
+    // Meanwhile b's prompt drifts inside its guest and a's machine goes.
+    guest(
+        &double,
+        &mb,
+        "echo 'You are someone else.' > /home/node/.bottle/prompt.md",
+    );
+    let deleted = double.run(&["machine", "delete", "--name", &ma, "-f"]);
+    assert!(deleted.status.success(), "{}", stderr(&deleted));
+
+    // The resync repairs b against the last good state, but does not
+    // re-create a's machine on the word of manifests that do not load. (A
+    // resync that raced with the deletion fails to probe a: the next one
+    // runs a second later.)
+    let mut done = Value::Null;
+    for _ in 0..5 {
+        let held = watch.wait("a resync of the last good state", EVENT, |e| {
+            event(e) == "reconcile" && e["last_good"] == true
+        });
+        assert_eq!(held["trigger"], "resync", "{held}");
+        done = watch.wait("its outcome", EVENT, |e| {
+            matches!(event(e), "done" | "failed")
+        });
+        if event(&done) == "done" {
+            break;
+        }
+    }
+    assert_eq!(event(&done), "done", "{}", watch.report());
+    assert!(done["blocked"].as_u64().unwrap() >= 1, "{done}");
+    assert_eq!(prompt_in(&double, &mb), "You are B, version 1.\n");
+    let names = machine_names(&double);
+    assert!(!names.contains(&ma), "{names:?}");
+    assert!(names.contains(&project.machine("c")), "{names:?}");
+
+    // Fixed: the next full reconcile brings a back.
+    save_like_vim(&project.path("agents/c.toml"), AGENT_C);
+    let create = watch.wait("a's machine re-created", EVENT, |e| {
+        event(e) == "action" && e["action"] == "create"
+    });
+    assert_eq!(create["agent"], "a", "{create}");
+    assert_eq!(create["status"], "done", "{create}");
+}
