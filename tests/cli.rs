@@ -97,17 +97,19 @@ fn plan_apply_check_status_of_a_project() {
 
 #[test]
 fn a_reader_that_goes_away_ends_bottle_quietly() {
-    // `bottle schema | head -1`: the pipe closes before bottle writes.
+    // `bottle schema | head -1`: the pipe closes before bottle writes. The
+    // read end is closed before bottle starts, so the race is never won by
+    // a write landing in the pipe's buffer first.
     use std::os::unix::process::ExitStatusExt;
     let p = Project::new("e2e");
-    let mut child = p
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let output = p
         .command_without_dir(&["schema"])
-        .stdout(std::process::Stdio::piped())
+        .stdout(writer)
         .stderr(std::process::Stdio::piped())
-        .spawn()
+        .output()
         .unwrap();
-    drop(child.stdout.take());
-    let output = child.wait_with_output().unwrap();
     assert_eq!(output.status.signal(), Some(libc::SIGPIPE), "{output:?}");
     assert_eq!(String::from_utf8_lossy(&output.stderr), "", "no panic");
 }
