@@ -1148,22 +1148,10 @@ fn a_failed_action_skips_its_dependents_only_and_the_next_apply_converges() {
         check.stderr
     );
     check_in_sync(&p);
-    // One the runtime refuses to run (the double resolves secrets at each
-    // exec): the reason, not the probe script, which would bury it.
+    // A drift check needs no secrets: like smolvm, the double read them on
+    // the host when the machine started.
     let check = p.bottle_env_remove(&["check"], &["BOTTLE_E2E_SECRET"]);
-    check.code(1);
-    let line = check
-        .stdout
-        .lines()
-        .find(|l| l.starts_with("error:"))
-        .unwrap();
-    assert!(
-        line.starts_with("error: agent coder (machine bottle_e2e_coder): could not probe the guest: exec exited with status 1: ")
-            && line.contains("BOTTLE_E2E_SECRET is not set")
-            && !line.contains("@@bottle-probe"),
-        "{}",
-        check.stdout
-    );
+    check.code(0);
 
     // A runtime call that fails: the first `cp` of the next apply (both
     // prompts changed; one worker, so coder's prompt is copied first).

@@ -603,20 +603,41 @@ fn env_and_secrets_reach_the_process_but_no_argv() {
         let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
         assert!(!String::from_utf8_lossy(&cmdline).contains(&secret_value));
     }
-    // Secrets are read at each exec.
+    // Like smolvm, secrets are read on the host when the machine starts:
+    // a rotated value reaches the guest at the next start, and an exec
+    // needs no host variable.
     let rotated = format!("{secret_value}-rotated");
     unsafe { std::env::set_var(&var, &rotated) };
-    assert_eq!(f.ok(&m, "echo $API_TOKEN"), format!("{rotated}\n"));
+    assert_eq!(f.ok(&m, "echo $API_TOKEN"), format!("{secret_value}\n"));
+    unsafe { std::env::remove_var(&var) };
+    assert_eq!(f.ok(&m, "echo $API_TOKEN"), format!("{secret_value}\n"));
     // The interactive argv carries no secret value either.
     let argv = f.rt.interactive_argv(&m, &ExecRequest::new(["bash"]));
-    assert!(!argv.join(" ").contains(&rotated));
+    assert!(!argv.join(" ").contains(&secret_value));
     assert!(!argv.join(" ").contains(&file_value));
-    // A missing host variable is an error naming it.
-    unsafe { std::env::remove_var(&var) };
-    match kind(f.rt.exec(&m, &ExecRequest::shell("true")).unwrap_err()) {
+    // Without its host variable the machine does not start; the error
+    // names the variable.
+    f.rt.stop(&m).unwrap();
+    match kind(f.rt.start(&m).unwrap_err()) {
         RuntimeErrorKind::Unsupported(msg) => assert!(msg.contains(&var), "{msg}"),
         other => panic!("{other:?}"),
     }
+    unsafe { std::env::set_var(&var, &rotated) };
+    f.rt.start(&m).unwrap();
+    assert_eq!(f.ok(&m, "echo $API_TOKEN"), format!("{rotated}\n"));
+    // The init that holds the values (pids 1 and 2 of the guest: bwrap's
+    // reaper and the sleeper) is readable by guest root, as in a VM, but
+    // not by a guest user.
+    f.ok(&m, "useradd -m agent");
+    let init_env =
+        "cat /proc/1/environ /proc/2/environ 2>/dev/null | tr '\\0' '\\n' | grep -c TOKEN";
+    let as_root: u32 = f.ok(&m, init_env).trim().parse().unwrap();
+    assert!(as_root > 0);
+    let out =
+        f.rt.exec(&m, &ExecRequest::shell(init_env).as_user("agent"))
+            .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "0\n");
+    unsafe { std::env::remove_var(&var) };
 }
 
 #[test]
@@ -624,17 +645,29 @@ fn interactive_argv_runs_in_the_machine() {
     let f = Fixture::new();
     let var = format!("BOTTLE_TEST_ATTACH_{}", std::process::id());
     unsafe { std::env::set_var(&var, "attached-secret") };
+    // A file secret whose value ends in newlines keeps them.
+    let secret_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(secret_file.path(), "two\nlines\n\n").unwrap();
     let mut spec = Fixture::spec("attach");
-    spec.secrets = vec![SecretMount {
-        guest_env: "TOKEN".to_owned(),
-        source: SecretSource::HostEnv(var.clone()),
-    }];
+    spec.secrets = vec![
+        SecretMount {
+            guest_env: "TOKEN".to_owned(),
+            source: SecretSource::HostEnv(var.clone()),
+        },
+        SecretMount {
+            guest_env: "FILE_TOKEN".to_owned(),
+            source: SecretSource::HostFile(secret_file.path().to_owned()),
+        },
+    ];
     let m = f.up(spec);
+    // The value was read at start: the session needs no host variable.
+    unsafe { std::env::remove_var(&var) };
     f.ok(&m, "useradd -m agent");
     let argv = f.rt.interactive_argv(
         &m,
         &ExecRequest::shell(
-            "echo $(hostname) $(id -un) $(pwd) $TOKEN; grep CapBnd /proc/self/status",
+            "echo $(hostname) $(id -un) $(pwd) $TOKEN; grep CapBnd /proc/self/status; \
+             printf '%s' \"$FILE_TOKEN\" | tr '\\n' +; echo",
         )
         .as_user("agent"),
     );
@@ -657,6 +690,7 @@ fn interactive_argv_runs_in_the_machine() {
     let bnd = lines.next().unwrap();
     let exec_bnd = f.ok(&m, "grep CapBnd /proc/self/status");
     assert_eq!(bnd, exec_bnd.trim());
+    assert_eq!(lines.next().unwrap(), "two+lines++");
     // A stopped machine gives an argv that fails with a message.
     f.rt.stop(&m).unwrap();
     let argv = f.rt.interactive_argv(&m, &ExecRequest::new(["true"]));

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::ffi::{CString, OsStr, OsString};
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -23,6 +23,7 @@ use rustix::thread::{CapabilitySet, LinkNameSpaceType};
 
 use super::accounts::{UserIds, lookup_user};
 use super::sandbox::InitProcess;
+use crate::runtime::SecretMount;
 
 /// The capabilities a guest's root keeps (Docker's default set without
 /// `MKNOD`: there is no device cgroup here to stop a guest from opening a
@@ -122,6 +123,23 @@ impl Target {
         let mut out = Vec::new();
         (&mut file).take(limit).read_to_end(&mut out)?;
         Ok(out)
+    }
+
+    /// The values the init was started with for these secrets (see
+    /// `LaunchSpec::secrets`), by guest variable name.
+    pub fn secrets(&self, secrets: &[SecretMount]) -> BTreeMap<String, OsString> {
+        let environ = std::fs::read(format!("/proc/{}/environ", self.pid)).unwrap_or_default();
+        environ
+            .split(|b| *b == 0)
+            .filter_map(|entry| {
+                let eq = entry.iter().position(|b| *b == b'=')?;
+                let key = std::str::from_utf8(&entry[..eq]).ok()?;
+                secrets
+                    .iter()
+                    .any(|s| s.guest_env == key)
+                    .then(|| (key.to_owned(), OsString::from_vec(entry[eq + 1..].to_vec())))
+            })
+            .collect()
     }
 
     /// Whether `path` is a directory of the guest.
@@ -479,19 +497,6 @@ fn pump(
     }
 }
 
-/// How a secret reaches an interactive session: a heredoc on an fd for an
-/// environment variable, or the file itself opened on an fd.
-pub enum InteractiveSecret<'a> {
-    HostEnv {
-        guest: &'a str,
-        host_var: &'a str,
-    },
-    HostFile {
-        guest: &'a str,
-        path: &'a std::path::Path,
-    },
-}
-
 /// The most secrets an interactive session carries: one fd each, 3 to 9
 /// (`dash` redirects single-digit fds only).
 pub const MAX_INTERACTIVE_SECRETS: usize = 7;
@@ -509,16 +514,18 @@ pub fn shell_quote(s: &str) -> String {
 
 /// Build the argv of an interactive session: `nsenter` into the init's
 /// namespaces, a clean environment (`env -i`), the user's working
-/// directory, the guest capability set and user (`setpriv`). Secrets are
-/// resolved by the host shell when the argv runs and passed on inherited
-/// fds, never on an argv.
+/// directory, the guest capability set and user (`setpriv`). `secrets`
+/// names the variables the init was started with (see
+/// `LaunchSpec::secrets`): the host shell reads each from the init's
+/// environment when the argv runs and passes it on an inherited fd, never
+/// on an argv.
 pub fn interactive_argv(
     nsenter: &str,
     pid: u32,
     user: &UserIds,
     cwd: &str,
     env: &BTreeMap<String, String>,
-    secrets: &[InteractiveSecret<'_>],
+    secrets: &[&str],
     argv: &[String],
 ) -> Vec<String> {
     let mut inner: Vec<String> = vec![
@@ -542,21 +549,14 @@ pub fn interactive_argv(
         // In the guest: read each fd into its variable, close the fds.
         let mut script = String::new();
         let mut names = Vec::new();
-        for (i, secret) in secrets.iter().enumerate() {
+        for (i, guest) in secrets.iter().enumerate() {
             let fd = 3 + i;
-            let (guest, strip) = match secret {
-                // The heredoc adds one newline after the value.
-                InteractiveSecret::HostEnv { guest, .. } => (*guest, true),
-                InteractiveSecret::HostFile { guest, .. } => (*guest, false),
-            };
+            // `printf x` keeps trailing newlines; the heredoc added one.
             script.push_str(&format!(
-                "{guest}=$(cat <&{fd}; printf x) && {guest}=${{{guest}%x}} && "
+                "{guest}=$(cat <&{fd}; printf x) && {guest}=${{{guest}%x}} && \
+                 {guest}=${{{guest}%?}} && exec {fd}<&- && "
             ));
-            if strip {
-                script.push_str(&format!("{guest}=${{{guest}%?}} && "));
-            }
-            script.push_str(&format!("exec {fd}<&- && "));
-            names.push(guest);
+            names.push(*guest);
         }
         script.push_str(&format!("export {} && exec \"$@\"", names.join(" ")));
         inner.extend([
@@ -580,25 +580,21 @@ pub fn interactive_argv(
         return inner;
     }
 
-    // On the host: open one fd per secret, then exec the rest.
+    // On the host: take each value from the init's environment
+    // (NUL-separated; `tr` drops the terminator, `printf x` keeps trailing
+    // newlines) into a heredoc on its own fd, then exec the rest.
+    let environ = format!("/proc/{pid}/environ");
     let mut script = String::new();
-    for (i, secret) in secrets.iter().enumerate() {
+    for (i, guest) in secrets.iter().enumerate() {
         let fd = 3 + i;
-        match secret {
-            InteractiveSecret::HostEnv { guest, host_var } => {
-                let delim = format!("BOTTLE_SECRET_{fd}");
-                script.push_str(&format!(
-                    "exec {fd}<<{delim}\n${{{host_var}?secret {guest}: host environment variable {host_var} is not set}}\n{delim}\n"
-                ));
-            }
-            InteractiveSecret::HostFile { path, .. } => {
-                script.push_str(&format!(
-                    "exec {fd}< {}\n",
-                    shell_quote(&path.to_string_lossy())
-                ));
-            }
-        }
+        let delim = format!("BOTTLE_SECRET_{fd}");
+        script.push_str(&format!(
+            "grep -qz '^{guest}=' {environ} || {{ echo 'bottle: secret {guest}: the machine was started without it; stop and start the machine' >&2; exit 1; }}\n\
+             v=$(sed -zn 's/^{guest}=//p' {environ} | tr -d '\\000'; printf x) && v=${{v%x}}\n\
+             exec {fd}<<{delim}\n$v\n{delim}\n"
+        ));
     }
+    script.push_str("unset v\n");
     script.push_str("exec");
     for word in &inner {
         script.push(' ');
@@ -659,10 +655,7 @@ mod tests {
     fn interactive_argv_keeps_secret_values_off_the_argv() {
         let user = UserIds::root();
         let env = BTreeMap::from([("A".to_owned(), "1".to_owned())]);
-        let secrets = [InteractiveSecret::HostEnv {
-            guest: "TOKEN",
-            host_var: "HOST_TOKEN",
-        }];
+        let secrets = ["TOKEN"];
         let argv = interactive_argv(
             "/usr/bin/nsenter",
             42,
@@ -674,7 +667,10 @@ mod tests {
         );
         assert_eq!(argv[0], "/bin/sh");
         let script = &argv[2];
-        assert!(script.contains("${HOST_TOKEN?"), "{script}");
+        assert!(
+            script.contains("s/^TOKEN=//p' /proc/42/environ"),
+            "{script}"
+        );
         assert!(script.contains("--target=42"));
         assert!(script.contains("A=1"));
         assert!(script.ends_with(" -- bash\n"), "{script}");

@@ -366,9 +366,14 @@ impl LocalRuntime {
         for (k, v) in &record.env {
             env.insert(k.into(), v.into());
         }
-        for secret in &record.secrets {
-            let value = resolve_secret(secret).map_err(|m| unsupported(op, name, m))?;
-            env.insert(secret.guest_env.clone().into(), value);
+        if !record.secrets.is_empty() {
+            let mut started_with = target.secrets(&record.secrets);
+            for secret in &record.secrets {
+                let value = started_with
+                    .remove(&secret.guest_env)
+                    .ok_or_else(|| unsupported(op, name, secret_missing_since_start(secret)))?;
+                env.insert(secret.guest_env.clone().into(), value);
+            }
         }
         for (k, v) in &request.env {
             env.insert(k.into(), v.into());
@@ -535,6 +540,16 @@ fn is_identifier(s: &str) -> bool {
     !s.is_empty()
         && !s.starts_with(|c: char| c.is_ascii_digit())
         && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Why a running machine lacks a secret it declares: it was started
+/// before bottle passed secrets at start.
+fn secret_missing_since_start(secret: &SecretMount) -> String {
+    format!(
+        "secret {}: the machine was started without it (secrets are read when a machine \
+         starts); stop and start the machine",
+        secret.guest_env
+    )
 }
 
 /// Read a secret's value on the host, now.
@@ -815,6 +830,13 @@ impl Runtime for LocalRuntime {
         if record.state == MachineState::Running {
             return Ok(());
         }
+        // Like smolvm, secrets are read on the host at each launch.
+        let secrets = record
+            .secrets
+            .iter()
+            .map(|s| Ok((s.guest_env.clone(), resolve_secret(s)?)))
+            .collect::<Result<Vec<_>, String>>()
+            .map_err(|m| unsupported(OP, name, m))?;
         let dir = self.machine_dir(name);
         let sys_root = Self::sys_root(&record);
         let volumes: Vec<(PathBuf, String, bool)> = record
@@ -834,6 +856,7 @@ impl Runtime for LocalRuntime {
             volumes: &volumes,
             log: &log,
             timeout: START_TIMEOUT,
+            secrets: &secrets,
         };
         let init = sandbox::launch(&spec).map_err(|e| match e {
             sandbox::LaunchError::Spawn(source) => RuntimeError::new(
@@ -1105,19 +1128,10 @@ trap - EXIT
                 exec::MAX_INTERACTIVE_SECRETS
             ));
         }
-        let secrets: Vec<exec::InteractiveSecret<'_>> = record
+        let secrets: Vec<&str> = record
             .secrets
             .iter()
-            .map(|s| match &s.source {
-                SecretSource::HostEnv(var) => exec::InteractiveSecret::HostEnv {
-                    guest: &s.guest_env,
-                    host_var: var,
-                },
-                SecretSource::HostFile(path) => exec::InteractiveSecret::HostFile {
-                    guest: &s.guest_env,
-                    path,
-                },
-            })
+            .map(|s| s.guest_env.as_str())
             .collect();
         exec::interactive_argv(
             &self.nsenter.to_string_lossy(),

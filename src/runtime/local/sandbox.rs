@@ -79,6 +79,10 @@ pub struct LaunchSpec<'a> {
     pub volumes: &'a [(PathBuf, String, bool)],
     pub log: &'a Path,
     pub timeout: Duration,
+    /// Secret values, read on the host at this start (as smolvm does at
+    /// each launch). They live in the init's environment, which only root
+    /// can read, and nowhere on disk; every exec takes them from there.
+    pub secrets: &'a [(String, OsString)],
 }
 
 #[derive(Debug)]
@@ -184,6 +188,7 @@ pub fn launch(spec: &LaunchSpec<'_>) -> Result<InitProcess, LaunchError> {
         .arg(info_fd.to_string())
         .args(bwrap_args(spec, &entries))
         .env_clear()
+        .envs(spec.secrets.iter().map(|(k, v)| (k, v)))
         .env("PATH", super::exec::ROOT_PATH)
         .env("HOME", "/root")
         .current_dir("/")
@@ -497,6 +502,7 @@ mod tests {
             network: false,
             volumes: &[(PathBuf::from("/h"), "/workspace/h".to_owned(), true)],
             log: Path::new("/s/m/init.log"),
+            secrets: &[],
             timeout: Duration::from_secs(1),
         };
         let entries = [
