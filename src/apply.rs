@@ -201,8 +201,13 @@ pub fn execute(
                     break;
                 }
             }
+            // Hand out no more than there are workers: an action queued
+            // behind a busy worker could not be recalled by a Ctrl-C.
+            let workers = parallelism.max(1);
             for i in 0..actions.len() {
-                let ready = states[i] == State::Pending
+                let ready = running < workers
+                    && !cancelled()
+                    && states[i] == State::Pending
                     && actions[i]
                         .after
                         .iter()

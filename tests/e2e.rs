@@ -1638,3 +1638,51 @@ fn ctrl_c_lets_the_calls_under_way_finish_and_starts_nothing_new() {
     p.bottle(&["apply"]).success();
     check_in_sync(&p);
 }
+
+#[test]
+fn ctrl_c_starts_nothing_that_waits_for_a_worker() {
+    // One worker, two independent prompt edits: the second waits for the
+    // worker, and a Ctrl-C during the first must keep it from starting.
+    use rustix::process::{Pid, Signal, kill_process};
+    let p = project();
+    p.bottle(&["apply"]).success();
+    p.write("prompts/coder.md", "You write Rust, carefully.\n");
+    p.edit(
+        "agents.toml",
+        "skills = [\"skills/style\"]\n",
+        "prompt_text = \"You read, carefully.\"\nskills = [\"skills/style\"]\n",
+    );
+    let mark = p.double.calls().len();
+    let mut command = p.command(&["apply", "--parallelism", "1"]);
+    command
+        .env("SMOLVM_DOUBLE_LATENCY_MS", "400")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let child = command.spawn().expect("starting bottle apply");
+    let pid = Pid::from_raw(child.id() as i32).unwrap();
+    // The observation (ls and two probes) is logged; the first copy is
+    // under way.
+    wait_until("the observation to finish", Duration::from_secs(60), || {
+        p.double.calls().len() >= mark + 3
+    });
+    std::thread::sleep(Duration::from_millis(150));
+    kill_process(pid, Signal::INT).expect("SIGINT");
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("(interrupted before it started)"),
+        "{stdout}"
+    );
+    // Exactly one of the two prompts reached its guest.
+    let prompts = [
+        p.double
+            .sh("bottle_e2e_coder", "cat /home/node/.bottle/prompt.md"),
+        p.double.sh(READER, "cat /home/reviewer/.bottle/prompt.md"),
+    ];
+    let changed = prompts.iter().filter(|t| t.contains("carefully")).count();
+    assert_eq!(changed, 1, "{prompts:?}\n{stdout}");
+    p.bottle(&["apply"]).success();
+    check_in_sync(&p);
+}
