@@ -91,6 +91,8 @@ impl Progress for Quiet {
 #[derive(Debug, Clone, PartialEq)]
 enum State {
     Pending,
+    /// Its dependencies are done; waiting for a free worker.
+    Ready,
     Running,
     Finished,
 }
@@ -155,6 +157,8 @@ pub fn execute(
         }
         drop(done_tx);
 
+        let workers = parallelism.max(1);
+        let mut queue: std::collections::VecDeque<usize> = Default::default();
         let mut running = 0usize;
         let mut finished = 0usize;
         loop {
@@ -162,7 +166,7 @@ pub fn execute(
             loop {
                 let mut changed = false;
                 for i in 0..actions.len() {
-                    if states[i] != State::Pending {
+                    if !matches!(states[i], State::Pending | State::Ready) {
                         continue;
                     }
                     let decided = if let Some(reason) = &actions[i].blocked {
@@ -201,23 +205,29 @@ pub fn execute(
                     break;
                 }
             }
-            // Hand out no more than there are workers: an action queued
-            // behind a busy worker could not be recalled by a Ctrl-C.
-            let workers = parallelism.max(1);
             for i in 0..actions.len() {
-                let ready = running < workers
-                    && !cancelled()
-                    && states[i] == State::Pending
+                let ready = states[i] == State::Pending
                     && actions[i]
                         .after
                         .iter()
                         .all(|&d| matches!(outcomes[d], Some(Outcome::Done { .. })));
                 if ready {
-                    states[i] = State::Running;
-                    running += 1;
-                    progress.started(&actions[i], running, actions.len());
-                    work_tx.send(actions[i].clone()).expect("workers alive");
+                    states[i] = State::Ready;
+                    queue.push_back(i);
                 }
+            }
+            // In the order they became ready, and no more than there are
+            // workers: an action handed to a busy worker's channel could not
+            // be kept from starting by a Ctrl-C.
+            while running < workers {
+                let Some(i) = queue.pop_front() else { break };
+                if states[i] != State::Ready {
+                    continue; // settled meanwhile (interrupted)
+                }
+                states[i] = State::Running;
+                running += 1;
+                progress.started(&actions[i], running, actions.len());
+                work_tx.send(actions[i].clone()).expect("workers alive");
             }
             if running == 0 {
                 break;
