@@ -265,10 +265,18 @@ fn volumes_and_resources() {
 }
 
 #[test]
+fn duplicate_skill_names() {
+    // Each later skill of the same name is labelled against the first.
+    insta::assert_snapshot!(validate("duplicate-skill"));
+}
+
+#[test]
 fn every_error_in_one_run() {
     let out = validate("every-error");
-    // Two files, four entities, five problems, one report.
-    assert!(out.contains("× 5 problems found in every-error"), "{out}");
+    // Two files, four entities, eight problems, one report: a type error
+    // in a bottle hides neither its literal secret nor its setup steps'
+    // unknown `after` and cycle.
+    assert!(out.contains("× 8 problems found in every-error"), "{out}");
     insta::assert_snapshot!(out);
 }
 

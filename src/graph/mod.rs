@@ -216,6 +216,15 @@ impl StepGraph {
     }
 }
 
+/// The dependency cycles among a bottle's setup steps, one diagnostic
+/// each; the loader reports them along with every other problem.
+pub(crate) fn setup_cycles(
+    sources: &crate::manifest::Sources,
+    bottle: &crate::manifest::Bottle,
+) -> Vec<ManifestDiagnostic> {
+    Template::new(sources, bottle).err().unwrap_or_default()
+}
+
 /// Build the graph of a loaded project, reading every file a step depends
 /// on. Returns every problem found: dependency cycles (once per bottle) and
 /// files that can no longer be read.
@@ -229,7 +238,9 @@ pub fn build(project: &Project) -> Result<StepGraph, Diagnostics> {
 
     let mut templates = BTreeMap::new();
     for (name, bottle) in &project.bottles {
-        match Template::new(project, bottle) {
+        // The loader reports cycles with every other manifest problem
+        // (`setup_cycles`); a project built some other way is still checked.
+        match Template::new(&project.sources, bottle) {
             Ok(t) => {
                 templates.insert(name.as_str(), t);
             }

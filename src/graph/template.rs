@@ -7,7 +7,7 @@ use petgraph::graph::{DiGraph, NodeIndex};
 use petgraph::visit::EdgeRef;
 
 use super::StepKind;
-use crate::manifest::{Bottle, KeyPath, ManifestDiagnostic, Project};
+use crate::manifest::{Bottle, KeyPath, ManifestDiagnostic, Sources};
 
 /// A step of a bottle's template.
 #[derive(Debug, Clone)]
@@ -38,7 +38,7 @@ struct AfterEntry {
 
 impl Template {
     /// The template of `bottle`, or the cycle diagnostics that prevent one.
-    pub fn new(project: &Project, bottle: &Bottle) -> Result<Template, Vec<ManifestDiagnostic>> {
+    pub fn new(sources: &Sources, bottle: &Bottle) -> Result<Template, Vec<ManifestDiagnostic>> {
         let spec = &bottle.spec;
         // The canonical order; built-ins come first so `after` can find them.
         let mut kinds = vec![StepKind::Machine];
@@ -129,7 +129,7 @@ impl Template {
             }
         }
 
-        let cycles = cycle_diagnostics(project, bottle, &kinds, &graph, supervise);
+        let cycles = cycle_diagnostics(sources, bottle, &kinds, &graph, supervise);
         if !cycles.is_empty() {
             return Err(cycles);
         }
@@ -205,7 +205,7 @@ fn resolve_after(kinds: &[StepKind], first_setup: usize, name: &str) -> Option<u
 /// One diagnostic per strongly connected component that holds a cycle, with
 /// a label on every `after` entry inside it.
 fn cycle_diagnostics(
-    project: &Project,
+    sources: &Sources,
     bottle: &Bottle,
     kinds: &[StepKind],
     graph: &DiGraph<(), Option<AfterEntry>>,
@@ -247,7 +247,7 @@ fn cycle_diagnostics(
                 bottle.name
             ),
         )
-        .in_file(&project.sources, bottle.file);
+        .in_file(sources, bottle.file);
 
         let mut entries: Vec<(AfterEntry, usize, usize)> = graph
             .edge_references()
@@ -276,7 +276,7 @@ fn cycle_diagnostics(
             } else {
                 format!("`{}` runs after `{}`", name_of(step), name_of(target))
             };
-            diag = diag.value(&project.sources, bottle.file, &key, label);
+            diag = diag.value(sources, bottle.file, &key, label);
         }
         let help = if supervise.is_some_and(|s| inside(NodeIndex::new(s))) {
             "`supervise` always runs after every other step: remove it from `after`"

@@ -13,7 +13,7 @@
 //!   it is the repository's name in the usual layout; pin it with `[project]
 //!   name` to keep it stable across clones under other names.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::io::ErrorKind;
 use std::ops::Range;
@@ -149,6 +149,18 @@ pub fn load_dir(dir: &Path) -> Result<Project, Diagnostics> {
 
     let name = project_name(&mut cx, &root, decls.project.take());
     let (bottles, agents) = validate::check(&mut cx, &decls);
+    // Setup steps that wait for each other in a cycle are found here, with
+    // everything else, not only once the rest is fixed. (A bottle whose
+    // `setup` had errors may miss the very step that closes a cycle.)
+    for d in decls.bottles.iter().filter(|d| d.clean_at("setup")) {
+        let Some(bottle) = bottles.get(&d.name).filter(|b| b.file == d.file) else {
+            continue;
+        };
+        for cycle in crate::graph::setup_cycles(&sources, bottle) {
+            let offset = cycle.labels.first().map_or(0, |l| l.offset());
+            cx.found.push(bottle.file, (offset, cycle));
+        }
+    }
     if decls.agents.is_empty() && !decls.saw_agent_table {
         cx.found.global(
             ManifestDiagnostic::new(
@@ -201,8 +213,8 @@ fn open_dir(dir: &Path) -> Result<PathBuf, Box<ManifestDiagnostic>> {
                     format!("manifests directory `{shown}` does not exist"),
                 )
                 .help(
-                    "pass the directory that holds your *.toml manifests, \
-                 e.g. `bottle validate path/to/manifests` (the default is ./manifests)",
+                    "give the directory that holds your *.toml manifests as the command's \
+                     DIR argument; without one, bottle reads ./manifests",
                 ),
             ));
         }
@@ -529,10 +541,29 @@ pub(super) struct Decl<T> {
     pub name_span: Range<usize>,
     /// `None` when the entity did not deserialize (already reported).
     pub spec: Option<T>,
-    /// Deserialized without any problem. When `false`, keys that were
-    /// reported are missing from `spec`, so checks that look at what is
-    /// *absent* are skipped.
-    pub clean: bool,
+    /// The top-level keys of the entity under which a problem was
+    /// reported (`"*"`: the entity as a whole). Reported keys are missing
+    /// from `spec`, so checks that look at what is *absent* under them are
+    /// skipped.
+    pub tainted: BTreeSet<String>,
+}
+
+impl<T> Decl<T> {
+    /// Whether nothing under `key` was reported (and dropped).
+    pub fn clean_at(&self, key: &str) -> bool {
+        !self.tainted.contains(key) && !self.tainted.contains(WHOLE)
+    }
+}
+
+/// `Decl::tainted` for a problem that is not under one key.
+const WHOLE: &str = "*";
+
+/// The top-level key a path inside an entity starts with.
+fn top_key(path: &[Seg]) -> String {
+    match path.first() {
+        Some(Seg::Key(k)) => k.clone(),
+        _ => WHOLE.to_owned(),
+    }
 }
 
 impl<T> Decl<T> {
@@ -688,7 +719,10 @@ fn decl<T: DeserializeOwned>(
         name: name.to_owned(),
         file,
         name_span,
-        clean: spec.as_ref().is_some_and(|s| s.1),
+        tainted: spec
+            .as_ref()
+            .map(|s| s.1.clone())
+            .unwrap_or_else(|| BTreeSet::from([WHOLE.to_owned()])),
         spec: spec.map(|s| s.0),
     }
 }
@@ -696,14 +730,14 @@ fn decl<T: DeserializeOwned>(
 /// Deserialize one entity (`[project]`, `[bottle.X]` or `[agent.X]`),
 /// reporting every problem in it, not just serde's first: after each error
 /// the offending key is dropped and deserialization is retried. Returns the
-/// spec and whether it was clean (nothing reported, nothing dropped).
+/// spec and the top-level keys under which something was reported.
 fn entity<T: DeserializeOwned>(
     cx: &mut Cx,
     file: FileId,
     kind: Kind,
     name: &str,
     raw: &Doc,
-) -> Option<(T, bool)> {
+) -> Option<(T, BTreeSet<String>)> {
     let what = kind.describe(name);
     let base = match kind {
         Kind::Project => KeyPath::new().key("project"),
@@ -725,7 +759,7 @@ fn entity<T: DeserializeOwned>(
     }
 
     let mut value = raw.clone();
-    let mut clean = precheck(cx, file, kind, &what, &mut value);
+    let mut tainted = precheck(cx, file, kind, &what, &mut value);
     // Keys dropped after an error, by their table's path, so that the
     // "missing field" a dropped required key causes is not reported too.
     let mut dropped: Vec<(Vec<Seg>, String)> = Vec::new();
@@ -733,13 +767,13 @@ fn entity<T: DeserializeOwned>(
         let e = match T::deserialize(ValueDeserializer::from(value.clone())) {
             // With errors reported, the rest of the entity is still checked
             // (the dropped keys take their defaults): more problems in one run.
-            Ok(spec) => return Some((spec, clean)),
+            Ok(spec) => return Some((spec, tainted)),
             Err(e) => e,
         };
-        clean = false;
         let span = e.span().unwrap_or_else(|| raw.span());
         let hit = locate(&value, &span);
         let message = e.message();
+        tainted.insert(hit.as_ref().map_or(WHOLE.to_owned(), |h| top_key(&h.path)));
 
         if let Some(field) = between(message, "missing field `", "`") {
             let table = hit.as_ref().map(|h| h.path.clone()).unwrap_or_default();
@@ -923,18 +957,24 @@ fn take_entries<'a>(
 /// deserve a better message than serde's: literal secrets (whose values
 /// must never be echoed), retired shapes (`supervise = true`), secrets
 /// written into `env`. Each offending key is removed from `value`.
-/// Returns `false` when something was reported.
-fn precheck(cx: &mut Cx, file: FileId, kind: Kind, what: &str, value: &mut Doc) -> bool {
+/// Returns the top-level keys under which something was reported.
+fn precheck(
+    cx: &mut Cx,
+    file: FileId,
+    kind: Kind,
+    what: &str,
+    value: &mut Doc,
+) -> BTreeSet<String> {
+    let mut tainted = BTreeSet::new();
     if kind != Kind::Bottle {
-        return true;
+        return tainted;
     }
     let DeValue::Table(table) = value.get_mut() else {
-        return true;
+        return tainted;
     };
-    let mut clean = true;
 
     for (var, span) in take_entries(table, "secrets", DeValue::is_str) {
-        clean = false;
+        tainted.insert("secrets".to_owned());
         cx.report_at(
             file,
             span,
@@ -953,7 +993,7 @@ fn precheck(cx: &mut Cx, file: FileId, kind: Kind, what: &str, value: &mut Doc) 
     }
 
     for (var, span) in take_entries(table, "env", DeValue::is_table) {
-        clean = false;
+        tainted.insert("env".to_owned());
         cx.report_at(
             file,
             span,
@@ -975,7 +1015,7 @@ fn precheck(cx: &mut Cx, file: FileId, kind: Kind, what: &str, value: &mut Doc) 
         let Some(value) = table.get(key).filter(|v| v.get_ref().is_array()) else {
             continue;
         };
-        clean = false;
+        tainted.insert(key.to_owned());
         let span = value.span();
         table.remove(key);
         let help = match key {
@@ -1002,7 +1042,7 @@ fn precheck(cx: &mut Cx, file: FileId, kind: Kind, what: &str, value: &mut Doc) 
     if let Some(supervise) = table.get("supervise")
         && let Some(on) = supervise.get_ref().as_bool()
     {
-        clean = false;
+        tainted.insert("supervise".to_owned());
         let span = supervise.span();
         table.remove("supervise");
         cx.report_at(
@@ -1021,7 +1061,7 @@ fn precheck(cx: &mut Cx, file: FileId, kind: Kind, what: &str, value: &mut Doc) 
             "a boolean",
         );
     }
-    clean
+    tainted
 }
 
 /// Retired or renamed keys of the tool bottle descends from (claude-bottle),

@@ -126,12 +126,14 @@ fn diag(code: &'static str, message: String, help: impl Into<String>) -> Manifes
     ManifestDiagnostic::new(code, message).help(help)
 }
 
+/// Check a bottle; its resolved form even when it has problems (the
+/// loader still looks for cycles in its setup steps), `None` only when it
+/// did not deserialize.
 fn bottle(cx: &mut Cx, d: &Decl<BottleSpec>) -> Option<Bottle> {
     let spec = d.spec.as_ref()?;
     let file = d.file;
     let base = d.path(Kind::Bottle);
     let what = Kind::Bottle.describe(&d.name);
-    let before = cx.found.len();
 
     if !(1..=256).contains(&spec.cpus) {
         cx.report(
@@ -163,7 +165,7 @@ fn bottle(cx: &mut Cx, d: &Decl<BottleSpec>) -> Option<Bottle> {
     let image = image(cx, file, &base, &what, spec.image.as_deref());
     check_env_and_secrets(cx, file, &base, &what, spec);
     let volumes = volumes(cx, file, &base, &what, &spec.volumes);
-    check_egress(cx, file, &base, &what, spec, d.clean);
+    check_egress(cx, file, &base, &what, spec, d.clean_at("egress"));
 
     let ca_cert = spec.ca.as_ref().and_then(|ca| {
         let path = base.clone().key("ca").key("cert");
@@ -198,9 +200,9 @@ fn bottle(cx: &mut Cx, d: &Decl<BottleSpec>) -> Option<Bottle> {
             );
         }
     }
-    let setup_inputs = setup(cx, file, &base, &what, &spec.setup, d.clean);
+    let setup_inputs = setup(cx, file, &base, &what, &spec.setup, d.clean_at("setup"));
 
-    (cx.found.len() == before).then(|| Bottle {
+    Some(Bottle {
         name: d.name.clone(),
         spec: spec.clone(),
         file,
@@ -1047,7 +1049,9 @@ fn agent(cx: &mut Cx, d: &Decl<AgentSpec>, bottles: &BTreeSet<&str>) -> Option<A
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        if let Some(first) = skill_names.insert(name.clone(), i) {
+        // The first skill of that name stays the one others are compared to.
+        let first = *skill_names.entry(name.clone()).or_insert(i);
+        if first != i {
             let first_span = cx.span(file, &base.clone().key("skills").index(first), Want::Value);
             let d = diag(
                 "bottle::duplicate-skill",
