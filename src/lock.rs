@@ -25,7 +25,7 @@ pub enum LockError {
 
     #[error("cannot use the lock file {}: {source}", path.display())]
     #[diagnostic(
-        code(bottle::lock_io),
+        code("bottle::lock-io"),
         help("check that the state directory (--state-dir) is writable")
     )]
     Io {

@@ -45,6 +45,9 @@ pub struct PlanOptions {
 pub struct Plan {
     pub format_version: u32,
     pub project: String,
+    /// The agents planned for, when limited (`--target`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub targets: Option<Vec<String>>,
     pub actions: Vec<Action>,
     /// Things the user should know that are not actions.
     pub notes: Vec<String>,
@@ -174,7 +177,11 @@ impl Plan {
     pub fn render(&self) -> String {
         let mut out = String::new();
         if self.actions.is_empty() && self.errors.is_empty() {
-            out.push_str("No changes: every agent matches its manifest.\n");
+            match &self.targets {
+                Some(targets) => writeln!(out, "No changes: {}.", agents_match(targets)),
+                None => writeln!(out, "No changes: every agent matches its manifest."),
+            }
+            .ok();
         }
         // Steps line up in a column as wide as the longest step name.
         let width = self
@@ -247,12 +254,21 @@ impl Plan {
     }
 }
 
+/// `agent a matches its manifest` / `agents a, b match their manifests`.
+pub fn agents_match(agents: &[String]) -> String {
+    match agents {
+        [one] => format!("agent {one} matches its manifest"),
+        many => format!("agents {} match their manifests", many.join(", ")),
+    }
+}
+
 /// Compare the desired state with the snapshot.
 pub fn plan(desired: &Desired, snapshot: &Snapshot, options: &PlanOptions) -> Plan {
     let mut builder = Builder {
         plan: Plan {
             format_version: PLAN_FORMAT,
             project: desired.project.name.clone(),
+            targets: options.targets.clone(),
             ..Plan::default()
         },
     };
@@ -336,6 +352,7 @@ fn plan_agent(
         return;
     }
     let changed = spec_fields_changed(agent, machine);
+    let mut replace_blocked = false;
     if !changed.is_empty() {
         let id = b.push(
             agent,
@@ -345,19 +362,22 @@ fn plan_agent(
         );
         if options.allow_replace {
             plan_all_steps(b, agent, id, "machine replaced");
-        } else {
-            // The steps would all follow the replacement; listing each one
-            // as skipped says nothing more.
-            let steps = agent.steps.len().saturating_sub(1);
-            let action = &mut b.plan.actions[id];
-            action.cause = format!(
-                "{} (then its {steps} steps are applied again)",
-                action.cause
-            );
-            action.blocked =
-                Some("replacing destroys the machine's disk; pass --allow-replace".into());
+            return;
         }
-        return;
+        // Blocked: the replacement waits for the flag, but the machine that
+        // exists still gets every other change (a prompt edit must not wait
+        // on an unrelated egress change). The machine step itself is the
+        // replacement's to redo; and when the agent user changed too, the
+        // other steps need that new user first, so they wait as well.
+        let steps = agent.steps.len().saturating_sub(1);
+        let action = &mut b.plan.actions[id];
+        action.cause = match steps {
+            0 => action.cause.clone(),
+            1 => format!("{} (then its step is applied again)", action.cause),
+            n => format!("{} (then its {n} steps are applied again)", action.cause),
+        };
+        action.blocked = Some("replacing destroys the machine's disk; pass --allow-replace".into());
+        replace_blocked = true;
     }
     let ctx = desired.ctx(agent);
     if machine.state != MachineState::Running {
@@ -376,7 +396,9 @@ fn plan_agent(
         if !causes.is_empty() {
             cause = format!("{cause} (update first: {})", causes.join(", "));
         }
-        b.push(agent, Op::Start { update }, cause, vec![]);
+        if !replace_blocked {
+            b.push(agent, Op::Start { update }, cause, vec![]);
+        }
         return;
     }
     // Without a probe nothing can be compared: that is an error of
@@ -394,15 +416,36 @@ fn plan_agent(
             return;
         }
     };
-    let (causes, update) = machine_step::pending_update(
-        &ctx,
-        machine.cpus,
-        machine.memory_mib,
-        probe.ledger.get("machine"),
-    );
+    let recorded_machine = probe.ledger.get("machine");
+    if replace_blocked {
+        let user_changed = recorded_machine
+            .and_then(|e| e.detail_str("user"))
+            .is_some_and(|u| u != ctx.user());
+        if !user_changed {
+            plan_steps(b, desired, agent, probe, Steps::ExceptMachine);
+        }
+        return;
+    }
+    let (causes, update) =
+        machine_step::pending_update(&ctx, machine.cpus, machine.memory_mib, recorded_machine);
     let gate = (!update.is_empty())
         .then(|| b.push(agent, Op::Restart { update }, causes.join(", "), vec![]));
-    plan_steps(b, desired, agent, probe, gate);
+    let steps = match gate {
+        Some(gate) => Steps::After(gate),
+        None => Steps::All,
+    };
+    plan_steps(b, desired, agent, probe, steps);
+}
+
+/// Which steps of a running machine `plan_steps` considers.
+#[derive(Clone, Copy)]
+enum Steps {
+    All,
+    /// All but the machine step, which the given restart re-provisions;
+    /// every step waits for it.
+    After(usize),
+    /// All but the machine step, which waits for a blocked replacement.
+    ExceptMachine,
 }
 
 fn describe_owner(machine: &MachineInfo) -> String {
@@ -474,16 +517,19 @@ fn plan_steps(
     desired: &Desired,
     agent: &DesiredAgent,
     probe: &Probe,
-    gate: Option<usize>,
+    which: Steps,
 ) {
     let ctx = desired.ctx(agent);
+    let gate = match which {
+        Steps::After(g) => Some(g),
+        Steps::All | Steps::ExceptMachine => None,
+    };
     let mut ids: BTreeMap<StepKind, usize> = BTreeMap::new();
     if let Some(g) = gate {
         ids.insert(StepKind::Machine, g);
     }
     for step in &agent.steps {
-        // A restart re-provisions the machine step itself.
-        if gate.is_some() && step.kind == StepKind::Machine {
+        if !matches!(which, Steps::All) && step.kind == StepKind::Machine {
             continue;
         }
         let id = step.kind.id();

@@ -481,7 +481,7 @@ pub type Loader<'a> = dyn Fn() -> Result<Desired, miette::Report> + 'a;
 #[derive(Debug, Error, Diagnostic)]
 #[error("the project id changed from `{locked}` to `{now}` while watching")]
 #[diagnostic(
-    code(bottle::project_renamed),
+    code("bottle::project-renamed"),
     help(
         "a watch holds the lock of the project it started with: stop this watch (Ctrl-C) and start it again to manage project `{now}`; the machines of `{locked}` are left as they are"
     )

@@ -1143,7 +1143,7 @@ fn a_failed_action_skips_its_dependents_only_and_the_next_apply_converges() {
         check.stdout
     );
     assert!(
-        check.stderr.contains("bottle::observe_failed"),
+        check.stderr.contains("bottle::observe-failed"),
         "{}",
         check.stderr
     );
@@ -1276,7 +1276,7 @@ fn replacement_and_deletion_wait_for_their_flags_and_other_machines_are_never_to
         check.stdout
     );
     p.bottle(&["check", "--target", "reader"]).success();
-    p.bottle(&["apply", "--target", "nobody"]).code(1);
+    p.bottle(&["apply", "--target", "nobody"]).code(2);
     p.bottle(&["apply"]).success();
     check_in_sync(&p);
 
@@ -1294,6 +1294,8 @@ fn replacement_and_deletion_wait_for_their_flags_and_other_machines_are_never_to
         "prompt_text = \"You read.\"",
         "prompt_text = \"You read twice.\"",
     );
+    // coder's own prompt changes too: the existing machine still gets it.
+    p.write("prompts/coder.md", "You write Rust, replace or not.\n");
     let plan = p.bottle(&["plan", "--detailed-exitcode"]);
     plan.code(3);
     let replace = plan
@@ -1308,7 +1310,8 @@ fn replacement_and_deletion_wait_for_their_flags_and_other_machines_are_never_to
     let run = p.bottle(&["apply"]);
     run.code(3);
     assert!(
-        run.stdout.contains("Changed:\n  reader: apply prompt ("),
+        run.stdout.contains("Changed:\n  coder: apply prompt (")
+            && run.stdout.contains("\n  reader: apply prompt ("),
         "{}",
         run.stdout
     );
@@ -1318,11 +1321,17 @@ fn replacement_and_deletion_wait_for_their_flags_and_other_machines_are_never_to
         "{}",
         run.stdout
     );
-    // The blocked replacement is one line, not one skipped line per step.
+    // The blocked replacement holds back nothing else: coder's prompt
+    // reaches the machine that exists, and its machine step is left to the
+    // replacement.
     assert!(
-        !run.stdout.contains("coder: apply prompt"),
+        !run.stdout.contains("coder: apply machine"),
         "{}",
         run.stdout
+    );
+    assert_eq!(
+        p.double.sh(CODER, "cat /home/node/.bottle/prompt.md"),
+        "You write Rust, replace or not.\n"
     );
     assert_eq!(
         p.double.sh(READER, "cat /home/reviewer/.bottle/prompt.md"),
@@ -1363,7 +1372,7 @@ fn replacement_and_deletion_wait_for_their_flags_and_other_machines_are_never_to
     );
     assert_eq!(
         p.double.sh(CODER, "cat /home/node/.bottle/prompt.md"),
-        "You write Rust.\n"
+        "You write Rust, replace or not.\n"
     );
     check_in_sync(&p);
 
@@ -1574,7 +1583,7 @@ fn status_destroy_and_the_lock() {
     );
     assert!(refused.stderr.contains("pass --yes"), "{}", refused.stderr);
     assert_eq!(p.double.list_json().len(), 2);
-    p.bottle(&["destroy", "--agent", "nobody", "--yes"]).code(1);
+    p.bottle(&["destroy", "--agent", "nobody", "--yes"]).code(2);
 
     let one = p.bottle(&["destroy", "--agent", "reader", "--yes"]);
     one.success();

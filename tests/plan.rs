@@ -182,8 +182,23 @@ fn an_immutable_setting_changed_means_replacement_only_when_allowed() {
             ..PlanOptions::default()
         },
     );
+    // A blocked replacement holds back nothing else: the machine that
+    // exists still gets a changed prompt, which does not wait for it.
+    let probe = s.probes.get_mut("bottle_golden_reviewer").unwrap();
+    probe.ledger.get_mut("prompt").unwrap().hash = "an older hash".into();
+    let planned = plan(&d, &s, &PlanOptions::default());
+    let prompt = planned
+        .actions
+        .iter()
+        .find(|a| a.op.step() == "prompt")
+        .expect("the prompt change is planned");
+    assert!(
+        prompt.after.is_empty() && prompt.blocked.is_none(),
+        "{prompt:?}"
+    );
+    let with_prompt = planned.render();
     insta::assert_snapshot!(format!(
-        "## without --allow-replace\n{blocked}\n## with --allow-replace\n{allowed}"
+        "## without --allow-replace\n{blocked}\n## with --allow-replace\n{allowed}\n## blocked, and the prompt changed\n{with_prompt}"
     ));
 }
 

@@ -628,7 +628,7 @@ fn invalid_manifests_keep_the_last_good_state_until_fixed() {
     assert_eq!(event(&renamed), "invalid", "{renamed}");
     assert_eq!(
         renamed["codes"],
-        serde_json::json!(["bottle::project_renamed"])
+        serde_json::json!(["bottle::project-renamed"])
     );
     save_by_rename(&project.path("bottle.toml"), &bottles);
     assert_eq!(event(&watch.outcome(EVENT)), "skip");

@@ -92,7 +92,7 @@ pub struct Interrupted;
 #[derive(Debug, thiserror::Error, miette::Diagnostic)]
 #[error("{failed} action(s) failed")]
 #[diagnostic(
-    code(bottle::apply_failed),
+    code("bottle::apply-failed"),
     help("fix the errors listed above and run `bottle apply` again; completed work is kept")
 )]
 pub struct ApplyFailed {

@@ -27,7 +27,7 @@ pub struct AttachArgs {
 pub enum AttachError {
     #[error("machine {machine} of agent `{agent}` is {state}")]
     #[diagnostic(
-        code(bottle::not_running),
+        code("bottle::not-running"),
         help("run `bottle apply --target {agent}` first")
     )]
     NotRunning {

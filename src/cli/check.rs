@@ -30,6 +30,9 @@ struct DriftReport<'a> {
     format_version: u32,
     project: &'a str,
     in_sync: bool,
+    /// The agents checked, when `--target` limited the check.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    targets: Option<&'a [String]>,
     drift: Vec<Drift<'a>>,
     /// Agents that could not be observed (the command exits 1).
     errors: &'a [crate::plan::PlanError],
@@ -43,6 +46,9 @@ struct Drift<'a> {
     step: &'a str,
     action: &'a str,
     cause: &'a str,
+    /// Why `bottle apply` will not do it without a flag.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    blocked: Option<&'a str>,
 }
 
 fn print_notes(report: &DriftReport) {
@@ -59,6 +65,7 @@ fn report(plan: &Plan) -> DriftReport<'_> {
         format_version: crate::plan::PLAN_FORMAT,
         project: &plan.project,
         in_sync: plan.is_empty() && plan.errors.is_empty(),
+        targets: plan.targets.as_deref(),
         errors: &plan.errors,
         notes: &plan.notes,
         drift: plan
@@ -70,9 +77,30 @@ fn report(plan: &Plan) -> DriftReport<'_> {
                 step: a.op.step(),
                 action: a.op.verb(),
                 cause: &a.cause,
+                blocked: a.blocked.as_deref(),
             })
             .collect(),
     }
+}
+
+/// The flags `apply` needs for the blocked actions: ` --allow-replace`,
+/// ` --prune`, both or none.
+fn flags_needed(plan: &Plan) -> String {
+    let mut flags = String::new();
+    for (op, flag) in [
+        (crate::plan::Op::Replace, " --allow-replace"),
+        (crate::plan::Op::Delete, " --prune"),
+    ] {
+        if plan.blocked().any(|a| {
+            a.op == op
+                && a.blocked
+                    .as_deref()
+                    .is_some_and(|b| b.contains(flag.trim()))
+        }) {
+            flags.push_str(flag);
+        }
+    }
+    flags
 }
 
 pub fn run(global: &GlobalArgs, args: CheckArgs) -> miette::Result<Outcome> {
@@ -95,22 +123,33 @@ pub fn run(global: &GlobalArgs, args: CheckArgs) -> miette::Result<Outcome> {
         );
     } else if report.in_sync {
         print_notes(&report);
-        println!(
-            "In sync: {} agent(s) match their manifests.",
-            survey.desired.agents.len()
-        );
+        match report.targets {
+            Some(targets) => println!(
+                "In sync: {} (the agents checked; --target left out the rest).",
+                crate::plan::agents_match(targets)
+            ),
+            None => println!(
+                "In sync: {} agent(s) match their manifests.",
+                survey.desired.agents.len()
+            ),
+        }
     } else {
         if !report.drift.is_empty() {
             println!("Drift in project {}:", report.project);
         }
         for d in &report.drift {
             let who = d.agent.unwrap_or(d.machine);
-            println!("  {who}: {} ({} needed): {}", d.step, d.action, d.cause);
+            print!("  {who}: {} ({} needed): {}", d.step, d.action, d.cause);
+            match d.blocked {
+                Some(blocked) => println!("  [blocked: {blocked}]"),
+                None => println!(),
+            }
         }
         if !report.drift.is_empty() {
             println!(
-                "{} difference(s); run `bottle apply` to converge.",
-                report.drift.len()
+                "{} difference(s); run `bottle apply{}` to converge.",
+                report.drift.len(),
+                flags_needed(&survey.plan)
             );
         }
         print_notes(&report);

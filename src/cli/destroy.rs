@@ -42,13 +42,13 @@ pub enum DestroyError {
     NoTerminal { count: usize },
     #[error("`{0}` is not a project name: it {1}")]
     #[diagnostic(
-        code(bottle::invalid_name),
+        code("bottle::invalid-name"),
         help("project names are 1-48 lower-case letters, digits and '-', starting with a letter")
     )]
     BadProject(String, &'static str),
     #[error("no machine of this project belongs to agent `{0}`")]
     #[diagnostic(
-        code(bottle::unknown_target),
+        code("bottle::unknown-target"),
         help("run `bottle status` to see the machines of this project")
     )]
     UnknownAgent(String),

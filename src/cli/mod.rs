@@ -33,6 +33,8 @@ pub enum Outcome {
 }
 
 pub const EXIT_ERROR: u8 = 1;
+/// clap's exit code for usage errors.
+pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_DRIFT: u8 = 3;
 
 #[derive(Debug, Parser)]
@@ -148,7 +150,12 @@ pub fn main() -> ExitCode {
         Ok(Outcome::Drift) => ExitCode::from(EXIT_DRIFT),
         Err(report) => {
             eprintln!("{report:?}");
-            ExitCode::from(EXIT_ERROR)
+            // An agent name on the command line that the manifests do not
+            // declare is a usage error, like clap's own.
+            let usage = report
+                .code()
+                .is_some_and(|c| c.to_string() == "bottle::unknown-target");
+            ExitCode::from(if usage { EXIT_USAGE } else { EXIT_ERROR })
         }
     }
 }

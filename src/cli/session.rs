@@ -40,7 +40,7 @@ pub fn state_dir(global: &GlobalArgs) -> miette::Result<PathBuf> {
 #[derive(Debug, Error, Diagnostic)]
 #[error("no state directory: neither --state-dir, XDG_STATE_HOME nor HOME is set")]
 #[diagnostic(
-    code(bottle::no_state_dir),
+    code("bottle::no-state-dir"),
     help("pass --state-dir DIR or set BOTTLE_STATE_DIR")
 )]
 struct NoStateDir;
@@ -191,7 +191,7 @@ pub fn observation_errors(plan: &Plan) -> Result<(), ObservationFailed> {
 #[derive(Debug, Error, Diagnostic)]
 #[error("could not observe agent(s) {agents}; their state is unknown")]
 #[diagnostic(
-    code(bottle::observe_failed),
+    code("bottle::observe-failed"),
     help(
         "the errors above say why; check the runtime (e.g. `smolvm machine ls --json`) and the machines, then run again"
     )
@@ -202,7 +202,7 @@ pub struct ObservationFailed {
 
 #[derive(Debug, Error, Diagnostic)]
 #[error("no agent named `{agent}` in the manifests")]
-#[diagnostic(code(bottle::unknown_target), help("declared agents: {known}"))]
+#[diagnostic(code("bottle::unknown-target"), help("declared agents: {known}"))]
 pub struct UnknownTarget {
     pub agent: String,
     pub known: String,

@@ -95,7 +95,7 @@ pub fn run(global: &GlobalArgs, args: WatchArgs) -> miette::Result<Outcome> {
 #[derive(Debug, thiserror::Error, miette::Diagnostic)]
 #[error("cannot watch {dir}: {error}")]
 #[diagnostic(
-    code(bottle::watch_failed),
+    code("bottle::watch-failed"),
     help(
         "check that the directory is readable; on Linux, a large tree can exceed the inotify watch limit (raise fs.inotify.max_user_watches)"
     )

@@ -92,7 +92,7 @@ pub enum StepError {
     #[diagnostic(transparent)]
     Runtime(#[from] RuntimeError),
 
-    #[error("{what} failed in the guest (exit status {status}): {stderr}")]
+    #[error("{what} failed in the guest (exit status {status}){}", output_suffix(.stderr))]
     #[diagnostic(help("{help}"))]
     Guest {
         what: String,
@@ -107,6 +107,14 @@ pub enum StepError {
 }
 
 pub type StepResult<T> = Result<T, StepError>;
+
+/// `: <stderr>`, or a plain statement that there was none.
+fn output_suffix(stderr: &str) -> String {
+    match stderr.trim() {
+        "" => ", with no error output".to_owned(),
+        text => format!(": {text}"),
+    }
+}
 
 /// Run a root shell script in the guest with positional arguments; a
 /// non-zero exit is an error that quotes the guest's stderr.
