@@ -399,6 +399,20 @@ fn apply_provisions_every_step_in_the_guest_and_a_second_apply_changes_nothing()
             bottle::steps::sh_quote(AS_USER)
         )
     );
+    // And for real, with a stand-in for Claude Code: it runs in the guest,
+    // as the agent user, in its home, with the secret passed by reference.
+    p.double.sh(
+        CODER,
+        "printf '#!/bin/sh\\necho \"claude as $(id -un) in $(pwd) secret=${E2E_SECRET:+set}: $*\"\\n' \
+         > /usr/local/bin/claude && chmod 755 /usr/local/bin/claude",
+    );
+    let session = p.bottle(&["attach", "coder"]);
+    session.success();
+    assert_eq!(
+        session.stdout,
+        "claude as node in /home/node secret=set: --dangerously-skip-permissions \
+         --append-system-prompt-file /home/node/.bottle/prompt.md\n"
+    );
 
     // Idempotence: a second apply observes (one ls, one probe per machine)
     // and changes nothing.

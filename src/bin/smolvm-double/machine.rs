@@ -541,10 +541,8 @@ impl Double<'_> {
         if !found.running() {
             return Err(Failure::not_running(name));
         }
-        if cmd.interactive || cmd.tty || cmd.detach {
-            return Err(Failure::double(
-                "interactive (-i/-t) and detached (-d) exec are not supported",
-            ));
+        if cmd.detach {
+            return Err(Failure::double("detached (-d) exec is not supported"));
         }
         let mut env: BTreeMap<String, String> =
             parse::resolve_secrets(&parse::secrets(&cmd.secret_env, &cmd.secret_file)?)?
@@ -558,6 +556,21 @@ impl Double<'_> {
             user: None,
             timeout: cmd.timeout.unwrap_or(EXEC_WITHOUT_TIMEOUT),
         };
+        if cmd.interactive || cmd.tty {
+            // A session (`bottle attach`): the runtime's interactive command,
+            // on this process's own stdin, stdout and stderr.
+            let argv = self.runtime.interactive_argv(name, &request);
+            let status = std::process::Command::new(&argv[0])
+                .args(&argv[1..])
+                .status()
+                .map_err(|e| Failure::double(format!("cannot run the session: {e}")))?;
+            use std::os::unix::process::ExitStatusExt;
+            return Ok(Exit::Code(
+                status
+                    .code()
+                    .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)),
+            ));
+        }
         let output = self
             .runtime
             .exec(name, &request)

@@ -54,7 +54,8 @@
 //!
 //! Egress filtering (allow-lists are recorded and reported, not enforced:
 //! the guest gets the host's network whenever smolvm would give it one),
-//! interactive and detached `exec`, persistent workloads, ports, GPUs,
+//! detached `exec` (interactive `exec -it` runs on the double's own
+//! terminal), persistent workloads, ports, GPUs,
 //! forks, `update --net/--no-net`, VMM process ids (`pid` is `null`).
 
 mod cli;
