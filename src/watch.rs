@@ -27,6 +27,8 @@
 //!   using that prompt, and a bottle change every agent in that bottle).
 //! - Reconciles run on one thread, so they never overlap; events that arrive
 //!   during one are drained into exactly one follow-up.
+//! - A manifests directory deleted and made anew (or renamed away and
+//!   back) is watched again once it loads.
 //! - A failed reconcile is retried (in full) with exponential backoff and
 //!   jitter; agents that failed stay owed a reconcile until one succeeds.
 //! - Blocked actions (replacement without `--allow-replace`, pruning without
@@ -699,6 +701,9 @@ impl LoopState<'_> {
         self.recheck_at = None;
         let set = WatchSet::of(&desired.project);
         if let Some(watcher) = watcher {
+            if let Some(error) = watcher.follow_root() {
+                self.watch_error(&error);
+            }
             for error in watcher.set_outside(set.outside_dirs()) {
                 self.watch_error(&error);
             }
@@ -1085,7 +1090,15 @@ fn settle_window(debounce: Duration) -> Duration {
 pub struct FsWatcher {
     debouncer: Debouncer<RecommendedWatcher, RecommendedCache>,
     root: PathBuf,
+    /// Device and inode of the directory the root watch is on.
+    root_id: Option<(u64, u64)>,
     outside: BTreeSet<PathBuf>,
+}
+
+/// Device and inode of a directory, to tell when it was made anew.
+fn dir_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 impl FsWatcher {
@@ -1129,8 +1142,25 @@ impl FsWatcher {
         Ok(Self {
             debouncer,
             root: root.to_owned(),
+            root_id: dir_id(root),
             outside: BTreeSet::new(),
         })
+    }
+
+    /// Watch the manifests directory again if it is not the directory the
+    /// watch was set on (deleted and made anew, or put back by a rename):
+    /// the old watch went with the old directory. Returns what failed.
+    pub fn follow_root(&mut self) -> Option<String> {
+        let now = dir_id(&self.root);
+        if now.is_none() || now == self.root_id {
+            return None;
+        }
+        let _ = self.debouncer.unwatch(&self.root);
+        self.root_id = now;
+        self.debouncer
+            .watch(&self.root, RecursiveMode::Recursive)
+            .err()
+            .map(|e| format!("cannot watch {}: {e}", self.root.display()))
     }
 
     /// Watch exactly these outside directories (non-recursively) from now

@@ -1239,3 +1239,43 @@ fn while_invalid_a_resync_still_repairs_drift_but_creates_nothing() {
     assert_eq!(create["agent"], "a", "{create}");
     assert_eq!(create["status"], "done", "{create}");
 }
+
+#[test]
+fn a_manifests_directory_made_anew_is_watched_again() {
+    let double = Double::new();
+    let _machines = Machines(&double);
+    let project = Project::new("wanew");
+    let mut watch = started(&double, &project, &[], &[]);
+    let ma = project.machine("a");
+
+    // The directory goes (renamed away): invalid, nothing touched.
+    let aside = project.root.join("manifests.old");
+    std::fs::rename(&project.dir, &aside).unwrap();
+    let gone = watch.wait("the missing directory", EVENT, |e| event(e) == "invalid");
+    assert_eq!(gone["codes"], serde_json::json!(["bottle::no-directory"]));
+    assert_eq!(machine_names(&double).len(), 3);
+
+    // A new directory with the same content: nothing to do...
+    copy_tree(&aside, &project.dir);
+    let back = watch.wait("the directory back", EVENT, |e| event(e) != "invalid");
+    assert_eq!(event(&back), "skip", "{back}");
+    // ...and edits inside it are seen again.
+    save_by_rename(&project.path("prompts/a.md"), "You are A, anew.\n");
+    let edit = watch.wait("the prompt edit", EVENT, |e| event(e) == "reconcile");
+    assert_eq!(agents(&edit), ["a"]);
+    assert_eq!(event(&watch.outcome(EVENT)), "done");
+    assert_eq!(prompt_in(&double, &ma), "You are A, anew.\n");
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
