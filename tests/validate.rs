@@ -323,7 +323,7 @@ fn examples_resolve_into_a_project() {
     assert_eq!(dev.volumes.len(), 1);
     assert_eq!(dev.volumes[0].host, m.join("workspace"));
     assert_eq!(dev.volumes[0].guest, "/workspace");
-    assert!(!dev.volumes[0].read_only);
+    assert!(dev.volumes[0].read_only);
     assert_eq!(
         dev.setup_inputs,
         vec![vec![], vec![m.join("scripts/check-tools.sh")], vec![]]

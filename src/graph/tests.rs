@@ -60,7 +60,7 @@ memory_mib = 2048
 user = "node"
 env = { GIT_AUTHOR_NAME = "Bottle Bot", EDITOR = "vi" }
 secrets = { GITHUB_TOKEN = { from_env = "GH_PAT" }, NPM = { from_file = "/run/npm" } }
-volumes = ["./workspace:/workspace", "../cache:/cache:ro"]
+volumes = ["./workspace:/workspace:ro", "../cache:/cache:ro"]
 
 [bottle.dev.egress]
 allow_hosts = ["api.anthropic.com", "github.com"]
@@ -534,7 +534,7 @@ fn moving_the_manifests_directory_keeps_hashes_except_volume_mounts() {
     g.write(
         "dev.toml",
         &FULL.replace(
-            "volumes = [\"./workspace:/workspace\", \"../cache:/cache:ro\"]",
+            "volumes = [\"./workspace:/workspace:ro\", \"../cache:/cache:ro\"]",
             "",
         ),
     );

@@ -556,13 +556,39 @@ fn volumes(cx: &mut Cx, file: FileId, base: &KeyPath, what: &str, raw: &[String]
                 continue;
             }
         };
-        if cx.stat(&resolved).is_none() {
+        let Some(info) = cx.stat(&resolved) else {
             bad(
                 cx,
                 format!("shares `{host}`, which does not exist"),
                 "create it (volumes share existing host paths), or fix the path; \
                  a relative host path is relative to this file",
                 "no such file or directory",
+            );
+            continue;
+        };
+        // An agent that can write into the manifests directory can write
+        // manifests, which bottle (and a watch) would then apply: another
+        // bottle with `/` as a volume, say.
+        let root = cx.root;
+        if !read_only && (info.canonical.starts_with(root) || root.starts_with(&info.canonical)) {
+            cx.report(
+                file,
+                &path,
+                Want::Value,
+                diag(
+                    "bottle::writable-manifests",
+                    format!(
+                        "volume `{v}` in {what} lets the guest write into the manifests directory"
+                    ),
+                    "an agent that can write there can write manifests, and bottle would apply \
+                     them: mount it read-only (`HOST:GUEST:ro`) or share a directory outside \
+                     the manifests directory",
+                ),
+                if info.canonical.starts_with(root) {
+                    "inside the manifests directory, writable"
+                } else {
+                    "holds the manifests directory, writable"
+                },
             );
             continue;
         }
