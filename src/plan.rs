@@ -418,21 +418,23 @@ fn plan_agent(
     };
     let recorded_machine = probe.ledger.get("machine");
     if replace_blocked {
-        let user_changed = recorded_machine
+        // Steps need the agent user the machine step provisions: without
+        // it (never provisioned, or a different user now) they wait too.
+        let provisioned = recorded_machine
             .and_then(|e| e.detail_str("user"))
-            .is_some_and(|u| u != ctx.user());
-        if !user_changed {
-            plan_steps(b, desired, agent, probe, Steps::ExceptMachine);
+            .is_some_and(|u| u == ctx.user());
+        if !provisioned {
+            return;
         }
-        return;
     }
     let (causes, update) =
         machine_step::pending_update(&ctx, machine.cpus, machine.memory_mib, recorded_machine);
     let gate = (!update.is_empty())
         .then(|| b.push(agent, Op::Restart { update }, causes.join(", "), vec![]));
-    let steps = match gate {
-        Some(gate) => Steps::After(gate),
-        None => Steps::All,
+    let steps = match (gate, replace_blocked) {
+        (gate, true) => Steps::BesideBlockedReplace(gate),
+        (Some(gate), false) => Steps::After(gate),
+        (None, false) => Steps::All,
     };
     plan_steps(b, desired, agent, probe, steps);
 }
@@ -444,9 +446,14 @@ enum Steps {
     /// All but the machine step, which the given restart re-provisions;
     /// every step waits for it.
     After(usize),
-    /// All but the machine step, which waits for a blocked replacement.
-    ExceptMachine,
+    /// The replacement is blocked (its machine step waits for it), after a
+    /// restart if one is planned. Changed setup steps wait as well: they
+    /// are commands meant for the machine as it will be (its image, env,
+    /// secrets), and cannot be undone.
+    BesideBlockedReplace(Option<usize>),
 }
+
+const SETUP_WAITS_FOR_REPLACE: &str = "setup commands run on the machine as declared; they wait for the replacement (--allow-replace)";
 
 fn describe_owner(machine: &MachineInfo) -> String {
     match (
@@ -522,7 +529,8 @@ fn plan_steps(
     let ctx = desired.ctx(agent);
     let gate = match which {
         Steps::After(g) => Some(g),
-        Steps::All | Steps::ExceptMachine => None,
+        Steps::BesideBlockedReplace(g) => g,
+        Steps::All => None,
     };
     let mut ids: BTreeMap<StepKind, usize> = BTreeMap::new();
     if let Some(g) = gate {
@@ -559,6 +567,11 @@ fn plan_steps(
         if let Some(cause) = cause {
             let after = deps(step, &ids, gate);
             let action = b.push(agent, apply_op(step, recorded), cause, after);
+            if matches!(which, Steps::BesideBlockedReplace(_))
+                && matches!(step.kind, StepKind::Setup(_))
+            {
+                b.plan.actions[action].blocked = Some(SETUP_WAITS_FOR_REPLACE.to_owned());
+            }
             ids.insert(step.kind.clone(), action);
         }
     }

@@ -55,7 +55,12 @@ fn probed(desired: &Desired, agent: &str) -> Probe {
             probe.sections.insert(id.clone(), section);
         }
         if step.kind == bottle::graph::StepKind::Machine {
-            entry.detail = machine::mutable_detail(&desired.ctx(a));
+            // As the machine step records it: the settings, and the user.
+            let ctx = desired.ctx(a);
+            entry.detail = machine::mutable_detail(&ctx);
+            entry
+                .detail
+                .insert("user".into(), serde_json::json!(ctx.user()));
             probe.sections.insert(id.clone(), "1000 1000\n".into());
             entry.digest = probe_digest(&step.kind, "1000 1000\n");
         }
@@ -197,8 +202,28 @@ fn an_immutable_setting_changed_means_replacement_only_when_allowed() {
         "{prompt:?}"
     );
     let with_prompt = planned.render();
+    // An in-place change still restarts the machine, and the prompt waits
+    // for it; a changed setup command waits for the replacement.
+    machine_of(&mut s, "bottle_golden_reviewer").cpus = Some(7);
+    let probe = s.probes.get_mut("bottle_golden_reviewer").unwrap();
+    probe.ledger.get_mut("setup:toolchain").unwrap().hash = "an older hash".into();
+    let with_restart = render(&d, &s, &PlanOptions::default());
+    let planned = plan(&d, &s, &PlanOptions::default());
+    let restart = planned
+        .actions
+        .iter()
+        .position(|a| a.op.verb() == "restart");
+    let prompt = planned.actions.iter().find(|a| a.op.step() == "prompt");
+    assert_eq!(prompt.map(|p| p.after.clone()), restart.map(|r| vec![r]));
+    // A machine whose agent user was never provisioned: the steps need it.
+    let probe = s.probes.get_mut("bottle_golden_reviewer").unwrap();
+    probe.ledger.remove("machine");
+    let unprovisioned = render(&d, &s, &PlanOptions::default());
     insta::assert_snapshot!(format!(
-        "## without --allow-replace\n{blocked}\n## with --allow-replace\n{allowed}\n## blocked, and the prompt changed\n{with_prompt}"
+        "## without --allow-replace\n{blocked}\n## with --allow-replace\n{allowed}\n\
+         ## blocked, and the prompt changed\n{with_prompt}\n\
+         ## blocked, with cpus and a setup command changed too\n{with_restart}\n\
+         ## blocked, the agent user never provisioned\n{unprovisioned}"
     ));
 }
 
