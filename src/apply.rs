@@ -287,6 +287,37 @@ fn render_error(e: &StepError) -> String {
     s
 }
 
+/// Before a replacement deletes the old machine (and its disk), create a
+/// machine with the new settings under a scratch name and delete it again:
+/// smolvm checks the settings when it creates a machine, and resolves the
+/// egress host names then (failing without DNS). A replacement that cannot
+/// be created keeps the old machine.
+fn check_replacement_creates(
+    ctx: &AgentCtx,
+    rt: &dyn Runtime,
+    shared: &Shared,
+) -> Result<(), StepError> {
+    let mut spec = machine::machine_spec(ctx);
+    spec.name = machine::scratch_name(ctx.machine);
+    // One left behind by an interrupted replacement.
+    if shared.snapshot.machine(&spec.name).is_some() {
+        rt.delete(&spec.name)?;
+    }
+    rt.create(&spec).map_err(|e| {
+        StepError::Other(
+            format!(
+                "the machine's new settings cannot be created, so the old machine and its disk \
+                 were kept: {e}"
+            ),
+            "fix what the runtime's message names (an egress host that does not resolve \
+             here, an image that cannot be found), then run `bottle apply --allow-replace` again"
+                .to_owned(),
+        )
+    })?;
+    rt.delete(&spec.name)?;
+    Ok(())
+}
+
 /// Agent users already known from the probes.
 fn known_users(desired: &Desired, snapshot: &Snapshot) -> HashMap<String, GuestUser> {
     let mut users = HashMap::new();
@@ -350,6 +381,7 @@ fn run(
             set_user(provision_user(&ctx, &machine_hash(), rt)?);
         }
         Op::Replace => {
+            check_replacement_creates(&ctx, rt, shared)?;
             rt.delete(&action.machine)?;
             rt.create(&machine::machine_spec(&ctx))?;
             rt.start(&action.machine)?;

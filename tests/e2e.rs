@@ -1355,6 +1355,37 @@ fn replacement_and_deletion_wait_for_their_flags_and_other_machines_are_never_to
     assert_eq!(labels(&p, CODER), old_labels);
     p.bottle(&["check"]).code(3);
 
+    // Allowed, but the new settings cannot be created (smolvm refuses an
+    // egress host it cannot resolve, say): the old machine and its disk stay.
+    let failing_create = format!("create:{}", p.double.count("create") + 1);
+    let refused = p.bottle_env(
+        &["apply", "--allow-replace"],
+        &[("SMOLVM_DOUBLE_FAIL", &failing_create)],
+    );
+    refused.code(1);
+    assert!(
+        refused
+            .stdout
+            .contains("the machine's new settings cannot be created, so the old machine and its disk were kept"),
+        "{}",
+        refused.stdout
+    );
+    assert_eq!(created_at(&p, CODER), old_created, "not replaced");
+    assert_eq!(
+        p.double.sh(CODER, "ls /var/lib/old-disk"),
+        "/var/lib/old-disk\n"
+    );
+    let listed: Vec<String> = p
+        .double
+        .list_json()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        !listed.iter().any(|n| n.ends_with("_replace-check")),
+        "no scratch machine left: {listed:?}"
+    );
+
     // Allowed: a new machine (new disk, new created_at), fully provisioned.
     wait_until("a new second", Duration::from_secs(2), || {
         std::time::SystemTime::now()

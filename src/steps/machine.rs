@@ -107,6 +107,14 @@ pub fn machine_spec(ctx: &AgentCtx) -> MachineSpec {
     }
 }
 
+/// The name under which a replacement's settings are tried before the old
+/// machine is deleted. Agent names hold no `_`, so it is no agent's
+/// machine; it carries the project's labels, so one left behind by an
+/// interrupted run is listed as undeclared (and pruned with `--prune`).
+pub fn scratch_name(machine: &str) -> String {
+    format!("{machine}_replace-check")
+}
+
 /// The settings `machine update` changes in place, as recorded in the
 /// machine's ledger entry (smolvm does not report them): the env keys and
 /// hash, and the volumes (needed to remove them later).
