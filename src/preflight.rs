@@ -3,30 +3,26 @@
 //! source is missing on this host. Problems are manifest diagnostics (they
 //! point at the key that asks for the impossible); things the user accepted
 //! are notes shown with the plan.
+//!
+//! Secrets are read when a machine starts (as smolvm does at each launch),
+//! so a missing one only stops a plan that starts machines of its bottle:
+//! everything else, `plan`, `check` and `status` included, needs none.
+
+use std::collections::BTreeSet;
 
 use crate::desired::Desired;
-use crate::manifest::{Diagnostics, KeyPath, ManifestDiagnostic};
+use crate::manifest::{Bottle, Diagnostics, KeyPath, ManifestDiagnostic};
+use crate::plan::{Op, Plan};
 use crate::runtime::RuntimeKind;
 
-/// How to treat a secret whose source is missing on this host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Secrets {
-    /// An error: the command is about to launch machines (apply, watch).
-    Required,
-    /// A note: the command only looks (plan, check, status).
-    Noted,
-}
-
-/// Run every check; returns the notes, or every problem.
-pub fn check(
-    desired: &Desired,
-    runtime: RuntimeKind,
-    secrets: Secrets,
-) -> Result<Vec<String>, Diagnostics> {
+/// What the runtime cannot do (an error) or does with the user's consent (a
+/// note), and secrets missing on this host (a note); returns the notes, or
+/// every problem.
+pub fn check(desired: &Desired, runtime: RuntimeKind) -> Result<Vec<String>, Diagnostics> {
     let project = &desired.project;
     let mut notes = Vec::new();
     let mut problems = Vec::new();
-    let used: std::collections::BTreeSet<&str> = project
+    let used: BTreeSet<&str> = project
         .agents
         .values()
         .map(|a| a.spec.bottle.as_str())
@@ -62,37 +58,11 @@ pub fn check(
                 );
             }
         }
-        for (name, reference) in &bottle.spec.secrets {
-            let missing = match (&reference.from_env, &reference.from_file) {
-                (Some(var), _) if std::env::var_os(var).is_none() => Some((
-                    format!("host environment variable `{var}` is not set"),
-                    format!(
-                        "export {var} in the environment bottle runs in; its value is read at each launch and never stored"
-                    ),
-                )),
-                (None, Some(file)) if std::fs::File::open(file).is_err() => Some((
-                    format!("host file `{file}` cannot be read"),
-                    format!("create {file}, readable by the user bottle runs as"),
-                )),
-                _ => None,
-            };
-            let Some((what, help)) = missing else {
-                continue;
-            };
-            let message = format!("secret `{name}` of bottle `{}`: {what}", bottle.name);
-            match secrets {
-                Secrets::Noted => notes.push(format!("{message} (apply will refuse until it is)")),
-                Secrets::Required => problems.push(
-                    ManifestDiagnostic::new("bottle::secret-unavailable", message)
-                        .value(
-                            &project.sources,
-                            bottle.file,
-                            &at.clone().key("secrets").key(name),
-                            "its source is missing on this host",
-                        )
-                        .help(help),
-                ),
-            }
+        for missing in missing_secrets(bottle) {
+            notes.push(format!(
+                "secret `{}` of bottle `{}`: {} (its machines cannot start until it is)",
+                missing.name, bottle.name, missing.what
+            ));
         }
     }
     if problems.is_empty() {
@@ -103,6 +73,87 @@ pub fn check(
             items: problems,
         })
     }
+}
+
+/// Refuse a plan that starts a machine whose bottle has a secret missing on
+/// this host: the start would fail half-way through the apply.
+pub fn launch_secrets(desired: &Desired, plan: &Plan) -> Result<(), Diagnostics> {
+    let project = &desired.project;
+    let launching: BTreeSet<&str> = plan
+        .actions
+        .iter()
+        .filter(|a| a.blocked.is_none())
+        .filter(|a| {
+            matches!(
+                a.op,
+                Op::Create | Op::Replace | Op::Start { .. } | Op::Restart { .. }
+            )
+        })
+        .filter_map(|a| a.agent.as_ref())
+        .filter_map(|agent| project.agents.get(agent))
+        .map(|agent| agent.spec.bottle.as_str())
+        .collect();
+    let mut problems = Vec::new();
+    for bottle in launching.iter().filter_map(|b| project.bottles.get(*b)) {
+        for missing in missing_secrets(bottle) {
+            let at = KeyPath::new()
+                .key("bottle")
+                .key(&bottle.name)
+                .key("secrets")
+                .key(&missing.name);
+            problems.push(
+                ManifestDiagnostic::new(
+                    "bottle::secret-unavailable",
+                    format!(
+                        "secret `{}` of bottle `{}`: {}, and this apply starts a machine of that bottle",
+                        missing.name, bottle.name, missing.what
+                    ),
+                )
+                .value(&project.sources, bottle.file, &at, "its source is missing on this host")
+                .help(missing.help),
+            );
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Diagnostics {
+            dir: project.dir.display().to_string(),
+            items: problems,
+        })
+    }
+}
+
+struct MissingSecret {
+    name: String,
+    what: String,
+    help: String,
+}
+
+/// The secrets of `bottle` whose source cannot be read on this host now.
+fn missing_secrets(bottle: &Bottle) -> Vec<MissingSecret> {
+    let mut out = Vec::new();
+    for (name, reference) in &bottle.spec.secrets {
+        let (what, help) = match (&reference.from_env, &reference.from_file) {
+            (Some(var), _) if std::env::var_os(var).is_none() => (
+                format!("host environment variable `{var}` is not set"),
+                format!(
+                    "export {var} in the environment bottle runs in; its value is read when a machine starts and never stored"
+                ),
+            ),
+            (None, Some(file)) if std::fs::File::open(file).is_err() => (
+                format!("host file `{file}` cannot be read"),
+                format!("create {file}, readable by the user bottle runs as"),
+            ),
+            _ => continue,
+        };
+        out.push(MissingSecret {
+            name: name.clone(),
+            what,
+            help,
+        });
+    }
+    out
 }
 
 #[cfg(test)]
@@ -130,10 +181,10 @@ mod tests {
     #[test]
     fn the_local_runtime_refuses_egress_it_cannot_enforce() {
         let d = desired(EGRESS);
-        let err = check(&d, RuntimeKind::Local, Secrets::Required).unwrap_err();
+        let err = check(&d, RuntimeKind::Local).unwrap_err();
         assert_eq!(err.items[0].code, "bottle::local-egress");
         assert_eq!(
-            check(&d, RuntimeKind::Smolvm, Secrets::Required).unwrap(),
+            check(&d, RuntimeKind::Smolvm).unwrap(),
             Vec::<String>::new()
         );
     }
@@ -143,20 +194,24 @@ mod tests {
         let d = desired(&format!(
             "{EGRESS}[bottle.dev.local]\nallow_unfiltered_network = true\n"
         ));
-        let notes = check(&d, RuntimeKind::Local, Secrets::Required).unwrap();
+        let notes = check(&d, RuntimeKind::Local).unwrap();
         assert_eq!(notes.len(), 1);
         assert!(notes[0].contains("unfiltered"), "{notes:?}");
     }
 
     #[test]
-    fn a_missing_secret_source_is_an_error_to_apply_and_a_note_to_plan() {
+    fn a_missing_secret_is_a_note_and_an_error_only_to_a_plan_that_starts_its_machines() {
         let d = desired(SECRET);
-        let err = check(&d, RuntimeKind::Smolvm, Secrets::Required).unwrap_err();
-        assert_eq!(err.items[0].code, "bottle::secret-unavailable");
-        let notes = check(&d, RuntimeKind::Smolvm, Secrets::Noted).unwrap();
+        let notes = check(&d, RuntimeKind::Smolvm).unwrap();
         assert!(
             notes[0].contains("BOTTLE_PREFLIGHT_TEST_NEVER_SET"),
             "{notes:?}"
         );
+        let snapshot = crate::observe::Snapshot::default();
+        let fresh = crate::plan::plan(&d, &snapshot, &Default::default());
+        let err = launch_secrets(&d, &fresh).unwrap_err();
+        assert_eq!(err.items[0].code, "bottle::secret-unavailable");
+        // Nothing to start (here: nothing at all), nothing to refuse.
+        launch_secrets(&d, &Plan::default()).unwrap();
     }
 }

@@ -1166,6 +1166,22 @@ fn a_failed_action_skips_its_dependents_only_and_the_next_apply_converges() {
     // the host when the machine started.
     let check = p.bottle_env_remove(&["check"], &["BOTTLE_E2E_SECRET"]);
     check.code(0);
+    // Nor does an apply that starts nothing; one that restarts coder's
+    // machine is refused before it touches anything.
+    p.bottle_env_remove(&["apply"], &["BOTTLE_E2E_SECRET"])
+        .success();
+    let marker = p.double.mutating_calls();
+    p.edit("bottles.toml", "cpus = 2", "cpus = 3");
+    let refused = p.bottle_env_remove(&["apply"], &["BOTTLE_E2E_SECRET"]);
+    refused.code(1);
+    assert!(
+        refused.stderr.contains("bottle::secret-unavailable")
+            && refused.stderr.contains("BOTTLE_E2E_SECRET"),
+        "{}",
+        refused.stderr
+    );
+    assert_eq!(p.double.mutating_calls(), marker, "nothing was touched");
+    p.edit("bottles.toml", "cpus = 3", "cpus = 2");
 
     // A runtime call that fails: the first `cp` of the next apply (both
     // prompts changed; one worker, so coder's prompt is copied first).

@@ -8,7 +8,6 @@ use super::plan::SelectArgs;
 use super::{DirArg, GlobalArgs, Outcome, session};
 use crate::apply::{self, Outcome as ActionOutcome, Report};
 use crate::lock::ProjectLock;
-use crate::preflight::Secrets;
 
 #[derive(Debug, Args)]
 pub struct ApplyArgs {
@@ -43,12 +42,15 @@ pub fn run(global: &GlobalArgs, args: ApplyArgs) -> miette::Result<Outcome> {
             Duration::from_secs(args.lock_wait),
         )?)
     };
-    let survey = session::survey(global, desired, &options, parallelism, Secrets::Required)?;
+    let survey = session::survey(global, desired, &options, parallelism)?;
     print!("{}", survey.plan.render());
     if args.dry_run || survey.plan.is_empty() {
         session::observation_errors(&survey.plan)?;
         return Ok(Outcome::Success);
     }
+    // Only now: a missing secret matters to a plan that starts a machine
+    // of its bottle, and to nothing else.
+    crate::preflight::launch_secrets(&survey.desired, &survey.plan)?;
     eprintln!();
     session::on_interrupt("interrupted: finishing the actions under way", || {})?;
     let report = apply::execute(

@@ -5,7 +5,6 @@ use serde::Serialize;
 
 use super::{DirArg, GlobalArgs, Outcome, session};
 use crate::plan::{Plan, PlanOptions};
-use crate::preflight::Secrets;
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
@@ -113,7 +112,6 @@ pub fn run(global: &GlobalArgs, args: CheckArgs) -> miette::Result<Outcome> {
         session::load(&args.dir.dir)?,
         &options,
         args.parallelism.into(),
-        Secrets::Noted,
     )?;
     let report = report(&survey.plan);
     if args.json {

@@ -4,7 +4,6 @@ use clap::Args;
 
 use super::{DirArg, GlobalArgs, Outcome, session};
 use crate::plan::PlanOptions;
-use crate::preflight::Secrets;
 
 #[derive(Debug, Args)]
 pub struct PlanArgs {
@@ -64,7 +63,6 @@ pub fn run(global: &GlobalArgs, args: PlanArgs) -> miette::Result<Outcome> {
         session::load(&args.dir.dir)?,
         &args.select.options(),
         args.select.parallelism.into(),
-        Secrets::Noted,
     )?;
     if args.json {
         println!(

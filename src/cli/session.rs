@@ -12,7 +12,7 @@ use crate::desired::{Desired, DesiredAgent};
 use crate::manifest;
 use crate::observe::Snapshot;
 use crate::plan::{Action, Plan, PlanOptions};
-use crate::preflight::{self, Secrets};
+use crate::preflight;
 use crate::runtime::{Runtime, RuntimeKind};
 
 /// Load manifests and build the desired state.
@@ -135,12 +135,11 @@ pub fn survey(
     desired: Desired,
     options: &PlanOptions,
     parallelism: usize,
-    secrets: Secrets,
 ) -> miette::Result<Survey> {
     for target in options.targets.iter().flatten() {
         agent(&desired, target)?;
     }
-    let notes = preflight::check(&desired, runtime_kind(global), secrets)?;
+    let notes = preflight::check(&desired, runtime_kind(global))?;
     let runtime = runtime(global)?;
     let snapshot = crate::observe::observe(
         runtime.as_ref(),

@@ -5,7 +5,6 @@ use serde::Serialize;
 
 use super::{DirArg, GlobalArgs, Outcome, session};
 use crate::plan::{Op, PlanOptions};
-use crate::preflight::Secrets;
 use crate::runtime::MachineState;
 
 #[derive(Debug, Args)]
@@ -53,7 +52,6 @@ pub fn run(global: &GlobalArgs, args: StatusArgs) -> miette::Result<Outcome> {
         session::load(&args.dir.dir)?,
         &PlanOptions::default(),
         8,
-        Secrets::Noted,
     )?;
     let mut status = Status {
         format_version: crate::plan::PLAN_FORMAT,

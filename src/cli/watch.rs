@@ -8,7 +8,7 @@ use miette::IntoDiagnostic;
 
 use super::{DirArg, GlobalArgs, Outcome, session};
 use crate::lock::ProjectLock;
-use crate::preflight::{self, Secrets};
+use crate::preflight;
 use crate::watch::{self, Message, WatchOptions};
 
 #[derive(Debug, Args)]
@@ -50,7 +50,7 @@ pub fn run(global: &GlobalArgs, args: WatchArgs) -> miette::Result<Outcome> {
     let dir = args.dir.dir.clone();
     // The first load must succeed: there is no last good state to keep yet.
     let first = session::load(&dir)?;
-    preflight::check(&first, session::runtime_kind(global), Secrets::Required)?;
+    preflight::check(&first, session::runtime_kind(global))?;
     let state = session::state_dir(global)?;
     let _lock = ProjectLock::acquire(&state, &first.project.name, "watch", Duration::ZERO)?;
     let rt = session::runtime(global)?;
@@ -85,7 +85,7 @@ pub fn run(global: &GlobalArgs, args: WatchArgs) -> miette::Result<Outcome> {
     };
     let load = || -> miette::Result<crate::desired::Desired> {
         let desired = session::load(&dir)?;
-        preflight::check(&desired, session::runtime_kind(global), Secrets::Required)?;
+        preflight::check(&desired, session::runtime_kind(global))?;
         Ok(desired)
     };
     watch::run(&options, rt.as_ref(), &load, rx, Some(&mut watcher))?;
