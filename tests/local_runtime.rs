@@ -641,6 +641,52 @@ fn env_and_secrets_reach_the_process_but_no_argv() {
 }
 
 #[test]
+fn a_secret_named_like_a_shell_variable_arrives_intact() {
+    // The init holds secrets under prefixed names: its shell resets IFS.
+    let f = Fixture::new();
+    let var = format!("BOTTLE_TEST_IFS_{}", std::process::id());
+    unsafe { std::env::set_var(&var, "not-whitespace") };
+    let mut spec = Fixture::spec("ifs");
+    spec.secrets = vec![SecretMount {
+        guest_env: "IFS".to_owned(),
+        source: SecretSource::HostEnv(var.clone()),
+    }];
+    let m = f.up(spec);
+    unsafe { std::env::remove_var(&var) };
+    let out =
+        f.rt.exec(&m, &ExecRequest::new(["/usr/bin/printenv", "IFS"]))
+            .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "not-whitespace\n");
+    let argv =
+        f.rt.interactive_argv(&m, &ExecRequest::new(["/usr/bin/printenv", "IFS"]));
+    let out = std::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "not-whitespace\n",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A command made for this init does not run after a restart.
+    f.rt.stop(&m).unwrap();
+    unsafe { std::env::set_var(&var, "not-whitespace") };
+    f.rt.start(&m).unwrap();
+    unsafe { std::env::remove_var(&var) };
+    let out = std::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("attach again"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn interactive_argv_runs_in_the_machine() {
     let f = Fixture::new();
     let var = format!("BOTTLE_TEST_ATTACH_{}", std::process::id());

@@ -544,6 +544,14 @@ impl Double<'_> {
         if cmd.detach {
             return Err(Failure::double("detached (-d) exec is not supported"));
         }
+        if (cmd.interactive || cmd.tty)
+            && !(cmd.secret_env.is_empty() && cmd.secret_file.is_empty())
+        {
+            // The session's command line would carry their values.
+            return Err(Failure::double(
+                "--secret-env/--secret-file with -i/-t are not supported",
+            ));
+        }
         let mut env: BTreeMap<String, String> =
             parse::resolve_secrets(&parse::secrets(&cmd.secret_env, &cmd.secret_file)?)?
                 .into_iter()

@@ -22,7 +22,7 @@ use rustix::process::{Pid, PidfdFlags, Signal, pidfd_open};
 use rustix::thread::{CapabilitySet, LinkNameSpaceType};
 
 use super::accounts::{UserIds, lookup_user};
-use super::sandbox::InitProcess;
+use super::sandbox::{InitProcess, secret_var};
 use crate::runtime::SecretMount;
 
 /// The capabilities a guest's root keeps (Docker's default set without
@@ -129,15 +129,19 @@ impl Target {
     /// `LaunchSpec::secrets`), by guest variable name.
     pub fn secrets(&self, secrets: &[SecretMount]) -> BTreeMap<String, OsString> {
         let environ = std::fs::read(format!("/proc/{}/environ", self.pid)).unwrap_or_default();
+        let wanted: BTreeMap<Vec<u8>, &str> = secrets
+            .iter()
+            .map(|s| (secret_var(&s.guest_env).into_bytes(), s.guest_env.as_str()))
+            .collect();
         environ
             .split(|b| *b == 0)
             .filter_map(|entry| {
                 let eq = entry.iter().position(|b| *b == b'=')?;
-                let key = std::str::from_utf8(&entry[..eq]).ok()?;
-                secrets
-                    .iter()
-                    .any(|s| s.guest_env == key)
-                    .then(|| (key.to_owned(), OsString::from_vec(entry[eq + 1..].to_vec())))
+                let guest = wanted.get(&entry[..eq])?;
+                Some((
+                    (*guest).to_owned(),
+                    OsString::from_vec(entry[eq + 1..].to_vec()),
+                ))
             })
             .collect()
     }
@@ -521,13 +525,14 @@ pub fn shell_quote(s: &str) -> String {
 /// on an argv.
 pub fn interactive_argv(
     nsenter: &str,
-    pid: u32,
+    init: &InitProcess,
     user: &UserIds,
     cwd: &str,
     env: &BTreeMap<String, String>,
     secrets: &[&str],
     argv: &[String],
 ) -> Vec<String> {
+    let pid = init.pid;
     let mut inner: Vec<String> = vec![
         nsenter.to_owned(),
         format!("--target={pid}"),
@@ -580,17 +585,26 @@ pub fn interactive_argv(
         return inner;
     }
 
-    // On the host: take each value from the init's environment
-    // (NUL-separated; `tr` drops the terminator, `printf x` keeps trailing
-    // newlines) into a heredoc on its own fd, then exec the rest.
+    // On the host: check the pid is still the machine's init (a printed
+    // command may run after a restart), then take each value from the
+    // init's environment into a heredoc on its own fd, and exec the rest.
+    // `sed` appends `x` to a value it finds (so trailing newlines survive
+    // `$(...)` and an empty value is told from a missing one); `tr` drops
+    // the NUL that ends it.
     let environ = format!("/proc/{pid}/environ");
-    let mut script = String::new();
+    let mut script = format!(
+        "[ \"$(sed 's/.*) //' /proc/{pid}/stat 2>/dev/null | cut -d' ' -f20)\" = {start} ] || \
+         {{ echo 'bottle: the machine is not running as it was when this command was made; attach again' >&2; exit 1; }}\n",
+        start = init.start_time
+    );
     for (i, guest) in secrets.iter().enumerate() {
         let fd = 3 + i;
         let delim = format!("BOTTLE_SECRET_{fd}");
+        let var = secret_var(guest);
         script.push_str(&format!(
-            "grep -qz '^{guest}=' {environ} || {{ echo 'bottle: secret {guest}: the machine was started without it; stop and start the machine' >&2; exit 1; }}\n\
-             v=$(sed -zn 's/^{guest}=//p' {environ} | tr -d '\\000'; printf x) && v=${{v%x}}\n\
+            "v=$(sed -zn 's/^{var}=\\(.*\\)/\\1x/p' {environ} | tr -d '\\000')\n\
+             [ -n \"$v\" ] || {{ echo 'bottle: secret {guest} is not in the machine (was it started without it? stop and start the machine)' >&2; exit 1; }}\n\
+             v=${{v%x}}\n\
              exec {fd}<<{delim}\n$v\n{delim}\n"
         ));
     }
@@ -651,24 +665,37 @@ mod tests {
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
     }
 
+    fn init(pid: u32) -> InitProcess {
+        InitProcess {
+            pid,
+            start_time: 4711,
+            boot_id: "boot".into(),
+        }
+    }
+
     #[test]
-    fn interactive_argv_keeps_secret_values_off_the_argv() {
+    fn interactive_argv_reads_secrets_from_the_init_it_was_made_for() {
         let user = UserIds::root();
         let env = BTreeMap::from([("A".to_owned(), "1".to_owned())]);
-        let secrets = ["TOKEN"];
         let argv = interactive_argv(
             "/usr/bin/nsenter",
-            42,
+            &init(42),
             &user,
             "/root",
             &env,
-            &secrets,
+            &["TOKEN"],
             &["bash".to_owned()],
         );
         assert_eq!(argv[0], "/bin/sh");
         let script = &argv[2];
+        // Only from pid 42, and only while pid 42 is the init that started.
         assert!(
-            script.contains("s/^TOKEN=//p' /proc/42/environ"),
+            script.starts_with("[ \"$(sed 's/.*) //' /proc/42/stat"),
+            "{script}"
+        );
+        assert!(script.contains(" = 4711 ]"), "{script}");
+        assert!(
+            script.contains("s/^BOTTLE_SECRET_TOKEN=\\(.*\\)/\\1x/p' /proc/42/environ"),
             "{script}"
         );
         assert!(script.contains("--target=42"));
@@ -680,7 +707,7 @@ mod tests {
     fn interactive_argv_without_secrets_is_plain() {
         let argv = interactive_argv(
             "nsenter",
-            7,
+            &init(7),
             &UserIds::root(),
             "/",
             &BTreeMap::new(),

@@ -834,7 +834,7 @@ impl Runtime for LocalRuntime {
         let secrets = record
             .secrets
             .iter()
-            .map(|s| Ok((s.guest_env.clone(), resolve_secret(s)?)))
+            .map(|s| Ok((sandbox::secret_var(&s.guest_env), resolve_secret(s)?)))
             .collect::<Result<Vec<_>, String>>()
             .map_err(|m| unsupported(OP, name, m))?;
         let dir = self.machine_dir(name);
@@ -1121,25 +1121,23 @@ trap - EXIT
         for s in &secret_names {
             env.remove(*s);
         }
-        if record.secrets.len() > exec::MAX_INTERACTIVE_SECRETS {
+        if secret_names.len() > exec::MAX_INTERACTIVE_SECRETS {
             return exec::failing_argv(&format!(
                 "machine {name} has {} secrets; an interactive session carries at most {}",
-                record.secrets.len(),
+                secret_names.len(),
                 exec::MAX_INTERACTIVE_SECRETS
             ));
         }
-        let secrets: Vec<&str> = record
-            .secrets
-            .iter()
-            .map(|s| s.guest_env.as_str())
-            .collect();
+        let Some(init) = record.init.as_ref() else {
+            return exec::failing_argv(&format!("machine {name} is not running"));
+        };
         exec::interactive_argv(
             &self.nsenter.to_string_lossy(),
-            target.pid,
+            init,
             &user,
             &cwd,
             &env,
-            &secrets,
+            &secret_names,
             &request.argv,
         )
     }

@@ -66,6 +66,13 @@ pub fn proc_stat(pid: u32) -> Option<(char, u64)> {
     Some((state, start))
 }
 
+/// The init's environment variable that holds secret `guest_env`. Prefixed,
+/// so no name a secret may have (`PATH`, `HOME`, `IFS`...) is overwritten by
+/// the init's own variables or reset by its shell.
+pub fn secret_var(guest_env: &str) -> String {
+    format!("BOTTLE_SECRET_{guest_env}")
+}
+
 /// Everything `launch` needs about a machine.
 pub struct LaunchSpec<'a> {
     pub bwrap: &'a Path,
@@ -80,8 +87,10 @@ pub struct LaunchSpec<'a> {
     pub log: &'a Path,
     pub timeout: Duration,
     /// Secret values, read on the host at this start (as smolvm does at
-    /// each launch). They live in the init's environment, which only root
-    /// can read, and nowhere on disk; every exec takes them from there.
+    /// each launch), under their [`secret_var`] names. They live in the
+    /// init's environment, which the host's root and the guest's root can
+    /// read (a guest user cannot), and nowhere on disk; every exec takes
+    /// them from there.
     pub secrets: &'a [(String, OsString)],
 }
 
