@@ -149,18 +149,6 @@ pub fn load_dir(dir: &Path) -> Result<Project, Diagnostics> {
 
     let name = project_name(&mut cx, &root, decls.project.take());
     let (bottles, agents) = validate::check(&mut cx, &decls);
-    // Setup steps that wait for each other in a cycle are found here, with
-    // everything else, not only once the rest is fixed. (A bottle whose
-    // `setup` had errors may miss the very step that closes a cycle.)
-    for d in decls.bottles.iter().filter(|d| d.clean_at("setup")) {
-        let Some(bottle) = bottles.get(&d.name).filter(|b| b.file == d.file) else {
-            continue;
-        };
-        for cycle in crate::graph::setup_cycles(&sources, bottle) {
-            let offset = cycle.labels.first().map_or(0, |l| l.offset());
-            cx.found.push(bottle.file, (offset, cycle));
-        }
-    }
     if decls.agents.is_empty() && !decls.saw_agent_table {
         cx.found.global(
             ManifestDiagnostic::new(

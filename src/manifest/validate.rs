@@ -202,7 +202,7 @@ fn bottle(cx: &mut Cx, d: &Decl<BottleSpec>) -> Option<Bottle> {
     }
     let setup_inputs = setup(cx, file, &base, &what, &spec.setup, d.clean_at("setup"));
 
-    Some(Bottle {
+    let bottle = Bottle {
         name: d.name.clone(),
         spec: spec.clone(),
         file,
@@ -210,7 +210,23 @@ fn bottle(cx: &mut Cx, d: &Decl<BottleSpec>) -> Option<Bottle> {
         ca_cert,
         volumes,
         setup_inputs,
-    })
+    };
+    // Setup steps that wait for each other in a cycle, found here with every
+    // other problem rather than once the rest is fixed. Not when a step was
+    // dropped for an error (it may be the one that closes a cycle), nor
+    // past `after = ["supervise"]`: reported above, and a cycle by
+    // construction.
+    let after_supervise = spec
+        .setup
+        .iter()
+        .any(|s| s.after.iter().any(|a| a == "supervise"));
+    if d.clean_at("setup") && !after_supervise {
+        for cycle in crate::graph::setup_cycles(cx.sources, &bottle) {
+            let offset = cycle.labels.first().map_or(0, |l| l.offset());
+            cx.found.push(file, (offset, cycle));
+        }
+    }
+    Some(bottle)
 }
 
 fn check_user(cx: &mut Cx, file: FileId, base: &KeyPath, what: &str, user: &str) {
