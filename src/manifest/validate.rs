@@ -1014,7 +1014,7 @@ fn agent(cx: &mut Cx, d: &Decl<AgentSpec>, bottles: &BTreeSet<&str>) -> Option<A
     }
 
     let prompt = match (&spec.prompt, &spec.prompt_text) {
-        (Some(_), Some(_)) => {
+        (Some(path), Some(_)) => {
             let text_span = cx.span(file, &base.clone().key("prompt_text"), Want::Key);
             let d = diag(
                 "bottle::prompt-conflict",
@@ -1028,6 +1028,17 @@ fn agent(cx: &mut Cx, d: &Decl<AgentSpec>, bottles: &BTreeSet<&str>) -> Option<A
                 Want::Key,
                 d,
                 "prompt file",
+            );
+            // Whichever is kept, a prompt file that is not there is a
+            // problem of its own.
+            resolve_inside(
+                cx,
+                file,
+                &base.clone().key("prompt"),
+                path,
+                "prompt file",
+                Expect::File,
+                None,
             );
             None
         }
