@@ -9,6 +9,13 @@
 //! - `apply`: make the guest match, then return the ledger entry to record.
 //! - `undo`: remove what the ledger entry says the step owns.
 //!
+//! Every script a step runs in the guest holds the step's lock
+//! ([`lock_preamble`]); probes take none. They only read: a probe beside a
+//! step still running (left by a killed apply) may see its work half done,
+//! and an apply then waits for that step before it redoes it. A probe that
+//! waited for locks would hold up every `plan` and `check` behind a stuck
+//! command.
+//!
 //! User data reaches guest shells only as positional arguments (`"$1"`),
 //! never spliced into script text.
 
