@@ -307,8 +307,23 @@ impl Diagnostic for RuntimeError {
     }
 
     fn help<'a>(&'a self) -> Option<Box<dyn std::fmt::Display + 'a>> {
-        self.kind.help()
+        match self.kind {
+            RuntimeErrorKind::AlreadyExists => Some(Box::new(already_exists_help(&self.machine))),
+            _ => self.kind.help(),
+        }
     }
+}
+
+/// smolvm says "already exists or is being created": most often it is this
+/// project's own machine, still being created by a bottle run that was
+/// killed (its `create` goes on without it).
+fn already_exists_help(machine: &str) -> String {
+    format!(
+        "an interrupted bottle run may still be creating it: wait a moment and run `bottle apply` \
+         again. Only if `smolvm machine ls` shows {machine} without bottle's labels \
+         (bottle.managed-by) is it someone else's: then rename the agent or the project, or delete that machine \
+         with `smolvm machine delete --name {machine} -f` if it is unused"
+    )
 }
 
 impl RuntimeError {
@@ -332,9 +347,7 @@ pub enum RuntimeErrorKind {
     NotRunning,
 
     #[error("a machine with this name already exists")]
-    #[diagnostic(help(
-        "another tool or project created it; delete it with `smolvm machine delete --name NAME -f` if it is unused"
-    ))]
+    #[diagnostic(help("{}", already_exists_help("NAME")))]
     AlreadyExists,
 
     #[error("`{command}` did not finish within {}s", timeout.as_secs())]

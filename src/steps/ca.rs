@@ -47,6 +47,7 @@ pub fn apply(ctx: &AgentCtx, rt: &dyn Runtime, entry: &mut LedgerEntry) -> StepR
     let out = run_script(
         rt,
         ctx.machine,
+        &entry.step,
         "update-ca-certificates",
         &format!(
             "update-ca-certificates >/dev/null 2>&1 || update-ca-certificates >&2 || exit 1; {}",
@@ -60,13 +61,13 @@ pub fn apply(ctx: &AgentCtx, rt: &dyn Runtime, entry: &mut LedgerEntry) -> StepR
     Ok(Vec::new())
 }
 
-pub fn undo(entry: &LedgerEntry, _ctx: &AgentCtx, rt: &dyn Runtime) -> StepResult<()> {
-    let machine = _ctx.machine;
+pub fn undo(entry: &LedgerEntry, ctx: &AgentCtx, rt: &dyn Runtime) -> StepResult<()> {
     let mut args: Vec<&str> = entry.paths.iter().map(String::as_str).collect();
     args.retain(|p| p.starts_with(CA_DIR));
     run_script(
         rt,
-        machine,
+        ctx.machine,
+        &entry.step,
         "removing the CA certificate",
         "rm -f \"$@\" && update-ca-certificates --fresh >/dev/null 2>&1 || update-ca-certificates --fresh >&2",
         &args,

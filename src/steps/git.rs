@@ -95,6 +95,7 @@ pub fn apply(
     let out = run_script_as(
         rt,
         ctx.machine,
+        &entry.step,
         user,
         "configuring git",
         &script,
@@ -130,6 +131,7 @@ pub fn undo(entry: &LedgerEntry, ctx: &AgentCtx, rt: &dyn Runtime) -> StepResult
     run_script_as(
         rt,
         ctx.machine,
+        &entry.step,
         Some(user),
         "removing the git configuration",
         &script,

@@ -222,6 +222,7 @@ pub fn ensure_user(
     let out = run_script(
         rt,
         ctx.machine,
+        &StepKind::Machine.id(),
         "creating the agent user",
         ENSURE_USER,
         &[ctx.user(), &home],

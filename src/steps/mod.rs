@@ -9,6 +9,13 @@
 //! - `apply`: make the guest match, then return the ledger entry to record.
 //! - `undo`: remove what the ledger entry says the step owns.
 //!
+//! Every script a step runs in the guest holds the step's lock
+//! ([`lock_preamble`]); probes take none. They only read: a probe beside a
+//! step still running (left by a killed apply) may see its work half done,
+//! and an apply then waits for that step before it redoes it. A probe that
+//! waited for locks would hold up every `plan` and `check` behind a stuck
+//! command.
+//!
 //! User data reaches guest shells only as positional arguments (`"$1"`),
 //! never spliced into script text.
 
@@ -30,6 +37,7 @@ use thiserror::Error;
 use crate::graph::{MachineHashes, StepKind};
 use crate::ledger::{self, LedgerEntry};
 use crate::manifest::{Agent, Bottle, Project};
+use crate::runtime::smolvm::AS_USER;
 use crate::runtime::{CopyOptions, ExecRequest, Runtime, RuntimeError};
 
 /// Everything a step needs to know about the agent it provisions.
@@ -101,6 +109,28 @@ pub enum StepError {
         help: String,
     },
 
+    #[error("machine {machine} has no `flock`, which bottle needs to run its steps one at a time")]
+    #[diagnostic(help(
+        "use an image with `flock` (util-linux on Debian and Ubuntu, busybox's applet on Alpine), \
+         or install it with a setup step (`apk add util-linux` / `apt-get install util-linux`)"
+    ))]
+    NoFlock { machine: String },
+
+    #[error(
+        "the {step} step is still running in machine {machine}, left by an interrupted bottle run \
+         (waited {waited}s for its lock {lock})"
+    )]
+    #[diagnostic(help(
+        "wait for that command to finish (`smolvm machine exec --name {machine} -- ps`), \
+         then run `bottle apply` again"
+    ))]
+    StepBusy {
+        machine: String,
+        step: String,
+        waited: u64,
+        lock: String,
+    },
+
     #[error("{0}")]
     #[diagnostic(help("{1}"))]
     Other(String, String),
@@ -116,11 +146,76 @@ fn output_suffix(stderr: &str) -> String {
     }
 }
 
-/// Run a root shell script in the guest with positional arguments; a
-/// non-zero exit is an error that quotes the guest's stderr.
+/// Where the per-step locks live in the guest (root-only, 0700).
+pub const LOCK_DIR: &str = "/var/lib/bottle/locks";
+
+/// How long a step waits for its lock: the same step left running in the
+/// guest by an interrupted bottle run (smolvm does not end a command whose
+/// `machine exec` was killed). The exec's timeout grows by as much, so the
+/// step itself keeps its whole budget once it has the lock.
+pub const LOCK_WAIT: Duration = ExecRequest::DEFAULT_TIMEOUT;
+
+/// Exit statuses of the lock preamble, told apart from the script's own by
+/// the marker its message starts with.
+const NO_FLOCK_STATUS: i32 = 97;
+const LOCK_BUSY_STATUS: i32 = 98;
+const LOCK_MARKER: &str = "bottle-lock:";
+
+/// The guest file of a step's lock (`setup:name` as `setup.name`, like the
+/// ledger).
+pub fn lock_path(dir: &str, step: &str) -> String {
+    format!("{dir}/{}", step.replace(':', "."))
+}
+
+/// Shell that takes the exclusive lock of `step` on fd 9, waiting up to
+/// `wait_secs` for it, before anything else runs. Everything a bottle
+/// script does in the guest (apply, undo, the ledger write or removal that
+/// follows) holds its step's lock, so a command left running by a killed
+/// apply makes the next apply's same step wait instead of running beside it
+/// (two `update-ca-certificates` at once garble the trust bundle). Polls
+/// with `flock -n`: busybox `flock` has no `-w`. Commands the step runs for
+/// the user (the agent user's, a setup step's) get fd 9 closed, so nothing
+/// they leave running can hold the lock after the script ends.
+pub fn lock_preamble(dir: &str, step: &str, wait_secs: u64) -> String {
+    let path = sh_quote(&lock_path(dir, step));
+    let dir = sh_quote(dir);
+    format!(
+        "command -v flock >/dev/null 2>&1 || {{ echo '{LOCK_MARKER} no flock' >&2; exit {NO_FLOCK_STATUS}; }}\n\
+         (umask 077 && mkdir -p {dir}) && exec 9>{path} || exit 1\n\
+         bottle_lock_waited=0\n\
+         until flock -n 9; do\n\
+         \x20 if [ \"$bottle_lock_waited\" -ge {wait_secs} ]; then echo '{LOCK_MARKER} busy' >&2; exit {LOCK_BUSY_STATUS}; fi\n\
+         \x20 bottle_lock_waited=$((bottle_lock_waited+1)); sleep 1\n\
+         done\n\
+         unset bottle_lock_waited\n"
+    )
+}
+
+/// `body` as a root script holding `step`'s lock.
+fn locked_script(dir: &str, step: &str, wait_secs: u64, body: &str) -> String {
+    format!("{}{body}", lock_preamble(dir, step, wait_secs))
+}
+
+/// A root script that holds `step`'s lock and runs `$2` as the user `$1`
+/// (through `as_user`, which runs `"$@"` as the user named by `$0`) with
+/// the rest of its arguments. Not `exec`: the shell must stay, holding the
+/// lock, while the user's command runs without fd 9.
+fn locked_user_script(dir: &str, step: &str, wait_secs: u64, as_user: &str) -> String {
+    format!(
+        "{}bottle_user=\"$1\"; bottle_body=\"$2\"; shift 2\n\
+         sh -c {} \"$bottle_user\" sh -c \"$bottle_body\" sh \"$@\" 9>&-\n",
+        lock_preamble(dir, step, wait_secs),
+        sh_quote(as_user)
+    )
+}
+
+/// Run a root shell script in the guest with positional arguments, holding
+/// `step`'s guest lock; a non-zero exit is an error that quotes the guest's
+/// stderr.
 pub fn run_script(
     rt: &dyn Runtime,
     machine: &str,
+    step: &str,
     what: &str,
     script: &str,
     args: &[&str],
@@ -129,6 +224,7 @@ pub fn run_script(
     run_script_as(
         rt,
         machine,
+        step,
         None,
         what,
         script,
@@ -138,10 +234,15 @@ pub fn run_script(
     )
 }
 
+/// Run a script holding `step`'s guest lock, as root or as `user`. The
+/// exec itself is always root's: only root can take the lock (the agent
+/// user must not be able to hold it), and the script drops to the user
+/// with smolvm's own wrapper ([`AS_USER`]).
 #[allow(clippy::too_many_arguments)]
 pub fn run_script_as(
     rt: &dyn Runtime,
     machine: &str,
+    step: &str,
     user: Option<&str>,
     what: &str,
     script: &str,
@@ -149,25 +250,52 @@ pub fn run_script_as(
     help: &str,
     timeout: Duration,
 ) -> StepResult<String> {
-    let mut argv = vec![
-        "sh".to_owned(),
-        "-c".to_owned(),
-        script.to_owned(),
-        "sh".to_owned(),
-    ];
+    let wait = LOCK_WAIT.as_secs();
+    let mut argv = vec!["sh".to_owned(), "-c".to_owned()];
+    match user {
+        None => argv.extend([locked_script(LOCK_DIR, step, wait, script), "sh".to_owned()]),
+        Some(user) => argv.extend([
+            locked_user_script(LOCK_DIR, step, wait, AS_USER),
+            "sh".to_owned(),
+            user.to_owned(),
+            script.to_owned(),
+        ]),
+    }
     argv.extend(args.iter().map(|a| (*a).to_owned()));
-    let mut request = ExecRequest::new(argv).timeout(timeout);
-    request.user = user.map(str::to_owned);
-    let out = rt.exec(machine, &request)?;
+    let out = rt.exec(
+        machine,
+        &ExecRequest::new(argv).timeout(timeout + LOCK_WAIT),
+    )?;
     if !out.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if let Some(error) = lock_failure(machine, step, out.status, &stderr) {
+            return Err(error);
+        }
         return Err(StepError::Guest {
             what: what.to_owned(),
             status: out.status,
-            stderr: tail(&String::from_utf8_lossy(&out.stderr), 2000),
+            stderr: tail(&stderr, 2000),
             help: help.to_owned(),
         });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The lock preamble's own failures, which say nothing about the step.
+fn lock_failure(machine: &str, step: &str, status: i32, stderr: &str) -> Option<StepError> {
+    let message = stderr.lines().last()?.strip_prefix(LOCK_MARKER)?.trim();
+    match (status, message) {
+        (NO_FLOCK_STATUS, "no flock") => Some(StepError::NoFlock {
+            machine: machine.to_owned(),
+        }),
+        (LOCK_BUSY_STATUS, "busy") => Some(StepError::StepBusy {
+            machine: machine.to_owned(),
+            step: step.to_owned(),
+            waited: LOCK_WAIT.as_secs(),
+            lock: lock_path(LOCK_DIR, step),
+        }),
+        _ => None,
+    }
 }
 
 /// Copy bytes into the guest (through a private host temp file, since
@@ -278,10 +406,13 @@ pub fn stage(rt: &dyn Runtime, machine: &str, bytes: &[u8], user: GuestUser) -> 
     Ok(path)
 }
 
-/// Run a script as the agent user (home writes and removals).
+/// Run a script as the agent user (home writes and removals), holding
+/// `step`'s guest lock.
+#[allow(clippy::too_many_arguments)]
 pub fn run_as_agent(
     rt: &dyn Runtime,
     ctx: &AgentCtx,
+    step: &str,
     user_name: &str,
     what: &str,
     script: &str,
@@ -292,6 +423,7 @@ pub fn run_as_agent(
     run_script_as(
         rt,
         ctx.machine,
+        step,
         Some(user_name),
         what,
         &script,
@@ -314,6 +446,7 @@ pub fn record(
     run_script(
         rt,
         machine,
+        &entry.step,
         "recording the ledger entry",
         &format!("{}\nshift; rm -f \"$@\"", ledger::write_script(&entry.step)),
         &args,
@@ -448,6 +581,7 @@ fn remove_owned_paths(entry: &LedgerEntry, ctx: &AgentCtx, rt: &dyn Runtime) -> 
     run_as_agent(
         rt,
         ctx,
+        &entry.step,
         entry_user(entry, ctx),
         &format!("removing what the {} step left", entry.step),
         "rm -rf \"$@\"",
@@ -477,10 +611,214 @@ pub fn undo(entry: &LedgerEntry, ctx: &AgentCtx, rt: &dyn Runtime) -> StepResult
     run_script(
         rt,
         ctx.machine,
+        &entry.step,
         "removing the ledger entry",
         &ledger::remove_script(&entry.step),
         &[],
         "check the guest's /var/lib/bottle",
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    //! The lock scripts run for real, on the host's `sh` and `flock`, in a
+    //! temporary lock directory; the runtime only carries them.
+
+    use super::*;
+    use std::fs::{File, OpenOptions};
+    use std::process::{Command, Output, Stdio};
+    use std::time::Instant;
+
+    pub(crate) fn sh(script: &str, args: &[&str]) -> Command {
+        let mut command = Command::new("/bin/sh");
+        command
+            .arg("-c")
+            .arg(script)
+            .arg("sh")
+            .args(args)
+            .stdin(Stdio::null());
+        command
+    }
+
+    pub(crate) fn output(mut command: Command) -> Output {
+        command.output().expect("running sh")
+    }
+
+    pub(crate) fn text(bytes: &[u8]) -> String {
+        String::from_utf8_lossy(bytes).into_owned()
+    }
+
+    fn lock_file(dir: &str, step: &str) -> File {
+        OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(lock_path(dir, step))
+            .unwrap()
+    }
+
+    /// Hold a step's lock as an interrupted run's command would.
+    fn hold(dir: &str, step: &str) -> File {
+        let file = lock_file(dir, step);
+        file.try_lock().expect("the lock is free");
+        file
+    }
+
+    pub(crate) fn is_free(dir: &str, step: &str) -> bool {
+        lock_file(dir, step).try_lock().is_ok()
+    }
+
+    /// A process a script left running (its pid printed), ended when the
+    /// test ends, pass or fail.
+    pub(crate) struct Daemon(pub(crate) i32);
+
+    impl Drop for Daemon {
+        fn drop(&mut self) {
+            if let Some(pid) = rustix::process::Pid::from_raw(self.0) {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            }
+        }
+    }
+
+    pub(crate) fn daemon_of(stdout: &str) -> Daemon {
+        Daemon(
+            stdout
+                .lines()
+                .find_map(|l| l.strip_prefix("daemon "))
+                .expect("the script printed its daemon's pid")
+                .parse()
+                .unwrap(),
+        )
+    }
+
+    fn temp_dir() -> (tempfile::TempDir, String) {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("locks").to_str().unwrap().to_owned();
+        (tmp, dir)
+    }
+
+    #[test]
+    fn a_script_waits_for_its_step_lock_and_runs_once_it_is_free() {
+        let (_tmp, dir) = temp_dir();
+        std::fs::create_dir_all(&dir).unwrap();
+        let held = hold(&dir, "ca");
+        // Another step's lock is another file: nothing waits for it.
+        let other = output(sh(&locked_script(&dir, "prompt", 30, "echo ran"), &[]));
+        assert_eq!(text(&other.stdout), "ran\n");
+
+        let start = Instant::now();
+        let mut waiting = sh(&locked_script(&dir, "ca", 30, "echo \"ran $1\""), &["once"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(
+            waiting.try_wait().unwrap().is_none(),
+            "the script ran while its step's lock was held"
+        );
+        drop(held);
+        let out = waiting.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "ran once\n");
+        assert!(start.elapsed() >= Duration::from_millis(1500));
+        assert!(is_free(&dir, "ca"), "released when the script ends");
+    }
+
+    #[test]
+    fn a_script_gives_up_when_its_step_lock_stays_held() {
+        let (_tmp, dir) = temp_dir();
+        std::fs::create_dir_all(&dir).unwrap();
+        let _held = hold(&dir, "setup:tools");
+        let out = output(sh(&locked_script(&dir, "setup:tools", 1, "echo ran"), &[]));
+        assert_eq!(out.status.code(), Some(LOCK_BUSY_STATUS));
+        assert_eq!(text(&out.stdout), "", "the step never ran");
+        let error = lock_failure("m1", "setup:tools", LOCK_BUSY_STATUS, &text(&out.stderr))
+            .expect("recognised as the lock's own failure");
+        let StepError::StepBusy { ref lock, .. } = error else {
+            panic!("{error:?}");
+        };
+        assert_eq!(lock, "/var/lib/bottle/locks/setup.tools");
+        assert_eq!(
+            error.to_string(),
+            "the setup:tools step is still running in machine m1, left by an interrupted \
+             bottle run (waited 120s for its lock /var/lib/bottle/locks/setup.tools)"
+        );
+        // The same status from the step's own command is the step's failure.
+        assert!(lock_failure("m1", "ca", LOCK_BUSY_STATUS, "busy\n").is_none());
+    }
+
+    #[test]
+    fn a_guest_without_flock_fails_naming_flock() {
+        let (tmp, dir) = temp_dir();
+        // An empty PATH: `command -v` finds no flock (nor anything else).
+        let mut command = sh(&locked_script(&dir, "ca", 5, "echo ran"), &[]);
+        command.env("PATH", tmp.path());
+        let out = output(command);
+        assert_eq!(out.status.code(), Some(NO_FLOCK_STATUS));
+        assert_eq!(text(&out.stdout), "");
+        let error = lock_failure("m1", "ca", NO_FLOCK_STATUS, &text(&out.stderr))
+            .expect("recognised as the lock's own failure");
+        assert!(matches!(error, StepError::NoFlock { .. }), "{error:?}");
+        assert!(error.to_string().contains("`flock`"), "{error}");
+        let help = miette::Diagnostic::help(&error).unwrap().to_string();
+        assert!(help.contains("util-linux"), "{help}");
+    }
+
+    #[test]
+    fn the_lock_directory_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let (_tmp, dir) = temp_dir();
+        let out = output(sh(&locked_script(&dir, "ca", 5, "echo ran"), &[]));
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
+
+    #[test]
+    fn agent_user_commands_do_not_inherit_the_lock() {
+        let (_tmp, dir) = temp_dir();
+        // What the agent runs starts a process that outlives the script.
+        let body = "echo \"as $1\"; if [ -e /proc/$$/fd/9 ]; then echo fd9 open; else echo fd9 closed; fi; \
+                    sleep 60 >/dev/null 2>&1 & echo \"daemon $!\"";
+
+        // A root script's commands do inherit it (the check can fail)...
+        let out = output(sh(&locked_script(&dir, "prompt", 5, body), &["root"]));
+        let _daemon = daemon_of(&text(&out.stdout));
+        assert!(text(&out.stdout).contains("fd9 open"), "{out:?}");
+        assert!(!is_free(&dir, "prompt"), "the root daemon holds it");
+
+        // ...the agent user's never do, so its daemon cannot hold the lock.
+        // `exec "$@"` stands for smolvm's AS_USER wrapper, which drops to
+        // the user named by $0 (the e2e tests run the real one).
+        let script = locked_user_script(&dir, "skills", 5, "exec \"$@\"");
+        let out = output(sh(&script, &["node", body, "agent"]));
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let _daemon = daemon_of(&text(&out.stdout));
+        assert!(
+            text(&out.stdout).starts_with("as agent\nfd9 closed\n"),
+            "{out:?}"
+        );
+        assert!(is_free(&dir, "skills"), "the agent's daemon holds the lock");
+    }
+
+    #[test]
+    fn agent_user_scripts_keep_their_exit_status_and_output() {
+        let (_tmp, dir) = temp_dir();
+        let script = locked_user_script(&dir, "git", 5, "exec \"$@\"");
+        let out = output(sh(
+            &script,
+            &[
+                "node",
+                "echo \"$#:$1:$2\"; echo oops >&2; exit 3",
+                "a b",
+                "",
+            ],
+        ));
+        assert_eq!(out.status.code(), Some(3));
+        assert_eq!(text(&out.stdout), "2:a b:\n");
+        assert_eq!(text(&out.stderr), "oops\n");
+        assert!(lock_failure("m1", "git", 3, "oops\n").is_none());
+    }
 }

@@ -51,6 +51,7 @@ pub fn apply(
     let out = run_as_agent(
         rt,
         ctx,
+        &entry.step,
         ctx.user(),
         "writing the prompt file",
         &format!("{INSTALL}{}", probe(ctx)),

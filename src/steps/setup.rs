@@ -5,11 +5,17 @@
 use std::time::Duration;
 
 use super::{AgentCtx, GuestUser, StepResult, run_script, run_script_as, stage_tree};
+use crate::graph::StepKind;
 use crate::ledger::LedgerEntry;
 use crate::runtime::Runtime;
 
 /// How long a setup command may run.
 pub const SETUP_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// Runs the command `$2` in its inputs directory `$1`, with fd 9 (the
+/// step's guest lock) closed: a daemon the command starts must not hold the
+/// lock once the step is over.
+const RUN: &str = "mkdir -p \"$1\" && cd \"$1\" && sh -c \"$2\" 9>&-";
 
 pub fn inputs_dir(name: &str) -> String {
     format!("/opt/bottle/setup/{name}")
@@ -42,6 +48,7 @@ pub fn apply(
         run_script(
             rt,
             ctx.machine,
+            &entry.step,
             "unpacking setup inputs",
             "rm -rf \"$2\" && mkdir -p \"$2\" && tar -xf \"$1\" -C \"$2\" && rm -f \"$1\"",
             &[&staged, &dir],
@@ -51,9 +58,10 @@ pub fn apply(
     run_script_as(
         rt,
         ctx.machine,
+        &entry.step,
         None,
         &format!("setup step `{name}`"),
-        "mkdir -p \"$1\" && cd \"$1\" && sh -c \"$2\"",
+        RUN,
         &[&dir, &step.run],
         &format!(
             "fix the command of [[bottle.{}.setup]] `{name}`; it runs as root with sh -c",
@@ -69,10 +77,41 @@ pub fn undo(name: &str, ctx: &AgentCtx, rt: &dyn Runtime) -> StepResult<()> {
     run_script(
         rt,
         ctx.machine,
+        &StepKind::Setup(name.to_owned()).id(),
         "removing setup inputs",
         "rm -rf \"$1\"",
         &[&inputs_dir(name)],
         "check the guest's /opt/bottle",
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::steps::locked_script;
+    use crate::steps::tests::{daemon_of, is_free, output, sh, text};
+
+    #[test]
+    fn a_setup_command_does_not_inherit_the_lock() {
+        let tmp = tempfile::tempdir().unwrap();
+        let locks = tmp.path().join("locks").to_str().unwrap().to_owned();
+        let inputs = tmp.path().join("inputs").to_str().unwrap().to_owned();
+        let command = "pwd; if [ -e /proc/$$/fd/9 ]; then echo fd9 open; else echo fd9 closed; fi; \
+                       sleep 60 >/dev/null 2>&1 & echo \"daemon $!\"";
+        let out = output(sh(
+            &locked_script(&locks, "setup:daemon", 5, RUN),
+            &[&inputs, command],
+        ));
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let _daemon = daemon_of(&text(&out.stdout));
+        assert!(
+            text(&out.stdout).starts_with(&format!("{inputs}\nfd9 closed\n")),
+            "{out:?}"
+        );
+        assert!(
+            is_free(&locks, "setup:daemon"),
+            "the command's daemon holds the lock"
+        );
+    }
 }

@@ -82,6 +82,7 @@ pub fn apply(
     let out = run_as_agent(
         rt,
         ctx,
+        &entry.step,
         ctx.user(),
         "installing skills",
         &format!("{INSTALL}{}", probe(ctx)),

@@ -14,6 +14,9 @@ use crate::runtime::Runtime;
 
 pub const SERVER_NAME: &str = "supervise";
 
+/// The step id, which names the guest lock every script of the step holds.
+const STEP: &str = "supervise";
+
 pub fn config_path(ctx: &AgentCtx) -> String {
     format!("{}/.claude.json", ctx.home())
 }
@@ -75,6 +78,7 @@ fn read_config(
     let out = run_as_agent(
         rt,
         ctx,
+        STEP,
         user,
         "reading ~/.claude.json",
         "id -u; id -g; if [ -f \"$1\" ]; then cat \"$1\"; fi",
@@ -124,6 +128,7 @@ fn write_config(
     run_as_agent(
         rt,
         ctx,
+        STEP,
         user,
         "writing ~/.claude.json",
         "umask 077 && cp \"$1\" \"$2.bottle-tmp\" && mv -f \"$2.bottle-tmp\" \"$2\"",
@@ -179,6 +184,7 @@ pub fn undo(entry: &LedgerEntry, ctx: &AgentCtx, rt: &dyn Runtime) -> StepResult
         run_script(
             rt,
             ctx.machine,
+            STEP,
             "removing a staged file",
             "rm -f \"$1\"",
             &[&staged],
