@@ -37,7 +37,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -477,6 +478,15 @@ fn held_actions(plan: &Plan) -> HashSet<usize> {
     held
 }
 
+/// Did the load fail because the manifests directory is not there?
+fn is_missing_directory(report: &miette::Report) -> bool {
+    let code = |d: &dyn Diagnostic| {
+        d.code()
+            .is_some_and(|c| c.to_string() == "bottle::no-directory")
+    };
+    code(report.as_ref()) || report.related().is_some_and(|mut r| r.any(code))
+}
+
 /// Loads the desired state; errors are already rendered diagnostics.
 pub type Loader<'a> = dyn Fn() -> Result<Desired, miette::Report> + 'a;
 
@@ -690,6 +700,11 @@ impl LoopState<'_> {
         let desired = match loaded {
             Ok(d) => d,
             Err(report) => {
+                if let Some(watcher) = watcher
+                    && is_missing_directory(&report)
+                {
+                    watcher.mark_root_stale();
+                }
                 self.invalid(&trigger, &why, &files, &report);
                 if trigger == Trigger::Resync {
                     self.resync_last_good();
@@ -1092,7 +1107,22 @@ pub struct FsWatcher {
     root: PathBuf,
     /// Device and inode of the directory the root watch is on.
     root_id: Option<(u64, u64)>,
+    /// The root itself was removed, moved or created (or events were lost)
+    /// since it was last watched: watch it again at the next good load.
+    /// Set by the event callback before it sends the batch, so the reload
+    /// that batch triggers sees it.
+    root_stale: Arc<AtomicBool>,
     outside: BTreeSet<PathBuf>,
+}
+
+/// Is this event about the watched root itself (not something inside it)
+/// being removed, moved, or created (seen from a watched parent)?
+fn touches_root_itself(event: &notify::Event, root: &Path) -> bool {
+    use notify::event::ModifyKind;
+    matches!(
+        event.kind,
+        EventKind::Remove(_) | EventKind::Create(_) | EventKind::Modify(ModifyKind::Name(_))
+    ) && event.paths.iter().any(|p| p == root)
 }
 
 /// Device and inode of a directory, to tell when it was made anew.
@@ -1105,6 +1135,8 @@ impl FsWatcher {
     /// Watch `root` (canonical); events go to `tx` as [`Message`]s.
     pub fn start(root: &Path, debounce: Duration, tx: Sender<Message>) -> notify::Result<Self> {
         let rescan_root = root.to_owned();
+        let root_stale = Arc::new(AtomicBool::new(false));
+        let stale = root_stale.clone();
         let tick = debouncer_tick(debounce);
         let mut debouncer =
             new_debouncer(debounce, Some(tick), move |result: DebounceEventResult| {
@@ -1113,8 +1145,13 @@ impl FsWatcher {
                         let mut paths = Vec::new();
                         for event in events {
                             if event.need_rescan() {
-                                // Events were lost (queue overflow): reload.
+                                // Events were lost (queue overflow): reload,
+                                // and do not trust the root watch either.
                                 paths.push(rescan_root.clone());
+                                stale.store(true, Ordering::SeqCst);
+                            }
+                            if touches_root_itself(&event.event, &rescan_root) {
+                                stale.store(true, Ordering::SeqCst);
                             }
                             // Reading files (bottle's own reloads and copies
                             // included) produces access events: only changes
@@ -1143,18 +1180,32 @@ impl FsWatcher {
             debouncer,
             root: root.to_owned(),
             root_id: dir_id(root),
+            root_stale,
             outside: BTreeSet::new(),
         })
     }
 
-    /// Watch the manifests directory again if it is not the directory the
-    /// watch was set on (deleted and made anew, or put back by a rename):
-    /// the old watch went with the old directory. Returns what failed.
+    /// The manifests directory was found missing: whatever comes back at
+    /// its path must be watched anew.
+    pub fn mark_root_stale(&self) {
+        self.root_stale.store(true, Ordering::SeqCst);
+    }
+
+    /// Watch the manifests directory again if it may not be the directory
+    /// the watch was set on (deleted and made anew, or put back by a
+    /// rename): the old watch went with the old directory. The inode alone
+    /// cannot tell: ext4 gives `rm -rf m && mkdir m` the same number back,
+    /// so a removal seen (by an event, or a load that found no directory)
+    /// forces it. Returns what failed.
     pub fn follow_root(&mut self) -> Option<String> {
         let now = dir_id(&self.root);
-        if now.is_none() || now == self.root_id {
+        // Still missing: leave the mark for the load that finds it back.
+        now?;
+        let stale = self.root_stale.swap(false, Ordering::SeqCst);
+        if !stale && now == self.root_id {
             return None;
         }
+        // Fails when notify already dropped the watch of a deleted root.
         let _ = self.debouncer.unwatch(&self.root);
         self.root_id = now;
         self.debouncer
@@ -1244,6 +1295,17 @@ mod tests {
         ] {
             assert!(!is_ignored(Path::new(real), &ignore), "{real}");
         }
+    }
+
+    #[test]
+    fn a_missing_manifests_directory_is_told_from_other_load_errors() {
+        let tmp = tempfile::tempdir().unwrap();
+        let load = |dir: &Path| miette::Report::new(crate::manifest::load_dir(dir).unwrap_err());
+        assert!(is_missing_directory(&load(&tmp.path().join("gone"))));
+        // An empty directory: no manifests, but the directory is there.
+        assert!(!is_missing_directory(&load(tmp.path())));
+        std::fs::write(tmp.path().join("a.toml"), "[agent.a]\nbottle = 1\n").unwrap();
+        assert!(!is_missing_directory(&load(tmp.path())));
     }
 
     fn set(root: &str, inputs: &[&str], exists: &[&str]) -> WatchSet {

@@ -1279,3 +1279,41 @@ fn copy_tree(from: &Path, to: &Path) {
         }
     }
 }
+
+/// `rm -rf m && mkdir m && cp -r saved/. m`: on ext4 the new directory
+/// usually gets the old one's inode number, so only the removal itself can
+/// tell the watch that its directory is gone. Several times in a row, each
+/// followed by an edit that must be seen; once with the directory missing
+/// long enough for a reload to find it gone.
+#[test]
+fn a_manifests_directory_removed_and_recreated_in_place_is_watched_again() {
+    let double = Double::new();
+    let _machines = Machines(&double);
+    let project = Project::new("wrmrf");
+    let mut watch = started(&double, &project, &[], &[]);
+    let ma = project.machine("a");
+
+    for round in 1..=4 {
+        let saved = project.root.join(format!("saved{round}"));
+        copy_tree(&project.dir, &saved);
+        std::fs::remove_dir_all(&project.dir).unwrap();
+        if round == 2 {
+            let gone = watch.wait("the missing directory", EVENT, |e| event(e) == "invalid");
+            assert_eq!(gone["codes"], serde_json::json!(["bottle::no-directory"]));
+        }
+        copy_tree(&saved, &project.dir);
+        // Whether the loop read the directory while it was gone or only
+        // once it was back, it ends with nothing to do.
+        let back = watch.wait("the directory back", EVENT, |e| {
+            matches!(event(e), "skip" | "done" | "failed" | "reconcile")
+        });
+        assert_eq!(event(&back), "skip", "round {round}: {back}");
+
+        let text = format!("You are A, round {round}.\n");
+        save_by_rename(&project.path("prompts/a.md"), &text);
+        let edit = watch.wait("the prompt edit", EVENT, |e| event(e) == "reconcile");
+        assert_eq!(agents(&edit), ["a"], "round {round}");
+        assert_eq!(event(&watch.outcome(EVENT)), "done", "round {round}");
+        assert_eq!(prompt_in(&double, &ma), text);
+    }
+}
