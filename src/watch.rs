@@ -383,9 +383,12 @@ pub fn fingerprints(desired: &Desired) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// The `format_version` of `watch --json` lines.
+pub const WATCH_FORMAT: u32 = 1;
+
 /// One line per event, as text with a timestamp or as a JSON object. Every
-/// JSON line carries `ts`, `event`, `message` and, inside a reconcile, its
-/// number as `reconcile`.
+/// JSON line carries `format_version`, `ts`, `event`, `message` and, inside
+/// a reconcile, its number as `reconcile`.
 pub struct Logger {
     pub json: bool,
     /// The reconcile in progress (0 before the first).
@@ -403,7 +406,7 @@ impl Logger {
     pub fn log(&self, event: &str, message: &str, fields: serde_json::Value) {
         let ts = crate::time::rfc3339(SystemTime::now());
         if self.json {
-            let mut obj = json!({ "ts": ts, "event": event, "message": message.trim_start() });
+            let mut obj = json!({ "format_version": WATCH_FORMAT, "ts": ts, "event": event, "message": message.trim_start() });
             let n = self.current.load(Ordering::Relaxed);
             if let Some(o) = obj.as_object_mut() {
                 if n > 0 {

@@ -214,6 +214,8 @@ impl Watch {
         match self.events.recv_timeout(timeout) {
             Ok(event) => {
                 assert!(event.is_object(), "{event}\n{}", self.report());
+                // Every line, so every test checks it.
+                assert_eq!(event["format_version"], 1, "{event}");
                 self.seen.push(event.clone());
                 Some(event)
             }
@@ -268,6 +270,7 @@ impl Watch {
     /// Whatever the process printed before it ended.
     fn rest(&mut self) {
         while let Ok(e) = self.events.recv_timeout(Duration::from_secs(2)) {
+            assert_eq!(e["format_version"], 1, "{e}");
             self.seen.push(e);
         }
     }
