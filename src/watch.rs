@@ -18,10 +18,11 @@
 //! - Each batch reloads every manifest. Invalid manifests are reported and
 //!   the last good desired state stays in force: nothing is created,
 //!   replaced or deleted because of a half-saved file. While invalid, the
-//!   manifests are also re-read every few seconds (silently unless the
-//!   diagnostics change), so creating a missing host path that nothing
-//!   watched yet resumes work too; and the periodic resync still repairs
-//!   drift inside guests against the last good state.
+//!   manifests are also re-read every few seconds, so creating a missing
+//!   host path that nothing watched yet resumes work too; and the periodic
+//!   resync still repairs drift inside guests against the last good state.
+//!   Diagnostics are printed again only when they change or a file event
+//!   triggered the reload (a save deserves an answer).
 //! - Only agents whose desired state changed are reconciled (their step
 //!   hashes cover file contents, so a prompt edit touches exactly the agents
 //!   using that prompt, and a bottle change every agent in that bottle).
@@ -977,8 +978,11 @@ impl LoopState<'_> {
                 .with_links(false)
                 .render_report(&mut text, report.as_ref());
         self.recheck_at = Some(Instant::now() + INVALID_RECHECK);
-        // A silent re-read finding the same problems says nothing new.
-        if *trigger == Trigger::Recheck && self.invalid.as_deref() == Some(text.as_str()) {
+        // A re-read nobody asked for (recheck, resync, retry) finding the
+        // same problems says nothing new, and is no reconcile of its own;
+        // a save is answered even when it changed nothing.
+        let saved = matches!(trigger, Trigger::Files(_));
+        if !saved && self.invalid.as_deref() == Some(text.as_str()) {
             return;
         }
         let mut codes: Vec<String> = report.code().map(|c| c.to_string()).into_iter().collect();

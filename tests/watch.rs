@@ -8,6 +8,7 @@
 
 mod support;
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -1241,6 +1242,54 @@ fn while_invalid_a_resync_still_repairs_drift_but_creates_nothing() {
     });
     assert_eq!(create["agent"], "a", "{create}");
     assert_eq!(create["status"], "done", "{create}");
+}
+
+/// While the manifests stay invalid, a resync does not repeat the same
+/// diagnostics or spend a reconcile number on saying nothing new: each
+/// resync of the last good state takes exactly one. A save still gets an
+/// answer, even when it leaves the same problems.
+#[test]
+fn while_invalid_the_same_diagnostics_are_not_repeated_but_a_save_is_answered() {
+    let double = Double::new();
+    let _machines = Machines(&double);
+    let project = Project::new("wrepeat");
+    let mut watch = started(&double, &project, &["--resync", "1"], &[]);
+
+    let broken = "[agent.c\nbottle = ";
+    save_by_rename(&project.path("agents/c.toml"), broken);
+    // (A resync under way may read the broken file first: the save is
+    // answered after it.)
+    let invalid = watch.wait("the invalid manifests", EVENT, |e| {
+        event(e) == "invalid" && e["trigger"] == "files"
+    });
+    let first = invalid["reconcile"].as_u64().unwrap();
+
+    let later = watch.events_during(Duration::from_millis(3500));
+    let repeated: Vec<&Value> = later.iter().filter(|e| event(e) == "invalid").collect();
+    assert!(repeated.is_empty(), "{repeated:#?}");
+    let resyncs: Vec<u64> = later
+        .iter()
+        .filter(|e| event(e) == "reconcile")
+        .map(|e| {
+            assert_eq!(e["last_good"], true, "{e}");
+            e["reconcile"].as_u64().unwrap()
+        })
+        .collect();
+    assert!(resyncs.len() >= 2, "{}", watch.report());
+    let expected: Vec<u64> = (first + 1..=first + resyncs.len() as u64).collect();
+    assert_eq!(resyncs, expected, "one number per resync, none skipped");
+    let numbered: BTreeSet<u64> = later
+        .iter()
+        .filter_map(|e| e["reconcile"].as_u64())
+        .collect();
+    assert_eq!(numbered, expected.iter().copied().collect(), "{later:#?}");
+
+    // Saving the same mistake again is answered with the diagnostics.
+    save_by_rename(&project.path("agents/c.toml"), broken);
+    let again = watch.wait("the diagnostics again", EVENT, |e| event(e) == "invalid");
+    assert_eq!(again["trigger"], "files", "{again}");
+    assert_eq!(again["codes"], invalid["codes"]);
+    assert_eq!(again["diagnostics"], invalid["diagnostics"]);
 }
 
 #[test]
