@@ -95,6 +95,39 @@ fn plan_apply_check_status_of_a_project() {
     snapshot!(&p, "status_drift", p.bottle(&["status"]));
 }
 
+/// Names up to the 48 characters the format allows: every column of the
+/// status table is as wide as its longest cell, so the columns still line up.
+#[test]
+fn status_columns_fit_long_names() {
+    const PROJECT: &str = "a-project-whose-name-takes-all-forty-eight-chars";
+    const AGENT: &str = "reader-whose-name-is-just-as-long-as-it-may-be-x";
+    let p = Project::new("e2e");
+    p.edit(
+        "bottle.toml",
+        "name = \"e2e\"",
+        &format!("name = \"{PROJECT}\""),
+    );
+    p.edit("agents.toml", "[agent.reader]", &format!("[agent.{AGENT}]"));
+    let run = p.bottle(&["status"]);
+    run.success();
+
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    let header = lines[1];
+    let starts: Vec<usize> = ["MACHINE", "STATE", "LAST APPLIED", "STEPS"]
+        .iter()
+        .map(|h| header.find(h).unwrap())
+        .collect();
+    for row in &lines[2..4] {
+        for &at in &starts {
+            assert!(
+                row.as_bytes()[at - 1] == b' ' && row.as_bytes()[at] != b' ',
+                "a column starts at {at}:\n{header}\n{row}"
+            );
+        }
+    }
+    snapshot!(&p, "status_long_names", run);
+}
+
 #[test]
 fn a_reader_that_goes_away_ends_bottle_quietly() {
     // `bottle schema | head -1`: the pipe closes before bottle writes. The
