@@ -128,6 +128,39 @@ fn status_columns_fit_long_names() {
     snapshot!(&p, "status_long_names", run);
 }
 
+/// Exit 2 is for mistakes on the command line only: an agent the manifests
+/// do not declare, a malformed `--project`. A declared agent whose machine
+/// is already gone is the world's state, exit 1.
+#[test]
+fn usage_errors_exit_2_and_state_problems_1() {
+    let p = Project::new("e2e");
+    // A typo in an agent name.
+    p.bottle(&["plan", "--target", "nobody"]).code(2);
+    p.bottle(&["destroy", "--agent", "nobody", "--yes"]).code(2);
+    // Declared, but it has no machine (never applied, or destroyed).
+    let gone = p.bottle(&["destroy", "--agent", "reader", "--yes"]);
+    gone.code(1);
+    snapshot!(&p, "destroy_agent_without_machine", gone);
+    let gone = p.bottle_raw(&["destroy", "--project", "e2e", "--agent", "reader", "--yes"]);
+    gone.code(1);
+    assert!(
+        gone.stderr.contains("bottle::no-machine"),
+        "{}",
+        gone.stderr
+    );
+    // A project id that cannot be one.
+    let bad = p.bottle_raw(&["destroy", "--project", "bad_name!", "--yes"]);
+    bad.code(2);
+    snapshot!(&p, "destroy_bad_project", bad);
+    let empty = p.bottle_raw(&["destroy", "--project", "", "--yes"]);
+    empty.code(2);
+    assert!(
+        empty.stderr.contains("bottle::invalid-project-option"),
+        "{}",
+        empty.stderr
+    );
+}
+
 #[test]
 fn a_reader_that_goes_away_ends_bottle_quietly() {
     // `bottle schema | head -1`: the pipe closes before bottle writes. The
