@@ -161,6 +161,30 @@ fn usage_errors_exit_2_and_state_problems_1() {
     );
 }
 
+/// `destroy` with broken manifests still fails (it cannot tell whose
+/// machines to delete), shows what is broken, and says how to go without
+/// the manifests.
+#[test]
+fn destroy_with_broken_manifests_points_to_project() {
+    let p = Project::new("e2e");
+    p.write("agents.toml", "[agent.coder\nbottle = ");
+    let broken = p.bottle(&["destroy", "--yes"]);
+    broken.code(1);
+    assert!(
+        broken.stderr.contains("--project NAME"),
+        "{}",
+        broken.stderr
+    );
+    assert!(
+        broken.stderr.contains("bottle::toml-syntax"),
+        "{}",
+        broken.stderr
+    );
+    snapshot!(&p, "destroy_broken_manifests", broken);
+    p.bottle_raw(&["destroy", "--project", "e2e", "--yes"])
+        .success();
+}
+
 #[test]
 fn a_reader_that_goes_away_ends_bottle_quietly() {
     // `bottle schema | head -1`: the pipe closes before bottle writes. The

@@ -66,6 +66,23 @@ pub struct InvalidProjectOption {
     why: &'static str,
 }
 
+/// The manifests name the project whose machines to delete; when they do
+/// not load, `--project` is the way around them. Their problems are shown
+/// below in full.
+#[derive(Debug, Error, Diagnostic)]
+#[error("cannot tell whose machines to delete: the manifests in `{dir}` do not load")]
+#[diagnostic(
+    code("bottle::manifests-unreadable"),
+    help(
+        "fix the problems below, or pass `--project NAME` to delete this project's machines without reading the manifests (NAME is its id: `[project] name` in the root bottle.toml, the `bottle.project` label of its machines)"
+    )
+)]
+pub struct ManifestsUnreadable {
+    dir: String,
+    #[related]
+    problems: Vec<crate::manifest::ManifestDiagnostic>,
+}
+
 pub fn run(global: &GlobalArgs, args: DestroyArgs) -> miette::Result<Outcome> {
     // The agents the manifests declare, when they were read: naming another
     // one that has no machine either is a typo (usage), not a state problem.
@@ -78,7 +95,12 @@ pub fn run(global: &GlobalArgs, args: DestroyArgs) -> miette::Result<Outcome> {
             (name.clone(), None)
         }
         None => {
-            let project = crate::manifest::load_dir(&args.dir.dir)?;
+            let project = crate::manifest::load_dir(&args.dir.dir).map_err(|problems| {
+                ManifestsUnreadable {
+                    dir: args.dir.dir.display().to_string(),
+                    problems: problems.items,
+                }
+            })?;
             let agents: Vec<String> = project.agents.keys().cloned().collect();
             (project.name, Some(agents))
         }
