@@ -185,6 +185,104 @@ fn destroy_with_broken_manifests_points_to_project() {
         .success();
 }
 
+/// bottle without a usable smolvm: the smolvm setup errors, with their
+/// (kebab-case, like every other) codes.
+#[test]
+fn smolvm_missing_or_not_executable() {
+    let p = Project::new("e2e");
+    let empty = tempfile::tempdir().unwrap();
+    let status = |smolvm: Option<&str>| {
+        let mut command = std::process::Command::new(Project::binary());
+        if let Some(path) = smolvm {
+            command.args(["--smolvm", path]);
+        }
+        let output = command
+            .arg("--state-dir")
+            .arg(p.state_dir())
+            .arg("status")
+            .arg(p.dir())
+            .env_remove("BOTTLE_RUNTIME")
+            .env_remove("BOTTLE_SMOLVM")
+            .env_remove("BOTTLE_STATE_DIR")
+            .env("PATH", empty.path())
+            .env("NO_COLOR", "1")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        support::project::Run {
+            args: Vec::new(),
+            code: output.status.code(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    };
+    let not_found = status(None);
+    assert!(
+        not_found.stderr.contains("bottle::smolvm::not-found"),
+        "{}",
+        not_found.stderr
+    );
+    snapshot!(&p, "smolvm_not_on_path", not_found);
+    let not_executable = status(Some("/nonexistent/smolvm"));
+    assert!(
+        not_executable
+            .stderr
+            .contains("bottle::smolvm::not-executable"),
+        "{}",
+        not_executable.stderr
+    );
+    snapshot!(&p, "smolvm_not_executable", not_executable);
+}
+
+/// Diagnostic codes are kebab-case segments after `bottle::`: a code is an
+/// interface (scripts and `--json` consumers match on it), so one spelling.
+#[test]
+fn every_diagnostic_code_is_kebab_case() {
+    fn visit(dir: &std::path::Path, bad: &mut Vec<String>, seen: &mut usize) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                visit(&path, bad, seen);
+                continue;
+            }
+            if path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            for (at, _) in text.match_indices("bottle::") {
+                // Codes are string literals or `code(bottle::...)`; Rust
+                // paths (`use bottle::runtime`) and prose are neither.
+                let before = &text[..at];
+                if !(before.ends_with('"') || before.ends_with("code(")) {
+                    continue;
+                }
+                let code: String = text[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || "_:-".contains(*c))
+                    .collect();
+                *seen += 1;
+                let kebab = code["bottle::".len()..].split("::").all(|segment| {
+                    !segment.is_empty()
+                        && segment
+                            .chars()
+                            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                });
+                if !kebab {
+                    bad.push(format!("{}: {code}", path.display()));
+                }
+            }
+        }
+    }
+    let (mut bad, mut seen) = (Vec::new(), 0);
+    visit(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+        &mut bad,
+        &mut seen,
+    );
+    assert!(seen > 50, "found only {seen} codes: is the scan broken?");
+    assert!(bad.is_empty(), "not kebab-case:\n{}", bad.join("\n"));
+}
+
 #[test]
 fn a_reader_that_goes_away_ends_bottle_quietly() {
     // `bottle schema | head -1`: the pipe closes before bottle writes. The
