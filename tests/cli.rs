@@ -283,6 +283,34 @@ fn every_diagnostic_code_is_kebab_case() {
     assert!(bad.is_empty(), "not kebab-case:\n{}", bad.join("\n"));
 }
 
+/// The README's Commands table names every option of `apply` (the command
+/// people script), so none exists only in `--help`.
+#[test]
+fn the_readme_names_every_apply_option() {
+    let p = Project::new("e2e");
+    let help = p.bottle_raw(&["apply", "--help"]);
+    help.success();
+    let options = help.stdout.split("Global options:").next().unwrap();
+    let readme =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+            .unwrap();
+    let row = readme
+        .lines()
+        .find(|l| l.starts_with("| `apply [DIR]`"))
+        .expect("README's Commands table has an apply row");
+    let flags: Vec<&str> = options
+        .split_whitespace()
+        .filter(|w| w.starts_with("--") && *w != "--help")
+        .collect();
+    assert!(flags.len() >= 6, "{flags:?}");
+    for flag in flags {
+        assert!(
+            row.contains(&format!("`{flag}")),
+            "README's apply row does not name {flag}:\n{row}"
+        );
+    }
+}
+
 #[test]
 fn a_reader_that_goes_away_ends_bottle_quietly() {
     // `bottle schema | head -1`: the pipe closes before bottle writes. The
