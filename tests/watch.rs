@@ -1213,8 +1213,9 @@ fn while_invalid_a_resync_still_repairs_drift_but_creates_nothing() {
 
     // The resync repairs b against the last good state, but does not
     // re-create a's machine on the word of manifests that do not load. (A
-    // resync that raced with the deletion fails to probe a: the next one
-    // runs a second later.)
+    // resync can run between the two changes above, one second apart at
+    // most: it repairs b with nothing blocked yet, or fails to probe a
+    // being deleted. The next one runs a second later.)
     let mut done = Value::Null;
     for _ in 0..5 {
         let held = watch.wait("a resync of the last good state", EVENT, |e| {
@@ -1224,7 +1225,7 @@ fn while_invalid_a_resync_still_repairs_drift_but_creates_nothing() {
         done = watch.wait("its outcome", EVENT, |e| {
             matches!(event(e), "done" | "failed")
         });
-        if event(&done) == "done" {
+        if event(&done) == "done" && done["blocked"].as_u64().unwrap() >= 1 {
             break;
         }
     }
