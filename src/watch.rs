@@ -18,10 +18,11 @@
 //! - Each batch reloads every manifest. Invalid manifests are reported and
 //!   the last good desired state stays in force: nothing is created,
 //!   replaced or deleted because of a half-saved file. While invalid, the
-//!   manifests are also re-read every few seconds (silently unless the
-//!   diagnostics change), so creating a missing host path that nothing
-//!   watched yet resumes work too; and the periodic resync still repairs
-//!   drift inside guests against the last good state.
+//!   manifests are also re-read every few seconds, so creating a missing
+//!   host path that nothing watched yet resumes work too; and the periodic
+//!   resync still repairs drift inside guests against the last good state.
+//!   Diagnostics are printed again only when they change or a file event
+//!   triggered the reload (a save deserves an answer).
 //! - Only agents whose desired state changed are reconciled (their step
 //!   hashes cover file contents, so a prompt edit touches exactly the agents
 //!   using that prompt, and a bottle change every agent in that bottle).
@@ -37,7 +38,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -382,9 +384,12 @@ pub fn fingerprints(desired: &Desired) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// The `format_version` of `watch --json` lines.
+pub const WATCH_FORMAT: u32 = 1;
+
 /// One line per event, as text with a timestamp or as a JSON object. Every
-/// JSON line carries `ts`, `event`, `message` and, inside a reconcile, its
-/// number as `reconcile`.
+/// JSON line carries `format_version`, `ts`, `event`, `message` and, inside
+/// a reconcile, its number as `reconcile`.
 pub struct Logger {
     pub json: bool,
     /// The reconcile in progress (0 before the first).
@@ -402,7 +407,7 @@ impl Logger {
     pub fn log(&self, event: &str, message: &str, fields: serde_json::Value) {
         let ts = crate::time::rfc3339(SystemTime::now());
         if self.json {
-            let mut obj = json!({ "ts": ts, "event": event, "message": message.trim_start() });
+            let mut obj = json!({ "format_version": WATCH_FORMAT, "ts": ts, "event": event, "message": message.trim_start() });
             let n = self.current.load(Ordering::Relaxed);
             if let Some(o) = obj.as_object_mut() {
                 if n > 0 {
@@ -475,6 +480,15 @@ fn held_actions(plan: &Plan) -> HashSet<usize> {
         }
     }
     held
+}
+
+/// Did the load fail because the manifests directory is not there?
+fn is_missing_directory(report: &miette::Report) -> bool {
+    let code = |d: &dyn Diagnostic| {
+        d.code()
+            .is_some_and(|c| c.to_string() == "bottle::no-directory")
+    };
+    code(report.as_ref()) || report.related().is_some_and(|mut r| r.any(code))
 }
 
 /// Loads the desired state; errors are already rendered diagnostics.
@@ -690,6 +704,11 @@ impl LoopState<'_> {
         let desired = match loaded {
             Ok(d) => d,
             Err(report) => {
+                if let Some(watcher) = watcher
+                    && is_missing_directory(&report)
+                {
+                    watcher.mark_root_stale();
+                }
                 self.invalid(&trigger, &why, &files, &report);
                 if trigger == Trigger::Resync {
                     self.resync_last_good();
@@ -959,8 +978,11 @@ impl LoopState<'_> {
                 .with_links(false)
                 .render_report(&mut text, report.as_ref());
         self.recheck_at = Some(Instant::now() + INVALID_RECHECK);
-        // A silent re-read finding the same problems says nothing new.
-        if *trigger == Trigger::Recheck && self.invalid.as_deref() == Some(text.as_str()) {
+        // A re-read nobody asked for (recheck, resync, retry) finding the
+        // same problems says nothing new, and is no reconcile of its own;
+        // a save is answered even when it changed nothing.
+        let saved = matches!(trigger, Trigger::Files(_));
+        if !saved && self.invalid.as_deref() == Some(text.as_str()) {
             return;
         }
         let mut codes: Vec<String> = report.code().map(|c| c.to_string()).into_iter().collect();
@@ -1092,7 +1114,22 @@ pub struct FsWatcher {
     root: PathBuf,
     /// Device and inode of the directory the root watch is on.
     root_id: Option<(u64, u64)>,
+    /// The root itself was removed, moved or created (or events were lost)
+    /// since it was last watched: watch it again at the next good load.
+    /// Set by the event callback before it sends the batch, so the reload
+    /// that batch triggers sees it.
+    root_stale: Arc<AtomicBool>,
     outside: BTreeSet<PathBuf>,
+}
+
+/// Is this event about the watched root itself (not something inside it)
+/// being removed, moved, or created (seen from a watched parent)?
+fn touches_root_itself(event: &notify::Event, root: &Path) -> bool {
+    use notify::event::ModifyKind;
+    matches!(
+        event.kind,
+        EventKind::Remove(_) | EventKind::Create(_) | EventKind::Modify(ModifyKind::Name(_))
+    ) && event.paths.iter().any(|p| p == root)
 }
 
 /// Device and inode of a directory, to tell when it was made anew.
@@ -1105,6 +1142,8 @@ impl FsWatcher {
     /// Watch `root` (canonical); events go to `tx` as [`Message`]s.
     pub fn start(root: &Path, debounce: Duration, tx: Sender<Message>) -> notify::Result<Self> {
         let rescan_root = root.to_owned();
+        let root_stale = Arc::new(AtomicBool::new(false));
+        let stale = root_stale.clone();
         let tick = debouncer_tick(debounce);
         let mut debouncer =
             new_debouncer(debounce, Some(tick), move |result: DebounceEventResult| {
@@ -1113,8 +1152,13 @@ impl FsWatcher {
                         let mut paths = Vec::new();
                         for event in events {
                             if event.need_rescan() {
-                                // Events were lost (queue overflow): reload.
+                                // Events were lost (queue overflow): reload,
+                                // and do not trust the root watch either.
                                 paths.push(rescan_root.clone());
+                                stale.store(true, Ordering::SeqCst);
+                            }
+                            if touches_root_itself(&event.event, &rescan_root) {
+                                stale.store(true, Ordering::SeqCst);
                             }
                             // Reading files (bottle's own reloads and copies
                             // included) produces access events: only changes
@@ -1143,18 +1187,32 @@ impl FsWatcher {
             debouncer,
             root: root.to_owned(),
             root_id: dir_id(root),
+            root_stale,
             outside: BTreeSet::new(),
         })
     }
 
-    /// Watch the manifests directory again if it is not the directory the
-    /// watch was set on (deleted and made anew, or put back by a rename):
-    /// the old watch went with the old directory. Returns what failed.
+    /// The manifests directory was found missing: whatever comes back at
+    /// its path must be watched anew.
+    pub fn mark_root_stale(&self) {
+        self.root_stale.store(true, Ordering::SeqCst);
+    }
+
+    /// Watch the manifests directory again if it may not be the directory
+    /// the watch was set on (deleted and made anew, or put back by a
+    /// rename): the old watch went with the old directory. The inode alone
+    /// cannot tell: ext4 gives `rm -rf m && mkdir m` the same number back,
+    /// so a removal seen (by an event, or a load that found no directory)
+    /// forces it. Returns what failed.
     pub fn follow_root(&mut self) -> Option<String> {
         let now = dir_id(&self.root);
-        if now.is_none() || now == self.root_id {
+        // Still missing: leave the mark for the load that finds it back.
+        now?;
+        let stale = self.root_stale.swap(false, Ordering::SeqCst);
+        if !stale && now == self.root_id {
             return None;
         }
+        // Fails when notify already dropped the watch of a deleted root.
         let _ = self.debouncer.unwatch(&self.root);
         self.root_id = now;
         self.debouncer
@@ -1244,6 +1302,17 @@ mod tests {
         ] {
             assert!(!is_ignored(Path::new(real), &ignore), "{real}");
         }
+    }
+
+    #[test]
+    fn a_missing_manifests_directory_is_told_from_other_load_errors() {
+        let tmp = tempfile::tempdir().unwrap();
+        let load = |dir: &Path| miette::Report::new(crate::manifest::load_dir(dir).unwrap_err());
+        assert!(is_missing_directory(&load(&tmp.path().join("gone"))));
+        // An empty directory: no manifests, but the directory is there.
+        assert!(!is_missing_directory(&load(tmp.path())));
+        std::fs::write(tmp.path().join("a.toml"), "[agent.a]\nbottle = 1\n").unwrap();
+        assert!(!is_missing_directory(&load(tmp.path())));
     }
 
     fn set(root: &str, inputs: &[&str], exists: &[&str]) -> WatchSet {

@@ -95,6 +95,222 @@ fn plan_apply_check_status_of_a_project() {
     snapshot!(&p, "status_drift", p.bottle(&["status"]));
 }
 
+/// Names up to the 48 characters the format allows: every column of the
+/// status table is as wide as its longest cell, so the columns still line up.
+#[test]
+fn status_columns_fit_long_names() {
+    const PROJECT: &str = "a-project-whose-name-takes-all-forty-eight-chars";
+    const AGENT: &str = "reader-whose-name-is-just-as-long-as-it-may-be-x";
+    let p = Project::new("e2e");
+    p.edit(
+        "bottle.toml",
+        "name = \"e2e\"",
+        &format!("name = \"{PROJECT}\""),
+    );
+    p.edit("agents.toml", "[agent.reader]", &format!("[agent.{AGENT}]"));
+    let run = p.bottle(&["status"]);
+    run.success();
+
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    let header = lines[1];
+    let starts: Vec<usize> = ["MACHINE", "STATE", "LAST APPLIED", "STEPS"]
+        .iter()
+        .map(|h| header.find(h).unwrap())
+        .collect();
+    for row in &lines[2..4] {
+        for &at in &starts {
+            assert!(
+                row.as_bytes()[at - 1] == b' ' && row.as_bytes()[at] != b' ',
+                "a column starts at {at}:\n{header}\n{row}"
+            );
+        }
+    }
+    snapshot!(&p, "status_long_names", run);
+}
+
+/// Exit 2 is for mistakes on the command line only: an agent the manifests
+/// do not declare, a malformed `--project`. A declared agent whose machine
+/// is already gone is the world's state, exit 1.
+#[test]
+fn usage_errors_exit_2_and_state_problems_1() {
+    let p = Project::new("e2e");
+    // A typo in an agent name.
+    p.bottle(&["plan", "--target", "nobody"]).code(2);
+    p.bottle(&["destroy", "--agent", "nobody", "--yes"]).code(2);
+    // Declared, but it has no machine (never applied, or destroyed).
+    let gone = p.bottle(&["destroy", "--agent", "reader", "--yes"]);
+    gone.code(1);
+    snapshot!(&p, "destroy_agent_without_machine", gone);
+    let gone = p.bottle_raw(&["destroy", "--project", "e2e", "--agent", "reader", "--yes"]);
+    gone.code(1);
+    assert!(
+        gone.stderr.contains("bottle::no-machine"),
+        "{}",
+        gone.stderr
+    );
+    // A project id that cannot be one.
+    let bad = p.bottle_raw(&["destroy", "--project", "bad_name!", "--yes"]);
+    bad.code(2);
+    snapshot!(&p, "destroy_bad_project", bad);
+    let empty = p.bottle_raw(&["destroy", "--project", "", "--yes"]);
+    empty.code(2);
+    assert!(
+        empty.stderr.contains("bottle::invalid-project-option"),
+        "{}",
+        empty.stderr
+    );
+}
+
+/// `destroy` with broken manifests still fails (it cannot tell whose
+/// machines to delete), shows what is broken, and says how to go without
+/// the manifests.
+#[test]
+fn destroy_with_broken_manifests_points_to_project() {
+    let p = Project::new("e2e");
+    p.write("agents.toml", "[agent.coder\nbottle = ");
+    let broken = p.bottle(&["destroy", "--yes"]);
+    broken.code(1);
+    assert!(
+        broken.stderr.contains("--project NAME"),
+        "{}",
+        broken.stderr
+    );
+    assert!(
+        broken.stderr.contains("bottle::toml-syntax"),
+        "{}",
+        broken.stderr
+    );
+    snapshot!(&p, "destroy_broken_manifests", broken);
+    p.bottle_raw(&["destroy", "--project", "e2e", "--yes"])
+        .success();
+}
+
+/// bottle without a usable smolvm: the smolvm setup errors, with their
+/// (kebab-case, like every other) codes.
+#[test]
+fn smolvm_missing_or_not_executable() {
+    let p = Project::new("e2e");
+    let empty = tempfile::tempdir().unwrap();
+    let status = |smolvm: Option<&str>| {
+        let mut command = std::process::Command::new(Project::binary());
+        if let Some(path) = smolvm {
+            command.args(["--smolvm", path]);
+        }
+        let output = command
+            .arg("--state-dir")
+            .arg(p.state_dir())
+            .arg("status")
+            .arg(p.dir())
+            .env_remove("BOTTLE_RUNTIME")
+            .env_remove("BOTTLE_SMOLVM")
+            .env_remove("BOTTLE_STATE_DIR")
+            .env("PATH", empty.path())
+            .env("NO_COLOR", "1")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        support::project::Run {
+            args: Vec::new(),
+            code: output.status.code(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    };
+    let not_found = status(None);
+    assert!(
+        not_found.stderr.contains("bottle::smolvm::not-found"),
+        "{}",
+        not_found.stderr
+    );
+    snapshot!(&p, "smolvm_not_on_path", not_found);
+    let not_executable = status(Some("/nonexistent/smolvm"));
+    assert!(
+        not_executable
+            .stderr
+            .contains("bottle::smolvm::not-executable"),
+        "{}",
+        not_executable.stderr
+    );
+    snapshot!(&p, "smolvm_not_executable", not_executable);
+}
+
+/// Diagnostic codes are kebab-case segments after `bottle::`: a code is an
+/// interface (scripts and `--json` consumers match on it), so one spelling.
+#[test]
+fn every_diagnostic_code_is_kebab_case() {
+    fn visit(dir: &std::path::Path, bad: &mut Vec<String>, seen: &mut usize) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                visit(&path, bad, seen);
+                continue;
+            }
+            if path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            for (at, _) in text.match_indices("bottle::") {
+                // Codes are string literals or `code(bottle::...)`; Rust
+                // paths (`use bottle::runtime`) and prose are neither.
+                let before = &text[..at];
+                if !(before.ends_with('"') || before.ends_with("code(")) {
+                    continue;
+                }
+                let code: String = text[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || "_:-".contains(*c))
+                    .collect();
+                *seen += 1;
+                let kebab = code["bottle::".len()..].split("::").all(|segment| {
+                    !segment.is_empty()
+                        && segment
+                            .chars()
+                            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                });
+                if !kebab {
+                    bad.push(format!("{}: {code}", path.display()));
+                }
+            }
+        }
+    }
+    let (mut bad, mut seen) = (Vec::new(), 0);
+    visit(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+        &mut bad,
+        &mut seen,
+    );
+    assert!(seen > 50, "found only {seen} codes: is the scan broken?");
+    assert!(bad.is_empty(), "not kebab-case:\n{}", bad.join("\n"));
+}
+
+/// The README's Commands table names every option of `apply` (the command
+/// people script), so none exists only in `--help`.
+#[test]
+fn the_readme_names_every_apply_option() {
+    let p = Project::new("e2e");
+    let help = p.bottle_raw(&["apply", "--help"]);
+    help.success();
+    let options = help.stdout.split("Global options:").next().unwrap();
+    let readme =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md"))
+            .unwrap();
+    let row = readme
+        .lines()
+        .find(|l| l.starts_with("| `apply [DIR]`"))
+        .expect("README's Commands table has an apply row");
+    let flags: Vec<&str> = options
+        .split_whitespace()
+        .filter(|w| w.starts_with("--") && *w != "--help")
+        .collect();
+    assert!(flags.len() >= 6, "{flags:?}");
+    for flag in flags {
+        assert!(
+            row.contains(&format!("`{flag}")),
+            "README's apply row does not name {flag}:\n{row}"
+        );
+    }
+}
+
 #[test]
 fn a_reader_that_goes_away_ends_bottle_quietly() {
     // `bottle schema | head -1`: the pipe closes before bottle writes. The

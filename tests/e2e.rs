@@ -1569,7 +1569,7 @@ fn status_destroy_and_the_lock() {
     let status = p.bottle(&["status"]);
     assert!(
         status.stdout.contains(
-            "reader           bottle_e2e_reader                absent       -                    machine(pending) prompt(pending) skills(pending) setup:notes(pending)"
+            "reader   bottle_e2e_reader   absent   -              machine(pending) prompt(pending) skills(pending) setup:notes(pending)"
         ),
         "{}",
         status.stdout

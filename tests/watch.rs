@@ -8,6 +8,7 @@
 
 mod support;
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -214,6 +215,8 @@ impl Watch {
         match self.events.recv_timeout(timeout) {
             Ok(event) => {
                 assert!(event.is_object(), "{event}\n{}", self.report());
+                // Every line, so every test checks it.
+                assert_eq!(event["format_version"], 1, "{event}");
                 self.seen.push(event.clone());
                 Some(event)
             }
@@ -268,6 +271,7 @@ impl Watch {
     /// Whatever the process printed before it ended.
     fn rest(&mut self) {
         while let Ok(e) = self.events.recv_timeout(Duration::from_secs(2)) {
+            assert_eq!(e["format_version"], 1, "{e}");
             self.seen.push(e);
         }
     }
@@ -1209,8 +1213,9 @@ fn while_invalid_a_resync_still_repairs_drift_but_creates_nothing() {
 
     // The resync repairs b against the last good state, but does not
     // re-create a's machine on the word of manifests that do not load. (A
-    // resync that raced with the deletion fails to probe a: the next one
-    // runs a second later.)
+    // resync can run between the two changes above, one second apart at
+    // most: it repairs b with nothing blocked yet, or fails to probe a
+    // being deleted. The next one runs a second later.)
     let mut done = Value::Null;
     for _ in 0..5 {
         let held = watch.wait("a resync of the last good state", EVENT, |e| {
@@ -1220,7 +1225,7 @@ fn while_invalid_a_resync_still_repairs_drift_but_creates_nothing() {
         done = watch.wait("its outcome", EVENT, |e| {
             matches!(event(e), "done" | "failed")
         });
-        if event(&done) == "done" {
+        if event(&done) == "done" && done["blocked"].as_u64().unwrap() >= 1 {
             break;
         }
     }
@@ -1238,6 +1243,54 @@ fn while_invalid_a_resync_still_repairs_drift_but_creates_nothing() {
     });
     assert_eq!(create["agent"], "a", "{create}");
     assert_eq!(create["status"], "done", "{create}");
+}
+
+/// While the manifests stay invalid, a resync does not repeat the same
+/// diagnostics or spend a reconcile number on saying nothing new: each
+/// resync of the last good state takes exactly one. A save still gets an
+/// answer, even when it leaves the same problems.
+#[test]
+fn while_invalid_the_same_diagnostics_are_not_repeated_but_a_save_is_answered() {
+    let double = Double::new();
+    let _machines = Machines(&double);
+    let project = Project::new("wrepeat");
+    let mut watch = started(&double, &project, &["--resync", "1"], &[]);
+
+    let broken = "[agent.c\nbottle = ";
+    save_by_rename(&project.path("agents/c.toml"), broken);
+    // (A resync under way may read the broken file first: the save is
+    // answered after it.)
+    let invalid = watch.wait("the invalid manifests", EVENT, |e| {
+        event(e) == "invalid" && e["trigger"] == "files"
+    });
+    let first = invalid["reconcile"].as_u64().unwrap();
+
+    let later = watch.events_during(Duration::from_millis(3500));
+    let repeated: Vec<&Value> = later.iter().filter(|e| event(e) == "invalid").collect();
+    assert!(repeated.is_empty(), "{repeated:#?}");
+    let resyncs: Vec<u64> = later
+        .iter()
+        .filter(|e| event(e) == "reconcile")
+        .map(|e| {
+            assert_eq!(e["last_good"], true, "{e}");
+            e["reconcile"].as_u64().unwrap()
+        })
+        .collect();
+    assert!(resyncs.len() >= 2, "{}", watch.report());
+    let expected: Vec<u64> = (first + 1..=first + resyncs.len() as u64).collect();
+    assert_eq!(resyncs, expected, "one number per resync, none skipped");
+    let numbered: BTreeSet<u64> = later
+        .iter()
+        .filter_map(|e| e["reconcile"].as_u64())
+        .collect();
+    assert_eq!(numbered, expected.iter().copied().collect(), "{later:#?}");
+
+    // Saving the same mistake again is answered with the diagnostics.
+    save_by_rename(&project.path("agents/c.toml"), broken);
+    let again = watch.wait("the diagnostics again", EVENT, |e| event(e) == "invalid");
+    assert_eq!(again["trigger"], "files", "{again}");
+    assert_eq!(again["codes"], invalid["codes"]);
+    assert_eq!(again["diagnostics"], invalid["diagnostics"]);
 }
 
 #[test]
@@ -1277,5 +1330,43 @@ fn copy_tree(from: &Path, to: &Path) {
         } else {
             std::fs::copy(entry.path(), target).unwrap();
         }
+    }
+}
+
+/// `rm -rf m && mkdir m && cp -r saved/. m`: on ext4 the new directory
+/// usually gets the old one's inode number, so only the removal itself can
+/// tell the watch that its directory is gone. Several times in a row, each
+/// followed by an edit that must be seen; once with the directory missing
+/// long enough for a reload to find it gone.
+#[test]
+fn a_manifests_directory_removed_and_recreated_in_place_is_watched_again() {
+    let double = Double::new();
+    let _machines = Machines(&double);
+    let project = Project::new("wrmrf");
+    let mut watch = started(&double, &project, &[], &[]);
+    let ma = project.machine("a");
+
+    for round in 1..=4 {
+        let saved = project.root.join(format!("saved{round}"));
+        copy_tree(&project.dir, &saved);
+        std::fs::remove_dir_all(&project.dir).unwrap();
+        if round == 2 {
+            let gone = watch.wait("the missing directory", EVENT, |e| event(e) == "invalid");
+            assert_eq!(gone["codes"], serde_json::json!(["bottle::no-directory"]));
+        }
+        copy_tree(&saved, &project.dir);
+        // Whether the loop read the directory while it was gone or only
+        // once it was back, it ends with nothing to do.
+        let back = watch.wait("the directory back", EVENT, |e| {
+            matches!(event(e), "skip" | "done" | "failed" | "reconcile")
+        });
+        assert_eq!(event(&back), "skip", "round {round}: {back}");
+
+        let text = format!("You are A, round {round}.\n");
+        save_by_rename(&project.path("prompts/a.md"), &text);
+        let edit = watch.wait("the prompt edit", EVENT, |e| event(e) == "reconcile");
+        assert_eq!(agents(&edit), ["a"], "round {round}");
+        assert_eq!(event(&watch.outcome(EVENT)), "done", "round {round}");
+        assert_eq!(prompt_in(&double, &ma), text);
     }
 }

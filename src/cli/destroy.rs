@@ -40,28 +40,70 @@ pub enum DestroyError {
         help("there is no terminal to ask on; pass --yes to delete without asking")
     )]
     NoTerminal { count: usize },
-    #[error("`{0}` is not a project name: it {1}")]
-    #[diagnostic(
-        code("bottle::invalid-name"),
-        help("project names are 1-48 lower-case letters, digits and '-', starting with a letter")
-    )]
-    BadProject(String, &'static str),
-    #[error("no machine of this project belongs to agent `{0}`")]
-    #[diagnostic(
-        code("bottle::unknown-target"),
-        help("run `bottle status` to see the machines of this project")
-    )]
-    UnknownAgent(String),
+    /// A state problem, not a usage one: the agent may be declared, its
+    /// machine is simply not there (never applied, or already deleted).
+    #[error("agent `{agent}` has no machine in project `{project}`")]
+    #[diagnostic(code("bottle::no-machine"), help("{help}"))]
+    NoMachine {
+        agent: String,
+        project: String,
+        help: String,
+    },
+}
+
+/// `--project` given something that cannot be a project id: a usage
+/// error (exit 2), unlike an invalid name in a manifest.
+#[derive(Debug, Error, Diagnostic)]
+#[error("--project {name:?} is not a project id: it {why}")]
+#[diagnostic(
+    code("bottle::invalid-project-option"),
+    help(
+        "pass the project id as `bottle status` prints it (`[project] name` in the root bottle.toml): 1-48 lower-case letters, digits and '-', starting with a letter"
+    )
+)]
+pub struct InvalidProjectOption {
+    name: String,
+    why: &'static str,
+}
+
+/// The manifests name the project whose machines to delete; when they do
+/// not load, `--project` is the way around them. Their problems are shown
+/// below in full.
+#[derive(Debug, Error, Diagnostic)]
+#[error("cannot tell whose machines to delete: the manifests in `{dir}` do not load")]
+#[diagnostic(
+    code("bottle::manifests-unreadable"),
+    help(
+        "fix the problems below, or pass `--project NAME` to delete this project's machines without reading the manifests (NAME is its id: `[project] name` in the root bottle.toml, the `bottle.project` label of its machines)"
+    )
+)]
+pub struct ManifestsUnreadable {
+    dir: String,
+    #[related]
+    problems: Vec<crate::manifest::ManifestDiagnostic>,
 }
 
 pub fn run(global: &GlobalArgs, args: DestroyArgs) -> miette::Result<Outcome> {
-    let project_name = match &args.project {
+    // The agents the manifests declare, when they were read: naming another
+    // one that has no machine either is a typo (usage), not a state problem.
+    let (project_name, declared) = match &args.project {
         Some(name) => {
-            crate::manifest::names::check_name(name)
-                .map_err(|why| DestroyError::BadProject(name.clone(), why))?;
-            name.clone()
+            crate::manifest::names::check_name(name).map_err(|why| InvalidProjectOption {
+                name: name.clone(),
+                why,
+            })?;
+            (name.clone(), None)
         }
-        None => crate::manifest::load_dir(&args.dir.dir)?.name,
+        None => {
+            let project = crate::manifest::load_dir(&args.dir.dir).map_err(|problems| {
+                ManifestsUnreadable {
+                    dir: args.dir.dir.display().to_string(),
+                    problems: problems.items,
+                }
+            })?;
+            let agents: Vec<String> = project.agents.keys().cloned().collect();
+            (project.name, Some(agents))
+        }
     };
     let state = session::state_dir(global)?;
     let _lock = ProjectLock::acquire(&state, &project_name, "destroy", Duration::ZERO)?;
@@ -74,9 +116,35 @@ pub fn run(global: &GlobalArgs, args: DestroyArgs) -> miette::Result<Outcome> {
     let agent_of =
         |m: &crate::runtime::MachineInfo| m.labels.get(LABEL_AGENT).cloned().unwrap_or_default();
     for agent in &args.agents {
-        if !machines.iter().any(|m| &agent_of(m) == agent) {
-            return Err(DestroyError::UnknownAgent(agent.clone()).into());
+        if machines.iter().any(|m| &agent_of(m) == agent) {
+            continue;
         }
+        if let Some(declared) = &declared
+            && !declared.contains(agent)
+        {
+            return Err(session::UnknownTarget {
+                agent: agent.clone(),
+                known: declared.join(", "),
+            }
+            .into());
+        }
+        let mut owners: Vec<String> = machines.iter().map(agent_of).collect();
+        owners.sort();
+        owners.dedup();
+        let help = if owners.is_empty() {
+            format!("project `{project_name}` has no machines: there is nothing to delete")
+        } else {
+            format!(
+                "the machines of project `{project_name}` belong to: {} (`bottle status` shows them)",
+                owners.join(", ")
+            )
+        };
+        return Err(DestroyError::NoMachine {
+            agent: agent.clone(),
+            project: project_name.clone(),
+            help,
+        }
+        .into());
     }
     let doomed: Vec<_> = machines
         .into_iter()

@@ -2,7 +2,7 @@
 //!
 //! Every subcommand returns `Result<Outcome>`; [`main`] turns that into the
 //! exit codes of DESIGN.md section 5: 0 success or in sync, 1 error, 2 usage
-//! (clap's own), 3 drift or pending changes. Nothing but a completed
+//! (clap's own, and [`is_usage_error`]'s), 3 drift or pending changes. Nothing but a completed
 //! comparison can produce 3.
 
 mod apply;
@@ -150,14 +150,20 @@ pub fn main() -> ExitCode {
         Ok(Outcome::Drift) => ExitCode::from(EXIT_DRIFT),
         Err(report) => {
             eprintln!("{report:?}");
-            // An agent name on the command line that the manifests do not
-            // declare is a usage error, like clap's own.
-            let usage = report
-                .code()
-                .is_some_and(|c| c.to_string() == "bottle::unknown-target");
-            ExitCode::from(if usage { EXIT_USAGE } else { EXIT_ERROR })
+            ExitCode::from(if is_usage_error(&report) {
+                EXIT_USAGE
+            } else {
+                EXIT_ERROR
+            })
         }
     }
+}
+
+/// Mistakes on the command line that clap cannot see, exit 2 like its own:
+/// an agent the manifests do not declare, a malformed `--project`. Told by
+/// type, so an error that merely shares a code never passes for one.
+fn is_usage_error(report: &miette::Report) -> bool {
+    report.is::<session::UnknownTarget>() || report.is::<destroy::InvalidProjectOption>()
 }
 
 /// Diagnostics render with colour and Unicode on a terminal, and as plain

@@ -141,10 +141,7 @@ pub fn run(global: &GlobalArgs, args: StatusArgs) -> miette::Result<Outcome> {
         return Ok(Outcome::Success);
     }
     println!("project {}", status.project);
-    println!(
-        "{:<16} {:<32} {:<12} {:<20} STEPS",
-        "AGENT", "MACHINE", "STATE", "LAST APPLIED"
-    );
+    let mut rows = vec![["AGENT", "MACHINE", "STATE", "LAST APPLIED", "STEPS"].map(str::to_owned)];
     for a in &status.agents {
         let steps: Vec<String> = a
             .steps
@@ -157,15 +154,15 @@ pub fn run(global: &GlobalArgs, args: StatusArgs) -> miette::Result<Outcome> {
         let last = a
             .last_applied
             .map_or("-".to_owned(), crate::time::format_unix);
-        println!(
-            "{:<16} {:<32} {:<12} {:<20} {}",
-            a.agent,
-            a.machine,
-            a.state,
+        rows.push([
+            a.agent.clone(),
+            a.machine.clone(),
+            a.state.clone(),
             last,
-            steps.join(" ")
-        );
+            steps.join(" "),
+        ]);
     }
+    print!("{}", table(&rows));
     for m in &status.undeclared {
         println!(
             "{m}: managed by this project but no agent declares it (`bottle apply --prune` deletes it)"
@@ -176,4 +173,50 @@ pub fn run(global: &GlobalArgs, args: StatusArgs) -> miette::Result<Outcome> {
     }
     session::observation_errors(&survey.plan)?;
     Ok(Outcome::Success)
+}
+
+/// Rows as aligned columns, each as wide as its widest cell (names go up
+/// to 48 characters, machine names past 100), three spaces apart like
+/// `kubectl get`; the last column is not padded.
+fn table<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0; N];
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i + 1 < N {
+                line.push_str(&format!("{cell:<width$}   ", width = widths[i]));
+            } else {
+                line.push_str(cell);
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::table;
+
+    #[test]
+    fn columns_are_as_wide_as_their_widest_cell() {
+        let rows = [
+            ["A", "MACHINE", "STEPS"].map(str::to_owned),
+            ["a-long-name", "m", "x y"].map(str::to_owned),
+            ["b", "", ""].map(str::to_owned),
+        ];
+        assert_eq!(
+            table(&rows),
+            "A             MACHINE   STEPS\n\
+             a-long-name   m         x y\n\
+             b\n"
+        );
+    }
 }

@@ -34,7 +34,7 @@ use super::{
 pub enum SmolvmSetupError {
     #[error("`smolvm` was not found on PATH")]
     #[diagnostic(
-        code(bottle::smolvm::not_found),
+        code("bottle::smolvm::not-found"),
         help(
             "install smolvm (https://github.com/smol-machines/smolvm), pass its path with \
              `--smolvm PATH` or BOTTLE_SMOLVM, or run the bottles in local sandboxes with \
@@ -45,7 +45,7 @@ pub enum SmolvmSetupError {
 
     #[error("smolvm binary `{}` does not exist or is not executable", path.display())]
     #[diagnostic(
-        code(bottle::smolvm::not_executable),
+        code("bottle::smolvm::not-executable"),
         help(
             "point `--smolvm` / BOTTLE_SMOLVM at the smolvm executable, or run the bottles in \
              local sandboxes with `--runtime local`"
