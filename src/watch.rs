@@ -811,13 +811,9 @@ impl LoopState<'_> {
             );
             return;
         }
-        if report.failed() > 0 || !plan.errors.is_empty() {
+        if let Some(what) = failures(&plan, &report) {
             self.owe(targets.as_deref(), removed);
-            self.fail(&format!(
-                "{} action(s) failed, {} agent(s) not observed",
-                report.failed(),
-                plan.errors.len()
-            ));
+            self.fail(&what);
             return;
         }
         match &targets {
@@ -831,6 +827,12 @@ impl LoopState<'_> {
                 }
             }
         }
+        self.log_done(n, &report, "blocked");
+        self.settle();
+    }
+
+    /// `reconcile #N done: ...`, naming blocked actions `blocked`.
+    fn log_done(&self, n: u64, report: &apply::Report, blocked: &str) {
         self.log.log(
             "done",
             &format!(
@@ -839,12 +841,11 @@ impl LoopState<'_> {
                 report.seconds,
                 match report.blocked() {
                     0 => String::new(),
-                    b => format!(", {b} blocked"),
+                    b => format!(", {b} {blocked}"),
                 }
             ),
             json!({ "done": report.done(), "blocked": report.blocked(), "seconds": report.seconds }),
         );
-        self.settle();
     }
 
     /// Observe the agents in scope, plan, let `prepare` look at or adjust
@@ -918,36 +919,21 @@ impl LoopState<'_> {
             }
         });
         self.last_good = Some(desired);
-        let summary = match outcome {
+        let failed = match outcome {
             // Ctrl-C: the loop stops next.
             Ok(_) if apply::cancelled() => return,
-            Err(e) => Err(e),
-            Ok((plan, report)) if report.failed() > 0 || !plan.errors.is_empty() => Err(format!(
-                "{} action(s) failed, {} agent(s) not observed",
-                report.failed(),
-                plan.errors.len()
-            )),
-            Ok((_, report)) => Ok(report),
+            Err(e) => Some(e),
+            Ok((plan, report)) => failures(&plan, &report).or_else(|| {
+                self.log_done(n, &report, "held until the manifests are fixed");
+                None
+            }),
         };
-        match summary {
-            Ok(report) => self.log.log(
-                "done",
-                &format!(
-                    "reconcile #{n} done: {} action(s) in {:.2}s{}",
-                    report.done(),
-                    report.seconds,
-                    match report.blocked() {
-                        0 => String::new(),
-                        b => format!(", {b} held until the manifests are fixed"),
-                    }
-                ),
-                json!({ "done": report.done(), "blocked": report.blocked(), "seconds": report.seconds }),
-            ),
-            Err(what) => self.log.log(
+        if let Some(what) = failed {
+            self.log.log(
                 "failed",
                 &format!("reconcile #{n} failed: {what}; the next resync tries again"),
                 json!({ "error": what, "retry": null }),
-            ),
+            );
         }
     }
 
@@ -1090,6 +1076,17 @@ impl LoopState<'_> {
             json!({ "error": what, "retry": attempt, "retry_in_seconds": delay.as_secs_f64() }),
         );
     }
+}
+
+/// What went wrong in a reconcile that ran, if anything.
+fn failures(plan: &Plan, report: &apply::Report) -> Option<String> {
+    (report.failed() > 0 || !plan.errors.is_empty()).then(|| {
+        format!(
+            "{} action(s) failed, {} agent(s) not observed",
+            report.failed(),
+            plan.errors.len()
+        )
+    })
 }
 
 /// How often the debouncer looks for events old enough to release: a
