@@ -1309,7 +1309,7 @@ fn a_manifests_directory_made_anew_is_watched_again() {
     assert_eq!(machine_names(&double).len(), 3);
 
     // A new directory with the same content: nothing to do...
-    copy_tree(&aside, &project.dir);
+    support::project::copy_dir(&aside, &project.dir);
     let back = watch.wait("the directory back", EVENT, |e| event(e) != "invalid");
     assert_eq!(event(&back), "skip", "{back}");
     // ...and edits inside it are seen again.
@@ -1318,19 +1318,6 @@ fn a_manifests_directory_made_anew_is_watched_again() {
     assert_eq!(agents(&edit), ["a"]);
     assert_eq!(event(&watch.outcome(EVENT)), "done");
     assert_eq!(prompt_in(&double, &ma), "You are A, anew.\n");
-}
-
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_tree(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 /// `rm -rf m && mkdir m && cp -r saved/. m`: on ext4 the new directory
@@ -1348,13 +1335,13 @@ fn a_manifests_directory_removed_and_recreated_in_place_is_watched_again() {
 
     for round in 1..=4 {
         let saved = project.root.join(format!("saved{round}"));
-        copy_tree(&project.dir, &saved);
+        support::project::copy_dir(&project.dir, &saved);
         std::fs::remove_dir_all(&project.dir).unwrap();
         if round == 2 {
             let gone = watch.wait("the missing directory", EVENT, |e| event(e) == "invalid");
             assert_eq!(gone["codes"], serde_json::json!(["bottle::no-directory"]));
         }
-        copy_tree(&saved, &project.dir);
+        support::project::copy_dir(&saved, &project.dir);
         // Whether the loop read the directory while it was gone or only
         // once it was back, it ends with nothing to do.
         let back = watch.wait("the directory back", EVENT, |e| {

@@ -1013,8 +1013,27 @@ fn agent(cx: &mut Cx, d: &Decl<AgentSpec>, bottles: &BTreeSet<&str>) -> Option<A
         );
     }
 
-    let prompt = match (&spec.prompt, &spec.prompt_text) {
-        (Some(path), Some(_)) => {
+    // The file is checked even beside `prompt_text`: whichever is kept, a
+    // prompt file that is not there is a problem of its own.
+    let prompt_file = spec.prompt.as_ref().map(|path| {
+        let looks_like_text = path.contains('\n') || path.split_whitespace().count() > 3;
+        let help = looks_like_text.then(|| {
+            "`prompt` names a file; to give the prompt inline (as the old `prompt` did), \
+             write `prompt_text = \"...\"`"
+                .to_owned()
+        });
+        resolve_inside(
+            cx,
+            file,
+            &base.clone().key("prompt"),
+            path,
+            "prompt file",
+            Expect::File,
+            help,
+        )
+    });
+    let prompt = match (prompt_file, &spec.prompt_text) {
+        (Some(_), Some(_)) => {
             let text_span = cx.span(file, &base.clone().key("prompt_text"), Want::Key);
             let d = diag(
                 "bottle::prompt-conflict",
@@ -1029,37 +1048,9 @@ fn agent(cx: &mut Cx, d: &Decl<AgentSpec>, bottles: &BTreeSet<&str>) -> Option<A
                 d,
                 "prompt file",
             );
-            // Whichever is kept, a prompt file that is not there is a
-            // problem of its own.
-            resolve_inside(
-                cx,
-                file,
-                &base.clone().key("prompt"),
-                path,
-                "prompt file",
-                Expect::File,
-                None,
-            );
             None
         }
-        (Some(path), None) => {
-            let looks_like_text = path.contains('\n') || path.split_whitespace().count() > 3;
-            let help = looks_like_text.then(|| {
-                "`prompt` names a file; to give the prompt inline (as the old `prompt` did), \
-                 write `prompt_text = \"...\"`"
-                    .to_owned()
-            });
-            resolve_inside(
-                cx,
-                file,
-                &base.clone().key("prompt"),
-                path,
-                "prompt file",
-                Expect::File,
-                help,
-            )
-            .map(Prompt::File)
-        }
+        (Some(resolved), None) => resolved.map(Prompt::File),
         (None, Some(text)) => Some(Prompt::Text(text.clone())),
         (None, None) => Some(Prompt::None),
     };

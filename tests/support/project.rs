@@ -197,7 +197,8 @@ impl Drop for Project {
     }
 }
 
-fn copy_dir(from: &Path, to: &Path) {
+/// Copy a directory tree (files and directories only).
+pub fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
         let entry = entry.unwrap();
