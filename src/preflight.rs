@@ -11,7 +11,7 @@
 use std::collections::BTreeSet;
 
 use crate::desired::Desired;
-use crate::manifest::{Bottle, Diagnostics, KeyPath, ManifestDiagnostic};
+use crate::manifest::{Bottle, Diagnostics, Image, KeyPath, ManifestDiagnostic};
 use crate::plan::{Op, Plan};
 use crate::runtime::RuntimeKind;
 
@@ -33,6 +33,21 @@ pub fn check(desired: &Desired, runtime: RuntimeKind) -> Result<Vec<String>, Dia
         .filter(|b| used.contains(b.name.as_str()))
     {
         let at = KeyPath::new().key("bottle").key(&bottle.name);
+        if runtime == RuntimeKind::Local
+            && matches!(bottle.image, Image::Reference(_) | Image::Archive(_))
+        {
+            problems.push(
+                ManifestDiagnostic::new(
+                    "bottle::local-image",
+                    format!("the local runtime cannot run the image of bottle `{}`", bottle.name),
+                )
+                .value(&project.sources, bottle.file, &at.clone().key("image"), "an image only smolvm can run")
+                .help(
+                    "the local runtime runs the host's system directories (`image = \"host\"`, the default) \
+                     or an unpacked root filesystem directory: use one of those, or --runtime smolvm",
+                ),
+            );
+        }
         if runtime == RuntimeKind::Local && bottle.spec.egress.is_some() {
             if bottle
                 .spec
@@ -75,12 +90,11 @@ pub fn check(desired: &Desired, runtime: RuntimeKind) -> Result<Vec<String>, Dia
     }
 }
 
-/// Refuse a plan that starts a machine whose bottle has a secret missing on
-/// this host: the start would fail half-way through the apply.
-pub fn launch_secrets(desired: &Desired, plan: &Plan) -> Result<(), Diagnostics> {
+/// The actions of `plan` that start a machine (and would read its
+/// secrets), with the bottle of that machine.
+fn launches<'a>(desired: &'a Desired, plan: &Plan) -> Vec<(usize, &'a Bottle)> {
     let project = &desired.project;
-    let launching: BTreeSet<&str> = plan
-        .actions
+    plan.actions
         .iter()
         .filter(|a| a.blocked.is_none())
         .filter(|a| {
@@ -89,9 +103,21 @@ pub fn launch_secrets(desired: &Desired, plan: &Plan) -> Result<(), Diagnostics>
                 Op::Create | Op::Replace | Op::Start { .. } | Op::Restart { .. }
             )
         })
-        .filter_map(|a| a.agent.as_ref())
-        .filter_map(|agent| project.agents.get(agent))
-        .map(|agent| agent.spec.bottle.as_str())
+        .filter_map(|a| {
+            let agent = project.agents.get(a.agent.as_ref()?)?;
+            Some((a.id, project.bottles.get(&agent.spec.bottle)?))
+        })
+        .collect()
+}
+
+/// Refuse a plan that starts a machine whose bottle has a secret missing on
+/// this host: the start would fail half-way through the apply (after a
+/// restart's stop, or a replacement's delete).
+pub fn launch_secrets(desired: &Desired, plan: &Plan) -> Result<(), Diagnostics> {
+    let project = &desired.project;
+    let launching: BTreeSet<&str> = launches(desired, plan)
+        .into_iter()
+        .map(|(_, bottle)| bottle.name.as_str())
         .collect();
     let mut problems = Vec::new();
     for bottle in launching.iter().filter_map(|b| project.bottles.get(*b)) {
@@ -121,6 +147,20 @@ pub fn launch_secrets(desired: &Desired, plan: &Plan) -> Result<(), Diagnostics>
             dir: project.dir.display().to_string(),
             items: problems,
         })
+    }
+}
+
+/// Block, rather than refuse, the actions that start a machine whose bottle
+/// has a secret missing on this host (a watch keeps going; the actions wait
+/// for the secret, and those after them with them).
+pub fn hold_launches_without_secrets(desired: &Desired, plan: &mut Plan) {
+    for (id, bottle) in launches(desired, plan) {
+        if let Some(missing) = missing_secrets(bottle).into_iter().next() {
+            plan.actions[id].blocked = Some(format!(
+                "secret `{}` of bottle `{}`: {}; the machine could not start",
+                missing.name, bottle.name, missing.what
+            ));
+        }
     }
 }
 
@@ -190,6 +230,14 @@ mod tests {
     }
 
     #[test]
+    fn the_local_runtime_refuses_an_image_it_cannot_run() {
+        let d = desired("image = \"ghcr.io/acme/agent-base:1.2\"\n");
+        let err = check(&d, RuntimeKind::Local).unwrap_err();
+        assert_eq!(err.items[0].code, "bottle::local-image");
+        check(&d, RuntimeKind::Smolvm).unwrap();
+    }
+
+    #[test]
     fn accepted_unfiltered_network_is_noted_every_time() {
         let d = desired(&format!(
             "{EGRESS}[bottle.dev.local]\nallow_unfiltered_network = true\n"
@@ -213,5 +261,17 @@ mod tests {
         assert_eq!(err.items[0].code, "bottle::secret-unavailable");
         // Nothing to start (here: nothing at all), nothing to refuse.
         launch_secrets(&d, &Plan::default()).unwrap();
+        // A watch holds the create instead.
+        let mut held = fresh.clone();
+        hold_launches_without_secrets(&d, &mut held);
+        let create = &held.actions[0];
+        assert!(
+            create
+                .blocked
+                .as_deref()
+                .unwrap()
+                .contains("BOTTLE_PREFLIGHT_TEST_NEVER_SET"),
+            "{create:?}"
+        );
     }
 }

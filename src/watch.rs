@@ -866,6 +866,9 @@ impl LoopState<'_> {
         )
         .map_err(|e| format!("observe failed: {e}"))?;
         let mut plan = plan::plan(desired, &snapshot, plan_options);
+        // A start that would fail for a missing secret waits (a restart
+        // would stop the machine first, a replacement delete it).
+        crate::preflight::hold_launches_without_secrets(desired, &mut plan);
         prepare(self, &mut plan);
         for e in &plan.errors {
             self.log.log(

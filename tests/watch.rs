@@ -1357,3 +1357,49 @@ fn a_manifests_directory_removed_and_recreated_in_place_is_watched_again() {
         assert_eq!(prompt_in(&double, &ma), text);
     }
 }
+
+#[test]
+fn a_start_that_needs_a_missing_secret_waits_with_the_machine_left_running() {
+    let double = Double::new();
+    let _machines = Machines(&double);
+    let project = Project::new("wsecret");
+    let secret = project.root.join("token");
+    std::fs::write(&secret, "s3cret").unwrap();
+    let base = project.read("bottle.toml");
+    let with_secret = |cpus: u32| {
+        base.replace(
+            "[bottle.dev]\ncpus = 1\n",
+            &format!(
+                "[bottle.dev]\ncpus = {cpus}\nsecrets = {{ TOKEN = {{ from_file = \"{}\" }} }}\n",
+                secret.display()
+            ),
+        )
+    };
+    project.write("bottle.toml", &with_secret(1));
+    let mut watch = started(&double, &project, &["--resync", "2"], &[]);
+    let ma = project.machine("a");
+
+    // The secret file goes, then a change that needs a restart arrives: the
+    // restart would stop the machine and fail to start it again.
+    std::fs::remove_file(&secret).unwrap();
+    save_by_rename(&project.path("bottle.toml"), &with_secret(2));
+    let held = watch.wait("the held restart", EVENT, |e| event(e) == "blocked");
+    assert_eq!(held["action"], "restart", "{held}");
+    assert!(
+        held["reason"].as_str().unwrap().contains("cannot be read"),
+        "{held}"
+    );
+    assert_eq!(
+        double.machine_json(&ma).unwrap()["state"],
+        "running",
+        "the machine was left alone"
+    );
+
+    // The secret is back: a resync restarts it.
+    std::fs::write(&secret, "s3cret").unwrap();
+    let restart = watch.wait("the restart", EVENT, |e| {
+        event(e) == "action" && e["action"] == "restart" && e["agent"] == "a"
+    });
+    assert_eq!(restart["status"], "done", "{restart}");
+    assert_eq!(double.machine_json(&ma).unwrap()["cpus"], 2);
+}
