@@ -117,7 +117,9 @@ impl Progress for Lines {
                 format!("blocked  {who}: {} {}: {reason}", a.op.verb(), a.op.step())
             }
         };
-        eprintln!("[{finished}/{total}] {line}");
+        // The counter keeps its width, so the columns after it line up.
+        let width = total.to_string().len();
+        eprintln!("[{finished:>width$}/{total}] {line}");
     }
 }
 
