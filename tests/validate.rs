@@ -418,3 +418,31 @@ fn validate_reports_a_dependency_cycle() {
     assert!(stderr.contains("bottle::dependency-cycle"), "{stderr}");
     assert!(stderr.contains("`fetch` runs after `build`"), "{stderr}");
 }
+
+#[test]
+fn a_writable_volume_holding_a_symlinked_manifest_is_refused() {
+    // The manifests directory itself is not shared, but a manifest in it
+    // is a symlink into a directory that is: the agent could rewrite it.
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("m");
+    let shared = tmp.path().join("shared");
+    std::fs::create_dir_all(&m).unwrap();
+    std::fs::create_dir_all(&shared).unwrap();
+    std::fs::write(shared.join("agents.toml"), "[agent.a]\nbottle = \"dev\"\n").unwrap();
+    std::os::unix::fs::symlink(shared.join("agents.toml"), m.join("agents.toml")).unwrap();
+    let bottle = |mode: &str| {
+        format!(
+            "[project]\nname = \"p\"\n[bottle.dev]\nvolumes = [\"{}:/shared{mode}\"]\n",
+            shared.display()
+        )
+    };
+    std::fs::write(m.join("bottle.toml"), bottle("")).unwrap();
+    let (code, stdout, stderr) = run_in(tmp.path(), "m");
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(stderr.contains("bottle::writable-manifests"), "{stderr}");
+    assert!(stderr.contains("holds a manifest"), "{stderr}");
+    // Read-only, it is fine.
+    std::fs::write(m.join("bottle.toml"), bottle(":ro")).unwrap();
+    let (code, stdout, stderr) = run_in(tmp.path(), "m");
+    assert_eq!(code, 0, "{stdout}{stderr}");
+}

@@ -127,10 +127,16 @@ pub fn load_dir(dir: &Path) -> Result<Project, Diagnostics> {
         }
     }
 
+    // Where the manifests really are: a symlinked one may live outside.
+    let manifest_files: Vec<PathBuf> = files
+        .iter()
+        .filter_map(|rel| root.join(rel).canonicalize().ok())
+        .collect();
     let mut cx = Cx {
         sources: &sources,
         docs: &docs,
         root: &root,
+        manifest_files: &manifest_files,
         found,
         fs: HashMap::new(),
         certs: HashMap::new(),
@@ -419,6 +425,8 @@ pub(super) struct Cx<'a> {
     pub docs: &'a [Doc<'a>],
     /// The manifests directory, canonical.
     pub root: &'a Path,
+    /// Every manifest file, canonical (a symlinked one where it points).
+    pub manifest_files: &'a [PathBuf],
     pub found: Found,
     /// Paths are often shared (one skill, many agents): stat each once.
     fs: HashMap<PathBuf, Option<FsInfo>>,

@@ -586,24 +586,32 @@ fn volumes(cx: &mut Cx, file: FileId, base: &KeyPath, what: &str, raw: &[String]
         // manifests, which bottle (and a watch) would then apply: another
         // bottle with `/` as a volume, say.
         let root = cx.root;
-        if !read_only && (info.canonical.starts_with(root) || root.starts_with(&info.canonical)) {
+        let holds_a_manifest = cx
+            .manifest_files
+            .iter()
+            .any(|f| f.starts_with(&info.canonical));
+        if !read_only
+            && (info.canonical.starts_with(root)
+                || root.starts_with(&info.canonical)
+                || holds_a_manifest)
+        {
             cx.report(
                 file,
                 &path,
                 Want::Value,
                 diag(
                     "bottle::writable-manifests",
-                    format!(
-                        "volume `{v}` in {what} lets the guest write into the manifests directory"
-                    ),
+                    format!("volume `{v}` in {what} lets the guest write manifests"),
                     "an agent that can write there can write manifests, and bottle would apply \
                      them: mount it read-only (`HOST:GUEST:ro`) or share a directory outside \
                      the manifests directory",
                 ),
                 if info.canonical.starts_with(root) {
                     "inside the manifests directory, writable"
-                } else {
+                } else if root.starts_with(&info.canonical) {
                     "holds the manifests directory, writable"
+                } else {
+                    "holds a manifest (the target of a symlink), writable"
                 },
             );
             continue;
