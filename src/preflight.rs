@@ -156,8 +156,15 @@ pub fn launch_secrets(desired: &Desired, plan: &Plan) -> Result<(), Diagnostics>
 pub fn hold_launches_without_secrets(desired: &Desired, plan: &mut Plan) {
     for (id, bottle) in launches(desired, plan) {
         if let Some(missing) = missing_secrets(bottle).into_iter().next() {
+            // A watch's own environment never changes: a variable needs a
+            // restart of the watch, a file only needs to appear.
+            let then = if missing.from_env {
+                "export it and restart `bottle watch`"
+            } else {
+                "it runs once the file is there"
+            };
             plan.actions[id].blocked = Some(format!(
-                "secret `{}` of bottle `{}`: {}; the machine could not start",
+                "secret `{}` of bottle `{}`: {}, so the machine could not start; {then}",
                 missing.name, bottle.name, missing.what
             ));
         }
@@ -168,6 +175,8 @@ struct MissingSecret {
     name: String,
     what: String,
     help: String,
+    /// A host environment variable (not a file).
+    from_env: bool,
 }
 
 /// The secrets of `bottle` whose source cannot be read on this host now.
@@ -191,6 +200,7 @@ fn missing_secrets(bottle: &Bottle) -> Vec<MissingSecret> {
             name: name.clone(),
             what,
             help,
+            from_env: reference.from_env.is_some(),
         });
     }
     out

@@ -111,8 +111,8 @@ pub enum StepError {
 
     #[error("machine {machine} has no `flock`, which bottle needs to run its steps one at a time")]
     #[diagnostic(help(
-        "use an image with `flock` (util-linux on Debian and Ubuntu, busybox's applet on Alpine), \
-         or install it with a setup step (`apk add util-linux` / `apt-get install util-linux`)"
+        "use an image that has `flock` (util-linux on Debian and Ubuntu, busybox's applet on \
+         Alpine): every step needs it, setup steps included, so none can install it"
     ))]
     NoFlock { machine: String },
 
@@ -161,10 +161,15 @@ const NO_FLOCK_STATUS: i32 = 97;
 const LOCK_BUSY_STATUS: i32 = 98;
 const LOCK_MARKER: &str = "bottle-lock:";
 
-/// The guest file of a step's lock (`setup:name` as `setup.name`, like the
-/// ledger).
+/// The guest file of a step's lock. Setup steps share one: within a run
+/// they never run at once (two package installs fight over the package
+/// manager's lock), and a command one of them left running must not meet
+/// another's in the next run either.
 pub fn lock_path(dir: &str, step: &str) -> String {
-    format!("{dir}/{}", step.replace(':', "."))
+    match step.split_once(':') {
+        Some(("setup", _)) => format!("{dir}/setup"),
+        _ => format!("{dir}/{step}"),
+    }
 }
 
 /// Shell that takes the exclusive lock of `step` on fd 9, waiting up to
@@ -290,7 +295,11 @@ fn lock_failure(machine: &str, step: &str, status: i32, stderr: &str) -> Option<
         }),
         (LOCK_BUSY_STATUS, "busy") => Some(StepError::StepBusy {
             machine: machine.to_owned(),
-            step: step.to_owned(),
+            // Setup steps share their lock: any of them may hold it.
+            step: match step.split_once(':') {
+                Some(("setup", _)) => "setup".to_owned(),
+                _ => step.to_owned(),
+            },
             waited: LOCK_WAIT.as_secs(),
             lock: lock_path(LOCK_DIR, step),
         }),
@@ -739,11 +748,11 @@ pub(crate) mod tests {
         let StepError::StepBusy { ref lock, .. } = error else {
             panic!("{error:?}");
         };
-        assert_eq!(lock, "/var/lib/bottle/locks/setup.tools");
+        assert_eq!(lock, "/var/lib/bottle/locks/setup");
         assert_eq!(
             error.to_string(),
-            "the setup:tools step is still running in machine m1, left by an interrupted \
-             bottle run (waited 120s for its lock /var/lib/bottle/locks/setup.tools)"
+            "the setup step is still running in machine m1, left by an interrupted \
+             bottle run (waited 120s for its lock /var/lib/bottle/locks/setup)"
         );
         // The same status from the step's own command is the step's failure.
         assert!(lock_failure("m1", "ca", LOCK_BUSY_STATUS, "busy\n").is_none());
