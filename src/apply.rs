@@ -19,7 +19,7 @@ use crate::desired::{Desired, DesiredAgent};
 use crate::graph::StepKind;
 use crate::observe::{self, Snapshot};
 use crate::plan::{self, Action, Op, Plan, PlanOptions};
-use crate::runtime::{MachineState, MachineUpdate, Runtime};
+use crate::runtime::{MachineState, MachineUpdate, Runtime, RuntimeError, RuntimeErrorKind};
 use crate::steps::{self, AgentCtx, GuestUser, StepError, machine};
 
 static CANCEL: AtomicBool = AtomicBool::new(false);
@@ -299,9 +299,10 @@ fn check_replacement_creates(
 ) -> Result<(), StepError> {
     let mut spec = machine::machine_spec(ctx);
     spec.name = machine::scratch_name(ctx.machine);
-    // One left behind by an interrupted replacement.
+    // One left behind by an interrupted replacement (a prune may be
+    // deleting it at the same time).
     if shared.snapshot.machine(&spec.name).is_some() {
-        rt.delete(&spec.name)?;
+        delete_if_there(rt, &spec.name)?;
     }
     rt.create(&spec).map_err(|e| {
         StepError::Other(
@@ -314,8 +315,16 @@ fn check_replacement_creates(
                 .to_owned(),
         )
     })?;
-    rt.delete(&spec.name)?;
+    delete_if_there(rt, &spec.name)?;
     Ok(())
+}
+
+/// Delete a machine; one already gone is what was wanted.
+fn delete_if_there(rt: &dyn Runtime, machine: &str) -> Result<(), RuntimeError> {
+    match rt.delete(machine) {
+        Err(e) if matches!(e.kind, RuntimeErrorKind::NotFound) => Ok(()),
+        other => other,
+    }
 }
 
 /// Agent users already known from the probes.
@@ -357,7 +366,7 @@ fn run(
     let users = &shared.users;
     let Some(agent_name) = &action.agent else {
         // Only deletions concern machines no agent declares.
-        rt.delete(&action.machine)?;
+        delete_if_there(rt, &action.machine)?;
         return Ok(Vec::new());
     };
     let agent = &desired.agents[agent_name];

@@ -620,15 +620,22 @@ fn plan_prune(b: &mut Builder, desired: &Desired, snapshot: &Snapshot, options: 
             continue;
         }
         let agent = machine.labels.get(LABEL_AGENT).cloned().unwrap_or_default();
+        // A replacement's trial machine, left by an interrupted run: never
+        // started, it holds nothing, so it goes without --prune.
+        let scratch = machine_step::is_scratch(&machine.name);
         let id = b.plan.actions.len();
         b.plan.actions.push(Action {
             id,
             machine: machine.name.clone(),
             agent: None,
             op: Op::Delete,
-            cause: format!("agent `{agent}` is no longer declared"),
+            cause: if scratch {
+                format!("left by an interrupted replacement of agent `{agent}`'s machine")
+            } else {
+                format!("agent `{agent}` is no longer declared")
+            },
             after: vec![],
-            blocked: (!options.prune)
+            blocked: (!options.prune && !scratch)
                 .then(|| "deleting destroys the machine's disk; pass --prune".to_owned()),
         });
     }

@@ -1401,6 +1401,28 @@ fn replacement_and_deletion_wait_for_their_flags_and_other_machines_are_never_to
         !listed.iter().any(|n| n.ends_with("_replace-check")),
         "no scratch machine left: {listed:?}"
     );
+    // The trial machine created, but its delete fails: the replacement
+    // stops there (old machine kept), and the next apply, even without
+    // --prune, removes the leftover, which never held anything.
+    let failing_delete = format!("delete:{}", p.double.count("delete") + 1);
+    p.bottle_env(
+        &["apply", "--allow-replace"],
+        &[("SMOLVM_DOUBLE_FAIL", &failing_delete)],
+    )
+    .code(1);
+    assert_eq!(created_at(&p, CODER), old_created, "not replaced");
+    let leftover = format!("{CODER}_replace-check");
+    assert!(p.double.machine_json(&leftover).is_some(), "left behind");
+    let plan = p.bottle(&["plan"]);
+    assert!(
+        plan.stdout.contains(&format!(
+            "machine {leftover} (no agent declares it)\n  - delete   machine   left by an interrupted replacement of agent `coder`'s machine\n"
+        )),
+        "{}",
+        plan.stdout
+    );
+    p.bottle(&["apply"]).code(3);
+    assert!(p.double.machine_json(&leftover).is_none(), "cleaned up");
 
     // Allowed: a new machine (new disk, new created_at), fully provisioned.
     wait_until("a new second", Duration::from_secs(2), || {

@@ -112,7 +112,14 @@ pub fn machine_spec(ctx: &AgentCtx) -> MachineSpec {
 /// machine; it carries the project's labels, so one left behind by an
 /// interrupted run is listed as undeclared (and pruned with `--prune`).
 pub fn scratch_name(machine: &str) -> String {
-    format!("{machine}_replace-check")
+    format!("{machine}{SCRATCH_SUFFIX}")
+}
+
+const SCRATCH_SUFFIX: &str = "_replace-check";
+
+/// Is this the name of a replacement's trial machine?
+pub fn is_scratch(machine: &str) -> bool {
+    machine.ends_with(SCRATCH_SUFFIX)
 }
 
 /// The settings `machine update` changes in place, as recorded in the
