@@ -446,3 +446,31 @@ fn a_writable_volume_holding_a_symlinked_manifest_is_refused() {
     let (code, stdout, stderr) = run_in(tmp.path(), "m");
     assert_eq!(code, 0, "{stdout}{stderr}");
 }
+
+#[test]
+fn after_supervise_is_reported_once_and_hides_no_other_cycle() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("m");
+    std::fs::create_dir_all(&m).unwrap();
+    std::fs::write(
+        m.join("bottle.toml"),
+        "[project]\nname = \"p\"\n[bottle.dev.supervise]\nurl = \"http://op/\"\n\
+         [[bottle.dev.setup]]\nname = \"a\"\nrun = \"true\"\nafter = [\"a\"]\n\
+         [[bottle.dev.setup]]\nname = \"b\"\nrun = \"true\"\nafter = [\"supervise\"]\n\
+         [agent.x]\nbottle = \"dev\"\n",
+    )
+    .unwrap();
+    let (code, stdout, stderr) = run_in(tmp.path(), "m");
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert_eq!(
+        stderr.matches("bottle::dependency-cycle").count(),
+        1,
+        "{stderr}"
+    );
+    assert!(stderr.contains("`a` runs after `a`"), "{stderr}");
+    assert_eq!(
+        stderr.matches("× ").count(),
+        3,
+        "a summary and two problems: {stderr}"
+    );
+}

@@ -217,12 +217,15 @@ impl StepGraph {
 }
 
 /// The dependency cycles among a bottle's setup steps, one diagnostic
-/// each; the loader reports them along with every other problem.
+/// each; the loader reports them along with every other problem (and
+/// `after = ["supervise"]` on its own, so that makes no cycle here).
 pub(crate) fn setup_cycles(
     sources: &crate::manifest::Sources,
     bottle: &crate::manifest::Bottle,
 ) -> Vec<ManifestDiagnostic> {
-    Template::new(sources, bottle).err().unwrap_or_default()
+    Template::build(sources, bottle, false)
+        .err()
+        .unwrap_or_default()
 }
 
 /// Build the graph of a loaded project, reading every file a step depends

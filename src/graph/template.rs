@@ -39,6 +39,17 @@ struct AfterEntry {
 impl Template {
     /// The template of `bottle`, or the cycle diagnostics that prevent one.
     pub fn new(sources: &Sources, bottle: &Bottle) -> Result<Template, Vec<ManifestDiagnostic>> {
+        Self::build(sources, bottle, true)
+    }
+
+    /// With `after_supervise` false, `after = ["supervise"]` entries make no
+    /// edge: the loader reports them on their own, and looks for the other
+    /// cycles past them.
+    pub(super) fn build(
+        sources: &Sources,
+        bottle: &Bottle,
+        after_supervise: bool,
+    ) -> Result<Template, Vec<ManifestDiagnostic>> {
         let spec = &bottle.spec;
         // The canonical order; built-ins come first so `after` can find them.
         let mut kinds = vec![StepKind::Machine];
@@ -88,7 +99,9 @@ impl Template {
                         // An unknown name is the loader's to report, and an
                         // absent built-in (`ca` without a `ca` table) is
                         // trivially satisfied: either way, no edge.
-                        if let Some(target) = resolve_after(&kinds, first_setup, name) {
+                        let target = resolve_after(&kinds, first_setup, name)
+                            .filter(|t| after_supervise || Some(*t) != supervise_at);
+                        if let Some(target) = target {
                             dep(
                                 target,
                                 i,

@@ -212,15 +212,9 @@ fn bottle(cx: &mut Cx, d: &Decl<BottleSpec>) -> Option<Bottle> {
         setup_inputs,
     };
     // Setup steps that wait for each other in a cycle, found here with every
-    // other problem rather than once the rest is fixed. Not when a step was
-    // dropped for an error (it may be the one that closes a cycle), nor
-    // past `after = ["supervise"]`: reported above, and a cycle by
-    // construction.
-    let after_supervise = spec
-        .setup
-        .iter()
-        .any(|s| s.after.iter().any(|a| a == "supervise"));
-    if d.clean_at("setup") && !after_supervise {
+    // other problem rather than once the rest is fixed; not when a step was
+    // dropped for an error (it may be the one that closes a cycle).
+    if d.clean_at("setup") {
         for cycle in crate::graph::setup_cycles(cx.sources, &bottle) {
             let offset = cycle.labels.first().map_or(0, |l| l.offset());
             cx.found.push(file, (offset, cycle));
