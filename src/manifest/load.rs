@@ -241,7 +241,7 @@ fn walk(root: &Path) -> Result<Vec<PathBuf>, Box<ManifestDiagnostic>> {
         out: &mut Vec<PathBuf>,
     ) -> Result<(), Box<ManifestDiagnostic>> {
         let dir = root.join(rel);
-        let entries = fs::read_dir(&dir).map_err(|e| {
+        let cannot_list = |e: std::io::Error| {
             Box::new(
                 ManifestDiagnostic::new(
                     "bottle::unreadable-file",
@@ -249,17 +249,9 @@ fn walk(root: &Path) -> Result<Vec<PathBuf>, Box<ManifestDiagnostic>> {
                 )
                 .help("check the directory's permissions"),
             )
-        })?;
-        for entry in entries {
-            let entry = entry.map_err(|e| {
-                Box::new(
-                    ManifestDiagnostic::new(
-                        "bottle::unreadable-file",
-                        format!("cannot list `{}`: {e}", dir.display()),
-                    )
-                    .help("check the directory's permissions"),
-                )
-            })?;
+        };
+        for entry in fs::read_dir(&dir).map_err(cannot_list)? {
+            let entry = entry.map_err(cannot_list)?;
             let name = entry.file_name();
             if name.to_string_lossy().starts_with('.') {
                 continue;
