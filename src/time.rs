@@ -5,29 +5,25 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// `YYYY-MM-DD HH:MM:SS`.
 pub fn format_unix(secs: u64) -> String {
-    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
-    let rem = secs % 86_400;
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    let (y, m, d, h, mi, s) = civil(secs);
+    format!("{y:04}-{m:02}-{d:02} {h:02}:{mi:02}:{s:02}")
 }
 
 /// RFC 3339 with milliseconds: `2026-11-27T08:15:02.123Z`.
 pub fn rfc3339(t: SystemTime) -> String {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs();
-    let (y, m, day) = civil_from_days((secs / 86_400) as i64);
-    let rem = secs % 86_400;
+    let (y, m, day, h, mi, s) = civil(d.as_secs());
     format!(
-        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
+        "{y:04}-{m:02}-{day:02}T{h:02}:{mi:02}:{s:02}.{:03}Z",
         d.subsec_millis()
     )
+}
+
+/// Year, month, day, hour, minute and second of Unix seconds (UTC).
+fn civil(secs: u64) -> (i64, i64, i64, u64, u64, u64) {
+    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+    let rem = secs % 86_400;
+    (y, m, d, rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 /// Howard Hinnant's `civil_from_days`.
