@@ -28,7 +28,7 @@ pub struct ApplyArgs {
 
 pub fn run(global: &GlobalArgs, args: ApplyArgs) -> miette::Result<Outcome> {
     let options = args.select.options();
-    let parallelism = usize::from(args.select.parallelism);
+    let parallelism = usize::from(args.select.change.parallelism);
     // The lock is taken before observing, so the plan cannot be stale.
     let desired = session::load(&args.dir.dir)?;
     let _lock = if args.dry_run {

@@ -22,22 +22,31 @@ pub struct PlanArgs {
     pub select: SelectArgs,
 }
 
-/// Flags that shape a plan, shared by `plan`, `apply` and `check`.
+/// Flags that shape a plan, shared by `plan` and `apply`.
 #[derive(Debug, Args, Clone, Default)]
 pub struct SelectArgs {
     /// Only this agent (repeatable). Nothing is pruned with a target.
     #[arg(long = "target", value_name = "AGENT")]
     pub targets: Vec<String>,
 
+    #[command(flatten)]
+    pub change: ChangeArgs,
+}
+
+/// What a reconcile may destroy, and how many calls it runs at once:
+/// shared by `plan`, `apply` and `watch`.
+#[derive(Debug, Args, Clone, Default)]
+pub struct ChangeArgs {
     /// Replace machines whose create-time settings (image, egress, secrets)
     /// changed; replacement destroys the machine's disk. Without it those
-    /// replacements are blocked (`plan` shows them as blocked).
+    /// replacements are blocked (`plan` and `apply` show them; `watch`
+    /// reports each once).
     #[arg(long)]
     pub allow_replace: bool,
 
     /// Delete managed machines of this project that no agent declares any
-    /// more. Without it those deletions are blocked (`plan` shows them as
-    /// blocked).
+    /// more. Without it those deletions are blocked (`plan` and `apply` show
+    /// them; `watch` reports each once).
     #[arg(long)]
     pub prune: bool,
 
@@ -49,8 +58,8 @@ pub struct SelectArgs {
 impl SelectArgs {
     pub fn options(&self) -> PlanOptions {
         PlanOptions {
-            allow_replace: self.allow_replace,
-            prune: self.prune,
+            allow_replace: self.change.allow_replace,
+            prune: self.change.prune,
             targets: (!self.targets.is_empty()).then(|| self.targets.clone()),
             include_undeclared: false,
         }
@@ -62,7 +71,7 @@ pub fn run(global: &GlobalArgs, args: PlanArgs) -> miette::Result<Outcome> {
         global,
         session::load(&args.dir.dir)?,
         &args.select.options(),
-        args.select.parallelism.into(),
+        args.select.change.parallelism.into(),
     )?;
     if args.json {
         println!(

@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::Args;
 use miette::IntoDiagnostic;
 
+use super::plan::ChangeArgs;
 use super::{DirArg, GlobalArgs, Outcome, session};
 use crate::lock::ProjectLock;
 use crate::preflight;
@@ -16,19 +17,8 @@ pub struct WatchArgs {
     #[command(flatten)]
     pub dir: DirArg,
 
-    /// Allow replacing machines whose create-time settings changed (their
-    /// disk is lost). Without it, such changes are reported as blocked, once.
-    #[arg(long)]
-    pub allow_replace: bool,
-
-    /// Delete machines of agents removed from the manifests. Without it,
-    /// they are reported as blocked, once.
-    #[arg(long)]
-    pub prune: bool,
-
-    /// How many runtime calls run at once.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
-    pub parallelism: u16,
+    #[command(flatten)]
+    pub change: ChangeArgs,
 
     /// Milliseconds to wait for a burst of file events to settle before
     /// reconciling (editors write several events per save). At least 10:
@@ -75,9 +65,9 @@ pub fn run(global: &GlobalArgs, args: WatchArgs) -> miette::Result<Outcome> {
     let options = WatchOptions {
         dir: canonical,
         project,
-        allow_replace: args.allow_replace,
-        prune: args.prune,
-        parallelism: args.parallelism.into(),
+        allow_replace: args.change.allow_replace,
+        prune: args.change.prune,
+        parallelism: args.change.parallelism.into(),
         debounce: Duration::from_millis(args.debounce),
         resync: (args.resync > 0).then(|| Duration::from_secs(args.resync)),
         json: args.json,
