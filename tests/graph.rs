@@ -1,5 +1,7 @@
 //! `bottle graph` end to end: the real binary on fixture directories.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -74,7 +76,7 @@ fn dot_is_the_default_and_graphviz_draws_it() {
 fn output_does_not_depend_on_where_the_directory_is() {
     let tmp = tempfile::tempdir().unwrap();
     let copy = tmp.path().join("somewhere/else");
-    copy_dir(&fixture("basic"), &copy);
+    support::project::copy_dir(&fixture("basic"), &copy);
     assert_eq!(graph(&copy, "text"), graph(&fixture("basic"), "text"));
 }
 
@@ -84,20 +86,6 @@ fn a_cycle_is_a_diagnostic_with_a_label_on_each_after_entry() {
     assert_eq!(out.status.code(), Some(1));
     assert!(out.stdout.is_empty());
     insta::assert_snapshot!(String::from_utf8(out.stderr).unwrap());
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            // fs::copy keeps the permission bits (the executable skill script).
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 /// `before` orders a setup step ahead of built-in steps (tools an image

@@ -197,7 +197,8 @@ impl Drop for Project {
     }
 }
 
-/// Copy a directory tree (files and directories only).
+/// Copy a directory tree (files and directories only; `fs::copy` keeps
+/// permission bits, so an executable skill script stays executable).
 pub fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
