@@ -1369,7 +1369,16 @@ fn replacement_and_deletion_wait_for_their_flags_and_other_machines_are_never_to
     );
     assert_eq!(created_at(&p, CODER), old_created, "not replaced");
     assert_eq!(labels(&p, CODER), old_labels);
-    p.bottle(&["check"]).code(3);
+    let check = p.bottle(&["check"]);
+    check.code(3);
+    // The drift report names the flag that lets apply do it.
+    assert!(
+        check
+            .stdout
+            .contains("1 difference(s); run `bottle apply --allow-replace` to converge."),
+        "{}",
+        check.stdout
+    );
 
     // Allowed, but the new settings cannot be created (smolvm refuses an
     // egress host it cannot resolve, say): the old machine and its disk stay.
@@ -1475,7 +1484,15 @@ fn replacement_and_deletion_wait_for_their_flags_and_other_machines_are_never_to
     );
     p.bottle(&["apply"]).code(3);
     assert!(p.double.machine_json(READER).is_some());
-    p.bottle(&["check"]).code(3);
+    let check = p.bottle(&["check"]);
+    check.code(3);
+    assert!(
+        check
+            .stdout
+            .contains("run `bottle apply --prune` to converge."),
+        "{}",
+        check.stdout
+    );
     let status = p.bottle(&["status"]);
     assert!(
         status.stdout.contains(

@@ -90,12 +90,8 @@ fn flags_needed(plan: &Plan) -> String {
         (crate::plan::Op::Replace, " --allow-replace"),
         (crate::plan::Op::Delete, " --prune"),
     ] {
-        if plan.blocked().any(|a| {
-            a.op == op
-                && a.blocked
-                    .as_deref()
-                    .is_some_and(|b| b.contains(flag.trim()))
-        }) {
+        // The planner blocks a replacement or a deletion for its flag only.
+        if plan.blocked().any(|a| a.op == op) {
             flags.push_str(flag);
         }
     }
