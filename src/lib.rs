@@ -12,6 +12,7 @@
 pub mod apply;
 pub mod cli;
 pub mod desired;
+pub mod gate;
 pub mod graph;
 pub mod ledger;
 pub mod lock;
