@@ -344,12 +344,29 @@ fn plan_agent(
         b.plan.actions[id].blocked = Some("bottle never touches machines it does not manage; rename the agent or remove that machine".into());
         return;
     }
-    if machine.state == MachineState::Frozen {
-        b.plan.notes.push(format!(
-            "machine {} is frozen (a fork base): left untouched",
-            machine.name
-        ));
-        return;
+    // A state bottle cannot probe (a fork base, or one this version does
+    // not know) is never counted as matching: its guest is unobservable.
+    match &machine.state {
+        MachineState::Frozen => {
+            b.error(
+                agent,
+                "machine is frozen (a fork base): bottle cannot observe it and leaves it untouched; \
+                 thaw it or delete it (`bottle destroy`) to let bottle manage the agent again"
+                    .to_owned(),
+            );
+            return;
+        }
+        MachineState::Other(state) => {
+            b.error(
+                agent,
+                format!(
+                    "machine is in state `{state}`, which this version of bottle does not handle: \
+                     its guest cannot be observed; check it with the runtime (`smolvm machine status`)"
+                ),
+            );
+            return;
+        }
+        _ => {}
     }
     let changed = spec_fields_changed(agent, machine);
     let mut replace_blocked = false;

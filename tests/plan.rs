@@ -322,6 +322,25 @@ fn a_guest_that_cannot_be_probed_is_an_error_not_drift() {
 }
 
 #[test]
+fn frozen_and_unknown_state_machines_are_never_in_sync() {
+    let d = desired();
+    for state in [MachineState::Frozen, MachineState::Other("paused".into())] {
+        let mut s = in_sync(&d);
+        machine_of(&mut s, "bottle_golden_coder").state = state.clone();
+        s.probes.remove("bottle_golden_coder");
+        let p = plan(&d, &s, &PlanOptions::default());
+        assert!(p.actions.is_empty(), "{state}: nothing is planned");
+        assert_eq!(p.errors.len(), 1, "{state}: an error, never in sync");
+        assert_eq!(p.errors[0].agent, "coder");
+        assert!(
+            p.errors[0].message.contains(state.as_str()),
+            "{:?}",
+            p.errors
+        );
+    }
+}
+
+#[test]
 fn plans_are_deterministic() {
     let d = desired();
     let s = in_sync(&d);
