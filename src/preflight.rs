@@ -190,10 +190,12 @@ fn missing_secrets(bottle: &Bottle) -> Vec<MissingSecret> {
                     "export {var} in the environment bottle runs in; its value is read when a machine starts and never stored"
                 ),
             ),
-            (None, Some(file)) if std::fs::File::open(file).is_err() => (
-                format!("host file `{file}` cannot be read"),
-                format!("create {file}, readable by the user bottle runs as"),
-            ),
+            // Read by smolvm's rules, never blocking: a FIFO here would
+            // hang every command (and `apply` holding the lock).
+            (None, Some(file)) => match crate::secrets::read_secret_file(file.as_ref()) {
+                Ok(_) => continue,
+                Err(e) => (format!("host file `{file}` {e}"), e.help(file)),
+            },
             _ => continue,
         };
         out.push(MissingSecret {
@@ -282,6 +284,42 @@ mod tests {
                 .unwrap()
                 .contains("BOTTLE_PREFLIGHT_TEST_NEVER_SET"),
             "{create:?}"
+        );
+    }
+
+    #[test]
+    fn a_fifo_in_a_secrets_place_is_a_diagnostic_not_a_hang() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fifo = tmp.path().join("token");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let d = desired(&format!(
+            "secrets = {{ TOKEN = {{ from_file = \"{}\" }} }}\n",
+            fifo.display()
+        ));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let notes = check(&d, RuntimeKind::Smolvm).unwrap();
+            let fresh = crate::plan::plan(&d, &Default::default(), &Default::default());
+            let err = launch_secrets(&d, &fresh).unwrap_err();
+            let _ = tx.send((notes, err));
+        });
+        let (notes, err) = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("preflight never blocks on a secret file");
+        assert!(
+            notes[0].contains("is a FIFO, not a regular file"),
+            "{notes:?}"
+        );
+        assert_eq!(err.items[0].code, "bottle::secret-unavailable");
+        assert!(
+            err.items[0]
+                .help
+                .as_deref()
+                .unwrap_or("")
+                .contains("regular file"),
+            "{:?}",
+            err.items[0]
         );
     }
 }

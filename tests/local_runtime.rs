@@ -564,7 +564,8 @@ fn env_and_secrets_reach_the_process_but_no_argv() {
     // unique to this process.
     unsafe { std::env::set_var(&var, &secret_value) };
     let secret_file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(secret_file.path(), &file_value).unwrap();
+    // Trailing newlines are trimmed, as smolvm trims them.
+    std::fs::write(secret_file.path(), format!("{file_value}\r\n")).unwrap();
 
     let mut spec = Fixture::spec("secrets");
     spec.env = BTreeMap::from([("FROM_MACHINE".to_owned(), "m".to_owned())]);

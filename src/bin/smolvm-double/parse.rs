@@ -145,15 +145,16 @@ pub fn resolve_secrets(
                         format!("secret '{guest}': host environment variable '{var}' is not set"),
                     )
                 })?,
-                SecretRef::FromFile(path) => std::fs::read_to_string(path)
+                // bottle's one secret-file reader: smolvm's rules.
+                SecretRef::FromFile(path) => bottle::secrets::read_secret_file(path)
+                    .map_err(|error| error.to_string())
+                    .and_then(|v| String::from_utf8(v).map_err(|_| "is not UTF-8".to_owned()))
                     .map_err(|error| {
                         Failure::config(
                             "resolve secrets",
-                            format!("secret '{guest}': reading {}: {error}", path.display()),
+                            format!("secret '{guest}': {} {error}", path.display()),
                         )
-                    })?
-                    .trim_end_matches('\n')
-                    .to_owned(),
+                    })?,
             };
             Ok((guest.clone(), value))
         })
