@@ -455,15 +455,6 @@ fn replace_file(path: &Path, content: &[u8], mode: u32) -> io::Result<()> {
     write_file(path, content, mode, 0, 0)
 }
 
-/// Open a file for reading without following a symlink at its last
-/// component.
-pub fn open_nofollow(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .custom_flags((rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32)
-        .open(path)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
