@@ -6,7 +6,7 @@
 //! `/lib`, ... when they are not merged-usr symlinks) are mount points only:
 //! they are bound read-only from the host or from a rootfs at each start.
 
-use std::fs::{self, File, Metadata, OpenOptions};
+use std::fs::{self, Metadata, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt, lchown, symlink};
 use std::path::{Path, PathBuf};
