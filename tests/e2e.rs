@@ -490,8 +490,11 @@ fn apply_provisions_every_step_in_the_guest_and_a_second_apply_changes_nothing()
         log.contains(r#""--secret-env","E2E_SECRET=BOTTLE_E2E_SECRET""#),
         "the reference is passed"
     );
-    let files = files_under(p.state_dir());
-    assert!(!files.is_empty(), "the state dir holds the lock at least");
+    let files: Vec<_> = files_under(p.state_dir())
+        .into_iter()
+        .chain(files_under(&p.double.home().join("bottle-locks")))
+        .collect();
+    assert!(!files.is_empty(), "the lock at least");
     for file in files {
         let bytes = std::fs::read(&file).unwrap();
         assert!(
@@ -982,7 +985,7 @@ fn an_apply_killed_midway_is_finished_by_the_next() {
         assert_eq!(p.double.machine_json(machine).unwrap()["state"], "created");
     }
     // The dead apply's lock names it, and is taken over.
-    let lock = std::fs::read_to_string(p.state_dir().join("locks/e2e.lock")).unwrap();
+    let lock = std::fs::read_to_string(p.double.home().join("bottle-locks/e2e.lock")).unwrap();
     assert!(lock.contains("`bottle apply` (pid "), "{lock}");
     let plan = p.bottle(&["plan"]);
     assert!(
@@ -1640,7 +1643,9 @@ fn status_destroy_and_the_lock() {
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let mut slow = slow.spawn().unwrap();
-    let lock = p.state_dir().join("locks/e2e.lock");
+    // The lock lives beside the machines (the runtime's store), not in
+    // bottle's state directory.
+    let lock = p.double.home().join("bottle-locks/e2e.lock");
     wait_until("the lock", Duration::from_secs(30), || {
         std::fs::read_to_string(&lock).is_ok_and(|t| t.contains("bottle apply"))
     });
@@ -1653,10 +1658,18 @@ fn status_destroy_and_the_lock() {
     );
     assert!(second.stderr.contains(&holder), "{}", second.stderr);
     assert!(
-        second.stderr.contains("help: wait for it to finish"),
+        second
+            .stderr
+            .contains("help: wait for it to finish (`--lock-wait SECONDS`"),
         "{}",
         second.stderr
     );
+    // Another state directory (another HOME, sudo, CI) driving the same
+    // machines is refused just the same.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let other = p.bottle_in_state_dir(elsewhere.path(), &["apply"]);
+    other.code(1);
+    assert!(other.stderr.contains(&holder), "{}", other.stderr);
     let destroy = p.bottle(&["destroy", "--yes"]);
     destroy.code(1);
     assert!(destroy.stderr.contains(&holder), "{}", destroy.stderr);

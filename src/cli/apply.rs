@@ -34,9 +34,8 @@ pub fn run(global: &GlobalArgs, args: ApplyArgs) -> miette::Result<Outcome> {
     let _lock = if args.dry_run {
         None
     } else {
-        let state = session::state_dir(global)?;
         Some(ProjectLock::acquire(
-            &state,
+            &session::lock_dir(global)?,
             &desired.project.name,
             "apply",
             Duration::from_secs(args.lock_wait),

@@ -105,8 +105,12 @@ pub fn run(global: &GlobalArgs, args: DestroyArgs) -> miette::Result<Outcome> {
             (project.name, Some(agents))
         }
     };
-    let state = session::state_dir(global)?;
-    let _lock = ProjectLock::acquire(&state, &project_name, "destroy", Duration::ZERO)?;
+    let _lock = ProjectLock::acquire(
+        &session::lock_dir(global)?,
+        &project_name,
+        "destroy",
+        Duration::ZERO,
+    )?;
     let rt = session::runtime(global)?;
     let machines: Vec<_> = rt
         .list()?

@@ -37,6 +37,16 @@ pub fn state_dir(global: &GlobalArgs) -> miette::Result<PathBuf> {
     }
 }
 
+/// Where this project's lock lives: beside the machines the chosen runtime
+/// drives (see [`crate::lock::lock_dir`]).
+pub fn lock_dir(global: &GlobalArgs) -> miette::Result<PathBuf> {
+    Ok(crate::lock::lock_dir(
+        runtime_kind(global),
+        &state_dir(global)?,
+        &|name| std::env::var_os(name),
+    ))
+}
+
 #[derive(Debug, Error, Diagnostic)]
 #[error("no state directory: neither --state-dir, XDG_STATE_HOME nor HOME is set")]
 #[diagnostic(

@@ -42,7 +42,12 @@ pub fn run(global: &GlobalArgs, args: WatchArgs) -> miette::Result<Outcome> {
     let first = session::load(&dir)?;
     preflight::check(&first, session::runtime_kind(global))?;
     let state = session::state_dir(global)?;
-    let _lock = ProjectLock::acquire(&state, &first.project.name, "watch", Duration::ZERO)?;
+    let _lock = ProjectLock::acquire(
+        &session::lock_dir(global)?,
+        &first.project.name,
+        "watch",
+        Duration::ZERO,
+    )?;
     let rt = session::runtime(global)?;
 
     let (tx, rx) = mpsc::channel();
