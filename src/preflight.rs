@@ -75,8 +75,8 @@ pub fn check(desired: &Desired, runtime: RuntimeKind) -> Result<Vec<String>, Dia
         }
         for missing in missing_secrets(bottle) {
             notes.push(format!(
-                "secret `{}` of bottle `{}`: {} (its machines cannot start until it is)",
-                missing.name, bottle.name, missing.what
+                "secret `{}` of bottle `{}`: {} (its machines cannot start until then: {})",
+                missing.name, bottle.name, missing.what, missing.help
             ));
         }
     }
@@ -110,58 +110,31 @@ fn launches<'a>(desired: &'a Desired, plan: &Plan) -> Vec<(usize, &'a Bottle)> {
         .collect()
 }
 
-/// Refuse a plan that starts a machine whose bottle has a secret missing on
-/// this host: the start would fail half-way through the apply (after a
-/// restart's stop, or a replacement's delete).
-pub fn launch_secrets(desired: &Desired, plan: &Plan) -> Result<(), Diagnostics> {
-    let project = &desired.project;
-    let launching: BTreeSet<&str> = launches(desired, plan)
-        .into_iter()
-        .map(|(_, bottle)| bottle.name.as_str())
-        .collect();
-    let mut problems = Vec::new();
-    for bottle in launching.iter().filter_map(|b| project.bottles.get(*b)) {
-        for missing in missing_secrets(bottle) {
-            let at = KeyPath::new()
-                .key("bottle")
-                .key(&bottle.name)
-                .key("secrets")
-                .key(&missing.name);
-            problems.push(
-                ManifestDiagnostic::new(
-                    "bottle::secret-unavailable",
-                    format!(
-                        "secret `{}` of bottle `{}`: {}, and this apply starts a machine of that bottle",
-                        missing.name, bottle.name, missing.what
-                    ),
-                )
-                .value(&project.sources, bottle.file, &at, "its source is missing on this host")
-                .help(missing.help),
-            );
-        }
-    }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(Diagnostics {
-            dir: project.dir.display().to_string(),
-            items: problems,
-        })
-    }
+/// Who waits for a missing secret, for the blocked action's reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Waiting {
+    /// `plan`, `apply`, `check`: run again once it is there.
+    Command,
+    /// A watch: its own environment never changes.
+    Watch,
 }
 
-/// Block, rather than refuse, the actions that start a machine whose bottle
-/// has a secret missing on this host (a watch keeps going; the actions wait
-/// for the secret, and those after them with them).
-pub fn hold_launches_without_secrets(desired: &Desired, plan: &mut Plan) {
+/// Block the actions that start a machine whose bottle has a secret
+/// missing on this host: only those (and the actions after them) wait for
+/// it, every other bottle's changes go ahead. A start that went ahead
+/// would fail half-way (after a restart's stop, or a replacement's delete).
+pub fn hold_launches_without_secrets(desired: &Desired, plan: &mut Plan, waiting: Waiting) {
     for (id, bottle) in launches(desired, plan) {
         if let Some(missing) = missing_secrets(bottle).into_iter().next() {
-            // A watch's own environment never changes: a variable needs a
-            // restart of the watch, a file only needs to appear.
-            let then = if missing.from_env {
-                "export it and restart `bottle watch`"
-            } else {
-                "it runs once the file is there"
+            let then = match (waiting, missing.from_env) {
+                (Waiting::Command, _) => {
+                    "provide it and run `bottle apply` again (other agents are applied \
+                     meanwhile; `--target AGENT` limits a run to some)"
+                }
+                // A watch's own environment never changes: a variable
+                // needs a restart of the watch, a file only needs to appear.
+                (Waiting::Watch, true) => "export it and restart `bottle watch`",
+                (Waiting::Watch, false) => "it runs once the file is there",
             };
             plan.actions[id].blocked = Some(format!(
                 "secret `{}` of bottle `{}`: {}, so the machine could not start; {then}",
@@ -269,22 +242,17 @@ mod tests {
         );
         let snapshot = crate::observe::Snapshot::default();
         let fresh = crate::plan::plan(&d, &snapshot, &Default::default());
-        let err = launch_secrets(&d, &fresh).unwrap_err();
-        assert_eq!(err.items[0].code, "bottle::secret-unavailable");
-        // Nothing to start (here: nothing at all), nothing to refuse.
-        launch_secrets(&d, &Plan::default()).unwrap();
-        // A watch holds the create instead.
+        // The create waits for it, and says how to go on.
         let mut held = fresh.clone();
-        hold_launches_without_secrets(&d, &mut held);
-        let create = &held.actions[0];
+        hold_launches_without_secrets(&d, &mut held, Waiting::Command);
+        let reason = held.actions[0].blocked.as_deref().unwrap();
         assert!(
-            create
-                .blocked
-                .as_deref()
-                .unwrap()
-                .contains("BOTTLE_PREFLIGHT_TEST_NEVER_SET"),
-            "{create:?}"
+            reason.contains("BOTTLE_PREFLIGHT_TEST_NEVER_SET"),
+            "{reason}"
         );
+        assert!(reason.contains("--target"), "{reason}");
+        // Only the create: the steps after it wait with it when applied.
+        assert_eq!(held.blocked().count(), 1);
     }
 
     #[test]
@@ -300,26 +268,18 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let notes = check(&d, RuntimeKind::Smolvm).unwrap();
-            let fresh = crate::plan::plan(&d, &Default::default(), &Default::default());
-            let err = launch_secrets(&d, &fresh).unwrap_err();
-            let _ = tx.send((notes, err));
+            let mut fresh = crate::plan::plan(&d, &Default::default(), &Default::default());
+            hold_launches_without_secrets(&d, &mut fresh, Waiting::Command);
+            let _ = tx.send((notes, fresh));
         });
-        let (notes, err) = rx
+        let (notes, held) = rx
             .recv_timeout(std::time::Duration::from_secs(60))
             .expect("preflight never blocks on a secret file");
         assert!(
             notes[0].contains("is a FIFO, not a regular file"),
             "{notes:?}"
         );
-        assert_eq!(err.items[0].code, "bottle::secret-unavailable");
-        assert!(
-            err.items[0]
-                .help
-                .as_deref()
-                .unwrap_or("")
-                .contains("regular file"),
-            "{:?}",
-            err.items[0]
-        );
+        let reason = held.actions[0].blocked.as_deref().unwrap();
+        assert!(reason.contains("is a FIFO"), "{reason}");
     }
 }

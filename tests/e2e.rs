@@ -1169,22 +1169,58 @@ fn a_failed_action_skips_its_dependents_only_and_the_next_apply_converges() {
     // the host when the machine started.
     let check = p.bottle_env_remove(&["check"], &["BOTTLE_E2E_SECRET"]);
     check.code(0);
-    // Nor does an apply that starts nothing; one that restarts coder's
-    // machine is refused before it touches anything.
+    // Nor does an apply that starts nothing. One that restarts both
+    // machines restarts the reader's (its bottle needs no secret) and holds
+    // back only coder's, whose bottle needs the missing one: plan marks it
+    // blocked, naming the secret and `--target`.
     p.bottle_env_remove(&["apply"], &["BOTTLE_E2E_SECRET"])
         .success();
-    let marker = p.double.mutating_calls();
     p.edit("bottles.toml", "cpus = 2", "cpus = 3");
-    let refused = p.bottle_env_remove(&["apply"], &["BOTTLE_E2E_SECRET"]);
-    refused.code(1);
+    p.edit("bottles.toml", "cpus = 1", "cpus = 2");
+    let plan = p.bottle_env_remove(&["plan"], &["BOTTLE_E2E_SECRET"]);
+    plan.success();
+    let coder_restart = plan
+        .stdout
+        .lines()
+        .find(|l| l.contains("restart"))
+        .unwrap_or_else(|| panic!("{}", plan.stdout));
     assert!(
-        refused.stderr.contains("bottle::secret-unavailable")
-            && refused.stderr.contains("BOTTLE_E2E_SECRET"),
+        coder_restart.contains("[blocked: secret `E2E_SECRET` of bottle `dev`")
+            && coder_restart.contains("BOTTLE_E2E_SECRET")
+            && coder_restart.contains("--target"),
         "{}",
-        refused.stderr
+        plan.stdout
     );
-    assert_eq!(p.double.mutating_calls(), marker, "nothing was touched");
+    let marker = p.double.calls().len();
+    let held = p.bottle_env_remove(&["apply"], &["BOTTLE_E2E_SECRET"]);
+    held.code(3);
+    assert!(
+        held.stdout.contains("Blocked:\n  coder: restart machine ("),
+        "{}",
+        held.stdout
+    );
+    assert!(
+        held.stdout
+            .contains("Changed:\n  reader: restart machine ("),
+        "{}",
+        held.stdout
+    );
+    let touched: Vec<Call> = mutating(&calls_since(&p, marker))
+        .into_iter()
+        .cloned()
+        .collect();
+    assert!(
+        !touched.is_empty() && touched.iter().all(|c| !names(c, CODER)),
+        "{touched:?}"
+    );
     p.edit("bottles.toml", "cpus = 3", "cpus = 2");
+    p.edit(
+        "bottles.toml",
+        "cpus = 2\nmemory_mib = 512",
+        "cpus = 1\nmemory_mib = 512",
+    );
+    p.bottle(&["apply"]).success();
+    check_in_sync(&p);
 
     // A runtime call that fails: the first `cp` of the next apply (both
     // prompts changed; one worker, so coder's prompt is copied first).

@@ -160,6 +160,8 @@ pub fn survey(
         parallelism,
     )?;
     let mut plan = crate::plan::plan(&desired, &snapshot, options);
+    // A missing secret holds back only the starts of its bottle's machines.
+    preflight::hold_launches_without_secrets(&desired, &mut plan, preflight::Waiting::Command);
     plan.notes.extend(notes);
     Ok(Survey {
         desired,
