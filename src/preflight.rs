@@ -19,6 +19,20 @@ use crate::runtime::RuntimeKind;
 /// note), and secrets missing on this host (a note); returns the notes, or
 /// every problem.
 pub fn check(desired: &Desired, runtime: RuntimeKind) -> Result<Vec<String>, Diagnostics> {
+    check_with(desired, runtime, true)
+}
+
+/// What `validate` checks for the chosen runtime: everything [`check`]
+/// refuses, with the notes that do not depend on this host's secrets.
+pub fn runtime_check(desired: &Desired, runtime: RuntimeKind) -> Result<Vec<String>, Diagnostics> {
+    check_with(desired, runtime, false)
+}
+
+fn check_with(
+    desired: &Desired,
+    runtime: RuntimeKind,
+    secrets: bool,
+) -> Result<Vec<String>, Diagnostics> {
     let project = &desired.project;
     let mut notes = Vec::new();
     let mut problems = Vec::new();
@@ -48,6 +62,29 @@ pub fn check(desired: &Desired, runtime: RuntimeKind) -> Result<Vec<String>, Dia
                 ),
             );
         }
+        if runtime == RuntimeKind::Smolvm
+            && matches!(bottle.image, Image::Reference(_))
+            && bottle.spec.egress.is_none()
+        {
+            // smolvm pulls an OCI image through the machine's own network,
+            // and a bottle without an egress table has none.
+            problems.push(
+                ManifestDiagnostic::new(
+                    "bottle::image-needs-network",
+                    format!(
+                        "bottle `{}` runs an OCI image but has no egress table: smolvm cannot pull it",
+                        bottle.name
+                    ),
+                )
+                .value(&project.sources, bottle.file, &at.clone().key("image"), "pulled from a registry")
+                .help(format!(
+                    "smolvm pulls the image over the machine's network: declare `[bottle.{}.egress]` \
+                     allowing the registry (e.g. `allow_hosts = [\"ghcr.io\"]`), or use a local \
+                     image (an unpacked root filesystem directory or a `docker save` archive)",
+                    bottle.name
+                )),
+            );
+        }
         if runtime == RuntimeKind::Local && bottle.spec.egress.is_some() {
             if bottle
                 .spec
@@ -73,7 +110,7 @@ pub fn check(desired: &Desired, runtime: RuntimeKind) -> Result<Vec<String>, Dia
                 );
             }
         }
-        for missing in missing_secrets(bottle) {
+        for missing in missing_secrets(bottle).into_iter().filter(|_| secrets) {
             notes.push(format!(
                 "secret `{}` of bottle `{}`: {} (its machines cannot start until then: {})",
                 missing.name, bottle.name, missing.what, missing.help
@@ -219,7 +256,31 @@ mod tests {
         let d = desired("image = \"ghcr.io/acme/agent-base:1.2\"\n");
         let err = check(&d, RuntimeKind::Local).unwrap_err();
         assert_eq!(err.items[0].code, "bottle::local-image");
+    }
+
+    #[test]
+    fn smolvm_refuses_an_oci_image_in_a_bottle_without_an_egress_table() {
+        let d = desired("image = \"ghcr.io/acme/agent-base:1.2\"\n");
+        let err = check(&d, RuntimeKind::Smolvm).unwrap_err();
+        assert_eq!(err.items[0].code, "bottle::image-needs-network");
+        let d = desired(&format!(
+            "image = \"ghcr.io/acme/agent-base:1.2\"\n{EGRESS}"
+        ));
         check(&d, RuntimeKind::Smolvm).unwrap();
+        // A local image needs no network.
+        let tmp = tempfile::tempdir().unwrap();
+        let d = desired(&format!("image = \"{}\"\n", tmp.path().display()));
+        check(&d, RuntimeKind::Smolvm).unwrap();
+    }
+
+    #[test]
+    fn validate_leaves_out_this_hosts_secrets() {
+        let d = desired(SECRET);
+        assert_eq!(
+            runtime_check(&d, RuntimeKind::Smolvm).unwrap(),
+            Vec::<String>::new()
+        );
+        assert_eq!(check(&d, RuntimeKind::Smolvm).unwrap().len(), 1);
     }
 
     #[test]

@@ -103,11 +103,11 @@ pub fn run(global: &GlobalArgs, args: CheckArgs) -> miette::Result<Outcome> {
         targets: (!args.targets.is_empty()).then(|| args.targets.clone()),
         ..PlanOptions::default()
     };
-    let survey = session::survey(
-        global,
-        session::load(&args.dir.dir)?,
-        &options,
-        args.parallelism.into(),
+    let survey = session::json_error(
+        args.json,
+        session::load(&args.dir.dir).and_then(|desired| {
+            session::survey(global, desired, &options, args.parallelism.into())
+        }),
     )?;
     let report = report(&survey.plan);
     if args.json {

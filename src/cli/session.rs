@@ -22,6 +22,37 @@ pub fn load(dir: &Path) -> miette::Result<Desired> {
     Ok(Desired::new(project, &graph))
 }
 
+/// With `--json`, an error met before any result is printed goes to stdout
+/// too, as `{"format_version": 1, "error": {...}}` (every manifest problem
+/// with its file, line and column), besides the usual report on stderr.
+pub fn json_error<T>(json: bool, result: miette::Result<T>) -> miette::Result<T> {
+    if let (true, Err(report)) = (json, &result) {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&error_json(report)).expect("JSON serializes")
+        );
+    }
+    result
+}
+
+/// An error as the JSON object of [`json_error`].
+pub fn error_json(report: &miette::Report) -> serde_json::Value {
+    let error = match report.downcast_ref::<manifest::Diagnostics>() {
+        Some(problems) => {
+            let mut error = problems.to_json();
+            error["kind"] = "invalid-manifests".into();
+            error
+        }
+        None => serde_json::json!({
+            "kind": "error",
+            "code": report.code().map(|c| c.to_string()),
+            "message": report.to_string(),
+            "help": report.help().map(|h| h.to_string()),
+        }),
+    };
+    serde_json::json!({ "format_version": crate::plan::PLAN_FORMAT, "error": error })
+}
+
 /// The state directory: `--state-dir`, `$XDG_STATE_HOME/bottle` or
 /// `~/.local/state/bottle`.
 pub fn state_dir(global: &GlobalArgs) -> miette::Result<PathBuf> {

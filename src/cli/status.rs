@@ -47,11 +47,10 @@ struct StepStatus {
 }
 
 pub fn run(global: &GlobalArgs, args: StatusArgs) -> miette::Result<Outcome> {
-    let survey = session::survey(
-        global,
-        session::load(&args.dir.dir)?,
-        &PlanOptions::default(),
-        8,
+    let survey = session::json_error(
+        args.json,
+        session::load(&args.dir.dir)
+            .and_then(|desired| session::survey(global, desired, &PlanOptions::default(), 8)),
     )?;
     let mut status = Status {
         format_version: crate::plan::PLAN_FORMAT,

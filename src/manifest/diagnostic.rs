@@ -186,6 +186,64 @@ impl Diagnostic for Diagnostics {
     }
 }
 
+impl ManifestDiagnostic {
+    /// As JSON for `--json` output: code, message, file, labels with line
+    /// and column (1-based), help, related problems. Never the source text
+    /// (a secret's value may sit on a labelled line).
+    pub fn to_json(&self) -> serde_json::Value {
+        let text = self.src.as_ref().map(|s| s.inner().as_ref());
+        let labels: Vec<serde_json::Value> = self
+            .labels
+            .iter()
+            .map(|l| {
+                let (line, column) = text.map_or((None, None), |t| {
+                    let (line, column) = line_column(t, l.offset());
+                    (Some(line), Some(column))
+                });
+                serde_json::json!({
+                    "label": l.label(),
+                    "line": line,
+                    "column": column,
+                    "offset": l.offset(),
+                    "length": l.len(),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "code": self.code,
+            "message": self.message,
+            "file": self.src.as_ref().map(|s| s.name().to_owned()),
+            "labels": labels,
+            "help": self.help,
+            "related": self.related.iter().map(Self::to_json).collect::<Vec<_>>(),
+        })
+    }
+}
+
+impl Diagnostics {
+    /// Every problem as JSON (see [`ManifestDiagnostic::to_json`]).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "dir": self.dir,
+            "message": self.to_string(),
+            "problems": self.items.iter().map(ManifestDiagnostic::to_json).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// 1-based line and column (in characters) of a byte offset.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let offset = (0..=offset)
+        .rev()
+        .find(|&o| text.is_char_boundary(o))
+        .unwrap_or(0);
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[start..].chars().count() + 1)
+}
+
 pub fn plural(n: usize, word: &str) -> String {
     if n == 1 {
         format!("1 {word}")
