@@ -194,12 +194,19 @@ pub fn survey(
     // A missing secret holds back only the starts of its bottle's machines.
     preflight::hold_launches_without_secrets(&desired, &mut plan, preflight::Waiting::Command);
     plan.notes.extend(notes);
+    once_each(&mut plan.notes);
     Ok(Survey {
         desired,
         runtime,
         snapshot,
         plan,
     })
+}
+
+/// Keep the first of identical notes: each is shown once per command.
+pub fn once_each(notes: &mut Vec<String>) {
+    let mut seen = std::collections::HashSet::new();
+    notes.retain(|n| seen.insert(n.clone()));
 }
 
 /// The declared agent named `name`, or a diagnostic listing the declared
@@ -250,4 +257,19 @@ pub struct ObservationFailed {
 pub struct UnknownTarget {
     pub agent: String,
     pub known: String,
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_note_is_shown_once() {
+        let mut notes = vec![
+            "b".to_owned(),
+            "a".to_owned(),
+            "b".to_owned(),
+            "a".to_owned(),
+        ];
+        super::once_each(&mut notes);
+        assert_eq!(notes, ["b", "a"]);
+    }
 }

@@ -140,7 +140,8 @@ pub fn run(global: &GlobalArgs, args: StatusArgs) -> miette::Result<Outcome> {
         return Ok(Outcome::Success);
     }
     println!("project {}", status.project);
-    let mut rows = vec![["AGENT", "MACHINE", "STATE", "LAST APPLIED", "STEPS"].map(str::to_owned)];
+    let mut rows =
+        vec![["AGENT", "MACHINE", "STATE", "LAST APPLIED (UTC)", "STEPS"].map(str::to_owned)];
     for a in &status.agents {
         let steps: Vec<String> = a
             .steps
