@@ -568,10 +568,26 @@ fn plan_steps(
                     ctx.user()
                 ))
             }
-            Some(entry) if entry.hash != step.hash => Some(match step.kind {
-                StepKind::Machine => "machine settings changed in manifest".to_owned(),
-                _ => format!("{} changed in manifest", describe(&step.kind)),
-            }),
+            Some(entry) if entry.hash != step.hash => {
+                // A setup step's hash chains those of the steps it comes
+                // after: name the one that runs again, if that is why.
+                let rerun = match step.kind {
+                    StepKind::Setup(_) => step
+                        .after
+                        .iter()
+                        .find(|k| **k != StepKind::Machine && ids.contains_key(k)),
+                    _ => None,
+                };
+                Some(match (&step.kind, rerun) {
+                    (StepKind::Machine, _) => "machine settings changed in manifest".to_owned(),
+                    (kind, Some(before)) => format!(
+                        "{} runs after {}, which runs again",
+                        describe(kind),
+                        before.id()
+                    ),
+                    (kind, None) => format!("{} changed in manifest", describe(kind)),
+                })
+            }
             Some(entry) => match probe.digest(&id) {
                 Some(observed) if observed != entry.digest => Some(format!(
                     "{} changed in guest: {}",

@@ -679,10 +679,11 @@ fn drift_is_reported_and_repaired_and_manifest_edits_converge() {
     assert_eq!(
         plan.stdout,
         "agent coder (machine bottle_e2e_coder)\n  \
-         ~ apply    skills      skills changed in manifest\n  \
-         ~ apply    setup:tools setup step `tools` changed in manifest\n  \
-         ~ apply    supervise   supervise server changed in manifest\n\
-         \nPlan: 3 to apply.\n"
+         ~ apply    skills         skills changed in manifest\n  \
+         ~ apply    setup:tools    setup step `tools` changed in manifest\n  \
+         ~ apply    setup:identity setup step `identity` runs after setup:tools, which runs again\n  \
+         ~ apply    supervise      supervise server changed in manifest\n\
+         \nPlan: 4 to apply.\n"
     );
     p.bottle(&["apply"]).success();
     assert_eq!(
@@ -711,11 +712,12 @@ fn drift_is_reported_and_repaired_and_manifest_edits_converge() {
         ),
         "#!/bin/sh\necho checked twice\n"
     );
-    // The setup step whose input changed ran again; the one after it did
-    // not (its own command and inputs are unchanged).
+    // The setup step whose input changed ran again, and so did the one
+    // after it: what it found may have changed.
     assert_eq!(
         p.double.sh(CODER, "cat /var/lib/e2e-marker"),
-        "tools ripgrep ca=yes\nidentity git=E2E Bot tools=1 secret=set\ntools ripgrep fd ca=yes\n"
+        "tools ripgrep ca=yes\nidentity git=E2E Bot tools=1 secret=set\ntools ripgrep fd ca=yes\n\
+         identity git=E2E Bot tools=2 secret=set\n"
     );
     check_in_sync(&p);
 
@@ -731,7 +733,7 @@ fn drift_is_reported_and_repaired_and_manifest_edits_converge() {
         p.double.sh(CODER, "tail -n 1 /var/lib/e2e-marker"),
         "identity git=E2E Bot tools=2 again=yes secret=set\n"
     );
-    assert_eq!(p.double.sh(CODER, "wc -l < /var/lib/e2e-marker"), "4\n");
+    assert_eq!(p.double.sh(CODER, "wc -l < /var/lib/e2e-marker"), "5\n");
     assert_eq!(
         p.double.sh(CODER, "cat /home/node/.bottle/prompt.md"),
         "You write Rust.\n"
@@ -814,14 +816,18 @@ fn drift_is_reported_and_repaired_and_manifest_edits_converge() {
     p.write("bottles.toml", &bottles);
     p.edit("agents.toml", r#"skills = ["skills/review"]"#, "");
     let plan = p.bottle(&["plan"]);
+    // The steps setup steps came after are part of their hashes: with
+    // `ca` and `git` gone from their `after`, both run again.
     assert_eq!(
         plan.stdout,
         "agent coder (machine bottle_e2e_coder)\n  \
-         - undo     ca        CA certificate removed from manifest\n  \
-         - undo     git       git configuration removed from manifest\n  \
-         - undo     skills    skills removed from manifest\n  \
-         - undo     supervise supervise server removed from manifest\n\
-         \nPlan: 4 to undo.\n"
+         ~ apply    setup:tools    setup step `tools` changed in manifest\n  \
+         ~ apply    setup:identity setup step `identity` runs after setup:tools, which runs again\n  \
+         - undo     ca             CA certificate removed from manifest\n  \
+         - undo     git            git configuration removed from manifest\n  \
+         - undo     skills         skills removed from manifest\n  \
+         - undo     supervise      supervise server removed from manifest\n\
+         \nPlan: 2 to apply, 4 to undo.\n"
     );
     p.bottle(&["apply"]).success();
     assert_eq!(
@@ -1645,9 +1651,15 @@ fn status_destroy_and_the_lock() {
         ])
     );
     let status = p.bottle(&["status"]);
+    // The time column names its zone.
+    assert!(
+        status.stdout.contains("LAST APPLIED (UTC)"),
+        "{}",
+        status.stdout
+    );
     assert!(
         status.stdout.contains(
-            "reader   bottle_e2e_reader   absent   -              machine(pending) prompt(pending) skills(pending) setup:notes(pending)"
+            "reader   bottle_e2e_reader   absent   -                    machine(pending) prompt(pending) skills(pending) setup:notes(pending)"
         ),
         "{}",
         status.stdout

@@ -19,8 +19,10 @@
 //! changes nothing.
 //!
 //! A step's hash covers its own inputs only, not those of the steps it runs
-//! after: the graph orders steps, it does not chain their hashes. (A replaced
-//! machine starts with an empty ledger, so every step runs again anyway.)
+//! after: the graph orders steps, it does not chain their hashes (a replaced
+//! machine starts with an empty ledger, so every step runs again anyway) —
+//! except for setup steps, below: a command that runs after another one
+//! re-runs when that one re-ran.
 //!
 //! # Step hashes, version `bottle-step-v1`
 //!
@@ -31,7 +33,7 @@
 //! | `prompt` | `user`; `content`: SHA-256 of the prompt file's content, of `prompt_text`, or of the empty string when there is no prompt (the guest path is fixed, so the source path is not an input) |
 //! | `skills` | `user`; `skills`: per skill directory, sorted by its name in the guest (the directory's own name): that name, its tree digest |
 //! | `git` | `user`; `gateway`; `identity`: none, or `user.name`, `user.email`; `remotes`: each `name`, `upstream`, sorted by name |
-//! | `setup:<name>` | `name`; `run`; `inputs`: per input, sorted by path relative to the manifests directory: that path, its tree digest. Runs as root, so not the user; `after` and `before` only order, so they are not inputs |
+//! | `setup:<name>` | `name`; `run`; `inputs`: per input, sorted by path relative to the manifests directory: that path, its tree digest. Runs as root, so not the user. When it comes after other steps (its `after`, or another setup step's `before` naming it; `machine` only when named in `after`), that hash is chained: the hash of `setup-after`, `own` and the hash above, then `after` and per step it comes after, sorted by id, its id and its step hash. A step without any keeps the hash above |
 //! | `supervise` | `user`; `url` |
 //!
 //! `user` is the bottle's agent user: it decides the home directory and the
@@ -507,6 +509,25 @@ pub fn setup_step(setup: &SetupSpec, inputs: &[(Vec<u8>, Digest32)]) -> String {
     enc.str("inputs").u64(inputs.len() as u64);
     for (path, digest) in inputs {
         enc.bytes(path).digest(digest);
+    }
+    enc.finish_hex()
+}
+
+/// A setup step's hash with the hashes of the steps it comes after: its own
+/// hash when there are none, else the hash of it and each `(id, hash)`,
+/// sorted by id. A step it comes after that re-ran (a different hash) makes
+/// it run again.
+pub fn setup_after(own: &str, after: &[(String, String)]) -> String {
+    if after.is_empty() {
+        return own.to_owned();
+    }
+    let mut after: Vec<&(String, String)> = after.iter().collect();
+    after.sort();
+    let mut enc = Enc::new(STEP_VERSION, "setup-after");
+    enc.str("own").str(own);
+    enc.str("after").u64(after.len() as u64);
+    for (id, hash) in after {
+        enc.str(id).str(hash);
     }
     enc.finish_hex()
 }

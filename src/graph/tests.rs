@@ -624,14 +624,23 @@ fn each_input_changes_exactly_its_steps() {
         (
             "user",
             Box::new(|f| edit(f, m, "user = \"node\"", "user = \"dev\"")),
-            &["git", "machine", "prompt", "skills", "supervise"],
+            // `setup:cache` comes after `git`, which re-runs.
+            &[
+                "git",
+                "machine",
+                "prompt",
+                "setup:cache",
+                "skills",
+                "supervise",
+            ],
         ),
         (
             "cert content",
             Box::new(|f| {
                 f.write("certs/egress-ca.pem", OTHER_CERT);
             }),
-            &["ca"],
+            // toolchain comes after ca, cache after toolchain.
+            &["ca", "setup:cache", "setup:toolchain"],
         ),
         (
             "cert path",
@@ -640,7 +649,7 @@ fn each_input_changes_exactly_its_steps() {
                 std::fs::rename(certs.join("egress-ca.pem"), certs.join("proxy.pem")).unwrap();
                 edit(f, m, "egress-ca.pem", "proxy.pem");
             }),
-            &["ca"],
+            &["ca", "setup:cache", "setup:toolchain"],
         ),
         (
             "skill directory name",
@@ -715,17 +724,17 @@ fn each_input_changes_exactly_its_steps() {
         (
             "gateway",
             Box::new(|f| edit(f, m, "10.8.0.2:9418", "10.8.0.3:9418")),
-            &["git"],
+            &["git", "setup:cache"],
         ),
         (
             "git email",
             Box::new(|f| edit(f, m, "bot@example.com", "bot@example.org")),
-            &["git"],
+            &["git", "setup:cache"],
         ),
         (
             "remote upstream",
             Box::new(|f| edit(f, m, "acme/lib.git", "acme/lib2.git")),
-            &["git"],
+            &["git", "setup:cache"],
         ),
         (
             "supervise url",
@@ -735,20 +744,21 @@ fn each_input_changes_exactly_its_steps() {
         (
             "setup run",
             Box::new(|f| edit(f, m, "-y ripgrep", "-y fd-find")),
-            &["setup:toolchain"],
+            // cache comes after toolchain: it runs again too.
+            &["setup:cache", "setup:toolchain"],
         ),
         (
             "setup input file",
             Box::new(|f| edit(f, "setup/packages.txt", "ripgrep", "fd")),
-            &["setup:toolchain"],
+            &["setup:cache", "setup:toolchain"],
         ),
         (
             "setup input dir content",
             Box::new(|f| edit(f, "setup/scripts/warm.sh", "#!/bin/sh", "#!/bin/bash")),
-            &["setup:toolchain"],
+            &["setup:cache", "setup:toolchain"],
         ),
         (
-            "setup after only orders",
+            "setup after: a step it no longer comes after",
             Box::new(|f| {
                 edit(
                     f,
@@ -757,7 +767,7 @@ fn each_input_changes_exactly_its_steps() {
                     "after = [\"toolchain\"]",
                 )
             }),
-            &[],
+            &["setup:cache"],
         ),
     ];
     for (what, change, expected) in cases {
