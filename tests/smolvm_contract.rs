@@ -544,6 +544,11 @@ fn status_of_an_unknown_name_leaves_a_folder_but_no_machine() {
         &double.run(&["machine", "status", "--name", "ghost", "--json"]),
         "config operation failed: machine status: machine 'ghost' not found",
     );
+    assert!(!double.data_dir("ghost").exists());
+    assert_error(
+        &double.run(&["machine", "status", "--name", "ghost"]),
+        "vm not found: ghost",
+    );
     assert!(double.data_dir("ghost").is_dir());
     assert_eq!(
         stdout(&double.run(&["machine", "ls", "--json"])).trim(),

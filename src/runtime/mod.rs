@@ -355,10 +355,7 @@ pub enum RuntimeErrorKind {
     Timeout { command: String, timeout: Duration },
 
     #[error("exited with status {status}: {stderr} (command: `{command}`)")]
-    #[diagnostic(help(
-        "the runtime refused the call; its message above says why (a value it names comes \
-         from the manifest: fix it there)"
-    ))]
+    #[diagnostic(help("the runtime refused the call; its message above says why"))]
     CommandFailed {
         command: String,
         status: i32,

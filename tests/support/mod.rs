@@ -70,11 +70,14 @@ impl Double {
         self.home.path()
     }
 
-    /// The production driver, running the double.
+    /// The production driver, running the double. `SMOLVM_DATA_DIR` is the
+    /// double's home too, so the driver's writer lock (beside smolvm's data
+    /// directory) is this double's own, not one shared by every test.
     pub fn runtime(&self) -> SmolvmRuntime {
         let mut runtime = SmolvmRuntime::new(Some(Self::binary().to_path_buf()))
             .expect("the double is built")
-            .with_env("SMOLVM_DOUBLE_HOME", self.home.path());
+            .with_env("SMOLVM_DOUBLE_HOME", self.home.path())
+            .with_env("SMOLVM_DATA_DIR", self.home.path());
         for (key, value) in &self.env {
             runtime = runtime.with_env(key, value);
         }
@@ -153,6 +156,7 @@ impl Double {
     pub fn apply_env(&self, command: &mut Command) {
         command
             .env("SMOLVM_DOUBLE_HOME", self.home.path())
+            .env("SMOLVM_DATA_DIR", self.home.path())
             .envs(self.env.iter().map(|(k, v)| (k, v)));
     }
 

@@ -8,7 +8,19 @@
 //! texts, `ls --json` / `status --json` with the same keys and value types
 //! (the array deliberately unsorted), `delete` without `-f` asking and
 //! cancelling, `stop` of a stopped machine exiting 0, and the empty data
-//! folder `status`/`exec`/`cp`/`stop` leave behind for an unknown name.
+//! folder prose `status`/`exec`/`cp`/`stop` leave behind for an unknown
+//! name (`vm not found: NAME`). Also as the real 1.9.2 binary does:
+//! resource validation (`--cpus` 1..=255, more than 16 a warning on
+//! stderr, `--mem` at least 64), duplicate mount targets, registry images
+//! refused without network, `start` progress on stderr, and one writer at a
+//! time: a mutating call (create, delete, update, start, stop) that
+//! overlaps another fails at once with `Error: database operation failed:
+//! reserve vm 'NAME': database is locked` (smolvm fails about half of them;
+//! the double all, so a caller that overlaps its writers finds out).
+//!
+//! Crash safety: a call killed at any point leaves either the machine whole
+//! or nothing that holds its name (a record without a machine is dropped by
+//! the next `create`, as smolvm drops a dead creator's reservation).
 //!
 //! # State
 //!
