@@ -596,3 +596,313 @@ fn exec_and_cp_on_a_stopped_machine() {
         "vm not found: ghost",
     );
 }
+
+// --- The driver and the CLI against the real smolvm ---------------------------
+//
+// Run when BOTTLE_TEST_REAL_SMOLVM names a real smolvm CLI (.ci/run sets it);
+// otherwise each test prints one SKIPPED line. No VM boots on the build
+// machines: `start` fails after its checks, and `exec`/`cp` answer "not
+// running" after parsing their arguments, so what is verified is everything
+// up to booting: argv, validation, error texts, state, `ls --json`.
+
+use bottle::runtime::smolvm::Version;
+use bottle::runtime::{Egress as RealEgress, VolumeMount};
+use support::real::Real;
+
+/// A rootfs directory as `image` (smolvm reports it as `local-dir:PATH`).
+fn rootfs(dir: &std::path::Path) -> String {
+    let root = dir.join("rootfs");
+    std::fs::create_dir_all(root.join("usr/local")).unwrap();
+    root.display().to_string()
+}
+
+#[test]
+fn real_version_is_read_once_and_supported() {
+    let Some(real) = Real::new("real_version_is_read_once_and_supported") else {
+        return;
+    };
+    let runtime = real.runtime();
+    let version = runtime.version().unwrap();
+    assert!(version >= Version::MINIMUM, "{version}");
+    // 1.9.2 has no `exec --user`: bottle guards its root commands instead.
+    assert_eq!(version.has_exec_user(), version >= Version(1, 14, 0));
+}
+
+/// Every shape of `machine create` the driver builds, accepted by the real
+/// parser and validation, and read back from the real `ls --json`.
+#[test]
+fn real_accepts_every_create_argv_and_lists_what_was_created() {
+    let Some(real) = Real::new("real_accepts_every_create_argv_and_lists_what_was_created") else {
+        return;
+    };
+    let runtime = real.runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let (ws, cache) = (dir.path().join("ws"), dir.path().join("cache: x"));
+    std::fs::create_dir_all(&ws).unwrap();
+    std::fs::create_dir_all(&cache).unwrap();
+    let secret_file = dir.path().join("token");
+    std::fs::write(&secret_file, "t0ken\n").unwrap();
+
+    let mut full = spec("full");
+    full.labels.insert("bottle.hash".into(), "a=b==c".into());
+    full.labels.insert("bottle.empty".into(), String::new());
+    full.image = Some(rootfs(dir.path()));
+    full.env = BTreeMap::from([
+        ("GIT_AUTHOR_NAME".into(), "Bottle Bot".into()),
+        ("EQ".into(), "a=b".into()),
+        ("EMPTY".into(), String::new()),
+    ]);
+    full.volumes = vec![
+        VolumeMount {
+            host: ws.clone(),
+            guest: "/workspace".into(),
+            read_only: true,
+        },
+        VolumeMount {
+            host: cache.clone(),
+            guest: "/cache".into(),
+            read_only: false,
+        },
+    ];
+    full.secrets = vec![
+        SecretMount {
+            guest_env: "GITHUB_TOKEN".into(),
+            source: SecretSource::HostEnv("BOTTLE_CONTRACT_TOKEN".into()),
+        },
+        SecretMount {
+            guest_env: "NPM_TOKEN".into(),
+            source: SecretSource::HostFile(secret_file.clone()),
+        },
+    ];
+    // The gate's shape: its address only, plus the bottle's CIDRs.
+    full.egress = Some(RealEgress {
+        allow_hosts: vec![],
+        allow_cidrs: vec!["100.96.0.1/32".into(), "10.8.0.0/16".into()],
+    });
+    let mut hosts = spec("hosts");
+    hosts.egress = Some(RealEgress {
+        allow_hosts: vec!["localhost".into()],
+        allow_cidrs: vec![],
+    });
+    let mut closed = spec("closed");
+    closed.egress = Some(RealEgress::default());
+    let mut big = spec("big");
+    (big.cpus, big.memory_mib) = (255, 64);
+    for machine in [&full, &hosts, &closed, &big, &spec("bare")] {
+        runtime
+            .create(machine)
+            .unwrap_or_else(|e| panic!("{}: {e}", machine.name));
+    }
+
+    let listed = runtime.list().unwrap();
+    let names: Vec<&str> = listed.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, ["bare", "big", "closed", "full", "hosts"]);
+    let by_name = |name: &str| listed.iter().find(|m| m.name == name).unwrap();
+    let got = by_name("full");
+    assert_eq!(got.labels, full.labels, "labels with `=` and empty values");
+    assert_eq!(got.state, MachineState::Created);
+    assert_eq!((got.cpus, got.memory_mib), (Some(2), Some(1024)));
+    assert_eq!(
+        got.image.as_deref(),
+        Some(format!("local-dir:{}", full.image.as_deref().unwrap()).as_str())
+    );
+    assert!(got.network);
+    assert!(by_name("hosts").network && by_name("closed").network);
+    assert!(!by_name("bare").network);
+    assert_eq!(by_name("bare").image, None);
+    assert_eq!(
+        (by_name("big").cpus, by_name("big").memory_mib),
+        (Some(255), Some(64))
+    );
+    // smolvm counts mounts; bottle keeps the rest itself.
+    let raw = real.list_json();
+    let full_raw = raw.iter().find(|m| m["name"] == "full").unwrap();
+    assert_eq!(full_raw["mounts"], 2);
+}
+
+/// `update` with every flag the driver uses, on a created machine; `stop`
+/// of a machine that never ran; `delete`; then the failures bottle tells
+/// apart, with the real texts.
+#[test]
+fn real_update_stop_delete_and_error_kinds() {
+    let Some(real) = Real::new("real_update_stop_delete_and_error_kinds") else {
+        return;
+    };
+    let runtime = real.runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    let mut machine = spec("upd");
+    machine.env.insert("OLD".into(), "1".into());
+    machine.volumes = vec![VolumeMount {
+        host: a.clone(),
+        guest: "/a".into(),
+        read_only: false,
+    }];
+    runtime.create(&machine).unwrap();
+
+    let update = MachineUpdate {
+        cpus: Some(3),
+        memory_mib: Some(3072),
+        set_env: BTreeMap::from([("NEW".into(), "x=y".into())]),
+        remove_env: vec!["OLD".into()],
+        add_volumes: vec![
+            VolumeMount {
+                host: a.clone(),
+                guest: "/a".into(),
+                read_only: true,
+            },
+            VolumeMount {
+                host: b.clone(),
+                guest: "/b".into(),
+                read_only: false,
+            },
+        ],
+        remove_volumes: vec![VolumeMount {
+            host: a.clone(),
+            guest: "/a".into(),
+            read_only: false,
+        }],
+    };
+    runtime.update("upd", &update).unwrap();
+    let got = &runtime.list().unwrap()[0];
+    assert_eq!((got.cpus, got.memory_mib), (Some(3), Some(3072)));
+    assert_eq!(real.list_json()[0]["mounts"], 2);
+
+    // Stopping a machine that never ran succeeds (exit 0).
+    runtime.stop("upd").unwrap();
+    assert_eq!(runtime.list().unwrap()[0].state, MachineState::Created);
+
+    // Not found, from every verb that can say it.
+    assert!(matches!(
+        kind_of(runtime.create(&spec("upd"))),
+        RuntimeErrorKind::AlreadyExists
+    ));
+    for result in [
+        runtime.start("gone"),
+        runtime.stop("gone"),
+        runtime.delete("gone"),
+        runtime.update("gone", &update),
+    ] {
+        assert!(matches!(kind_of(result), RuntimeErrorKind::NotFound));
+    }
+    assert!(matches!(
+        kind_of(runtime.exec("gone", &ExecRequest::shell("true"))),
+        RuntimeErrorKind::NotFound
+    ));
+    // Not running: exec and cp, in every argv shape the driver builds
+    // (the real parser accepts each before it finds no VM).
+    let mut request = ExecRequest::shell("id -un").timeout(Duration::from_millis(1500));
+    request.env.insert("HOME".into(), "/home/node".into());
+    request.workdir = Some("/workspace".into());
+    for request in [request.clone(), request.as_user("node")] {
+        assert!(matches!(
+            kind_of(runtime.exec("upd", &request)),
+            RuntimeErrorKind::NotRunning
+        ));
+    }
+    let file = dir.path().join("f");
+    std::fs::write(&file, "x").unwrap();
+    let options = CopyOptions {
+        mode: 0o600,
+        uid: 1000,
+        gid: 1000,
+    };
+    assert!(matches!(
+        kind_of(runtime.copy_in("upd", &file, "/home/node/f", &options)),
+        RuntimeErrorKind::NotRunning
+    ));
+    assert!(matches!(
+        kind_of(runtime.read_file("upd", "/etc/hostname")),
+        RuntimeErrorKind::NotRunning
+    ));
+    // The interactive argv (attach) parses too.
+    let argv = runtime.interactive_argv("upd", &ExecRequest::new(["claude"]).as_user("node"));
+    let output = std::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .env("SMOLVM_DATA_DIR", real.data_dir())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert!(stderr(&output).contains("is not running"), "{output:?}");
+
+    runtime.delete("upd").unwrap();
+    assert!(runtime.list().unwrap().is_empty());
+}
+
+/// A command line smolvm refuses is bottle's fault, and says so.
+#[test]
+fn real_usage_errors_are_reported_as_bottle_built_argv() {
+    let Some(real) = Real::new("real_usage_errors_are_reported_as_bottle_built_argv") else {
+        return;
+    };
+    let output = real.run(&["machine", "update", "--name", "a", "--label", "k=v"]);
+    assert_eq!(output.status.code(), Some(2));
+    // The same text the driver classifies (tested in output.rs), and the
+    // help that blames the argv, not the runtime.
+    let text = stderr(&output);
+    assert!(
+        text.starts_with("error: unexpected argument '--label' found"),
+        "{text}"
+    );
+    let kind = RuntimeErrorKind::Usage {
+        command: "smolvm machine update".into(),
+        stderr: text.lines().next().unwrap().into(),
+    };
+    let help = miette::Diagnostic::help(&kind).unwrap().to_string();
+    assert!(help.starts_with("bottle built a command"), "{help}");
+}
+
+/// Where no VM boots, `start` fails after its checks and the machine stays
+/// `created`: a failure bottle reports as such, not as a missing machine.
+#[test]
+fn real_start_fails_here_and_leaves_the_machine_created() {
+    let Some(real) = Real::new("real_start_fails_here_and_leaves_the_machine_created") else {
+        return;
+    };
+    let runtime = real.runtime();
+    runtime.create(&spec("boot")).unwrap();
+    match kind_of(runtime.start("boot")) {
+        RuntimeErrorKind::CommandFailed {
+            command,
+            status,
+            stderr,
+            ..
+        } => {
+            assert_eq!(status, 1);
+            assert!(command.ends_with("machine start --name boot"), "{command}");
+            // Progress on stderr, then smolvm's error line.
+            assert!(stderr.starts_with("Starting machine 'boot'"), "{stderr}");
+            assert!(stderr.contains("\nError: "), "{stderr}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(runtime.list().unwrap()[0].state, MachineState::Created);
+}
+
+/// Many creates, then many deletes, at once through one driver: smolvm
+/// alone fails about half of these with `database is locked`.
+#[test]
+fn real_parallel_creates_and_deletes_all_succeed() {
+    let Some(real) = Real::new("real_parallel_creates_and_deletes_all_succeed") else {
+        return;
+    };
+    let runtime = real.runtime();
+    let names: Vec<String> = (0..16).map(|i| format!("p{i:02}")).collect();
+    std::thread::scope(|scope| {
+        for name in &names {
+            let runtime = &runtime;
+            scope.spawn(move || runtime.create(&spec(name)).unwrap());
+        }
+    });
+    assert_eq!(real.names(), names);
+    std::thread::scope(|scope| {
+        for name in &names {
+            let runtime = &runtime;
+            scope.spawn(move || runtime.delete(name).unwrap());
+        }
+    });
+    assert!(real.names().is_empty());
+}

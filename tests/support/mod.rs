@@ -149,6 +149,7 @@ pub fn stderr(output: &Output) -> String {
 // --- Added for the end-to-end tests (tests/e2e.rs, tests/cli.rs) -----------
 
 pub mod project;
+pub mod real;
 
 impl Double {
     /// Set this double's home and knobs on a command (a `bottle` run that

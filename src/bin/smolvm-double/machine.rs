@@ -173,6 +173,16 @@ impl Double<'_> {
             )));
         }
         if let Some(image) = &cmd.image
+            && (image.starts_with('/') || image.starts_with('.'))
+            && !Path::new(image).exists()
+        {
+            // A path is a rootfs directory or a `docker save` archive.
+            return Err(Failure::config(
+                "--image",
+                format!("cannot read archive {image}: No such file or directory (os error 2)"),
+            ));
+        }
+        if let Some(image) = &cmd.image
             && !network
             && !Path::new(image).exists()
         {
