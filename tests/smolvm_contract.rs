@@ -906,3 +906,159 @@ fn real_parallel_creates_and_deletes_all_succeed() {
     });
     assert!(real.names().is_empty());
 }
+
+/// A project of `agents` agents in one minimal bottle, in a new directory.
+fn write_project(name: &str, agents: usize) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = format!(
+        "[project]\nname = \"{name}\"\n\n[bottle.b]\ncpus = 1\nmemory_mib = 512\nuser = \"agent\"\n"
+    );
+    for i in 0..agents {
+        text.push_str(&format!("\n[agent.a{i:02}]\nbottle = \"b\"\n"));
+    }
+    std::fs::write(dir.path().join("bottle.toml"), text).unwrap();
+    dir
+}
+
+/// `bottle --smolvm REAL --state-dir STATE apply --parallelism 8 DIR`,
+/// started (not waited for).
+fn spawn_real_apply(
+    real: &Real,
+    project: &std::path::Path,
+    state: &std::path::Path,
+) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_bottle"))
+        .arg("--smolvm")
+        .arg(real.binary())
+        .arg("--state-dir")
+        .arg(state)
+        .args(["apply", "--parallelism", "8"])
+        .arg(project)
+        .env("SMOLVM_DATA_DIR", real.data_dir())
+        .env_remove("BOTTLE_RUNTIME")
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running bottle")
+}
+
+/// What a user hit first: at the default `--parallelism 8`, about half of
+/// the creates failed with `database is locked`. Ten fresh applies of 12
+/// agents each: every machine created, no lock failure. The starts fail
+/// here (no VM boots), and say that the machine was created.
+#[test]
+fn real_apply_of_12_agents_at_parallelism_8_creates_all_of_them() {
+    if Real::new("real_apply_of_12_agents_at_parallelism_8_creates_all_of_them").is_none() {
+        return;
+    }
+    let project = write_project("par", 12);
+    for run in 0..10 {
+        let real = Real::new("").unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let output = spawn_real_apply(&real, project.path(), state.path())
+            .wait_with_output()
+            .unwrap();
+        let all = format!("{}{}", stdout(&output), stderr(&output));
+        assert!(!all.contains("database is locked"), "run {run}:\n{all}");
+        let expected: Vec<String> = (0..12).map(|i| format!("bottle_par_a{i:02}")).collect();
+        assert_eq!(real.names(), expected, "run {run}:\n{all}");
+        assert_eq!(output.status.code(), Some(1), "run {run}:\n{all}");
+        assert!(
+            all.contains("created bottle_par_a00, but it did not start"),
+            "run {run}:\n{all}"
+        );
+    }
+}
+
+/// Two bottle processes, two projects, one smolvm: they take turns too.
+#[test]
+fn real_two_projects_applying_at_once_create_all_machines() {
+    let Some(real) = Real::new("real_two_projects_applying_at_once_create_all_machines") else {
+        return;
+    };
+    let (one, two) = (write_project("one", 12), write_project("two", 12));
+    let (state_one, state_two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let first = spawn_real_apply(&real, one.path(), state_one.path());
+    let second = spawn_real_apply(&real, two.path(), state_two.path());
+    let outputs = [
+        first.wait_with_output().unwrap(),
+        second.wait_with_output().unwrap(),
+    ];
+    for output in &outputs {
+        let all = format!("{}{}", stdout(output), stderr(output));
+        assert!(!all.contains("database is locked"), "{all}");
+    }
+    let names = real.names();
+    assert_eq!(names.len(), 24, "{names:?}");
+    assert_eq!(
+        names
+            .iter()
+            .filter(|n| n.starts_with("bottle_one_"))
+            .count(),
+        12
+    );
+}
+
+// --- No runtime call outlives bottle -----------------------------------------
+
+fn alive(pid: u32) -> bool {
+    // A zombie has exited: only a process that can still run counts.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+            !state.starts_with('Z') && !state.starts_with('X')
+        })
+        .unwrap_or(false)
+}
+
+/// A SIGKILLed bottle must not leave its smolvm calls running (a killed
+/// `destroy` left `machine delete` calls that removed the machines the
+/// next `apply` had just checked): they die with it.
+#[test]
+fn smolvm_calls_die_with_a_killed_bottle() {
+    let project = support::project::Project::with_double(
+        "e2e",
+        Double::new().with_env("BOTTLE_E2E_SECRET", "s"),
+    );
+    let double = &project.double;
+    // Every `create` hangs: bottle is killed while its calls are under way.
+    let mut command = project.command(&["apply", "--parallelism", "4"]);
+    command
+        .env("SMOLVM_DOUBLE_HANG", "create")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut bottle = command.spawn().unwrap();
+    let hung = || -> Vec<u32> {
+        let text = std::fs::read_to_string(double.home().join("calls.jsonl")).unwrap_or_default();
+        text.lines()
+            .filter(|line| line.contains("SMOLVM_DOUBLE_HANG"))
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter_map(|call| call["pid"].as_u64().map(|pid| pid as u32))
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while hung().is_empty() {
+        assert!(Instant::now() < deadline, "no create call started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pids = hung();
+    assert!(
+        pids.iter().all(|pid| alive(*pid)),
+        "the calls run while bottle does"
+    );
+    bottle.kill().unwrap();
+    bottle.wait().unwrap();
+    // The kernel delivers the parent-death signal as bottle exits; give
+    // the scheduler a bounded while to run it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pids.iter().any(|pid| alive(*pid)) {
+        assert!(
+            Instant::now() < deadline,
+            "smolvm calls outlived the killed bottle: {:?}",
+            pids.iter().filter(|pid| alive(**pid)).collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
