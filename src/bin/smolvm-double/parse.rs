@@ -27,9 +27,13 @@ pub fn check_name(name: &str) -> Result<(), Failure> {
             name.len()
         ))
     } else if !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
-        Some("machine name must start with a letter or digit".to_owned())
+        Some(format!(
+            "machine name must start with a letter or digit (got: \"{name}\")"
+        ))
     } else if name.ends_with('-') {
-        Some("machine name cannot end with a hyphen".to_owned())
+        Some(format!(
+            "machine name cannot end with a hyphen (got: \"{name}\")"
+        ))
     } else {
         let mut previous = ' ';
         name.chars().find_map(|c| {
@@ -116,7 +120,10 @@ pub fn secrets(
             if !value.starts_with('/') {
                 return Err(Failure::config(
                     flag,
-                    format!("secret '{key}': from_file path must be absolute, got '{value}'"),
+                    format!(
+                        "secret '{key}': from_file path '{value}' is relative; absolute paths are \
+                         required"
+                    ),
                 ));
             }
             SecretRef::FromFile(value.into())
@@ -368,9 +375,9 @@ mod tests {
         for (bad, reason) in [
             ("", "cannot be empty"),
             (&"a".repeat(129), "too long: 129 characters (max 128)"),
-            ("-a", "must start with a letter or digit"),
-            ("_a", "must start with a letter or digit"),
-            ("a-", "cannot end with a hyphen"),
+            ("-a", "must start with a letter or digit (got: \"-a\")"),
+            ("_a", "must start with a letter or digit (got: \"_a\")"),
+            ("a-", "cannot end with a hyphen (got: \"a-\")"),
             ("a--b", "cannot contain consecutive hyphens"),
             ("a.b", "contains invalid character: '.'"),
             ("a:b", "contains invalid character: ':'"),
