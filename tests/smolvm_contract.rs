@@ -1062,3 +1062,58 @@ fn smolvm_calls_die_with_a_killed_bottle() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+// --- exec as the image's USER (smolvm 1.6 to 1.13) ---------------------------
+
+/// smolvm 1.9.2 runs `exec` as an image's `USER`, and bottle's root steps
+/// then fail in confusing ways. The driver finds out before the command
+/// runs and says what to do.
+#[test]
+fn exec_that_does_not_run_as_root_is_refused_before_the_command_runs() {
+    let double = Double::new().with_env("SMOLVM_DOUBLE_EXEC_USER", "nobody");
+    let runtime = double.runtime();
+    runtime.create(&spec("img")).unwrap();
+    runtime.start("img").unwrap();
+    for request in [
+        ExecRequest::shell("touch /tmp/ran"),
+        ExecRequest::shell("touch /tmp/ran").as_user("nobody"),
+    ] {
+        let error = runtime.exec("img", &request).unwrap_err();
+        match &error.kind {
+            RuntimeErrorKind::ExecNotRoot { uid, user, version } => {
+                assert_eq!((uid.as_str(), user.as_str()), ("65534", "nobody"));
+                assert_eq!(version, "1.9.2");
+            }
+            other => panic!("{other:?}"),
+        }
+        let help = miette::Diagnostic::help(&error).unwrap().to_string();
+        assert!(
+            help.contains("USER root") && help.contains("1.14"),
+            "{help}"
+        );
+    }
+    // The command itself never ran.
+    let check = double.run(&[
+        "machine", "exec", "--name", "img", "--", "test", "-e", "/tmp/ran",
+    ]);
+    assert_eq!(check.status.code(), Some(1), "{check:?}");
+}
+
+/// The same through the CLI: `apply` fails early naming the cause.
+#[test]
+fn apply_on_an_image_whose_user_is_not_root_says_what_to_do() {
+    let project = support::project::Project::with_double(
+        "e2e",
+        Double::new()
+            .with_env("BOTTLE_E2E_SECRET", "s")
+            .with_env("SMOLVM_DOUBLE_EXEC_USER", "nobody"),
+    );
+    let run = project.bottle(&["apply"]);
+    run.code(1);
+    let all = run.all();
+    assert!(
+        all.contains("commands run in this machine as uid 65534 (nobody), not as root"),
+        "{all}"
+    );
+    assert!(all.contains("USER root"), "{all}");
+}

@@ -630,7 +630,8 @@ impl Double<'_> {
             argv: cmd.command,
             env,
             workdir: cmd.workdir.or(found.meta.workdir),
-            user: None,
+            // smolvm 1.6+ runs exec as the image's USER (the knob plays one).
+            user: self.knobs.exec_user.clone(),
             timeout: cmd.timeout.unwrap_or(EXEC_WITHOUT_TIMEOUT),
         };
         if cmd.interactive || cmd.tty {

@@ -39,6 +39,9 @@
 //!   with `"exit": null`).
 //! - `SMOLVM_DOUBLE_EXEC_DIE=N`: the N-th `exec` runs its command to
 //!   completion, prints half its stdout, then dies by SIGKILL.
+//! - `SMOLVM_DOUBLE_EXEC_USER=NAME`: `exec` runs as NAME, as smolvm 1.6+
+//!   runs it on a machine whose image says `USER NAME` (1.9.2 cannot be
+//!   told otherwise).
 //! - `SMOLVM_DOUBLE_BAD_JSON=1`: `ls --json` and `status --json` print
 //!   truncated JSON (exit 0).
 //! - `SMOLVM_DOUBLE_RESOLVE=hosts|any|system`: how `create --allow-host`

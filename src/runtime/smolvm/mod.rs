@@ -466,6 +466,84 @@ mod tests {
         );
     }
 
+    /// A stand-in smolvm: prints `version` for `--version` (logging each
+    /// time it is asked) and `[]` for anything else.
+    fn fake_smolvm(dir: &Path, version: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join("smolvm");
+        let log = dir.join("asked");
+        std::fs::write(
+            &path,
+            format!(
+                "#!/bin/sh\nif [ \"$1\" = --version ]; then echo x >> '{}'; echo '{version}'; \
+                 exit 0; fi\necho '[]'\n",
+                log.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    #[test]
+    fn the_version_is_read_once_per_run_and_gates_every_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = SmolvmRuntime::new(Some(fake_smolvm(dir.path(), "smolvm 1.9.2"))).unwrap();
+        let clone = runtime.clone();
+        assert_eq!(runtime.version().unwrap(), Version(1, 9, 2));
+        assert!(runtime.list().unwrap().is_empty());
+        assert!(clone.list().unwrap().is_empty());
+        let asked = std::fs::read_to_string(dir.path().join("asked")).unwrap();
+        assert_eq!(asked.lines().count(), 1, "smolvm --version asked {asked:?}");
+    }
+
+    #[test]
+    fn a_smolvm_older_than_1_8_is_refused_with_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = SmolvmRuntime::new(Some(fake_smolvm(dir.path(), "smolvm 1.7.3"))).unwrap();
+        let error = runtime.list().unwrap_err();
+        match &error.kind {
+            RuntimeErrorKind::UnsupportedVersion { found, minimum, .. } => {
+                assert_eq!((found.as_str(), minimum.as_str()), ("1.7.3", "1.8.0"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            error.to_string().contains("smolvm 1.7.3 is too old"),
+            "{error}"
+        );
+        let help = error.help().unwrap().to_string();
+        assert!(help.contains("upgrade smolvm"), "{help}");
+        // Every call, not only the first.
+        assert!(matches!(
+            runtime.delete("a").unwrap_err().kind,
+            RuntimeErrorKind::UnsupportedVersion { .. }
+        ));
+    }
+
+    #[test]
+    fn a_binary_that_is_not_smolvm_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = SmolvmRuntime::new(Some(fake_smolvm(dir.path(), "docker 27.0"))).unwrap();
+        match runtime.list().unwrap_err().kind {
+            RuntimeErrorKind::Malformed { detail, .. } => {
+                assert!(detail.contains("docker 27.0"), "{detail}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_writer_lock_sits_beside_the_data_dir_smolvm_will_use() {
+        let runtime = SmolvmRuntime::new(Some("sh".into()))
+            .unwrap()
+            .with_env("SMOLVM_DATA_DIR", "/srv/smolvm-data");
+        assert_eq!(
+            runtime.writer_lock_path().unwrap(),
+            Path::new("/srv/smolvm-data/.local/share/smolvm.bottle-writers.lock")
+        );
+    }
+
     #[test]
     fn relative_guest_paths_are_refused_before_any_call() {
         let error = check_guest_path("copy", "a", "etc/x").unwrap_err();
