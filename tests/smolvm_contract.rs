@@ -1117,3 +1117,29 @@ fn apply_on_an_image_whose_user_is_not_root_says_what_to_do() {
     );
     assert!(all.contains("USER root"), "{all}");
 }
+
+/// A machine that was created but did not start is reported as such, and
+/// the next apply starts it rather than creating it again.
+#[test]
+fn a_failed_start_after_create_says_the_machine_exists() {
+    let project = support::project::Project::with_double(
+        "e2e",
+        Double::new()
+            .with_env("BOTTLE_E2E_SECRET", "s")
+            .with_env("SMOLVM_DOUBLE_FAIL", "start:1,start:2"),
+    );
+    let first = project.bottle(&["apply"]);
+    first.code(1);
+    let all = first.all();
+    assert!(
+        all.contains("created bottle_e2e_coder, but it did not start")
+            && all.contains("created bottle_e2e_reader, but it did not start"),
+        "{all}"
+    );
+    assert_eq!(project.double.count("create"), 2);
+    let plan = project.bottle(&["plan"]);
+    assert!(!plan.all().contains("no machine yet"), "{}", plan.all());
+    project.bottle(&["apply"]).success();
+    // Started, not created again.
+    assert_eq!(project.double.count("create"), 2);
+}
