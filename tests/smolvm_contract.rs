@@ -1143,3 +1143,89 @@ fn a_failed_start_after_create_says_the_machine_exists() {
     // Started, not created again.
     assert_eq!(project.double.count("create"), 2);
 }
+
+// --- database is locked --------------------------------------------------------
+
+/// Hold the double's state database as another writer would.
+fn hold_database(double: &Double) -> std::fs::File {
+    std::fs::create_dir_all(double.home().join("locks")).unwrap();
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(double.home().join("locks/.database"))
+        .unwrap();
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive).unwrap();
+    file
+}
+
+/// A writer that is not bottle holds smolvm's database: bottle's call
+/// fails with `database is locked`, is retried, and succeeds once the
+/// other writer is done; none is lost.
+#[test]
+fn a_call_that_meets_the_lock_error_is_retried_until_it_succeeds() {
+    let double = Double::new();
+    let runtime = double.runtime();
+    runtime.create(&spec("first")).unwrap();
+    let held = hold_database(&double);
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        drop(held);
+    });
+    runtime.create(&spec("second")).unwrap();
+    release.join().unwrap();
+    let creates: Vec<_> = double
+        .calls()
+        .into_iter()
+        .filter(|c| c.verb == "create")
+        .collect();
+    assert!(
+        creates.len() >= 3,
+        "the second create was retried: {creates:?}"
+    );
+    assert!(
+        creates[1..creates.len() - 1]
+            .iter()
+            .all(|c| c.exit == Some(1))
+    );
+    let names: Vec<String> = runtime
+        .list()
+        .unwrap()
+        .into_iter()
+        .map(|m| m.name)
+        .collect();
+    assert_eq!(names, ["first", "second"]);
+}
+
+/// The lock error that outlasts every retry is reported as such.
+#[test]
+fn a_database_that_stays_locked_is_reported_after_the_retries() {
+    let double = Double::new();
+    let runtime = double.runtime();
+    let _held = hold_database(&double);
+    let error = runtime.create(&spec("never")).unwrap_err();
+    match &error.kind {
+        RuntimeErrorKind::DatabaseLocked {
+            attempts, stderr, ..
+        } => {
+            assert_eq!(*attempts, 8);
+            assert!(stderr.ends_with("database is locked"), "{stderr}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(double.count("create"), 8);
+    assert!(runtime.list().unwrap().is_empty());
+}
+
+/// `start` writes the machine's record after it has booted: when that
+/// write meets the lock error, the machine runs, and it has started.
+#[test]
+fn a_start_whose_last_write_meets_the_lock_has_started() {
+    let double = Double::new();
+    let runtime = double.runtime();
+    runtime.create(&spec("boots")).unwrap();
+    let _held = hold_database(&double);
+    runtime.start("boots").unwrap();
+    assert_eq!(double.count("start"), 1);
+    assert_eq!(runtime.list().unwrap()[0].state, MachineState::Running);
+}

@@ -310,14 +310,15 @@ impl Double<'_> {
         if let Some(warning) = found.info.cpus.and_then(parse::vcpu_warning) {
             written(writeln!(io.err, "{warning}"))?;
         }
-        {
-            let _db = self
-                .home
-                .write_transaction(&format!("update vm '{name}'"))?;
-            self.runtime
-                .start(name)
-                .map_err(|error| Failure::backend("start machine", error))?;
-        }
+        self.runtime
+            .start(name)
+            .map_err(|error| Failure::backend("start machine", error))?;
+        // Like smolvm, the record is written once the machine has booted:
+        // a writer in the way fails the call with the machine running.
+        drop(
+            self.home
+                .write_transaction(&format!("update vm '{name}'"))?,
+        );
         if !found.meta.init.is_empty() {
             written(writeln!(
                 io.out,

@@ -13,10 +13,12 @@
 //! resource validation (`--cpus` 1..=255, more than 16 a warning on
 //! stderr, `--mem` at least 64), duplicate mount targets, registry images
 //! refused without network, `start` progress on stderr, and one writer at a
-//! time: a mutating call (create, delete, update, start, stop) that
-//! overlaps another fails at once with `Error: database operation failed:
-//! reserve vm 'NAME': database is locked` (smolvm fails about half of them;
-//! the double all, so a caller that overlaps its writers finds out).
+//! time: a `create`, `delete`, `update` or `stop` that overlaps another
+//! writer fails at once with `Error: database operation failed: reserve vm
+//! 'NAME': database is locked` (smolvm fails about half of them; the double
+//! all, so a caller that overlaps its writers finds out), and `start`
+//! writes its record after the boot, failing the same way with the machine
+//! running when a writer is in the way.
 //!
 //! Crash safety: a call killed at any point leaves either the machine whole
 //! or nothing that holds its name (a record without a machine is dropped by

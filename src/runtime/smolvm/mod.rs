@@ -11,9 +11,10 @@
 //! status and its stderr. The exact CLI is in `smolvm-cli.md`; the argv of
 //! every call is in `argv`.
 //!
-//! Calls that write smolvm's state database take turns (`serial`): one at a
-//! time per database, across threads and bottle processes, and a call that
-//! still meets smolvm's `database is locked` is retried with backoff. The
+//! Calls whose writes to smolvm's state database collide take turns
+//! (`serial`): one at a time per database, across threads and bottle
+//! processes; a call that still meets smolvm's `database is locked` is
+//! retried with backoff. The
 //! smolvm version is read once (`version`): older than 1.8 is refused, and
 //! before 1.14 every root command is guarded against running as the
 //! image's `USER`.
@@ -36,8 +37,8 @@ use miette::Diagnostic;
 use thiserror::Error;
 
 use super::{
-    CopyOptions, ExecOutput, ExecRequest, MachineInfo, MachineSpec, MachineUpdate, Runtime,
-    RuntimeError, RuntimeErrorKind, RuntimeKind,
+    CopyOptions, ExecOutput, ExecRequest, MachineInfo, MachineSpec, MachineState, MachineUpdate,
+    Runtime, RuntimeError, RuntimeErrorKind, RuntimeKind,
 };
 
 /// The `smolvm` binary could not be used.
@@ -188,6 +189,20 @@ impl SmolvmRuntime {
         })
     }
 
+    /// Whether `ls` reports `name` running (false when it cannot say).
+    fn is_running(&self, name: &str) -> bool {
+        let args = argv::list();
+        self.run("list", "-", &args, self.call_timeout)
+            .ok()
+            .filter(|output| output.status.success())
+            .and_then(|output| output::parse_list(&output.stdout, "").ok())
+            .is_some_and(|machines| {
+                machines
+                    .iter()
+                    .any(|m| m.name == name && m.state == MachineState::Running)
+            })
+    }
+
     fn as_root(&self, version: Version) -> argv::AsRoot {
         if version.has_exec_user() {
             argv::AsRoot::Flag
@@ -219,7 +234,7 @@ impl SmolvmRuntime {
         timeout: Duration,
     ) -> Result<Output, RuntimeError> {
         self.version()?;
-        let lock_path = serial::is_mutating(op)
+        let lock_path = serial::takes_turns(op)
             .then(|| self.writer_lock_path())
             .flatten();
         let mut attempt = 1;
@@ -245,6 +260,12 @@ impl SmolvmRuntime {
             let status = process::status_code(&output);
             let stderr = String::from_utf8_lossy(&output.stderr);
             if serial::is_database_locked(status, &stderr) {
+                // `start` writes the machine's record after it booted: a
+                // machine that runs has started, whatever its last write
+                // said; one that does not is started again.
+                if op == "start" && self.is_running(machine) {
+                    return Ok(output);
+                }
                 if attempt < serial::ATTEMPTS {
                     attempt += 1;
                     std::thread::sleep(serial::backoff(attempt));

@@ -4,13 +4,15 @@
 //! 15 s), but its writes are *deferred* transactions that read a row and
 //! then write it (`reserve_vm_create` and `commit_reserved_vm` in `create`,
 //! `remove_vm` in `delete`, `update_vm` in `update`, `stop` and after a
-//! `start`). SQLite cannot upgrade such a transaction while another
-//! connection writes, and answers `SQLITE_BUSY` at once, without waiting:
-//! two such calls at once fail about half the time with
+//! `start` has booted). SQLite cannot upgrade such a transaction once
+//! another connection has committed since its read, and answers
+//! `SQLITE_BUSY` at once, without waiting: two `create`s or `delete`s at
+//! once fail about half the time with
 //! `Error: database operation failed: reserve vm 'NAME': database is locked`
 //! (exit 1, nothing done). `ls`, `status`, `exec` and `cp` only read.
 //!
-//! So bottle runs its mutating calls one at a time per smolvm database:
+//! So bottle runs those calls one at a time per smolvm database (see
+//! [`takes_turns`] for why `start` does not wait its turn):
 //! each holds an exclusive `flock` on a file beside smolvm's data
 //! directory, across the threads of one bottle process (each call opens the
 //! file anew, and `flock` locks belong to the open file) and across bottle
@@ -23,9 +25,14 @@ use std::fs::{File, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Verbs that write smolvm's database.
-pub(crate) fn is_mutating(verb: &str) -> bool {
-    matches!(verb, "create" | "delete" | "update" | "start" | "stop")
+/// Verbs that take turns: the ones whose writes collide (`create` and
+/// `delete` fail about half the time when two run at once). `start` writes
+/// too (the machine's record, once it has booted) but is left out: a boot
+/// can take minutes (an image pull) or hang until its deadline, and holding
+/// every other writer of the host that long is worse than the rare
+/// collision of its one short write, which is retried like any other.
+pub(crate) fn takes_turns(verb: &str) -> bool {
+    matches!(verb, "create" | "delete" | "update" | "stop")
 }
 
 /// smolvm's data directory for the environment it will run in:
