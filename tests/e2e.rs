@@ -384,8 +384,10 @@ fn apply_provisions_every_step_in_the_guest_and_a_second_apply_changes_nothing()
     assert_eq!(
         attach.stdout.replace(&double, "<smolvm>"),
         format!(
-            "<smolvm> machine exec --name bottle_e2e_coder -it -w /home/node -- sh -c {} node \
+            "<smolvm> machine exec --name bottle_e2e_coder -it -w /home/node -- \
+             sh -c {} bottle-exec-not-root sh -c {} node \
              claude --dangerously-skip-permissions --append-system-prompt-file /home/node/.bottle/prompt.md\n",
+            bottle::steps::sh_quote(bottle::runtime::smolvm::ROOT_GUARD),
             bottle::steps::sh_quote(AS_USER)
         )
     );
@@ -394,8 +396,10 @@ fn apply_provisions_every_step_in_the_guest_and_a_second_apply_changes_nothing()
     assert_eq!(
         attach.stdout.replace(&double, "<smolvm>"),
         format!(
-            "<smolvm> machine exec --name bottle_e2e_reader -it -w /home/reviewer -- sh -c {} reviewer \
+            "<smolvm> machine exec --name bottle_e2e_reader -it -w /home/reviewer -- \
+             sh -c {} bottle-exec-not-root sh -c {} reviewer \
              claude --dangerously-skip-permissions\n",
+            bottle::steps::sh_quote(bottle::runtime::smolvm::ROOT_GUARD),
             bottle::steps::sh_quote(AS_USER)
         )
     );

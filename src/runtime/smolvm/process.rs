@@ -46,6 +46,12 @@ fn quote(arg: &str) -> String {
 /// end-of-file instead of waiting for an answer that never comes. The child
 /// runs in a process group of its own so a hung command is killed together
 /// with anything it started.
+///
+/// No call outlives bottle: the child gets SIGKILL when the thread that
+/// started it goes away (`PR_SET_PDEATHSIG`), which is when bottle dies,
+/// however it dies (a SIGKILLed `destroy` must not leave `machine delete`
+/// calls running under the next `apply`). A child whose parent died before
+/// the signal was armed exits at once instead of running.
 pub(crate) fn run(
     binary: &Path,
     args: &[OsString],
@@ -59,6 +65,7 @@ pub(crate) fn run(
         .unchecked()
         .before_spawn(|command| {
             command.process_group(0);
+            die_with_parent(command);
             Ok(())
         });
     for (key, value) in env {
@@ -91,6 +98,23 @@ pub(crate) fn run(
                 timeout,
             })
         }
+    }
+}
+
+/// Arm `PR_SET_PDEATHSIG` in the child between fork and exec.
+fn die_with_parent(command: &mut std::process::Command) {
+    let parent = rustix::process::getpid();
+    // SAFETY: the closure runs in the forked child before exec and only
+    // makes async-signal-safe system calls (prctl, getppid, _exit).
+    unsafe {
+        command.pre_exec(move || {
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
+            if rustix::process::getppid() != Some(parent) {
+                // The parent is already gone: the signal will never come.
+                libc::_exit(137);
+            }
+            Ok(())
+        });
     }
 }
 
