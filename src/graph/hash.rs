@@ -60,11 +60,12 @@
 //! For skill directories and setup inputs (a file or a directory). Every
 //! entry under the root, the root included as the empty path, sorted by its
 //! `/`-separated path relative to the root (bytewise): a kind, the path, then
-//! for a file the SHA-256 of its content and for a symlink its target (links
-//! are recorded, not followed; the root itself is followed). Kinds: `d`
-//! directory, `f` file, `x` file with an executable bit set, `l` symlink.
-//! Owners, other mode bits and timestamps are not inputs: the guest copy gets
-//! its own.
+//! for a directory and a file its permission bits (`mode & 0o7777`, as a
+//! `u64`), for a file the SHA-256 of its content and for a symlink its
+//! target (links are recorded, not followed; the root itself is followed).
+//! Kinds: `d` directory, `f` file, `l` symlink. The guest copy gets the same
+//! permission bits (a `chmod 600` on the host is a change to roll out);
+//! owners and timestamps are not inputs: the guest copy gets its own.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -82,7 +83,7 @@ pub const STEP_VERSION: &str = "bottle-step-v1";
 /// Version tag of the spec hash. Changing it replaces every machine.
 pub const SPEC_VERSION: &str = "bottle-spec-v1";
 /// Version tag of tree digests.
-pub const TREE_VERSION: &str = "bottle-tree-v1";
+pub const TREE_VERSION: &str = "bottle-tree-v2";
 
 /// Hex digits in a short hash (48 bits: plenty to tell versions apart).
 pub const SHORT_LEN: usize = 12;
@@ -158,8 +159,8 @@ pub fn bytes_digest(bytes: &[u8]) -> Digest32 {
 /// The tree digest of a file or directory (see the module docs).
 pub fn tree_digest(root: &Path) -> io::Result<Digest32> {
     enum Kind {
-        Dir,
-        File { exec: bool },
+        Dir { mode: u32 },
+        File { mode: u32 },
         Link(Vec<u8>),
     }
     let mut entries: Vec<(Vec<u8>, std::path::PathBuf, Kind)> = Vec::new();
@@ -167,14 +168,20 @@ pub fn tree_digest(root: &Path) -> io::Result<Digest32> {
     let root_meta = fs::metadata(root)?;
     let mut stack = Vec::new();
     if root_meta.is_dir() {
-        entries.push((Vec::new(), root.to_owned(), Kind::Dir));
+        entries.push((
+            Vec::new(),
+            root.to_owned(),
+            Kind::Dir {
+                mode: permissions(&root_meta),
+            },
+        ));
         stack.push((Vec::new(), root.to_owned()));
     } else {
         entries.push((
             Vec::new(),
             root.to_owned(),
             Kind::File {
-                exec: is_executable(&root_meta),
+                mode: permissions(&root_meta),
             },
         ));
     }
@@ -192,10 +199,12 @@ pub fn tree_digest(root: &Path) -> io::Result<Digest32> {
             let ft = meta.file_type();
             let kind = if ft.is_dir() {
                 stack.push((child_rel.clone(), path.clone()));
-                Kind::Dir
+                Kind::Dir {
+                    mode: permissions(&meta),
+                }
             } else if ft.is_file() {
                 Kind::File {
-                    exec: is_executable(&meta),
+                    mode: permissions(&meta),
                 }
             } else if ft.is_symlink() {
                 Kind::Link(os_bytes(fs::read_link(&path)?.as_os_str()).into_owned())
@@ -217,12 +226,13 @@ pub fn tree_digest(root: &Path) -> io::Result<Digest32> {
     enc.u64(entries.len() as u64);
     for (rel, path, kind) in &entries {
         match kind {
-            Kind::Dir => {
-                enc.str("d").bytes(rel);
+            Kind::Dir { mode } => {
+                enc.str("d").bytes(rel).u64((*mode).into());
             }
-            Kind::File { exec } => {
-                enc.str(if *exec { "x" } else { "f" })
+            Kind::File { mode } => {
+                enc.str("f")
                     .bytes(rel)
+                    .u64((*mode).into())
                     .digest(&file_digest(path)?);
             }
             Kind::Link(target) => {
@@ -233,15 +243,16 @@ pub fn tree_digest(root: &Path) -> io::Result<Digest32> {
     Ok(enc.finish())
 }
 
+/// The permission bits a tree entry carries into the guest.
 #[cfg(unix)]
-fn is_executable(meta: &fs::Metadata) -> bool {
+fn permissions(meta: &fs::Metadata) -> u32 {
     use std::os::unix::fs::PermissionsExt;
-    meta.permissions().mode() & 0o111 != 0
+    meta.permissions().mode() & 0o7777
 }
 
 #[cfg(not(unix))]
-fn is_executable(_meta: &fs::Metadata) -> bool {
-    false
+fn permissions(meta: &fs::Metadata) -> u32 {
+    if meta.is_dir() { 0o755 } else { 0o644 }
 }
 
 #[cfg(unix)]

@@ -701,6 +701,24 @@ fn each_input_changes_exactly_its_steps() {
         ),
         #[cfg(unix)]
         (
+            "skill file mode without an exec bit",
+            Box::new(|f| chmod(&f.dir.join("skills/docs/SKILL.md"), 0o600)),
+            &["skills"],
+        ),
+        #[cfg(unix)]
+        (
+            "skill directory mode",
+            Box::new(|f| chmod(&f.dir.join("skills/rust-review/scripts"), 0o700)),
+            &["skills"],
+        ),
+        #[cfg(unix)]
+        (
+            "setup input mode",
+            Box::new(|f| chmod(&f.dir.join("setup/packages.txt"), 0o600)),
+            &["setup:toolchain"],
+        ),
+        #[cfg(unix)]
+        (
             "skill symlink",
             Box::new(|f| {
                 std::os::unix::fs::symlink("SKILL.md", f.dir.join("skills/docs/link")).unwrap()

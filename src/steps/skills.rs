@@ -48,7 +48,9 @@ const INSTALL: &str = r#"set -e
 archive="$1"; dir="$2"; keep="$3"; shift 3
 mkdir -p "$dir"
 stage=$(mktemp -d "$dir/.bottle-stage.XXXXXX")
-tar -xf "$archive" -C "$stage"
+# The archive's permission bits as they are (the tree digest covers them):
+# without this the agent's umask would decide them.
+(umask 0 && tar -xf "$archive" -C "$stage")
 i=0
 for name in "$@"; do
   i=$((i+1))
