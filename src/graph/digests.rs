@@ -2,11 +2,10 @@
 //! agents share it, on every core.
 
 use std::collections::HashMap;
-use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::hash::{self, Digest32};
+use super::hash::{self, Digest32, TreeError};
 use crate::manifest::{FileId, KeyPath, ManifestDiagnostic, Project};
 
 /// How a path is digested.
@@ -40,7 +39,7 @@ impl Digests {
     /// diagnostics, one per path, pointing at the first key that names it.
     pub fn compute(project: &Project) -> Result<Digests, Vec<ManifestDiagnostic>> {
         let jobs = collect(project);
-        let results = run_parallel(&jobs, |((kind, path), _)| digest(*kind, path));
+        let results = run_parallel(&jobs, |((kind, path), _)| digest(*kind, path, &project.dir));
 
         let mut digests = Digests::default();
         let mut problems = Vec::new();
@@ -66,10 +65,10 @@ impl Digests {
     }
 }
 
-fn digest(kind: Kind, path: &Path) -> io::Result<Digest32> {
+fn digest(kind: Kind, path: &Path, boundary: &Path) -> Result<Digest32, TreeError> {
     match kind {
-        Kind::File => hash::file_digest(path),
-        Kind::Tree => hash::tree_digest(path),
+        Kind::File => Ok(hash::file_digest(path)?),
+        Kind::Tree => hash::tree_digest(path, boundary),
     }
 }
 
@@ -171,10 +170,37 @@ fn read_error(
     project: &Project,
     path: &Path,
     sites: &[Site],
-    err: &io::Error,
+    err: &TreeError,
 ) -> ManifestDiagnostic {
     let first = &sites[0];
     let shown = String::from_utf8_lossy(&hash::normalised_path(project, path)).into_owned();
+    let err = match err {
+        TreeError::Io(err) => err,
+        TreeError::LinkEscapes { link, target } => {
+            let link = String::from_utf8_lossy(link);
+            let target = String::from_utf8_lossy(target);
+            let mut message = format!(
+                "{} `{shown}` holds a symbolic link that leads outside the manifests directory: \
+                 `{link}` -> `{target}`",
+                first.what
+            );
+            if sites.len() > 1 {
+                message.push_str(&format!(" (named {} times)", sites.len()));
+            }
+            return ManifestDiagnostic::new("bottle::path-escapes", message)
+                .value(
+                    &project.sources,
+                    first.file,
+                    &first.key,
+                    "copied into the guest from here",
+                )
+                .help(format!(
+                    "bottle copies links into the guest as links, so a link may only point inside \
+                     the manifests directory: replace `{shown}/{link}` with the file or directory \
+                     itself, or remove it"
+                ));
+        }
+    };
     let mut message = format!("cannot read {} `{shown}`: {err}", first.what);
     if sites.len() > 1 {
         message.push_str(&format!(" (named {} times)", sites.len()));

@@ -65,7 +65,9 @@
 //! target (links are recorded, not followed; the root itself is followed).
 //! Kinds: `d` directory, `f` file, `l` symlink. The guest copy gets the same
 //! permission bits (a `chmod 600` on the host is a change to roll out);
-//! owners and timestamps are not inputs: the guest copy gets its own.
+//! owners and timestamps are not inputs: the guest copy gets its own. A link
+//! that leads outside the manifests directory (followed as the kernel would)
+//! is refused, as a path naming it would be.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -156,8 +158,29 @@ pub fn bytes_digest(bytes: &[u8]) -> Digest32 {
     Sha256::digest(bytes).into()
 }
 
-/// The tree digest of a file or directory (see the module docs).
-pub fn tree_digest(root: &Path) -> io::Result<Digest32> {
+/// Why a tree could not be digested.
+#[derive(Debug)]
+pub enum TreeError {
+    Io(io::Error),
+    /// A symbolic link below the root leads outside `boundary`: `link` is
+    /// its path relative to the root, `target` what it points to.
+    LinkEscapes {
+        link: Vec<u8>,
+        target: Vec<u8>,
+    },
+}
+
+impl From<io::Error> for TreeError {
+    fn from(e: io::Error) -> Self {
+        TreeError::Io(e)
+    }
+}
+
+/// The tree digest of a file or directory (see the module docs). Every
+/// symbolic link below the root must lead inside `boundary` (the canonical
+/// manifests directory): links are copied into the guest as links, so one
+/// rule holds at every level, as it does for the root itself.
+pub fn tree_digest(root: &Path, boundary: &Path) -> Result<Digest32, TreeError> {
     enum Kind {
         Dir { mode: u32 },
         File { mode: u32 },
@@ -207,15 +230,26 @@ pub fn tree_digest(root: &Path) -> io::Result<Digest32> {
                     mode: permissions(&meta),
                 }
             } else if ft.is_symlink() {
-                Kind::Link(os_bytes(fs::read_link(&path)?.as_os_str()).into_owned())
+                let target = fs::read_link(&path)?;
+                let inside = fs::canonicalize(&dir)
+                    .ok()
+                    .and_then(|dir| resolve(&dir, &target, 40))
+                    .is_some_and(|resolved| resolved.starts_with(boundary));
+                if !inside {
+                    return Err(TreeError::LinkEscapes {
+                        link: child_rel,
+                        target: os_bytes(target.as_os_str()).into_owned(),
+                    });
+                }
+                Kind::Link(os_bytes(target.as_os_str()).into_owned())
             } else {
-                return Err(io::Error::new(
+                return Err(TreeError::Io(io::Error::new(
                     io::ErrorKind::InvalidInput,
                     format!(
                         "{} is not a file, a directory or a symbolic link",
                         path.display()
                     ),
-                ));
+                )));
             };
             entries.push((child_rel, path, kind));
         }
@@ -253,6 +287,34 @@ fn permissions(meta: &fs::Metadata) -> u32 {
 #[cfg(not(unix))]
 fn permissions(meta: &fs::Metadata) -> u32 {
     if meta.is_dir() { 0o755 } else { 0o644 }
+}
+
+/// Where `target`, read from a link in the canonical directory `dir`,
+/// leads: resolved component by component as the kernel would, following
+/// links on the way (at most `depth` of them); components that do not exist
+/// are taken as written. `None` for a loop.
+fn resolve(dir: &Path, target: &Path, depth: u32) -> Option<std::path::PathBuf> {
+    let mut current = dir.to_owned();
+    for component in target.components() {
+        match component {
+            Component::RootDir | Component::Prefix(_) => current = component.as_os_str().into(),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                current.pop();
+            }
+            Component::Normal(name) => {
+                let next = current.join(name);
+                match fs::symlink_metadata(&next) {
+                    Ok(meta) if meta.is_symlink() => {
+                        let inner = fs::read_link(&next).ok()?;
+                        current = resolve(&current, &inner, depth.checked_sub(1)?)?;
+                    }
+                    _ => current = next,
+                }
+            }
+        }
+    }
+    Some(current)
 }
 
 #[cfg(unix)]

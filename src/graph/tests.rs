@@ -906,12 +906,12 @@ fn tree_digest_of_a_file_and_a_directory_differ() {
     let f = Fixture::new();
     f.write("one/x", "same");
     f.write("x", "same");
-    let file = hash::tree_digest(&f.dir.join("x")).unwrap();
-    let dir = hash::tree_digest(&f.dir.join("one")).unwrap();
+    let file = hash::tree_digest(&f.dir.join("x"), &f.dir).unwrap();
+    let dir = hash::tree_digest(&f.dir.join("one"), &f.dir).unwrap();
     assert_ne!(file, dir);
     // A file's tree digest depends on its content, not its name.
     f.write("y", "same");
-    assert_eq!(file, hash::tree_digest(&f.dir.join("y")).unwrap());
+    assert_eq!(file, hash::tree_digest(&f.dir.join("y"), &f.dir).unwrap());
 }
 
 // ---- unreadable inputs ---------------------------------------------------------
@@ -940,6 +940,50 @@ fn a_file_gone_after_loading_is_a_diagnostic_not_a_panic() {
             .iter()
             .all(|d| d.labels.len() == 1 && d.help.is_some())
     );
+}
+
+/// Links below a skill or a setup input follow the rule the loader applies
+/// to the paths themselves: nothing outside the manifests directory.
+#[cfg(unix)]
+#[test]
+fn nested_links_that_leave_the_manifests_directory_are_refused() {
+    use std::os::unix::fs::symlink;
+    let escaping: [(&str, &str); 5] = [
+        ("skills/docs/shadow", "/etc/shadow"),
+        ("skills/docs/etc", "../../../etc"),
+        ("setup/scripts/passwd", "/etc/passwd"),
+        // A dangling link, and one that climbs through another link.
+        ("skills/rust-review/gone", "../../../nowhere/at/all"),
+        ("skills/rust-review/up2", "up/../.."),
+    ];
+    for (link, target) in escaping {
+        let f = full_fixture();
+        // Inside the manifests directory: followed to check, never refused.
+        symlink("..", f.dir.join("skills/rust-review/up")).unwrap();
+        symlink("../docs/SKILL.md", f.dir.join("skills/rust-review/docs.md")).unwrap();
+        symlink(target, f.dir.join(link)).unwrap();
+        let err = build(&f.project()).unwrap_err();
+        assert_eq!(err.items.len(), 1, "{link}: {:#?}", err.items);
+        let d = &err.items[0];
+        assert_eq!(d.code, "bottle::path-escapes", "{link}");
+        let name = link.rsplit('/').next().unwrap();
+        assert!(
+            d.message.contains("outside the manifests directory")
+                && d.message.contains(&format!("`{name}` -> `{target}`")),
+            "{link}: {}",
+            d.message
+        );
+        assert_eq!(d.labels.len(), 1, "{link}: points at the key");
+        assert!(
+            d.help.as_deref().unwrap_or("").contains("replace"),
+            "{link}"
+        );
+    }
+    // The links inside alone are fine.
+    let f = full_fixture();
+    symlink("..", f.dir.join("skills/rust-review/up")).unwrap();
+    symlink("../docs/SKILL.md", f.dir.join("skills/rust-review/docs.md")).unwrap();
+    build_ok(&f.project());
 }
 
 // ---- rendering -----------------------------------------------------------------
