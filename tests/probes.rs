@@ -1,0 +1,139 @@
+//! What bottle observes in a guest, end to end: drift made from inside the
+//! guest (as root or as the agent user, through `smolvm-double machine
+//! exec`) or through the runtime (`smolvm-double machine update`) must show
+//! in `check`, and `apply` must converge it or fail, never record it as
+//! applied. Uses the `e2e` fixture (see tests/e2e.rs).
+
+mod support;
+
+use support::Double;
+use support::project::Project;
+
+const CODER: &str = "bottle_e2e_coder";
+const SECRET: &str = "not-a-real-secret-e2e-4711";
+
+fn project() -> Project {
+    Project::with_double("e2e", Double::new().with_env("BOTTLE_E2E_SECRET", SECRET))
+}
+
+/// `sh -c SCRIPT` as the agent user `node` in the coder machine.
+fn as_agent(p: &Project, script: &str) -> String {
+    p.double
+        .sh(CODER, &format!("runuser -u node -- sh -c '{script}'"))
+}
+
+// --- ca: applied only when the certificate is trusted -----------------------
+
+#[test]
+fn a_ca_that_does_not_reach_the_trust_bundle_is_never_recorded() {
+    let p = project();
+    p.bottle(&["apply"]).success();
+    let cert = "/usr/local/share/ca-certificates/bottle-dev.crt";
+    // An image whose update-ca-certificates does nothing (here: one that
+    // shadows the real tool), and the certificate gone from the store.
+    p.double.sh(
+        CODER,
+        &format!(
+            "printf '#!/bin/sh\\nexit 0\\n' > /usr/local/sbin/update-ca-certificates && \
+             chmod 755 /usr/local/sbin/update-ca-certificates && rm {cert} && \
+             /usr/sbin/update-ca-certificates --fresh >/dev/null 2>&1"
+        ),
+    );
+    let check = p.bottle(&["check"]);
+    check.code(3);
+    assert!(
+        check.stdout.contains("coder: ca (apply needed)"),
+        "{}",
+        check.stdout
+    );
+    // The upload works, the trust store does not take it: a failure.
+    let apply = p.bottle(&["apply"]);
+    apply.code(1);
+    assert!(
+        apply
+            .all()
+            .contains("is not in the trust bundle after update-ca-certificates"),
+        "{}",
+        apply.all()
+    );
+    p.double.sh(CODER, &format!("test -f {cert}"));
+    // Still drift, not "in sync".
+    let check = p.bottle(&["check"]);
+    check.code(3);
+    assert!(check.stdout.contains("coder: ca"), "{}", check.stdout);
+    // A working tool again: apply converges.
+    p.double
+        .sh(CODER, "rm /usr/local/sbin/update-ca-certificates");
+    p.bottle(&["apply"]).success();
+    p.bottle(&["check"]).success();
+    assert_eq!(
+        p.double.sh(
+            CODER,
+            "grep -c \"$(sed -n 2p /usr/local/share/ca-certificates/bottle-dev.crt)\" \
+             /etc/ssl/certs/ca-certificates.crt"
+        ),
+        "1\n"
+    );
+}
+
+// --- skills: permission bits ------------------------------------------------
+
+#[test]
+fn a_skill_file_mode_change_on_the_host_reaches_the_guest() {
+    let p = project();
+    let file = "/home/node/.claude/skills/style/SKILL.md";
+    std::fs::set_permissions(
+        p.path("skills/style/SKILL.md"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
+    p.bottle(&["apply"]).success();
+    assert_eq!(p.double.sh(CODER, &format!("stat -c %a {file}")), "644\n");
+    std::fs::set_permissions(
+        p.path("skills/style/SKILL.md"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let check = p.bottle(&["check"]);
+    check.code(3);
+    assert!(
+        check
+            .stdout
+            .contains("coder: skills (apply needed): skills changed in manifest"),
+        "{}",
+        check.stdout
+    );
+    p.bottle(&["apply"]).success();
+    assert_eq!(p.double.sh(CODER, &format!("stat -c %a {file}")), "600\n");
+    // A mode the agent's umask would have cut (group-writable) lands too.
+    std::fs::set_permissions(
+        p.path("skills/style/SKILL.md"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o664),
+    )
+    .unwrap();
+    p.bottle(&["apply"]).success();
+    assert_eq!(p.double.sh(CODER, &format!("stat -c %a {file}")), "664\n");
+    p.bottle(&["check"]).success();
+    // And a chmod in the guest is drift.
+    as_agent(&p, &format!("chmod 600 {file}"));
+    p.bottle(&["check"]).code(3);
+}
+
+// --- nested links -----------------------------------------------------------
+
+#[test]
+fn a_nested_link_out_of_the_manifests_directory_is_refused_before_any_machine() {
+    let p = project();
+    std::os::unix::fs::symlink("/etc/shadow", p.path("skills/review/notes/shadow")).unwrap();
+    for command in ["validate", "plan", "apply"] {
+        let run = p.bottle(&[command]);
+        run.code(1);
+        assert!(
+            run.stderr.contains("bottle::path-escapes")
+                && run.stderr.contains("`notes/shadow` -> `/etc/shadow`"),
+            "{command}: {}",
+            run.stderr
+        );
+    }
+    assert_eq!(p.double.mutating_calls(), 0);
+}
