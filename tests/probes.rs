@@ -176,10 +176,8 @@ fn a_rewrite_of_a_declared_upstream_anywhere_git_reads_is_drift_that_apply_remov
     // One in a file ~/.gitconfig includes, and another identity.
     as_agent(
         &p,
-        &format!(
-            "printf \"[url \\\"http://evil.example/app\\\"]\\n\\tinsteadOf = git@github.com:acme/app.git\\n[user]\\n\\tname = Mallory\\n\" > ~/evil.inc && \
-             git config --global include.path ~/evil.inc"
-        ),
+        "printf \"[url \\\"http://evil.example/app\\\"]\\n\\tinsteadOf = git@github.com:acme/app.git\\n[user]\\n\\tname = Mallory\\n\" > ~/evil.inc && \
+             git config --global include.path ~/evil.inc",
     );
     assert_eq!(
         resolved(&p, "git@github.com:acme/app.git"),
