@@ -191,3 +191,86 @@ fn a_rewrite_of_a_declared_upstream_anywhere_git_reads_is_drift_that_apply_remov
     assert!(!as_agent(&p, "cat ~/evil.inc").contains("acme"));
     p.bottle(&["check"]).success();
 }
+
+// --- probe cost and output: the agent's to inflate, never bottle's ----------
+
+#[test]
+fn huge_sparse_files_the_agent_plants_are_drift_that_apply_replaces_not_errors() {
+    let p = project();
+    p.bottle(&["apply"]).success();
+    // A 2 TiB sparse file among the skills, the prompt made one, and
+    // ~/.claude.json inflated to 300 MB.
+    as_agent(
+        &p,
+        "truncate -s 2T ~/.claude/skills/style/blob && \
+         truncate -s 2T ~/.bottle/prompt.md.big && mv ~/.bottle/prompt.md.big ~/.bottle/prompt.md && \
+         truncate -s 300M ~/.claude.json",
+    );
+    let started = std::time::Instant::now();
+    let check = p.bottle(&["check"]);
+    check.code(3);
+    for step in ["skills", "prompt", "supervise"] {
+        assert!(
+            check
+                .stdout
+                .contains(&format!("coder: {step} (apply needed)")),
+            "{step}: {}",
+            check.stdout
+        );
+    }
+    // Bounded: well under the probe's own 120 s timeout.
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "{:?}",
+        started.elapsed()
+    );
+    // The skills and the prompt are bottle's: replaced. ~/.claude.json is
+    // Claude Code's: bottle says what to do and reads no more of it.
+    let apply = p.bottle(&["apply"]);
+    apply.code(1);
+    assert!(
+        apply
+            .all()
+            .contains("/home/node/.claude.json in machine bottle_e2e_coder is larger than 1 MiB"),
+        "{}",
+        apply.all()
+    );
+    assert_eq!(
+        p.double.sh(
+            CODER,
+            "ls /home/node/.claude/skills/style; stat -c %s /home/node/.bottle/prompt.md"
+        ),
+        format!(
+            "SKILL.md\n{}\n",
+            std::fs::metadata(p.path("prompts/coder.md")).unwrap().len()
+        )
+    );
+    as_agent(&p, "rm ~/.claude.json");
+    p.bottle(&["apply"]).success();
+    p.bottle(&["check"]).success();
+}
+
+#[test]
+fn a_million_entries_in_a_skill_are_drift_not_a_probe_that_lists_them() {
+    let p = project();
+    p.bottle(&["apply"]).success();
+    // More entries than a probe lists (100 000), made cheaply.
+    as_agent(
+        &p,
+        "cd ~/.claude/skills/style && mkdir many && cd many && \
+         seq 1 100001 | xargs touch",
+    );
+    let check = p.bottle(&["check"]);
+    check.code(3);
+    assert!(
+        check.stdout.contains("coder: skills (apply needed)"),
+        "{}",
+        check.stdout
+    );
+    p.bottle(&["apply"]).success();
+    p.bottle(&["check"]).success();
+    assert_eq!(
+        p.double.sh(CODER, "ls /home/node/.claude/skills/style"),
+        "SKILL.md\n"
+    );
+}

@@ -148,10 +148,15 @@ impl Enc {
 
 /// SHA-256 of a file's content, streamed.
 pub fn file_digest(path: &Path) -> io::Result<Digest32> {
+    file_digest_sized(path).map(|(digest, _)| digest)
+}
+
+/// SHA-256 of a file's content, and how many bytes it holds.
+pub fn file_digest_sized(path: &Path) -> io::Result<(Digest32, u64)> {
     let mut file = fs::File::open(path)?;
     let mut hasher = Sha256::new();
-    io::copy(&mut file, &mut hasher)?;
-    Ok(hasher.finalize().into())
+    let bytes = io::copy(&mut file, &mut hasher)?;
+    Ok((hasher.finalize().into(), bytes))
 }
 
 pub fn bytes_digest(bytes: &[u8]) -> Digest32 {
@@ -168,6 +173,8 @@ pub enum TreeError {
         link: Vec<u8>,
         target: Vec<u8>,
     },
+    /// The files hold more bytes than the budget given: nothing was hashed.
+    TooLarge(TreeSize),
 }
 
 impl From<io::Error> for TreeError {
@@ -181,6 +188,24 @@ impl From<io::Error> for TreeError {
 /// manifests directory): links are copied into the guest as links, so one
 /// rule holds at every level, as it does for the root itself.
 pub fn tree_digest(root: &Path, boundary: &Path) -> Result<Digest32, TreeError> {
+    tree_digest_sized(root, boundary, None).map(|(digest, _)| digest)
+}
+
+/// How much a probe of a copied tree reads: its entries (the root
+/// included) and the bytes of its files.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TreeSize {
+    pub entries: u64,
+    pub bytes: u64,
+}
+
+/// [`tree_digest`], with the tree's size; with a `budget`, a tree whose
+/// files hold more bytes (by their metadata) is not read at all.
+pub fn tree_digest_sized(
+    root: &Path,
+    boundary: &Path,
+    budget: Option<u64>,
+) -> Result<(Digest32, TreeSize), TreeError> {
     enum Kind {
         Dir { mode: u32 },
         File { mode: u32 },
@@ -256,6 +281,21 @@ pub fn tree_digest(root: &Path, boundary: &Path) -> Result<Digest32, TreeError> 
     }
     entries.sort_by(|a, b| a.0.cmp(&b.0));
 
+    let mut size = TreeSize {
+        entries: entries.len() as u64,
+        bytes: 0,
+    };
+    if let Some(budget) = budget {
+        let mut bytes = 0u64;
+        for (_, path, kind) in &entries {
+            if let Kind::File { .. } = kind {
+                bytes = bytes.saturating_add(fs::metadata(path)?.len());
+            }
+        }
+        if bytes > budget {
+            return Err(TreeError::TooLarge(TreeSize { bytes, ..size }));
+        }
+    }
     let mut enc = Enc::new(TREE_VERSION, "tree");
     enc.u64(entries.len() as u64);
     for (rel, path, kind) in &entries {
@@ -264,17 +304,16 @@ pub fn tree_digest(root: &Path, boundary: &Path) -> Result<Digest32, TreeError> 
                 enc.str("d").bytes(rel).u64((*mode).into());
             }
             Kind::File { mode } => {
-                enc.str("f")
-                    .bytes(rel)
-                    .u64((*mode).into())
-                    .digest(&file_digest(path)?);
+                let (digest, bytes) = file_digest_sized(path)?;
+                size.bytes = size.bytes.saturating_add(bytes);
+                enc.str("f").bytes(rel).u64((*mode).into()).digest(&digest);
             }
             Kind::Link(target) => {
                 enc.str("l").bytes(rel).bytes(target);
             }
         }
     }
-    Ok(enc.finish())
+    Ok((enc.finish(), size))
 }
 
 /// The permission bits a tree entry carries into the guest.

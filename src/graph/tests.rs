@@ -986,6 +986,65 @@ fn nested_links_that_leave_the_manifests_directory_are_refused() {
     build_ok(&f.project());
 }
 
+/// What a probe reads of an agent's skills in the guest is bounded; the
+/// manifests may not declare more, or the guest would always look drifted.
+#[test]
+fn skills_larger_than_a_probe_reads_are_refused() {
+    use super::digests::{Budget, Digests};
+    let f = full_fixture();
+    // Over the budget in all, not per skill (a smaller budget than the
+    // real one, so the test reads little).
+    f.write("skills/docs/data.bin", &"x".repeat(600));
+    f.write("skills/rust-review/data.bin", &"x".repeat(600));
+    let project = f.project();
+    let digests = Digests::compute(&project).unwrap();
+    let budget = Budget {
+        prompt_bytes: 1 << 20,
+        skill_bytes: 1000,
+        skill_entries: 100,
+    };
+    let problems = digests.over_budget(&project, &budget);
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    assert_eq!(problems[0].code, "bottle::too-large");
+    assert!(
+        problems[0]
+            .message
+            .starts_with("the skills of agent `reviewer` hold "),
+        "{}",
+        problems[0].message
+    );
+    assert_eq!(problems[0].labels.len(), 1);
+    let entries = Budget {
+        skill_bytes: 1 << 20,
+        skill_entries: 5,
+        ..budget
+    };
+    assert_eq!(digests.over_budget(&project, &entries).len(), 1);
+    let prompt = Budget {
+        prompt_bytes: 5,
+        skill_bytes: 1 << 20,
+        ..budget
+    };
+    assert!(
+        digests.over_budget(&project, &prompt)[0]
+            .message
+            .starts_with("the prompt file of agent `reviewer` holds 17 bytes")
+    );
+    build_ok(&project);
+
+    // A 2 TiB sparse file is refused without being read, here as in the
+    // guest.
+    std::fs::File::create(f.dir.join("skills/docs/data.bin"))
+        .unwrap()
+        .set_len(2 << 40)
+        .unwrap();
+    let started = std::time::Instant::now();
+    let err = build(&f.project()).unwrap_err();
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    assert_eq!(err.items.len(), 1, "{:#?}", err.items);
+    assert_eq!(err.items[0].code, "bottle::too-large");
+}
+
 // ---- rendering -----------------------------------------------------------------
 
 #[test]
