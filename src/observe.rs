@@ -133,6 +133,10 @@ pub fn probe_script(desired: &Desired, agent: &DesiredAgent) -> String {
             script.push_str(&section_script(&step.kind.id(), &fragment));
         }
     }
+    script.push_str(&section_script(
+        steps::machine::SETTINGS_SECTION,
+        &steps::machine::settings_probe(&ctx),
+    ));
     script.push_str(&format!("echo '{MARK} end'\n"));
     script
 }

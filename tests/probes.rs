@@ -274,3 +274,89 @@ fn a_million_entries_in_a_skill_are_drift_not_a_probe_that_lists_them() {
         "SKILL.md\n"
     );
 }
+
+// --- env and volumes changed outside bottle ----------------------------------
+
+/// `smolvm machine update` of the coder machine, outside bottle (stop,
+/// update, start, as a user would).
+fn update_outside(p: &Project, args: &[&str]) {
+    for (verb, extra) in [("stop", &[][..]), ("update", args), ("start", &[][..])] {
+        let mut argv = vec!["machine", verb, "--name", CODER];
+        argv.extend_from_slice(extra);
+        let out = p.double.run(&argv);
+        assert!(out.status.success(), "{verb}: {}", support::stderr(&out));
+    }
+}
+
+#[test]
+fn env_and_volumes_changed_through_the_runtime_are_drift() {
+    let p = project();
+    p.bottle(&["apply"]).success();
+    // Nothing differs: the guest's view matches the manifest.
+    p.bottle(&["check"]).success();
+
+    update_outside(&p, &["-e", "E2E_MODE=evil"]);
+    assert_eq!(p.double.sh(CODER, "printenv E2E_MODE"), "evil\n");
+    let check = p.bottle(&["check"]);
+    check.code(3);
+    assert!(
+        check
+            .stdout
+            .contains("coder: machine (restart needed): env changed in guest: E2E_MODE"),
+        "{}",
+        check.stdout
+    );
+    assert!(!check.all().contains("evil"), "values are never shown");
+    p.bottle(&["apply"]).success();
+    assert_eq!(p.double.sh(CODER, "printenv E2E_MODE"), "dev\n");
+    p.bottle(&["check"]).success();
+
+    // The read-only volume made writable.
+    let workspace = p.dir().canonicalize().unwrap().join("workspace");
+    let ws = format!("{}:/workspace", workspace.display());
+    update_outside(&p, &["--remove-volume", &ws, "-v", &ws]);
+    p.double
+        .sh(CODER, "touch /workspace/written && rm /workspace/written");
+    let check = p.bottle(&["check"]);
+    check.code(3);
+    assert!(
+        check
+            .stdout
+            .contains("volume /workspace changed in guest: rw"),
+        "{}",
+        check.stdout
+    );
+    p.bottle(&["apply"]).success();
+    let out = p.double.exec(CODER, &["touch", "/workspace/written"]);
+    assert!(!out.status.success(), "read-only again");
+    p.bottle(&["check"]).success();
+
+    // A writable mount of another host directory at the same guest path:
+    // drift, whatever the runtime lets apply do about it.
+    let other = tempfile::tempdir().unwrap();
+    let other_ws = format!("{}:/workspace", other.path().display());
+    update_outside(&p, &["--remove-volume", &ws, "-v", &other_ws]);
+    let check = p.bottle(&["check"]);
+    check.code(3);
+    assert!(
+        check
+            .stdout
+            .contains("volume /workspace changed in guest: rw"),
+        "{}",
+        check.stdout
+    );
+    // Removed: no longer mounted at all.
+    update_outside(&p, &["--remove-volume", &other_ws]);
+    let check = p.bottle(&["check"]);
+    check.code(3);
+    assert!(
+        check
+            .stdout
+            .contains("volume /workspace changed in guest: absent"),
+        "{}",
+        check.stdout
+    );
+    p.bottle(&["apply"]).success();
+    p.bottle(&["check"]).success();
+    assert!(!p.double.sh(CODER, "cat /workspace/README.md").is_empty());
+}
