@@ -271,20 +271,21 @@ pub fn pending_update(
             .filter(|(subject, want)| subject.starts_with("env ") && differs(subject, want))
             .map(|(subject, _)| &subject[4..])
             .collect();
-        if !env.is_empty() {
+        // A manifest change already sets the whole env (and volumes it
+        // adds are not mounted yet): only what else differs is drift.
+        if !env.is_empty() && update.set_env.is_empty() {
             causes.push(format!("env changed in guest: {}", env.join(", ")));
-            if update.set_env.is_empty() {
-                update.set_env = ctx.bottle.spec.env.clone();
-            }
+            update.set_env = ctx.bottle.spec.env.clone();
         }
         // A volume mounted otherwise than declared is removed and added
         // again, as declared (a mount of another host directory at the
         // same guest path is the runtime's to refuse or replace).
         for volume in volume_mounts(ctx.bottle) {
             let subject = format!("vol {}", mountinfo_escape(&volume.guest));
-            if !expected
-                .get(&subject)
-                .is_some_and(|want| differs(&subject, want))
+            if update.add_volumes.contains(&volume)
+                || !expected
+                    .get(&subject)
+                    .is_some_and(|want| differs(&subject, want))
             {
                 continue;
             }
