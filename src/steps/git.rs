@@ -91,6 +91,14 @@ const CONFIGURE: &str = r#"set -e
 # $1: number of old sections, then the old sections; then user name and
 # email (empty: leave alone), then "unset" when bottle set an identity that
 # the manifest no longer declares; then section/upstream pairs.
+# A global config git cannot read in bounded time (a link to /dev/zero, a
+# FIFO, a sparse file of terabytes) is the agent's doing: moved aside, so
+# git reads a fresh one.
+for f in "$HOME/.gitconfig" "$HOME/.config/git/config"; do
+  if [ -L "$f" ] || { [ -e "$f" ] && { [ ! -f "$f" ] || [ "$(stat -c %s "$f")" -gt 1048576 ]; }; }; then
+    mv -f "$f" "$f.bottle-unreadable"
+  fi
+done
 n="$1"; shift
 while [ "$n" -gt 0 ]; do git config --global --remove-section "$1" 2>/dev/null || true; shift; n=$((n-1)); done
 name="$1"; email="$2"; unset_identity="$3"; shift 3
@@ -331,6 +339,36 @@ mod tests {
         let inc = std::fs::read_to_string(&inc).unwrap();
         assert!(inc.contains("https://keep.example/"), "{inc}");
         assert!(!inc.contains(UP), "{inc}");
+    }
+
+    #[test]
+    fn a_global_config_git_cannot_read_in_bounded_time_is_moved_aside() {
+        let tmp = tempfile::tempdir().unwrap();
+        let home = tmp.path();
+        std::fs::create_dir_all(home.join(".config/git")).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", home.join(".gitconfig")).unwrap();
+        std::fs::File::create(home.join(".config/git/config"))
+            .unwrap()
+            .set_len(2 << 40)
+            .unwrap();
+        // Bounded here too: without the guard git would read for ever.
+        let out = in_home(
+            home,
+            "s=\"$1\"; shift; exec timeout 60 sh -c \"$s\" sh \"$@\"",
+            &[
+                CONFIGURE,
+                "0",
+                "E2E Bot",
+                "bot@example.com",
+                "keep",
+                SECTION,
+                UP,
+            ],
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(report(home), CONVERGED);
+        assert!(home.join(".gitconfig.bottle-unreadable").is_symlink());
+        assert!(home.join(".config/git/config.bottle-unreadable").exists());
     }
 
     #[test]
