@@ -361,19 +361,17 @@ mod tests {
 
     #[test]
     fn a_fragment_that_hangs_is_cut_short_and_the_probe_goes_on() {
-        let started = std::time::Instant::now();
         let probe = run_sections(
             1,
             &[
                 // A FIFO where a file was: reading it blocks for ever.
-                ("prompt", "echo partial; sleep 600"),
+                ("prompt", "echo partial; sleep 600; echo late"),
                 ("git", "echo fine"),
             ],
         );
         assert_eq!(probe.error, None);
         assert_eq!(probe.sections["prompt"], "partial\n");
         assert_eq!(probe.sections["git"], "fine\n");
-        assert!(started.elapsed() < std::time::Duration::from_secs(60));
     }
 
     #[test]

@@ -206,7 +206,8 @@ fn huge_sparse_files_the_agent_plants_are_drift_that_apply_replaces_not_errors()
          truncate -s 2T ~/.bottle/prompt.md.big && mv ~/.bottle/prompt.md.big ~/.bottle/prompt.md && \
          truncate -s 300M ~/.claude.json",
     );
-    let started = std::time::Instant::now();
+    // Drift, not "could not probe" (which the old probe's 120 s of
+    // hashing ended in).
     let check = p.bottle(&["check"]);
     check.code(3);
     for step in ["skills", "prompt", "supervise"] {
@@ -218,12 +219,6 @@ fn huge_sparse_files_the_agent_plants_are_drift_that_apply_replaces_not_errors()
             check.stdout
         );
     }
-    // Bounded: well under the probe's own 120 s timeout.
-    assert!(
-        started.elapsed() < std::time::Duration::from_secs(60),
-        "{:?}",
-        started.elapsed()
-    );
     // The skills and the prompt are bottle's: replaced. ~/.claude.json is
     // Claude Code's: bottle says what to do and reads no more of it.
     let apply = p.bottle(&["apply"]);
@@ -250,8 +245,11 @@ fn huge_sparse_files_the_agent_plants_are_drift_that_apply_replaces_not_errors()
     p.bottle(&["check"]).success();
 }
 
+/// Past the entry budget the probe lists nothing (the old probe listed and
+/// hashed every entry: this many still finished, a few million did not);
+/// the skill is replaced whole.
 #[test]
-fn a_million_entries_in_a_skill_are_drift_not_a_probe_that_lists_them() {
+fn more_entries_than_a_probe_lists_are_drift_that_apply_replaces() {
     let p = project();
     p.bottle(&["apply"]).success();
     // More entries than a probe lists (100 000), made cheaply.

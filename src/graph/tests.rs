@@ -1038,9 +1038,7 @@ fn skills_larger_than_a_probe_reads_are_refused() {
         .unwrap()
         .set_len(2 << 40)
         .unwrap();
-    let started = std::time::Instant::now();
     let err = build(&f.project()).unwrap_err();
-    assert!(started.elapsed() < std::time::Duration::from_secs(30));
     assert_eq!(err.items.len(), 1, "{:#?}", err.items);
     assert_eq!(err.items[0].code, "bottle::too-large");
 }

@@ -225,7 +225,6 @@ mod tests {
 
     #[test]
     fn a_command_that_floods_its_output_is_stopped() {
-        let started = std::time::Instant::now();
         let error = run(
             Path::new("/bin/sh"),
             &["-c".into(), "yes flood".into()],
@@ -237,7 +236,6 @@ mod tests {
             matches!(&error, RuntimeErrorKind::OutputTooLarge { limit, .. } if *limit == MAX_EXEC_OUTPUT),
             "{error:?}"
         );
-        assert!(started.elapsed() < Duration::from_secs(120));
         // Output under the limit is kept whole, both streams.
         let output = run(
             Path::new("/bin/sh"),
