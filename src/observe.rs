@@ -142,10 +142,12 @@ pub fn probe_script(desired: &Desired, agent: &DesiredAgent) -> String {
 }
 
 /// Sets `$bottle_t` to the command that bounds a fragment's time, where
-/// the guest has `timeout` (GNU's kills the fragment's whole process group).
+/// the guest has a `timeout` that takes this form (GNU's kills the
+/// fragment's whole process group; an old busybox one that wants `-t` is
+/// not used rather than failing every fragment).
 fn timeout_preamble(seconds: u32) -> String {
     format!(
-        "bottle_t=; if command -v timeout >/dev/null 2>&1; then bottle_t=\"timeout -s KILL {seconds}\"; fi\n"
+        "bottle_t=; if timeout -s KILL {seconds} true >/dev/null 2>&1; then bottle_t=\"timeout -s KILL {seconds}\"; fi\n"
     )
 }
 
@@ -320,17 +322,24 @@ mod tests {
 
     /// Run sections through the host's `sh`, as a guest's would.
     fn run_sections(seconds: u32, sections: &[(&str, &str)]) -> Probe {
+        run_sections_in(None, seconds, sections)
+    }
+
+    fn run_sections_in(path: Option<&str>, seconds: u32, sections: &[(&str, &str)]) -> Probe {
         let mut script = timeout_preamble(seconds);
         for (step, fragment) in sections {
             script.push_str(&section_script(step, fragment));
         }
         script.push_str(&format!("echo '{MARK} end'\n"));
-        let out = std::process::Command::new("/bin/sh")
+        let mut command = std::process::Command::new("/bin/sh");
+        command
             .arg("-c")
             .arg(&script)
-            .stdin(std::process::Stdio::null())
-            .output()
-            .unwrap();
+            .stdin(std::process::Stdio::null());
+        if let Some(path) = path {
+            command.env("PATH", path);
+        }
+        let out = command.output().unwrap();
         assert!(out.status.success(), "{out:?}");
         // What bottle buffers is bounded by the guest's cut, not the agent.
         assert!(out.stdout.len() < 8 * SECTION_LIMIT, "{}", out.stdout.len());
@@ -371,6 +380,27 @@ mod tests {
         );
         assert_eq!(probe.error, None);
         assert_eq!(probe.sections["prompt"], "partial\n");
+        assert_eq!(probe.sections["git"], "fine\n");
+    }
+
+    #[test]
+    fn a_timeout_that_takes_other_arguments_is_not_used() {
+        // An old busybox `timeout` (`-t SECS`): every call fails.
+        let tmp = tempfile::tempdir().unwrap();
+        let fake = tmp.path().join("timeout");
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\necho 'usage: timeout -t SECS' >&2; exit 1\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let path = format!(
+            "{}:{}",
+            tmp.path().display(),
+            std::env::var("PATH").unwrap()
+        );
+        let probe = run_sections_in(Some(&path), 15, &[("git", "echo fine")]);
         assert_eq!(probe.sections["git"], "fine\n");
     }
 

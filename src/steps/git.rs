@@ -17,7 +17,7 @@ use crate::runtime::{ExecRequest, Runtime};
 /// or `none`, the upstreams follow. Each git call is bounded in time (a
 /// config that includes `/dev/zero` must not hang the probe).
 const REPORT: &str = r#"cd / || exit 1
-t=; if command -v timeout >/dev/null 2>&1; then t="timeout 10"; fi
+t=; if timeout 10 true >/dev/null 2>&1; then t="timeout 10"; fi
 want="$1"; shift
 for u in "$@"; do printf 'url %s %s\n' "$u" "$($t git ls-remote --get-url -- "$u" 2>/dev/null || echo '?')"; done
 if [ "$want" = identity ]; then
