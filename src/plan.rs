@@ -402,7 +402,7 @@ fn plan_agent(
         // started as they are and restarted once probed, if still needed.
         let updatable = matches!(machine.state, MachineState::Created | MachineState::Stopped);
         let (causes, update) = if updatable {
-            machine_step::pending_update(&ctx, machine.cpus, machine.memory_mib, None)
+            machine_step::pending_update(&ctx, machine.cpus, machine.memory_mib, None, None)
         } else {
             (Vec::new(), MachineUpdate::default())
         };
@@ -444,8 +444,16 @@ fn plan_agent(
             return;
         }
     }
-    let (causes, update) =
-        machine_step::pending_update(&ctx, machine.cpus, machine.memory_mib, recorded_machine);
+    let (causes, update) = machine_step::pending_update(
+        &ctx,
+        machine.cpus,
+        machine.memory_mib,
+        recorded_machine,
+        probe
+            .sections
+            .get(machine_step::SETTINGS_SECTION)
+            .map(String::as_str),
+    );
     let gate = (!update.is_empty())
         .then(|| b.push(agent, Op::Restart { update }, causes.join(", "), vec![]));
     let steps = match (gate, replace_blocked) {

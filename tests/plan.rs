@@ -369,3 +369,39 @@ fn a_changed_agent_user_is_named_as_the_cause() {
     Plan: 2 to apply.
     ");
 }
+
+/// What `smolvm machine update` changed outside bottle shows in the guest's
+/// view of its settings (the probe's machine-settings section), and is a
+/// restart with the update that puts the manifest's settings back.
+#[test]
+fn env_changed_in_the_guest_is_a_restart() {
+    let d = desired();
+    let sha = |text: &str| bottle::steps::sha256_hex(text.as_bytes());
+    let mut s = in_sync(&d);
+    let probe = s.probes.get_mut("bottle_golden_coder").unwrap();
+    // As the manifest says: nothing to do.
+    probe.sections.insert(
+        machine::SETTINGS_SECTION.into(),
+        format!("env EDITOR {}\n", sha("vi\n")),
+    );
+    assert!(plan(&d, &s, &PlanOptions::default()).is_empty());
+    for observed in [
+        format!("env EDITOR {}\n", sha("nano\n")),
+        "env EDITOR unset\n".into(),
+    ] {
+        let probe = s.probes.get_mut("bottle_golden_coder").unwrap();
+        probe
+            .sections
+            .insert(machine::SETTINGS_SECTION.into(), observed);
+        let plan = plan(&d, &s, &PlanOptions::default());
+        assert_eq!(
+            plan.render(),
+            "agent coder (machine bottle_golden_coder)\n  \
+             ~ restart  machine   env changed in guest: EDITOR\n\nPlan: 1 to restart.\n"
+        );
+        let bottle::plan::Op::Restart { update } = &plan.actions[0].op else {
+            panic!("{:?}", plan.actions[0].op);
+        };
+        assert_eq!(update.set_env["EDITOR"], "vi");
+    }
+}

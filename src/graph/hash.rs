@@ -62,11 +62,14 @@
 //! For skill directories and setup inputs (a file or a directory). Every
 //! entry under the root, the root included as the empty path, sorted by its
 //! `/`-separated path relative to the root (bytewise): a kind, the path, then
-//! for a file the SHA-256 of its content and for a symlink its target (links
-//! are recorded, not followed; the root itself is followed). Kinds: `d`
-//! directory, `f` file, `x` file with an executable bit set, `l` symlink.
-//! Owners, other mode bits and timestamps are not inputs: the guest copy gets
-//! its own.
+//! for a directory and a file its permission bits (`mode & 0o7777`, as a
+//! `u64`), for a file the SHA-256 of its content and for a symlink its
+//! target (links are recorded, not followed; the root itself is followed).
+//! Kinds: `d` directory, `f` file, `l` symlink. The guest copy gets the same
+//! permission bits (a `chmod 600` on the host is a change to roll out);
+//! owners and timestamps are not inputs: the guest copy gets its own. A link
+//! that leads outside the manifests directory (followed as the kernel would)
+//! is refused, as a path naming it would be.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -84,7 +87,7 @@ pub const STEP_VERSION: &str = "bottle-step-v1";
 /// Version tag of the spec hash. Changing it replaces every machine.
 pub const SPEC_VERSION: &str = "bottle-spec-v1";
 /// Version tag of tree digests.
-pub const TREE_VERSION: &str = "bottle-tree-v1";
+pub const TREE_VERSION: &str = "bottle-tree-v2";
 
 /// Hex digits in a short hash (48 bits: plenty to tell versions apart).
 pub const SHORT_LEN: usize = 12;
@@ -147,21 +150,67 @@ impl Enc {
 
 /// SHA-256 of a file's content, streamed.
 pub fn file_digest(path: &Path) -> io::Result<Digest32> {
+    file_digest_sized(path).map(|(digest, _)| digest)
+}
+
+/// SHA-256 of a file's content, and how many bytes it holds.
+pub fn file_digest_sized(path: &Path) -> io::Result<(Digest32, u64)> {
     let mut file = fs::File::open(path)?;
     let mut hasher = Sha256::new();
-    io::copy(&mut file, &mut hasher)?;
-    Ok(hasher.finalize().into())
+    let bytes = io::copy(&mut file, &mut hasher)?;
+    Ok((hasher.finalize().into(), bytes))
 }
 
 pub fn bytes_digest(bytes: &[u8]) -> Digest32 {
     Sha256::digest(bytes).into()
 }
 
-/// The tree digest of a file or directory (see the module docs).
-pub fn tree_digest(root: &Path) -> io::Result<Digest32> {
+/// Why a tree could not be digested.
+#[derive(Debug)]
+pub enum TreeError {
+    Io(io::Error),
+    /// A symbolic link below the root leads outside `boundary`: `link` is
+    /// its path relative to the root, `target` what it points to.
+    LinkEscapes {
+        link: Vec<u8>,
+        target: Vec<u8>,
+    },
+    /// The files hold more bytes than the budget given: nothing was hashed.
+    TooLarge(TreeSize),
+}
+
+impl From<io::Error> for TreeError {
+    fn from(e: io::Error) -> Self {
+        TreeError::Io(e)
+    }
+}
+
+/// The tree digest of a file or directory (see the module docs). Every
+/// symbolic link below the root must lead inside `boundary` (the canonical
+/// manifests directory): links are copied into the guest as links, so one
+/// rule holds at every level, as it does for the root itself.
+pub fn tree_digest(root: &Path, boundary: &Path) -> Result<Digest32, TreeError> {
+    tree_digest_sized(root, boundary, None).map(|(digest, _)| digest)
+}
+
+/// How much a probe of a copied tree reads: its entries (the root
+/// included) and the bytes of its files.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TreeSize {
+    pub entries: u64,
+    pub bytes: u64,
+}
+
+/// [`tree_digest`], with the tree's size; with a `budget`, a tree whose
+/// files hold more bytes (by their metadata) is not read at all.
+pub fn tree_digest_sized(
+    root: &Path,
+    boundary: &Path,
+    budget: Option<u64>,
+) -> Result<(Digest32, TreeSize), TreeError> {
     enum Kind {
-        Dir,
-        File { exec: bool },
+        Dir { mode: u32 },
+        File { mode: u32 },
         Link(Vec<u8>),
     }
     let mut entries: Vec<(Vec<u8>, std::path::PathBuf, Kind)> = Vec::new();
@@ -169,14 +218,20 @@ pub fn tree_digest(root: &Path) -> io::Result<Digest32> {
     let root_meta = fs::metadata(root)?;
     let mut stack = Vec::new();
     if root_meta.is_dir() {
-        entries.push((Vec::new(), root.to_owned(), Kind::Dir));
+        entries.push((
+            Vec::new(),
+            root.to_owned(),
+            Kind::Dir {
+                mode: permissions(&root_meta),
+            },
+        ));
         stack.push((Vec::new(), root.to_owned()));
     } else {
         entries.push((
             Vec::new(),
             root.to_owned(),
             Kind::File {
-                exec: is_executable(&root_meta),
+                mode: permissions(&root_meta),
             },
         ));
     }
@@ -194,56 +249,113 @@ pub fn tree_digest(root: &Path) -> io::Result<Digest32> {
             let ft = meta.file_type();
             let kind = if ft.is_dir() {
                 stack.push((child_rel.clone(), path.clone()));
-                Kind::Dir
+                Kind::Dir {
+                    mode: permissions(&meta),
+                }
             } else if ft.is_file() {
                 Kind::File {
-                    exec: is_executable(&meta),
+                    mode: permissions(&meta),
                 }
             } else if ft.is_symlink() {
-                Kind::Link(os_bytes(fs::read_link(&path)?.as_os_str()).into_owned())
+                let target = fs::read_link(&path)?;
+                let inside = fs::canonicalize(&dir)
+                    .ok()
+                    .and_then(|dir| resolve(&dir, &target, 40))
+                    .is_some_and(|resolved| resolved.starts_with(boundary));
+                if !inside {
+                    return Err(TreeError::LinkEscapes {
+                        link: child_rel,
+                        target: os_bytes(target.as_os_str()).into_owned(),
+                    });
+                }
+                Kind::Link(os_bytes(target.as_os_str()).into_owned())
             } else {
-                return Err(io::Error::new(
+                return Err(TreeError::Io(io::Error::new(
                     io::ErrorKind::InvalidInput,
                     format!(
                         "{} is not a file, a directory or a symbolic link",
                         path.display()
                     ),
-                ));
+                )));
             };
             entries.push((child_rel, path, kind));
         }
     }
     entries.sort_by(|a, b| a.0.cmp(&b.0));
 
+    let mut size = TreeSize {
+        entries: entries.len() as u64,
+        bytes: 0,
+    };
+    if let Some(budget) = budget {
+        let mut bytes = 0u64;
+        for (_, path, kind) in &entries {
+            if let Kind::File { .. } = kind {
+                bytes = bytes.saturating_add(fs::metadata(path)?.len());
+            }
+        }
+        if bytes > budget {
+            return Err(TreeError::TooLarge(TreeSize { bytes, ..size }));
+        }
+    }
     let mut enc = Enc::new(TREE_VERSION, "tree");
     enc.u64(entries.len() as u64);
     for (rel, path, kind) in &entries {
         match kind {
-            Kind::Dir => {
-                enc.str("d").bytes(rel);
+            Kind::Dir { mode } => {
+                enc.str("d").bytes(rel).u64((*mode).into());
             }
-            Kind::File { exec } => {
-                enc.str(if *exec { "x" } else { "f" })
-                    .bytes(rel)
-                    .digest(&file_digest(path)?);
+            Kind::File { mode } => {
+                let (digest, bytes) = file_digest_sized(path)?;
+                size.bytes = size.bytes.saturating_add(bytes);
+                enc.str("f").bytes(rel).u64((*mode).into()).digest(&digest);
             }
             Kind::Link(target) => {
                 enc.str("l").bytes(rel).bytes(target);
             }
         }
     }
-    Ok(enc.finish())
+    Ok((enc.finish(), size))
 }
 
+/// The permission bits a tree entry carries into the guest.
 #[cfg(unix)]
-fn is_executable(meta: &fs::Metadata) -> bool {
+fn permissions(meta: &fs::Metadata) -> u32 {
     use std::os::unix::fs::PermissionsExt;
-    meta.permissions().mode() & 0o111 != 0
+    meta.permissions().mode() & 0o7777
 }
 
 #[cfg(not(unix))]
-fn is_executable(_meta: &fs::Metadata) -> bool {
-    false
+fn permissions(meta: &fs::Metadata) -> u32 {
+    if meta.is_dir() { 0o755 } else { 0o644 }
+}
+
+/// Where `target`, read from a link in the canonical directory `dir`,
+/// leads: resolved component by component as the kernel would, following
+/// links on the way (at most `depth` of them); components that do not exist
+/// are taken as written. `None` for a loop.
+fn resolve(dir: &Path, target: &Path, depth: u32) -> Option<std::path::PathBuf> {
+    let mut current = dir.to_owned();
+    for component in target.components() {
+        match component {
+            Component::RootDir | Component::Prefix(_) => current = component.as_os_str().into(),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                current.pop();
+            }
+            Component::Normal(name) => {
+                let next = current.join(name);
+                match fs::symlink_metadata(&next) {
+                    Ok(meta) if meta.is_symlink() => {
+                        let inner = fs::read_link(&next).ok()?;
+                        current = resolve(&current, &inner, depth.checked_sub(1)?)?;
+                    }
+                    _ => current = next,
+                }
+            }
+        }
+    }
+    Some(current)
 }
 
 #[cfg(unix)]

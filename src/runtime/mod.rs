@@ -256,6 +256,13 @@ impl ExecRequest {
     }
 }
 
+/// The most output (stdout and stderr together) bottle keeps of one
+/// `exec`: every script it runs bounds what it prints far below this, so
+/// more is a guest flooding its output; the command is killed and the
+/// call fails ([`RuntimeErrorKind::OutputTooLarge`]) before it costs
+/// bottle's memory.
+pub const MAX_EXEC_OUTPUT: usize = 64 << 20;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecOutput {
     pub status: i32,
@@ -419,6 +426,13 @@ pub enum RuntimeErrorKind {
         user: String,
         version: String,
     },
+
+    #[error("`{command}` printed more than {} MiB; it was stopped", limit >> 20)]
+    #[diagnostic(help(
+        "bottle's commands print little: something in the guest floods their output; \
+         look at the guest (`smolvm machine exec`)"
+    ))]
+    OutputTooLarge { command: String, limit: usize },
 
     #[error("could not run `{command}`: {source}")]
     #[diagnostic(help("check that the runtime is installed and on PATH (or pass --smolvm PATH)"))]

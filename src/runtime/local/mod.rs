@@ -450,6 +450,14 @@ impl LocalRuntime {
             Err(exec::RunError::Io(source)) => {
                 Err(io_err(op, name, format!("run `{command}`"), source))
             }
+            Err(exec::RunError::TooLarge) => Err(RuntimeError::new(
+                op,
+                name,
+                RuntimeErrorKind::OutputTooLarge {
+                    command,
+                    limit: crate::runtime::MAX_EXEC_OUTPUT,
+                },
+            )),
         }
     }
 
