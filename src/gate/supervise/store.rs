@@ -497,6 +497,14 @@ impl Store {
         next: impl FnOnce(&Record) -> Result<State, DecisionError>,
     ) -> Result<Record, DecideError> {
         let project = self.project.clone();
+        // An unknown id creates nothing (not even the directory).
+        if !self.load()?.records.iter().any(|r| r.id == id) {
+            return Err(DecisionError::UnknownId {
+                id: id.to_owned(),
+                project,
+            }
+            .into());
+        }
         self.update(|file| {
             let record = file
                 .records

@@ -1,0 +1,340 @@
+//! `bottle supervise`: the operator's side of supervise. List what agents
+//! asked for, approve (for a while), deny, revoke. Decisions take effect in
+//! the running gate at once: it re-reads the grants file when it changes.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use miette::Diagnostic;
+use serde_json::{Value, json};
+use thiserror::Error;
+
+use super::{GlobalArgs, Outcome, session};
+use crate::gate::log::GateLog;
+use crate::gate::paths::GatePaths;
+use crate::gate::supervise::grants::human_secs;
+use crate::gate::supervise::store::{Kind, Record, Status, Store, now, parse_duration};
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct SuperviseArgs {
+    #[command(subcommand)]
+    pub action: Option<Action>,
+
+    #[command(flatten)]
+    pub list: ListArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Action {
+    /// List requests, grants and messages (the default).
+    List(ListArgs),
+    /// Approve a pending request: its agent, and only it, may reach the
+    /// host from now until the duration ends.
+    Approve {
+        /// The request's id (`bottle supervise list` shows it).
+        id: String,
+        #[command(flatten)]
+        project: ProjectArgs,
+        /// How long the grant lasts: `30m`, `2h`, `1d`, `1h30m`.
+        #[arg(long = "for", value_name = "DURATION", default_value = "1h", value_parser = duration)]
+        duration: u64,
+    },
+    /// Deny a pending request.
+    Deny {
+        id: String,
+        #[command(flatten)]
+        project: ProjectArgs,
+        /// Why, for the agent (`request_status` shows it).
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+    },
+    /// End an approved grant now.
+    Revoke {
+        id: String,
+        #[command(flatten)]
+        project: ProjectArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    pub project: ProjectArgs,
+
+    /// Print a JSON array of objects (`id`, `bottle`, `agent`, `kind`,
+    /// `host`, `reason`, `created_at`, `state`, and `until` when approved).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Whose grants: the project of the manifests in DIR, or `--project`.
+#[derive(Debug, Args)]
+pub struct ProjectArgs {
+    /// Directory of manifests: every `*.toml` under it is read.
+    #[arg(default_value = "manifests", value_name = "DIR")]
+    pub dir: PathBuf,
+
+    /// The project id, instead of reading it from the manifests.
+    #[arg(long, value_name = "NAME")]
+    pub project: Option<String>,
+}
+
+fn duration(text: &str) -> Result<u64, String> {
+    parse_duration(text).map_err(|why| format!("{why}; write e.g. `30m`, `2h` or `1d`"))
+}
+
+#[derive(Debug, Error, Diagnostic)]
+#[error("`--project {0}` is not a project id")]
+#[diagnostic(
+    code("bottle::invalid-project-option"),
+    help(
+        "pass the project id as `bottle status` prints it: 1-48 lower-case letters, digits and '-', starting with a letter"
+    )
+)]
+pub struct BadProject(String);
+
+pub fn run(global: &GlobalArgs, args: SuperviseArgs) -> miette::Result<Outcome> {
+    match args.action {
+        None => list(global, args.list),
+        Some(Action::List(list_args)) => list(global, list_args),
+        Some(Action::Approve {
+            id,
+            project,
+            duration,
+        }) => decide(global, &project, |store, now| {
+            store.approve(&id, duration, now)
+        }),
+        Some(Action::Deny {
+            id,
+            project,
+            reason,
+        }) => decide(global, &project, |store, now| {
+            store.deny(&id, reason.as_deref(), now)
+        }),
+        Some(Action::Revoke { id, project }) => {
+            decide(global, &project, |store, now| store.revoke(&id, now))
+        }
+    }
+}
+
+fn gate_paths(global: &GlobalArgs, args: &ProjectArgs) -> miette::Result<(String, GatePaths)> {
+    let project = match &args.project {
+        Some(name) => {
+            let ok = (1..=48).contains(&name.len())
+                && name.starts_with(|c: char| c.is_ascii_lowercase())
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+            if !ok {
+                return Err(BadProject(name.clone()).into());
+            }
+            name.clone()
+        }
+        None => crate::manifest::load_dir(&args.dir)?.name,
+    };
+    let state = session::state_dir(global)?;
+    let paths = GatePaths::new(&state, &project);
+    Ok((project, paths))
+}
+
+fn list(global: &GlobalArgs, args: ListArgs) -> miette::Result<Outcome> {
+    let (project, paths) = gate_paths(global, &args.project)?;
+    let mut records = Store::new(&paths).load()?.records;
+    records.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+    let now = now();
+    if args.json {
+        let array: Vec<Value> = records.iter().map(|r| r.to_json(now)).collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&array).expect("JSON serializes")
+        );
+        return Ok(Outcome::Success);
+    }
+    print!("{}", table(&project, &records, now));
+    Ok(Outcome::Success)
+}
+
+/// The human listing.
+pub fn table(project: &str, records: &[Record], now: u64) -> String {
+    if records.is_empty() {
+        return format!("No supervise requests in project `{project}`.\n");
+    }
+    let rows: Vec<[String; 6]> = records
+        .iter()
+        .map(|r| {
+            let what = match r.kind {
+                Kind::Egress => format!("egress {}", escape(r.host.as_deref().unwrap_or(""))),
+                Kind::Message => "message".to_owned(),
+            };
+            [
+                r.id.clone(),
+                escape(&r.agent),
+                what,
+                shorten(&escape(&r.reason), 60),
+                human_secs(now.saturating_sub(r.created_at)),
+                state(r, now),
+            ]
+        })
+        .collect();
+    let header = ["ID", "AGENT", "WHAT", "REASON", "AGE", "STATE"];
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &[&str]| {
+        let mut text = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                text.push_str(cell);
+            } else {
+                let pad = widths[i] - cell.chars().count();
+                text.push_str(cell);
+                text.push_str(&" ".repeat(pad + 2));
+            }
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    line(&header);
+    for row in &rows {
+        line(&row.each_ref().map(String::as_str));
+    }
+    out
+}
+
+fn state(r: &Record, now: u64) -> String {
+    match (r.status(now), &r.state) {
+        (Status::Approved, _) => format!(
+            "approved ({} left)",
+            human_secs(r.until().unwrap_or(now).saturating_sub(now))
+        ),
+        (Status::Denied, crate::gate::supervise::store::State::Denied { deny_reason, .. }) => {
+            match deny_reason {
+                Some(why) => format!("denied: {}", shorten(&escape(why), 40)),
+                None => "denied".into(),
+            }
+        }
+        (status, _) => status.as_str().to_owned(),
+    }
+}
+
+/// Text an agent wrote, safe on a terminal: control characters (and the
+/// Unicode ones that reorder or hide text) as escapes, backslashes doubled.
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control()
+                || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}') =>
+            {
+                out.push_str(&format!("\\u{{{:x}}}", c as u32));
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn shorten(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_owned();
+    }
+    let mut s: String = text.chars().take(max - 1).collect();
+    s.push('…');
+    s
+}
+
+fn decide(
+    global: &GlobalArgs,
+    args: &ProjectArgs,
+    change: impl FnOnce(&Store, u64) -> Result<Record, crate::gate::supervise::store::DecideError>,
+) -> miette::Result<Outcome> {
+    let (_project, paths) = gate_paths(global, args)?;
+    let store = Store::new(&paths);
+    let now = now();
+    let record = change(&store, now)?;
+    let host = escape(record.host.as_deref().unwrap_or(""));
+    let agent = escape(&record.agent);
+    let message = match record.status(now) {
+        Status::Approved => format!(
+            "Approved {}: agent `{agent}` may reach `{host}` for {} (until {}).",
+            record.id,
+            human_secs(record.until().unwrap_or(now) - now),
+            utc(record.until().unwrap_or(now))
+        ),
+        Status::Denied => format!(
+            "Denied {}: agent `{agent}` may not reach `{host}`.",
+            record.id
+        ),
+        Status::Revoked => format!(
+            "Revoked {}: agent `{agent}` may no longer reach `{host}`.",
+            record.id
+        ),
+        other => format!("{} is {}.", record.id, other.as_str()),
+    };
+    // The decision goes in the gate log too (appended; the gate keeps its
+    // own handle open). No gate directory yet: nothing to log beside.
+    if paths.dir.is_dir()
+        && let Ok(log) = GateLog::open(&paths.log())
+    {
+        let mut fields = json!({
+            "bottle": record.bottle, "agent": record.agent, "id": record.id,
+            "host": record.host, "event": "decision", "by": "operator",
+            "state": record.status(now).as_str(),
+        });
+        if let (Some(o), Some(until)) = (fields.as_object_mut(), record.until()) {
+            o.insert("until".into(), until.into());
+        }
+        log.event("supervise", fields);
+    }
+    println!("{message}");
+    Ok(Outcome::Success)
+}
+
+/// `YYYY-MM-DD HH:MM UTC`.
+pub fn utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02} UTC",
+        rem / 3600,
+        (rem % 3600) / 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_text_cannot_drive_the_terminal() {
+        assert_eq!(escape("a\x1b[2Jb\nc\\"), "a\\u{1b}[2Jb\\nc\\\\");
+        assert_eq!(escape("x\u{202e}y"), "x\\u{202e}y");
+        assert_eq!(escape("plain é"), "plain é");
+    }
+
+    #[test]
+    fn utc_dates() {
+        assert_eq!(utc(0), "1970-01-01 00:00 UTC");
+        assert_eq!(utc(1_764_670_000), "2025-12-02 10:06 UTC");
+        assert_eq!(utc(951_782_400), "2000-02-29 00:00 UTC");
+    }
+}
