@@ -141,7 +141,8 @@ fn gate_paths(global: &GlobalArgs, args: &ProjectArgs) -> miette::Result<(String
 fn list(global: &GlobalArgs, args: ListArgs) -> miette::Result<Outcome> {
     let (project, paths) = gate_paths(global, &args.project)?;
     let mut records = Store::new(&paths).load()?.records;
-    records.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+    // Oldest first; the file keeps the order they came in.
+    records.sort_by_key(|r| r.created_at);
     let now = now();
     if args.json {
         let array: Vec<Value> = records.iter().map(|r| r.to_json(now)).collect();
@@ -299,25 +300,9 @@ fn decide(
     Ok(Outcome::Success)
 }
 
-/// `YYYY-MM-DD HH:MM UTC`.
-pub fn utc(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02} UTC",
-        rem / 3600,
-        (rem % 3600) / 60
-    )
+/// `YYYY-MM-DD HH:MM:SS UTC`.
+fn utc(secs: u64) -> String {
+    format!("{} UTC", crate::time::format_unix(secs))
 }
 
 #[cfg(test)]
@@ -329,12 +314,5 @@ mod tests {
         assert_eq!(escape("a\x1b[2Jb\nc\\"), "a\\u{1b}[2Jb\\nc\\\\");
         assert_eq!(escape("x\u{202e}y"), "x\\u{202e}y");
         assert_eq!(escape("plain é"), "plain é");
-    }
-
-    #[test]
-    fn utc_dates() {
-        assert_eq!(utc(0), "1970-01-01 00:00 UTC");
-        assert_eq!(utc(1_764_670_000), "2025-12-02 10:06 UTC");
-        assert_eq!(utc(951_782_400), "2000-02-29 00:00 UTC");
     }
 }

@@ -35,7 +35,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use rmcp::transport::StreamableHttpService;
 use rmcp::transport::streamable_http_server::StreamableHttpServerConfig;
 use rmcp::transport::streamable_http_server::session::never::NeverSessionManager;
@@ -226,103 +226,136 @@ impl Supervise {
     }
 
     /// Answer one HTTP request for `/mcp/<token>` on `bottle`'s listener.
-    pub async fn handle(&self, bottle: &str, token: &str, request: Request) -> Response {
-        let Some(who) = self.agent_by_token(bottle, token) else {
+    /// The future owns what it needs (`Send + 'static`: spawn it freely).
+    pub fn handle(
+        &self,
+        bottle: &str,
+        token: &str,
+        request: Request,
+    ) -> impl Future<Output = Response> + Send + 'static {
+        let who = self.agent_by_token(bottle, token);
+        if who.is_none() {
             self.inner.log.event(
                 "supervise",
                 json!({"bottle": bottle, "event": "unknown_token", "decision": "deny"}),
             );
-            return super::http::text(http::StatusCode::NOT_FOUND, "not found");
-        };
-        let (mut parts, body) = request.into_parts();
-        parts.extensions.insert(who.clone());
-        let body = if parts.method == http::Method::POST {
-            let bytes = match Limited::new(body, MAX_BODY).collect().await {
-                Ok(collected) => collected.to_bytes(),
-                Err(e) => {
-                    let too_large = e.is::<http_body_util::LengthLimitError>();
-                    self.inner.log(
-                        &who,
-                        json!({"event": "bad_request", "error": if too_large {
-                            format!("body larger than {MAX_BODY} bytes")
-                        } else {
-                            "the request body could not be read".to_owned()
-                        }}),
-                    );
-                    return if too_large {
-                        jsonrpc_error(
-                            http::StatusCode::PAYLOAD_TOO_LARGE,
-                            Value::Null,
-                            -32600,
-                            &format!("Invalid Request: the body is larger than {MAX_BODY} bytes"),
-                        )
-                    } else {
-                        jsonrpc_error(
-                            http::StatusCode::BAD_REQUEST,
-                            Value::Null,
-                            -32700,
-                            "Parse error: the request body could not be read",
-                        )
-                    };
-                }
-            };
-            if let Err(response) = self.check_message(&who, &bytes) {
-                return response;
+        }
+        let inner = self.inner.clone();
+        let service = self.service.clone();
+        async move {
+            match who {
+                Some(who) => serve(inner, service, who, request).await,
+                None => super::http::text(http::StatusCode::NOT_FOUND, "not found"),
             }
-            full(bytes)
-        } else {
-            full(Bytes::new())
-        };
-        let response = self
-            .service
-            .handle(http::Request::from_parts(parts, body))
-            .await;
-        response.map(|b| b.map_err(|never| match never {}).boxed())
+        }
     }
+}
 
-    /// A JSON-RPC message, or the JSON-RPC error saying why not.
-    #[allow(clippy::result_large_err)]
-    fn check_message(&self, who: &AgentIdentity, bytes: &[u8]) -> Result<(), Response> {
-        let fail = |id: Value, code: i64, message: String| {
-            self.inner.log(
-                who,
-                json!({"event": "bad_request", "error": message.clone()}),
-            );
-            Err(jsonrpc_error(
-                http::StatusCode::BAD_REQUEST,
-                id,
-                code,
-                &message,
-            ))
+async fn serve(
+    inner: Arc<Inner>,
+    service: StreamableHttpService<mcp::Handler, NeverSessionManager>,
+    who: AgentIdentity,
+    request: Request,
+) -> Response {
+    let (mut parts, body) = request.into_parts();
+    parts.extensions.insert(who.clone());
+    let body = if parts.method == http::Method::POST {
+        let bytes = match read_bounded(body).await {
+            Ok(bytes) => bytes,
+            Err(too_large) => {
+                let error = if too_large {
+                    format!("body larger than {MAX_BODY} bytes")
+                } else {
+                    "the request body could not be read".to_owned()
+                };
+                inner.log(&who, json!({"event": "bad_request", "error": error}));
+                return if too_large {
+                    jsonrpc_error(
+                        http::StatusCode::PAYLOAD_TOO_LARGE,
+                        Value::Null,
+                        -32600,
+                        &format!("Invalid Request: the body is larger than {MAX_BODY} bytes"),
+                    )
+                } else {
+                    jsonrpc_error(
+                        http::StatusCode::BAD_REQUEST,
+                        Value::Null,
+                        -32700,
+                        "Parse error: the request body could not be read",
+                    )
+                };
+            }
         };
-        let value: Value = match serde_json::from_slice(bytes) {
-            Ok(v) => v,
-            Err(e) => return fail(Value::Null, -32700, format!("Parse error: {e}")),
+        if let Err(response) = check_message(&inner, &who, &bytes) {
+            return response;
+        }
+        full(bytes)
+    } else {
+        full(Bytes::new())
+    };
+    let response = service.handle(http::Request::from_parts(parts, body)).await;
+    response.map(|b| b.map_err(|never| match never {}).boxed())
+}
+
+/// At most [`MAX_BODY`] bytes of `body`; `Err(true)` when it is longer,
+/// `Err(false)` when it cannot be read. Stops reading at the bound.
+async fn read_bounded(mut body: super::http::Body) -> Result<Bytes, bool> {
+    let mut out = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else {
+            return Err(false);
         };
-        let id = value.get("id").cloned().unwrap_or(Value::Null);
-        let method = value
-            .get("method")
-            .and_then(Value::as_str)
-            .map(str::to_owned);
-        if !value.is_object() || value.get("jsonrpc") != Some(&Value::from("2.0")) {
-            return fail(
-                Value::Null,
-                -32600,
-                "Invalid Request: expected one JSON-RPC 2.0 object".into(),
-            );
+        if let Ok(data) = frame.into_data() {
+            if data.len() > MAX_BODY - out.len() {
+                return Err(true);
+            }
+            out.extend_from_slice(&data);
         }
-        if let Err(e) = serde_json::from_value::<rmcp::model::ClientJsonRpcMessage>(value) {
-            return match method {
-                Some(m) => fail(id, -32602, format!("Invalid params for `{m}`: {e}")),
-                None => fail(id, -32600, format!("Invalid Request: {e}")),
-            };
-        }
-        if let Some(method) = method {
-            self.inner
-                .log(who, json!({"event": "call", "method": method}));
-        }
-        Ok(())
     }
+    Ok(out.freeze())
+}
+
+/// A JSON-RPC message, or the JSON-RPC error saying why not.
+#[allow(clippy::result_large_err)]
+fn check_message(inner: &Inner, who: &AgentIdentity, bytes: &[u8]) -> Result<(), Response> {
+    let fail = |id: Value, code: i64, message: String| {
+        inner.log(
+            who,
+            json!({"event": "bad_request", "error": message.clone()}),
+        );
+        Err(jsonrpc_error(
+            http::StatusCode::BAD_REQUEST,
+            id,
+            code,
+            &message,
+        ))
+    };
+    let value: Value = match serde_json::from_slice(bytes) {
+        Ok(v) => v,
+        Err(e) => return fail(Value::Null, -32700, format!("Parse error: {e}")),
+    };
+    let id = value.get("id").cloned().unwrap_or(Value::Null);
+    let method = value
+        .get("method")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    if !value.is_object() || value.get("jsonrpc") != Some(&Value::from("2.0")) {
+        return fail(
+            Value::Null,
+            -32600,
+            "Invalid Request: expected one JSON-RPC 2.0 object".into(),
+        );
+    }
+    if let Err(e) = serde_json::from_value::<rmcp::model::ClientJsonRpcMessage>(value) {
+        return match method {
+            Some(m) => fail(id, -32602, format!("Invalid params for `{m}`: {e}")),
+            None => fail(id, -32600, format!("Invalid Request: {e}")),
+        };
+    }
+    if let Some(method) = method {
+        inner.log(who, json!({"event": "call", "method": method}));
+    }
+    Ok(())
 }
 
 fn jsonrpc_error(status: http::StatusCode, id: Value, code: i64, message: &str) -> Response {
