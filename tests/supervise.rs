@@ -4,6 +4,8 @@
 //! the real `bottle supervise` binary deciding. What the egress proxy would
 //! allow is asked through `ExtraEgress`, as the proxy asks it.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -215,7 +217,7 @@ macro_rules! snapshot {
         let mut settings = insta::Settings::clone_current();
         settings.add_filter(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2} UTC", "[TIME]");
         settings.add_filter(r"\(\d+[smhd] left\)", "([LEFT] left)");
-        settings.add_filter(r"(?m)  \d+s  ", "  [AGE]  ");
+        settings.add_filter(r" \d+s   ", " [AGE]   ");
         settings.bind(|| insta::assert_snapshot!($name, value));
     }};
 }
@@ -510,4 +512,65 @@ fn the_list_reads_the_project_from_the_manifests() {
     );
     let bad = gate.bottle(&["supervise", "list", "--project", "Not A Project"]);
     snapshot!("bad_project", text(&bad), &[] as &[String]);
+}
+
+/// `check` counts a grant in force that the manifests do not declare as
+/// drift (exit 3, naming it); `plan` and `status` show it; `apply` leaves
+/// it; `supervise revoke` ends it and `check` is in sync again.
+#[test]
+fn check_names_a_grant_wider_than_the_manifests_until_it_is_revoked() {
+    let p = support::project::Project::with_double(
+        "e2e",
+        support::Double::new().with_env("BOTTLE_E2E_SECRET", "not-a-real-secret-supervise"),
+    );
+    p.bottle(&["apply"]).success();
+    p.bottle(&["check"]).success();
+
+    let store = Store::new(&GatePaths::new(p.state_dir(), "e2e"));
+    let t = now();
+    let asked = store
+        .request_egress(&who("coder"), "extra.example", "fetch a crate", t)
+        .unwrap();
+    // Pending is not in force: still in sync.
+    p.bottle(&["check"]).success();
+    let id = asked.id;
+    let approve = p.bottle(&["supervise", "approve", &id, "--for", "30m"]);
+    approve.success();
+    assert!(
+        approve.stdout.contains("extra.example"),
+        "{}",
+        approve.stdout
+    );
+
+    let check = p.bottle(&["check"]);
+    check.code(3);
+    assert!(
+        check.stdout.contains(&format!(
+            "coder: supervise grant {id} lets agent `coder` reach `extra.example`"
+        )),
+        "{}",
+        check.stdout
+    );
+    let json: Value = serde_json::from_str(&p.bottle(&["check", "--json"]).code(3).stdout).unwrap();
+    assert_eq!(json["in_sync"], false);
+    assert_eq!(json["grants"][0]["id"], id.as_str());
+    assert_eq!(json["grants"][0]["host"], "extra.example");
+    // Another agent's check is not about this grant.
+    p.bottle(&["check", "--target", "reader"]).success();
+
+    let plan = p.bottle(&["plan"]);
+    plan.success();
+    assert!(plan.stdout.contains(&id), "{}", plan.stdout);
+    let status = p.bottle(&["status"]);
+    status.success();
+    assert!(status.stdout.contains(&id), "{}", status.stdout);
+    // apply neither adds nor removes a grant.
+    p.bottle(&["apply"]).success();
+    p.bottle(&["check"]).code(3);
+
+    p.bottle(&["supervise", "revoke", &id]).success();
+    p.bottle(&["check"]).success();
+    let listed = p.bottle(&["supervise", "--json"]);
+    let listed: Vec<Value> = serde_json::from_str(&listed.stdout).unwrap();
+    assert_eq!(listed[0]["state"], "revoked");
 }

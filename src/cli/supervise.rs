@@ -12,7 +12,9 @@ use thiserror::Error;
 use super::{GlobalArgs, Outcome, session};
 use crate::gate::log::GateLog;
 use crate::gate::paths::GatePaths;
-use crate::gate::supervise::grants::human_secs;
+use crate::gate::supervise::grants::{
+    UndeclaredGrant, declared_from_project, human_secs, undeclared_grants,
+};
 use crate::gate::supervise::store::{Kind, Record, Status, Store, now, parse_duration};
 
 #[derive(Debug, Args)]
@@ -161,50 +163,22 @@ pub fn table(project: &str, records: &[Record], now: u64) -> String {
     if records.is_empty() {
         return format!("No supervise requests in project `{project}`.\n");
     }
-    let rows: Vec<[String; 6]> = records
-        .iter()
-        .map(|r| {
-            let what = match r.kind {
-                Kind::Egress => format!("egress {}", escape(r.host.as_deref().unwrap_or(""))),
-                Kind::Message => "message".to_owned(),
-            };
-            [
-                r.id.clone(),
-                escape(&r.agent),
-                what,
-                shorten(&escape(&r.reason), 60),
-                human_secs(now.saturating_sub(r.created_at)),
-                state(r, now),
-            ]
-        })
-        .collect();
-    let header = ["ID", "AGENT", "WHAT", "REASON", "AGE", "STATE"];
-    let mut widths = header.map(str::len);
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.chars().count());
-        }
-    }
-    let mut out = String::new();
-    let mut line = |cells: &[&str]| {
-        let mut text = String::new();
-        for (i, cell) in cells.iter().enumerate() {
-            if i + 1 == cells.len() {
-                text.push_str(cell);
-            } else {
-                let pad = widths[i] - cell.chars().count();
-                text.push_str(cell);
-                text.push_str(&" ".repeat(pad + 2));
-            }
-        }
-        out.push_str(text.trim_end());
-        out.push('\n');
-    };
-    line(&header);
-    for row in &rows {
-        line(&row.each_ref().map(String::as_str));
-    }
-    out
+    let mut rows = vec![["ID", "AGENT", "WHAT", "REASON", "AGE", "STATE"].map(str::to_owned)];
+    rows.extend(records.iter().map(|r| {
+        let what = match r.kind {
+            Kind::Egress => format!("egress {}", escape(r.host.as_deref().unwrap_or(""))),
+            Kind::Message => "message".to_owned(),
+        };
+        [
+            r.id.clone(),
+            escape(&r.agent),
+            what,
+            shorten(&escape(&r.reason), 60),
+            human_secs(now.saturating_sub(r.created_at)),
+            state(r, now),
+        ]
+    }));
+    super::status::table(&rows)
 }
 
 fn state(r: &Record, now: u64) -> String {
@@ -298,6 +272,38 @@ fn decide(
     }
     println!("{message}");
     Ok(Outcome::Success)
+}
+
+/// Grants in force that the manifests do not declare, for the agents of
+/// `targets` (every agent when `None`): `plan` and `status` show them,
+/// `check` counts them as drift. No grants file yet: none.
+pub fn undeclared(
+    global: &GlobalArgs,
+    desired: &crate::desired::Desired,
+    targets: Option<&[String]>,
+) -> miette::Result<Vec<UndeclaredGrant>> {
+    let paths = GatePaths::new(&session::state_dir(global)?, &desired.project.name);
+    let declared = declared_from_project(&desired.project);
+    let mut grants = undeclared_grants(&paths, &declared, now())?;
+    if let Some(targets) = targets {
+        grants.retain(|g| targets.contains(&g.agent));
+    }
+    Ok(grants)
+}
+
+/// One line per grant, indented, then what to do about them.
+pub fn print_undeclared(grants: &[UndeclaredGrant]) {
+    if grants.is_empty() {
+        return;
+    }
+    println!("Supervise grants in force that the manifests do not declare:");
+    for g in grants {
+        println!("  {}: {g}", escape(&g.agent));
+    }
+    println!(
+        "{} grant(s); `apply` leaves them: `bottle supervise revoke ID` ends one, and declaring its host in the bottle's `egress.allow_hosts` retires it.",
+        grants.len()
+    );
 }
 
 /// `YYYY-MM-DD HH:MM:SS UTC`.
