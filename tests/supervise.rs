@@ -574,3 +574,31 @@ fn check_names_a_grant_wider_than_the_manifests_until_it_is_revoked() {
     let listed: Vec<Value> = serde_json::from_str(&listed.stdout).unwrap();
     assert_eq!(listed[0]["state"], "revoked");
 }
+
+#[test]
+fn an_agent_that_hammers_the_endpoint_is_refused_and_logged_once() {
+    let gate = Gate::start();
+    let limit = bottle::gate::supervise::MAX_CALLS_PER_MINUTE;
+    let mut refused = 0;
+    // A minute boundary in the middle resets the count once at most.
+    for _ in 0..(2 * limit + 2) {
+        let (status, body) = gate.post_raw(OTHER, b"{".to_vec());
+        if status == 429 {
+            let v: Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(v["jsonrpc"], "2.0");
+            refused += 1;
+        } else {
+            assert_eq!(status, 400, "{body}");
+        }
+    }
+    assert!(refused >= 1, "never refused");
+    // The other agent is not limited by this one.
+    let tools = gate.rpc(CODER, "tools/list", json!({}));
+    assert_eq!(tools["result"]["tools"].as_array().unwrap().len(), 4);
+    let logged = gate
+        .log_lines()
+        .iter()
+        .filter(|l| l["event"] == "rate_limited")
+        .count();
+    assert!((1..=2).contains(&logged), "{logged}");
+}

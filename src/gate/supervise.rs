@@ -51,6 +51,10 @@ use grants::Grants;
 /// The largest JSON-RPC request body read, in bytes.
 pub const MAX_BODY: usize = 64 * 1024;
 
+/// HTTP requests an agent may make to its endpoint per minute; beyond,
+/// each gets a JSON-RPC error (HTTP 429) and only the first is logged.
+pub const MAX_CALLS_PER_MINUTE: u32 = 120;
+
 /// The `Host` names a guest reaches the gate by: host loopback (local
 /// runtime, tests) and smolvm's gateway address and name.
 pub const ALLOWED_HOSTS: &[&str] = &[
@@ -71,6 +75,8 @@ pub(crate) struct Inner {
     pub(crate) grants: Grants,
     pub(crate) log: Arc<GateLog>,
     bottles: RwLock<BTreeMap<String, BottleView>>,
+    /// Calls per agent in the current window: (window start, count).
+    calls: std::sync::Mutex<BTreeMap<AgentIdentity, (u64, u32)>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -81,6 +87,23 @@ struct BottleView {
 }
 
 impl Inner {
+    /// Count one call of `who`: `Ok` while under [`MAX_CALLS_PER_MINUTE`]
+    /// in this minute, else `Err(first)`, `first` for the first refusal of
+    /// the window (the one worth a log line).
+    fn count_call(&self, who: &AgentIdentity) -> Result<(), bool> {
+        let now = store::now();
+        let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = calls.entry(who.clone()).or_insert((now, 0));
+        if now >= entry.0 + 60 {
+            *entry = (now, 0);
+        }
+        entry.1 = entry.1.saturating_add(1);
+        match entry.1 {
+            n if n <= MAX_CALLS_PER_MINUTE => Ok(()),
+            n => Err(n == MAX_CALLS_PER_MINUTE + 1),
+        }
+    }
+
     /// The bottle's declared `allow_hosts`, as last configured.
     pub(crate) fn declared(&self, bottle: &str) -> Vec<String> {
         self.bottles
@@ -108,6 +131,7 @@ impl Supervise {
             grants: Grants::new(paths),
             log,
             bottles: RwLock::new(BTreeMap::new()),
+            calls: std::sync::Mutex::new(BTreeMap::new()),
         });
         let handler_inner = inner.clone();
         let config = StreamableHttpServerConfig::default()
@@ -257,6 +281,20 @@ async fn serve(
     who: AgentIdentity,
     request: Request,
 ) -> Response {
+    if let Err(first) = inner.count_call(&who) {
+        if first {
+            inner.log(
+                &who,
+                json!({"event": "rate_limited", "limit_per_minute": MAX_CALLS_PER_MINUTE}),
+            );
+        }
+        return jsonrpc_error(
+            http::StatusCode::TOO_MANY_REQUESTS,
+            Value::Null,
+            -32000,
+            &format!("too many requests: at most {MAX_CALLS_PER_MINUTE} a minute"),
+        );
+    }
     let (mut parts, body) = request.into_parts();
     parts.extensions.insert(who.clone());
     let body = if parts.method == http::Method::POST {
