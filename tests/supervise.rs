@@ -602,3 +602,64 @@ fn an_agent_that_hammers_the_endpoint_is_refused_and_logged_once() {
         .count();
     assert!((1..=2).contains(&logged), "{logged}");
 }
+
+/// `watch` prints each new request and message as it arrives.
+#[test]
+fn watch_prints_each_new_request_as_it_arrives() {
+    use std::io::BufRead;
+    let p = support::project::Project::with_double(
+        "e2e",
+        support::Double::new().with_env("BOTTLE_E2E_SECRET", "not-a-real-secret-supervise"),
+    );
+    let mut command = p.command(&["watch", "--json", "--resync", "0"]);
+    command.stdout(std::process::Stdio::piped());
+    command.stderr(std::process::Stdio::null());
+    let mut child = command.spawn().unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stdout = child.stdout.take().unwrap();
+    let _child = Kill(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next = || {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("watch prints in time");
+        serde_json::from_str::<Value>(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
+    };
+    // Its first line comes after it started following the grants.
+    next();
+    let store = Store::new(&GatePaths::new(p.state_dir(), "e2e"));
+    let asked = store
+        .request_egress(&who("coder"), "extra.example", "need\x1b[31m it", now())
+        .unwrap();
+    let said = store
+        .message(&who("coder"), "hello operator", now())
+        .unwrap();
+    let mut found = Vec::new();
+    while found.len() < 2 {
+        let event = next();
+        if event["event"] == "supervise_request" || event["event"] == "supervise_message" {
+            found.push(event);
+        }
+    }
+    assert_eq!(found[0]["id"], asked.id.as_str());
+    assert_eq!(found[0]["host"], "extra.example");
+    let message = found[0]["message"].as_str().unwrap();
+    assert!(message.contains("need\\u{1b}[31m it"), "{message}");
+    assert!(message.contains(&format!("bottle supervise approve {}", asked.id)));
+    assert_eq!(found[1]["id"], said.id.as_str());
+    assert_eq!(found[1]["event"], "supervise_message");
+}

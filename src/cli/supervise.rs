@@ -306,6 +306,62 @@ pub fn print_undeclared(grants: &[UndeclaredGrant]) {
     );
 }
 
+/// For `watch`: print each new request and message as it arrives, from a
+/// thread of its own that checks the grants file once a second (a `stat`;
+/// a read only when it changed) for as long as the process runs.
+pub fn follow(paths: GatePaths, json: bool) {
+    let logger = crate::watch::Logger::new(json);
+    // What is there now is not new: read before this returns.
+    let mut follow = crate::gate::supervise::grants::Follow::new(&paths);
+    let spawned = std::thread::Builder::new()
+        .name("supervise-follow".into())
+        .spawn(move || {
+            let mut failing = false;
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                match follow.poll() {
+                    Ok(records) => {
+                        failing = false;
+                        for r in records {
+                            let message = match r.kind {
+                                Kind::Egress => format!(
+                                    "supervise: agent {} asks for egress to {} ({}): `bottle supervise approve {}` or `deny {}`",
+                                    escape(&r.agent),
+                                    escape(r.host.as_deref().unwrap_or("")),
+                                    shorten(&escape(&r.reason), 200),
+                                    r.id,
+                                    r.id
+                                ),
+                                Kind::Message => format!(
+                                    "supervise: agent {} says: {}",
+                                    escape(&r.agent),
+                                    shorten(&escape(&r.reason), 400)
+                                ),
+                            };
+                            let event = match r.kind {
+                                Kind::Egress => "supervise_request",
+                                Kind::Message => "supervise_message",
+                            };
+                            logger.log(event, &message, r.to_json(now()));
+                        }
+                    }
+                    Err(e) if !failing => {
+                        failing = true;
+                        logger.log("supervise_error", &format!("supervise: {e}"), json!({}));
+                    }
+                    Err(_) => {}
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        crate::watch::Logger::new(json).log(
+            "supervise_error",
+            &format!("supervise: cannot follow requests: {e}"),
+            json!({}),
+        );
+    }
+}
+
 /// `YYYY-MM-DD HH:MM:SS UTC`.
 fn utc(secs: u64) -> String {
     format!("{} UTC", crate::time::format_unix(secs))

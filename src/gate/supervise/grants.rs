@@ -60,14 +60,7 @@ impl Grants {
     }
 
     fn refresh(&self, cache: &mut Cache) {
-        let stamp = std::fs::metadata(self.store.path()).ok().map(|m| {
-            (
-                m.dev(),
-                m.ino(),
-                i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
-                m.len(),
-            )
-        });
+        let stamp = stamp(self.store.path());
         if cache.read && stamp == cache.stamp {
             return;
         }
@@ -99,6 +92,55 @@ impl ExtraEgress for Grants {
     fn allows(&self, who: &AgentIdentity, host: &str, port: u16) -> bool {
         self.grant_for(who, host, port).is_some()
     }
+}
+
+/// New requests and messages as they arrive (`watch` prints them): each
+/// [`Follow::poll`] costs one `stat`, and a read when the file changed.
+pub struct Follow {
+    store: Store,
+    stamp: Option<(u64, u64, i128, u64)>,
+    seen: std::collections::BTreeSet<String>,
+}
+
+impl Follow {
+    /// Start after what is already there.
+    pub fn new(paths: &GatePaths) -> Self {
+        let store = Store::new(paths);
+        let stamp = stamp(store.path());
+        let seen = store
+            .load()
+            .map(|f| f.records.into_iter().map(|r| r.id).collect())
+            .unwrap_or_default();
+        Self { store, stamp, seen }
+    }
+
+    /// Records that appeared since the last call, oldest first.
+    pub fn poll(&mut self) -> Result<Vec<Record>, StoreError> {
+        let stamp = stamp(self.store.path());
+        if stamp == self.stamp {
+            return Ok(Vec::new());
+        }
+        let file = self.store.load()?;
+        self.stamp = stamp;
+        let fresh: Vec<Record> = file
+            .records
+            .into_iter()
+            .filter(|r| !self.seen.contains(&r.id))
+            .collect();
+        self.seen.extend(fresh.iter().map(|r| r.id.clone()));
+        Ok(fresh)
+    }
+}
+
+fn stamp(path: &std::path::Path) -> Option<(u64, u64, i128, u64)> {
+    std::fs::metadata(path).ok().map(|m| {
+        (
+            m.dev(),
+            m.ino(),
+            i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            m.len(),
+        )
+    })
 }
 
 /// Whether the declared pattern `declared` lets through everything
@@ -325,6 +367,28 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn follow_yields_each_new_record_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = GatePaths::new(dir.path(), "proj");
+        let store = Store::new(&paths);
+        let old = store
+            .request_egress(&who("coder"), "a.example", "", 1)
+            .unwrap();
+        let mut follow = Follow::new(&paths);
+        assert!(follow.poll().unwrap().is_empty());
+        let new = store
+            .request_egress(&who("coder"), "b.example", "", 2)
+            .unwrap();
+        assert_eq!(follow.poll().unwrap(), vec![new.clone()]);
+        assert!(follow.poll().unwrap().is_empty());
+        // A decision changes the file but adds nothing new.
+        store.approve(&old.id, 60, 3).unwrap();
+        assert!(follow.poll().unwrap().is_empty());
+        let msg = store.message(&who("other"), "hello", 4).unwrap();
+        assert_eq!(follow.poll().unwrap(), vec![msg]);
     }
 
     #[test]
