@@ -86,15 +86,19 @@ fn duration(text: &str) -> Result<u64, String> {
     parse_duration(text).map_err(|why| format!("{why}; write e.g. `30m`, `2h` or `1d`"))
 }
 
+/// `--project` given something that cannot be a project id (exit 2).
 #[derive(Debug, Error, Diagnostic)]
-#[error("`--project {0}` is not a project id")]
+#[error("--project {name:?} is not a project id: it {why}")]
 #[diagnostic(
     code("bottle::invalid-project-option"),
     help(
-        "pass the project id as `bottle status` prints it: 1-48 lower-case letters, digits and '-', starting with a letter"
+        "pass the project id as `bottle status` prints it (`[project] name` in the root bottle.toml): 1-48 lower-case letters, digits and '-', starting with a letter"
     )
 )]
-pub struct BadProject(String);
+pub struct BadProject {
+    name: String,
+    why: &'static str,
+}
 
 pub fn run(global: &GlobalArgs, args: SuperviseArgs) -> miette::Result<Outcome> {
     match args.action {
@@ -123,14 +127,10 @@ pub fn run(global: &GlobalArgs, args: SuperviseArgs) -> miette::Result<Outcome> 
 fn gate_paths(global: &GlobalArgs, args: &ProjectArgs) -> miette::Result<(String, GatePaths)> {
     let project = match &args.project {
         Some(name) => {
-            let ok = (1..=48).contains(&name.len())
-                && name.starts_with(|c: char| c.is_ascii_lowercase())
-                && name
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
-            if !ok {
-                return Err(BadProject(name.clone()).into());
-            }
+            crate::manifest::names::check_name(name).map_err(|why| BadProject {
+                name: name.clone(),
+                why,
+            })?;
             name.clone()
         }
         None => crate::manifest::load_dir(&args.dir)?.name,
