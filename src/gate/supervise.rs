@@ -22,6 +22,20 @@
 //! supervise.handle(bottle, token, request).await
 //! ```
 //!
+//! # The reconciler's side
+//!
+//! - [`grants::undeclared_grants`]`(&paths, &declared, now)`: grants in
+//!   force the manifests do not declare (`check` exits 3 naming them;
+//!   `plan` and `status` show them). `declared` is each bottle's
+//!   `allow_hosts`: [`grants::declared_from_project`] or
+//!   [`grants::declared_from_config`]. `crate::cli::supervise::undeclared`
+//!   wraps it for the commands.
+//! - [`grants::is_declared`]`(host, allow_hosts)`: whether the manifests
+//!   now allow a granted host; [`grants::retire_declared`] marks such
+//!   grants `declared` for good (the gate does it on every
+//!   [`Supervise::configure`]).
+//! - `apply` never adds nor removes a grant.
+//!
 //! The endpoint is stateless (no MCP session is kept between requests:
 //! nothing an agent does makes the gate hold memory), answers JSON, and
 //! reads at most [`MAX_BODY`] bytes of a request; anything that is not a
