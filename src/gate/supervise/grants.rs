@@ -61,7 +61,7 @@ impl Grants {
 
     fn refresh(&self, cache: &mut Cache) {
         let stamp = stamp(self.store.path());
-        if cache.read && stamp == cache.stamp {
+        if cache.read && stamp == cache.stamp && !recent(stamp) {
             return;
         }
         // Fail closed: a file that cannot be read grants nothing.
@@ -117,7 +117,7 @@ impl Follow {
     /// Records that appeared since the last call, oldest first.
     pub fn poll(&mut self) -> Result<Vec<Record>, StoreError> {
         let stamp = stamp(self.store.path());
-        if stamp == self.stamp {
+        if stamp == self.stamp && !recent(stamp) {
             return Ok(Vec::new());
         }
         let file = self.store.load()?;
@@ -132,6 +132,23 @@ impl Follow {
     }
 }
 
+/// Whether a file with this stamp changed less than two seconds ago: two
+/// writes that close together may share an mtime tick, a reused inode
+/// number and a length, so such a file is read again whatever its stamp
+/// (as git does with "racily clean" entries).
+fn recent(stamp: Option<(u64, u64, i128, u64)>) -> bool {
+    let Some((_, _, mtime_ns, _)) = stamp else {
+        return false;
+    };
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or_default();
+    now_ns - mtime_ns < 2_000_000_000
+}
+
+/// What tells one version of the file from another without reading it:
+/// device, inode (every write is a rename), mtime in ns, length.
 fn stamp(path: &std::path::Path) -> Option<(u64, u64, i128, u64)> {
     std::fs::metadata(path).ok().map(|m| {
         (

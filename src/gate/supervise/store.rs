@@ -349,12 +349,10 @@ impl Store {
                 path: self.lock.clone(),
                 error,
             })?;
-        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).map_err(|e| {
-            StoreError::Io {
-                action: "lock",
-                path: self.lock.clone(),
-                error: e.into(),
-            }
+        lock_within(&lock, LOCK_WAIT).map_err(|error| StoreError::Io {
+            action: "lock",
+            path: self.lock.clone(),
+            error,
         })?;
         let mut file = self.load()?;
         let (changed, out) = change(&mut file)?;
@@ -546,6 +544,31 @@ impl Store {
             }
             Ok::<_, StoreError>((!retired.is_empty(), retired))
         })
+    }
+}
+
+/// How long a writer waits for another to finish: writers hold the lock
+/// for one read and one write, so only a stuck process makes this run out.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Take `file`'s exclusive `flock`, giving up after `wait`.
+fn lock_within(file: &File, wait: std::time::Duration) -> std::io::Result<()> {
+    use rustix::fs::{FlockOperation, flock};
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match flock(file, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(()),
+            Err(e) if e == rustix::io::Errno::WOULDBLOCK || e == rustix::io::Errno::INTR => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("another bottle process has held it for {}s", wait.as_secs()),
+                    ));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 
@@ -895,6 +918,19 @@ mod tests {
             t.join().unwrap();
         }
         assert_eq!(s.load().unwrap().records.len(), 20);
+    }
+
+    #[test]
+    fn a_stuck_writer_is_waited_for_then_reported() {
+        let (_d, s) = store();
+        s.request_egress(&who("coder"), "a.example", "", 0).unwrap();
+        let held = File::open(&s.lock).unwrap();
+        rustix::fs::flock(&held, rustix::fs::FlockOperation::LockExclusive).unwrap();
+        let other = OpenOptions::new().write(true).open(&s.lock).unwrap();
+        let err = lock_within(&other, std::time::Duration::from_millis(50)).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        drop(held);
+        lock_within(&other, std::time::Duration::from_millis(50)).unwrap();
     }
 
     #[test]
