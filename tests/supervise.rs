@@ -216,7 +216,7 @@ macro_rules! snapshot {
         }
         let mut settings = insta::Settings::clone_current();
         settings.add_filter(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2} UTC", "[TIME]");
-        settings.add_filter(r"\(\d+[smhd] left\)", "([LEFT] left)");
+        settings.add_filter(r"\b\d+[smhd] left", "[LEFT] left");
         settings.add_filter(r" \d+s   ", " [AGE]   ");
         settings.bind(|| insta::assert_snapshot!($name, value));
     }};
@@ -544,9 +544,17 @@ fn check_names_a_grant_wider_than_the_manifests_until_it_is_revoked() {
 
     let check = p.bottle(&["check"]);
     check.code(3);
+    snapshot!(
+        "check_with_a_grant",
+        format!(
+            "exit: 3\n--- stdout\n{}--- stderr\n{}",
+            check.stdout, check.stderr
+        ),
+        std::slice::from_ref(&id)
+    );
     assert!(
         check.stdout.contains(&format!(
-            "coder: supervise grant {id} lets agent `coder` reach `extra.example`"
+            "  supervise grant {id} lets agent `coder` reach `extra.example`"
         )),
         "{}",
         check.stdout

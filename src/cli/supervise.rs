@@ -298,7 +298,7 @@ pub fn print_undeclared(grants: &[UndeclaredGrant]) {
     }
     println!("Supervise grants in force that the manifests do not declare:");
     for g in grants {
-        println!("  {}: {g}", escape(&g.agent));
+        println!("  {g}");
     }
     println!(
         "{} grant(s); `apply` leaves them: `bottle supervise revoke ID` ends one, and declaring its host in the bottle's `egress.allow_hosts` retires it.",
