@@ -122,6 +122,11 @@ impl Gate {
 
     /// POST `body` to `/mcp/<token>`: status and body.
     fn post_raw(&self, token: &str, body: Vec<u8>) -> (u16, String) {
+        self.post_as(token, body, None)
+    }
+
+    /// [`Gate::post_raw`] with another `Host` header.
+    fn post_as(&self, token: &str, body: Vec<u8>, host: Option<&str>) -> (u16, String) {
         let uri = format!("http://{}/mcp/{token}", self.addr);
         self.runtime.block_on(async {
             tokio::time::timeout(LIMIT, async {
@@ -129,12 +134,17 @@ impl Gate {
                     hyper_util::rt::TokioExecutor::new(),
                 )
                 .build_http::<Full<Bytes>>();
-                let request = http::Request::post(uri)
+                let mut request = http::Request::post(uri)
                     .header("content-type", "application/json")
                     .header("accept", "application/json, text/event-stream")
                     .header("mcp-protocol-version", "2025-06-18")
                     .body(Full::new(Bytes::from(body)))
                     .unwrap();
+                if let Some(host) = host {
+                    request
+                        .headers_mut()
+                        .insert("host", http::HeaderValue::from_str(host).unwrap());
+                }
                 let response = client.request(request).await.unwrap();
                 let status = response.status().as_u16();
                 let bytes = response.into_body().collect().await.unwrap().to_bytes();
@@ -494,6 +504,16 @@ fn bad_bodies_get_json_rpc_errors_and_bad_tokens_nothing() {
     assert_eq!(status, 404);
     let (status, _) = gate.post_raw(&CODER[..CODER.len() - 1], b"{}".to_vec());
     assert_eq!(status, 404);
+
+    // Guests name the gate by its address or smolvm's name; a page a
+    // browser loaded from elsewhere does not.
+    let list = br#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#;
+    let (status, _) = gate.post_as(CODER, list.to_vec(), Some("100.96.0.1:4100"));
+    assert_eq!(status, 200);
+    let (status, _) = gate.post_as(CODER, list.to_vec(), Some("host.smolvm.internal:4100"));
+    assert_eq!(status, 200);
+    let (status, _) = gate.post_as(CODER, list.to_vec(), Some("evil.example"));
+    assert_eq!(status, 403);
 
     // Still serving.
     let tools = gate.rpc(CODER, "tools/list", json!({}));

@@ -138,9 +138,20 @@ impl Inner {
 }
 
 impl Supervise {
-    /// Serve from the grants in `paths`, logging to `log`. Serves no
+    /// Serve from the grants in `paths`, logging to `log`, for requests
+    /// whose `Host` is one of [`ALLOWED_HOSTS`] (any port). Serves no
     /// bottle until [`Supervise::configure`].
     pub fn new(paths: &GatePaths, log: Arc<GateLog>) -> Self {
+        Self::with_allowed_hosts(paths, log, ALLOWED_HOSTS.iter().copied())
+    }
+
+    /// [`Supervise::new`] for guests that reach the gate by other names
+    /// (`host` or `host:port`); a request with any other `Host` gets 403.
+    pub fn with_allowed_hosts(
+        paths: &GatePaths,
+        log: Arc<GateLog>,
+        allowed_hosts: impl IntoIterator<Item = impl Into<String>>,
+    ) -> Self {
         let inner = Arc::new(Inner {
             grants: Grants::new(paths),
             log,
@@ -153,7 +164,7 @@ impl Supervise {
             .with_json_response(true)
             .with_sse_keep_alive(None)
             .with_sse_retry(None)
-            .with_allowed_hosts(ALLOWED_HOSTS.iter().copied())
+            .with_allowed_hosts(allowed_hosts)
             .with_max_request_body_bytes(MAX_BODY);
         let service = StreamableHttpService::new(
             move || Ok(mcp::Handler::new(handler_inner.clone())),
