@@ -14,6 +14,7 @@ mod plan;
 mod schema;
 mod session;
 mod status;
+mod supervise;
 mod validate;
 mod watch;
 
@@ -127,6 +128,10 @@ pub enum Command {
     /// Keep reconciling: whenever a manifest or a file it references
     /// changes, and periodically to repair drift inside guests.
     Watch(watch::WatchArgs),
+
+    /// What agents asked their operator for, through the gate's supervise
+    /// endpoint: list (the default), approve, deny, revoke.
+    Supervise(supervise::SuperviseArgs),
 }
 
 /// Parse arguments, run the command, return the process exit code.
@@ -144,6 +149,7 @@ pub fn main() -> ExitCode {
         Command::Destroy(args) => destroy::run(&cli.global, args),
         Command::Attach(args) => attach::run(&cli.global, args),
         Command::Watch(args) => watch::run(&cli.global, args),
+        Command::Supervise(args) => supervise::run(&cli.global, args),
     };
     match result {
         Ok(Outcome::Success) => ExitCode::SUCCESS,
@@ -163,7 +169,9 @@ pub fn main() -> ExitCode {
 /// an agent the manifests do not declare, a malformed `--project`. Told by
 /// type, so an error that merely shares a code never passes for one.
 fn is_usage_error(report: &miette::Report) -> bool {
-    report.is::<session::UnknownTarget>() || report.is::<destroy::InvalidProjectOption>()
+    report.is::<session::UnknownTarget>()
+        || report.is::<destroy::InvalidProjectOption>()
+        || report.is::<supervise::BadProject>()
 }
 
 /// Diagnostics render with colour and Unicode on a terminal, and as plain

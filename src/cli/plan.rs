@@ -85,6 +85,12 @@ pub fn run(global: &GlobalArgs, args: PlanArgs) -> miette::Result<Outcome> {
         );
     } else {
         print!("{}", survey.plan.render());
+        // Not actions: `apply` neither adds nor removes a grant.
+        super::supervise::print_undeclared(&super::supervise::undeclared(
+            global,
+            &survey.desired,
+            survey.plan.targets.as_deref(),
+        )?);
     }
     session::observation_errors(&survey.plan)?;
     if args.detailed_exitcode && !survey.plan.is_empty() {

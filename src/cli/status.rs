@@ -24,6 +24,9 @@ struct Status {
     agents: Vec<AgentStatus>,
     /// Managed machines of this project no agent declares.
     undeclared: Vec<String>,
+    /// Supervise grants in force that the manifests do not declare.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    grants: Vec<crate::gate::supervise::grants::UndeclaredGrant>,
 }
 
 #[derive(Debug, Serialize)]
@@ -57,6 +60,7 @@ pub fn run(global: &GlobalArgs, args: StatusArgs) -> miette::Result<Outcome> {
         project: survey.desired.project.name.clone(),
         agents: Vec::new(),
         undeclared: Vec::new(),
+        grants: Vec::new(),
     };
     for agent in survey.desired.agents.values() {
         let machine = survey.snapshot.machine(&agent.machine);
@@ -124,6 +128,7 @@ pub fn run(global: &GlobalArgs, args: StatusArgs) -> miette::Result<Outcome> {
             last_applied: probe.and_then(|p| p.ledger.values().map(|e| e.applied_at).max()),
         });
     }
+    status.grants = super::supervise::undeclared(global, &survey.desired, None)?;
     status.undeclared = survey
         .plan
         .actions
@@ -168,6 +173,7 @@ pub fn run(global: &GlobalArgs, args: StatusArgs) -> miette::Result<Outcome> {
             "{m}: managed by this project but no agent declares it (`bottle apply --prune` deletes it)"
         );
     }
+    super::supervise::print_undeclared(&status.grants);
     for e in &survey.plan.errors {
         println!("{e}");
     }
@@ -178,7 +184,7 @@ pub fn run(global: &GlobalArgs, args: StatusArgs) -> miette::Result<Outcome> {
 /// Rows as aligned columns, each as wide as its widest cell (names go up
 /// to 48 characters, machine names past 100), three spaces apart like
 /// `kubectl get`; the last column is not padded.
-fn table<const N: usize>(rows: &[[String; N]]) -> String {
+pub(super) fn table<const N: usize>(rows: &[[String; N]]) -> String {
     let mut widths = [0; N];
     for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {

@@ -49,6 +49,11 @@ pub fn run(global: &GlobalArgs, args: WatchArgs) -> miette::Result<Outcome> {
         Duration::ZERO,
     )?;
     let rt = session::runtime(global)?;
+    // Agents' requests to their operator, printed as they arrive.
+    super::supervise::follow(
+        crate::gate::paths::GatePaths::new(&state, &first.project.name),
+        args.json,
+    );
 
     let (tx, rx) = mpsc::channel();
     let stop = tx.clone();
