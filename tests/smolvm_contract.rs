@@ -972,33 +972,37 @@ fn real_apply_of_12_agents_at_parallelism_8_creates_all_of_them() {
     }
 }
 
-/// Two bottle processes, two projects, one smolvm: they take turns too.
+/// Two bottle processes, two projects, one smolvm: they take turns too,
+/// in each of ten rounds.
 #[test]
 fn real_two_projects_applying_at_once_create_all_machines() {
-    let Some(real) = Real::new("real_two_projects_applying_at_once_create_all_machines") else {
+    if Real::new("real_two_projects_applying_at_once_create_all_machines").is_none() {
         return;
-    };
-    let (one, two) = (write_project("one", 12), write_project("two", 12));
-    let (state_one, state_two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let first = spawn_real_apply(&real, one.path(), state_one.path());
-    let second = spawn_real_apply(&real, two.path(), state_two.path());
-    let outputs = [
-        first.wait_with_output().unwrap(),
-        second.wait_with_output().unwrap(),
-    ];
-    for output in &outputs {
-        let all = format!("{}{}", stdout(output), stderr(output));
-        assert!(!all.contains("database is locked"), "{all}");
     }
-    let names = real.names();
-    assert_eq!(names.len(), 24, "{names:?}");
-    assert_eq!(
-        names
-            .iter()
-            .filter(|n| n.starts_with("bottle_one_"))
-            .count(),
-        12
-    );
+    let (one, two) = (write_project("one", 12), write_project("two", 12));
+    for round in 0..10 {
+        let real = Real::new("").unwrap();
+        let (state_one, state_two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let first = spawn_real_apply(&real, one.path(), state_one.path());
+        let second = spawn_real_apply(&real, two.path(), state_two.path());
+        let outputs = [
+            first.wait_with_output().unwrap(),
+            second.wait_with_output().unwrap(),
+        ];
+        for output in &outputs {
+            let all = format!("{}{}", stdout(output), stderr(output));
+            assert!(!all.contains("database is locked"), "round {round}:\n{all}");
+        }
+        let names = real.names();
+        assert_eq!(names.len(), 24, "round {round}: {names:?}");
+        assert_eq!(
+            names
+                .iter()
+                .filter(|n| n.starts_with("bottle_one_"))
+                .count(),
+            12
+        );
+    }
 }
 
 // --- No runtime call outlives bottle -----------------------------------------
