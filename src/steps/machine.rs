@@ -168,7 +168,34 @@ pub fn settings_probe(ctx: &AgentCtx) -> String {
             super::sh_quote(&mountinfo_escape(&volume.guest))
         ));
     }
+    out.push_str(&sources_probe(ctx));
     out
+}
+
+/// Per declared volume, a fingerprint of what is mounted at its guest path
+/// (the mount's device, root, file system type and source, hashed): the
+/// machine step records it once it has provisioned the machine, so a
+/// mount of another host directory there (read-only or not) shows.
+fn sources_probe(ctx: &AgentCtx) -> String {
+    let mut out = String::new();
+    for volume in &ctx.bottle.volumes {
+        out.push_str(&format!(
+            "bottle_g={}; export bottle_g; bottle_s=$(awk '$5 == ENVIRON[\"bottle_g\"] {{ for (i = 7; i < NF && $i != \"-\"; i++) ; s = $3 \" \" $4 \" \" $(i+1) \" \" $(i+2) }} \
+             END {{ print s }}' /proc/self/mountinfo); \
+             printf 'src %s %s\\n' \"$bottle_g\" \"$(printf '%s\\n' \"$bottle_s\" | sha256sum | cut -c1-64)\"\n",
+            super::sh_quote(&mountinfo_escape(&volume.guest))
+        ));
+    }
+    out
+}
+
+/// The `src` lines of a settings or provisioning output, by guest path.
+fn parse_sources(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|line| line.strip_prefix("src "))
+        .filter_map(|rest| rest.rsplit_once(' '))
+        .map(|(path, fp)| (path.to_owned(), fp.to_owned()))
+        .collect()
 }
 
 /// A path as `/proc/self/mountinfo` writes it (space, tab, newline and
@@ -263,6 +290,7 @@ pub fn pending_update(
         }
     }
     if let Some(observed) = observed {
+        let sources = parse_sources(observed);
         let observed = parse_settings(observed);
         let differs = |subject: &String, want: &String| observed.get(subject) != Some(want);
         let expected = expected_settings(ctx);
@@ -282,17 +310,26 @@ pub fn pending_update(
         // same guest path is the runtime's to refuse or replace).
         for volume in volume_mounts(ctx.bottle) {
             let subject = format!("vol {}", mountinfo_escape(&volume.guest));
-            if update.add_volumes.contains(&volume)
-                || !expected
-                    .get(&subject)
-                    .is_some_and(|want| differs(&subject, want))
-            {
+            let escaped = mountinfo_escape(&volume.guest);
+            let source_changed = recorded
+                .and_then(|e| e.detail.get("volume_sources"))
+                .and_then(|s| s.get(&escaped))
+                .and_then(|v| v.as_str())
+                .is_some_and(|was| sources.get(&escaped).is_some_and(|now| now != was));
+            let mode_changed = expected
+                .get(&subject)
+                .is_some_and(|want| differs(&subject, want));
+            if update.add_volumes.contains(&volume) || !(mode_changed || source_changed) {
                 continue;
             }
             causes.push(format!(
                 "volume {} changed in guest: {}",
                 volume.guest,
-                observed.get(&subject).map_or("not probed", String::as_str)
+                match observed.get(&subject).map(String::as_str) {
+                    Some(mode) if mode_changed => mode,
+                    Some(_) => "another source is mounted",
+                    None => "not probed",
+                }
             ));
             if !update.remove_volumes.contains(&volume) {
                 update.remove_volumes.push(volume.clone());
@@ -345,7 +382,7 @@ pub fn ensure_user(
         ctx.machine,
         &StepKind::Machine.id(),
         "creating the agent user",
-        ENSURE_USER,
+        &format!("{ENSURE_USER}{}", sources_probe(ctx)),
         &[ctx.user(), &home],
         "the image needs `useradd` (shadow) or busybox `adduser`",
     )?;
@@ -371,6 +408,10 @@ pub fn ensure_user(
     entry
         .detail
         .insert("gid".into(), serde_json::json!(user.gid));
+    entry.detail.insert(
+        "volume_sources".into(),
+        serde_json::json!(parse_sources(&out)),
+    );
     Ok((user, entry))
 }
 
