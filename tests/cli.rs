@@ -407,3 +407,34 @@ fn json_output_when_manifests_do_not_load() {
         );
     }
 }
+
+#[test]
+fn a_value_pasted_into_from_env_is_never_printed() {
+    const PASTED: &str = "ghp_pAsTeDvAlUe1234567890";
+    let p = Project::new("e2e");
+    p.edit(
+        "bottles.toml",
+        "\"BOTTLE_E2E_SECRET\"",
+        &format!("\"{PASTED}\""),
+    );
+    for args in [
+        &["validate"][..],
+        &["plan"],
+        &["plan", "--json"],
+        &["check"],
+        &["status"],
+    ] {
+        let run = p.bottle(args);
+        assert!(
+            !run.all().contains(PASTED),
+            "{args:?} printed it:\n{}",
+            run.all()
+        );
+    }
+    let plan = p.bottle(&["plan"]);
+    assert!(
+        plan.stdout.contains("does not look like a variable name"),
+        "{}",
+        plan.stdout
+    );
+}
