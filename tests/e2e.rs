@@ -399,6 +399,40 @@ fn apply_provisions_every_step_in_the_guest_and_a_second_apply_changes_nothing()
             bottle::steps::sh_quote(AS_USER)
         )
     );
+    // Without Claude Code in the guest, attach says so and what to do.
+    let missing = p.bottle(&["attach", "coder"]);
+    missing.code(1);
+    assert!(
+        missing.stderr.contains("bottle::claude-missing")
+            && missing.stderr.contains("[[bottle.dev.setup]]"),
+        "{}",
+        missing.stderr
+    );
+    // `bottle exec`: a command as the agent user, in its home, with its
+    // environment; its exit status passed through; `--root` for root.
+    let exec = p.bottle_raw(&[
+        "exec",
+        "coder",
+        &p.dir().display().to_string(),
+        "--",
+        "sh",
+        "-c",
+        "echo \"$(id -un) $HOME $(pwd) $E2E_MODE\"; echo oops >&2; exit 7",
+    ]);
+    exec.code(7);
+    assert_eq!(exec.stdout, "node /home/node /home/node dev\n");
+    assert_eq!(exec.stderr, "oops\n");
+    let exec = p.bottle_raw(&[
+        "exec",
+        "coder",
+        &p.dir().display().to_string(),
+        "--root",
+        "--",
+        "id",
+        "-un",
+    ]);
+    exec.success();
+    assert_eq!(exec.stdout, "root\n");
     // And for real, with a stand-in for Claude Code: it runs in the guest,
     // as the agent user, in its home, with the secret passed by reference.
     p.double.sh(
