@@ -785,7 +785,7 @@ fn drift_is_reported_and_repaired_and_manifest_edits_converge() {
     assert_eq!(
         plan.stdout,
         "agent reader (machine bottle_e2e_reader)\n  \
-         ~ restart  machine   cpus 1 → 2, memory_mib 512 → 768, env changed\n\
+         ~ restart  machine   cpus 1 → 2, memory_mib 512 → 768, env changed: +NOTES\n\
          \nPlan: 1 to restart.\n"
     );
     let start = p.double.calls().len();
