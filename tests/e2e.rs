@@ -1890,3 +1890,55 @@ fn ctrl_c_starts_nothing_that_waits_for_a_worker() {
     p.bottle(&["apply"]).success();
     check_in_sync(&p);
 }
+
+// --- A setup command that does not finish --------------------------------------
+
+#[test]
+fn a_long_setup_command_is_reported_while_it_runs() {
+    use std::io::BufRead;
+    let p = project();
+    p.edit(
+        "bottles.toml",
+        "[[bottle.plain.setup]]",
+        "[[bottle.plain.setup]]\nname = \"slow\"\n\
+         run = \"while [ ! -f /tmp/bottle-e2e-go ]; do sleep 0.2; done\"\n\n\
+         [[bottle.plain.setup]]",
+    );
+    let mut apply = p.command(&["apply", "--target", "reader"]);
+    apply
+        .env("BOTTLE_PROGRESS_SECONDS", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = apply.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    // The step waits for a file only the test creates: bottle says what it
+    // is waiting for, and how to stop, until then.
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| {
+                let _ = child.kill();
+                panic!(
+                    "no progress line for the running setup step:\n{}",
+                    seen.join("\n")
+                )
+            });
+        let found =
+            line.contains("still running reader: apply setup:slow (") && line.contains("Ctrl-C");
+        seen.push(line);
+        if found {
+            break;
+        }
+    }
+    p.double.sh(READER, "touch /tmp/bottle-e2e-go");
+    assert!(child.wait().unwrap().success(), "{}", seen.join("\n"));
+}
