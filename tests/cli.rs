@@ -438,3 +438,41 @@ fn a_value_pasted_into_from_env_is_never_printed() {
         plan.stdout
     );
 }
+
+/// Declining `destroy`'s prompt is the user's choice, not an error: exit 0.
+/// The prompt needs a terminal: `script` (util-linux) provides one.
+#[test]
+fn declining_destroys_prompt_exits_0() {
+    use std::io::Write;
+    let p = Project::with_double(
+        "e2e",
+        support::Double::new().with_env("BOTTLE_E2E_SECRET", "not-a-real-secret-cli"),
+    );
+    p.bottle(&["apply", "--target", "reader"]).success();
+    let q = |s: &std::path::Path| bottle::steps::sh_quote(&s.display().to_string());
+    let command = format!(
+        "{} --smolvm {} --state-dir {} destroy {}",
+        q(Project::binary()),
+        q(support::Double::binary()),
+        q(p.state_dir()),
+        q(p.dir())
+    );
+    let mut script = std::process::Command::new("script");
+    script
+        .args(["-qec", &command, "/dev/null"])
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    p.double.apply_env(&mut script);
+    let mut child = script.spawn().expect("script (util-linux) runs");
+    child.stdin.take().unwrap().write_all(b"n\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("Delete 1 machine(s)? [y/N]"), "{stdout}");
+    assert!(
+        stdout.contains("Cancelled; nothing was deleted."),
+        "{stdout}"
+    );
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert_eq!(p.double.list_json().len(), 1, "nothing was deleted");
+}

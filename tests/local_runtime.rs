@@ -692,7 +692,8 @@ fn interactive_argv_runs_in_the_machine() {
     let f = Fixture::new();
     let var = format!("BOTTLE_TEST_ATTACH_{}", std::process::id());
     unsafe { std::env::set_var(&var, "attached-secret") };
-    // A file secret whose value ends in newlines keeps them.
+    // A file secret's trailing newlines are trimmed, as smolvm trims them;
+    // the ones inside stay.
     let secret_file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(secret_file.path(), "two\nlines\n\n").unwrap();
     let mut spec = Fixture::spec("attach");
@@ -737,7 +738,7 @@ fn interactive_argv_runs_in_the_machine() {
     let bnd = lines.next().unwrap();
     let exec_bnd = f.ok(&m, "grep CapBnd /proc/self/status");
     assert_eq!(bnd, exec_bnd.trim());
-    assert_eq!(lines.next().unwrap(), "two+lines++");
+    assert_eq!(lines.next().unwrap(), "two+lines");
     // A stopped machine gives an argv that fails with a message.
     f.rt.stop(&m).unwrap();
     let argv = f.rt.interactive_argv(&m, &ExecRequest::new(["true"]));
