@@ -476,3 +476,42 @@ fn declining_destroys_prompt_exits_0() {
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     assert_eq!(p.double.list_json().len(), 1, "nothing was deleted");
 }
+
+/// A machine bottle cannot observe (frozen, or in a state it does not
+/// know) is never counted as in sync: `check` names it and exits 1.
+#[test]
+fn a_frozen_machine_is_never_in_sync() {
+    let p = Project::with_double(
+        "e2e",
+        support::Double::new().with_env("BOTTLE_E2E_SECRET", "not-a-real-secret-cli"),
+    );
+    p.bottle(&["apply", "--target", "reader"]).success();
+    p.bottle(&["check", "--target", "reader"]).success();
+    for state in ["frozen", "hibernating"] {
+        std::fs::write(
+            p.double.home().join("states.json"),
+            format!("{{\"bottle_e2e_reader\": \"{state}\"}}"),
+        )
+        .unwrap();
+        let check = p.bottle(&["check", "--target", "reader"]);
+        check.code(1);
+        assert!(
+            !check.stdout.contains("In sync"),
+            "{state}: {}",
+            check.stdout
+        );
+        assert!(
+            check
+                .stdout
+                .contains("error: agent reader (machine bottle_e2e_reader)")
+                && check.stdout.contains(state),
+            "{state}: {}",
+            check.stdout
+        );
+        assert!(
+            check.stderr.contains("bottle::observe-failed"),
+            "{}",
+            check.stderr
+        );
+    }
+}
