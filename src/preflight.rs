@@ -194,6 +194,21 @@ fn missing_secrets(bottle: &Bottle) -> Vec<MissingSecret> {
     let mut out = Vec::new();
     for (name, reference) in &bottle.spec.secrets {
         let (what, help) = match (&reference.from_env, &reference.from_file) {
+            // A `from_env` that does not look like a variable name may be
+            // a value pasted in its place: never printed.
+            (Some(var), _)
+                if std::env::var_os(var).is_none()
+                    && !crate::manifest::load::conventional_env_name(var) =>
+            {
+                (
+                    "the host environment variable its `from_env` names is not set (the name is \
+                     not shown: it does not look like a variable name)"
+                        .to_owned(),
+                    "if a value was pasted into `from_env`, rotate it and name the variable that \
+                     holds it instead, e.g. `from_env = \"GITHUB_TOKEN\"`"
+                        .to_owned(),
+                )
+            }
             (Some(var), _) if std::env::var_os(var).is_none() => (
                 format!("host environment variable `{var}` is not set"),
                 format!(

@@ -403,6 +403,40 @@ fn apply_provisions_every_step_in_the_guest_and_a_second_apply_changes_nothing()
             bottle::steps::sh_quote(AS_USER)
         )
     );
+    // Without Claude Code in the guest, attach says so and what to do.
+    let missing = p.bottle(&["attach", "coder"]);
+    missing.code(1);
+    assert!(
+        missing.stderr.contains("bottle::claude-missing")
+            && missing.stderr.contains("[[bottle.dev.setup]]"),
+        "{}",
+        missing.stderr
+    );
+    // `bottle exec`: a command as the agent user, in its home, with its
+    // environment; its exit status passed through; `--root` for root.
+    let exec = p.bottle_raw(&[
+        "exec",
+        "coder",
+        &p.dir().display().to_string(),
+        "--",
+        "sh",
+        "-c",
+        "echo \"$(id -un) $HOME $(pwd) $E2E_MODE\"; echo oops >&2; exit 7",
+    ]);
+    exec.code(7);
+    assert_eq!(exec.stdout, "node /home/node /home/node dev\n");
+    assert_eq!(exec.stderr, "oops\n");
+    let exec = p.bottle_raw(&[
+        "exec",
+        "coder",
+        &p.dir().display().to_string(),
+        "--root",
+        "--",
+        "id",
+        "-un",
+    ]);
+    exec.success();
+    assert_eq!(exec.stdout, "root\n");
     // And for real, with a stand-in for Claude Code: it runs in the guest,
     // as the agent user, in its home, with the secret passed by reference.
     p.double.sh(
@@ -755,7 +789,7 @@ fn drift_is_reported_and_repaired_and_manifest_edits_converge() {
     assert_eq!(
         plan.stdout,
         "agent reader (machine bottle_e2e_reader)\n  \
-         ~ restart  machine   cpus 1 → 2, memory_mib 512 → 768, env changed\n\
+         ~ restart  machine   cpus 1 → 2, memory_mib 512 → 768, env changed: +NOTES\n\
          \nPlan: 1 to restart.\n"
     );
     let start = p.double.calls().len();
@@ -1859,4 +1893,56 @@ fn ctrl_c_starts_nothing_that_waits_for_a_worker() {
     assert_eq!(changed, 1, "{prompts:?}\n{stdout}");
     p.bottle(&["apply"]).success();
     check_in_sync(&p);
+}
+
+// --- A setup command that does not finish --------------------------------------
+
+#[test]
+fn a_long_setup_command_is_reported_while_it_runs() {
+    use std::io::BufRead;
+    let p = project();
+    p.edit(
+        "bottles.toml",
+        "[[bottle.plain.setup]]",
+        "[[bottle.plain.setup]]\nname = \"slow\"\n\
+         run = \"while [ ! -f /tmp/bottle-e2e-go ]; do sleep 0.2; done\"\n\n\
+         [[bottle.plain.setup]]",
+    );
+    let mut apply = p.command(&["apply", "--target", "reader"]);
+    apply
+        .env("BOTTLE_PROGRESS_SECONDS", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = apply.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    // The step waits for a file only the test creates: bottle says what it
+    // is waiting for, and how to stop, until then.
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| {
+                let _ = child.kill();
+                panic!(
+                    "no progress line for the running setup step:\n{}",
+                    seen.join("\n")
+                )
+            });
+        let found =
+            line.contains("still running reader: apply setup:slow (") && line.contains("Ctrl-C");
+        seen.push(line);
+        if found {
+            break;
+        }
+    }
+    p.double.sh(READER, "touch /tmp/bottle-e2e-go");
+    assert!(child.wait().unwrap().success(), "{}", seen.join("\n"));
 }

@@ -48,14 +48,20 @@ pub fn run(global: &GlobalArgs, args: ApplyArgs) -> miette::Result<Outcome> {
         return Ok(Outcome::Success);
     }
     eprintln!();
-    session::on_interrupt("interrupted: finishing the actions under way", || {})?;
+    let progress = std::sync::Arc::new(session::Lines::new());
+    let running = progress.clone();
+    session::on_interrupt("interrupted: finishing the actions under way", move || {
+        for what in running.running() {
+            eprintln!("         waiting for {what}");
+        }
+    })?;
     let report = apply::execute(
         &survey.desired,
         &survey.snapshot,
         &survey.plan,
         survey.runtime.as_ref(),
         parallelism,
-        &session::Lines,
+        progress.as_ref(),
     );
     print!("\n{}", render_summary(&report));
     if apply::cancelled() {

@@ -9,6 +9,7 @@ mod apply;
 mod attach;
 mod check;
 mod destroy;
+mod exec;
 mod graph;
 mod plan;
 mod schema;
@@ -31,6 +32,8 @@ pub enum Outcome {
     /// The world differs from the manifests (`check`, `plan
     /// --detailed-exitcode`), or `apply` left blocked actions undone.
     Drift,
+    /// Exit with this code: `exec` passes its command's status through.
+    Exit(u8),
 }
 
 pub const EXIT_ERROR: u8 = 1;
@@ -125,6 +128,11 @@ pub enum Command {
     /// Run the agent's Claude Code session in its machine.
     Attach(attach::AttachArgs),
 
+    /// Run a command in the agent's machine as the agent user, with its
+    /// HOME and environment: `bottle exec AGENT [DIR] -- CMD...` (`--root`
+    /// for root, `-it` for a terminal). Exits with the command's status.
+    Exec(exec::ExecArgs),
+
     /// Keep reconciling: whenever a manifest or a file it references
     /// changes, and periodically to repair drift inside guests.
     Watch(watch::WatchArgs),
@@ -148,12 +156,14 @@ pub fn main() -> ExitCode {
         Command::Status(args) => status::run(&cli.global, args),
         Command::Destroy(args) => destroy::run(&cli.global, args),
         Command::Attach(args) => attach::run(&cli.global, args),
+        Command::Exec(args) => exec::run(&cli.global, args),
         Command::Watch(args) => watch::run(&cli.global, args),
         Command::Supervise(args) => supervise::run(&cli.global, args),
     };
     match result {
         Ok(Outcome::Success) => ExitCode::SUCCESS,
         Ok(Outcome::Drift) => ExitCode::from(EXIT_DRIFT),
+        Ok(Outcome::Exit(code)) => ExitCode::from(code),
         Err(report) => {
             eprintln!("{report:?}");
             ExitCode::from(if is_usage_error(&report) {

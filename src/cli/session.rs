@@ -129,13 +129,96 @@ pub fn on_interrupt(message: &'static str, then: impl Fn() + Send + 'static) -> 
     })
 }
 
-/// Progress as plain lines on stderr: a counter, the action, its outcome.
-pub struct Lines;
+/// Progress as plain lines on stderr: a counter, the action, its outcome;
+/// and, while an action runs long (a setup command that hangs), a line
+/// every [`Lines::every`] saying what is still running and how to stop it.
+pub struct Lines {
+    running: std::sync::Arc<std::sync::Mutex<RunningActions>>,
+    stop: std::sync::mpsc::Sender<()>,
+}
+
+type RunningActions = std::collections::BTreeMap<usize, (String, std::time::Instant)>;
+
+impl Lines {
+    /// How often a still-running action is reported.
+    pub fn every() -> std::time::Duration {
+        std::env::var("BOTTLE_PROGRESS_SECONDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(
+                std::time::Duration::from_secs(30),
+                std::time::Duration::from_secs,
+            )
+    }
+
+    pub fn new() -> Self {
+        let running: std::sync::Arc<std::sync::Mutex<RunningActions>> = Default::default();
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let every = Self::every();
+        let watched = running.clone();
+        std::thread::spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every)
+            {
+                let now = std::time::Instant::now();
+                for (what, since) in watched.lock().expect("progress lock").values() {
+                    let seconds = now.duration_since(*since).as_secs();
+                    if seconds >= every.as_secs() {
+                        eprintln!("         {}", still_running(what, seconds));
+                    }
+                }
+            }
+        });
+        Self { running, stop }
+    }
+
+    /// The actions under way, for the Ctrl-C message.
+    pub fn running(&self) -> Vec<String> {
+        self.running
+            .lock()
+            .expect("progress lock")
+            .values()
+            .map(|(what, _)| what.clone())
+            .collect()
+    }
+}
+
+impl Default for Lines {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Lines {
+    fn drop(&mut self) {
+        let _ = self.stop.send(());
+    }
+}
+
+fn still_running(what: &str, seconds: u64) -> String {
+    format!(
+        "still running {what} ({}m {:02}s; Ctrl-C stops starting anything new, a second Ctrl-C quits at once)",
+        seconds / 60,
+        seconds % 60
+    )
+}
 
 impl Progress for Lines {
-    fn started(&self, _action: &Action, _running: usize, _total: usize) {}
+    fn started(&self, action: &Action, _running: usize, _total: usize) {
+        let who = action.agent.as_deref().unwrap_or(&action.machine);
+        self.running.lock().expect("progress lock").insert(
+            action.id,
+            (
+                format!("{who}: {} {}", action.op.verb(), action.op.step()),
+                std::time::Instant::now(),
+            ),
+        );
+    }
 
     fn finished(&self, report: &ActionReport, finished: usize, total: usize) {
+        self.running
+            .lock()
+            .expect("progress lock")
+            .remove(&report.action.id);
         let a = &report.action;
         let who = a.agent.as_deref().unwrap_or(&a.machine);
         let line = match &report.outcome {

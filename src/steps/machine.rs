@@ -265,19 +265,32 @@ pub fn pending_update(
     if let Some(entry) = recorded {
         let env = &ctx.bottle.spec.env;
         if entry.detail_str("env_hash") != Some(want.env.as_str()) {
-            causes.push("env changed".into());
-            update.remove_env = entry
-                .detail_strings("env_keys")
-                .into_iter()
-                .filter(|k| !env.contains_key(k))
+            let old_keys = entry.detail_strings("env_keys");
+            update.remove_env = old_keys
+                .iter()
+                .filter(|k| !env.contains_key(*k))
+                .cloned()
                 .collect();
             update.set_env = env.clone();
+            // Name the variables: added, removed, or (same names) changed
+            // values. Values are never shown.
+            let added: Vec<&str> = env
+                .keys()
+                .filter(|k| !old_keys.contains(k))
+                .map(String::as_str)
+                .collect();
+            let mut names: Vec<String> = added.iter().map(|k| format!("+{k}")).collect();
+            names.extend(update.remove_env.iter().map(|k| format!("-{k}")));
+            causes.push(if names.is_empty() {
+                "env changed: a value of an existing variable".to_owned()
+            } else {
+                format!("env changed: {}", names.join(", "))
+            });
         }
         let old = entry.detail_strings("volumes");
         let new = volume_mounts(ctx.bottle);
         let new_args: Vec<String> = new.iter().map(VolumeMount::to_arg).collect();
         if old != new_args {
-            causes.push("volumes changed".into());
             update.add_volumes = new
                 .into_iter()
                 .filter(|v| !old.contains(&v.to_arg()))
@@ -287,6 +300,22 @@ pub fn pending_update(
                 .filter(|v| !new_args.contains(v))
                 .filter_map(|v| parse_volume_arg(v))
                 .collect();
+            let mut named: Vec<String> = update
+                .add_volumes
+                .iter()
+                .map(|v| format!("+{}", v.to_arg()))
+                .collect();
+            named.extend(
+                update
+                    .remove_volumes
+                    .iter()
+                    .map(|v| format!("-{}", v.to_arg())),
+            );
+            causes.push(if named.is_empty() {
+                "volumes changed: their order".to_owned()
+            } else {
+                format!("volumes changed: {}", named.join(", "))
+            });
         }
     }
     if let Some(observed) = observed {
