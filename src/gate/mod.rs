@@ -37,6 +37,7 @@ pub mod hosts;
 pub mod http;
 pub mod log;
 pub mod paths;
+pub mod reconcile;
 
 /// Who is asking: resolved from a credential, never from an address.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]

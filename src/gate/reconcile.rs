@@ -1,0 +1,729 @@
+//! The reconciler's side of the gate: which bottles have one, the config
+//! derived from the manifests, the ports and credentials chosen once and
+//! kept in the state directory, what guests are given to reach it, and the
+//! gate's lifecycle (health, start, reload, stop) over [`super::control`].
+//!
+//! # Kept in `state.json` (0600)
+//! Each bottle's port (a free port on host loopback, chosen the first time
+//! the bottle has a gate) and each agent's credentials (proxy, git and MCP
+//! tokens; one placeholder per secret with `hosts`), so guests keep their
+//! URLs and placeholders across gate restarts. They are chosen in memory by
+//! whichever command needs them and written only by the command that starts
+//! or reloads the gate (`apply`, `watch`), before any machine is created
+//! with them.
+//!
+//! # Starting the gate
+//! `apply` runs the current bottle executable as
+//! `bottle --state-dir STATE gate run DIR` (the foreground form a service
+//! manager runs), detached (`setsid`, stdio to `gate.log`'s neighbour
+//! `gate.out`), waits until its control socket answers `health`, then sends
+//! `reload` with the config and the secret values. Values are read by the
+//! process that sends them, from its environment and files: never argv,
+//! never a file bottle writes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io::Write;
+use std::net::{Ipv4Addr, TcpListener};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::config::{
+    AgentCredentials, BottleGate, CONFIG_FORMAT, GateConfig, GateRemote, GateSecret,
+    GitCredentials, new_token,
+};
+use super::control::{self, ControlError, Health, Request, Response};
+use super::paths::GatePaths;
+use crate::manifest::model::{BottleSpec, SecretRef};
+use crate::manifest::{Bottle, Project};
+use crate::runtime::RuntimeKind;
+
+/// The guest's gateway address on smolvm, relayed to host loopback.
+pub const SMOLVM_GATE_IP: &str = "100.96.0.1";
+/// Its name in smolvm guests.
+pub const SMOLVM_GATE_NAME: &str = "host.smolvm.internal";
+/// The one network a gated smolvm guest may reach besides `allow_cidrs`.
+pub const SMOLVM_GATE_CIDR: &str = "100.96.0.1/32";
+/// The guest's trust bundle (what `update-ca-certificates` writes).
+pub const TRUST_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+pub const STATE_FORMAT: u32 = 1;
+
+/// Whether a bottle gets a gate: it declares `egress.allow_hosts`, a secret
+/// with `hosts`, `git` without `gateway`, or `supervise` without `url`.
+pub fn has_gate(spec: &BottleSpec) -> bool {
+    spec.egress
+        .as_ref()
+        .is_some_and(|e| !e.allow_hosts.is_empty())
+        || spec.secrets.values().any(|s| !s.hosts.is_empty())
+        || spec.git.as_ref().is_some_and(|g| g.gateway.is_none())
+        || spec.supervise.as_ref().is_some_and(|s| s.url.is_none())
+}
+
+/// Whether a secret stays on the host (the guest gets a placeholder).
+pub fn is_gated_secret(secret: &SecretRef) -> bool {
+    !secret.hosts.is_empty()
+}
+
+/// Bottles with a gate that some agent uses, by name.
+pub fn gated_bottles(project: &Project) -> BTreeSet<&str> {
+    project
+        .agents
+        .values()
+        .map(|a| a.spec.bottle.as_str())
+        .filter(|b| project.bottles.get(*b).is_some_and(|b| has_gate(&b.spec)))
+        .collect()
+}
+
+/// Ports and credentials chosen once (`state.json`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GateState {
+    pub format_version: u32,
+    /// Host-loopback port per bottle.
+    #[serde(default)]
+    pub ports: BTreeMap<String, u16>,
+    /// Credentials per agent.
+    #[serde(default)]
+    pub agents: BTreeMap<String, AgentCredentials>,
+}
+
+impl GateState {
+    /// The state as kept, or empty when there is none. A file that cannot
+    /// be read is an error (choosing new credentials would cut every guest
+    /// off from its gate).
+    pub fn load(paths: &GatePaths) -> Result<Self, GateError> {
+        match fs::read(paths.state()) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| GateError::State {
+                path: paths.state(),
+                message: format!("unreadable: {e}"),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(GateError::State {
+                path: paths.state(),
+                message: e.to_string(),
+            }),
+        }
+    }
+
+    /// Choose what is missing for the project's gated bottles and their
+    /// agents (ports free now on 127.0.0.1, fresh tokens and placeholders),
+    /// and drop placeholders of secrets that no longer have `hosts`.
+    /// Returns whether anything changed. Ports and credentials of bottles
+    /// and agents that left are kept: they come back with the same ones.
+    pub fn fill(&mut self, project: &Project) -> bool {
+        let before = self.clone();
+        self.format_version = STATE_FORMAT;
+        let gated = gated_bottles(project);
+        for bottle in &gated {
+            if !self.ports.contains_key(*bottle) {
+                let taken: BTreeSet<u16> = self.ports.values().copied().collect();
+                if let Some(port) = free_port(&taken) {
+                    self.ports.insert((*bottle).to_owned(), port);
+                }
+            }
+        }
+        for (name, agent) in &project.agents {
+            if !gated.contains(agent.spec.bottle.as_str()) {
+                continue;
+            }
+            let bottle = &project.bottles[&agent.spec.bottle];
+            let creds = self
+                .agents
+                .entry(name.clone())
+                .or_insert_with(|| AgentCredentials {
+                    proxy_token: new_token(),
+                    git_token: new_token(),
+                    mcp_token: new_token(),
+                    placeholders: BTreeMap::new(),
+                });
+            let wanted: BTreeSet<&String> = bottle
+                .spec
+                .secrets
+                .iter()
+                .filter(|(_, s)| is_gated_secret(s))
+                .map(|(n, _)| n)
+                .collect();
+            creds.placeholders.retain(|k, _| wanted.contains(k));
+            for secret in wanted {
+                creds
+                    .placeholders
+                    .entry(secret.clone())
+                    .or_insert_with(new_placeholder);
+            }
+        }
+        *self != before
+    }
+
+    /// Write `state.json` (0600, atomically).
+    pub fn save(&self, paths: &GatePaths) -> Result<(), GateError> {
+        write_private(
+            paths,
+            &paths.state(),
+            &serde_json::to_vec_pretty(self).unwrap(),
+        )
+    }
+}
+
+/// A placeholder: random, never derived from the value it stands for, and
+/// recognisable in a request the gate did not intercept.
+pub fn new_placeholder() -> String {
+    format!("bottle-placeholder-{}", new_token())
+}
+
+/// A port that is free on 127.0.0.1 now and not already given to another
+/// bottle.
+fn free_port(taken: &BTreeSet<u16>) -> Option<u16> {
+    for _ in 0..32 {
+        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .and_then(|l| l.local_addr())
+            .ok()?
+            .port();
+        if !taken.contains(&port) {
+            return Some(port);
+        }
+    }
+    None
+}
+
+/// `dir` (0700) and `path` in it (0600), written whole or not at all.
+fn write_private(paths: &GatePaths, path: &Path, bytes: &[u8]) -> Result<(), GateError> {
+    let err = |e: std::io::Error| GateError::State {
+        path: path.to_owned(),
+        message: e.to_string(),
+    };
+    fs::create_dir_all(&paths.dir).map_err(err)?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&paths.dir, fs::Permissions::from_mode(0o700)).map_err(err)?;
+    }
+    let tmp = paths.dir.join(format!(".tmp-{}", new_token()));
+    let result = (|| {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map_err(err)
+}
+
+/// Derive what the gate serves from the manifests and the kept state. A
+/// bottle or agent the state has nothing for yet (no free port) is left
+/// out; `fill` first.
+pub fn derive_config(project: &Project, state: &GateState) -> GateConfig {
+    let mut config = GateConfig {
+        format_version: CONFIG_FORMAT,
+        project: project.name.clone(),
+        bottles: BTreeMap::new(),
+    };
+    for name in gated_bottles(project) {
+        let bottle = &project.bottles[name];
+        let Some(&port) = state.ports.get(name) else {
+            continue;
+        };
+        let spec = &bottle.spec;
+        let egress = spec.egress.clone().unwrap_or_default();
+        let secrets = spec
+            .secrets
+            .iter()
+            .filter(|(_, s)| is_gated_secret(s))
+            .map(|(n, s)| GateSecret {
+                name: n.clone(),
+                hosts: s.hosts.clone(),
+                value_key: secret_value_key(name, n),
+            })
+            .collect();
+        let agents = project
+            .agents
+            .iter()
+            .filter(|(_, a)| a.spec.bottle == name)
+            .filter_map(|(n, _)| Some((n.clone(), state.agents.get(n)?.clone())))
+            .collect();
+        let git = spec
+            .git
+            .as_ref()
+            .filter(|g| g.gateway.is_none())
+            .map(|g| {
+                g.remote
+                    .iter()
+                    .map(|r| GateRemote {
+                        name: r.name.clone(),
+                        upstream: r.upstream.clone(),
+                        credentials: r.credentials.as_ref().and_then(|c| {
+                            match (&c.ssh_key, &c.token) {
+                                (Some(key), _) => Some(GitCredentials::SshKey {
+                                    path: PathBuf::from(&key.from_file),
+                                }),
+                                (None, Some(_)) => Some(GitCredentials::Token {
+                                    value_key: git_token_value_key(name, &r.name),
+                                }),
+                                (None, None) => None,
+                            }
+                        }),
+                        push: r.push.clone(),
+                        host_key: r.host_key.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        config.bottles.insert(
+            name.to_owned(),
+            BottleGate {
+                port,
+                allow_hosts: egress.allow_hosts,
+                allow_internal: egress.allow_internal,
+                secrets,
+                agents,
+                git,
+                supervise: spec.supervise.as_ref().is_some_and(|s| s.url.is_none()),
+            },
+        );
+    }
+    config
+}
+
+/// The key of a secret's value in a reload: `secret:<bottle>:<name>`.
+pub fn secret_value_key(bottle: &str, secret: &str) -> String {
+    format!("secret:{bottle}:{secret}")
+}
+
+/// The key of a git remote's https token: `git:<bottle>:<remote>`.
+pub fn git_token_value_key(bottle: &str, remote: &str) -> String {
+    format!("git:{bottle}:{remote}")
+}
+
+/// A value the gate needs that cannot be read on this host now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MissingValue {
+    pub bottle: String,
+    /// `secret `X`` or `the token of git remote `app``.
+    pub what: String,
+    /// `host environment variable `V` is not set`, ...
+    pub why: String,
+}
+
+/// Read every value `config` names, from this process's environment and
+/// files. Values live only in the returned map (and then in the gate's
+/// memory).
+pub fn read_values(
+    project: &Project,
+    config: &GateConfig,
+) -> (BTreeMap<String, String>, Vec<MissingValue>) {
+    let mut values = BTreeMap::new();
+    let mut missing = Vec::new();
+    for (name, gate) in &config.bottles {
+        let Some(bottle) = project.bottles.get(name) else {
+            continue;
+        };
+        for secret in &gate.secrets {
+            if let Some(reference) = bottle.spec.secrets.get(&secret.name) {
+                match read_reference(reference) {
+                    Ok(v) => {
+                        values.insert(secret.value_key.clone(), v);
+                    }
+                    Err(why) => missing.push(MissingValue {
+                        bottle: name.clone(),
+                        what: format!("secret `{}`", secret.name),
+                        why,
+                    }),
+                }
+            }
+        }
+        for remote in &gate.git {
+            let Some(GitCredentials::Token { value_key }) = &remote.credentials else {
+                continue;
+            };
+            let reference = bottle.spec.git.as_ref().and_then(|g| {
+                g.remote
+                    .iter()
+                    .find(|r| r.name == remote.name)
+                    .and_then(|r| r.credentials.as_ref()?.token.as_ref())
+            });
+            if let Some(reference) = reference {
+                match read_reference(reference) {
+                    Ok(v) => {
+                        values.insert(value_key.clone(), v);
+                    }
+                    Err(why) => missing.push(MissingValue {
+                        bottle: name.clone(),
+                        what: format!("the token of git remote `{}`", remote.name),
+                        why,
+                    }),
+                }
+            }
+        }
+    }
+    (values, missing)
+}
+
+/// The largest secret file read (smolvm's limit too).
+const MAX_SECRET_FILE: u64 = 1 << 20;
+
+fn read_reference(reference: &SecretRef) -> Result<String, String> {
+    match (&reference.from_env, &reference.from_file) {
+        (Some(var), _) => std::env::var(var)
+            .map_err(|_| format!("host environment variable `{var}` is not set (or not UTF-8)")),
+        (None, Some(file)) => {
+            use std::io::Read;
+            let mut buf = Vec::new();
+            fs::File::open(file)
+                .and_then(|f| f.take(MAX_SECRET_FILE + 1).read_to_end(&mut buf))
+                .map_err(|e| format!("host file `{file}` cannot be read: {e}"))?;
+            if buf.len() as u64 > MAX_SECRET_FILE {
+                return Err(format!("host file `{file}` is larger than 1 MiB"));
+            }
+            let text = String::from_utf8(buf)
+                .map_err(|_| format!("host file `{file}` is not UTF-8 text"))?;
+            // A file written by `echo` ends in a newline that is no part
+            // of the value.
+            Ok(text.strip_suffix('\n').unwrap_or(&text).to_owned())
+        }
+        (None, None) => Err("it names no source".to_owned()),
+    }
+}
+
+/// What a guest is given to reach its bottle's gate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentGate {
+    /// The host-loopback port of the bottle's listener.
+    pub port: u16,
+    /// `host:port` as the guest dials it.
+    pub address: String,
+    /// Variables set in the guest at create: proxy, CA bundle, placeholders.
+    pub env: BTreeMap<String, String>,
+    /// `http://<agent>:<git_token>@<address>/git`, for `git` without
+    /// `gateway`.
+    pub git_base: String,
+    /// `http://<address>/mcp/<mcp_token>`, for `supervise` without `url`.
+    pub supervise_url: String,
+    /// The project CA the guest must trust.
+    pub ca_cert: PathBuf,
+}
+
+/// `host:port` of the gate as a guest of `runtime` dials it.
+pub fn guest_address(runtime: RuntimeKind, port: u16) -> String {
+    match runtime {
+        RuntimeKind::Smolvm => format!("{SMOLVM_GATE_IP}:{port}"),
+        RuntimeKind::Local => format!("127.0.0.1:{port}"),
+    }
+}
+
+/// What agent `agent` of a gated bottle gets, or `None` when the state has
+/// no port or credentials for it yet.
+pub fn agent_gate(
+    paths: &GatePaths,
+    runtime: RuntimeKind,
+    state: &GateState,
+    bottle: &Bottle,
+    agent: &str,
+) -> Option<AgentGate> {
+    let port = *state.ports.get(&bottle.name)?;
+    let creds = state.agents.get(agent)?;
+    let address = guest_address(runtime, port);
+    let proxy = format!("http://{agent}:{}@{address}", creds.proxy_token);
+    let no_proxy = match runtime {
+        RuntimeKind::Smolvm => {
+            format!("localhost,127.0.0.1,::1,{SMOLVM_GATE_IP},{SMOLVM_GATE_NAME}")
+        }
+        RuntimeKind::Local => "localhost,127.0.0.1,::1".to_owned(),
+    };
+    let mut env = BTreeMap::new();
+    for var in ["HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"] {
+        env.insert(var.to_owned(), proxy.clone());
+    }
+    for var in ["NO_PROXY", "no_proxy"] {
+        env.insert(var.to_owned(), no_proxy.clone());
+    }
+    for var in [
+        "NODE_EXTRA_CA_CERTS",
+        "SSL_CERT_FILE",
+        "REQUESTS_CA_BUNDLE",
+        "GIT_SSL_CAINFO",
+    ] {
+        env.insert(var.to_owned(), TRUST_BUNDLE.to_owned());
+    }
+    for (secret, placeholder) in &creds.placeholders {
+        env.insert(secret.clone(), placeholder.clone());
+    }
+    Some(AgentGate {
+        port,
+        git_base: format!("http://{agent}:{}@{address}/git", creds.git_token),
+        supervise_url: format!("http://{address}/mcp/{}", creds.mcp_token),
+        address,
+        env,
+        ca_cert: paths.ca_cert(),
+    })
+}
+
+/// What observation found about the project's gate.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GateHealth {
+    /// Nothing answers on the control socket.
+    NotRunning,
+    Running(Health),
+    /// Something answered, but not as a gate does (or not in time).
+    Error(String),
+}
+
+/// Ask the gate for its health.
+pub fn health(paths: &GatePaths) -> GateHealth {
+    match control::call(&paths.control(), &Request::Health) {
+        Ok(Response::Health(h)) => GateHealth::Running(h),
+        Ok(Response::Error { message }) => GateHealth::Error(message),
+        Ok(other) => GateHealth::Error(format!("unexpected answer to health: {other:?}")),
+        Err(ControlError::NotRunning(_)) => GateHealth::NotRunning,
+        Err(e) => GateHealth::Error(e.to_string()),
+    }
+}
+
+/// The config last sent to the gate (`config.json`), if any.
+pub fn recorded_config(paths: &GatePaths) -> Option<GateConfig> {
+    serde_json::from_slice(&fs::read(paths.config()).ok()?).ok()
+}
+
+/// Why the running gate's config differs from `want`, per bottle, in words
+/// (`allow_hosts changed`), comparing with the config last sent. Empty when
+/// nothing can be named (the causes then say only that the hash differs).
+pub fn config_differences(recorded: Option<&GateConfig>, want: &GateConfig) -> Vec<String> {
+    let Some(have) = recorded else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (name, w) in &want.bottles {
+        let Some(h) = have.bottles.get(name) else {
+            out.push(format!("bottle {name} added"));
+            continue;
+        };
+        let mut what = Vec::new();
+        if h.port != w.port {
+            what.push("port");
+        }
+        if h.allow_hosts != w.allow_hosts {
+            what.push("allow_hosts");
+        }
+        if h.allow_internal != w.allow_internal {
+            what.push("allow_internal");
+        }
+        if h.secrets != w.secrets {
+            what.push("secrets");
+        }
+        if h.agents.keys().ne(w.agents.keys()) {
+            what.push("agents");
+        } else if h.agents != w.agents {
+            what.push("agent credentials");
+        }
+        if h.git != w.git {
+            what.push("git remotes");
+        }
+        if h.supervise != w.supervise {
+            what.push("supervise");
+        }
+        if !what.is_empty() {
+            out.push(format!("bottle {name}: {} changed", what.join(", ")));
+        }
+    }
+    for name in have
+        .bottles
+        .keys()
+        .filter(|b| !want.bottles.contains_key(*b))
+    {
+        out.push(format!("bottle {name} removed"));
+    }
+    out
+}
+
+#[derive(Debug, thiserror::Error, miette::Diagnostic)]
+pub enum GateError {
+    #[error("the gate's state file {}: {message}", path.display())]
+    #[diagnostic(
+        code("bottle::gate-state"),
+        help(
+            "fix or remove the file; removing it gives every agent new credentials and ports, \
+             so their machines must be replaced (--allow-replace)"
+        )
+    )]
+    State { path: PathBuf, message: String },
+
+    #[error("the gate did not start: {message}")]
+    #[diagnostic(
+        code("bottle::gate-start"),
+        help("its output is in {log}; run `bottle gate run` in the foreground to see it fail")
+    )]
+    Start { message: String, log: String },
+
+    #[error("the gate refused its config: {0}")]
+    #[diagnostic(
+        code("bottle::gate-reload"),
+        help("this is a bug in bottle (the gate and the reconciler disagree); please report it")
+    )]
+    Refused(String),
+
+    #[error("cannot talk to the gate: {message}")]
+    #[diagnostic(
+        code("bottle::gate-control"),
+        help("check `bottle status`; stop a stuck gate with `kill $(cat {pid})`")
+    )]
+    Control { message: String, pid: String },
+}
+
+impl GateError {
+    fn control(paths: &GatePaths, e: impl std::fmt::Display) -> Self {
+        GateError::Control {
+            message: e.to_string(),
+            pid: paths.pid().display().to_string(),
+        }
+    }
+}
+
+/// Send `config` with `values` to the running gate, and record it as the
+/// config last sent.
+pub fn reload(
+    paths: &GatePaths,
+    config: &GateConfig,
+    values: BTreeMap<String, String>,
+) -> Result<(), GateError> {
+    let request = Request::Reload {
+        config: config.clone(),
+        secrets: values,
+    };
+    match control::call(&paths.control(), &request) {
+        Ok(Response::Ok) => {}
+        Ok(Response::Error { message }) => return Err(GateError::Refused(message)),
+        Ok(other) => {
+            return Err(GateError::control(
+                paths,
+                format!("unexpected answer to reload: {other:?}"),
+            ));
+        }
+        Err(e) => return Err(GateError::control(paths, e)),
+    }
+    write_private(
+        paths,
+        &paths.config(),
+        &serde_json::to_vec_pretty(config).unwrap(),
+    )
+}
+
+/// How long `start` waits for a new gate's control socket.
+pub const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How the gate process is started: the program and the arguments before
+/// the manifests directory (`[--state-dir, STATE, gate, run]`).
+#[derive(Debug, Clone)]
+pub struct Launcher {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+}
+
+impl Launcher {
+    /// The current bottle executable, `--state-dir STATE gate run`.
+    pub fn current(state_dir: &Path) -> std::io::Result<Self> {
+        Ok(Self {
+            program: std::env::current_exe()?,
+            args: vec![
+                "--state-dir".into(),
+                state_dir.display().to_string(),
+                "gate".into(),
+                "run".into(),
+            ],
+        })
+    }
+}
+
+/// Start the gate detached (in its own session, outliving this process),
+/// wait for its control socket, then send it the config and values. A gate
+/// already running is only reloaded.
+pub fn start(
+    launcher: &Launcher,
+    paths: &GatePaths,
+    manifests: &Path,
+    config: &GateConfig,
+    values: BTreeMap<String, String>,
+) -> Result<u32, GateError> {
+    if let GateHealth::Running(h) = health(paths) {
+        reload(paths, config, values)?;
+        return Ok(h.pid);
+    }
+    write_private(paths, &paths.dir.join(".keep"), b"")?;
+    let out_path = paths.dir.join("gate.out");
+    let start_err = |message: String| GateError::Start {
+        message,
+        log: out_path.display().to_string(),
+    };
+    let out = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&out_path)
+        .map_err(|e| start_err(format!("cannot open {}: {e}", out_path.display())))?;
+    let mut command = std::process::Command::new(&launcher.program);
+    command
+        .args(&launcher.args)
+        .arg(manifests)
+        .stdin(std::process::Stdio::null())
+        .stdout(out.try_clone().map_err(|e| start_err(e.to_string()))?)
+        .stderr(out);
+    {
+        use std::os::unix::process::CommandExt;
+        // Its own session: a Ctrl-C meant for `apply` does not reach it.
+        // SAFETY: setsid is async-signal-safe.
+        unsafe {
+            command.pre_exec(|| {
+                rustix::process::setsid().map_err(std::io::Error::from)?;
+                Ok(())
+            });
+        }
+    }
+    let mut child = command
+        .spawn()
+        .map_err(|e| start_err(format!("cannot run {}: {e}", launcher.program.display())))?;
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        match health(paths) {
+            GateHealth::Running(h) => {
+                // Not waited for: it outlives this process, in its own
+                // session.
+                drop(child);
+                reload(paths, config, values)?;
+                return Ok(h.pid);
+            }
+            GateHealth::Error(e) if Instant::now() >= deadline => return Err(start_err(e)),
+            _ if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(start_err(format!(
+                    "its control socket did not answer within {}s",
+                    START_TIMEOUT.as_secs()
+                )));
+            }
+            _ => {}
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(start_err(format!("it exited at once ({status})")));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Ask the gate to stop; one not running is what was wanted.
+pub fn stop(paths: &GatePaths) -> Result<bool, GateError> {
+    match control::call(&paths.control(), &Request::Stop) {
+        Ok(Response::Ok) => Ok(true),
+        Ok(Response::Error { message }) => Err(GateError::Refused(message)),
+        Ok(other) => Err(GateError::control(
+            paths,
+            format!("unexpected answer to stop: {other:?}"),
+        )),
+        Err(ControlError::NotRunning(_)) => Ok(false),
+        Err(e) => Err(GateError::control(paths, e)),
+    }
+}
