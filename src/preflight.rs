@@ -48,7 +48,13 @@ pub fn check(desired: &Desired, runtime: RuntimeKind) -> Result<Vec<String>, Dia
                 ),
             );
         }
-        if runtime == RuntimeKind::Local && bottle.spec.egress.is_some() {
+        // The local runtime enforces the gate (the guest's network holds
+        // only it) but cannot filter networks: `allow_cidrs`, or a bottle
+        // with a network and no gate, needs the host's network unfiltered.
+        let unfilterable = bottle.spec.egress.as_ref().is_some_and(|e| {
+            !e.allow_cidrs.is_empty() || !crate::gate::reconcile::has_gate(&bottle.spec)
+        });
+        if runtime == RuntimeKind::Local && unfilterable {
             if bottle
                 .spec
                 .local
@@ -56,16 +62,16 @@ pub fn check(desired: &Desired, runtime: RuntimeKind) -> Result<Vec<String>, Dia
                 .is_some_and(|l| l.allow_unfiltered_network)
             {
                 notes.push(format!(
-                    "bottle `{}`: the local runtime cannot enforce the egress allowlist; its guests get the host's network, unfiltered",
+                    "bottle `{}`: the local runtime cannot filter `allow_cidrs`; its guests get the host's network, unfiltered",
                     bottle.name
                 ));
             } else {
                 problems.push(
                     ManifestDiagnostic::new(
                         "bottle::local-egress",
-                        format!("the local runtime cannot enforce the egress allowlist of bottle `{}`", bottle.name),
+                        format!("the local runtime cannot filter the networks of bottle `{}`", bottle.name),
                     )
-                    .key(&project.sources, bottle.file, &at.clone().key("egress"), "an allowlist the local runtime cannot enforce")
+                    .key(&project.sources, bottle.file, &at.clone().key("egress"), "networks the local runtime cannot filter")
                     .help(format!(
                         "use --runtime smolvm, or accept the host's network unfiltered with `[bottle.{}.local] allow_unfiltered_network = true`",
                         bottle.name
@@ -76,6 +82,12 @@ pub fn check(desired: &Desired, runtime: RuntimeKind) -> Result<Vec<String>, Dia
         for missing in missing_secrets(bottle) {
             notes.push(format!(
                 "secret `{}` of bottle `{}`: {} (its machines cannot start until it is)",
+                missing.name, bottle.name, missing.what
+            ));
+        }
+        for missing in missing_sources(bottle, true) {
+            notes.push(format!(
+                "secret `{}` of bottle `{}`: {} (the gate cannot start or reload until it is)",
                 missing.name, bottle.name, missing.what
             ));
         }
@@ -179,10 +191,20 @@ struct MissingSecret {
     from_env: bool,
 }
 
-/// The secrets of `bottle` whose source cannot be read on this host now.
+/// The secrets of `bottle` whose source cannot be read on this host now,
+/// among those its machines read (a secret with `hosts` is the gate's).
 fn missing_secrets(bottle: &Bottle) -> Vec<MissingSecret> {
+    missing_sources(bottle, false)
+}
+
+/// The secrets whose source cannot be read now, among the gate's (`gate`)
+/// or the machines'.
+fn missing_sources(bottle: &Bottle, gate: bool) -> Vec<MissingSecret> {
     let mut out = Vec::new();
     for (name, reference) in &bottle.spec.secrets {
+        if crate::gate::reconcile::is_gated_secret(reference) != gate {
+            continue;
+        }
         let (what, help) = match (&reference.from_env, &reference.from_file) {
             (Some(var), _) if std::env::var_os(var).is_none() => (
                 format!("host environment variable `{var}` is not set"),
@@ -224,7 +246,8 @@ mod tests {
         Desired::new(project, &graph)
     }
 
-    const EGRESS: &str = "[bottle.dev.egress]\nallow_hosts = [\"example.com\"]\n";
+    const EGRESS: &str = "[bottle.dev.egress]\nallow_cidrs = [\"10.8.0.0/16\"]\n";
+    const GATED: &str = "[bottle.dev.egress]\nallow_hosts = [\"example.com\"]\n";
     const SECRET: &str =
         "secrets = { TOKEN = { from_env = \"BOTTLE_PREFLIGHT_TEST_NEVER_SET\" } }\n";
 
@@ -237,6 +260,15 @@ mod tests {
             check(&d, RuntimeKind::Smolvm).unwrap(),
             Vec::<String>::new()
         );
+    }
+
+    #[test]
+    fn the_local_runtime_enforces_a_gate_without_networks() {
+        let d = desired(GATED);
+        assert_eq!(check(&d, RuntimeKind::Local).unwrap(), Vec::<String>::new());
+        let d = desired(&format!("{GATED}allow_cidrs = [\"10.8.0.0/16\"]\n"));
+        let err = check(&d, RuntimeKind::Local).unwrap_err();
+        assert_eq!(err.items[0].code, "bottle::local-egress");
     }
 
     #[test]

@@ -134,7 +134,7 @@ pub struct Survey {
 
 pub fn survey(
     global: &GlobalArgs,
-    desired: Desired,
+    mut desired: Desired,
     options: &PlanOptions,
     parallelism: usize,
 ) -> miette::Result<Survey> {
@@ -142,6 +142,7 @@ pub fn survey(
         agent(&desired, target)?;
     }
     let notes = preflight::check(&desired, runtime_kind(global))?;
+    desired.attach_gate(&state_dir(global)?, runtime_kind(global))?;
     let runtime = runtime(global)?;
     let snapshot = crate::observe::observe(
         runtime.as_ref(),

@@ -311,31 +311,27 @@ pub struct MissingValue {
     pub why: String,
 }
 
-/// Read every value `config` names, from this process's environment and
-/// files. Values live only in the returned map (and then in the gate's
-/// memory).
-pub fn read_values(
+/// Where each value `config` names comes from: value key → (bottle, what
+/// it is, its reference).
+pub fn value_refs(
     project: &Project,
     config: &GateConfig,
-) -> (BTreeMap<String, String>, Vec<MissingValue>) {
-    let mut values = BTreeMap::new();
-    let mut missing = Vec::new();
+) -> BTreeMap<String, (String, String, SecretRef)> {
+    let mut refs = BTreeMap::new();
     for (name, gate) in &config.bottles {
         let Some(bottle) = project.bottles.get(name) else {
             continue;
         };
         for secret in &gate.secrets {
             if let Some(reference) = bottle.spec.secrets.get(&secret.name) {
-                match read_reference(reference) {
-                    Ok(v) => {
-                        values.insert(secret.value_key.clone(), v);
-                    }
-                    Err(why) => missing.push(MissingValue {
-                        bottle: name.clone(),
-                        what: format!("secret `{}`", secret.name),
-                        why,
-                    }),
-                }
+                refs.insert(
+                    secret.value_key.clone(),
+                    (
+                        name.clone(),
+                        format!("secret `{}`", secret.name),
+                        reference.clone(),
+                    ),
+                );
             }
         }
         for remote in &gate.git {
@@ -349,17 +345,37 @@ pub fn read_values(
                     .and_then(|r| r.credentials.as_ref()?.token.as_ref())
             });
             if let Some(reference) = reference {
-                match read_reference(reference) {
-                    Ok(v) => {
-                        values.insert(value_key.clone(), v);
-                    }
-                    Err(why) => missing.push(MissingValue {
-                        bottle: name.clone(),
-                        what: format!("the token of git remote `{}`", remote.name),
-                        why,
-                    }),
-                }
+                refs.insert(
+                    value_key.clone(),
+                    (
+                        name.clone(),
+                        format!("the token of git remote `{}`", remote.name),
+                        reference.clone(),
+                    ),
+                );
             }
+        }
+    }
+    refs
+}
+
+/// Read every value, from this process's environment and files. Values
+/// live only in the returned map (and then in the gate's memory).
+pub fn read_values(
+    refs: &BTreeMap<String, (String, String, SecretRef)>,
+) -> (BTreeMap<String, String>, Vec<MissingValue>) {
+    let mut values = BTreeMap::new();
+    let mut missing = Vec::new();
+    for (key, (bottle, what, reference)) in refs {
+        match read_reference(reference) {
+            Ok(v) => {
+                values.insert(key.clone(), v);
+            }
+            Err(why) => missing.push(MissingValue {
+                bottle: bottle.clone(),
+                what: what.clone(),
+                why,
+            }),
         }
     }
     (values, missing)
@@ -394,6 +410,7 @@ fn read_reference(reference: &SecretRef) -> Result<String, String> {
 /// What a guest is given to reach its bottle's gate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentGate {
+    pub runtime: RuntimeKind,
     /// The host-loopback port of the bottle's listener.
     pub port: u16,
     /// `host:port` as the guest dials it.
@@ -455,6 +472,7 @@ pub fn agent_gate(
         env.insert(secret.clone(), placeholder.clone());
     }
     Some(AgentGate {
+        runtime,
         port,
         git_base: format!("http://{agent}:{}@{address}/git", creds.git_token),
         supervise_url: format!("http://{address}/mcp/{}", creds.mcp_token),
@@ -566,6 +584,16 @@ pub enum GateError {
         help("this is a bug in bottle (the gate and the reconciler disagree); please report it")
     )]
     Refused(String),
+
+    #[error("the gate cannot get a value: {message}")]
+    #[diagnostic(
+        code("bottle::gate-value"),
+        help(
+            "export the variable (or create the file) in the environment bottle runs in; \
+             values are read when the gate starts or reloads, and never stored"
+        )
+    )]
+    Values { message: String },
 
     #[error("cannot talk to the gate: {message}")]
     #[diagnostic(
@@ -725,5 +753,331 @@ pub fn stop(paths: &GatePaths) -> Result<bool, GateError> {
         )),
         Err(ControlError::NotRunning(_)) => Ok(false),
         Err(e) => Err(GateError::control(paths, e)),
+    }
+}
+
+/// The gate as the runtime-facing commands see it: where its files are,
+/// the state (filled in memory), the config the manifests call for, and
+/// what each agent of a gated bottle is given.
+#[derive(Debug, Clone)]
+pub struct DesiredGate {
+    pub paths: GatePaths,
+    pub state_dir: PathBuf,
+    /// The manifests directory, passed to `bottle gate run`.
+    pub manifests: PathBuf,
+    pub runtime: RuntimeKind,
+    pub state: GateState,
+    /// Whether `state` holds choices not yet written to `state.json`.
+    pub state_changed: bool,
+    pub config: GateConfig,
+    /// By agent name, for the agents of gated bottles.
+    pub agents: BTreeMap<String, AgentGate>,
+    /// Where the values the config names come from.
+    pub value_refs: BTreeMap<String, (String, String, SecretRef)>,
+    /// The `ca` step hash from the manifests, per gated agent, which the
+    /// project CA's digest extends (see [`DesiredGate::ca_hash`]).
+    pub ca_base: BTreeMap<String, String>,
+}
+
+impl DesiredGate {
+    /// Load the kept state and fill what is missing (in memory).
+    pub fn new(
+        project: &Project,
+        state_dir: &Path,
+        runtime: RuntimeKind,
+    ) -> Result<Self, GateError> {
+        let paths = GatePaths::new(state_dir, &project.name);
+        let mut state = GateState::load(&paths)?;
+        let state_changed = state.fill(project);
+        for bottle in gated_bottles(project) {
+            if !state.ports.contains_key(bottle) {
+                return Err(GateError::State {
+                    path: paths.state(),
+                    message: format!("no free port on 127.0.0.1 for the gate of bottle {bottle}"),
+                });
+            }
+        }
+        let config = derive_config(project, &state);
+        let agents = project
+            .agents
+            .iter()
+            .filter_map(|(name, agent)| {
+                let bottle = project.bottles.get(&agent.spec.bottle)?;
+                if !has_gate(&bottle.spec) {
+                    return None;
+                }
+                Some((
+                    name.clone(),
+                    agent_gate(&paths, runtime, &state, bottle, name)?,
+                ))
+            })
+            .collect();
+        let value_refs = value_refs(project, &config);
+        Ok(Self {
+            ca_base: BTreeMap::new(),
+            value_refs,
+            paths,
+            state_dir: state_dir.to_owned(),
+            manifests: project.dir.clone(),
+            runtime,
+            state,
+            state_changed,
+            config,
+            agents,
+        })
+    }
+
+    /// Whether any bottle of the project has a gate.
+    pub fn is_needed(&self) -> bool {
+        !self.config.bottles.is_empty()
+    }
+
+    /// The SHA-256 of the project CA as the gate minted it, or `none` before
+    /// it has.
+    pub fn ca_digest(&self) -> String {
+        match fs::read(self.paths.ca_cert()) {
+            Ok(bytes) => crate::steps::sha256_hex(&bytes),
+            Err(_) => "none".to_owned(),
+        }
+    }
+
+    /// The `ca` step hash of a gated agent with the project CA as it is
+    /// now: a gate started by this apply mints the CA after the plan was
+    /// made, and the ledger must record what the next plan computes.
+    pub fn ca_hash(&self, agent: &str) -> Option<String> {
+        let base = self.ca_base.get(agent)?;
+        Some(crate::graph::hash::with_gate_inputs(
+            base,
+            &[&self.ca_digest()],
+        ))
+    }
+
+    /// Start the gate (or reload the running one) with the config and the
+    /// values read now; writes the state first, so the credentials machines
+    /// are about to be created with are kept.
+    pub fn start_or_reload(&self, running: bool) -> Result<(), GateError> {
+        self.state.save(&self.paths)?;
+        let (values, missing) = read_values(&self.value_refs);
+        if let Some(m) = missing.first() {
+            return Err(GateError::Values {
+                message: format!("{} of bottle `{}`: {}", m.what, m.bottle, m.why),
+            });
+        }
+        if running {
+            reload(&self.paths, &self.config, values)
+        } else {
+            let launcher = Launcher::current(&self.state_dir).map_err(|e| GateError::Start {
+                message: format!("cannot find the bottle executable: {e}"),
+                log: self.paths.dir.join("gate.out").display().to_string(),
+            })?;
+            start(
+                &launcher,
+                &self.paths,
+                &self.manifests,
+                &self.config,
+                values,
+            )
+            .map(|_| ())
+        }
+    }
+}
+
+/// What the plan does to the gate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GateOp {
+    /// Start it (detached), then send it its config and values.
+    Start,
+    /// Send the running gate its new config and the values read now; no
+    /// open connection is dropped.
+    Reload,
+    /// No bottle has a gate any more.
+    Stop,
+}
+
+impl GateOp {
+    pub fn verb(self) -> &'static str {
+        match self {
+            GateOp::Start => "start",
+            GateOp::Reload => "reload",
+            GateOp::Stop => "stop",
+        }
+    }
+
+    pub fn sigil(self) -> char {
+        match self {
+            GateOp::Start => '+',
+            GateOp::Reload => '~',
+            GateOp::Stop => '-',
+        }
+    }
+
+    pub fn summary(self) -> &'static str {
+        match self {
+            GateOp::Start => "gate to start",
+            GateOp::Reload => "gate to reload",
+            GateOp::Stop => "gate to stop",
+        }
+    }
+}
+
+/// What must happen to the gate, with its cause; `Err` when its state is
+/// unknown (an error of observation, never drift).
+pub fn gate_change(
+    gate: &DesiredGate,
+    health: &GateHealth,
+) -> Result<Option<(GateOp, String)>, String> {
+    match (gate.is_needed(), health) {
+        (_, GateHealth::Error(e)) => Err(format!("the gate does not answer as a gate: {e}")),
+        (true, GateHealth::NotRunning) => Ok(Some((GateOp::Start, "gate not running".into()))),
+        (true, GateHealth::Running(h)) if h.config_hash != gate.config.hash() => {
+            let differences =
+                config_differences(recorded_config(&gate.paths).as_ref(), &gate.config);
+            let cause = if differences.is_empty() {
+                "gate config differs".to_owned()
+            } else {
+                format!("gate config differs: {}", differences.join("; "))
+            };
+            Ok(Some((GateOp::Reload, cause)))
+        }
+        (true, GateHealth::Running(_)) => Ok(None),
+        (false, GateHealth::Running(_)) => {
+            Ok(Some((GateOp::Stop, "no bottle has a gate any more".into())))
+        }
+        (false, GateHealth::NotRunning) => Ok(None),
+    }
+}
+
+/// Notes the plan shows about the gate.
+pub fn notes(gate: &DesiredGate) -> Vec<String> {
+    if gate.is_needed() && gate.runtime == RuntimeKind::Smolvm {
+        vec![format!(
+            "gated guests reach the gate at {SMOLVM_GATE_IP}; smolvm 1.9 relays every port of that \
+             address to the host's loopback, so they can also reach any other service listening \
+             on 127.0.0.1 there (the gate accepts only its agents' credentials)"
+        )]
+    } else {
+        Vec::new()
+    }
+}
+
+/// Make every action of a gated bottle's agent that waits for nothing wait
+/// for the gate's action `gate`: guests are created with its port and
+/// credentials, and the ca step installs the CA it mints.
+pub fn after_gate(plan: &mut crate::plan::Plan, desired: &crate::desired::Desired, gate: usize) {
+    let Some(g) = &desired.gate else { return };
+    for action in &mut plan.actions {
+        let gated = action
+            .agent
+            .as_ref()
+            .is_some_and(|a| g.agents.contains_key(a));
+        if gated && action.id != gate && action.after.is_empty() {
+            action.after.push(gate);
+        }
+    }
+}
+
+/// Apply the gate's action.
+pub fn run(desired: &crate::desired::Desired, op: GateOp) -> Result<(), crate::steps::StepError> {
+    use miette::Diagnostic;
+    let Some(gate) = &desired.gate else {
+        return Ok(());
+    };
+    let result = match op {
+        GateOp::Start => gate.start_or_reload(false),
+        GateOp::Reload => gate.start_or_reload(true),
+        GateOp::Stop => stop(&gate.paths).map(|_| ()),
+    };
+    result.map_err(|e| {
+        let help = e.help().map(|h| h.to_string()).unwrap_or_default();
+        crate::steps::StepError::Other(e.to_string(), help)
+    })
+}
+
+/// The gate as `bottle status` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct GateStatus {
+    /// `running`, `stale` (serving another config), `not running`, or
+    /// `unknown` (something else answers).
+    pub state: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// Listener port per bottle.
+    pub ports: BTreeMap<String, u16>,
+    /// Unix seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<u64>,
+    /// Unix seconds when it last read secret values.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secrets_read_at: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl GateStatus {
+    /// `None` when the project has no gate and none runs.
+    pub fn of(gate: Option<&DesiredGate>, health: Option<&GateHealth>) -> Option<Self> {
+        let (gate, health) = (gate?, health?);
+        let mut status = Self {
+            state: String::new(),
+            pid: None,
+            ports: gate
+                .config
+                .bottles
+                .iter()
+                .map(|(b, g)| (b.clone(), g.port))
+                .collect(),
+            started_at: None,
+            secrets_read_at: None,
+            error: None,
+        };
+        match health {
+            GateHealth::NotRunning if !gate.is_needed() => return None,
+            GateHealth::NotRunning => status.state = "not running".into(),
+            GateHealth::Error(e) => {
+                status.state = "unknown".into();
+                status.error = Some(e.clone());
+            }
+            GateHealth::Running(h) => {
+                status.state = if h.config_hash == gate.config.hash() {
+                    "running".into()
+                } else {
+                    "stale".into()
+                };
+                status.pid = Some(h.pid);
+                status.ports = h.ports.clone();
+                status.started_at = Some(h.started_at);
+                status.secrets_read_at = Some(h.secrets_read_at);
+            }
+        }
+        Some(status)
+    }
+}
+
+impl std::fmt::Display for GateStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "gate: {}", self.state)?;
+        if let Some(pid) = self.pid {
+            write!(f, " (pid {pid})")?;
+        }
+        if !self.ports.is_empty() {
+            let ports: Vec<String> = self
+                .ports
+                .iter()
+                .map(|(b, p)| format!("{b} 127.0.0.1:{p}"))
+                .collect();
+            write!(f, ", listening for {}", ports.join(", "))?;
+        }
+        if let Some(at) = self.started_at {
+            write!(f, ", started {}", crate::time::format_unix(at))?;
+        }
+        if let Some(at) = self.secrets_read_at {
+            write!(f, ", secret values read {}", crate::time::format_unix(at))?;
+        }
+        match (self.state.as_str(), &self.error) {
+            (_, Some(e)) => write!(f, ": {e}"),
+            ("not running" | "stale", _) => write!(f, " (`bottle apply` fixes it)"),
+            _ => Ok(()),
+        }
     }
 }

@@ -945,6 +945,8 @@ fn dot_draws_the_order_without_implied_edges() {
     assert_eq!(
         edges,
         [
+            // The bottle's gate comes before its agents' machines.
+            r#""gate/dev" -> "reviewer/machine";"#,
             r#""reviewer/machine" -> "reviewer/ca";"#,
             r#""reviewer/machine" -> "reviewer/prompt";"#,
             r#""reviewer/machine" -> "reviewer/skills";"#,

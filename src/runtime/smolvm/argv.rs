@@ -271,6 +271,7 @@ mod tests {
                     source: SecretSource::HostFile("/run/secrets/npm".into()),
                 },
             ],
+            gate_port: None,
         }
     }
 
