@@ -31,5 +31,8 @@ pub fn run(_global: &GlobalArgs, args: ValidateArgs) -> miette::Result<Outcome> 
         plural(graph.len(), "provisioning step"),
         project.name,
     );
+    for advice in crate::gate::reconcile::advisories(&project) {
+        println!("{advice}");
+    }
     Ok(Outcome::Success)
 }

@@ -1081,3 +1081,410 @@ impl std::fmt::Display for GateStatus {
         }
     }
 }
+
+/// What `validate` says about a project's secrets beyond errors: a secret
+/// whose `hosts` include a git upstream's host (the agent could push there
+/// with it, around the git gateway's policy: a warning), and a secret
+/// without `hosts`, which the agent can read (a note).
+pub fn advisories(project: &Project) -> Vec<String> {
+    let mut out = Vec::new();
+    for (name, bottle) in &project.bottles {
+        let spec = &bottle.spec;
+        let upstream_hosts: Vec<(String, &str)> = spec
+            .git
+            .iter()
+            .flat_map(|g| g.remote.iter())
+            .filter_map(|r| Some((upstream_host(&r.upstream)?, r.name.as_str())))
+            .collect();
+        for (var, secret) in &spec.secrets {
+            if secret.hosts.is_empty() {
+                out.push(format!(
+                    "note: secret `{var}` of bottle `{name}` has no `hosts`: its value is in the \
+                     guest's environment, where the agent can read it (and send it anywhere its \
+                     egress allows); with `hosts = [...]` the guest holds a placeholder and the \
+                     gate adds the value for those hosts only"
+                ));
+                continue;
+            }
+            let patterns = super::hosts::HostList::parse(&secret.hosts);
+            for (host, remote) in &upstream_hosts {
+                if let Some(p) = patterns.0.iter().find(|p| {
+                    p.matches(host, p.port().unwrap_or(443))
+                        || (!p.is_wildcard() && p.name() == host)
+                }) {
+                    out.push(format!(
+                        "warning: secret `{var}` of bottle `{name}` may be sent to `{p}`, the host \
+                         of git remote `{remote}`'s upstream: the agent could use it to push \
+                         there around the git gateway's rules; give the gateway its own \
+                         credentials (`credentials = {{ token = ... }}`) and leave that host out"
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The host of a git upstream URL (`git@host:path`, `ssh://[user@]host[:port]/`,
+/// `https://host/`), lower case; `None` for a local path.
+pub fn upstream_host(upstream: &str) -> Option<String> {
+    let rest = match upstream.split_once("://") {
+        Some(("file", _)) => return None,
+        Some((_, rest)) => rest.split('/').next()?,
+        None if upstream.starts_with('/') => return None,
+        None => upstream.split(':').next()?,
+    };
+    let host = rest.rsplit('@').next()?;
+    let host = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next()?,
+        None => host.split(':').next()?,
+    };
+    (!host.is_empty()).then(|| host.to_ascii_lowercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::net::UnixListener;
+    use std::sync::{Arc, Mutex};
+
+    fn project(text: &str) -> (tempfile::TempDir, Project) {
+        let tmp = tempfile::tempdir().unwrap();
+        let m = tmp.path().join("m");
+        fs::create_dir_all(&m).unwrap();
+        fs::write(
+            m.join("bottle.toml"),
+            format!("[project]\nname = \"p\"\n{text}"),
+        )
+        .unwrap();
+        let project = crate::manifest::load_dir(&m).unwrap();
+        (tmp, project)
+    }
+
+    const GATED: &str = r#"
+[bottle.dev]
+secrets = { API_KEY = { from_env = "BOTTLE_GATE_TEST_KEY", hosts = ["api.example.com"] }, PLAIN = { from_env = "BOTTLE_GATE_TEST_PLAIN" } }
+[bottle.dev.egress]
+allow_hosts = ["api.example.com", "*.example.org"]
+allow_internal = ["127.0.0.0/8"]
+[bottle.dev.supervise]
+[bottle.nets.egress]
+allow_cidrs = ["10.8.0.0/16"]
+[agent.a]
+bottle = "dev"
+[agent.b]
+bottle = "dev"
+[agent.c]
+bottle = "nets"
+"#;
+
+    #[test]
+    fn a_bottle_has_a_gate_for_hosts_gated_secrets_or_gate_served_git_and_supervise() {
+        let (_t, p) = project(GATED);
+        assert!(has_gate(&p.bottles["dev"].spec));
+        assert!(!has_gate(&p.bottles["nets"].spec));
+        assert_eq!(gated_bottles(&p), BTreeSet::from(["dev"]));
+        let (_t, p) = project("[bottle.x.git]\n[agent.a]\nbottle = \"x\"\n");
+        assert!(has_gate(&p.bottles["x"].spec));
+        let (_t, p) = project(
+            "[bottle.x.git]\ngateway = \"http://10.0.0.1:1\"\n[bottle.x.supervise]\nurl = \"http://10.0.0.1:2/\"\n[agent.a]\nbottle = \"x\"\n",
+        );
+        assert!(!has_gate(&p.bottles["x"].spec));
+    }
+
+    #[test]
+    fn ports_and_credentials_are_chosen_once_and_kept() {
+        let (_t, p) = project(GATED);
+        let mut state = GateState::default();
+        assert!(state.fill(&p));
+        let port = state.ports["dev"];
+        assert!(port > 0);
+        assert!(!state.ports.contains_key("nets"), "no gate, no port");
+        assert_eq!(state.agents.keys().collect::<Vec<_>>(), ["a", "b"]);
+        let a = state.agents["a"].clone();
+        assert_ne!(a.proxy_token, state.agents["b"].proxy_token);
+        assert_ne!(
+            a.placeholders["API_KEY"],
+            state.agents["b"].placeholders["API_KEY"]
+        );
+        assert!(
+            !a.placeholders.contains_key("PLAIN"),
+            "a secret without hosts is the guest's"
+        );
+        // Kept across a save and a load, and a second fill changes nothing.
+        let dir = tempfile::tempdir().unwrap();
+        let paths = GatePaths::new(dir.path(), "p");
+        state.save(&paths).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(paths.state()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let mut again = GateState::load(&paths).unwrap();
+        assert!(!again.fill(&p));
+        assert_eq!(again, state);
+    }
+
+    #[test]
+    fn a_placeholder_is_random_not_derived_from_the_value() {
+        // SAFETY: tests of this module set only their own variables.
+        unsafe { std::env::set_var("BOTTLE_GATE_TEST_KEY", "sk-real-value-1") };
+        let (_t, p) = project(GATED);
+        let (mut one, mut two) = (GateState::default(), GateState::default());
+        one.fill(&p);
+        two.fill(&p);
+        let (x, y) = (
+            &one.agents["a"].placeholders["API_KEY"],
+            &two.agents["a"].placeholders["API_KEY"],
+        );
+        assert_ne!(x, y);
+        assert!(!x.contains("sk-real-value-1"));
+        assert!(x.starts_with("bottle-placeholder-"));
+    }
+
+    #[test]
+    fn the_config_names_values_and_never_holds_them() {
+        // SAFETY: as above.
+        unsafe { std::env::set_var("BOTTLE_GATE_TEST_KEY", "sk-real-value-2") };
+        let (_t, p) = project(GATED);
+        let mut state = GateState::default();
+        state.fill(&p);
+        let config = derive_config(&p, &state);
+        assert_eq!(config.bottles.keys().collect::<Vec<_>>(), ["dev"]);
+        let dev = &config.bottles["dev"];
+        assert_eq!(dev.allow_hosts, ["api.example.com", "*.example.org"]);
+        assert_eq!(dev.allow_internal, ["127.0.0.0/8"]);
+        assert!(dev.supervise);
+        assert_eq!(
+            dev.secrets,
+            [GateSecret {
+                name: "API_KEY".into(),
+                hosts: vec!["api.example.com".into()],
+                value_key: "secret:dev:API_KEY".into(),
+            }]
+        );
+        let json = serde_json::to_string(&config).unwrap();
+        assert!(!json.contains("sk-real-value-2"));
+        let (values, missing) = read_values(&value_refs(&p, &config));
+        assert!(missing.is_empty(), "{missing:?}");
+        assert_eq!(values["secret:dev:API_KEY"], "sk-real-value-2");
+        assert_eq!(values.len(), 1, "only the gate's secrets are read");
+    }
+
+    #[test]
+    fn guests_dial_the_gate_at_the_runtimes_address_with_their_own_credential() {
+        let (_t, p) = project(GATED);
+        let mut state = GateState::default();
+        state.fill(&p);
+        let paths = GatePaths::new(Path::new("/s"), "p");
+        let port = state.ports["dev"];
+        let a = agent_gate(&paths, RuntimeKind::Smolvm, &state, &p.bottles["dev"], "a").unwrap();
+        let token = &state.agents["a"].proxy_token;
+        assert_eq!(a.address, format!("100.96.0.1:{port}"));
+        assert_eq!(
+            a.env["HTTPS_PROXY"],
+            format!("http://a:{token}@100.96.0.1:{port}")
+        );
+        assert_eq!(a.env["http_proxy"], a.env["HTTPS_PROXY"]);
+        assert!(a.env["NO_PROXY"].split(',').any(|h| h == "100.96.0.1"));
+        for var in [
+            "NODE_EXTRA_CA_CERTS",
+            "SSL_CERT_FILE",
+            "REQUESTS_CA_BUNDLE",
+            "GIT_SSL_CAINFO",
+        ] {
+            assert_eq!(a.env[var], TRUST_BUNDLE);
+        }
+        assert_eq!(a.env["API_KEY"], state.agents["a"].placeholders["API_KEY"]);
+        assert!(!a.env.contains_key("PLAIN"));
+        assert_eq!(
+            a.supervise_url,
+            format!(
+                "http://100.96.0.1:{port}/mcp/{}",
+                state.agents["a"].mcp_token
+            )
+        );
+        let local = agent_gate(&paths, RuntimeKind::Local, &state, &p.bottles["dev"], "a").unwrap();
+        assert_eq!(local.address, format!("127.0.0.1:{port}"));
+        assert!(local.env["NO_PROXY"].split(',').any(|h| h == "127.0.0.1"));
+    }
+
+    /// A stand-in gate: answers the control protocol on a Unix socket from
+    /// a thread, serving the last config it was sent.
+    /// What the stand-in serves: the last config and values it was sent.
+    type Served = Arc<Mutex<Option<(GateConfig, BTreeMap<String, String>)>>>;
+
+    struct StandIn {
+        served: Served,
+        _thread: std::thread::JoinHandle<()>,
+    }
+
+    fn stand_in(paths: &GatePaths) -> StandIn {
+        fs::create_dir_all(&paths.dir).unwrap();
+        let listener = UnixListener::bind(paths.control()).unwrap();
+        let served: Served = Default::default();
+        let shared = served.clone();
+        let thread = std::thread::spawn(move || {
+            for stream in listener.incoming().take(16) {
+                let Ok(mut stream) = stream else { break };
+                let mut line = String::new();
+                BufReader::new(&stream).read_line(&mut line).unwrap();
+                let request: Request = serde_json::from_str(&line).unwrap();
+                let mut stop = false;
+                let response = match request {
+                    Request::Health => {
+                        let served = shared.lock().unwrap();
+                        Response::Health(Health {
+                            pid: 4242,
+                            config_hash: served.as_ref().map_or(String::new(), |(c, _)| c.hash()),
+                            started_at: 1,
+                            secrets_read_at: 2,
+                            ports: served.as_ref().map_or(BTreeMap::new(), |(c, _)| {
+                                c.bottles.iter().map(|(b, g)| (b.clone(), g.port)).collect()
+                            }),
+                        })
+                    }
+                    Request::Reload { config, secrets } => {
+                        *shared.lock().unwrap() = Some((config, secrets));
+                        Response::Ok
+                    }
+                    Request::Stop => {
+                        stop = true;
+                        Response::Ok
+                    }
+                };
+                let mut out = serde_json::to_vec(&response).unwrap();
+                out.push(b'\n');
+                stream.write_all(&out).unwrap();
+                if stop {
+                    break;
+                }
+            }
+        });
+        StandIn {
+            served,
+            _thread: thread,
+        }
+    }
+
+    #[test]
+    fn health_reload_and_stop_speak_the_control_protocol() {
+        // SAFETY: as above.
+        unsafe { std::env::set_var("BOTTLE_GATE_TEST_KEY", "sk-real-value-3") };
+        let (_t, p) = project(GATED);
+        let dir = tempfile::tempdir().unwrap();
+        let gate = DesiredGate::new(&p, dir.path(), RuntimeKind::Local).unwrap();
+        assert!(gate.state_changed, "nothing kept yet");
+        assert_eq!(health(&gate.paths), GateHealth::NotRunning);
+        assert_eq!(
+            gate_change(&gate, &GateHealth::NotRunning).unwrap(),
+            Some((GateOp::Start, "gate not running".to_owned()))
+        );
+
+        let stand_in = stand_in(&gate.paths);
+        let GateHealth::Running(h) = health(&gate.paths) else {
+            panic!("the stand-in answers")
+        };
+        let (op, cause) = gate_change(&gate, &GateHealth::Running(h))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (op, cause.as_str()),
+            (GateOp::Reload, "gate config differs")
+        );
+
+        // A reload sends the config and the values read now, keeps the
+        // state and records the config sent.
+        gate.start_or_reload(true).unwrap();
+        let (config, values) = stand_in.served.lock().unwrap().clone().unwrap();
+        assert_eq!(config, gate.config);
+        assert_eq!(values["secret:dev:API_KEY"], "sk-real-value-3");
+        assert_eq!(GateState::load(&gate.paths).unwrap(), gate.state);
+        assert_eq!(recorded_config(&gate.paths).as_ref(), Some(&gate.config));
+        let recorded = fs::read_to_string(gate.paths.config()).unwrap();
+        assert!(
+            !recorded.contains("sk-real-value-3"),
+            "values are never written"
+        );
+        let state = fs::read_to_string(gate.paths.state()).unwrap();
+        assert!(!state.contains("sk-real-value-3"));
+
+        let GateHealth::Running(h) = health(&gate.paths) else {
+            panic!()
+        };
+        assert_eq!(h.config_hash, gate.config.hash());
+        assert_eq!(gate_change(&gate, &GateHealth::Running(h)).unwrap(), None);
+
+        // An allow_hosts edit: a reload naming what changed, same ports
+        // and credentials.
+        let mut edited = p.clone();
+        edited
+            .bottles
+            .get_mut("dev")
+            .unwrap()
+            .spec
+            .egress
+            .as_mut()
+            .unwrap()
+            .allow_hosts
+            .push("pypi.org".into());
+        let gate2 = DesiredGate::new(&edited, dir.path(), RuntimeKind::Local).unwrap();
+        assert!(!gate2.state_changed);
+        assert_eq!(gate2.agents, gate.agents, "guests keep their URLs");
+        let GateHealth::Running(h) = health(&gate.paths) else {
+            panic!()
+        };
+        let (op, cause) = gate_change(&gate2, &GateHealth::Running(h))
+            .unwrap()
+            .unwrap();
+        assert_eq!(op, GateOp::Reload);
+        assert_eq!(
+            cause,
+            "gate config differs: bottle dev: allow_hosts changed"
+        );
+
+        assert!(stop(&gate.paths).unwrap());
+    }
+
+    #[test]
+    fn a_missing_value_stops_the_gate_from_starting_and_names_it() {
+        let (_t, p) = project(
+            "[bottle.dev]\nsecrets = { K = { from_env = \"BOTTLE_GATE_TEST_NEVER_SET\", hosts = [\"x.example.com\"] } }\n[agent.a]\nbottle = \"dev\"\n",
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let gate = DesiredGate::new(&p, dir.path(), RuntimeKind::Local).unwrap();
+        let err = gate.start_or_reload(false).unwrap_err();
+        assert!(
+            err.to_string().contains("BOTTLE_GATE_TEST_NEVER_SET"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn upstream_hosts_and_the_git_warning() {
+        assert_eq!(
+            upstream_host("git@github.com:acme/app.git").as_deref(),
+            Some("github.com")
+        );
+        assert_eq!(
+            upstream_host("ssh://git@Git.Example:2222/x").as_deref(),
+            Some("git.example")
+        );
+        assert_eq!(
+            upstream_host("https://github.com/acme/docs.git").as_deref(),
+            Some("github.com")
+        );
+        assert_eq!(upstream_host("/srv/repos/app.git"), None);
+        assert_eq!(upstream_host("file:///srv/app.git"), None);
+        let (_t, p) = project(
+            "[bottle.dev]\nsecrets = { GH = { from_env = \"X\", hosts = [\"github.com\"] }, P = { from_env = \"Y\" } }\n[bottle.dev.git]\n[[bottle.dev.git.remote]]\nname = \"app\"\nupstream = \"git@github.com:acme/app.git\"\n[agent.a]\nbottle = \"dev\"\n",
+        );
+        let advice = advisories(&p);
+        assert_eq!(advice.len(), 2, "{advice:#?}");
+        assert!(
+            advice
+                .iter()
+                .any(|a| a.starts_with("warning: secret `GH`") && a.contains("`app`"))
+        );
+        assert!(advice.iter().any(|a| a.starts_with("note: secret `P`")));
+    }
+}
