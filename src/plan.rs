@@ -66,6 +66,9 @@ pub struct PlanError {
 /// The line every command prints for it.
 impl std::fmt::Display for PlanError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.machine == "gate" && self.agent == "-" {
+            return write!(f, "error: the project's gate: {}", self.message);
+        }
         write!(
             f,
             "error: agent {} (machine {}): {}",
