@@ -127,6 +127,21 @@ pub enum Command {
     /// Keep reconciling: whenever a manifest or a file it references
     /// changes, and periodically to repair drift inside guests.
     Watch(watch::WatchArgs),
+
+    /// Internal: the local runtime's relay from a machine's network to its
+    /// bottle's gate (started by the runtime, with its socket on fd 3).
+    #[command(hide = true)]
+    LocalGateRelay(LocalGateRelayArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LocalGateRelayArgs {
+    #[arg(long)]
+    port: u16,
+    #[arg(long)]
+    init_pid: u32,
+    #[arg(long)]
+    init_start: u64,
 }
 
 /// Parse arguments, run the command, return the process exit code.
@@ -144,6 +159,11 @@ pub fn main() -> ExitCode {
         Command::Destroy(args) => destroy::run(&cli.global, args),
         Command::Attach(args) => attach::run(&cli.global, args),
         Command::Watch(args) => watch::run(&cli.global, args),
+        Command::LocalGateRelay(args) => {
+            crate::runtime::local::relay::serve(args.port, args.init_pid, args.init_start)
+                .map(|()| Outcome::Success)
+                .map_err(|e| miette::miette!("the gate relay failed: {e}"))
+        }
     };
     match result {
         Ok(Outcome::Success) => ExitCode::SUCCESS,
