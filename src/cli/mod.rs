@@ -9,6 +9,8 @@ mod apply;
 mod attach;
 mod check;
 mod destroy;
+mod egress_log;
+mod gate;
 mod graph;
 mod plan;
 mod schema;
@@ -127,6 +129,14 @@ pub enum Command {
     /// Keep reconciling: whenever a manifest or a file it references
     /// changes, and periodically to repair drift inside guests.
     Watch(watch::WatchArgs),
+
+    /// The project's gate, the host half of its bottles: egress proxy, git
+    /// gateway, supervise.
+    Gate(gate::GateArgs),
+
+    /// Print the gate's decisions: every request allowed, denied or given a
+    /// credential.
+    EgressLog(egress_log::EgressLogArgs),
 }
 
 /// Parse arguments, run the command, return the process exit code.
@@ -144,6 +154,8 @@ pub fn main() -> ExitCode {
         Command::Destroy(args) => destroy::run(&cli.global, args),
         Command::Attach(args) => attach::run(&cli.global, args),
         Command::Watch(args) => watch::run(&cli.global, args),
+        Command::Gate(args) => gate::run(&cli.global, args),
+        Command::EgressLog(args) => egress_log::run(&cli.global, args),
     };
     match result {
         Ok(Outcome::Success) => ExitCode::SUCCESS,
