@@ -416,6 +416,85 @@ fn egress_is_allowed_denied_and_authenticated_per_bottle() {
     assert!(find("denied", "opsagent".into(), "localhost"), "{log}");
     assert!(!log.contains(SECRET));
     assert!(!log.contains("coder-token"));
+
+    // `bottle egress-log`: readable, one line per decision, by agent.
+    let egress_log = |args: &[&str]| {
+        let out = Command::new(bottle_exe())
+            .arg("--state-dir")
+            .arg(gate.state.path())
+            .arg("egress-log")
+            .arg(gate.manifests.path())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let coder = egress_log(&["--agent", "coder"]);
+    let lines: Vec<&str> = coder.lines().collect();
+    assert!(
+        lines.iter().any(|l| l.contains("dev/coder")
+            && l.contains("allowed")
+            && l.contains(&format!(
+                "CONNECT localhost:{}  tunnel (allow_hosts: localhost:{})",
+                up.tls, up.tls
+            ))),
+        "{coder}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("denied")
+            && l.contains(
+                "CONNECT denied.example:443  denied.example:443 is not in egress.allow_hosts"
+            )),
+        "{coder}"
+    );
+    assert!(lines.iter().all(|l| l.contains("dev/coder")), "{coder}");
+    let ops = egress_log(&["--agent", "opsagent", "--json"]);
+    assert!(!ops.is_empty());
+    for line in ops.lines() {
+        let event: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(event["agent"], "opsagent");
+    }
+    assert!(egress_log(&[]).lines().count() > coder.lines().count());
+
+    // --follow prints decisions made after it started.
+    let mut follow = Command::new(bottle_exe())
+        .arg("--state-dir")
+        .arg(gate.state.path())
+        .args(["egress-log", "--follow", "--agent", "coder"])
+        .arg(gate.manifests.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    let (send, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if send.send(line.unwrap_or_default()).is_err() {
+                break;
+            }
+        }
+    });
+    let (codes, _) = through(
+        dev,
+        "coder:coder-token",
+        &up.ca_file,
+        "https://later.example/",
+        &[],
+    );
+    assert_eq!(codes, "403 000");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let found = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match lines.recv_timeout(left) {
+            Ok(line) if line.contains("later.example") => break true,
+            Ok(_) => {}
+            Err(_) => break false,
+        }
+    };
+    let _ = follow.kill();
+    let _ = follow.wait();
+    assert!(found, "egress-log --follow did not print the new decision");
 }
 
 #[test]

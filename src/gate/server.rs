@@ -558,7 +558,12 @@ fn now() -> u64 {
 /// `bottle` is the bottle executable (`std::env::current_exe()`); the gate
 /// runs as `bottle --state-dir STATE gate run --config-from-stdin` in its
 /// own session, its stderr appended to `gate.err` beside its log, and
-/// outlives the caller. Secret values reach it through a pipe.
+/// outlives the caller. Secret values reach it through a pipe (variables of
+/// the caller's environment holding one are not passed on).
+///
+/// Only when no gate answers on the control socket: a running one (started
+/// by a service manager, or an earlier apply) takes a `reload` instead, and
+/// a second one would exit at once naming the first (the error says so).
 pub fn start_detached(
     bottle: &Path,
     state_dir: &Path,
@@ -582,6 +587,16 @@ pub fn start_detached(
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .stderr(stderr);
+    // The values reach the gate on the pipe only: variables of the
+    // caller's environment that hold one are not passed on.
+    for (key, value) in std::env::vars_os() {
+        if secrets
+            .values()
+            .any(|s| !s.is_empty() && value == s.as_str())
+        {
+            command.env_remove(key);
+        }
+    }
     // SAFETY: setsid is async-signal-safe; nothing else runs in the child.
     unsafe {
         command.pre_exec(|| {
