@@ -49,9 +49,9 @@ async fn serve(listener: tokio::net::TcpListener, tls: Option<Arc<rustls::Server
         tokio::spawn(async move {
             let service = service_fn(|req: http::Request<hyper::body::Incoming>| async move {
                 let _ = req.into_body().collect().await;
-                Ok::<_, std::convert::Infallible>(http::Response::new(
-                    http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
-                ))
+                Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                    bytes::Bytes::from_static(b"ok"),
+                )))
             });
             let builder = hyper::server::conn::http1::Builder::new();
             match tls {
@@ -61,7 +61,9 @@ async fn serve(listener: tokio::net::TcpListener, tls: Option<Arc<rustls::Server
                     }
                 }
                 None => {
-                    let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+                    let _ = builder
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
                 }
             }
         });
@@ -132,7 +134,11 @@ fn tunnel(gate: u16, port: u16, user: &str) -> TcpStream {
         s.read_exact(&mut byte).unwrap();
         head.push(byte[0]);
     }
-    assert!(head.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
+    assert!(
+        head.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
     s
 }
 
@@ -313,7 +319,10 @@ fn main() {
     let gate_tls = tls_client(&[&paths.ca_cert()]);
     let header = "x-api-key: ph-0-0\r\n";
     for _ in 0..20 {
-        get(&mut tls_over(&gate_tls, tunnel(gate, tls_port, user)), header);
+        get(
+            &mut tls_over(&gate_tls, tunnel(gate, tls_port, user)),
+            header,
+        );
     }
     let (mut direct, mut intercepted) = (Vec::new(), Vec::new());
     for _ in 0..n / 5 {
@@ -323,7 +332,10 @@ fn main() {
         get(&mut tls_over(&direct_tls, tcp), header);
         direct.push(t.elapsed());
         let t = Instant::now();
-        get(&mut tls_over(&gate_tls, tunnel(gate, tls_port, user)), header);
+        get(
+            &mut tls_over(&gate_tls, tunnel(gate, tls_port, user)),
+            header,
+        );
         intercepted.push(t.elapsed());
     }
     let d = summary("new TLS connection + GET, direct", direct);

@@ -11,9 +11,11 @@
 //! - Otherwise (a service manager runs `bottle gate run DIR` in the
 //!   foreground): `config.json` in the gate's state directory (the gate
 //!   writes it on every config it accepts; secret values are never in it),
-//!   with each secret's value read from the gate's own environment: the
-//!   variable named by its `value_key`. A key missing from the environment
-//!   is logged (by name) and that secret is not added. Without a
+//!   with each secret's value read by [`secrets_from_env`]: a `value_key`
+//!   `file:<path>` from that file, any other from the variable of the
+//!   gate's own environment it names (so the reconciler uses a `from_env`
+//!   secret's variable name as its key). A value not found is logged (by
+//!   key) and that secret is not added. Without a
 //!   `config.json` the gate serves nothing until its first reload.
 //!
 //! Any later config arrives by a control `reload`: listeners of new bottles
@@ -294,11 +296,21 @@ fn value_keys(config: &GateConfig) -> impl Iterator<Item = &str> {
     })
 }
 
-/// The values of a config's secrets from this process's environment (the
-/// variable named by each `value_key`); absent ones are left out.
+/// The values of a config's secrets as a gate run by a service manager
+/// finds them: `value_key` `file:<path>` is read from that file (without
+/// its final newline); any other key is the name of a variable of this
+/// process's environment. Absent ones are left out (and logged by name).
 pub fn secrets_from_env(config: &GateConfig) -> BTreeMap<String, String> {
     value_keys(config)
-        .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_owned(), v)))
+        .filter_map(|k| {
+            let value = match k.strip_prefix("file:") {
+                Some(path) => std::fs::read_to_string(path)
+                    .ok()
+                    .map(|v| v.strip_suffix('\n').unwrap_or(&v).to_owned()),
+                None => std::env::var(k).ok(),
+            };
+            value.map(|v| (k.to_owned(), v))
+        })
         .collect()
 }
 
@@ -667,5 +679,48 @@ pub fn stop(paths: &GatePaths, wait: Duration) -> Result<bool, GateError> {
             )));
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gate::config::BottleGate;
+
+    #[test]
+    fn a_foreground_gate_reads_values_from_files_and_its_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "from-a-file\n").unwrap();
+        let secret = |name: &str, key: String| GateSecret {
+            name: name.into(),
+            hosts: vec!["api.example.com".into()],
+            value_key: key,
+        };
+        let mut config = GateConfig::default();
+        config.bottles.insert(
+            "dev".into(),
+            BottleGate {
+                secrets: vec![
+                    secret("A", format!("file:{}", file.display())),
+                    secret("B", "BOTTLE_TEST_SURELY_UNSET_VARIABLE".into()),
+                    secret("C", "PATH".into()),
+                ],
+                ..Default::default()
+            },
+        );
+        let values = secrets_from_env(&config);
+        assert_eq!(
+            values
+                .get(&format!("file:{}", file.display()))
+                .map(String::as_str),
+            Some("from-a-file")
+        );
+        assert!(!values.contains_key("BOTTLE_TEST_SURELY_UNSET_VARIABLE"));
+        assert_eq!(values.get("PATH"), std::env::var("PATH").ok().as_ref());
+        assert_eq!(
+            missing_secrets(&config, &values),
+            vec!["BOTTLE_TEST_SURELY_UNSET_VARIABLE"]
+        );
     }
 }
