@@ -636,7 +636,7 @@ fn a_reload_changes_the_rules_and_keeps_open_tunnels() {
         .hosts
         .truncate(1);
     let ports = gate.reload(&first, &[("TEST_API_KEY", SECRET)]);
-    let dev = ports["dev"];
+    let (dev, ops) = (ports["dev"], ports["ops"]);
     let pid = gate.wait_health(|_| true).pid;
 
     // A tunnel to the clear-text upstream, opened before the reload.
@@ -674,6 +674,10 @@ fn a_reload_changes_the_rules_and_keeps_open_tunnels() {
         ports,
         [("dev".to_owned(), dev)].into(),
         "dev keeps its listener, ops's closes"
+    );
+    assert!(
+        TcpStream::connect(("127.0.0.1", ops)).is_err(),
+        "ops's listener is closed"
     );
     let (codes, _) = through(dev, "coder:coder-token", &up.ca_file, &tls_url, &[]);
     assert_eq!(codes, "403 000");
@@ -809,6 +813,18 @@ fn the_gate_starts_detached_with_its_values_on_a_pipe() {
     assert_eq!(
         code(get(&format!("localhost:{}", port + 1), "/mcp/x")),
         "403"
+    );
+
+    // A second start says why it could not.
+    let again = bottle::gate::server::start_detached(bottle_exe(), state.path(), &cfg, &secrets)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        again.contains(&format!(
+            "a gate for project `detached` already runs (pid {}",
+            health.pid
+        )),
+        "{again}"
     );
 
     let ps = Command::new("ps")

@@ -373,7 +373,14 @@ async fn connect(gate: Arc<Gate>, bottle: Arc<str>, mut req: http::Request<Incom
         }
     };
     let mode = if intercept { "intercept" } else { "tunnel" };
-    target.log("allowed", json!({"rule": rule, "mode": mode}));
+    let address = match &upstream {
+        Some(s) => s.peer_addr().ok(),
+        None => addrs.first().copied(),
+    };
+    target.log(
+        "allowed",
+        json!({"rule": rule, "mode": mode, "address": address.map(|a| a.ip().to_string())}),
+    );
     let on_upgrade = hyper::upgrade::on(&mut req);
     let gate = gate.clone();
     tokio::spawn(async move {

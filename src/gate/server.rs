@@ -591,6 +591,7 @@ pub fn start_detached(
         .append(true)
         .open(&err_path)
         .map_err(io_err("stderr file", &err_path))?;
+    let err_start = stderr.metadata().map(|m| m.len()).unwrap_or(0);
     let mut command = std::process::Command::new(bottle);
     command
         .arg("--state-dir")
@@ -632,8 +633,21 @@ pub fn start_detached(
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
         if let Ok(Some(status)) = child.try_wait() {
+            // What it said, the first lines of this start's messages.
+            let said = std::fs::read(&err_path)
+                .ok()
+                .and_then(|b| b.get(err_start as usize..).map(<[u8]>::to_vec))
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default();
+            let said: Vec<&str> = said
+                .lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .take(4)
+                .collect();
             return Err(GateError::Start(format!(
-                "it exited ({status}); see {}",
+                "it exited ({status}): {} (in {})",
+                said.join(" / "),
                 err_path.display()
             )));
         }
