@@ -527,6 +527,21 @@ fn secrets_reach_only_their_hosts_inside_intercepted_tls_for_their_agent() {
     );
     assert_eq!(body, format!("key=Bearer {SECRET}!"));
 
+    // Another Host inside the tunnel (a site on the same front end) gets
+    // nothing.
+    let (codes, body) = through(
+        dev,
+        "coder:coder-token",
+        &ca,
+        &url,
+        &["-H", "x-api-key: ph-coder", "-H", "Host: elsewhere.example"],
+    );
+    assert_eq!(codes, "200 403", "{body}");
+    assert!(
+        body.contains("a request for `elsewhere.example` inside a tunnel to localhost:"),
+        "{body}"
+    );
+
     // Another agent's placeholder is not this agent's: left as it is.
     let (codes, body) = through(
         dev,

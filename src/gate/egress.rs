@@ -480,6 +480,18 @@ impl Intercepted {
                 ),
             );
         }
+        // The Host inside must be the tunnel's: on a shared front end
+        // (a CDN) another Host would carry the secret to another site.
+        if let Some(other) = self.foreign_host(&req) {
+            return target.deny(
+                StatusCode::FORBIDDEN,
+                "intercepted host",
+                format!(
+                    "a request for `{other}` inside a tunnel to {}:{}",
+                    self.host, self.port
+                ),
+            );
+        }
         strip_hop_by_hop(req.headers_mut());
         let added = replace_placeholders(
             &live,
@@ -541,6 +553,29 @@ impl Intercepted {
                 text(StatusCode::BAD_GATEWAY, &format!("bottle gate: {message}"))
             }
         }
+    }
+
+    /// The host a request names (its `Host`, or the authority of an
+    /// absolute URI) when that is not the tunnel's own.
+    fn foreign_host(&self, req: &http::Request<Body>) -> Option<String> {
+        let named = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .into_iter()
+            .chain(
+                req.headers()
+                    .get_all(header::HOST)
+                    .iter()
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
+            );
+        for name in named {
+            match split_authority(name.trim(), self.port) {
+                Some((host, port)) if host == self.host && port == self.port => {}
+                _ => return Some(name),
+            }
+        }
+        None
     }
 
     async fn connect_upstream(&self) -> Result<SendRequest<Body>, String> {
