@@ -30,6 +30,28 @@
 //!   `health`, `reload` (a new config and the secret values read by the
 //!   bottle process that sends it: values travel only over this socket
 //!   and live only in the gate's memory), `stop`.
+//!
+//! # Driving the gate (what the reconciler calls)
+//!
+//! - CA for the `ca` step: [`ca::ensure`]`(&paths)` returns the project
+//!   CA's certificate PEM, minting the CA first if there is none.
+//! - Health: [`control::call`]`(&paths.control(), &Request::Health)`;
+//!   `Err(ControlError::NotRunning)` means no gate; a `config_hash` other
+//!   than [`config::GateConfig::hash`] of the desired config means stale.
+//! - Start: [`server::start_detached`]`(bottle_exe, state_dir, &config,
+//!   &secrets)` runs `bottle --state-dir S gate run --config-from-stdin` in
+//!   its own session, hands it the config and values on a pipe, and returns
+//!   its [`control::Health`] once it serves that config (`ports` has each
+//!   bottle's port: a config port 0 means "any free port").
+//! - Reload: `control::call(&paths.control(), &Request::Reload { config,
+//!   secrets })` → `Response::Ok`, or `Response::Error { message }` with
+//!   nothing changed (a port in use, another project, a newer format).
+//! - Stop: [`server::stop`]`(&paths, wait)` asks it to stop and waits until
+//!   it released `gate.lock`; `Ok(false)` when none was running.
+//! - Secret values by `value_key`: a gate run by a service manager reads
+//!   `file:<path>` keys from the file and any other key from its own
+//!   environment ([`server::secrets_from_env`]), so a `from_env` secret's
+//!   key should be its variable's name.
 
 pub mod ca;
 pub mod config;
