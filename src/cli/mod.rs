@@ -9,6 +9,8 @@ mod apply;
 mod attach;
 mod check;
 mod destroy;
+mod egress_log;
+mod gate;
 mod graph;
 mod plan;
 mod schema;
@@ -128,6 +130,14 @@ pub enum Command {
     /// changes, and periodically to repair drift inside guests.
     Watch(watch::WatchArgs),
 
+    /// The project's gate, the host half of its bottles: egress proxy, git
+    /// gateway, supervise.
+    Gate(gate::GateArgs),
+
+    /// Print the gate's decisions: every request allowed, denied or given a
+    /// credential.
+    EgressLog(egress_log::EgressLogArgs),
+
     /// Internal: the local runtime's relay from a machine's network to its
     /// bottle's gate (started by the runtime, with its socket on fd 3).
     #[command(hide = true)]
@@ -159,6 +169,8 @@ pub fn main() -> ExitCode {
         Command::Destroy(args) => destroy::run(&cli.global, args),
         Command::Attach(args) => attach::run(&cli.global, args),
         Command::Watch(args) => watch::run(&cli.global, args),
+        Command::Gate(args) => gate::run(&cli.global, args),
+        Command::EgressLog(args) => egress_log::run(&cli.global, args),
         Command::LocalGateRelay(args) => {
             crate::runtime::local::relay::serve(args.port, args.init_pid, args.init_start)
                 .map(|()| Outcome::Success)
