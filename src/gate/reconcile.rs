@@ -27,7 +27,7 @@ use std::io::Write;
 use std::net::{Ipv4Addr, TcpListener};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -239,7 +239,7 @@ pub fn derive_config(project: &Project, state: &GateState) -> GateConfig {
             .map(|(n, s)| GateSecret {
                 name: n.clone(),
                 hosts: s.hosts.clone(),
-                value_key: secret_value_key(name, n),
+                value_key: value_key(s),
             })
             .collect();
         let agents = project
@@ -263,8 +263,8 @@ pub fn derive_config(project: &Project, state: &GateState) -> GateConfig {
                                 (Some(key), _) => Some(GitCredentials::SshKey {
                                     path: PathBuf::from(&key.from_file),
                                 }),
-                                (None, Some(_)) => Some(GitCredentials::Token {
-                                    value_key: git_token_value_key(name, &r.name),
+                                (None, Some(token)) => Some(GitCredentials::Token {
+                                    value_key: value_key(token),
                                 }),
                                 (None, None) => None,
                             }
@@ -291,14 +291,15 @@ pub fn derive_config(project: &Project, state: &GateState) -> GateConfig {
     config
 }
 
-/// The key of a secret's value in a reload: `secret:<bottle>:<name>`.
-pub fn secret_value_key(bottle: &str, secret: &str) -> String {
-    format!("secret:{bottle}:{secret}")
-}
-
-/// The key of a git remote's https token: `git:<bottle>:<remote>`.
-pub fn git_token_value_key(bottle: &str, remote: &str) -> String {
-    format!("git:{bottle}:{remote}")
+/// The key of a value in a reload: the host variable's name for
+/// `from_env`, `file:<path>` for `from_file`, which is also how a gate run
+/// by a service manager (`bottle gate run DIR`) finds the value itself.
+pub fn value_key(reference: &SecretRef) -> String {
+    match (&reference.from_env, &reference.from_file) {
+        (Some(var), _) => var.clone(),
+        (None, Some(path)) => format!("file:{path}"),
+        (None, None) => String::new(),
+    }
 }
 
 /// A value the gate needs that cannot be read on this host now.
@@ -634,126 +635,36 @@ pub fn reload(
         }
         Err(e) => return Err(GateError::control(paths, e)),
     }
-    write_private(
-        paths,
-        &paths.config(),
-        &serde_json::to_vec_pretty(config).unwrap(),
-    )
+    // The gate records what it accepted in `config.json` itself.
+    Ok(())
 }
 
-/// How long `start` waits for a new gate's control socket.
-pub const START_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// How the gate process is started: the program and the arguments before
-/// the manifests directory (`[--state-dir, STATE, gate, run]`).
-#[derive(Debug, Clone)]
-pub struct Launcher {
-    pub program: PathBuf,
-    pub args: Vec<String>,
-}
-
-impl Launcher {
-    /// The current bottle executable, `--state-dir STATE gate run`.
-    pub fn current(state_dir: &Path) -> std::io::Result<Self> {
-        Ok(Self {
-            program: std::env::current_exe()?,
-            args: vec![
-                "--state-dir".into(),
-                state_dir.display().to_string(),
-                "gate".into(),
-                "run".into(),
-            ],
-        })
-    }
-}
-
-/// Start the gate detached (in its own session, outliving this process),
-/// wait for its control socket, then send it the config and values. A gate
-/// already running is only reloaded.
+/// Start the gate detached (`bottle --state-dir STATE gate run
+/// --config-from-stdin` in its own session, outliving this process), with
+/// the config and values on a pipe; returns once it serves them. The
+/// project CA is minted first, if there is none.
 pub fn start(
-    launcher: &Launcher,
+    bottle: &Path,
+    state_dir: &Path,
     paths: &GatePaths,
-    manifests: &Path,
     config: &GateConfig,
-    values: BTreeMap<String, String>,
+    values: &BTreeMap<String, String>,
 ) -> Result<u32, GateError> {
-    if let GateHealth::Running(h) = health(paths) {
-        reload(paths, config, values)?;
-        return Ok(h.pid);
-    }
-    write_private(paths, &paths.dir.join(".keep"), b"")?;
-    let out_path = paths.dir.join("gate.out");
+    let log = paths.dir.join("gate.err").display().to_string();
     let start_err = |message: String| GateError::Start {
         message,
-        log: out_path.display().to_string(),
+        log: log.clone(),
     };
-    let out = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(&out_path)
-        .map_err(|e| start_err(format!("cannot open {}: {e}", out_path.display())))?;
-    let mut command = std::process::Command::new(&launcher.program);
-    command
-        .args(&launcher.args)
-        .arg(manifests)
-        .stdin(std::process::Stdio::null())
-        .stdout(out.try_clone().map_err(|e| start_err(e.to_string()))?)
-        .stderr(out);
-    {
-        use std::os::unix::process::CommandExt;
-        // Its own session: a Ctrl-C meant for `apply` does not reach it.
-        // SAFETY: setsid is async-signal-safe.
-        unsafe {
-            command.pre_exec(|| {
-                rustix::process::setsid().map_err(std::io::Error::from)?;
-                Ok(())
-            });
-        }
-    }
-    let mut child = command
-        .spawn()
-        .map_err(|e| start_err(format!("cannot run {}: {e}", launcher.program.display())))?;
-    let deadline = Instant::now() + START_TIMEOUT;
-    loop {
-        match health(paths) {
-            GateHealth::Running(h) => {
-                // Not waited for: it outlives this process, in its own
-                // session.
-                drop(child);
-                reload(paths, config, values)?;
-                return Ok(h.pid);
-            }
-            GateHealth::Error(e) if Instant::now() >= deadline => return Err(start_err(e)),
-            _ if Instant::now() >= deadline => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(start_err(format!(
-                    "its control socket did not answer within {}s",
-                    START_TIMEOUT.as_secs()
-                )));
-            }
-            _ => {}
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            return Err(start_err(format!("it exited at once ({status})")));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    super::ca::ensure(paths).map_err(|e| start_err(format!("the project CA: {e}")))?;
+    super::server::start_detached(bottle, state_dir, config, values)
+        .map(|h| h.pid)
+        .map_err(|e| start_err(e.to_string()))
 }
 
-/// Ask the gate to stop; one not running is what was wanted.
+/// Ask the gate to stop and wait until it has; one not running is what
+/// was wanted (`Ok(false)`).
 pub fn stop(paths: &GatePaths) -> Result<bool, GateError> {
-    match control::call(&paths.control(), &Request::Stop) {
-        Ok(Response::Ok) => Ok(true),
-        Ok(Response::Error { message }) => Err(GateError::Refused(message)),
-        Ok(other) => Err(GateError::control(
-            paths,
-            format!("unexpected answer to stop: {other:?}"),
-        )),
-        Err(ControlError::NotRunning(_)) => Ok(false),
-        Err(e) => Err(GateError::control(paths, e)),
-    }
+    super::server::stop(paths, Duration::from_secs(10)).map_err(|e| GateError::control(paths, e))
 }
 
 /// The gate as the runtime-facing commands see it: where its files are,
@@ -866,18 +777,11 @@ impl DesiredGate {
         if running {
             reload(&self.paths, &self.config, values)
         } else {
-            let launcher = Launcher::current(&self.state_dir).map_err(|e| GateError::Start {
+            let bottle = std::env::current_exe().map_err(|e| GateError::Start {
                 message: format!("cannot find the bottle executable: {e}"),
-                log: self.paths.dir.join("gate.out").display().to_string(),
+                log: self.paths.dir.join("gate.err").display().to_string(),
             })?;
-            start(
-                &launcher,
-                &self.paths,
-                &self.manifests,
-                &self.config,
-                values,
-            )
-            .map(|_| ())
+            start(&bottle, &self.state_dir, &self.paths, &self.config, &values).map(|_| ())
         }
     }
 }
@@ -1259,14 +1163,14 @@ bottle = "nets"
             [GateSecret {
                 name: "API_KEY".into(),
                 hosts: vec!["api.example.com".into()],
-                value_key: "secret:dev:API_KEY".into(),
+                value_key: "BOTTLE_GATE_TEST_KEY".into(),
             }]
         );
         let json = serde_json::to_string(&config).unwrap();
         assert!(!json.contains("sk-real-value-2"));
         let (values, missing) = read_values(&value_refs(&p, &config));
         assert!(missing.is_empty(), "{missing:?}");
-        assert_eq!(values["secret:dev:API_KEY"], "sk-real-value-2");
+        assert_eq!(values["BOTTLE_GATE_TEST_KEY"], "sk-real-value-2");
         assert_eq!(values.len(), 1, "only the gate's secrets are read");
     }
 
@@ -1320,9 +1224,12 @@ bottle = "nets"
 
     fn stand_in(paths: &GatePaths) -> StandIn {
         fs::create_dir_all(&paths.dir).unwrap();
+        // Unlocked: a stop is over once the stand-in answered it.
+        fs::write(paths.lock(), "").unwrap();
         let listener = UnixListener::bind(paths.control()).unwrap();
         let served: Served = Default::default();
         let shared = served.clone();
+        let config_path = paths.config();
         let thread = std::thread::spawn(move || {
             for stream in listener.incoming().take(16) {
                 let Ok(mut stream) = stream else { break };
@@ -1344,6 +1251,8 @@ bottle = "nets"
                         })
                     }
                     Request::Reload { config, secrets } => {
+                        // As the gate does: it records what it accepted.
+                        fs::write(&config_path, serde_json::to_vec(&config).unwrap()).unwrap();
                         *shared.lock().unwrap() = Some((config, secrets));
                         Response::Ok
                     }
@@ -1397,7 +1306,7 @@ bottle = "nets"
         gate.start_or_reload(true).unwrap();
         let (config, values) = stand_in.served.lock().unwrap().clone().unwrap();
         assert_eq!(config, gate.config);
-        assert_eq!(values["secret:dev:API_KEY"], "sk-real-value-3");
+        assert_eq!(values["BOTTLE_GATE_TEST_KEY"], "sk-real-value-3");
         assert_eq!(GateState::load(&gate.paths).unwrap(), gate.state);
         assert_eq!(recorded_config(&gate.paths).as_ref(), Some(&gate.config));
         let recorded = fs::read_to_string(gate.paths.config()).unwrap();
