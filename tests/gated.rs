@@ -1,0 +1,381 @@
+//! A gated bottle end to end on the local runtime (needs root and bwrap):
+//! `bottle apply` starts the gate, the guest reaches allowed hosts only
+//! through it, holds a placeholder where the real secret would be, trusts
+//! the project CA without `-k`; a killed gate is drift that the next apply
+//! repairs; an `allow_hosts` edit reaches the running gate without touching
+//! the machine. Upstreams are the test's own, on 127.0.0.1.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bottle::runtime::local::LocalRuntime;
+use bottle::runtime::{ExecRequest, Runtime};
+use tokio_rustls::rustls;
+
+const SECRET: &str = "sk-wiring-e2e-real-value-0123456789";
+
+/// One answer per connection: what the request carried in `x-api-key`.
+fn answer(stream: &mut dyn ReadWrite) {
+    let mut reader = BufReader::new(&mut *stream);
+    let mut key = "-".to_owned();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':')
+            && name.eq_ignore_ascii_case("x-api-key")
+        {
+            key = value.trim().to_owned();
+        }
+    }
+    let body = format!("key={key}");
+    let _ = write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.flush();
+}
+
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+struct Upstreams {
+    /// HTTPS, certificate for `localhost` from the test's own CA.
+    tls: u16,
+    /// Clear-text HTTP.
+    plain: u16,
+    ca_file: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+fn upstreams() -> Upstreams {
+    let dir = tempfile::tempdir().unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "wiring e2e upstream CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &issuer)
+        .unwrap();
+    let ca_file = dir.path().join("upstream-ca.pem");
+    std::fs::write(&ca_file, ca_cert.pem()).unwrap();
+    let config = Arc::new(
+        rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+        )
+        .unwrap(),
+    );
+    let tls = TcpListener::bind("127.0.0.1:0").unwrap();
+    let plain = TcpListener::bind("127.0.0.1:0").unwrap();
+    let ports = (
+        tls.local_addr().unwrap().port(),
+        plain.local_addr().unwrap().port(),
+    );
+    std::thread::spawn(move || {
+        for conn in tls.incoming().take(64) {
+            let Ok(tcp) = conn else { continue };
+            let config = config.clone();
+            std::thread::spawn(move || {
+                let _ = tcp.set_read_timeout(Some(Duration::from_secs(20)));
+                let Ok(server) = rustls::ServerConnection::new(config) else {
+                    return;
+                };
+                let mut stream = rustls::StreamOwned::new(server, tcp);
+                answer(&mut stream);
+                stream.conn.send_close_notify();
+                let _ = stream.flush();
+            });
+        }
+    });
+    std::thread::spawn(move || {
+        for conn in plain.incoming().take(64) {
+            let Ok(mut tcp) = conn else { continue };
+            let _ = tcp.set_read_timeout(Some(Duration::from_secs(20)));
+            answer(&mut tcp);
+        }
+    });
+    Upstreams {
+        tls: ports.0,
+        plain: ports.1,
+        ca_file,
+        _dir: dir,
+    }
+}
+
+struct World {
+    manifests: tempfile::TempDir,
+    state: tempfile::TempDir,
+    up: Upstreams,
+}
+
+impl World {
+    fn manifest(&self, allow: &[String]) {
+        let hosts: Vec<String> = allow.iter().map(|h| format!("{h:?}")).collect();
+        std::fs::write(
+            self.manifests.path().join("bottle.toml"),
+            format!(
+                "[project]\nname = \"gated\"\n\n[bottle.dev]\nuser = \"node\"\n\
+                 secrets = {{ API_KEY = {{ from_env = \"WIRING_E2E_KEY\", hosts = [\"localhost:{}\"] }} }}\n\n\
+                 [bottle.dev.egress]\nallow_hosts = [{}]\nallow_internal = [\"127.0.0.0/8\"]\n\n\
+                 [agent.coder]\nbottle = \"dev\"\nprompt_text = \"You code.\"\n",
+                self.up.tls,
+                hosts.join(", ")
+            ),
+        )
+        .unwrap();
+    }
+
+    fn bottle(&self, args: &[&str]) -> Output {
+        let out = Command::new(env!("CARGO_BIN_EXE_bottle"))
+            .args(["--runtime", "local", "--state-dir"])
+            .arg(self.state.path())
+            .args(args)
+            .arg(self.manifests.path())
+            .env("WIRING_E2E_KEY", SECRET)
+            // The gate (started by apply, with apply's environment)
+            // verifies upstream TLS against this.
+            .env("SSL_CERT_FILE", &self.up.ca_file)
+            .env_remove("SSL_CERT_DIR")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!text.contains(SECRET), "the secret in output:\n{text}");
+        out
+    }
+
+    fn runtime(&self) -> LocalRuntime {
+        LocalRuntime::open(&self.state.path().join("local")).unwrap()
+    }
+
+    /// Run `script` in the guest as the agent user.
+    fn guest(&self, script: &str) -> Output {
+        let out = self
+            .runtime()
+            .exec(
+                "bottle_gated_coder",
+                &ExecRequest::new(["sh", "-c", script]).as_user("node"),
+            )
+            .unwrap();
+        Output {
+            status: std::os::unix::process::ExitStatusExt::from_raw(out.status << 8),
+            stdout: out.stdout,
+            stderr: out.stderr,
+        }
+    }
+
+    fn gate_pid(&self) -> Option<u32> {
+        let paths = bottle::gate::paths::GatePaths::new(self.state.path(), "gated");
+        match bottle::gate::reconcile::health(&paths) {
+            bottle::gate::reconcile::GateHealth::Running(h) => Some(h.pid),
+            _ => None,
+        }
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        let _ = Command::new(env!("CARGO_BIN_EXE_bottle"))
+            .args(["--runtime", "local", "--state-dir"])
+            .arg(self.state.path())
+            .args(["destroy", "--yes"])
+            .arg(self.manifests.path())
+            .output();
+        if let Some(pid) = self.gate_pid() {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+        }
+    }
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            match e.file_type() {
+                Ok(t) if t.is_dir() => stack.push(p),
+                Ok(t) if t.is_file() => out.push(p),
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_gated_bottle_on_the_local_runtime() {
+    let world = World {
+        manifests: tempfile::tempdir().unwrap(),
+        state: tempfile::tempdir().unwrap(),
+        up: upstreams(),
+    };
+    let (tls, plain) = (world.up.tls, world.up.plain);
+    world.manifest(&[format!("localhost:{tls}")]);
+
+    let out = world.bottle(&["apply"]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stdout).contains("start    gate"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = world.bottle(&["check"]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+
+    // Through the proxy (the guest's own HTTPS_PROXY), with the project CA
+    // trusted (no -k), the upstream receives the real secret in place of
+    // the placeholder the guest sends. NO_PROXY names localhost, so it is
+    // dropped for these requests to localhost upstreams.
+    let curl = "env -u NO_PROXY -u no_proxy curl -sS --max-time 20";
+    let out = world.guest(&format!(
+        "{curl} -H \"x-api-key: $API_KEY\" https://localhost:{tls}/"
+    ));
+    assert_eq!(
+        text(&out.stdout),
+        format!("key={SECRET}"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // A host the bottle does not allow: refused by the gate.
+    let out = world.guest(&format!(
+        "{curl} -o /dev/null -w '%{{http_code}}' http://localhost:{plain}/"
+    ));
+    assert_eq!(text(&out.stdout), "403", "{}", text(&out.stderr));
+
+    // Around the proxy: nothing is reachable.
+    for url in [
+        format!("https://localhost:{tls}/"),
+        "http://1.1.1.1/".to_owned(),
+    ] {
+        let out = world.guest(&format!("curl -sS --max-time 5 --noproxy '*' -k {url}"));
+        assert!(
+            !out.status.success(),
+            "{url} reached directly: {}",
+            text(&out.stdout)
+        );
+    }
+
+    // The guest holds the placeholder only: in its environment and files.
+    let env = world.guest("env");
+    let env = text(&env.stdout);
+    assert!(env.contains("API_KEY=bottle-placeholder-"), "{env}");
+    assert!(!env.contains(SECRET));
+    let grep = world.runtime().exec(
+        "bottle_gated_coder",
+        &ExecRequest::new([
+            "sh",
+            "-c",
+            "grep -rl -s -F -- \"$1\" /etc /home /var /tmp /opt /root; echo done",
+            "sh",
+            SECRET,
+        ]),
+    );
+    assert_eq!(text(&grep.unwrap().stdout), "done\n");
+    for file in files_under(world.state.path()) {
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        assert!(
+            !text(&bytes).contains(SECRET),
+            "the secret in {}",
+            file.display()
+        );
+    }
+
+    // A killed gate is drift, and the next apply starts it again.
+    let pid = world.gate_pid().expect("the gate runs");
+    assert!(
+        Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let out = world.bottle(&["check"]);
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("gate not running"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = world.bottle(&["apply"]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert_ne!(world.gate_pid(), Some(pid));
+    let out = world.guest(&format!(
+        "{curl} -H \"x-api-key: $API_KEY\" https://localhost:{tls}/"
+    ));
+    assert_eq!(
+        text(&out.stdout),
+        format!("key={SECRET}"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // allow_hosts edited: the running gate is reloaded, no machine is
+    // touched, and the new host is reachable at once.
+    let init = world.runtime().record("bottle_gated_coder").unwrap().init;
+    world.manifest(&[format!("localhost:{tls}"), format!("localhost:{plain}")]);
+    let out = world.bottle(&["plan"]);
+    let plan = text(&out.stdout);
+    assert!(plan.contains("reload   gate"), "{plan}");
+    assert!(plan.contains("Plan: 1 gate to reload."), "{plan}");
+    let out = world.bottle(&["apply"]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert_eq!(
+        world.runtime().record("bottle_gated_coder").unwrap().init,
+        init
+    );
+    let out = world.guest(&format!("{curl} http://localhost:{plain}/"));
+    assert_eq!(text(&out.stdout), "key=-", "{}", text(&out.stderr));
+    let out = world.bottle(&["check"]);
+    assert!(out.status.success(), "{}", text(&out.stdout));
+}
