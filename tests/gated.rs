@@ -379,3 +379,108 @@ fn a_gated_bottle_on_the_local_runtime() {
     let out = world.bottle(&["check"]);
     assert!(out.status.success(), "{}", text(&out.stdout));
 }
+
+mod support;
+
+/// On smolvm (the double, which has no gateway address and filters
+/// nothing): the create flags, the guest's environment and the CA.
+#[test]
+fn a_gated_machine_on_the_double() {
+    const REAL: &str = "sk-wiring-double-real-value-987";
+    let p = support::project::Project::with_double(
+        "gated",
+        support::Double::new()
+            .with_env("WIRING_DOUBLE_KEY", REAL)
+            .with_env("WIRING_DOUBLE_PLAIN", "plain-value"),
+    );
+    let run = p.bottle(&["apply"]);
+    run.success();
+    let paths = bottle::gate::paths::GatePaths::new(p.state_dir(), "gated");
+    let stop_gate = scopeguard(paths.clone());
+    let port = match bottle::gate::reconcile::health(&paths) {
+        bottle::gate::reconcile::GateHealth::Running(h) => h.ports["dev"],
+        other => panic!("the gate does not run: {other:?}\n{}", run.all()),
+    };
+    let create = p
+        .double
+        .calls()
+        .into_iter()
+        .find(|c| c.verb == "create")
+        .unwrap()
+        .args
+        .join(" ");
+    assert!(
+        create.contains("--allow-cidr 100.96.0.1/32 --allow-cidr 10.8.0.0/16"),
+        "{create}"
+    );
+    assert!(!create.contains("--allow-host"), "{create}");
+    assert!(!create.contains(REAL), "{create}");
+    assert!(
+        !create.contains("WIRING_DOUBLE_KEY"),
+        "a secret with hosts is not the guest's: {create}"
+    );
+    assert!(
+        create.contains("--secret-env PLAIN=WIRING_DOUBLE_PLAIN"),
+        "{create}"
+    );
+
+    let machine = "bottle_gated_coder";
+    let env = p.double.sh(machine, "env");
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(paths.state()).unwrap()).unwrap();
+    let creds = &state["agents"]["coder"];
+    let proxy = format!(
+        "http://coder:{}@100.96.0.1:{port}",
+        creds["proxy_token"].as_str().unwrap()
+    );
+    for var in ["HTTPS_PROXY", "HTTP_PROXY", "https_proxy", "http_proxy"] {
+        assert!(env.contains(&format!("{var}={proxy}\n")), "{var}:\n{env}");
+    }
+    assert!(
+        env.contains("NO_PROXY=localhost,127.0.0.1,::1,100.96.0.1,host.smolvm.internal\n"),
+        "{env}"
+    );
+    for var in [
+        "NODE_EXTRA_CA_CERTS",
+        "SSL_CERT_FILE",
+        "REQUESTS_CA_BUNDLE",
+        "GIT_SSL_CAINFO",
+    ] {
+        assert!(
+            env.contains(&format!("{var}=/etc/ssl/certs/ca-certificates.crt\n")),
+            "{var}:\n{env}"
+        );
+    }
+    let placeholder = creds["placeholders"]["API_KEY"].as_str().unwrap();
+    assert!(env.contains(&format!("API_KEY={placeholder}\n")), "{env}");
+    assert!(env.contains("PLAIN=plain-value\n"), "{env}");
+    assert!(!env.contains(REAL));
+
+    // The project CA, installed and in the trust bundle.
+    let ca = std::fs::read_to_string(paths.ca_cert()).unwrap();
+    let installed = p.double.sh(
+        machine,
+        "cat /usr/local/share/ca-certificates/bottle-dev-gate.crt",
+    );
+    assert_eq!(installed, ca);
+    let last = ca.lines().rev().nth(1).unwrap();
+    let bundle = p
+        .double
+        .sh(machine, "cat /etc/ssl/certs/ca-certificates.crt");
+    assert!(bundle.contains(last), "the CA is not in the trust bundle");
+    p.bottle(&["check"]).success();
+    drop(stop_gate);
+}
+
+/// Stops the gate when the test ends, pass or fail.
+struct StopGate(bottle::gate::paths::GatePaths);
+
+fn scopeguard(paths: bottle::gate::paths::GatePaths) -> StopGate {
+    StopGate(paths)
+}
+
+impl Drop for StopGate {
+    fn drop(&mut self) {
+        let _ = bottle::gate::reconcile::stop(&self.0);
+    }
+}
