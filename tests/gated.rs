@@ -484,3 +484,61 @@ impl Drop for StopGate {
         let _ = bottle::gate::reconcile::stop(&self.0);
     }
 }
+
+/// `bottle watch` starts a gate that died again, without waiting for its
+/// resync (disabled here).
+#[test]
+fn watch_restarts_a_gate_that_died() {
+    let world = World {
+        manifests: tempfile::tempdir().unwrap(),
+        state: tempfile::tempdir().unwrap(),
+        up: upstreams(),
+    };
+    world.manifest(&[format!("localhost:{}", world.up.tls)]);
+    let out = world.bottle(&["apply"]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let mut watch = Command::new(env!("CARGO_BIN_EXE_bottle"))
+        .args(["--runtime", "local", "--state-dir"])
+        .arg(world.state.path())
+        .args(["watch", "--resync", "0"])
+        .arg(world.manifests.path())
+        .env("WIRING_E2E_KEY", SECRET)
+        .env("SSL_CERT_FILE", &world.up.ca_file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _ = watch.stdin.take();
+    let watch = Kill(watch);
+    let pid = world.gate_pid().expect("the gate runs");
+    assert!(
+        Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let restarted = loop {
+        match world.gate_pid() {
+            Some(new) if new != pid => break Some(new),
+            _ if std::time::Instant::now() > deadline => break None,
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    };
+    assert!(restarted.is_some(), "watch did not start the gate again");
+    drop(watch);
+}
