@@ -379,6 +379,17 @@ pub fn fingerprints(desired: &Desired) -> BTreeMap<String, String> {
             for step in &a.steps {
                 s.push_str(&format!("{}={}\n", step.kind.id(), step.hash));
             }
+            // What its bottle's gate serves (an `allow_hosts` edit changes
+            // no machine or step, only the gate).
+            let bottle = &desired.project.agents[&a.name].spec.bottle;
+            if let Some(gate) = desired
+                .gate
+                .as_ref()
+                .and_then(|g| g.config.bottles.get(bottle))
+            {
+                let json = serde_json::to_vec(gate).expect("gate configs serialize");
+                s.push_str(&format!("gate={}\n", crate::steps::sha256_hex(&json)));
+            }
             (a.name.clone(), s)
         })
         .collect()

@@ -540,5 +540,33 @@ fn watch_restarts_a_gate_that_died() {
         }
     };
     assert!(restarted.is_some(), "watch did not start the gate again");
+
+    // An allow_hosts edit reaches the running gate: the new host answers,
+    // the machine was not restarted.
+    let init = world.runtime().record("bottle_gated_coder").unwrap().init;
+    let plain = world.up.plain;
+    world.manifest(&[
+        format!("localhost:{}", world.up.tls),
+        format!("localhost:{plain}"),
+    ]);
+    let curl =
+        format!("env -u NO_PROXY -u no_proxy curl -sS --max-time 10 http://localhost:{plain}/");
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let out = world.guest(&curl);
+        if text(&out.stdout) == "key=-" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the edit never reached the gate: {}",
+            text(&out.stdout)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(
+        world.runtime().record("bottle_gated_coder").unwrap().init,
+        init
+    );
     drop(watch);
 }

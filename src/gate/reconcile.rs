@@ -674,7 +674,7 @@ pub fn stop(paths: &GatePaths) -> Result<bool, GateError> {
 pub struct DesiredGate {
     pub paths: GatePaths,
     pub state_dir: PathBuf,
-    /// The manifests directory, passed to `bottle gate run`.
+    /// The manifests directory.
     pub manifests: PathBuf,
     pub runtime: RuntimeKind,
     pub state: GateState,
