@@ -390,14 +390,14 @@ fn run(
     match &action.op {
         Op::Create => {
             rt.create(&machine::machine_spec(&ctx))?;
-            rt.start(&action.machine)?;
+            start_created(rt, &action.machine)?;
             set_user(provision_user(&ctx, &machine_hash(), rt)?);
         }
         Op::Replace => {
             check_replacement_creates(&ctx, rt, shared)?;
             rt.delete(&action.machine)?;
             rt.create(&machine::machine_spec(&ctx))?;
-            rt.start(&action.machine)?;
+            start_created(rt, &action.machine)?;
             set_user(provision_user(&ctx, &machine_hash(), rt)?);
         }
         Op::Start { update } => {
@@ -451,6 +451,25 @@ fn run(
         Op::Gate { .. } => unreachable!("gate actions return above"),
     }
     Ok(Vec::new())
+}
+
+/// Start a machine this action just created. A failure says that the
+/// machine exists (the next apply starts it rather than creating it again),
+/// keeping the runtime's own help.
+fn start_created(rt: &dyn Runtime, name: &str) -> Result<(), StepError> {
+    rt.start(name).map_err(|error| {
+        use miette::Diagnostic;
+        let help = error
+            .help()
+            .map(|help| help.to_string())
+            .unwrap_or_else(|| {
+                "fix the cause above and run `bottle apply` again: it starts the machine".into()
+            });
+        StepError::Other(
+            format!("created {name}, but it did not start: {error}"),
+            help,
+        )
+    })
 }
 
 fn provision_user(ctx: &AgentCtx, hash: &str, rt: &dyn Runtime) -> Result<GuestUser, StepError> {

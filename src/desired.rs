@@ -106,8 +106,27 @@ impl Desired {
             let m = &mut agent.machine_hashes;
             m.spec_hash = hash::with_gate_inputs(&m.spec_hash, &[&field]);
             m.fields.insert("gate", hash::short(&field).to_owned());
+            // Steps whose hash was extended here by what is known at plan
+            // time (the gate's URLs and credentials), with their new hash: a
+            // setup step after one of them is extended by it (its chain,
+            // `hash::setup_after`, only saw the manifests' hash). Not `ca`:
+            // a gate this apply starts mints the project CA after the plan,
+            // so a setup step's recorded hash could not follow it.
+            let mut extended: Vec<(StepKind, String)> = Vec::new();
             for step in &mut agent.steps {
-                let input = match step.kind {
+                let input = match &step.kind {
+                    StepKind::Setup(_) => {
+                        let chained: Vec<String> = step
+                            .after
+                            .iter()
+                            .filter_map(|k| extended.iter().find(|(e, _)| e == k))
+                            .map(|(e, h)| format!("{} {h}", e.id()))
+                            .collect();
+                        if chained.is_empty() {
+                            continue;
+                        }
+                        chained.join("\n")
+                    }
                     StepKind::Ca => {
                         gate.ca_base.insert(agent.name.clone(), step.hash.clone());
                         ca.clone()
@@ -123,6 +142,9 @@ impl Desired {
                     _ => continue,
                 };
                 step.hash = hash::with_gate_inputs(&step.hash, &[&input]);
+                if step.kind != StepKind::Ca {
+                    extended.push((step.kind.clone(), step.hash.clone()));
+                }
             }
         }
         self.gate = Some(gate);

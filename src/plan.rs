@@ -393,12 +393,29 @@ fn plan_agent(
         b.plan.actions[id].blocked = Some("bottle never touches machines it does not manage; rename the agent or remove that machine".into());
         return;
     }
-    if machine.state == MachineState::Frozen {
-        b.plan.notes.push(format!(
-            "machine {} is frozen (a fork base): left untouched",
-            machine.name
-        ));
-        return;
+    // A state bottle cannot probe (a fork base, or one this version does
+    // not know) is never counted as matching: its guest is unobservable.
+    match &machine.state {
+        MachineState::Frozen => {
+            b.error(
+                agent,
+                "machine is frozen (a fork base): bottle cannot observe it and leaves it untouched; \
+                 thaw it or delete it (`bottle destroy`) to let bottle manage the agent again"
+                    .to_owned(),
+            );
+            return;
+        }
+        MachineState::Other(state) => {
+            b.error(
+                agent,
+                format!(
+                    "machine is in state `{state}`, which this version of bottle does not handle: \
+                     its guest cannot be observed; check it with the runtime (`smolvm machine status`)"
+                ),
+            );
+            return;
+        }
+        _ => {}
     }
     let changed = spec_fields_changed(agent, machine);
     let mut replace_blocked = false;
@@ -434,7 +451,7 @@ fn plan_agent(
         // started as they are and restarted once probed, if still needed.
         let updatable = matches!(machine.state, MachineState::Created | MachineState::Stopped);
         let (causes, update) = if updatable {
-            machine_step::pending_update(&ctx, machine.cpus, machine.memory_mib, None)
+            machine_step::pending_update(&ctx, machine.cpus, machine.memory_mib, None, None)
         } else {
             (Vec::new(), MachineUpdate::default())
         };
@@ -476,8 +493,16 @@ fn plan_agent(
             return;
         }
     }
-    let (causes, update) =
-        machine_step::pending_update(&ctx, machine.cpus, machine.memory_mib, recorded_machine);
+    let (causes, update) = machine_step::pending_update(
+        &ctx,
+        machine.cpus,
+        machine.memory_mib,
+        recorded_machine,
+        probe
+            .sections
+            .get(machine_step::SETTINGS_SECTION)
+            .map(String::as_str),
+    );
     let gate = (!update.is_empty())
         .then(|| b.push(agent, Op::Restart { update }, causes.join(", "), vec![]));
     let steps = match (gate, replace_blocked) {
@@ -600,10 +625,26 @@ fn plan_steps(
                     ctx.user()
                 ))
             }
-            Some(entry) if entry.hash != step.hash => Some(match step.kind {
-                StepKind::Machine => "machine settings changed in manifest".to_owned(),
-                _ => format!("{} changed in manifest", describe(&step.kind)),
-            }),
+            Some(entry) if entry.hash != step.hash => {
+                // A setup step's hash chains those of the steps it comes
+                // after: name the one that runs again, if that is why.
+                let rerun = match step.kind {
+                    StepKind::Setup(_) => step
+                        .after
+                        .iter()
+                        .find(|k| **k != StepKind::Machine && ids.contains_key(k)),
+                    _ => None,
+                };
+                Some(match (&step.kind, rerun) {
+                    (StepKind::Machine, _) => "machine settings changed in manifest".to_owned(),
+                    (kind, Some(before)) => format!(
+                        "{} runs after {}, which runs again",
+                        describe(kind),
+                        before.id()
+                    ),
+                    (kind, None) => format!("{} changed in manifest", describe(kind)),
+                })
+            }
             Some(entry) => match probe.digest(&id) {
                 Some(observed) if observed != entry.digest => Some(format!(
                     "{} changed in guest: {}",

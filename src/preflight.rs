@@ -19,6 +19,20 @@ use crate::runtime::RuntimeKind;
 /// note), and secrets missing on this host (a note); returns the notes, or
 /// every problem.
 pub fn check(desired: &Desired, runtime: RuntimeKind) -> Result<Vec<String>, Diagnostics> {
+    check_with(desired, runtime, true)
+}
+
+/// What `validate` checks for the chosen runtime: everything [`check`]
+/// refuses, with the notes that do not depend on this host's secrets.
+pub fn runtime_check(desired: &Desired, runtime: RuntimeKind) -> Result<Vec<String>, Diagnostics> {
+    check_with(desired, runtime, false)
+}
+
+fn check_with(
+    desired: &Desired,
+    runtime: RuntimeKind,
+    secrets: bool,
+) -> Result<Vec<String>, Diagnostics> {
     let project = &desired.project;
     let mut notes = Vec::new();
     let mut problems = Vec::new();
@@ -46,6 +60,31 @@ pub fn check(desired: &Desired, runtime: RuntimeKind) -> Result<Vec<String>, Dia
                     "the local runtime runs the host's system directories (`image = \"host\"`, the default) \
                      or an unpacked root filesystem directory: use one of those, or --runtime smolvm",
                 ),
+            );
+        }
+        if runtime == RuntimeKind::Smolvm
+            && matches!(bottle.image, Image::Reference(_))
+            && bottle.spec.egress.is_none()
+            && !crate::gate::reconcile::has_gate(&bottle.spec)
+        {
+            // smolvm pulls an OCI image through the machine's own network,
+            // and a bottle without an egress table has none (a gated one
+            // has its network to the gate).
+            problems.push(
+                ManifestDiagnostic::new(
+                    "bottle::image-needs-network",
+                    format!(
+                        "bottle `{}` runs an OCI image but has no egress table: smolvm cannot pull it",
+                        bottle.name
+                    ),
+                )
+                .value(&project.sources, bottle.file, &at.clone().key("image"), "pulled from a registry")
+                .help(format!(
+                    "smolvm pulls the image over the machine's network: declare `[bottle.{}.egress]` \
+                     allowing the registry (e.g. `allow_hosts = [\"ghcr.io\"]`), or use a local \
+                     image (an unpacked root filesystem directory or a `docker save` archive)",
+                    bottle.name
+                )),
             );
         }
         // The local runtime enforces the gate (the guest's network holds
@@ -79,13 +118,16 @@ pub fn check(desired: &Desired, runtime: RuntimeKind) -> Result<Vec<String>, Dia
                 );
             }
         }
-        for missing in missing_secrets(bottle) {
+        for missing in missing_secrets(bottle).into_iter().filter(|_| secrets) {
             notes.push(format!(
-                "secret `{}` of bottle `{}`: {} (its machines cannot start until it is)",
-                missing.name, bottle.name, missing.what
+                "secret `{}` of bottle `{}`: {} (its machines cannot start until then: {})",
+                missing.name, bottle.name, missing.what, missing.help
             ));
         }
-        for missing in missing_sources(bottle, true) {
+        for missing in missing_sources(bottle, true)
+            .into_iter()
+            .filter(|_| secrets)
+        {
             notes.push(format!(
                 "secret `{}` of bottle `{}`: {} (the gate cannot start or reload until it is)",
                 missing.name, bottle.name, missing.what
@@ -122,58 +164,31 @@ fn launches<'a>(desired: &'a Desired, plan: &Plan) -> Vec<(usize, &'a Bottle)> {
         .collect()
 }
 
-/// Refuse a plan that starts a machine whose bottle has a secret missing on
-/// this host: the start would fail half-way through the apply (after a
-/// restart's stop, or a replacement's delete).
-pub fn launch_secrets(desired: &Desired, plan: &Plan) -> Result<(), Diagnostics> {
-    let project = &desired.project;
-    let launching: BTreeSet<&str> = launches(desired, plan)
-        .into_iter()
-        .map(|(_, bottle)| bottle.name.as_str())
-        .collect();
-    let mut problems = Vec::new();
-    for bottle in launching.iter().filter_map(|b| project.bottles.get(*b)) {
-        for missing in missing_secrets(bottle) {
-            let at = KeyPath::new()
-                .key("bottle")
-                .key(&bottle.name)
-                .key("secrets")
-                .key(&missing.name);
-            problems.push(
-                ManifestDiagnostic::new(
-                    "bottle::secret-unavailable",
-                    format!(
-                        "secret `{}` of bottle `{}`: {}, and this apply starts a machine of that bottle",
-                        missing.name, bottle.name, missing.what
-                    ),
-                )
-                .value(&project.sources, bottle.file, &at, "its source is missing on this host")
-                .help(missing.help),
-            );
-        }
-    }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(Diagnostics {
-            dir: project.dir.display().to_string(),
-            items: problems,
-        })
-    }
+/// Who waits for a missing secret, for the blocked action's reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Waiting {
+    /// `plan`, `apply`, `check`: run again once it is there.
+    Command,
+    /// A watch: its own environment never changes.
+    Watch,
 }
 
-/// Block, rather than refuse, the actions that start a machine whose bottle
-/// has a secret missing on this host (a watch keeps going; the actions wait
-/// for the secret, and those after them with them).
-pub fn hold_launches_without_secrets(desired: &Desired, plan: &mut Plan) {
+/// Block the actions that start a machine whose bottle has a secret
+/// missing on this host: only those (and the actions after them) wait for
+/// it, every other bottle's changes go ahead. A start that went ahead
+/// would fail half-way (after a restart's stop, or a replacement's delete).
+pub fn hold_launches_without_secrets(desired: &Desired, plan: &mut Plan, waiting: Waiting) {
     for (id, bottle) in launches(desired, plan) {
         if let Some(missing) = missing_secrets(bottle).into_iter().next() {
-            // A watch's own environment never changes: a variable needs a
-            // restart of the watch, a file only needs to appear.
-            let then = if missing.from_env {
-                "export it and restart `bottle watch`"
-            } else {
-                "it runs once the file is there"
+            let then = match (waiting, missing.from_env) {
+                (Waiting::Command, _) => {
+                    "provide it and run `bottle apply` again (other agents are applied \
+                     meanwhile; `--target AGENT` limits a run to some)"
+                }
+                // A watch's own environment never changes: a variable
+                // needs a restart of the watch, a file only needs to appear.
+                (Waiting::Watch, true) => "export it and restart `bottle watch`",
+                (Waiting::Watch, false) => "it runs once the file is there",
             };
             plan.actions[id].blocked = Some(format!(
                 "secret `{}` of bottle `{}`: {}, so the machine could not start; {then}",
@@ -212,10 +227,12 @@ fn missing_sources(bottle: &Bottle, gate: bool) -> Vec<MissingSecret> {
                     "export {var} in the environment bottle runs in; its value is read when a machine starts and never stored"
                 ),
             ),
-            (None, Some(file)) if std::fs::File::open(file).is_err() => (
-                format!("host file `{file}` cannot be read"),
-                format!("create {file}, readable by the user bottle runs as"),
-            ),
+            // Read by smolvm's rules, never blocking: a FIFO here would
+            // hang every command (and `apply` holding the lock).
+            (None, Some(file)) => match crate::secrets::read_secret_file(file.as_ref()) {
+                Ok(_) => continue,
+                Err(e) => (format!("host file `{file}` {e}"), e.help(file)),
+            },
             _ => continue,
         };
         out.push(MissingSecret {
@@ -276,7 +293,31 @@ mod tests {
         let d = desired("image = \"ghcr.io/acme/agent-base:1.2\"\n");
         let err = check(&d, RuntimeKind::Local).unwrap_err();
         assert_eq!(err.items[0].code, "bottle::local-image");
+    }
+
+    #[test]
+    fn smolvm_refuses_an_oci_image_in_a_bottle_without_an_egress_table() {
+        let d = desired("image = \"ghcr.io/acme/agent-base:1.2\"\n");
+        let err = check(&d, RuntimeKind::Smolvm).unwrap_err();
+        assert_eq!(err.items[0].code, "bottle::image-needs-network");
+        let d = desired(&format!(
+            "image = \"ghcr.io/acme/agent-base:1.2\"\n{EGRESS}"
+        ));
         check(&d, RuntimeKind::Smolvm).unwrap();
+        // A local image needs no network.
+        let tmp = tempfile::tempdir().unwrap();
+        let d = desired(&format!("image = \"{}\"\n", tmp.path().display()));
+        check(&d, RuntimeKind::Smolvm).unwrap();
+    }
+
+    #[test]
+    fn validate_leaves_out_this_hosts_secrets() {
+        let d = desired(SECRET);
+        assert_eq!(
+            runtime_check(&d, RuntimeKind::Smolvm).unwrap(),
+            Vec::<String>::new()
+        );
+        assert_eq!(check(&d, RuntimeKind::Smolvm).unwrap().len(), 1);
     }
 
     #[test]
@@ -299,21 +340,44 @@ mod tests {
         );
         let snapshot = crate::observe::Snapshot::default();
         let fresh = crate::plan::plan(&d, &snapshot, &Default::default());
-        let err = launch_secrets(&d, &fresh).unwrap_err();
-        assert_eq!(err.items[0].code, "bottle::secret-unavailable");
-        // Nothing to start (here: nothing at all), nothing to refuse.
-        launch_secrets(&d, &Plan::default()).unwrap();
-        // A watch holds the create instead.
+        // The create waits for it, and says how to go on.
         let mut held = fresh.clone();
-        hold_launches_without_secrets(&d, &mut held);
-        let create = &held.actions[0];
+        hold_launches_without_secrets(&d, &mut held, Waiting::Command);
+        let reason = held.actions[0].blocked.as_deref().unwrap();
         assert!(
-            create
-                .blocked
-                .as_deref()
-                .unwrap()
-                .contains("BOTTLE_PREFLIGHT_TEST_NEVER_SET"),
-            "{create:?}"
+            reason.contains("BOTTLE_PREFLIGHT_TEST_NEVER_SET"),
+            "{reason}"
         );
+        assert!(reason.contains("--target"), "{reason}");
+        // Only the create: the steps after it wait with it when applied.
+        assert_eq!(held.blocked().count(), 1);
+    }
+
+    #[test]
+    fn a_fifo_in_a_secrets_place_is_a_diagnostic_not_a_hang() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fifo = tmp.path().join("token");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let d = desired(&format!(
+            "secrets = {{ TOKEN = {{ from_file = \"{}\" }} }}\n",
+            fifo.display()
+        ));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let notes = check(&d, RuntimeKind::Smolvm).unwrap();
+            let mut fresh = crate::plan::plan(&d, &Default::default(), &Default::default());
+            hold_launches_without_secrets(&d, &mut fresh, Waiting::Command);
+            let _ = tx.send((notes, fresh));
+        });
+        let (notes, held) = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("preflight never blocks on a secret file");
+        assert!(
+            notes[0].contains("is a FIFO, not a regular file"),
+            "{notes:?}"
+        );
+        let reason = held.actions[0].blocked.as_deref().unwrap();
+        assert!(reason.contains("is a FIFO"), "{reason}");
     }
 }

@@ -907,7 +907,11 @@ impl LoopState<'_> {
         let mut plan = plan::plan(desired, &snapshot, plan_options);
         // A start that would fail for a missing secret waits (a restart
         // would stop the machine first, a replacement delete it).
-        crate::preflight::hold_launches_without_secrets(desired, &mut plan);
+        crate::preflight::hold_launches_without_secrets(
+            desired,
+            &mut plan,
+            crate::preflight::Waiting::Watch,
+        );
         prepare(self, &mut plan);
         for e in &plan.errors {
             self.log.log(

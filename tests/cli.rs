@@ -329,3 +329,81 @@ fn a_reader_that_goes_away_ends_bottle_quietly() {
     assert_eq!(output.status.signal(), Some(libc::SIGPIPE), "{output:?}");
     assert_eq!(String::from_utf8_lossy(&output.stderr), "", "no panic");
 }
+
+#[test]
+fn validate_checks_what_plan_would_refuse_for_the_chosen_runtime() {
+    let p = Project::new("e2e");
+    // The e2e fixture's `dev` bottle has an egress allowlist: the local
+    // runtime cannot enforce it, and `plan` refuses; so does `validate`.
+    let local = p.bottle(&["--runtime", "local", "validate"]);
+    local.code(1);
+    assert!(
+        local.stderr.contains("bottle::local-egress"),
+        "{}",
+        local.stderr
+    );
+    let plan = p.bottle(&["--runtime", "local", "plan"]);
+    plan.code(1);
+    assert!(
+        plan.stderr.contains("bottle::local-egress"),
+        "{}",
+        plan.stderr
+    );
+    p.bottle(&["validate"]).success();
+    // smolvm cannot pull an OCI image without network.
+    p.edit(
+        "bottles.toml",
+        "[bottle.plain]\n",
+        "[bottle.plain]\nimage = \"ghcr.io/acme/agent-base:1.2\"\n",
+    );
+    for command in ["validate", "plan"] {
+        let run = p.bottle(&[command]);
+        run.code(1);
+        assert!(
+            run.stderr.contains("bottle::image-needs-network"),
+            "{command}: {}",
+            run.stderr
+        );
+    }
+}
+
+#[test]
+fn json_output_when_manifests_do_not_load() {
+    let p = Project::new("e2e");
+    let valid = p.bottle(&["validate", "--json"]);
+    valid.success();
+    let v: serde_json::Value = serde_json::from_str(&valid.stdout).unwrap();
+    assert_eq!(v["valid"], true);
+    assert_eq!(v["project"], "e2e");
+    assert_eq!(v["agents"], serde_json::json!(["coder", "reader"]));
+
+    p.edit("bottles.toml", "cpus = 2", "cpus = 0");
+    for command in [
+        &["validate", "--json"][..],
+        &["plan", "--json"],
+        &["check", "--json"],
+        &["status", "--json"],
+    ] {
+        let run = p.bottle(command);
+        run.code(1);
+        let v: serde_json::Value = serde_json::from_str(&run.stdout)
+            .unwrap_or_else(|e| panic!("{command:?}: {e}: {}", run.stdout));
+        assert_eq!(v["format_version"], 1);
+        let error = &v["error"];
+        assert_eq!(error["kind"], "invalid-manifests", "{command:?}: {v}");
+        let problem = &error["problems"][0];
+        assert_eq!(problem["code"], "bottle::out-of-range", "{v}");
+        assert!(
+            problem["file"].as_str().unwrap().ends_with("bottles.toml"),
+            "{v}"
+        );
+        assert_eq!(problem["labels"][0]["line"], 5, "{v}");
+        assert_eq!(problem["labels"][0]["column"], 8, "{v}");
+        // The usual report still goes to stderr.
+        assert!(
+            run.stderr.contains("bottle::out-of-range"),
+            "{}",
+            run.stderr
+        );
+    }
+}

@@ -384,8 +384,10 @@ fn apply_provisions_every_step_in_the_guest_and_a_second_apply_changes_nothing()
     assert_eq!(
         attach.stdout.replace(&double, "<smolvm>"),
         format!(
-            "<smolvm> machine exec --name bottle_e2e_coder -it -w /home/node -- sh -c {} node \
+            "<smolvm> machine exec --name bottle_e2e_coder -it -w /home/node -- \
+             sh -c {} bottle-exec-not-root sh -c {} node \
              claude --dangerously-skip-permissions --append-system-prompt-file /home/node/.bottle/prompt.md\n",
+            bottle::steps::sh_quote(bottle::runtime::smolvm::ROOT_GUARD),
             bottle::steps::sh_quote(AS_USER)
         )
     );
@@ -394,8 +396,10 @@ fn apply_provisions_every_step_in_the_guest_and_a_second_apply_changes_nothing()
     assert_eq!(
         attach.stdout.replace(&double, "<smolvm>"),
         format!(
-            "<smolvm> machine exec --name bottle_e2e_reader -it -w /home/reviewer -- sh -c {} reviewer \
+            "<smolvm> machine exec --name bottle_e2e_reader -it -w /home/reviewer -- \
+             sh -c {} bottle-exec-not-root sh -c {} reviewer \
              claude --dangerously-skip-permissions\n",
+            bottle::steps::sh_quote(bottle::runtime::smolvm::ROOT_GUARD),
             bottle::steps::sh_quote(AS_USER)
         )
     );
@@ -490,8 +494,11 @@ fn apply_provisions_every_step_in_the_guest_and_a_second_apply_changes_nothing()
         log.contains(r#""--secret-env","E2E_SECRET=BOTTLE_E2E_SECRET""#),
         "the reference is passed"
     );
-    let files = files_under(p.state_dir());
-    assert!(!files.is_empty(), "the state dir holds the lock at least");
+    let files: Vec<_> = files_under(p.state_dir())
+        .into_iter()
+        .chain(files_under(&p.double.home().join("bottle-locks")))
+        .collect();
+    assert!(!files.is_empty(), "the lock at least");
     for file in files {
         let bytes = std::fs::read(&file).unwrap();
         assert!(
@@ -676,10 +683,11 @@ fn drift_is_reported_and_repaired_and_manifest_edits_converge() {
     assert_eq!(
         plan.stdout,
         "agent coder (machine bottle_e2e_coder)\n  \
-         ~ apply    skills      skills changed in manifest\n  \
-         ~ apply    setup:tools setup step `tools` changed in manifest\n  \
-         ~ apply    supervise   supervise server changed in manifest\n\
-         \nPlan: 3 to apply.\n"
+         ~ apply    skills         skills changed in manifest\n  \
+         ~ apply    setup:tools    setup step `tools` changed in manifest\n  \
+         ~ apply    setup:identity setup step `identity` runs after setup:tools, which runs again\n  \
+         ~ apply    supervise      supervise server changed in manifest\n\
+         \nPlan: 4 to apply.\n"
     );
     p.bottle(&["apply"]).success();
     assert_eq!(
@@ -708,11 +716,12 @@ fn drift_is_reported_and_repaired_and_manifest_edits_converge() {
         ),
         "#!/bin/sh\necho checked twice\n"
     );
-    // The setup step whose input changed ran again; the one after it did
-    // not (its own command and inputs are unchanged).
+    // The setup step whose input changed ran again, and so did the one
+    // after it: what it found may have changed.
     assert_eq!(
         p.double.sh(CODER, "cat /var/lib/e2e-marker"),
-        "tools ripgrep ca=yes\nidentity git=E2E Bot tools=1 secret=set\ntools ripgrep fd ca=yes\n"
+        "tools ripgrep ca=yes\nidentity git=E2E Bot tools=1 secret=set\ntools ripgrep fd ca=yes\n\
+         identity git=E2E Bot tools=2 secret=set\n"
     );
     check_in_sync(&p);
 
@@ -728,7 +737,7 @@ fn drift_is_reported_and_repaired_and_manifest_edits_converge() {
         p.double.sh(CODER, "tail -n 1 /var/lib/e2e-marker"),
         "identity git=E2E Bot tools=2 again=yes secret=set\n"
     );
-    assert_eq!(p.double.sh(CODER, "wc -l < /var/lib/e2e-marker"), "4\n");
+    assert_eq!(p.double.sh(CODER, "wc -l < /var/lib/e2e-marker"), "5\n");
     assert_eq!(
         p.double.sh(CODER, "cat /home/node/.bottle/prompt.md"),
         "You write Rust.\n"
@@ -811,14 +820,18 @@ fn drift_is_reported_and_repaired_and_manifest_edits_converge() {
     p.write("bottles.toml", &bottles);
     p.edit("agents.toml", r#"skills = ["skills/review"]"#, "");
     let plan = p.bottle(&["plan"]);
+    // The steps setup steps came after are part of their hashes: with
+    // `ca` and `git` gone from their `after`, both run again.
     assert_eq!(
         plan.stdout,
         "agent coder (machine bottle_e2e_coder)\n  \
-         - undo     ca        CA certificate removed from manifest\n  \
-         - undo     git       git configuration removed from manifest\n  \
-         - undo     skills    skills removed from manifest\n  \
-         - undo     supervise supervise server removed from manifest\n\
-         \nPlan: 4 to undo.\n"
+         ~ apply    setup:tools    setup step `tools` changed in manifest\n  \
+         ~ apply    setup:identity setup step `identity` runs after setup:tools, which runs again\n  \
+         - undo     ca             CA certificate removed from manifest\n  \
+         - undo     git            git configuration removed from manifest\n  \
+         - undo     skills         skills removed from manifest\n  \
+         - undo     supervise      supervise server removed from manifest\n\
+         \nPlan: 2 to apply, 4 to undo.\n"
     );
     p.bottle(&["apply"]).success();
     assert_eq!(
@@ -982,7 +995,7 @@ fn an_apply_killed_midway_is_finished_by_the_next() {
         assert_eq!(p.double.machine_json(machine).unwrap()["state"], "created");
     }
     // The dead apply's lock names it, and is taken over.
-    let lock = std::fs::read_to_string(p.state_dir().join("locks/e2e.lock")).unwrap();
+    let lock = std::fs::read_to_string(p.double.home().join("bottle-locks/e2e.lock")).unwrap();
     assert!(lock.contains("`bottle apply` (pid "), "{lock}");
     let plan = p.bottle(&["plan"]);
     assert!(
@@ -1166,22 +1179,58 @@ fn a_failed_action_skips_its_dependents_only_and_the_next_apply_converges() {
     // the host when the machine started.
     let check = p.bottle_env_remove(&["check"], &["BOTTLE_E2E_SECRET"]);
     check.code(0);
-    // Nor does an apply that starts nothing; one that restarts coder's
-    // machine is refused before it touches anything.
+    // Nor does an apply that starts nothing. One that restarts both
+    // machines restarts the reader's (its bottle needs no secret) and holds
+    // back only coder's, whose bottle needs the missing one: plan marks it
+    // blocked, naming the secret and `--target`.
     p.bottle_env_remove(&["apply"], &["BOTTLE_E2E_SECRET"])
         .success();
-    let marker = p.double.mutating_calls();
     p.edit("bottles.toml", "cpus = 2", "cpus = 3");
-    let refused = p.bottle_env_remove(&["apply"], &["BOTTLE_E2E_SECRET"]);
-    refused.code(1);
+    p.edit("bottles.toml", "cpus = 1", "cpus = 2");
+    let plan = p.bottle_env_remove(&["plan"], &["BOTTLE_E2E_SECRET"]);
+    plan.success();
+    let coder_restart = plan
+        .stdout
+        .lines()
+        .find(|l| l.contains("restart"))
+        .unwrap_or_else(|| panic!("{}", plan.stdout));
     assert!(
-        refused.stderr.contains("bottle::secret-unavailable")
-            && refused.stderr.contains("BOTTLE_E2E_SECRET"),
+        coder_restart.contains("[blocked: secret `E2E_SECRET` of bottle `dev`")
+            && coder_restart.contains("BOTTLE_E2E_SECRET")
+            && coder_restart.contains("--target"),
         "{}",
-        refused.stderr
+        plan.stdout
     );
-    assert_eq!(p.double.mutating_calls(), marker, "nothing was touched");
+    let marker = p.double.calls().len();
+    let held = p.bottle_env_remove(&["apply"], &["BOTTLE_E2E_SECRET"]);
+    held.code(3);
+    assert!(
+        held.stdout.contains("Blocked:\n  coder: restart machine ("),
+        "{}",
+        held.stdout
+    );
+    assert!(
+        held.stdout
+            .contains("Changed:\n  reader: restart machine ("),
+        "{}",
+        held.stdout
+    );
+    let touched: Vec<Call> = mutating(&calls_since(&p, marker))
+        .into_iter()
+        .cloned()
+        .collect();
+    assert!(
+        !touched.is_empty() && touched.iter().all(|c| !names(c, CODER)),
+        "{touched:?}"
+    );
     p.edit("bottles.toml", "cpus = 3", "cpus = 2");
+    p.edit(
+        "bottles.toml",
+        "cpus = 2\nmemory_mib = 512",
+        "cpus = 1\nmemory_mib = 512",
+    );
+    p.bottle(&["apply"]).success();
+    check_in_sync(&p);
 
     // A runtime call that fails: the first `cp` of the next apply (both
     // prompts changed; one worker, so coder's prompt is copied first).
@@ -1606,9 +1655,15 @@ fn status_destroy_and_the_lock() {
         ])
     );
     let status = p.bottle(&["status"]);
+    // The time column names its zone.
+    assert!(
+        status.stdout.contains("LAST APPLIED (UTC)"),
+        "{}",
+        status.stdout
+    );
     assert!(
         status.stdout.contains(
-            "reader   bottle_e2e_reader   absent   -              machine(pending) prompt(pending) skills(pending) setup:notes(pending)"
+            "reader   bottle_e2e_reader   absent   -                    machine(pending) prompt(pending) skills(pending) setup:notes(pending)"
         ),
         "{}",
         status.stdout
@@ -1640,7 +1695,9 @@ fn status_destroy_and_the_lock() {
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let mut slow = slow.spawn().unwrap();
-    let lock = p.state_dir().join("locks/e2e.lock");
+    // The lock lives beside the machines (the runtime's store), not in
+    // bottle's state directory.
+    let lock = p.double.home().join("bottle-locks/e2e.lock");
     wait_until("the lock", Duration::from_secs(30), || {
         std::fs::read_to_string(&lock).is_ok_and(|t| t.contains("bottle apply"))
     });
@@ -1653,10 +1710,18 @@ fn status_destroy_and_the_lock() {
     );
     assert!(second.stderr.contains(&holder), "{}", second.stderr);
     assert!(
-        second.stderr.contains("help: wait for it to finish"),
+        second
+            .stderr
+            .contains("help: wait for it to finish (`--lock-wait SECONDS`"),
         "{}",
         second.stderr
     );
+    // Another state directory (another HOME, sudo, CI) driving the same
+    // machines is refused just the same.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let other = p.bottle_in_state_dir(elsewhere.path(), &["apply"]);
+    other.code(1);
+    assert!(other.stderr.contains(&holder), "{}", other.stderr);
     let destroy = p.bottle(&["destroy", "--yes"]);
     destroy.code(1);
     assert!(destroy.stderr.contains(&holder), "{}", destroy.stderr);

@@ -326,6 +326,25 @@ fn a_guest_that_cannot_be_probed_is_an_error_not_drift() {
 }
 
 #[test]
+fn frozen_and_unknown_state_machines_are_never_in_sync() {
+    let d = desired();
+    for state in [MachineState::Frozen, MachineState::Other("paused".into())] {
+        let mut s = in_sync(&d);
+        machine_of(&mut s, "bottle_golden_coder").state = state.clone();
+        s.probes.remove("bottle_golden_coder");
+        let p = plan(&d, &s, &PlanOptions::default());
+        assert!(p.actions.is_empty(), "{state}: nothing is planned");
+        assert_eq!(p.errors.len(), 1, "{state}: an error, never in sync");
+        assert_eq!(p.errors[0].agent, "coder");
+        assert!(
+            p.errors[0].message.contains(state.as_str()),
+            "{:?}",
+            p.errors
+        );
+    }
+}
+
+#[test]
 fn plans_are_deterministic() {
     let d = desired();
     let s = in_sync(&d);
@@ -442,4 +461,40 @@ fn the_gate_is_started_or_reloaded_before_the_machines_of_its_bottle() {
         render(&d, &s, &PlanOptions::default())
     ));
     insta::assert_snapshot!(out);
+}
+
+/// What `smolvm machine update` changed outside bottle shows in the guest's
+/// view of its settings (the probe's machine-settings section), and is a
+/// restart with the update that puts the manifest's settings back.
+#[test]
+fn env_changed_in_the_guest_is_a_restart() {
+    let d = desired();
+    let sha = |text: &str| bottle::steps::sha256_hex(text.as_bytes());
+    let mut s = in_sync(&d);
+    let probe = s.probes.get_mut("bottle_golden_coder").unwrap();
+    // As the manifest says: nothing to do.
+    probe.sections.insert(
+        machine::SETTINGS_SECTION.into(),
+        format!("env EDITOR {}\n", sha("vi\n")),
+    );
+    assert!(plan(&d, &s, &PlanOptions::default()).is_empty());
+    for observed in [
+        format!("env EDITOR {}\n", sha("nano\n")),
+        "env EDITOR unset\n".into(),
+    ] {
+        let probe = s.probes.get_mut("bottle_golden_coder").unwrap();
+        probe
+            .sections
+            .insert(machine::SETTINGS_SECTION.into(), observed);
+        let plan = plan(&d, &s, &PlanOptions::default());
+        assert_eq!(
+            plan.render(),
+            "agent coder (machine bottle_golden_coder)\n  \
+             ~ restart  machine   env changed in guest: EDITOR\n\nPlan: 1 to restart.\n"
+        );
+        let bottle::plan::Op::Restart { update } = &plan.actions[0].op else {
+            panic!("{:?}", plan.actions[0].op);
+        };
+        assert_eq!(update.set_env["EDITOR"], "vi");
+    }
 }

@@ -1385,7 +1385,7 @@ fn a_start_that_needs_a_missing_secret_waits_with_the_machine_left_running() {
     let held = watch.wait("the held restart", EVENT, |e| event(e) == "blocked");
     assert_eq!(held["action"], "restart", "{held}");
     assert!(
-        held["reason"].as_str().unwrap().contains("cannot be read"),
+        held["reason"].as_str().unwrap().contains("does not exist"),
         "{held}"
     );
     assert_eq!(

@@ -34,9 +34,8 @@ pub fn run(global: &GlobalArgs, args: ApplyArgs) -> miette::Result<Outcome> {
     let _lock = if args.dry_run {
         None
     } else {
-        let state = session::state_dir(global)?;
         Some(ProjectLock::acquire(
-            &state,
+            &session::lock_dir(global)?,
             &desired.project.name,
             "apply",
             Duration::from_secs(args.lock_wait),
@@ -48,9 +47,6 @@ pub fn run(global: &GlobalArgs, args: ApplyArgs) -> miette::Result<Outcome> {
         session::observation_errors(&survey.plan)?;
         return Ok(Outcome::Success);
     }
-    // Only now: a missing secret matters to a plan that starts a machine
-    // of its bottle, and to nothing else.
-    crate::preflight::launch_secrets(&survey.desired, &survey.plan)?;
     eprintln!();
     session::on_interrupt("interrupted: finishing the actions under way", || {})?;
     let report = apply::execute(

@@ -105,8 +105,12 @@ pub fn run(global: &GlobalArgs, args: DestroyArgs) -> miette::Result<Outcome> {
             (project.name, Some(agents))
         }
     };
-    let state = session::state_dir(global)?;
-    let _lock = ProjectLock::acquire(&state, &project_name, "destroy", Duration::ZERO)?;
+    let _lock = ProjectLock::acquire(
+        &session::lock_dir(global)?,
+        &project_name,
+        "destroy",
+        Duration::ZERO,
+    )?;
     let rt = session::runtime(global)?;
     let machines: Vec<_> = rt
         .list()?
@@ -150,7 +154,7 @@ pub fn run(global: &GlobalArgs, args: DestroyArgs) -> miette::Result<Outcome> {
         .into_iter()
         .filter(|m| args.agents.is_empty() || args.agents.contains(&agent_of(m)))
         .collect();
-    let gate = crate::gate::paths::GatePaths::new(&state, &project_name);
+    let gate = crate::gate::paths::GatePaths::new(&session::state_dir(global)?, &project_name);
     if doomed.is_empty() {
         println!("No machines of project {} to delete.", project_name);
         if args.agents.is_empty() {

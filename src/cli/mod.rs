@@ -16,6 +16,7 @@ mod plan;
 mod schema;
 mod session;
 mod status;
+mod supervise;
 mod validate;
 mod watch;
 
@@ -138,6 +139,10 @@ pub enum Command {
     /// credential.
     EgressLog(egress_log::EgressLogArgs),
 
+    /// What agents asked their operator for, through the gate's supervise
+    /// endpoint: list (the default), approve, deny, revoke.
+    Supervise(supervise::SuperviseArgs),
+
     /// Internal: the local runtime's relay from a machine's network to its
     /// bottle's gate (started by the runtime, with its socket on fd 3).
     #[command(hide = true)]
@@ -176,6 +181,7 @@ pub fn main() -> ExitCode {
                 .map(|()| Outcome::Success)
                 .map_err(|e| miette::miette!("the gate relay failed: {e}"))
         }
+        Command::Supervise(args) => supervise::run(&cli.global, args),
     };
     match result {
         Ok(Outcome::Success) => ExitCode::SUCCESS,
@@ -195,7 +201,9 @@ pub fn main() -> ExitCode {
 /// an agent the manifests do not declare, a malformed `--project`. Told by
 /// type, so an error that merely shares a code never passes for one.
 fn is_usage_error(report: &miette::Report) -> bool {
-    report.is::<session::UnknownTarget>() || report.is::<destroy::InvalidProjectOption>()
+    report.is::<session::UnknownTarget>()
+        || report.is::<destroy::InvalidProjectOption>()
+        || report.is::<supervise::BadProject>()
 }
 
 /// Diagnostics render with colour and Unicode on a terminal, and as plain

@@ -22,6 +22,37 @@ pub fn load(dir: &Path) -> miette::Result<Desired> {
     Ok(Desired::new(project, &graph))
 }
 
+/// With `--json`, an error met before any result is printed goes to stdout
+/// too, as `{"format_version": 1, "error": {...}}` (every manifest problem
+/// with its file, line and column), besides the usual report on stderr.
+pub fn json_error<T>(json: bool, result: miette::Result<T>) -> miette::Result<T> {
+    if let (true, Err(report)) = (json, &result) {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&error_json(report)).expect("JSON serializes")
+        );
+    }
+    result
+}
+
+/// An error as the JSON object of [`json_error`].
+pub fn error_json(report: &miette::Report) -> serde_json::Value {
+    let error = match report.downcast_ref::<manifest::Diagnostics>() {
+        Some(problems) => {
+            let mut error = problems.to_json();
+            error["kind"] = "invalid-manifests".into();
+            error
+        }
+        None => serde_json::json!({
+            "kind": "error",
+            "code": report.code().map(|c| c.to_string()),
+            "message": report.to_string(),
+            "help": report.help().map(|h| h.to_string()),
+        }),
+    };
+    serde_json::json!({ "format_version": crate::plan::PLAN_FORMAT, "error": error })
+}
+
 /// The state directory: `--state-dir`, `$XDG_STATE_HOME/bottle` or
 /// `~/.local/state/bottle`.
 pub fn state_dir(global: &GlobalArgs) -> miette::Result<PathBuf> {
@@ -35,6 +66,16 @@ pub fn state_dir(global: &GlobalArgs) -> miette::Result<PathBuf> {
         Some(home) => Ok(PathBuf::from(home).join(".local/state/bottle")),
         None => Err(NoStateDir.into()),
     }
+}
+
+/// Where this project's lock lives: beside the machines the chosen runtime
+/// drives (see [`crate::lock::lock_dir`]).
+pub fn lock_dir(global: &GlobalArgs) -> miette::Result<PathBuf> {
+    Ok(crate::lock::lock_dir(
+        runtime_kind(global),
+        &state_dir(global)?,
+        &|name| std::env::var_os(name),
+    ))
 }
 
 #[derive(Debug, Error, Diagnostic)]
@@ -157,13 +198,22 @@ pub fn survey(
         parallelism,
     )?;
     let mut plan = crate::plan::plan(&desired, &snapshot, options);
+    // A missing secret holds back only the starts of its bottle's machines.
+    preflight::hold_launches_without_secrets(&desired, &mut plan, preflight::Waiting::Command);
     plan.notes.extend(notes);
+    once_each(&mut plan.notes);
     Ok(Survey {
         desired,
         runtime,
         snapshot,
         plan,
     })
+}
+
+/// Keep the first of identical notes: each is shown once per command.
+pub fn once_each(notes: &mut Vec<String>) {
+    let mut seen = std::collections::HashSet::new();
+    notes.retain(|n| seen.insert(n.clone()));
 }
 
 /// The declared agent named `name`, or a diagnostic listing the declared
@@ -214,4 +264,19 @@ pub struct ObservationFailed {
 pub struct UnknownTarget {
     pub agent: String,
     pub known: String,
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_note_is_shown_once() {
+        let mut notes = vec![
+            "b".to_owned(),
+            "a".to_owned(),
+            "b".to_owned(),
+            "a".to_owned(),
+        ];
+        super::once_each(&mut notes);
+        assert_eq!(notes, ["b", "a"]);
+    }
 }

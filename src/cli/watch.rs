@@ -42,8 +42,18 @@ pub fn run(global: &GlobalArgs, args: WatchArgs) -> miette::Result<Outcome> {
     let first = session::load(&dir)?;
     preflight::check(&first, session::runtime_kind(global))?;
     let state = session::state_dir(global)?;
-    let _lock = ProjectLock::acquire(&state, &first.project.name, "watch", Duration::ZERO)?;
+    let _lock = ProjectLock::acquire(
+        &session::lock_dir(global)?,
+        &first.project.name,
+        "watch",
+        Duration::ZERO,
+    )?;
     let rt = session::runtime(global)?;
+    // Agents' requests to their operator, printed as they arrive.
+    super::supervise::follow(
+        crate::gate::paths::GatePaths::new(&state, &first.project.name),
+        args.json,
+    );
 
     let (tx, rx) = mpsc::channel();
     let stop = tx.clone();

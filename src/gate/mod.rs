@@ -64,6 +64,7 @@ pub mod net;
 pub mod paths;
 pub mod reconcile;
 pub mod server;
+pub mod supervise;
 
 use std::collections::BTreeMap;
 use std::future::Future;

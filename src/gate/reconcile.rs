@@ -1396,4 +1396,37 @@ bottle = "nets"
         );
         assert!(advice.iter().any(|a| a.starts_with("note: secret `P`")));
     }
+
+    /// A setup step after the gate-served `git` step re-runs when that
+    /// step's gate inputs (the agent's git credential) change, as it does
+    /// after a manifest change to it; one not after it is left alone.
+    #[test]
+    fn a_setup_step_after_the_gate_served_git_step_follows_its_gate_inputs() {
+        let (_t, p) = project(
+            "[bottle.dev.egress]\nallow_hosts = [\"api.example.com\"]\n[bottle.dev.git]\n[[bottle.dev.git.remote]]\nname = \"app\"\nupstream = \"git@github.com:acme/app.git\"\n[[bottle.dev.setup]]\nname = \"hooks\"\nrun = \"true\"\nafter = [\"git\"]\n[[bottle.dev.setup]]\nname = \"tools\"\nrun = \"true\"\n[agent.a]\nbottle = \"dev\"\n",
+        );
+        let hashes = |state: &Path| {
+            let graph = crate::graph::build(&p).unwrap();
+            let mut d = crate::desired::Desired::new(p.clone(), &graph);
+            d.attach_gate(state, RuntimeKind::Local).unwrap();
+            let of = |id: &str| {
+                d.agents["a"]
+                    .steps
+                    .iter()
+                    .find(|s| s.kind.id() == id)
+                    .unwrap()
+                    .hash
+                    .clone()
+            };
+            (of("git"), of("setup:hooks"), of("setup:tools"))
+        };
+        let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (git1, hooks1, tools1) = hashes(one.path());
+        let (git2, hooks2, tools2) = hashes(two.path());
+        // Each state directory holds its own credentials (chosen in memory
+        // when missing): the git step differs, and so does the setup after it.
+        assert_ne!(git1, git2);
+        assert_ne!(hooks1, hooks2);
+        assert_eq!(tools1, tools2);
+    }
 }

@@ -19,8 +19,10 @@
 //! changes nothing.
 //!
 //! A step's hash covers its own inputs only, not those of the steps it runs
-//! after: the graph orders steps, it does not chain their hashes. (A replaced
-//! machine starts with an empty ledger, so every step runs again anyway.)
+//! after: the graph orders steps, it does not chain their hashes (a replaced
+//! machine starts with an empty ledger, so every step runs again anyway) —
+//! except for setup steps, below: a command that runs after another one
+//! re-runs when that one re-ran.
 //!
 //! # Step hashes, version `bottle-step-v1`
 //!
@@ -31,12 +33,14 @@
 //! | `prompt` | `user`; `content`: SHA-256 of the prompt file's content, of `prompt_text`, or of the empty string when there is no prompt (the guest path is fixed, so the source path is not an input) |
 //! | `skills` | `user`; `skills`: per skill directory, sorted by its name in the guest (the directory's own name): that name, its tree digest |
 //! | `git` | `user`; `gateway` (`gate:` when the gate serves it); `identity`: none, or `user.name`, `user.email`; `remotes`: each `name`, `upstream`, sorted by name. Served by the gate: extended by the gateway URL with the agent's credential |
-//! | `setup:<name>` | `name`; `run`; `inputs`: per input, sorted by path relative to the manifests directory: that path, its tree digest. Runs as root, so not the user; `after` and `before` only order, so they are not inputs |
+//! | `setup:<name>` | `name`; `run`; `inputs`: per input, sorted by path relative to the manifests directory: that path, its tree digest. Runs as root, so not the user. When it comes after other steps (its `after`, or another setup step's `before` naming it; `machine` only when named in `after`), that hash is chained: the hash of `setup-after`, `own` and the hash above, then `after` and per step it comes after, sorted by id, its id and its step hash. A step without any keeps the hash above |
 //! | `supervise` | `user`; `url` (`gate:` when the gate serves it; then extended by the endpoint URL with the agent's token) |
 //!
 //! "Extended": inputs known only with the state directory (the gate's
 //! ports, the agent's credentials, the project CA) are hashed after the
-//! manifests' (`gate-inputs`: the step hash, then each input); `plan`,
+//! manifests' (`gate-inputs`: the step hash, then each input; a setup
+//! step after an extended `git` or `supervise` step: one input, per such
+//! step its id and extended hash, one a line); `plan`,
 //! `apply` and `check` see them, `graph` and `validate` do not.
 //!
 //! `user` is the bottle's agent user: it decides the home directory and the
@@ -65,11 +69,14 @@
 //! For skill directories and setup inputs (a file or a directory). Every
 //! entry under the root, the root included as the empty path, sorted by its
 //! `/`-separated path relative to the root (bytewise): a kind, the path, then
-//! for a file the SHA-256 of its content and for a symlink its target (links
-//! are recorded, not followed; the root itself is followed). Kinds: `d`
-//! directory, `f` file, `x` file with an executable bit set, `l` symlink.
-//! Owners, other mode bits and timestamps are not inputs: the guest copy gets
-//! its own.
+//! for a directory and a file its permission bits (`mode & 0o7777`, as a
+//! `u64`), for a file the SHA-256 of its content and for a symlink its
+//! target (links are recorded, not followed; the root itself is followed).
+//! Kinds: `d` directory, `f` file, `l` symlink. The guest copy gets the same
+//! permission bits (a `chmod 600` on the host is a change to roll out);
+//! owners and timestamps are not inputs: the guest copy gets its own. A link
+//! that leads outside the manifests directory (followed as the kernel would)
+//! is refused, as a path naming it would be.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -87,7 +94,7 @@ pub const STEP_VERSION: &str = "bottle-step-v1";
 /// Version tag of the spec hash. Changing it replaces every machine.
 pub const SPEC_VERSION: &str = "bottle-spec-v1";
 /// Version tag of tree digests.
-pub const TREE_VERSION: &str = "bottle-tree-v1";
+pub const TREE_VERSION: &str = "bottle-tree-v2";
 
 /// Hex digits in a short hash (48 bits: plenty to tell versions apart).
 pub const SHORT_LEN: usize = 12;
@@ -150,21 +157,67 @@ impl Enc {
 
 /// SHA-256 of a file's content, streamed.
 pub fn file_digest(path: &Path) -> io::Result<Digest32> {
+    file_digest_sized(path).map(|(digest, _)| digest)
+}
+
+/// SHA-256 of a file's content, and how many bytes it holds.
+pub fn file_digest_sized(path: &Path) -> io::Result<(Digest32, u64)> {
     let mut file = fs::File::open(path)?;
     let mut hasher = Sha256::new();
-    io::copy(&mut file, &mut hasher)?;
-    Ok(hasher.finalize().into())
+    let bytes = io::copy(&mut file, &mut hasher)?;
+    Ok((hasher.finalize().into(), bytes))
 }
 
 pub fn bytes_digest(bytes: &[u8]) -> Digest32 {
     Sha256::digest(bytes).into()
 }
 
-/// The tree digest of a file or directory (see the module docs).
-pub fn tree_digest(root: &Path) -> io::Result<Digest32> {
+/// Why a tree could not be digested.
+#[derive(Debug)]
+pub enum TreeError {
+    Io(io::Error),
+    /// A symbolic link below the root leads outside `boundary`: `link` is
+    /// its path relative to the root, `target` what it points to.
+    LinkEscapes {
+        link: Vec<u8>,
+        target: Vec<u8>,
+    },
+    /// The files hold more bytes than the budget given: nothing was hashed.
+    TooLarge(TreeSize),
+}
+
+impl From<io::Error> for TreeError {
+    fn from(e: io::Error) -> Self {
+        TreeError::Io(e)
+    }
+}
+
+/// The tree digest of a file or directory (see the module docs). Every
+/// symbolic link below the root must lead inside `boundary` (the canonical
+/// manifests directory): links are copied into the guest as links, so one
+/// rule holds at every level, as it does for the root itself.
+pub fn tree_digest(root: &Path, boundary: &Path) -> Result<Digest32, TreeError> {
+    tree_digest_sized(root, boundary, None).map(|(digest, _)| digest)
+}
+
+/// How much a probe of a copied tree reads: its entries (the root
+/// included) and the bytes of its files.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TreeSize {
+    pub entries: u64,
+    pub bytes: u64,
+}
+
+/// [`tree_digest`], with the tree's size; with a `budget`, a tree whose
+/// files hold more bytes (by their metadata) is not read at all.
+pub fn tree_digest_sized(
+    root: &Path,
+    boundary: &Path,
+    budget: Option<u64>,
+) -> Result<(Digest32, TreeSize), TreeError> {
     enum Kind {
-        Dir,
-        File { exec: bool },
+        Dir { mode: u32 },
+        File { mode: u32 },
         Link(Vec<u8>),
     }
     let mut entries: Vec<(Vec<u8>, std::path::PathBuf, Kind)> = Vec::new();
@@ -172,14 +225,20 @@ pub fn tree_digest(root: &Path) -> io::Result<Digest32> {
     let root_meta = fs::metadata(root)?;
     let mut stack = Vec::new();
     if root_meta.is_dir() {
-        entries.push((Vec::new(), root.to_owned(), Kind::Dir));
+        entries.push((
+            Vec::new(),
+            root.to_owned(),
+            Kind::Dir {
+                mode: permissions(&root_meta),
+            },
+        ));
         stack.push((Vec::new(), root.to_owned()));
     } else {
         entries.push((
             Vec::new(),
             root.to_owned(),
             Kind::File {
-                exec: is_executable(&root_meta),
+                mode: permissions(&root_meta),
             },
         ));
     }
@@ -197,56 +256,113 @@ pub fn tree_digest(root: &Path) -> io::Result<Digest32> {
             let ft = meta.file_type();
             let kind = if ft.is_dir() {
                 stack.push((child_rel.clone(), path.clone()));
-                Kind::Dir
+                Kind::Dir {
+                    mode: permissions(&meta),
+                }
             } else if ft.is_file() {
                 Kind::File {
-                    exec: is_executable(&meta),
+                    mode: permissions(&meta),
                 }
             } else if ft.is_symlink() {
-                Kind::Link(os_bytes(fs::read_link(&path)?.as_os_str()).into_owned())
+                let target = fs::read_link(&path)?;
+                let inside = fs::canonicalize(&dir)
+                    .ok()
+                    .and_then(|dir| resolve(&dir, &target, 40))
+                    .is_some_and(|resolved| resolved.starts_with(boundary));
+                if !inside {
+                    return Err(TreeError::LinkEscapes {
+                        link: child_rel,
+                        target: os_bytes(target.as_os_str()).into_owned(),
+                    });
+                }
+                Kind::Link(os_bytes(target.as_os_str()).into_owned())
             } else {
-                return Err(io::Error::new(
+                return Err(TreeError::Io(io::Error::new(
                     io::ErrorKind::InvalidInput,
                     format!(
                         "{} is not a file, a directory or a symbolic link",
                         path.display()
                     ),
-                ));
+                )));
             };
             entries.push((child_rel, path, kind));
         }
     }
     entries.sort_by(|a, b| a.0.cmp(&b.0));
 
+    let mut size = TreeSize {
+        entries: entries.len() as u64,
+        bytes: 0,
+    };
+    if let Some(budget) = budget {
+        let mut bytes = 0u64;
+        for (_, path, kind) in &entries {
+            if let Kind::File { .. } = kind {
+                bytes = bytes.saturating_add(fs::metadata(path)?.len());
+            }
+        }
+        if bytes > budget {
+            return Err(TreeError::TooLarge(TreeSize { bytes, ..size }));
+        }
+    }
     let mut enc = Enc::new(TREE_VERSION, "tree");
     enc.u64(entries.len() as u64);
     for (rel, path, kind) in &entries {
         match kind {
-            Kind::Dir => {
-                enc.str("d").bytes(rel);
+            Kind::Dir { mode } => {
+                enc.str("d").bytes(rel).u64((*mode).into());
             }
-            Kind::File { exec } => {
-                enc.str(if *exec { "x" } else { "f" })
-                    .bytes(rel)
-                    .digest(&file_digest(path)?);
+            Kind::File { mode } => {
+                let (digest, bytes) = file_digest_sized(path)?;
+                size.bytes = size.bytes.saturating_add(bytes);
+                enc.str("f").bytes(rel).u64((*mode).into()).digest(&digest);
             }
             Kind::Link(target) => {
                 enc.str("l").bytes(rel).bytes(target);
             }
         }
     }
-    Ok(enc.finish())
+    Ok((enc.finish(), size))
 }
 
+/// The permission bits a tree entry carries into the guest.
 #[cfg(unix)]
-fn is_executable(meta: &fs::Metadata) -> bool {
+fn permissions(meta: &fs::Metadata) -> u32 {
     use std::os::unix::fs::PermissionsExt;
-    meta.permissions().mode() & 0o111 != 0
+    meta.permissions().mode() & 0o7777
 }
 
 #[cfg(not(unix))]
-fn is_executable(_meta: &fs::Metadata) -> bool {
-    false
+fn permissions(meta: &fs::Metadata) -> u32 {
+    if meta.is_dir() { 0o755 } else { 0o644 }
+}
+
+/// Where `target`, read from a link in the canonical directory `dir`,
+/// leads: resolved component by component as the kernel would, following
+/// links on the way (at most `depth` of them); components that do not exist
+/// are taken as written. `None` for a loop.
+fn resolve(dir: &Path, target: &Path, depth: u32) -> Option<std::path::PathBuf> {
+    let mut current = dir.to_owned();
+    for component in target.components() {
+        match component {
+            Component::RootDir | Component::Prefix(_) => current = component.as_os_str().into(),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                current.pop();
+            }
+            Component::Normal(name) => {
+                let next = current.join(name);
+                match fs::symlink_metadata(&next) {
+                    Ok(meta) if meta.is_symlink() => {
+                        let inner = fs::read_link(&next).ok()?;
+                        current = resolve(&current, &inner, depth.checked_sub(1)?)?;
+                    }
+                    _ => current = next,
+                }
+            }
+        }
+    }
+    Some(current)
 }
 
 #[cfg(unix)]
@@ -530,6 +646,25 @@ pub fn setup_step(setup: &SetupSpec, inputs: &[(Vec<u8>, Digest32)]) -> String {
     enc.str("inputs").u64(inputs.len() as u64);
     for (path, digest) in inputs {
         enc.bytes(path).digest(digest);
+    }
+    enc.finish_hex()
+}
+
+/// A setup step's hash with the hashes of the steps it comes after: its own
+/// hash when there are none, else the hash of it and each `(id, hash)`,
+/// sorted by id. A step it comes after that re-ran (a different hash) makes
+/// it run again.
+pub fn setup_after(own: &str, after: &[(String, String)]) -> String {
+    if after.is_empty() {
+        return own.to_owned();
+    }
+    let mut after: Vec<&(String, String)> = after.iter().collect();
+    after.sort();
+    let mut enc = Enc::new(STEP_VERSION, "setup-after");
+    enc.str("own").str(own);
+    enc.str("after").u64(after.len() as u64);
+    for (id, hash) in after {
+        enc.str(id).str(hash);
     }
     enc.finish_hex()
 }

@@ -352,7 +352,7 @@ pub fn build(project: &Project) -> Result<StepGraph, Diagnostics> {
     }
 
     let steps_per_agent = 8;
-    let mut graph = DiGraph::with_capacity(
+    let mut graph: DiGraph<Step, ()> = DiGraph::with_capacity(
         project.agents.len() * steps_per_agent,
         project.agents.len() * steps_per_agent * 2,
     );
@@ -388,6 +388,32 @@ pub fn build(project: &Project) -> Result<StepGraph, Diagnostics> {
                         })
                         .collect();
                     hash::skills_step(user, &skills)
+                }
+                // A setup step re-runs when a step it comes after re-ran:
+                // their hashes are inputs of its own (see `hash::setup_after`).
+                StepKind::Setup(setup) => {
+                    let own = fixed.hashes[i].clone().expect("every input was digested");
+                    let explicit_machine = bottle
+                        .spec
+                        .setup
+                        .iter()
+                        .find(|s| s.name == *setup)
+                        .is_some_and(|s| s.after.iter().any(|a| a == "machine"));
+                    let after: Vec<(String, String)> = t
+                        .after
+                        .iter()
+                        .filter_map(|&dep| {
+                            let kind = &template.steps[dep].kind;
+                            // Everything runs after the machine step: only
+                            // a declared `after = ["machine"]` makes it an input.
+                            if *kind == StepKind::Machine && !explicit_machine {
+                                return None;
+                            }
+                            let node = nodes[dep]?;
+                            Some((kind.id(), graph[node].hash.clone()))
+                        })
+                        .collect();
+                    hash::setup_after(&own, &after)
                 }
                 _ => fixed.hashes[i].clone().expect("every input was digested"),
             };

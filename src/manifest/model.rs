@@ -71,9 +71,9 @@ pub struct BottleSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
 
-    /// Virtual CPUs, 1 to 256. Default: 2.
+    /// Virtual CPUs, 1 to 255 (smolvm's range). Default: 2.
     #[serde(default = "default_cpus")]
-    #[schemars(range(min = 1, max = 256))]
+    #[schemars(range(min = 1, max = 255))]
     pub cpus: u32,
 
     /// Memory in MiB, at least 64. Default: 2048.

@@ -135,14 +135,15 @@ fn bottle(cx: &mut Cx, d: &Decl<BottleSpec>) -> Option<Bottle> {
     let base = d.path(Kind::Bottle);
     let what = Kind::Bottle.describe(&d.name);
 
-    if !(1..=256).contains(&spec.cpus) {
+    // smolvm's `--cpus` takes 1..=255.
+    if !(1..=255).contains(&spec.cpus) {
         cx.report(
             file,
             &base.clone().key("cpus"),
             Want::Value,
             diag(
                 "bottle::out-of-range",
-                format!("`cpus` in {what} must be between 1 and 256"),
+                format!("`cpus` in {what} must be between 1 and 255"),
                 "give the number of virtual CPUs, e.g. `cpus = 2`",
             ),
             "out of range",
@@ -293,6 +294,28 @@ fn image(
         );
         return None;
     }
+    if raw.starts_with('-') || raw.contains('\0') {
+        // Passed to the runtime as an argument: a leading `-` reads as
+        // one of its options (`--net`), a NUL cannot be passed at all.
+        cx.report(
+            file,
+            &path,
+            Want::Value,
+            diag(
+                "bottle::invalid-image",
+                format!("`image` in {what} is not an image reference or a path"),
+                "an image reference never starts with `-` (it would be read as an option) \
+                 nor holds a NUL: write an OCI reference (`ghcr.io/acme/agent-base:1.2`) \
+                 or a local path starting with `./`, `/` or `~/`",
+            ),
+            if raw.starts_with('-') {
+                "looks like an option"
+            } else {
+                "holds a NUL character"
+            },
+        );
+        return None;
+    }
     if !raw.starts_with(['.', '/', '~']) {
         return Some(Image::Reference(raw.to_owned()));
     }
@@ -351,7 +374,21 @@ fn check_env_and_secrets(cx: &mut Cx, file: FileId, base: &KeyPath, what: &str, 
                 "invalid variable name",
             );
         }
-        if spec.secrets.contains_key(var) {
+        if value.contains('\0') {
+            // An environment value is a C string: it cannot hold a NUL,
+            // and the runtime would fail at spawn.
+            cx.report(
+                file,
+                &path,
+                Want::Value,
+                diag(
+                    "bottle::env-nul",
+                    format!("`{var}` in {what}'s `env` holds a NUL character"),
+                    "environment values cannot contain NUL (`\\u0000`): remove it",
+                ),
+                "holds a NUL character",
+            );
+        } else if spec.secrets.contains_key(var) {
             cx.report(
                 file,
                 &path,
@@ -546,7 +583,8 @@ fn volumes(cx: &mut Cx, file: FileId, base: &KeyPath, what: &str, raw: &[String]
             );
             continue;
         }
-        if !guests.insert(guest) {
+        // `/work`, `/work/` and `/work/.` are one mount point.
+        if !guests.insert(normalize(Path::new(guest))) {
             bad(
                 cx,
                 format!("mounts `{guest}` a second time"),
@@ -964,7 +1002,29 @@ fn check_git(cx: &mut Cx, file: FileId, base: &KeyPath, what: &str, git: &super:
             );
         }
         let upstream = remote.upstream.as_str();
-        if upstream.trim().is_empty() || upstream.chars().any(char::is_whitespace) {
+        if upstream.starts_with('-') {
+            // git would read it as an option (`--upload-pack=...`,
+            // `--file=/etc/shadow`) wherever it is passed as an argument.
+            cx.report(
+                file,
+                &rpath.clone().key("upstream"),
+                Want::Value,
+                diag(
+                    "bottle::invalid-remote",
+                    format!(
+                        "the upstream of git remote `{}` in {what} starts with `-`",
+                        remote.name
+                    ),
+                    "a URL never starts with `-` (git would read it as an option): \
+                     give the URL the agent uses, e.g. `upstream = \"git@github.com:acme/app.git\"`",
+                ),
+                "looks like an option",
+            );
+        } else if upstream.trim().is_empty()
+            || upstream
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
             cx.report(
                 file,
                 &rpath.clone().key("upstream"),

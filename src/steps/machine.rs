@@ -183,14 +183,88 @@ pub fn mutable_detail(ctx: &AgentCtx) -> BTreeMap<String, serde_json::Value> {
     d
 }
 
+/// The probe section that shows the in-place settings as the guest sees
+/// them (smolvm does not report env or volumes, and `smolvm machine
+/// update` changes them without bottle): not a step of its own, the
+/// machine step's.
+pub const SETTINGS_SECTION: &str = "machine-settings";
+
+/// Prints, per declared env variable (by name), the SHA-256 of its value
+/// in a command's environment (`unset` without it), then per declared
+/// volume whether its guest path is mounted read-only, read-write or not
+/// at all (the topmost mount there, from `/proc/self/mountinfo`). Values
+/// are hashed, never printed.
+pub fn settings_probe(ctx: &AgentCtx) -> String {
+    let mut out = String::new();
+    for key in ctx.bottle.spec.env.keys() {
+        let k = super::sh_quote(key);
+        out.push_str(&format!(
+            "if bottle_v=$(printenv {k}); then printf 'env %s %s\\n' {k} \"$(printf '%s\\n' \"$bottle_v\" | sha256sum | cut -c1-64)\"; \
+             else printf 'env %s unset\\n' {k}; fi\n"
+        ));
+    }
+    for volume in &ctx.bottle.volumes {
+        out.push_str(&format!(
+            "bottle_g={} awk '$5 == ENVIRON[\"bottle_g\"] {{ split($6, o, \",\"); m = o[1] }} \
+             END {{ printf \"vol %s %s\\n\", ENVIRON[\"bottle_g\"], (m == \"\" ? \"absent\" : m) }}' /proc/self/mountinfo\n",
+            super::sh_quote(&mountinfo_escape(&volume.guest))
+        ));
+    }
+    out
+}
+
+/// A path as `/proc/self/mountinfo` writes it (space, tab, newline and
+/// backslash octal-escaped).
+fn mountinfo_escape(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for c in path.chars() {
+        match c {
+            ' ' | '\t' | '\n' | '\\' => out.push_str(&format!("\\{:03o}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// What [`settings_probe`] prints for a guest whose settings match the
+/// manifest, line by line, keyed by what each line is about.
+fn expected_settings(ctx: &AgentCtx) -> BTreeMap<String, String> {
+    let mut lines = BTreeMap::new();
+    for (key, value) in &ctx.bottle.spec.env {
+        let printed = format!("{}\n", value.trim_end_matches('\n'));
+        lines.insert(format!("env {key}"), super::sha256_hex(printed.as_bytes()));
+    }
+    for volume in &ctx.bottle.volumes {
+        let mode = if volume.read_only { "ro" } else { "rw" };
+        lines.insert(
+            format!("vol {}", mountinfo_escape(&volume.guest)),
+            mode.to_owned(),
+        );
+    }
+    lines
+}
+
+/// The observed section, keyed like [`expected_settings`].
+fn parse_settings(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|line| {
+            let (subject, value) = line.rsplit_once(' ')?;
+            Some((subject.to_owned(), value.to_owned()))
+        })
+        .collect()
+}
+
 /// Which in-place settings differ, as causes and the update that fixes
 /// them. cpus and memory come from `ls`; env and volumes from the machine's
-/// ledger entry when the machine runs (`None` otherwise).
+/// ledger entry when the machine runs (`None` otherwise), and from what the
+/// guest shows ([`SETTINGS_SECTION`], when probed): a change made outside
+/// bottle is drift too.
 pub fn pending_update(
     ctx: &AgentCtx,
     listed_cpus: Option<u32>,
     listed_memory: Option<u32>,
     recorded: Option<&LedgerEntry>,
+    observed: Option<&str>,
 ) -> (Vec<String>, MachineUpdate) {
     let want = &ctx.machine_hashes.mutable;
     let mut causes = Vec::new();
@@ -228,6 +302,46 @@ pub fn pending_update(
                 .filter(|v| !new_args.contains(v))
                 .filter_map(|v| parse_volume_arg(v))
                 .collect();
+        }
+    }
+    if let Some(observed) = observed {
+        let observed = parse_settings(observed);
+        let differs = |subject: &String, want: &String| observed.get(subject) != Some(want);
+        let expected = expected_settings(ctx);
+        let env: Vec<&str> = expected
+            .iter()
+            .filter(|(subject, want)| subject.starts_with("env ") && differs(subject, want))
+            .map(|(subject, _)| &subject[4..])
+            .collect();
+        // A manifest change already sets the whole env (and volumes it
+        // adds are not mounted yet): only what else differs is drift.
+        if !env.is_empty() && update.set_env.is_empty() {
+            causes.push(format!("env changed in guest: {}", env.join(", ")));
+            update.set_env = ctx.bottle.spec.env.clone();
+        }
+        // A volume mounted otherwise than declared is removed and added
+        // again, as declared (a mount of another host directory at the
+        // same guest path is the runtime's to refuse or replace).
+        for volume in volume_mounts(ctx.bottle) {
+            let subject = format!("vol {}", mountinfo_escape(&volume.guest));
+            if update.add_volumes.contains(&volume)
+                || !expected
+                    .get(&subject)
+                    .is_some_and(|want| differs(&subject, want))
+            {
+                continue;
+            }
+            causes.push(format!(
+                "volume {} changed in guest: {}",
+                volume.guest,
+                observed.get(&subject).map_or("not probed", String::as_str)
+            ));
+            if !update.remove_volumes.contains(&volume) {
+                update.remove_volumes.push(volume.clone());
+            }
+            if !update.add_volumes.contains(&volume) {
+                update.add_volumes.push(volume);
+            }
         }
     }
     (causes, update)

@@ -21,11 +21,16 @@ pub fn config_path(ctx: &AgentCtx) -> String {
     format!("{}/.claude.json", ctx.home())
 }
 
-/// Prints the whole config file: only our entry is digested, since Claude
-/// Code rewrites the rest of it all the time.
+/// The most of `~/.claude.json` bottle reads (the probe's section limit):
+/// the agent may inflate the file, never bottle's memory or time.
+const CONFIG_LIMIT: usize = crate::observe::SECTION_LIMIT;
+
+/// Prints the config file (at most [`CONFIG_LIMIT`] bytes of it; a larger
+/// one is observed as over the limit, and drift): only our entry is
+/// digested, since Claude Code rewrites the rest of it all the time.
 pub fn probe(ctx: &AgentCtx) -> String {
     let f = sh_quote(&config_path(ctx));
-    format!("if [ -f {f} ]; then cat {f}; fi")
+    format!("if [ -f {f} ]; then head -c {} {f}; fi", CONFIG_LIMIT + 1)
 }
 
 /// Digest of the `supervise` entry of a `~/.claude.json` text (missing file,
@@ -81,7 +86,10 @@ fn read_config(
         STEP,
         user,
         "reading ~/.claude.json",
-        "id -u; id -g; if [ -f \"$1\" ]; then cat \"$1\"; fi",
+        &format!(
+            "id -u; id -g; if [ -f \"$1\" ]; then head -c {} \"$1\"; fi",
+            CONFIG_LIMIT + 1
+        ),
         &[&path],
         "check the agent user's home directory in the guest",
     )?;
@@ -100,6 +108,18 @@ fn read_config(
         ));
     };
     let text = lines.next().unwrap_or_default();
+    if text.len() > CONFIG_LIMIT {
+        return Err(StepError::Other(
+            format!(
+                "{path} in machine {} is larger than {} MiB",
+                ctx.machine,
+                CONFIG_LIMIT >> 20
+            ),
+            "Claude Code's config is small: remove or shrink the file in the guest; bottle \
+             reads no more of it"
+                .into(),
+        ));
+    }
     if text.trim().is_empty() {
         return Ok((GuestUser { uid, gid }, Map::new()));
     }

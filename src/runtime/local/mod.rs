@@ -49,7 +49,7 @@ mod seed;
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -70,8 +70,6 @@ use super::{
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long `stop` waits for the init to die after SIGKILL.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
-/// The largest secret file read (smolvm's limit too).
-const MAX_SECRET_FILE: u64 = 1 << 20;
 /// The largest file `read_file` returns.
 const MAX_READ_FILE: u64 = 256 << 20;
 
@@ -469,6 +467,14 @@ impl LocalRuntime {
             Err(exec::RunError::Io(source)) => {
                 Err(io_err(op, name, format!("run `{command}`"), source))
             }
+            Err(exec::RunError::TooLarge) => Err(RuntimeError::new(
+                op,
+                name,
+                RuntimeErrorKind::OutputTooLarge {
+                    command,
+                    limit: crate::runtime::MAX_EXEC_OUTPUT,
+                },
+            )),
         }
     }
 
@@ -579,24 +585,9 @@ fn resolve_secret(secret: &SecretMount) -> Result<OsString, String> {
                  the environment bottle runs in"
             )
         }),
-        SecretSource::HostFile(path) => {
-            let read = || -> io::Result<Vec<u8>> {
-                // Like smolvm: refuse a symlink and anything but a regular file.
-                let file = seed::open_nofollow(path)?;
-                if !file.metadata()?.is_file() {
-                    return Err(io::Error::other("not a regular file"));
-                }
-                let mut buf = Vec::new();
-                file.take(MAX_SECRET_FILE + 1).read_to_end(&mut buf)?;
-                if buf.len() as u64 > MAX_SECRET_FILE {
-                    return Err(io::Error::other("larger than 1 MiB"));
-                }
-                Ok(buf)
-            };
-            read()
-                .map(std::os::unix::ffi::OsStringExt::from_vec)
-                .map_err(|e| format!("secret {guest}: cannot read {}: {e}", path.display()))
-        }
+        SecretSource::HostFile(path) => crate::secrets::read_secret_file(path)
+            .map(std::os::unix::ffi::OsStringExt::from_vec)
+            .map_err(|e| format!("secret {guest}: {} {e}", path.display())),
     }
 }
 
