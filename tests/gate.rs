@@ -778,6 +778,16 @@ fn one_gate_per_project_restarting_from_its_config_and_the_environment() {
     );
     assert_eq!(body, "key=value-from-env");
     assert!(!gate.log().contains("value-from-env"));
+
+    // A service manager stops it with SIGTERM: it ends cleanly.
+    // SAFETY: sends a signal to the gate this test started.
+    unsafe {
+        libc::kill(gate.child.id() as i32, libc::SIGTERM);
+    }
+    let status = gate.child.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(!gate.paths.control().exists());
+    assert!(gate.log().contains("\"reason\":\"SIGTERM\""));
 }
 
 #[test]

@@ -727,6 +727,12 @@ async fn forward_plain(
     };
     let mut req = boxed(req);
     strip_hop_by_hop(req.headers_mut());
+    // The Host is the URL's: another one would reach another site behind
+    // the same address than the one allowed.
+    let authority = req.uri().authority().map(|a| a.as_str().to_owned());
+    if let Some(v) = authority.and_then(|a| HeaderValue::from_str(&a).ok()) {
+        req.headers_mut().insert(header::HOST, v);
+    }
     let path = req
         .uri()
         .path_and_query()

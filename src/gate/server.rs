@@ -219,13 +219,19 @@ impl Gate {
         }
         let live = Arc::new(Live::new(config.clone(), secrets));
         *self.live.write().unwrap_or_else(|e| e.into_inner()) = live.clone();
-        listeners.retain(|bottle, l| {
-            let keep = config.bottles.contains_key(bottle) && !opened.contains_key(bottle);
-            if !keep {
+        let closing: Vec<String> = listeners
+            .keys()
+            .filter(|b| !config.bottles.contains_key(*b) || opened.contains_key(*b))
+            .cloned()
+            .collect();
+        for bottle in closing {
+            if let Some(l) = listeners.remove(&bottle) {
                 l.task.abort();
+                // Closed once the task is gone, before the answer: a port
+                // taken away refuses connections from then on.
+                let _ = l.task.await;
             }
-            keep
-        });
+        }
         for (bottle, listener) in opened {
             let bound = listener.local_addr().map(|a| a.port()).unwrap_or(0);
             let configured = config.bottles[&bottle].port;
