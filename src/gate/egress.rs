@@ -760,17 +760,22 @@ async fn forward_plain(
     }
 }
 
+/// The names a guest reaches its gate by (the local runtime's loopback,
+/// smolvm's gateway address and name); supervise's MCP service accepts
+/// each of them as `Host` too ([`super::supervise::ALLOWED_HOSTS`]).
+const OWN_HOSTS: [&str; 4] = [
+    "127.0.0.1",
+    "localhost",
+    "100.96.0.1",
+    "host.smolvm.internal",
+];
+
 /// The addresses a listener on `port` answers to as itself.
 fn own_host(host: &str, port: u16) -> bool {
     let host = host.to_ascii_lowercase();
-    [
-        "127.0.0.1",
-        "localhost",
-        "100.96.0.1",
-        "host.smolvm.internal",
-    ]
-    .iter()
-    .any(|name| host == format!("{name}:{port}"))
+    OWN_HOSTS
+        .iter()
+        .any(|name| host == format!("{name}:{port}"))
 }
 
 /// An origin-form request: the git gateway, supervise, or 404.
@@ -857,5 +862,18 @@ mod tests {
         assert!(!own_host("evil.example:9000", 9000));
         assert!(!own_host("127.0.0.1:9001", 9000));
         assert!(!own_host("127.0.0.1", 9000));
+    }
+
+    /// A request the listener passes to supervise is never refused there
+    /// for its `Host` (rmcp compares names without the port when the
+    /// allowed name has none, case-insensitively).
+    #[test]
+    fn supervise_accepts_every_name_the_listener_answers_to() {
+        for name in OWN_HOSTS {
+            assert!(
+                super::super::supervise::ALLOWED_HOSTS.contains(&name),
+                "{name}"
+            );
+        }
     }
 }

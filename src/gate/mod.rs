@@ -119,6 +119,19 @@ pub trait Endpoint: Send + Sync {
         context: EndpointContext,
         request: http::Request,
     ) -> Pin<Box<dyn Future<Output = http::Response> + Send>>;
+
+    /// Serve `config` from now on, with these secret values (by
+    /// `value_key`): called when the gate starts and on every reload,
+    /// before the first request that sees the new config. Returns the
+    /// problems found (the gate logs them; the endpoint serves the rest).
+    fn configure(
+        &self,
+        config: &config::GateConfig,
+        secrets: &BTreeMap<String, String>,
+    ) -> Vec<String> {
+        let _ = (config, secrets);
+        Vec::new()
+    }
 }
 
 /// What an endpoint knows about the request it serves.
@@ -185,9 +198,72 @@ impl Default for Endpoints {
     }
 }
 
-/// What the gate process of the project in `paths` serves besides egress.
-/// The git gateway and supervise set their fields here.
-pub fn plugins(paths: &paths::GatePaths) -> Endpoints {
-    let _ = paths;
-    Endpoints::default()
+impl Endpoints {
+    /// Tell every endpoint what the gate serves from now on (start and
+    /// every reload); the problems they found, each prefixed by its part.
+    pub fn configure(
+        &self,
+        config: &config::GateConfig,
+        secrets: &BTreeMap<String, String>,
+    ) -> Vec<String> {
+        let mut problems = Vec::new();
+        for (part, endpoint) in [("git", &self.git), ("supervise", &self.mcp)] {
+            if let Some(e) = endpoint {
+                problems.extend(
+                    e.configure(config, secrets)
+                        .into_iter()
+                        .map(|p| format!("{part}: {p}")),
+                );
+            }
+        }
+        problems
+    }
+}
+
+/// What the gate process of the project in `paths` serves besides egress:
+/// supervise at `/mcp/<token>`, whose grants the egress proxy consults.
+pub fn plugins(paths: &paths::GatePaths, log: Arc<log::GateLog>) -> Endpoints {
+    let supervise = Arc::new(supervise::Supervise::new(paths, log));
+    Endpoints {
+        git: None,
+        mcp: Some(Arc::new(SuperviseEndpoint(supervise.clone()))),
+        grants: supervise,
+    }
+}
+
+/// Supervise as the listener's `/mcp/` endpoint: the path's one segment
+/// after `/mcp/` is the agent's MCP token (supervise resolves the agent
+/// from it, among the agents of the listener's bottle).
+struct SuperviseEndpoint(Arc<supervise::Supervise>);
+
+impl Endpoint for SuperviseEndpoint {
+    fn serve(
+        &self,
+        context: EndpointContext,
+        request: http::Request,
+    ) -> Pin<Box<dyn Future<Output = http::Response> + Send>> {
+        let token = request
+            .uri()
+            .path()
+            .strip_prefix("/mcp/")
+            .map(|t| t.strip_suffix('/').unwrap_or(t))
+            .filter(|t| !t.is_empty() && !t.contains('/'))
+            .map(str::to_owned);
+        match token {
+            Some(token) => Box::pin(self.0.handle(&context.bottle, &token, request)),
+            None => Box::pin(std::future::ready(http::text(
+                ::http::StatusCode::NOT_FOUND,
+                "bottle gate: supervise is served at /mcp/<token>",
+            ))),
+        }
+    }
+
+    fn configure(
+        &self,
+        config: &config::GateConfig,
+        _secrets: &BTreeMap<String, String>,
+    ) -> Vec<String> {
+        self.0.configure_all(config);
+        Vec::new()
+    }
 }

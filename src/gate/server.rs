@@ -217,6 +217,15 @@ impl Gate {
                 })?;
             opened.insert(bottle.clone(), listener);
         }
+        // The endpoints learn the config before the first request that
+        // sees it (their own file work: off the async workers).
+        let problems = tokio::task::block_in_place(|| self.endpoints.configure(&config, &secrets));
+        for problem in &problems {
+            self.log.event(
+                "gate",
+                json!({"event": "endpoint_problem", "problem": problem}),
+            );
+        }
         let live = Arc::new(Live::new(config.clone(), secrets));
         *self.live.write().unwrap_or_else(|e| e.into_inner()) = live.clone();
         let closing: Vec<String> = listeners
@@ -448,7 +457,7 @@ fn serve(
         .enable_all()
         .build()
         .map_err(io_err("runtime", &paths.dir))?;
-    let endpoints = super::plugins(&paths);
+    let endpoints = super::plugins(&paths, log.clone());
     let gate = Arc::new(Gate {
         upstream_tls: upstream_tls(&log),
         live: RwLock::new(Arc::new(Live::new(GateConfig::default(), BTreeMap::new()))),
