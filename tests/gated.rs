@@ -128,6 +128,10 @@ struct World {
 }
 
 impl World {
+    fn write(&self, manifest: &str) {
+        std::fs::write(self.manifests.path().join("bottle.toml"), manifest).unwrap();
+    }
+
     fn manifest(&self, allow: &[String]) {
         let hosts: Vec<String> = allow.iter().map(|h| format!("{h:?}")).collect();
         std::fs::write(
@@ -174,11 +178,19 @@ impl World {
 
     /// Run `script` in the guest as the agent user.
     fn guest(&self, script: &str) -> Output {
+        self.guest_of("coder", script, &[])
+    }
+
+    /// Run `script` (with `args` as `$1`...) as the agent user in the
+    /// guest of `agent`.
+    fn guest_of(&self, agent: &str, script: &str, args: &[&str]) -> Output {
+        let mut argv = vec!["sh", "-c", script, "sh"];
+        argv.extend_from_slice(args);
         let out = self
             .runtime()
             .exec(
-                "bottle_gated_coder",
-                &ExecRequest::new(["sh", "-c", script]).as_user("node"),
+                &format!("bottle_gated_{agent}"),
+                &ExecRequest::new(argv).as_user("node"),
             )
             .unwrap();
         Output {
@@ -569,4 +581,233 @@ fn watch_restarts_a_gate_that_died() {
         init
     );
     drop(watch);
+}
+
+/// From inside a guest: JSON-RPC over HTTP (curl) to the supervise URL the
+/// `supervise` step wrote in `~/.claude.json`, served by the bottle's gate.
+/// Prints the body, then the HTTP status on a line of its own.
+const MCP: &str = r#"home=${HOME:-$(getent passwd "$(id -un)" | cut -d: -f6)}
+url=$(sed -n 's/.*"url": *"\([^"]*\)".*/\1/p' "$home/.claude.json")
+[ -n "$url" ] || { echo "no supervise url in $home/.claude.json" >&2; exit 9; }
+[ -z "$2" ] || url="${url%/*}/$2"
+curl -sS --max-time 20 -w '\n%{http_code}' \
+  -H 'content-type: application/json' \
+  -H 'accept: application/json, text/event-stream' \
+  -H 'mcp-protocol-version: 2025-06-18' \
+  --data-binary "$1" "$url""#;
+
+impl World {
+    /// POST `body` to the agent's supervise URL from inside its guest
+    /// (`token`: another token in its place): the status and the body.
+    fn mcp_raw(&self, agent: &str, body: &str, token: Option<&str>) -> (u16, String) {
+        let out = self.guest_of(agent, MCP, &[body, token.unwrap_or("")]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        let stdout = text(&out.stdout);
+        let (body, status) = stdout.rsplit_once('\n').unwrap();
+        (status.trim().parse().unwrap(), body.to_owned())
+    }
+
+    /// One JSON-RPC request from `agent`'s guest; the parsed answer.
+    fn mcp(&self, agent: &str, method: &str, params: serde_json::Value) -> serde_json::Value {
+        let body =
+            serde_json::json!({"jsonrpc": "2.0", "id": 7, "method": method, "params": params});
+        let (status, text) = self.mcp_raw(agent, &body.to_string(), None);
+        assert_eq!(status, 200, "{method}: {text}");
+        let value: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        assert_eq!(value["id"], 7, "{text}");
+        value
+    }
+
+    /// `tools/call` from `agent`'s guest: (is_error, structured or text content).
+    fn tool(
+        &self,
+        agent: &str,
+        tool: &str,
+        arguments: serde_json::Value,
+    ) -> (bool, serde_json::Value) {
+        let answer = self.mcp(
+            agent,
+            "tools/call",
+            serde_json::json!({"name": tool, "arguments": arguments}),
+        );
+        let result = &answer["result"];
+        let content = if result["structuredContent"].is_null() {
+            result["content"][0]["text"].clone()
+        } else {
+            result["structuredContent"].clone()
+        };
+        (result["isError"].as_bool().unwrap_or(false), content)
+    }
+
+    /// The HTTP status of a GET through `agent`'s proxy, and the body.
+    fn through_proxy(&self, agent: &str, url: &str) -> (String, String) {
+        let out = self.guest_of(
+            agent,
+            "env -u NO_PROXY -u no_proxy curl -sS --max-time 20 -w '\n%{http_code}' \"$1\"",
+            &[url],
+        );
+        let stdout = text(&out.stdout);
+        let (body, status) = stdout.rsplit_once('\n').unwrap_or(("", &stdout));
+        (status.to_owned(), body.to_owned())
+    }
+}
+
+/// Issue 13 end to end on the local runtime: an agent asks for a host
+/// through its gate's supervise endpoint from inside its guest, the
+/// operator approves, the agent (and only it) gets through, `check` names
+/// the grant, `revoke` closes it; a second agent cannot see or answer the
+/// first one's requests; bad bodies get JSON-RPC errors.
+#[test]
+fn supervise_from_inside_a_guest_on_the_local_runtime() {
+    let world = World {
+        manifests: tempfile::tempdir().unwrap(),
+        state: tempfile::tempdir().unwrap(),
+        up: upstreams(),
+    };
+    let (tls, plain) = (world.up.tls, world.up.plain);
+    world.write(&format!(
+        "[project]\nname = \"gated\"\n\n[bottle.dev]\nuser = \"node\"\n\n\
+         [bottle.dev.egress]\nallow_hosts = [\"localhost:{tls}\"]\nallow_internal = [\"127.0.0.0/8\"]\n\n\
+         [bottle.dev.supervise]\n\n\
+         [agent.coder]\nbottle = \"dev\"\n\n[agent.other]\nbottle = \"dev\"\n"
+    ));
+    let out = world.bottle(&["apply"]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let paths = bottle::gate::paths::GatePaths::new(world.state.path(), "gated");
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(paths.state()).unwrap()).unwrap();
+    let coder_token = state["agents"]["coder"]["mcp_token"].as_str().unwrap();
+    let other_token = state["agents"]["other"]["mcp_token"].as_str().unwrap();
+    let config = world.guest_of("coder", "cat ~/.claude.json", &[]);
+    assert!(
+        text(&config.stdout).contains(&format!("/mcp/{coder_token}")),
+        "{}",
+        text(&config.stdout)
+    );
+    assert_ne!(coder_token, other_token);
+    assert!(!text(&config.stdout).contains(other_token));
+
+    // The MCP handshake and the tools, as Claude Code's client asks.
+    let init = world.mcp(
+        "coder",
+        "initialize",
+        serde_json::json!({"protocolVersion": "2025-06-18", "capabilities": {},
+                           "clientInfo": {"name": "curl", "version": "1"}}),
+    );
+    assert_eq!(init["result"]["serverInfo"]["name"], "bottle-supervise");
+    let (status, _) = world.mcp_raw(
+        "coder",
+        r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
+        None,
+    );
+    assert_eq!(status, 202);
+    let tools = world.mcp("coder", "tools/list", serde_json::json!({}));
+    let names: Vec<&str> = tools["result"]["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"request_egress"), "{names:?}");
+
+    // Before any request: the host is refused through the proxy.
+    let wanted = format!("http://localhost:{plain}/");
+    assert_eq!(world.through_proxy("coder", &wanted).0, "403");
+
+    // The agent asks; the operator sees the request.
+    let (is_error, asked) = world.tool(
+        "coder",
+        "request_egress",
+        serde_json::json!({"host": format!("localhost:{plain}"), "reason": "fetch the fixtures"}),
+    );
+    assert!(!is_error, "{asked}");
+    assert_eq!(asked["state"], "pending", "{asked}");
+    let id = asked["id"].as_str().unwrap().to_owned();
+    let out = world.bottle(&["supervise", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let listed: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let request = listed
+        .iter()
+        .find(|r| r["id"] == id.as_str())
+        .unwrap_or_else(|| panic!("{listed:?}"));
+    assert_eq!(request["agent"], "coder");
+    assert_eq!(request["host"], format!("localhost:{plain}"));
+    assert_eq!(request["reason"], "fetch the fixtures");
+    assert_eq!(request["state"], "pending");
+    assert_eq!(world.through_proxy("coder", &wanted).0, "403");
+
+    // The second agent, with its own token, cannot see or answer it.
+    let (is_error, answer) = world.tool("other", "request_status", serde_json::json!({"id": id}));
+    assert!(is_error, "{answer}");
+    let (_, theirs) = world.tool("other", "list_egress", serde_json::json!({}));
+    assert!(!theirs.to_string().contains(&id), "{theirs}");
+    // A token that names no agent of the bottle gets nothing.
+    let (status, _) = world.mcp_raw(
+        "other",
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{}}"#,
+        Some("not-a-token"),
+    );
+    assert_eq!(status, 404);
+
+    // Approved: the agent gets through at once, the other agent does not.
+    let out = world.bottle(&["supervise", "approve", &id]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let (status, body) = world.through_proxy("coder", &wanted);
+    assert_eq!((status.as_str(), body.as_str()), ("200", "key=-"));
+    assert_eq!(world.through_proxy("other", &wanted).0, "403");
+    let (is_error, answer) = world.tool("other", "request_status", serde_json::json!({"id": id}));
+    assert!(is_error, "{answer}");
+    let (_, status) = world.tool("coder", "request_status", serde_json::json!({"id": id}));
+    assert_eq!(status["state"], "approved", "{status}");
+
+    // The running world is wider than the declared one: check says so.
+    let out = world.bottle(&["check"]);
+    let report = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(3), "{report}{}", text(&out.stderr));
+    assert!(report.contains(&format!("localhost:{plain}")), "{report}");
+
+    // Revoked: closed again, and check is back in sync.
+    let out = world.bottle(&["supervise", "revoke", &id]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(world.through_proxy("coder", &wanted).0, "403");
+    let out = world.bottle(&["check"]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+
+    // Malformed and oversized bodies: JSON-RPC errors, and the endpoint
+    // answers on.
+    let (status, body) = world.mcp_raw("coder", "{not json", None);
+    assert_eq!(status, 400, "{body}");
+    let error: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(error["error"]["code"], -32700, "{body}");
+    let big = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{{"pad":"{}"}}}}"#,
+        "x".repeat(70 * 1024)
+    );
+    let (status, body) = world.mcp_raw("coder", &big, None);
+    assert_eq!(status, 413, "{body}");
+    let error: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(error["error"]["code"], -32600, "{body}");
+    let init = world.mcp(
+        "coder",
+        "initialize",
+        serde_json::json!({"protocolVersion": "2025-06-18", "capabilities": {},
+                           "clientInfo": {"name": "curl", "version": "1"}}),
+    );
+    assert_eq!(init["result"]["serverInfo"]["name"], "bottle-supervise");
 }
