@@ -364,6 +364,10 @@ fn run(
     shared: &Shared,
 ) -> Result<Vec<Action>, StepError> {
     let users = &shared.users;
+    if let Op::Gate { action } = &action.op {
+        crate::gate::reconcile::run(desired, *action)?;
+        return Ok(Vec::new());
+    }
     let Some(agent_name) = &action.agent else {
         // Only deletions concern machines no agent declares.
         delete_if_there(rt, &action.machine)?;
@@ -433,11 +437,18 @@ fn run(
                     })?;
                 let _serial = matches!(kind, StepKind::Setup(_))
                     .then(|| shared.setup[agent_name].lock().expect("setup lock"));
+                // The project CA as it is now (a gate this apply started
+                // minted it after the plan was made).
+                let ca_now = (kind == StepKind::Ca)
+                    .then(|| desired.gate.as_ref()?.ca_hash(agent_name))
+                    .flatten();
+                let hash = ca_now.as_deref().unwrap_or(hash);
                 steps::apply(&kind, hash, &ctx, user, previous.as_ref(), rt)?;
             }
         }
         Op::Undo { entry, .. } => steps::undo(entry, &ctx, rt)?,
         Op::Delete => rt.delete(&action.machine)?,
+        Op::Gate { .. } => unreachable!("gate actions return above"),
     }
     Ok(Vec::new())
 }
@@ -502,6 +513,8 @@ fn converge_after_start(
     let snapshot = Snapshot {
         machines: listed,
         probes: BTreeMap::from([(agent.machine.clone(), probe)]),
+        // Not observed: the gate's action is the first plan's.
+        gate: None,
     };
     let options = PlanOptions {
         targets: Some(vec![agent.name.clone()]),

@@ -21,6 +21,8 @@ pub struct Snapshot {
     pub machines: Vec<MachineInfo>,
     /// Probes of running machines of this project, by machine name.
     pub probes: BTreeMap<String, Probe>,
+    /// The project gate's health (`None`: not observed).
+    pub gate: Option<crate::gate::reconcile::GateHealth>,
 }
 
 impl Snapshot {
@@ -94,6 +96,10 @@ pub fn observe(
     Ok(Snapshot {
         machines,
         probes: probes.into_inner().expect("probes lock"),
+        gate: desired
+            .gate
+            .as_ref()
+            .map(|g| crate::gate::reconcile::health(&g.paths)),
     })
 }
 

@@ -65,9 +65,11 @@ fn check_with(
         if runtime == RuntimeKind::Smolvm
             && matches!(bottle.image, Image::Reference(_))
             && bottle.spec.egress.is_none()
+            && !crate::gate::reconcile::has_gate(&bottle.spec)
         {
             // smolvm pulls an OCI image through the machine's own network,
-            // and a bottle without an egress table has none.
+            // and a bottle without an egress table has none (a gated one
+            // has its network to the gate).
             problems.push(
                 ManifestDiagnostic::new(
                     "bottle::image-needs-network",
@@ -85,7 +87,13 @@ fn check_with(
                 )),
             );
         }
-        if runtime == RuntimeKind::Local && bottle.spec.egress.is_some() {
+        // The local runtime enforces the gate (the guest's network holds
+        // only it) but cannot filter networks: `allow_cidrs`, or a bottle
+        // with a network and no gate, needs the host's network unfiltered.
+        let unfilterable = bottle.spec.egress.as_ref().is_some_and(|e| {
+            !e.allow_cidrs.is_empty() || !crate::gate::reconcile::has_gate(&bottle.spec)
+        });
+        if runtime == RuntimeKind::Local && unfilterable {
             if bottle
                 .spec
                 .local
@@ -93,16 +101,16 @@ fn check_with(
                 .is_some_and(|l| l.allow_unfiltered_network)
             {
                 notes.push(format!(
-                    "bottle `{}`: the local runtime cannot enforce the egress allowlist; its guests get the host's network, unfiltered",
+                    "bottle `{}`: the local runtime cannot filter `allow_cidrs`; its guests get the host's network, unfiltered",
                     bottle.name
                 ));
             } else {
                 problems.push(
                     ManifestDiagnostic::new(
                         "bottle::local-egress",
-                        format!("the local runtime cannot enforce the egress allowlist of bottle `{}`", bottle.name),
+                        format!("the local runtime cannot filter the networks of bottle `{}`", bottle.name),
                     )
-                    .key(&project.sources, bottle.file, &at.clone().key("egress"), "an allowlist the local runtime cannot enforce")
+                    .key(&project.sources, bottle.file, &at.clone().key("egress"), "networks the local runtime cannot filter")
                     .help(format!(
                         "use --runtime smolvm, or accept the host's network unfiltered with `[bottle.{}.local] allow_unfiltered_network = true`",
                         bottle.name
@@ -114,6 +122,15 @@ fn check_with(
             notes.push(format!(
                 "secret `{}` of bottle `{}`: {} (its machines cannot start until then: {})",
                 missing.name, bottle.name, missing.what, missing.help
+            ));
+        }
+        for missing in missing_sources(bottle, true)
+            .into_iter()
+            .filter(|_| secrets)
+        {
+            notes.push(format!(
+                "secret `{}` of bottle `{}`: {} (the gate cannot start or reload until it is)",
+                missing.name, bottle.name, missing.what
             ));
         }
     }
@@ -189,10 +206,20 @@ struct MissingSecret {
     from_env: bool,
 }
 
-/// The secrets of `bottle` whose source cannot be read on this host now.
+/// The secrets of `bottle` whose source cannot be read on this host now,
+/// among those its machines read (a secret with `hosts` is the gate's).
 fn missing_secrets(bottle: &Bottle) -> Vec<MissingSecret> {
+    missing_sources(bottle, false)
+}
+
+/// The secrets whose source cannot be read now, among the gate's (`gate`)
+/// or the machines'.
+fn missing_sources(bottle: &Bottle, gate: bool) -> Vec<MissingSecret> {
     let mut out = Vec::new();
     for (name, reference) in &bottle.spec.secrets {
+        if crate::gate::reconcile::is_gated_secret(reference) != gate {
+            continue;
+        }
         let (what, help) = match (&reference.from_env, &reference.from_file) {
             // A `from_env` that does not look like a variable name may be
             // a value pasted in its place: never printed.
@@ -251,7 +278,8 @@ mod tests {
         Desired::new(project, &graph)
     }
 
-    const EGRESS: &str = "[bottle.dev.egress]\nallow_hosts = [\"example.com\"]\n";
+    const EGRESS: &str = "[bottle.dev.egress]\nallow_cidrs = [\"10.8.0.0/16\"]\n";
+    const GATED: &str = "[bottle.dev.egress]\nallow_hosts = [\"example.com\"]\n";
     const SECRET: &str =
         "secrets = { TOKEN = { from_env = \"BOTTLE_PREFLIGHT_TEST_NEVER_SET\" } }\n";
 
@@ -264,6 +292,15 @@ mod tests {
             check(&d, RuntimeKind::Smolvm).unwrap(),
             Vec::<String>::new()
         );
+    }
+
+    #[test]
+    fn the_local_runtime_enforces_a_gate_without_networks() {
+        let d = desired(GATED);
+        assert_eq!(check(&d, RuntimeKind::Local).unwrap(), Vec::<String>::new());
+        let d = desired(&format!("{GATED}allow_cidrs = [\"10.8.0.0/16\"]\n"));
+        let err = check(&d, RuntimeKind::Local).unwrap_err();
+        assert_eq!(err.items[0].code, "bottle::local-egress");
     }
 
     #[test]

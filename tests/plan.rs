@@ -82,7 +82,11 @@ fn in_sync(desired: &Desired) -> Snapshot {
         .values()
         .map(|a| (a.machine.clone(), probed(desired, &a.name)))
         .collect::<BTreeMap<_, _>>();
-    Snapshot { machines, probes }
+    Snapshot {
+        machines,
+        probes,
+        gate: None,
+    }
 }
 
 fn render(desired: &Desired, snapshot: &Snapshot, options: &PlanOptions) -> String {
@@ -392,6 +396,95 @@ fn a_changed_agent_user_is_named_as_the_cause() {
 
     Plan: 2 to apply.
     ");
+}
+
+/// The fixture's `dev` bottle has a gate (it declares `allow_hosts`): with
+/// the gate's state directory known, the plan starts or reloads the gate
+/// before anything of its agents, and notes how smolvm reaches it.
+#[test]
+fn the_gate_is_started_or_reloaded_before_the_machines_of_its_bottle() {
+    use bottle::gate::control::Health;
+    use bottle::gate::reconcile::GateHealth;
+    let state = tempfile::tempdir().unwrap();
+    let gated = || {
+        let mut d = desired();
+        d.attach_gate(state.path(), bottle::runtime::RuntimeKind::Smolvm)
+            .unwrap();
+        d
+    };
+    let d = gated();
+    let gate = d.gate.as_ref().unwrap();
+    let running = |hash: String| {
+        GateHealth::Running(Health {
+            pid: 4242,
+            config_hash: hash,
+            started_at: 1,
+            secrets_read_at: 2,
+            ports: BTreeMap::new(),
+        })
+    };
+    let mut out = String::new();
+
+    // Nothing yet: the gate starts first, every create waits for it.
+    let fresh = Snapshot {
+        gate: Some(GateHealth::NotRunning),
+        ..Snapshot::default()
+    };
+    let planned = plan(&d, &fresh, &PlanOptions::default());
+    assert_eq!(planned.actions[0].op.step(), "gate");
+    for a in planned.actions.iter().filter(|a| a.op.verb() == "create") {
+        assert_eq!(a.after, [0], "{a:?}");
+    }
+    out.push_str(&format!("## fresh\n{}\n", planned.render()));
+
+    // Machines in sync, gate serving this config: nothing to do.
+    let mut s = in_sync(&d);
+    s.gate = Some(running(gate.config.hash()));
+    let planned = plan(&d, &s, &PlanOptions::default());
+    assert!(planned.actions.is_empty(), "{}", planned.render());
+
+    // The gate died: it is started again, and no machine is touched.
+    s.gate = Some(GateHealth::NotRunning);
+    out.push_str(&format!(
+        "## gate not running\n{}\n",
+        render(&d, &s, &PlanOptions::default())
+    ));
+
+    // It serves another config (allow_hosts was edited since it was last
+    // sent): a reload naming what changed, and no machine is touched.
+    let mut before = gate.config.clone();
+    before.bottles.get_mut("dev").unwrap().allow_hosts = vec!["old.example.com".into()];
+    std::fs::create_dir_all(&gate.paths.dir).unwrap();
+    std::fs::write(gate.paths.config(), serde_json::to_vec(&before).unwrap()).unwrap();
+    s.gate = Some(running(before.hash()));
+    out.push_str(&format!(
+        "## gate config differs\n{}\n",
+        render(&d, &s, &PlanOptions::default())
+    ));
+
+    // Something answers on the control socket, but not as a gate: an error,
+    // never drift.
+    s.gate = Some(GateHealth::Error(
+        "the gate answered something bottle cannot read".into(),
+    ));
+    out.push_str(&format!(
+        "## gate unreadable\n{}\n",
+        render(&d, &s, &PlanOptions::default())
+    ));
+
+    // A machine created without the gate's settings (before the gate, or
+    // with other credentials): it moves to the gate by replacement.
+    let ungated = desired();
+    let mut s = in_sync(&d);
+    s.gate = Some(running(gate.config.hash()));
+    let old = listed(&ungated, "coder", MachineState::Running);
+    let name = old.name.clone();
+    *machine_of(&mut s, &name) = old;
+    out.push_str(&format!(
+        "## a machine without the gate's settings\n{}",
+        render(&d, &s, &PlanOptions::default())
+    ));
+    insta::assert_snapshot!(out);
 }
 
 /// What `smolvm machine update` changed outside bottle shows in the guest's

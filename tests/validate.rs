@@ -483,3 +483,8 @@ fn after_supervise_is_reported_once_and_hides_no_other_cycle() {
         "a summary and two problems: {stderr}"
     );
 }
+
+#[test]
+fn gate_settings() {
+    insta::assert_snapshot!(validate("gate"));
+}

@@ -9,7 +9,9 @@ mod apply;
 mod attach;
 mod check;
 mod destroy;
+mod egress_log;
 mod exec;
+mod gate;
 mod graph;
 mod plan;
 mod schema;
@@ -137,9 +139,32 @@ pub enum Command {
     /// changes, and periodically to repair drift inside guests.
     Watch(watch::WatchArgs),
 
+    /// The project's gate, the host half of its bottles: egress proxy, git
+    /// gateway, supervise.
+    Gate(gate::GateArgs),
+
+    /// Print the gate's decisions: every request allowed, denied or given a
+    /// credential.
+    EgressLog(egress_log::EgressLogArgs),
+
     /// What agents asked their operator for, through the gate's supervise
     /// endpoint: list (the default), approve, deny, revoke.
     Supervise(supervise::SuperviseArgs),
+
+    /// Internal: the local runtime's relay from a machine's network to its
+    /// bottle's gate (started by the runtime, with its socket on fd 3).
+    #[command(hide = true)]
+    LocalGateRelay(LocalGateRelayArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LocalGateRelayArgs {
+    #[arg(long)]
+    port: u16,
+    #[arg(long)]
+    init_pid: u32,
+    #[arg(long)]
+    init_start: u64,
 }
 
 /// Parse arguments, run the command, return the process exit code.
@@ -158,6 +183,13 @@ pub fn main() -> ExitCode {
         Command::Attach(args) => attach::run(&cli.global, args),
         Command::Exec(args) => exec::run(&cli.global, args),
         Command::Watch(args) => watch::run(&cli.global, args),
+        Command::Gate(args) => gate::run(&cli.global, args),
+        Command::EgressLog(args) => egress_log::run(&cli.global, args),
+        Command::LocalGateRelay(args) => {
+            crate::runtime::local::relay::serve(args.port, args.init_pid, args.init_start)
+                .map(|()| Outcome::Success)
+                .map_err(|e| miette::miette!("the gate relay failed: {e}"))
+        }
         Command::Supervise(args) => supervise::run(&cli.global, args),
     };
     match result {

@@ -101,7 +101,13 @@ pub fn runtime(global: &GlobalArgs) -> miette::Result<Box<dyn Runtime>> {
         )?)),
         RuntimeChoice::Local => {
             let dir = state_dir(global)?.join("local");
-            Ok(Box::new(crate::runtime::local::LocalRuntime::open(&dir)?))
+            let mut rt = crate::runtime::local::LocalRuntime::open(&dir)?;
+            // Gated machines reach their gate through a relay this
+            // executable serves.
+            if let Ok(exe) = std::env::current_exe() {
+                rt = rt.with_relay(exe);
+            }
+            Ok(Box::new(rt))
         }
     }
 }
@@ -258,7 +264,7 @@ pub struct Survey {
 
 pub fn survey(
     global: &GlobalArgs,
-    desired: Desired,
+    mut desired: Desired,
     options: &PlanOptions,
     parallelism: usize,
 ) -> miette::Result<Survey> {
@@ -266,6 +272,7 @@ pub fn survey(
         agent(&desired, target)?;
     }
     let notes = preflight::check(&desired, runtime_kind(global))?;
+    desired.attach_gate(&state_dir(global)?, runtime_kind(global))?;
     let runtime = runtime(global)?;
     let snapshot = crate::observe::observe(
         runtime.as_ref(),

@@ -24,6 +24,9 @@ struct Status {
     agents: Vec<AgentStatus>,
     /// Managed machines of this project no agent declares.
     undeclared: Vec<String>,
+    /// The project's gate, when it has or had one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gate: Option<crate::gate::reconcile::GateStatus>,
     /// Supervise grants in force that the manifests do not declare.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     grants: Vec<crate::gate::supervise::grants::UndeclaredGrant>,
@@ -60,6 +63,10 @@ pub fn run(global: &GlobalArgs, args: StatusArgs) -> miette::Result<Outcome> {
         project: survey.desired.project.name.clone(),
         agents: Vec::new(),
         undeclared: Vec::new(),
+        gate: crate::gate::reconcile::GateStatus::of(
+            survey.desired.gate.as_ref(),
+            survey.snapshot.gate.as_ref(),
+        ),
         grants: Vec::new(),
     };
     for agent in survey.desired.agents.values() {
@@ -133,7 +140,7 @@ pub fn run(global: &GlobalArgs, args: StatusArgs) -> miette::Result<Outcome> {
         .plan
         .actions
         .iter()
-        .filter(|a| a.agent.is_none())
+        .filter(|a| a.agent.is_none() && !matches!(a.op, Op::Gate { .. }))
         .map(|a| a.machine.clone())
         .collect();
     if args.json {
@@ -168,6 +175,9 @@ pub fn run(global: &GlobalArgs, args: StatusArgs) -> miette::Result<Outcome> {
         ]);
     }
     print!("{}", table(&rows));
+    if let Some(gate) = &status.gate {
+        println!("{gate}");
+    }
     for m in &status.undeclared {
         println!(
             "{m}: managed by this project but no agent declares it (`bottle apply --prune` deletes it)"

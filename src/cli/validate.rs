@@ -34,6 +34,8 @@ pub fn run(global: &GlobalArgs, args: ValidateArgs) -> miette::Result<Outcome> {
     })();
     let (desired, steps, notes) = session::json_error(args.json, loaded)?;
     let project = &desired.project;
+    // The gate's warnings and notes about secrets (never errors).
+    let advisories = crate::gate::reconcile::advisories(project);
     if args.json {
         let value = serde_json::json!({
             "format_version": crate::plan::PLAN_FORMAT,
@@ -46,6 +48,7 @@ pub fn run(global: &GlobalArgs, args: ValidateArgs) -> miette::Result<Outcome> {
             "bottles": project.bottles.keys().collect::<Vec<_>>(),
             "steps": steps,
             "notes": notes,
+            "advisories": advisories,
         });
         println!(
             "{}",
@@ -70,6 +73,9 @@ pub fn run(global: &GlobalArgs, args: ValidateArgs) -> miette::Result<Outcome> {
     );
     for note in &notes {
         println!("note: {note}");
+    }
+    for advice in &advisories {
+        println!("{advice}");
     }
     Ok(Outcome::Success)
 }

@@ -83,9 +83,12 @@ pub fn run(global: &GlobalArgs, args: WatchArgs) -> miette::Result<Outcome> {
         json: args.json,
         ignore,
     };
+    let gate_state = session::state_dir(global)?;
     let load = || -> miette::Result<crate::desired::Desired> {
-        let desired = session::load(&dir)?;
+        let mut desired = session::load(&dir)?;
         preflight::check(&desired, session::runtime_kind(global))?;
+        // Each resync observes the gate too: one that died is started again.
+        desired.attach_gate(&gate_state, session::runtime_kind(global))?;
         Ok(desired)
     };
     watch::run(&options, rt.as_ref(), &load, rx, Some(&mut watcher))?;

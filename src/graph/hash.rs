@@ -29,12 +29,19 @@
 //! | step | inputs, in order |
 //! | --- | --- |
 //! | `machine` | `spec`: the spec hash below; `cpus`; `memory_mib`; `env`: each `KEY`, `VALUE` by key; `volumes`: each absolute host path, guest path, read-only flag, in declaration order (the absolute path is what the machine mounts: moving the manifests directory re-points volumes inside it, an update and restart, never a replacement); `user` |
-//! | `ca` | `cert`: path of the certificate relative to the manifests directory, SHA-256 of its content |
+//! | `ca` | `cert`: path of the certificate relative to the manifests directory, SHA-256 of its content. With a gate: `gate`, then `cert` and the same, or `none`; extended (below) by the project CA's SHA-256 |
 //! | `prompt` | `user`; `content`: SHA-256 of the prompt file's content, of `prompt_text`, or of the empty string when there is no prompt (the guest path is fixed, so the source path is not an input) |
 //! | `skills` | `user`; `skills`: per skill directory, sorted by its name in the guest (the directory's own name): that name, its tree digest |
-//! | `git` | `user`; `gateway`; `identity`: none, or `user.name`, `user.email`; `remotes`: each `name`, `upstream`, sorted by name |
+//! | `git` | `user`; `gateway` (`gate:` when the gate serves it); `identity`: none, or `user.name`, `user.email`; `remotes`: each `name`, `upstream`, sorted by name. Served by the gate: extended by the gateway URL with the agent's credential |
 //! | `setup:<name>` | `name`; `run`; `inputs`: per input, sorted by path relative to the manifests directory: that path, its tree digest. Runs as root, so not the user. When it comes after other steps (its `after`, or another setup step's `before` naming it; `machine` only when named in `after`), that hash is chained: the hash of `setup-after`, `own` and the hash above, then `after` and per step it comes after, sorted by id, its id and its step hash. A step without any keeps the hash above |
-//! | `supervise` | `user`; `url` |
+//! | `supervise` | `user`; `url` (`gate:` when the gate serves it; then extended by the endpoint URL with the agent's token) |
+//!
+//! "Extended": inputs known only with the state directory (the gate's
+//! ports, the agent's credentials, the project CA) are hashed after the
+//! manifests' (`gate-inputs`: the step hash, then each input; a setup
+//! step after an extended `git` or `supervise` step: one input, per such
+//! step its id and extended hash, one a line); `plan`,
+//! `apply` and `check` see them, `graph` and `validate` do not.
 //!
 //! `user` is the bottle's agent user: it decides the home directory and the
 //! owner of what the step writes.
@@ -49,10 +56,10 @@
 //! | field | inputs |
 //! | --- | --- |
 //! | `image` | `host` (no image, or `"host"`); `oci`, the reference as written; `rootfs-dir` or `archive`, then the path: relative to the manifests directory when inside it, else absolute (`~/images/...`). The content of a local image is not hashed: give a changed image a new name to roll it out |
-//! | `egress` | whether the `egress` table is present (absent: no network at all) |
-//! | `egress.allow_hosts` | the hosts, sorted, duplicates removed |
+//! | `egress` | `gate` when the bottle has a gate (DESIGN.md section 9), else whether the `egress` table is present (absent: no network at all) |
+//! | `egress.allow_hosts` | with a gate, `gate` (the gate enforces them, live); else the hosts, sorted, duplicates removed |
 //! | `egress.allow_cidrs` | the CIDRs, sorted, duplicates removed |
-//! | `secrets` | per guest variable, by name: the name, then `env` and the host variable, or `file` and the host path |
+//! | `secrets` | per guest variable, by name: the name, then `gate` for a secret with `hosts` (the guest holds a placeholder), else `env` and the host variable, or `file` and the host path |
 //!
 //! `local.allow_unfiltered_network` is not an input anywhere: it is a
 //! permission the local runtime checks, not a setting of the machine.
@@ -469,8 +476,11 @@ fn spec_field_hashes(project: &Project, bottle: &Bottle) -> BTreeMap<&'static st
     out.insert("image", image.finish());
 
     let egress = bottle.spec.egress.as_ref();
+    let gated = crate::gate::reconcile::has_gate(&bottle.spec);
     let mut present = Enc::new(SPEC_VERSION, "egress");
-    present.str(if egress.is_some() {
+    present.str(if gated {
+        "gate"
+    } else if egress.is_some() {
         "present"
     } else {
         "absent"
@@ -478,10 +488,16 @@ fn spec_field_hashes(project: &Project, bottle: &Bottle) -> BTreeMap<&'static st
     out.insert("egress", present.finish());
     let empty = EgressSpec::default();
     let egress = egress.unwrap_or(&empty);
-    out.insert(
-        "egress.allow_hosts",
-        sorted_set_digest("egress.allow_hosts", &egress.allow_hosts),
-    );
+    // With a gate, the hosts are the gate's to enforce (and change live):
+    // the machine never sees them.
+    let hosts = if gated {
+        let mut enc = Enc::new(SPEC_VERSION, "egress.allow_hosts");
+        enc.str("gate");
+        enc.finish()
+    } else {
+        sorted_set_digest("egress.allow_hosts", &egress.allow_hosts)
+    };
+    out.insert("egress.allow_hosts", hosts);
     out.insert(
         "egress.allow_cidrs",
         sorted_set_digest("egress.allow_cidrs", &egress.allow_cidrs),
@@ -492,18 +508,24 @@ fn spec_field_hashes(project: &Project, bottle: &Bottle) -> BTreeMap<&'static st
     for (name, reference) in &bottle.spec.secrets {
         secrets.str(name);
         match reference {
+            // The guest holds a placeholder: where the value comes from
+            // and where it may go are the gate's alone.
+            SecretRef { hosts, .. } if !hosts.is_empty() => secrets.str("gate"),
             SecretRef {
                 from_env: Some(var),
                 from_file: None,
+                ..
             } => secrets.str("env").str(var),
             SecretRef {
                 from_env: None,
                 from_file: Some(path),
+                ..
             } => secrets.str("file").str(path),
             // Invalid (rejected by the loader); still hashed unambiguously.
             SecretRef {
                 from_env,
                 from_file,
+                ..
             } => secrets
                 .str("invalid")
                 .str(from_env.as_deref().unwrap_or(""))
@@ -591,7 +613,10 @@ pub fn skills_step(user: &str, skills: &[(Vec<u8>, Digest32)]) -> String {
 pub fn git_step(user: &str, git: &GitSpec) -> String {
     let mut enc = Enc::new(STEP_VERSION, "git");
     enc.str("user").str(user);
-    enc.str("gateway").str(&git.gateway);
+    // `gate:` can be no http URL: the gate's own gateway, whose URL (with
+    // the agent's credential) `Desired` adds to the hash.
+    enc.str("gateway")
+        .str(git.gateway.as_deref().unwrap_or("gate:"));
     enc.str("identity");
     match &git.user {
         None => enc.str("none"),
@@ -644,10 +669,92 @@ pub fn setup_after(own: &str, after: &[(String, String)]) -> String {
     enc.finish_hex()
 }
 
-/// The `supervise` step hash.
-pub fn supervise_step(user: &str, url: &str) -> String {
+/// The `supervise` step hash; `None`: the gate's endpoint.
+pub fn supervise_step(user: &str, url: Option<&str>) -> String {
     let mut enc = Enc::new(STEP_VERSION, "supervise");
     enc.str("user").str(user);
-    enc.str("url").str(url);
+    enc.str("url").str(url.unwrap_or("gate:"));
+    enc.finish_hex()
+}
+
+/// The `gate` node hash: the gate settings a bottle declares (allow_hosts,
+/// allow_internal, secrets with hosts and their sources, git remotes served
+/// by the gate, supervise served by it). Not stored anywhere: the running
+/// gate reports the hash of the config it serves, which also holds ports
+/// and credentials.
+pub fn gate_node(bottle: &Bottle) -> String {
+    let spec = &bottle.spec;
+    let mut enc = Enc::new(STEP_VERSION, "gate");
+    let egress = spec.egress.clone().unwrap_or_default();
+    let mut hosts = egress.allow_hosts.clone();
+    hosts.sort_unstable();
+    hosts.dedup();
+    enc.str("allow_hosts").u64(hosts.len() as u64);
+    for h in &hosts {
+        enc.str(h);
+    }
+    let mut internal = egress.allow_internal.clone();
+    internal.sort_unstable();
+    internal.dedup();
+    enc.str("allow_internal").u64(internal.len() as u64);
+    for c in &internal {
+        enc.str(c);
+    }
+    let secrets: Vec<_> = spec
+        .secrets
+        .iter()
+        .filter(|(_, s)| !s.hosts.is_empty())
+        .collect();
+    enc.str("secrets").u64(secrets.len() as u64);
+    for (name, s) in secrets {
+        enc.str(name)
+            .str(s.from_env.as_deref().unwrap_or(""))
+            .str(s.from_file.as_deref().unwrap_or(""));
+        enc.u64(s.hosts.len() as u64);
+        for h in &s.hosts {
+            enc.str(h);
+        }
+    }
+    let remotes = spec
+        .git
+        .as_ref()
+        .filter(|g| g.gateway.is_none())
+        .map_or(&[][..], |g| g.remote.as_slice());
+    enc.str("git").u64(remotes.len() as u64);
+    for r in remotes {
+        let json = serde_json::to_string(r).expect("remotes serialize");
+        enc.str(&json);
+    }
+    enc.str("supervise").str(
+        if spec.supervise.as_ref().is_some_and(|s| s.url.is_none()) {
+            "gate"
+        } else {
+            "no"
+        },
+    );
+    enc.finish_hex()
+}
+
+/// The `ca` step hash of a bottle with a gate: the project CA (whose
+/// digest `Desired` adds) and the declared certificate, if any.
+pub fn gate_ca_step(declared: Option<(&[u8], &Digest32)>) -> String {
+    let mut enc = Enc::new(STEP_VERSION, "ca");
+    enc.str("gate");
+    match declared {
+        Some((path, digest)) => enc.str("cert").bytes(path).digest(digest),
+        None => enc.str("none"),
+    };
+    enc.finish_hex()
+}
+
+/// A step hash with inputs only known with the state directory (the
+/// gate's URLs and credentials, its CA): `hash` extended by them.
+pub fn with_gate_inputs(hash: &str, inputs: &[&str]) -> String {
+    let mut enc = Enc::new(STEP_VERSION, "gate-inputs");
+    enc.str(hash);
+    enc.u64(inputs.len() as u64);
+    for i in inputs {
+        enc.str(i);
+    }
     enc.finish_hex()
 }

@@ -612,9 +612,10 @@ fn each_input_changes_exactly_its_steps() {
             &["machine"],
         ),
         (
+            // The gate enforces them, live: no machine or step changes.
             "allow_hosts",
             Box::new(|f| edit(f, m, "\"github.com\"]", "\"gitlab.com\"]")),
-            &["machine"],
+            &[],
         ),
         (
             "allow_cidrs",
@@ -891,16 +892,22 @@ prompt_text = "Hello."
         .agent_steps("au")
         .map(|(_, s)| format!("{}={}", s.kind, s.hash))
         .collect();
-    let expected_spec = "69ba8dc46e7f9fceef7b6d8d142d21964237c91d85b0457f7150bc073b925367";
+    // `allow_hosts` gives this bottle a gate (DESIGN.md section 9): its
+    // `egress` and `egress.allow_hosts` fields changed with that, on
+    // purpose (machines created with `--allow-host` move to the gate by
+    // replacement), and it gained a `ca` step. The other fields and steps
+    // are as before the gate.
+    let expected_spec = "bb425731e906e597cbe0dfeae5ffa7ea8f3a5f1f26813aa0041da851a2bb7634";
     let expected_fields = [
-        "egress=e4fa477a5fc2",
+        "egress=85a1ec01f190",
         "egress.allow_cidrs=05a6a6481d1c",
-        "egress.allow_hosts=3027b8041d0f",
+        "egress.allow_hosts=ca9b0e4e4a53",
         "image=02c828f0d89b",
         "secrets=2b5f445f81a3",
     ];
     let expected_steps = [
-        "machine=ef7fe9c115355436c07d931f792fd708765267d7491dc762d37e218909ee2fc3",
+        "machine=74e3241368adab92da86233b1f93e2e65a200be309560bb013d3b0a7858ad447",
+        "ca=a0cccd0ab2a91194807e9473a9d9c0e0d2123a08af49f4d374157245f9591a6c",
         "prompt=b6527d898107fc3b44c60144e26099aa9ee925a04d8dfafbafe0041406beec96",
         "supervise=ec6cab3873f75a9dc8062aa274a40b57135e4d5c595ce0b4046d3a367e55e4d3",
     ];
@@ -1068,6 +1075,8 @@ fn dot_draws_the_order_without_implied_edges() {
     assert_eq!(
         edges,
         [
+            // The bottle's gate comes before its agents' machines.
+            r#""gate/dev" -> "reviewer/machine";"#,
             r#""reviewer/machine" -> "reviewer/ca";"#,
             r#""reviewer/machine" -> "reviewer/prompt";"#,
             r#""reviewer/machine" -> "reviewer/skills";"#,

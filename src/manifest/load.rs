@@ -1271,11 +1271,12 @@ fn retired(kind: Option<Kind>, parent: &[Seg], key: &str) -> Option<(String, Str
         (
             Some(Kind::Bottle),
             ["git", "remote"],
-            "identity_file" | "identity" | "ssh_key" | "host_key" | "known_hosts",
+            "identity_file" | "identity" | "ssh_key" | "known_hosts",
         ) => hit(
-            &format!("`{key}` is gone: the git gateway holds the SSH keys now"),
-            "remove it; the guest reaches the remote only through `git.gateway`, \
-             which holds the key and pins the host",
+            &format!("`{key}` is gone: the gate holds the SSH keys now"),
+            "declare the key as `credentials = { ssh_key = { from_file = \"/abs/key\" } }` \
+             (read by bottle's gate on the host, never given to the guest) and pin the host \
+             with `host_key`",
         ),
         (Some(Kind::Bottle), [], "credential_proxy" | "credentials" | "routes") => hit(
             &format!("`{key}` is gone: credentials are passed as secret references"),

@@ -152,6 +152,12 @@ pub struct MachineSpec {
     /// Secrets by reference; values are resolved by the runtime at launch
     /// and never pass through bottle's argv.
     pub secrets: Vec<SecretMount>,
+    /// The host-loopback port of the bottle's gate, which the guest must
+    /// reach. smolvm: the reconciler puts the gateway address in `egress`
+    /// (`--allow-cidr 100.96.0.1/32`), and smolvm relays it to the host.
+    /// Local runtime: the guest gets a network of its own with loopback
+    /// only, where `127.0.0.1:<port>` leads to the gate and nothing else.
+    pub gate_port: Option<u16>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,4 +1,5 @@
-//! The ca step: the bottle's CA certificate in the guest trust store.
+//! The ca step: the bottle's CA certificate in the guest trust store; with
+//! a gate, the project CA too (the gate intercepts TLS with it).
 
 use super::{AgentCtx, StepError, StepResult, digest, run_script, sh_quote, sha256_hex, upload};
 use crate::ledger::LedgerEntry;
@@ -15,12 +16,39 @@ pub fn cert_path(ctx: &AgentCtx) -> String {
 /// The trust bundle `update-ca-certificates` writes, on Debian and Alpine.
 const BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
-/// The certificate's hash, then `trusted` when the bundle holds every
-/// certificate of the file (each one's base64 body, compared with line
-/// breaks removed, so the bundle's own wrapping does not matter),
-/// `untrusted` otherwise; `missing` without the file.
+/// Where the project CA goes in a guest of a gated bottle.
+pub fn gate_cert_path(ctx: &AgentCtx) -> String {
+    format!("{CA_DIR}/bottle-{}-gate.crt", ctx.bottle.name)
+}
+
+/// The certificates the step installs: (host file, guest path), the
+/// project CA first.
+fn certs(ctx: &AgentCtx) -> Vec<(std::path::PathBuf, String)> {
+    let mut out = Vec::new();
+    if let Some(gate) = ctx.gate {
+        out.push((gate.ca_cert.clone(), gate_cert_path(ctx)));
+    }
+    if let Some(cert) = &ctx.bottle.ca_cert {
+        out.push((cert.clone(), cert_path(ctx)));
+    }
+    out
+}
+
+/// For each certificate the step installs (the project CA first), its
+/// hash, then `trusted` when the bundle holds every certificate of the
+/// file (each one's base64 body, compared with line breaks removed, so the
+/// bundle's own wrapping does not matter), `untrusted` otherwise; `missing`
+/// without the file.
 pub fn probe(ctx: &AgentCtx) -> String {
-    probe_of(&cert_path(ctx), BUNDLE)
+    let paths: Vec<String> = match certs(ctx) {
+        c if c.is_empty() => vec![cert_path(ctx)],
+        c => c.into_iter().map(|(_, guest)| guest).collect(),
+    };
+    paths
+        .iter()
+        .map(|p| probe_of(p, BUNDLE))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn probe_of(cert: &str, bundle: &str) -> String {
@@ -46,29 +74,36 @@ pub fn expected_probe(cert: &[u8]) -> String {
 /// whose `update-ca-certificates` leaves it out, or an upload that did
 /// nothing, is a failure, never an applied step).
 pub fn apply(ctx: &AgentCtx, rt: &dyn Runtime, entry: &mut LedgerEntry) -> StepResult<Vec<String>> {
-    let host = ctx
-        .bottle
-        .ca_cert
-        .as_ref()
-        .expect("the ca step exists only with a cert");
-    let cert = std::fs::read(host).map_err(|e| {
-        StepError::Other(
-            format!("cannot read CA certificate {}: {e}", host.display()),
-            "check that the file exists and is readable".into(),
-        )
-    })?;
-    let path = cert_path(ctx);
-    upload(
-        rt,
-        ctx.machine,
-        &cert,
-        &path,
-        &CopyOptions {
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-        },
-    )?;
+    let certs = certs(ctx);
+    if certs.is_empty() || ctx.gate.is_some_and(|g| !g.ca_cert.is_file()) {
+        return Err(StepError::Other(
+            format!("the CA certificate for {} is not there yet", ctx.machine),
+            "the gate mints the project CA when it first starts: run `bottle apply` again \
+             once the gate runs (`bottle status`)"
+                .into(),
+        ));
+    }
+    let mut uploaded = Vec::with_capacity(certs.len());
+    for (host, path) in &certs {
+        let cert = std::fs::read(host).map_err(|e| {
+            StepError::Other(
+                format!("cannot read CA certificate {}: {e}", host.display()),
+                "check that the file exists and is readable".into(),
+            )
+        })?;
+        upload(
+            rt,
+            ctx.machine,
+            &cert,
+            path,
+            &CopyOptions {
+                mode: 0o644,
+                uid: 0,
+                gid: 0,
+            },
+        )?;
+        uploaded.push((cert, path.as_str()));
+    }
     let out = run_script(
         rt,
         ctx.machine,
@@ -81,25 +116,49 @@ pub fn apply(ctx: &AgentCtx, rt: &dyn Runtime, entry: &mut LedgerEntry) -> StepR
         &[],
         "the image needs the ca-certificates package (update-ca-certificates)",
     )?;
-    let expected = expected_probe(&cert);
-    if out != expected {
-        let found = match out.lines().nth(1) {
-            Some("untrusted") => "is not in the trust bundle",
-            _ => "is not what bottle uploaded",
+    // The probe's lines, certificate by certificate: two each when the
+    // certificate is there (its hash, then `trusted`), one (`missing`) not.
+    let mut lines = out.lines();
+    let mut expected = String::new();
+    for (cert, path) in &uploaded {
+        let want = expected_probe(cert);
+        let got = match lines.next() {
+            Some(first) if first != "missing" => {
+                format!("{first}\n{}\n", lines.next().unwrap_or(""))
+            }
+            other => format!("{}\n", other.unwrap_or("")),
         };
+        if got != want {
+            let found = match got.lines().nth(1) {
+                Some("untrusted") => "is not in the trust bundle",
+                _ => "is not what bottle uploaded",
+            };
+            return Err(StepError::Other(
+                format!(
+                    "the CA certificate {path} {found} after update-ca-certificates in machine {}",
+                    ctx.machine
+                ),
+                format!(
+                    "bottle checks {BUNDLE}: use an image whose update-ca-certificates (the \
+                     ca-certificates package) writes that bundle, then run `bottle apply` again"
+                ),
+            ));
+        }
+        expected.push_str(&want);
+    }
+    if out != expected {
         return Err(StepError::Other(
             format!(
-                "the CA certificate {path} {found} after update-ca-certificates in machine {}",
+                "the CA certificates of machine {} are not what bottle uploaded after \
+                 update-ca-certificates",
                 ctx.machine
             ),
-            format!(
-                "bottle checks {BUNDLE}: use an image whose update-ca-certificates (the \
-                 ca-certificates package) writes that bundle, then run `bottle apply` again"
-            ),
+            "run `bottle apply` again; if it persists, check the image's update-ca-certificates"
+                .into(),
         ));
     }
     entry.digest = digest(&expected);
-    entry.paths = vec![path];
+    entry.paths = certs.into_iter().map(|(_, guest)| guest).collect();
     Ok(Vec::new())
 }
 

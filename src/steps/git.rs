@@ -77,7 +77,13 @@ pub fn rewrites(ctx: &AgentCtx) -> Vec<(String, String)> {
     let Some(git) = &ctx.bottle.spec.git else {
         return Vec::new();
     };
-    let gateway = git.gateway.trim_end_matches('/');
+    // Without `gateway`, the bottle's gate serves the remotes, and the URL
+    // carries the agent's git credential (HTTP Basic).
+    let gateway = match (&git.gateway, ctx.gate) {
+        (Some(url), _) => url.trim_end_matches('/'),
+        (None, Some(gate)) => gate.git_base.as_str(),
+        (None, None) => return Vec::new(),
+    };
     git.remote
         .iter()
         .map(|r| (format!("url.{gateway}/{}.git", r.name), r.upstream.clone()))

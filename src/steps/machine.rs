@@ -86,7 +86,7 @@ pub fn machine_spec(ctx: &AgentCtx) -> MachineSpec {
     labels.insert(LABEL_PROJECT.into(), ctx.project.name.clone());
     labels.insert(LABEL_AGENT.into(), ctx.agent.name.clone());
     labels.insert(LABEL_BOTTLE.into(), bottle.name.clone());
-    MachineSpec {
+    let mut spec = MachineSpec {
         name: ctx.machine.to_owned(),
         labels,
         image: image_arg(&bottle.image),
@@ -104,7 +104,49 @@ pub fn machine_spec(ctx: &AgentCtx) -> MachineSpec {
             .as_ref()
             .is_some_and(|l| l.allow_unfiltered_network),
         secrets: secret_mounts(bottle),
+        gate_port: None,
+    };
+    if let Some(gate) = ctx.gate {
+        gated_spec(&mut spec, bottle, gate);
     }
+    spec
+}
+
+/// A gated bottle's machine (DESIGN.md section 9): no `allow_hosts` (the
+/// gate enforces them), the gate reachable, the proxy, CA and placeholder
+/// variables set, and no secret with `hosts` given to the guest. The
+/// bottle's own `env` wins over the gate's variables.
+fn gated_spec(spec: &mut MachineSpec, bottle: &Bottle, gate: &crate::gate::reconcile::AgentGate) {
+    use crate::gate::reconcile::{SMOLVM_GATE_CIDR, is_gated_secret};
+    let cidrs = bottle
+        .spec
+        .egress
+        .as_ref()
+        .map(|e| e.allow_cidrs.clone())
+        .unwrap_or_default();
+    spec.egress = match gate.runtime {
+        crate::runtime::RuntimeKind::Smolvm => Some(Egress {
+            allow_hosts: Vec::new(),
+            allow_cidrs: std::iter::once(SMOLVM_GATE_CIDR.to_owned())
+                .chain(cidrs)
+                .collect(),
+        }),
+        crate::runtime::RuntimeKind::Local => (!cidrs.is_empty()).then(|| Egress {
+            allow_hosts: Vec::new(),
+            allow_cidrs: cidrs,
+        }),
+    };
+    spec.gate_port = Some(gate.port);
+    let mut env = gate.env.clone();
+    env.extend(bottle.spec.env.clone());
+    spec.env = env;
+    spec.secrets.retain(|m| {
+        !bottle
+            .spec
+            .secrets
+            .get(&m.guest_env)
+            .is_some_and(is_gated_secret)
+    });
 }
 
 /// The name under which a replacement's settings are tried before the old

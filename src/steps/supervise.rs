@@ -165,13 +165,26 @@ pub fn apply(
     rt: &dyn Runtime,
     entry: &mut LedgerEntry,
 ) -> StepResult<Vec<String>> {
-    let url = &ctx
+    let declared = ctx
         .bottle
         .spec
         .supervise
         .as_ref()
-        .expect("the supervise step exists only when declared")
-        .url;
+        .expect("the supervise step exists only when declared");
+    // Without `url`, the bottle's gate serves it at a per-agent path.
+    let url = match (&declared.url, ctx.gate) {
+        (Some(url), _) => url.as_str(),
+        (None, Some(gate)) => gate.supervise_url.as_str(),
+        (None, None) => {
+            return Err(StepError::Other(
+                format!(
+                    "the gate's supervise endpoint of {} is unknown",
+                    ctx.machine
+                ),
+                "run `bottle apply`, which starts the gate first".into(),
+            ));
+        }
+    };
     let (ids, mut map) = read_config(ctx, ctx.user(), rt)?;
     let servers = map
         .entry("mcpServers")

@@ -242,6 +242,9 @@ impl Double<'_> {
                     },
                 })
                 .collect(),
+            // smolvm relays 100.96.0.1 to host loopback; the double has no
+            // such address (its machines get the host's network).
+            gate_port: None,
         };
         let meta = Meta {
             created_at: now_secs(),

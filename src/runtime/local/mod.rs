@@ -42,6 +42,7 @@
 mod accounts;
 mod exec;
 mod names;
+pub mod relay;
 mod sandbox;
 mod seed;
 
@@ -99,6 +100,11 @@ pub struct MachineRecord {
     /// Whether the machine shares the host's network.
     pub network: bool,
     pub secrets: Vec<SecretMount>,
+    /// The port of the bottle's gate on the host's loopback, reachable at
+    /// `127.0.0.1:<port>` inside the machine's own network (loopback only)
+    /// through a relay (see [`relay`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate_port: Option<u16>,
     /// Unix seconds.
     pub created_at: u64,
     pub state: MachineState,
@@ -144,6 +150,9 @@ pub struct LocalRuntime {
     bwrap: PathBuf,
     setsid: PathBuf,
     nsenter: PathBuf,
+    /// The bottle executable, which serves the gate relay of gated machines
+    /// (`bottle local-gate-relay`); `None`: such machines cannot start.
+    relay: Option<PathBuf>,
 }
 
 impl LocalRuntime {
@@ -188,9 +197,17 @@ impl LocalRuntime {
             setsid: find("setsid")?,
             nsenter: find("nsenter")?,
             state_dir,
+            relay: None,
         };
         rt.collect_garbage();
         Ok(rt)
+    }
+
+    /// Serve the gate relay of gated machines with `program` (the bottle
+    /// executable).
+    pub fn with_relay(mut self, program: PathBuf) -> Self {
+        self.relay = Some(program);
+        self
     }
 
     /// The state directory, absolute.
@@ -594,6 +611,21 @@ fn write_json_atomic<T: Serialize>(dir: &Path, name: &str, value: &T) -> io::Res
     result
 }
 
+impl LocalRuntime {
+    /// Make the gate's port reachable inside a started machine.
+    fn start_relay(&self, init: &InitProcess, port: u16) -> Result<(), String> {
+        let program = self.relay.as_deref().ok_or_else(|| {
+            "the machine reaches its bottle's gate through a relay that only the bottle \
+             executable serves; start it with `bottle apply`"
+                .to_owned()
+        })?;
+        let listener = relay::listen_in(init, port)
+            .map_err(|e| format!("cannot listen for the gate inside the machine: {e}"))?;
+        relay::spawn(&self.setsid, program, listener, init, port)
+            .map_err(|e| format!("cannot start the gate relay: {e}"))
+    }
+}
+
 impl Runtime for LocalRuntime {
     fn kind(&self) -> RuntimeKind {
         RuntimeKind::Local
@@ -755,6 +787,7 @@ impl Runtime for LocalRuntime {
             egress: spec.egress.clone(),
             network,
             secrets: spec.secrets.clone(),
+            gate_port: spec.gate_port,
             created_at: now_unix(),
             state: MachineState::Created,
             init: None,
@@ -880,6 +913,12 @@ impl Runtime for LocalRuntime {
                 io_err(OP, name, "start the sandbox".to_owned(), source)
             }
         })?;
+        if let Some(port) = record.gate_port.filter(|_| !record.network)
+            && let Err(message) = self.start_relay(&init, port)
+        {
+            let _ = sandbox::kill(&init, STOP_TIMEOUT);
+            return Err(unsupported(OP, name, message));
+        }
         record.state = MachineState::Running;
         record.init = Some(init.clone());
         if let Err(e) = self.save(OP, &record) {

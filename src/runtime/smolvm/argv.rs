@@ -311,6 +311,7 @@ mod tests {
                     source: SecretSource::HostFile("/run/secrets/npm".into()),
                 },
             ],
+            gate_port: None,
         }
     }
 
