@@ -357,8 +357,9 @@ fn mask_secrets(text: &str, doc: &Doc) -> String {
 /// duplicate key) or a misshapen value (a `value` key, an array, a typo'd
 /// `secret` table) is masked too: every string under a key or table whose
 /// name (past an entity's own name) contains `secret`. Kept: a `from_env`
-/// that is a variable name and a `from_file` that is an absolute path (the
-/// references themselves, which diagnostics need to show).
+/// that is a variable name, a `from_file` that is an absolute path (the
+/// references themselves, which diagnostics need to show) and a `hosts`
+/// entry shaped like a host or URL.
 pub(crate) fn secret_positions(text: &str) -> Vec<std::ops::Range<usize>> {
     let bytes = text.as_bytes();
     let mut out = Vec::new();
@@ -425,6 +426,14 @@ pub(crate) fn secret_positions(text: &str) -> Vec<std::ops::Range<usize>> {
                     "from_file" => {
                         value.contains('/')
                             && !value.chars().any(|c| c.is_whitespace() || c.is_control())
+                    }
+                    // Where a gated secret may go: host names, not values
+                    // (anything that does not look like one stays masked).
+                    "hosts" => {
+                        value.contains('.')
+                            && value
+                                .chars()
+                                .all(|c| c.is_ascii_alphanumeric() || ".-*:/[]".contains(c))
                     }
                     _ => false,
                 };
