@@ -1946,3 +1946,115 @@ fn a_long_setup_command_is_reported_while_it_runs() {
     p.double.sh(READER, "touch /tmp/bottle-e2e-go");
     assert!(child.wait().unwrap().success(), "{}", seen.join("\n"));
 }
+
+/// The guest processes running `argv` (host view of `/proc`: the local
+/// runtime's guests are host processes in their own namespaces).
+fn processes_running(argv: &[&str]) -> Vec<u32> {
+    let wanted: Vec<u8> = argv
+        .iter()
+        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+        .collect();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == wanted))
+        .collect()
+}
+
+#[test]
+fn a_second_ctrl_c_ends_a_hung_setup_command_and_frees_the_lock() {
+    // On the local runtime, where bottle can reach the command in the guest.
+    use rustix::process::{Pid, Signal, kill_process};
+    use std::io::BufRead;
+    let p = project();
+    p.write(
+        "bottle.toml",
+        "[project]\nname = \"cancel\"\n\n[bottle.plain]\nuser = \"reviewer\"\n\n\
+         [[bottle.plain.setup]]\nname = \"hang\"\nrun = \"sleep 4713\"\n\n\
+         [agent.reader]\nbottle = \"plain\"\n",
+    );
+    p.write("bottles.toml", "# emptied for this test\n");
+    p.write("agents.toml", "# emptied for this test\n");
+    struct Destroy<'a>(&'a Project);
+    impl Drop for Destroy<'_> {
+        fn drop(&mut self) {
+            let _ = self
+                .0
+                .command(&["--runtime", "local", "destroy", "--yes"])
+                .output();
+        }
+    }
+    let _destroy = Destroy(&p);
+    let mut apply = p.command(&["--runtime", "local", "apply"]);
+    apply
+        .env("BOTTLE_PROGRESS_SECONDS", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = apply.spawn().unwrap();
+    let pid = Pid::from_raw(child.id() as i32).unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    let mut wait_for = |what: &str, child: &mut std::process::Child| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            else {
+                let _ = child.kill();
+                panic!("no line with {what:?}:\n{}", seen.join("\n"));
+            };
+            let found = line.contains(what);
+            seen.push(line);
+            if found {
+                return;
+            }
+        }
+    };
+    wait_for("still running reader: apply setup:hang (", &mut child);
+    assert_eq!(processes_running(&["sleep", "4713"]).len(), 1);
+    // The first Ctrl-C waits for the command; the second ends it.
+    kill_process(pid, Signal::INT).expect("SIGINT");
+    wait_for("waiting for reader: apply setup:hang", &mut child);
+    kill_process(pid, Signal::INT).expect("SIGINT");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("bottle did not end after the second Ctrl-C");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut stdout).unwrap();
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(5)) {
+        seen.push(line);
+    }
+    let stderr = seen.join("\n");
+    assert_eq!(status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("interrupted: the actions under way were cancelled"),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains("setup:hang") && stdout.contains("was cancelled (Ctrl-C) and killed"),
+        "{stdout}"
+    );
+    // The command in the guest is gone with it.
+    wait_until("the guest command to end", Duration::from_secs(60), || {
+        processes_running(&["sleep", "4713"]).is_empty()
+    });
+    // The lock is free (no waiting for it) and the next apply converges.
+    p.edit("bottle.toml", "sleep 4713", "true");
+    p.bottle(&["--runtime", "local", "apply", "--lock-wait", "0"])
+        .success();
+    p.bottle(&["--runtime", "local", "check"]).success();
+}

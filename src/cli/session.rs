@@ -108,18 +108,28 @@ pub fn runtime(global: &GlobalArgs) -> miette::Result<Box<dyn Runtime>> {
 
 /// Ctrl-C, the same for every command that runs actions: the first one
 /// lets the runtime calls under way finish and starts nothing new
-/// (`then` runs after that is requested); a second one quits at once (the
-/// kernel releases the lock with the process).
+/// (`then` runs after that is requested); a second one ends the calls
+/// under way (their process groups are killed, the actions fail as
+/// cancelled, the lock is released as the command returns); a third one
+/// quits at once (the kernel releases the lock with the process).
 pub fn on_interrupt(message: &'static str, then: impl Fn() + Send + 'static) -> miette::Result<()> {
-    let mut interrupted = false;
+    let mut interrupts = 0u32;
     ctrlc::set_handler(move || {
-        if interrupted {
-            std::process::exit(130);
+        interrupts += 1;
+        match interrupts {
+            1 => {
+                crate::apply::request_cancel();
+                eprintln!("{message} (Ctrl-C again to end them now)");
+                then();
+            }
+            2 => {
+                crate::apply::request_abort();
+                eprintln!(
+                    "interrupted again: ending the calls under way (Ctrl-C again to quit at once)"
+                );
+            }
+            _ => std::process::exit(130),
         }
-        interrupted = true;
-        crate::apply::request_cancel();
-        eprintln!("{message} (Ctrl-C again to quit at once)");
-        then();
     })
     .map_err(|e| {
         miette::miette!(
@@ -196,7 +206,7 @@ impl Drop for Lines {
 
 fn still_running(what: &str, seconds: u64) -> String {
     format!(
-        "still running {what} ({}m {:02}s; Ctrl-C stops starting anything new, a second Ctrl-C quits at once)",
+        "still running {what} ({}m {:02}s; Ctrl-C stops starting anything new, a second Ctrl-C ends it)",
         seconds / 60,
         seconds % 60
     )
