@@ -518,6 +518,7 @@ fn converge_after_start(
     let snapshot = Snapshot {
         machines: listed,
         probes: BTreeMap::from([(agent.machine.clone(), probe)]),
+        ..Snapshot::default()
     };
     let options = PlanOptions {
         targets: Some(vec![agent.name.clone()]),

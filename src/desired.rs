@@ -14,6 +14,10 @@ pub struct Desired {
     pub project: Project,
     pub agents: BTreeMap<String, DesiredAgent>,
     by_machine: BTreeMap<String, String>,
+    /// The prompt and setup inputs as the manifests hold them now, by
+    /// agent, for causes that show a diff; read before planning
+    /// ([`crate::sent::desired_texts`]), empty until then.
+    pub texts: BTreeMap<String, crate::sent::AgentTexts>,
 }
 
 #[derive(Debug, Clone)]
@@ -71,6 +75,7 @@ impl Desired {
             project,
             agents,
             by_machine,
+            texts: BTreeMap::new(),
         }
     }
 

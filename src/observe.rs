@@ -21,6 +21,9 @@ pub struct Snapshot {
     pub machines: Vec<MachineInfo>,
     /// Probes of running machines of this project, by machine name.
     pub probes: BTreeMap<String, Probe>,
+    /// What apply last sent of each agent's prompt and setup inputs
+    /// (bottle's host-side copies, [`crate::sent::Store`]), by agent.
+    pub sent: BTreeMap<String, crate::sent::AgentTexts>,
 }
 
 impl Snapshot {
@@ -94,6 +97,7 @@ pub fn observe(
     Ok(Snapshot {
         machines,
         probes: probes.into_inner().expect("probes lock"),
+        sent: BTreeMap::new(),
     })
 }
 

@@ -2058,3 +2058,89 @@ fn a_second_ctrl_c_ends_a_hung_setup_command_and_frees_the_lock() {
         .success();
     p.bottle(&["--runtime", "local", "check"]).success();
 }
+
+// --- Causes that show what changed ---------------------------------------------
+
+#[test]
+fn causes_show_a_short_diff_of_an_edited_prompt_or_setup_input() {
+    let p = project();
+    p.bottle(&["apply"]).success();
+    // The copy of what was sent is bottle's own, private.
+    let sent = p.state_dir().join("sent/e2e/coder.json");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&sent).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(!std::fs::read_to_string(&sent).unwrap().contains(SECRET));
+
+    p.write(
+        "prompts/coder.md",
+        "You write Rust for the e2e project.\nKeep commits small and signed.\n",
+    );
+    p.write("setup/tools.txt", "ripgrep\nfd-find\n");
+    let plan = p.bottle(&["plan"]);
+    plan.success();
+    let out = &plan.stdout;
+    let prompt = [
+        "        | --- prompt",
+        "        | +++ prompt",
+        "        | @@ -1,2 +1,2 @@",
+        "        |  You write Rust for the e2e project.",
+        "        | -Keep commits small.",
+        "        | +Keep commits small and signed.",
+    ]
+    .join("\n");
+    assert!(
+        out.contains(&format!("prompt changed in manifest\n{prompt}\n")),
+        "{out}"
+    );
+    let tools = [
+        "        | --- setup/tools.txt",
+        "        | +++ setup/tools.txt",
+        "        | @@ -1 +1,2 @@",
+        "        |  ripgrep",
+        "        | +fd-find",
+    ]
+    .join("\n");
+    assert!(out.contains(&tools), "{out}");
+    // The same lines in check's report and in JSON.
+    let check = p.bottle(&["check"]);
+    check.code(3);
+    assert!(
+        check
+            .stdout
+            .contains("      | +Keep commits small and signed."),
+        "{}",
+        check.stdout
+    );
+    let json: Value = serde_json::from_str(&p.bottle(&["plan", "--json"]).stdout).unwrap();
+    let prompt_action = json["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["op"]["step"] == "prompt")
+        .unwrap();
+    assert_eq!(prompt_action["diff"][4], "-Keep commits small.");
+
+    // Once applied, the next edit diffs against the new text.
+    p.bottle(&["apply"]).success();
+    p.write(
+        "prompts/coder.md",
+        "You write Go.\nKeep commits small and signed.\n",
+    );
+    let out = p.bottle(&["plan"]).stdout;
+    assert!(
+        out.contains("        | -You write Rust for the e2e project.\n        | +You write Go.\n"),
+        "{out}"
+    );
+    // A copy made under another hash (another state directory applied in
+    // between) shows no diff rather than a wrong one.
+    let other = tempfile::tempdir().unwrap();
+    p.bottle_in_state_dir(other.path(), &["apply"]).success();
+    p.write("prompts/coder.md", "You write Zig.\n");
+    let out = p.bottle(&["plan"]).stdout;
+    assert!(out.contains("prompt changed in manifest\n"), "{out}");
+    assert!(!out.contains("| "), "a stale diff:\n{out}");
+    // A secret's change never shows a value: its source is not a text
+    // bottle keeps.
+    assert!(p.runs().iter().all(|r| !r.all().contains(SECRET)));
+}

@@ -82,7 +82,11 @@ fn in_sync(desired: &Desired) -> Snapshot {
         .values()
         .map(|a| (a.machine.clone(), probed(desired, &a.name)))
         .collect::<BTreeMap<_, _>>();
-    Snapshot { machines, probes }
+    Snapshot {
+        machines,
+        probes,
+        ..Snapshot::default()
+    }
 }
 
 fn render(desired: &Desired, snapshot: &Snapshot, options: &PlanOptions) -> String {

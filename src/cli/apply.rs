@@ -63,6 +63,9 @@ pub fn run(global: &GlobalArgs, args: ApplyArgs) -> miette::Result<Outcome> {
         parallelism,
         progress.as_ref(),
     );
+    // What was sent, for the next plan's diffs.
+    crate::sent::Store::new(&session::state_dir(global)?, &survey.desired.project.name)
+        .record(&survey.desired, &report);
     print!("\n{}", render_summary(&report));
     if apply::cancelled() {
         return Err(Interrupted {

@@ -268,7 +268,7 @@ pub struct Survey {
 
 pub fn survey(
     global: &GlobalArgs,
-    desired: Desired,
+    mut desired: Desired,
     options: &PlanOptions,
     parallelism: usize,
 ) -> miette::Result<Survey> {
@@ -277,12 +277,16 @@ pub fn survey(
     }
     let notes = preflight::check(&desired, runtime_kind(global))?;
     let runtime = runtime(global)?;
-    let snapshot = crate::observe::observe(
+    let mut snapshot = crate::observe::observe(
         runtime.as_ref(),
         &desired,
         options.targets.as_deref(),
         parallelism,
     )?;
+    // For causes that show what changed in a prompt or setup input.
+    desired.texts = crate::sent::desired_texts(&desired);
+    snapshot.sent = crate::sent::Store::new(&state_dir(global)?, &desired.project.name)
+        .load_all(desired.agents.keys());
     let mut plan = crate::plan::plan(&desired, &snapshot, options);
     // A missing secret holds back only the starts of its bottle's machines.
     preflight::hold_launches_without_secrets(&desired, &mut plan, preflight::Waiting::Command);
