@@ -2048,6 +2048,8 @@ fn a_second_ctrl_c_ends_a_hung_setup_command_and_frees_the_lock() {
         stdout.contains("setup:hang") && stdout.contains("was cancelled (Ctrl-C) and killed"),
         "{stdout}"
     );
+    // The local runtime's kill reaches the guest: no smolvm caveat.
+    assert!(!stdout.contains("smolvm does not end"), "{stdout}");
     // The command in the guest is gone with it.
     wait_until("the guest command to end", Duration::from_secs(60), || {
         processes_running(&["sleep", "4713"]).is_empty()
@@ -2143,4 +2145,96 @@ fn causes_show_a_short_diff_of_an_edited_prompt_or_setup_input() {
     // A secret's change never shows a value: its source is not a text
     // bottle keeps.
     assert!(p.runs().iter().all(|r| !r.all().contains(SECRET)));
+}
+
+#[test]
+fn a_second_ctrl_c_ends_the_smolvm_call_and_says_the_guest_command_may_run_on() {
+    use rustix::process::{Pid, Signal, kill_process};
+    use std::io::BufRead;
+    let p = project();
+    p.edit(
+        "bottles.toml",
+        "[[bottle.plain.setup]]",
+        "[[bottle.plain.setup]]\nname = \"hang\"\nrun = \"sleep 4714\"\n\n[[bottle.plain.setup]]",
+    );
+    let mut apply = p.command(&["apply", "--target", "reader"]);
+    apply
+        .env("BOTTLE_PROGRESS_SECONDS", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = apply.spawn().unwrap();
+    let pid = Pid::from_raw(child.id() as i32).unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    let mut wait_for = |what: &str, child: &mut std::process::Child| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            else {
+                let _ = child.kill();
+                panic!("no line with {what:?}:\n{}", seen.join("\n"));
+            };
+            let found = line.contains(what);
+            seen.push(line);
+            if found {
+                return;
+            }
+        }
+    };
+    wait_for("still running reader: apply setup:hang (", &mut child);
+    kill_process(pid, Signal::INT).expect("SIGINT");
+    wait_for("waiting for reader: apply setup:hang", &mut child);
+    kill_process(pid, Signal::INT).expect("SIGINT");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("bottle did not end after the second Ctrl-C");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut stdout).unwrap();
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(5)) {
+        seen.push(line);
+    }
+    let stderr = seen.join("\n");
+    assert_eq!(status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("setup:hang") && stdout.contains("was cancelled (Ctrl-C) and killed"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("smolvm does not end a command inside the machine"),
+        "{stdout}"
+    );
+    // No `machine exec` outlived bottle.
+    let logged = p.double.calls().len();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(p.double.calls().len(), logged, "a call outlived bottle");
+    // As on real smolvm, the command in the guest runs on (its lock would
+    // hold the next apply's setup steps back until it ends): end it here.
+    let left = processes_running(&["sleep", "4714"]);
+    assert_eq!(left.len(), 1, "the guest command ran on");
+    for pid in left {
+        let _ = kill_process(Pid::from_raw(pid as i32).unwrap(), Signal::KILL);
+    }
+    wait_until("the guest command to end", Duration::from_secs(60), || {
+        processes_running(&["sleep", "4714"]).is_empty()
+    });
+    // The lock was released: the next apply needs no waiting.
+    p.edit("bottles.toml", "sleep 4714", "true");
+    p.bottle(&["apply", "--target", "reader", "--lock-wait", "0"])
+        .success();
+    p.bottle(&["check", "--target", "reader"]).success();
 }
