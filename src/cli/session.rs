@@ -285,8 +285,12 @@ pub fn survey(
     )?;
     // For causes that show what changed in a prompt or setup input.
     desired.texts = crate::sent::desired_texts(&desired);
-    snapshot.sent = crate::sent::Store::new(&state_dir(global)?, &desired.project.name)
-        .load_all(desired.agents.keys());
+    // Without a state directory there are no copies: causes just say
+    // "changed".
+    if let Ok(state) = state_dir(global) {
+        snapshot.sent =
+            crate::sent::Store::new(&state, &desired.project.name).load_all(desired.agents.keys());
+    }
     let mut plan = crate::plan::plan(&desired, &snapshot, options);
     // A missing secret holds back only the starts of its bottle's machines.
     preflight::hold_launches_without_secrets(&desired, &mut plan, preflight::Waiting::Command);
