@@ -718,7 +718,12 @@ fn drift_is_reported_and_repaired_and_manifest_edits_converge() {
         plan.stdout,
         "agent coder (machine bottle_e2e_coder)\n  \
          ~ apply    skills         skills changed in manifest\n  \
-         ~ apply    setup:tools    setup step `tools` changed in manifest\n  \
+         ~ apply    setup:tools    setup step `tools` changed in manifest\n        \
+         | --- setup/tools.txt\n        \
+         | +++ setup/tools.txt\n        \
+         | @@ -1 +1 @@\n        \
+         | -ripgrep\n        \
+         | +ripgrep fd\n  \
          ~ apply    setup:identity setup step `identity` runs after setup:tools, which runs again\n  \
          ~ apply    supervise      supervise server changed in manifest\n\
          \nPlan: 4 to apply.\n"
