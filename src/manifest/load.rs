@@ -1175,6 +1175,28 @@ fn precheck(
         );
     }
 
+    // serde would read an array as the reference's fields in order
+    // (`["x"]` as `from_env = "x"`) and blame a variable name.
+    for (var, span) in take_entries(table, "secrets", DeValue::is_array) {
+        tainted.insert("secrets".to_owned());
+        cx.report_at(
+            file,
+            span,
+            ManifestDiagnostic::new(
+                "bottle::wrong-type",
+                format!(
+                    "secret `{var}` in {what} is an array; a secret is a table naming its source"
+                ),
+            )
+            .help(format!(
+                "write `{var} = {{ from_env = \"HOST_VAR\" }}` (a host environment variable) or \
+                 `{var} = {{ from_file = \"/abs/path\" }}`, not an array; manifests hold \
+                 references, never secret values: if a value was committed, rotate it"
+            )),
+            "this is an array (not shown)",
+        );
+    }
+
     for (var, span) in take_entries(table, "env", DeValue::is_table) {
         tainted.insert("env".to_owned());
         cx.report_at(
