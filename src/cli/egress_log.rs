@@ -1,12 +1,14 @@
 //! `bottle egress-log [DIR]`: the gate's decisions, one line each.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
 use miette::Diagnostic;
-use serde_json::Value;
+use serde::Serialize;
+use serde_json::{Map, Value};
 use thiserror::Error;
 
 use super::{DirArg, GlobalArgs, Outcome, session};
@@ -100,9 +102,106 @@ pub fn run(global: &GlobalArgs, args: EgressLogArgs) -> miette::Result<Outcome> 
     }
 }
 
+/// One log line as a JSON object (`None`: not one; the gate writes only
+/// objects, but the file is in the state directory, not ours alone).
+fn parse(line: &str) -> Option<Map<String, Value>> {
+    match serde_json::from_str::<Value>(line) {
+        Ok(Value::Object(event)) => Some(event),
+        _ => None,
+    }
+}
+
+/// How much of the log's end `bottle status` reads: the log grows without
+/// bound (agents make it grow), so status never reads all of it.
+pub const TAIL_BYTES: u64 = 1 << 20;
+
+/// The complete lines in the last `max` bytes of the file (a line cut by
+/// that bound is dropped, as is an unfinished last line).
+pub fn read_tail(path: &Path, max: u64) -> std::io::Result<Vec<String>> {
+    let mut file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    let start = len.saturating_sub(max);
+    file.seek(SeekFrom::Start(start))?;
+    let mut bytes = Vec::new();
+    file.take(len - start).read_to_end(&mut bytes)?;
+    let from = if start == 0 {
+        0
+    } else {
+        // The byte before `start` ended a line only if the tail begins one.
+        let mut before = [0u8];
+        let mut again = std::fs::File::open(path)?;
+        again.seek(SeekFrom::Start(start - 1))?;
+        again.read_exact(&mut before)?;
+        if before[0] == b'\n' {
+            0
+        } else {
+            bytes
+                .iter()
+                .position(|b| *b == b'\n')
+                .map_or(bytes.len(), |i| i + 1)
+        }
+    };
+    let to = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    if to <= from {
+        return Ok(Vec::new());
+    }
+    Ok(String::from_utf8_lossy(&bytes[from..to])
+        .lines()
+        .map(str::to_owned)
+        .collect())
+}
+
+/// One denied egress request, as `bottle status` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Denial {
+    pub host: String,
+    pub port: u64,
+    pub rule: String,
+    /// Unix seconds.
+    pub ts: f64,
+}
+
+/// An agent's recent egress denials.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct AgentDenials {
+    /// Denials in the hour before now.
+    pub last_hour: usize,
+    /// The latest few, newest first.
+    pub latest: Vec<Denial>,
+}
+
+/// How many of an agent's latest denials `bottle status` lists.
+pub const LATEST: usize = 3;
+
+/// Denied egress by agent name, from the log's lines (oldest first);
+/// lines without an agent (no valid credential) belong to no one.
+pub fn denials_by_agent(lines: &[String], now: f64) -> BTreeMap<String, AgentDenials> {
+    let mut by_agent: BTreeMap<String, AgentDenials> = BTreeMap::new();
+    for event in lines.iter().rev().filter_map(|l| parse(l)) {
+        let field = |k: &str| event.get(k).and_then(Value::as_str).unwrap_or("");
+        if field("kind") != "egress" || field("decision") != "denied" || field("agent").is_empty() {
+            continue;
+        }
+        let ts = event.get("ts").and_then(Value::as_f64).unwrap_or(0.0);
+        let entry = by_agent.entry(field("agent").to_owned()).or_default();
+        if now - ts <= 3600.0 {
+            entry.last_hour += 1;
+        }
+        if entry.latest.len() < LATEST {
+            entry.latest.push(Denial {
+                host: field("host").to_owned(),
+                port: event.get("port").and_then(Value::as_u64).unwrap_or(0),
+                rule: field("rule").to_owned(),
+                ts,
+            });
+        }
+    }
+    by_agent
+}
+
 /// One log line as the user sees it (`None`: filtered out).
 pub fn render(line: &str, agent: Option<&str>, json: bool) -> Option<String> {
-    let Ok(Value::Object(event)) = serde_json::from_str::<Value>(line) else {
+    let Some(event) = parse(line) else {
         return (agent.is_none()).then(|| line.to_owned());
     };
     let field = |k: &str| event.get(k).and_then(Value::as_str).unwrap_or("");
@@ -154,7 +253,76 @@ pub fn render(line: &str, agent: Option<&str>, json: bool) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::render;
+    use std::io::Write;
+
+    use super::{denials_by_agent, read_tail, render};
+
+    fn denied(agent: &str, host: &str, ts: f64) -> String {
+        format!(
+            r#"{{"ts":{ts},"kind":"egress","bottle":"dev","agent":"{agent}","decision":"denied","method":"CONNECT","host":"{host}","port":443,"rule":"allow_hosts","reason":"not allowed"}}"#
+        )
+    }
+
+    #[test]
+    fn a_huge_log_is_read_only_at_its_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("gate.log");
+        let mut file = std::fs::File::create(&path).unwrap();
+        // 8 MiB of old lines, then a few recent ones.
+        let old = denied("coder", "old.example", 1.0) + "\n";
+        for _ in 0..(8 << 20) / old.len() {
+            file.write_all(old.as_bytes()).unwrap();
+        }
+        let recent: Vec<String> = (0..5)
+            .map(|i| denied("coder", &format!("new{i}.example"), 9000.0 + f64::from(i)))
+            .collect();
+        for line in &recent {
+            writeln!(file, "{line}").unwrap();
+        }
+        write!(file, "{{\"unfinished").unwrap();
+        drop(file);
+
+        let tail = read_tail(&path, 4096).unwrap();
+        // Only whole lines, all from the end: fewer than 4096 bytes of them.
+        assert!(tail.iter().map(|l| l.len() + 1).sum::<usize>() <= 4096);
+        assert!(tail.len() > recent.len(), "{}", tail.len());
+        assert_eq!(tail[tail.len() - 5..], recent[..]);
+        assert!(tail.iter().all(|l| l.starts_with('{') && l.ends_with('}')));
+
+        let by_agent = denials_by_agent(&tail, 9004.0);
+        let coder = &by_agent["coder"];
+        let hosts: Vec<&str> = coder.latest.iter().map(|d| d.host.as_str()).collect();
+        assert_eq!(hosts, ["new4.example", "new3.example", "new2.example"]);
+        assert_eq!(coder.last_hour, 5);
+
+        // A bound on a line boundary keeps that line; one past it drops it.
+        let last = recent[4].len() as u64 + 1 + "{\"unfinished".len() as u64;
+        assert_eq!(read_tail(&path, last).unwrap(), [recent[4].clone()]);
+        assert!(read_tail(&path, last - 1).unwrap().is_empty());
+        // A small file is read whole.
+        let small = dir.path().join("small.log");
+        std::fs::write(&small, format!("{}\n", recent[0])).unwrap();
+        assert_eq!(read_tail(&small, 4096).unwrap(), [recent[0].clone()]);
+    }
+
+    #[test]
+    fn denials_belong_to_their_own_agent() {
+        let lines = vec![
+            denied("coder", "a.example", 100.0),
+            denied("reader", "b.example", 200.0),
+            denied("", "anon.example", 300.0),
+            r#"{"ts":400,"kind":"egress","agent":"coder","decision":"allowed","host":"ok.example","port":443}"#.to_owned(),
+            "not json".to_owned(),
+            denied("coder", "c.example", 4000.0),
+        ];
+        let by_agent = denials_by_agent(&lines, 4000.0);
+        assert_eq!(by_agent.keys().collect::<Vec<_>>(), ["coder", "reader"]);
+        let coder = &by_agent["coder"];
+        assert_eq!(coder.last_hour, 1, "a.example is older than an hour");
+        let hosts: Vec<&str> = coder.latest.iter().map(|d| d.host.as_str()).collect();
+        assert_eq!(hosts, ["c.example", "a.example"]);
+        assert_eq!(by_agent["reader"].latest[0].host, "b.example");
+    }
 
     #[test]
     fn egress_decisions_read_as_one_line_each() {

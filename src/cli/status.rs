@@ -41,6 +41,10 @@ struct AgentStatus {
     steps: Vec<StepStatus>,
     /// Unix seconds of the latest recorded step.
     last_applied: Option<u64>,
+    /// Egress the gate denied this agent, from the end of its log (absent
+    /// when the project has no gate log or this agent no denial there).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    denials: Option<super::egress_log::AgentDenials>,
 }
 
 #[derive(Debug, Serialize)]
@@ -68,6 +72,10 @@ pub fn run(global: &GlobalArgs, args: StatusArgs) -> miette::Result<Outcome> {
             survey.snapshot.gate.as_ref(),
         ),
         grants: Vec::new(),
+    };
+    let mut denials = match &status.gate {
+        Some(_) => recent_denials(global, &status.project),
+        None => Default::default(),
     };
     for agent in survey.desired.agents.values() {
         let machine = survey.snapshot.machine(&agent.machine);
@@ -133,6 +141,7 @@ pub fn run(global: &GlobalArgs, args: StatusArgs) -> miette::Result<Outcome> {
             state: machine.map_or("absent".to_owned(), |m| m.state.to_string()),
             steps,
             last_applied: probe.and_then(|p| p.ledger.values().map(|e| e.applied_at).max()),
+            denials: denials.remove(&agent.name),
         });
     }
     status.grants = super::supervise::undeclared(global, &survey.desired, None)?;
@@ -178,6 +187,23 @@ pub fn run(global: &GlobalArgs, args: StatusArgs) -> miette::Result<Outcome> {
     if let Some(gate) = &status.gate {
         println!("{gate}");
     }
+    let now = now_secs();
+    for a in &status.agents {
+        let Some(d) = &a.denials else { continue };
+        let latest: Vec<String> = d
+            .latest
+            .iter()
+            .map(|x| format!("{}:{} ({})", x.host, x.port, age(now - x.ts)))
+            .collect();
+        println!(
+            "{}: {} egress denial{} in the last hour; latest: {}",
+            a.agent,
+            d.last_hour,
+            if d.last_hour == 1 { "" } else { "s" },
+            latest.join(", ")
+        );
+        println!("  (`bottle egress-log --agent {}` shows them all)", a.agent);
+    }
     for m in &status.undeclared {
         println!(
             "{m}: managed by this project but no agent declares it (`bottle apply --prune` deletes it)"
@@ -189,6 +215,40 @@ pub fn run(global: &GlobalArgs, args: StatusArgs) -> miette::Result<Outcome> {
     }
     session::observation_errors(&survey.plan)?;
     Ok(Outcome::Success)
+}
+
+/// Denied egress by agent, from the last [`super::egress_log::TAIL_BYTES`]
+/// of the project's gate log; none when there is no log (or it cannot be
+/// read: status reports the gate's state, not its log's).
+fn recent_denials(
+    global: &GlobalArgs,
+    project: &str,
+) -> std::collections::BTreeMap<String, super::egress_log::AgentDenials> {
+    let Ok(state) = session::state_dir(global) else {
+        return Default::default();
+    };
+    let path = crate::gate::paths::GatePaths::new(&state, project).log();
+    match super::egress_log::read_tail(&path, super::egress_log::TAIL_BYTES) {
+        Ok(lines) => super::egress_log::denials_by_agent(&lines, now_secs()),
+        Err(_) => Default::default(),
+    }
+}
+
+fn now_secs() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// `42s ago`, `5m ago`, `3h ago`, `2d ago`.
+fn age(secs: f64) -> String {
+    let s = secs.max(0.0) as u64;
+    match s {
+        0..60 => format!("{s}s ago"),
+        60..3600 => format!("{}m ago", s / 60),
+        3600..86400 => format!("{}h ago", s / 3600),
+        _ => format!("{}d ago", s / 86400),
+    }
 }
 
 /// Rows as aligned columns, each as wide as its widest cell (names go up
@@ -219,7 +279,16 @@ pub(super) fn table<const N: usize>(rows: &[[String; N]]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::table;
+    use super::{age, table};
+
+    #[test]
+    fn ages_read_in_their_largest_unit() {
+        assert_eq!(age(-3.0), "0s ago");
+        assert_eq!(age(59.9), "59s ago");
+        assert_eq!(age(60.0), "1m ago");
+        assert_eq!(age(7300.0), "2h ago");
+        assert_eq!(age(90000.0), "1d ago");
+    }
 
     #[test]
     fn columns_are_as_wide_as_their_widest_cell() {
