@@ -39,6 +39,8 @@ fn filters(p: &Project) -> Vec<(String, String)> {
             r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}".into(),
             "<yyyy-mm-dd hh:mm:ss>".into(),
         ),
+        (r"\(\d+[smhd] ago\)".into(), "(<age>)".into()),
+        (r"127\.0\.0\.1:\d+".into(), "127.0.0.1:<port>".into()),
     ]
 }
 
@@ -365,6 +367,119 @@ fn validate_checks_what_plan_would_refuse_for_the_chosen_runtime() {
             run.stderr
         );
     }
+}
+
+/// `bottle status` shows each agent's recent egress denials from the gate
+/// log (its end only), its own and no other agent's; nothing without a log.
+#[test]
+fn status_shows_recent_denials_per_agent() {
+    let p = Project::new("gated");
+    p.edit(
+        "bottle.toml",
+        "prompt_text = \"You code.\"",
+        "prompt_text = \"You code.\"\n\n[agent.reader]\nbottle = \"dev\"\nprompt_text = \"You read.\"",
+    );
+    // A gate, but no log yet: nothing about denials.
+    let before = p.bottle(&["status"]);
+    before.success();
+    assert!(!before.stdout.contains("denial"), "{}", before.stdout);
+    let json: serde_json::Value =
+        serde_json::from_str(&p.bottle(&["status", "--json"]).stdout).unwrap();
+    assert!(json["agents"][0].get("denials").is_none(), "{json}");
+
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let denied = |agent: &str, host: &str, port: u16, ago: f64| {
+        format!(
+            r#"{{"ts":{},"kind":"egress","bottle":"dev","agent":"{agent}","decision":"denied","method":"CONNECT","host":"{host}","port":{port},"rule":"allow_hosts","reason":"not in allow_hosts"}}"#,
+            now - ago
+        )
+    };
+    let lines = [
+        denied("coder", "old.example", 443, 7200.0),
+        denied("coder", "evil.example", 443, 600.0),
+        denied("reader", "reader-only.example", 8443, 500.0),
+        r#"{"ts":0,"kind":"egress","bottle":"dev","agent":"coder","decision":"allowed","method":"CONNECT","host":"api.example.com","port":443,"rule":"allow_hosts: api.example.com","mode":"intercept"}"#.to_owned(),
+        denied("", "no-credential.example", 443, 300.0),
+        denied("coder", "exfil.example", 80, 120.0),
+        denied("coder", "paste.example", 443, 60.0),
+    ];
+    let paths = bottle::gate::paths::GatePaths::new(p.state_dir(), "gated");
+    std::fs::create_dir_all(paths.log().parent().unwrap()).unwrap();
+    std::fs::write(paths.log(), lines.join("\n") + "\n").unwrap();
+
+    let run = p.bottle(&["status"]);
+    run.success();
+    // Ages depend on how long the run took: compare without them.
+    let text = strip_ages(&run.stdout);
+    assert!(
+        text.contains(
+            "coder: 3 egress denials in the last hour; latest: paste.example:443, exfil.example:80, evil.example:443\n  (`bottle egress-log --agent coder` shows them all)"
+        ),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        text.contains(
+            "reader: 1 egress denial in the last hour; latest: reader-only.example:8443\n"
+        ),
+        "{}",
+        run.stdout
+    );
+    assert!(!run.stdout.contains("no-credential"), "{}", run.stdout);
+    assert!(!run.stdout.contains("old.example"), "{}", run.stdout);
+    snapshot!(&p, "status_denials", run);
+
+    let run = p.bottle(&["status", "--json"]);
+    run.success();
+    let json: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let agent = |name: &str| {
+        json["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["agent"] == name)
+            .unwrap_or_else(|| panic!("no {name}: {json}"))
+            .clone()
+    };
+    let coder = agent("coder")["denials"].clone();
+    assert_eq!(coder["last_hour"], 3, "{json}");
+    let hosts: Vec<&str> = coder["latest"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["host"].as_str().unwrap())
+        .collect();
+    assert_eq!(hosts, ["paste.example", "exfil.example", "evil.example"]);
+    assert_eq!(coder["latest"][1]["port"], 80);
+    assert_eq!(coder["latest"][1]["rule"], "allow_hosts");
+    let reader = agent("reader")["denials"].clone();
+    assert_eq!(reader["last_hour"], 1, "{json}");
+    assert_eq!(reader["latest"][0]["host"], "reader-only.example");
+    assert_eq!(reader["latest"].as_array().unwrap().len(), 1);
+}
+
+/// `text` without its ` (5m ago)` ages.
+fn strip_ages(text: &str) -> String {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(open) = rest.find(" (") {
+        let close = rest[open..].find(')').map(|i| open + i);
+        match close {
+            Some(close) if rest[open..close].ends_with(" ago") => {
+                out.push_str(&rest[..open]);
+                rest = &rest[close + 1..];
+            }
+            _ => {
+                out.push_str(&rest[..open + 2]);
+                rest = &rest[open + 2..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 #[test]
