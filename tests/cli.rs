@@ -400,6 +400,7 @@ fn status_shows_recent_denials_per_agent() {
     let lines = [
         denied("coder", "old.example", 443, 7200.0),
         denied("coder", "evil.example", 443, 600.0),
+        denied("reader", "\\u001b[2Jclear.example", 443, 550.0),
         denied("reader", "reader-only.example", 8443, 500.0),
         r#"{"ts":0,"kind":"egress","bottle":"dev","agent":"coder","decision":"allowed","method":"CONNECT","host":"api.example.com","port":443,"rule":"allow_hosts: api.example.com","mode":"intercept"}"#.to_owned(),
         denied("", "no-credential.example", 443, 300.0),
@@ -423,13 +424,14 @@ fn status_shows_recent_denials_per_agent() {
     );
     assert!(
         text.contains(
-            "reader: 1 egress denial in the last hour; latest: reader-only.example:8443\n"
+            "reader: 2 egress denials in the last hour; latest: reader-only.example:8443, ?[2Jclear.example:443\n"
         ),
         "{}",
         run.stdout
     );
     assert!(!run.stdout.contains("no-credential"), "{}", run.stdout);
     assert!(!run.stdout.contains("old.example"), "{}", run.stdout);
+    assert!(!run.stdout.contains('\u{1b}'), "{}", run.stdout);
     snapshot!(&p, "status_denials", run);
 
     let run = p.bottle(&["status", "--json"]);
@@ -456,9 +458,9 @@ fn status_shows_recent_denials_per_agent() {
     assert_eq!(coder["latest"][1]["port"], 80);
     assert_eq!(coder["latest"][1]["rule"], "allow_hosts");
     let reader = agent("reader")["denials"].clone();
-    assert_eq!(reader["last_hour"], 1, "{json}");
+    assert_eq!(reader["last_hour"], 2, "{json}");
     assert_eq!(reader["latest"][0]["host"], "reader-only.example");
-    assert_eq!(reader["latest"].as_array().unwrap().len(), 1);
+    assert_eq!(reader["latest"].as_array().unwrap().len(), 2);
 }
 
 /// `text` without its ` (5m ago)` ages.

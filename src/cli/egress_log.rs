@@ -120,26 +120,18 @@ pub const TAIL_BYTES: u64 = 1 << 20;
 pub fn read_tail(path: &Path, max: u64) -> std::io::Result<Vec<String>> {
     let mut file = std::fs::File::open(path)?;
     let len = file.metadata()?.len();
-    let start = len.saturating_sub(max);
+    // One byte before the bound too: it says whether the tail begins a line.
+    let start = len.saturating_sub(max.saturating_add(1));
     file.seek(SeekFrom::Start(start))?;
     let mut bytes = Vec::new();
     file.take(len - start).read_to_end(&mut bytes)?;
-    let from = if start == 0 {
+    let from = if start == 0 && len <= max {
         0
     } else {
-        // The byte before `start` ended a line only if the tail begins one.
-        let mut before = [0u8];
-        let mut again = std::fs::File::open(path)?;
-        again.seek(SeekFrom::Start(start - 1))?;
-        again.read_exact(&mut before)?;
-        if before[0] == b'\n' {
-            0
-        } else {
-            bytes
-                .iter()
-                .position(|b| *b == b'\n')
-                .map_or(bytes.len(), |i| i + 1)
-        }
+        bytes
+            .iter()
+            .position(|b| *b == b'\n')
+            .map_or(bytes.len(), |i| i + 1)
     };
     let to = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
     if to <= from {

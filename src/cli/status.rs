@@ -193,7 +193,16 @@ pub fn run(global: &GlobalArgs, args: StatusArgs) -> miette::Result<Outcome> {
         let latest: Vec<String> = d
             .latest
             .iter()
-            .map(|x| format!("{}:{} ({})", x.host, x.port, age(now - x.ts)))
+            .map(|x| {
+                // The host is what the agent asked for: no control
+                // characters of its choosing reach the terminal.
+                let host: String = x
+                    .host
+                    .chars()
+                    .map(|c| if c.is_control() { '?' } else { c })
+                    .collect();
+                format!("{host}:{} ({})", x.port, age(now - x.ts))
+            })
             .collect();
         println!(
             "{}: {} egress denial{} in the last hour; latest: {}",
