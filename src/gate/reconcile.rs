@@ -1066,6 +1066,10 @@ mod tests {
         (tmp, project)
     }
 
+    /// Tests that set the secret's host variable take turns: the
+    /// environment is the process's, and test threads share it.
+    static ENV: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     const GATED: &str = r#"
 [bottle.dev]
 secrets = { API_KEY = { from_env = "BOTTLE_GATE_TEST_KEY", hosts = ["api.example.com"] }, PLAIN = { from_env = "BOTTLE_GATE_TEST_PLAIN" } }
@@ -1130,6 +1134,7 @@ bottle = "nets"
 
     #[test]
     fn a_placeholder_is_random_not_derived_from_the_value() {
+        let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
         // SAFETY: tests of this module set only their own variables.
         unsafe { std::env::set_var("BOTTLE_GATE_TEST_KEY", "sk-real-value-1") };
         let (_t, p) = project(GATED);
@@ -1147,6 +1152,7 @@ bottle = "nets"
 
     #[test]
     fn the_config_names_values_and_never_holds_them() {
+        let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
         // SAFETY: as above.
         unsafe { std::env::set_var("BOTTLE_GATE_TEST_KEY", "sk-real-value-2") };
         let (_t, p) = project(GATED);
@@ -1277,6 +1283,7 @@ bottle = "nets"
 
     #[test]
     fn health_reload_and_stop_speak_the_control_protocol() {
+        let _env = ENV.lock().unwrap_or_else(|e| e.into_inner());
         // SAFETY: as above.
         unsafe { std::env::set_var("BOTTLE_GATE_TEST_KEY", "sk-real-value-3") };
         let (_t, p) = project(GATED);
