@@ -33,6 +33,7 @@
 
 pub mod config;
 pub mod control;
+pub mod git;
 pub mod hosts;
 pub mod http;
 pub mod log;
