@@ -268,3 +268,116 @@ fn http_get(port: u16, path: &str) -> String {
     let _ = s.read_to_string(&mut out);
     out
 }
+
+#[test]
+fn git_runs_unprivileged_and_owns_the_mirror() {
+    let f = Fixture::new();
+    let upstream = f.upstream("upstream.git");
+    f.serve(&[remote("app", &upstream, &["agent/*"])]);
+    git_ok(f.dir.path(), &["clone", "-q", &f.coder_url("app"), "work"]);
+    let work = f.path("work");
+    commit(&work, "a.txt", "x\n");
+    git_ok(&work, &["push", "-q", "origin", "HEAD:agent/x"]);
+    let mirror = f.paths.mirrors().join("dev/app.git");
+    use std::os::unix::fs::MetadataExt;
+    let owner = std::fs::metadata(&mirror).unwrap().uid();
+    // Every file git wrote (objects, refs) is the git user's, never root's.
+    let out = std::process::Command::new("find")
+        .arg(&mirror)
+        .args(["-not", "-uid", &owner.to_string()])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "");
+    match f.run_as {
+        Some(r) => assert_eq!(owner, r.uid),
+        None => assert_eq!(owner, rustix::process::geteuid().as_raw()),
+    }
+    assert_ne!(owner, 0, "the mirror is root's: git ran as root");
+    // The policy hook is the gate's, out of the git user's reach.
+    let hook = f.paths.mirrors().join("dev/.gate/app/hooks/pre-receive");
+    let meta = std::fs::metadata(&hook).unwrap();
+    assert_eq!(meta.mode() & 0o022, 0);
+    if f.run_as.is_some() {
+        assert_eq!(meta.uid(), 0);
+    }
+}
+
+#[test]
+fn ssh_upstreams_get_the_key_through_an_agent_and_never_a_file() {
+    let f = Fixture::new();
+    // The key: private to root, in a directory the git user cannot enter.
+    let keys = f.path("keys");
+    std::fs::create_dir(&keys).unwrap();
+    std::fs::set_permissions(&keys, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let key = keys.join("deploy");
+    let out = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "bottle-test", "-f"])
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // An ssh upstream nobody listens on (a port bound and closed again).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut app = remote("app", std::path::Path::new("/unused"), &[]);
+    app.upstream = format!("ssh://git@127.0.0.1:{port}/acme/app.git");
+    app.credentials = Some(bottle::gate::config::GitCredentials::SshKey { path: key.clone() });
+    app.host_key = Some(
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl".into(),
+    );
+    assert!(f.serve(&[app]).is_empty());
+
+    let out = git(f.dir.path(), &["clone", "-q", &f.coder_url("app"), "work"]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.contains("upstream cannot be reached"), "{err}");
+    assert!(
+        err.contains("Connection refused") || err.contains("connect"),
+        "{err}"
+    );
+
+    // The declared host key is what ssh checks against.
+    let gate = f.paths.mirrors().join("dev/.gate/app");
+    let known = std::fs::read_to_string(gate.join("known_hosts")).unwrap();
+    assert_eq!(
+        known,
+        format!(
+            "[127.0.0.1]:{port} ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\n"
+        )
+    );
+    if f.run_as.is_some() {
+        // The gate's ssh-agent (the git user's) holds exactly that key.
+        let listed = std::process::Command::new("ssh-add")
+            .arg("-l")
+            .env("SSH_AUTH_SOCK", gate.join("ssh/agent.sock"))
+            .output()
+            .unwrap();
+        let fingerprint = std::process::Command::new("ssh-keygen")
+            .arg("-lf")
+            .arg(key.with_extension("pub"))
+            .output()
+            .unwrap();
+        let fp = |o: &std::process::Output| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .nth(1)
+                .unwrap_or("")
+                .to_owned()
+        };
+        assert!(listed.status.success(), "{listed:?}");
+        assert_eq!(fp(&listed), fp(&fingerprint));
+        assert_eq!(String::from_utf8_lossy(&listed.stdout).lines().count(), 1);
+    }
+    // The private key is in no file the gate wrote, nor its log.
+    let secret = std::fs::read_to_string(&key).unwrap();
+    let body: String = secret.lines().filter(|l| !l.starts_with("-----")).collect();
+    let out = std::process::Command::new("grep")
+        .args(["-rlF", &body[..40]])
+        .arg(&f.paths.dir)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "", "the key leaked");
+}

@@ -565,8 +565,14 @@ impl GitGateway {
                 }
             };
         if advertisement {
-            let state = remote.state.clone().lock_owned().await;
-            let sync = self.sync(&remote, state).await;
+            let sync =
+                match tokio::time::timeout(QUEUE_WAIT, remote.state.clone().lock_owned()).await {
+                    Ok(state) => self.sync(&remote, state).await,
+                    Err(_) if remote.layout.mirror().join("HEAD").exists() => Ok(Sync::Stale(
+                        "a push or another sync held the mirror too long".into(),
+                    )),
+                    Err(_) => Err("a push or another sync held the mirror too long".into()),
+                };
             let (synced, error) = match &sync {
                 Ok(Sync::Fresh) => (true, None),
                 Ok(Sync::Stale(e)) => (false, Some(e.clone())),
@@ -612,7 +618,15 @@ impl GitGateway {
         // A push holds the remote against syncs and other pushes until
         // git is done.
         let guard = if push {
-            Some(remote.state.clone().lock_owned().await)
+            match tokio::time::timeout(QUEUE_WAIT, remote.state.clone().lock_owned()).await {
+                Ok(guard) => Some(guard),
+                Err(_) => {
+                    return text(
+                        http::StatusCode::SERVICE_UNAVAILABLE,
+                        "bottle gate: another push to this remote is running; try again",
+                    );
+                }
+            }
         } else {
             None
         };

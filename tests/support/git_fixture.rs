@@ -184,13 +184,15 @@ pub fn remote(name: &str, upstream: &Path, push: &[&str]) -> GateRemote {
 fn global_config() -> &'static Path {
     static CONFIG: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     CONFIG.get_or_init(|| {
-        let path =
-            std::env::temp_dir().join(format!("bottle-git-test-{}.gitconfig", std::process::id()));
+        // One file for every run (same content), replaced atomically.
+        let path = std::env::temp_dir().join("bottle-git-test.gitconfig");
+        let tmp = path.with_extension(std::process::id().to_string());
         std::fs::write(
-            &path,
+            &tmp,
             "[user]\n\tname = T\n\temail = t@example.com\n[safe]\n\tdirectory = *\n",
         )
         .unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
         path
     })
 }
