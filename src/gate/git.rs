@@ -781,6 +781,7 @@ impl GitGateway {
                 (!remote.config.push.is_empty()).to_string(),
             ),
             ("uploadpack.allowFilter", "true".into()),
+            ("fetch.writeCommitGraph", "false".into()),
             ("http.lowSpeedLimit", "1000".into()),
             ("http.lowSpeedTime", "60".into()),
         ];
@@ -859,6 +860,8 @@ impl GitGateway {
                     "--quiet",
                     "--prune",
                     "--no-write-fetch-head",
+                    "--no-auto-maintenance",
+                    "--no-show-forced-updates",
                     "--",
                     &remote.config.upstream,
                     "+refs/heads/*:refs/heads/*",

@@ -64,6 +64,9 @@ impl Fixture {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
+                // As the gate's listener must: without it, Nagle's algorithm
+                // and delayed ACKs add ~40 ms stalls to every small answer.
+                let _ = stream.set_nodelay(true);
                 let gw = gw.clone();
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(
@@ -181,7 +184,7 @@ pub fn remote(name: &str, upstream: &Path, push: &[&str]) -> GateRemote {
 
 /// A global git configuration for the test's own git: an identity, and
 /// upstreams owned by the git user are safe to use.
-fn global_config() -> &'static Path {
+pub fn global_config() -> &'static Path {
     static CONFIG: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     CONFIG.get_or_init(|| {
         // One file for every run (same content), replaced atomically.
