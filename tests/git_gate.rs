@@ -189,6 +189,13 @@ fn fetch_follows_upstream_and_survives_its_loss() {
     git_ok(&work, &["fetch", "-q", "origin"]);
     assert_eq!(git_ok(&work, &["rev-parse", "origin/main"]).trim(), new);
 
+    // Also with the older protocol (refs in the advertisement itself).
+    let newer = commit(&seed, "n.txt", "newer upstream work\n");
+    git_ok(&seed, &["push", "-q", &upstream.to_string_lossy(), "main"]);
+    git_ok(&work, &["-c", "protocol.version=0", "fetch", "-q", "origin"]);
+    assert_eq!(git_ok(&work, &["rev-parse", "origin/main"]).trim(), newer);
+    let new = newer;
+
     // Upstream gone: fetch still serves the mirror, and the log says so.
     std::fs::rename(&upstream, f.path("moved.git")).unwrap();
     git_ok(&work, &["fetch", "-q", "origin"]);

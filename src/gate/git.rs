@@ -226,15 +226,11 @@ fn confine(cmd: &mut std::process::Command, c: &Confine) {
 /// The git gateway of one gate: every bottle's remotes.
 pub struct GitGateway {
     mirrors: PathBuf,
-    log: Arc<GateLog>,
-    run_as: Option<RunAs>,
-    /// The empty directory each bottle's mirrors are bound at in git's
-    /// mount namespace; `None`: git sees the real paths.
-    mount: Option<PathBuf>,
+    ctx: Ctx,
     bottles: RwLock<BTreeMap<String, Arc<BottleGit>>>,
     /// Per (bottle, remote), kept across reloads: serializes the upstream
     /// sync and pushes, and holds the remote's ssh-agent.
-    states: Mutex<HashMap<(String, String), SharedState>>,
+    states: Mutex<HashMap<(String, String), Shared>>,
     permits: Arc<Semaphore>,
 }
 
@@ -251,10 +247,18 @@ struct Remote {
     transport: Transport,
     token: Option<String>,
     ssh_key: Option<PathBuf>,
-    state: SharedState,
+    shared: Shared,
 }
 
-type SharedState = Arc<tokio::sync::Mutex<RemoteState>>;
+/// A remote's locks, kept across reloads.
+#[derive(Clone, Default)]
+struct Shared {
+    /// Held by a sync and by a push, for their whole run.
+    state: Arc<tokio::sync::Mutex<RemoteState>>,
+    /// Held while a sync started by a protocol-v2 advertisement runs:
+    /// the requests that follow it wait for it.
+    syncing: Arc<tokio::sync::Mutex<()>>,
+}
 
 #[derive(Default)]
 struct RemoteState {
@@ -297,9 +301,7 @@ impl GitGateway {
         let mount = run_as.and_then(|r| view_point(r, &log));
         Self {
             mirrors: paths.mirrors(),
-            log,
-            run_as,
-            mount,
+            ctx: Ctx { log, run_as, mount },
             bottles: RwLock::new(BTreeMap::new()),
             states: Mutex::new(HashMap::new()),
             permits: Arc::new(Semaphore::new(MAX_CONCURRENT)),
@@ -391,7 +393,7 @@ impl GitGateway {
 
     fn log_problems(&self, bottle: &str, problems: &[String]) {
         for p in problems {
-            self.log.event(
+            self.ctx.log.event(
                 "git",
                 json!({"bottle": bottle, "op": "configure", "decision": "refused", "reason": p}),
             );
@@ -430,14 +432,18 @@ impl GitGateway {
         }
         let layout = Layout {
             bottle_dir: bottle_dir.to_owned(),
-            view: self.mount.clone().unwrap_or_else(|| bottle_dir.to_owned()),
+            view: self
+                .ctx
+                .mount
+                .clone()
+                .unwrap_or_else(|| bottle_dir.to_owned()),
             remote: remote.name.clone(),
         };
         let io = |what: &str, e: std::io::Error| format!("cannot write {what}: {e}");
         mirror::make_dir(&layout.gate_dir(), 0o755, None).map_err(|e| io("its gate dir", e))?;
         mirror::make_dir(&layout.hooks(), 0o755, None).map_err(|e| io("its hooks", e))?;
-        mirror::make_dir(&layout.run_dir(), 0o700, self.run_as).map_err(|e| io("run/", e))?;
-        mirror::make_dir(&layout.ssh_dir(), 0o700, self.run_as).map_err(|e| io("ssh/", e))?;
+        mirror::make_dir(&layout.run_dir(), 0o700, self.ctx.run_as).map_err(|e| io("run/", e))?;
+        mirror::make_dir(&layout.ssh_dir(), 0o700, self.ctx.run_as).map_err(|e| io("ssh/", e))?;
         let hook = mirror::pre_receive_hook(bottle, &remote.name, &remote.upstream, &remote.push);
         mirror::write_file(&layout.hooks().join("pre-receive"), &hook, 0o755)
             .map_err(|e| io("its pre-receive hook", e))?;
@@ -450,7 +456,7 @@ impl GitGateway {
             mirror::write_file(&layout.known_hosts(), &hosts, 0o644)
                 .map_err(|e| io("its known_hosts", e))?;
         }
-        let state = self
+        let shared = self
             .states
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -464,7 +470,7 @@ impl GitGateway {
             transport,
             token,
             ssh_key,
-            state,
+            shared,
         })
     }
 
@@ -504,7 +510,7 @@ impl GitGateway {
             .and_then(|c| authenticate(&c.agents, req.headers()))
             .map(str::to_owned);
         let Some(agent) = agent else {
-            self.log.event(
+            self.ctx.log.event(
                 "git",
                 json!({"bottle": bottle, "decision": "refused", "status": 401,
                        "path": truncate(req.uri().path(), 200),
@@ -522,7 +528,7 @@ impl GitGateway {
         };
         let config = config.expect("authenticated against it");
         let refuse = |status: http::StatusCode, remote: &str, reason: &str| {
-            self.log.event(
+            self.ctx.log.event(
                 "git",
                 json!({"bottle": bottle, "agent": agent, "remote": remote,
                        "decision": "refused", "status": status.as_u16(), "reason": reason}),
@@ -564,41 +570,45 @@ impl GitGateway {
                     );
                 }
             };
-        if advertisement {
-            let sync =
-                match tokio::time::timeout(QUEUE_WAIT, remote.state.clone().lock_owned()).await {
-                    Ok(state) => self.sync(&remote, state).await,
-                    Err(_) if remote.layout.mirror().join("HEAD").exists() => Ok(Sync::Stale(
-                        "a push or another sync held the mirror too long".into(),
-                    )),
-                    Err(_) => Err("a push or another sync held the mirror too long".into()),
-                };
-            let (synced, error) = match &sync {
-                Ok(Sync::Fresh) => (true, None),
-                Ok(Sync::Stale(e)) => (false, Some(e.clone())),
-                Err(e) => {
-                    self.log.event(
-                        "git",
-                        json!({"bottle": bottle, "agent": agent, "remote": remote_name,
-                               "op": "advertise", "service": service.name(),
-                               "decision": "refused", "status": 502, "upstream_sync": "failed",
-                               "reason": e}),
-                    );
-                    return text(
-                        http::StatusCode::BAD_GATEWAY,
-                        &format!(
-                            "bottle gate: no mirror of `{remote_name}` yet and its upstream cannot be reached: {e}"
-                        ),
-                    );
-                }
-            };
-            self.log.event(
-                "git",
-                json!({"bottle": bottle, "agent": agent, "remote": remote_name,
-                       "op": "advertise", "service": service.name(), "decision": "allowed",
-                       "upstream_sync": if synced { "ok" } else { "failed: serving the mirror as it is" },
-                       "reason": error}),
-            );
+        let cloned = remote.layout.mirror().join("HEAD").exists();
+        let v2 = req
+            .headers()
+            .get("git-protocol")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.split(':').any(|p| p == "version=2"));
+        if advertisement && service == Service::UploadPack && v2 && cloned {
+            // Protocol v2 advertises no refs here (only capabilities): sync
+            // while git answers, and hold the requests that list refs or
+            // fetch until the sync is done.
+            if let Ok(syncing) =
+                tokio::time::timeout(QUEUE_WAIT, remote.shared.syncing.clone().lock_owned()).await
+            {
+                let (ctx, remote, bottle, agent) = (
+                    self.ctx.clone(),
+                    remote.clone(),
+                    bottle.to_owned(),
+                    agent.clone(),
+                );
+                tokio::spawn(async move {
+                    let sync = ctx.locked_sync(&remote).await;
+                    ctx.log_sync(&bottle, &agent, &remote, service, &sync);
+                    drop(syncing);
+                });
+            }
+        } else if advertisement {
+            let sync = self.ctx.locked_sync(&remote).await;
+            self.ctx.log_sync(bottle, &agent, &remote, service, &sync);
+            if let Err(e) = sync {
+                return text(
+                    http::StatusCode::BAD_GATEWAY,
+                    &format!(
+                        "bottle gate: no mirror of `{remote_name}` yet and its upstream cannot be reached: {e}"
+                    ),
+                );
+            }
+        } else if service == Service::UploadPack {
+            // Wait (bounded) for a sync an advertisement started.
+            let _ = tokio::time::timeout(QUEUE_WAIT, remote.shared.syncing.lock()).await;
         }
         self.serve(remote, agent, service, advertisement, req, permit)
             .await
@@ -618,7 +628,7 @@ impl GitGateway {
         // A push holds the remote against syncs and other pushes until
         // git is done.
         let guard = if push {
-            match tokio::time::timeout(QUEUE_WAIT, remote.state.clone().lock_owned()).await {
+            match tokio::time::timeout(QUEUE_WAIT, remote.shared.state.clone().lock_owned()).await {
                 Ok(guard) => Some(guard),
                 Err(_) => {
                     return text(
@@ -631,7 +641,7 @@ impl GitGateway {
             None
         };
         let (parts, body) = req.into_parts();
-        let mut env = self.base_env(&remote, push);
+        let mut env = self.ctx.base_env(&remote, push);
         let path = parts.uri.path();
         let rest = path
             .strip_prefix(&format!("/git/{}.git", remote.config.name))
@@ -704,7 +714,7 @@ impl GitGateway {
         } else {
             MAX_UPLOAD_REQUEST
         };
-        let log = self.log.clone();
+        let log = self.ctx.log.clone();
         let remote2 = remote.clone();
         let agent2 = agent.clone();
         let finish = Box::new(move |outcome: cgi::Outcome| {
@@ -723,14 +733,14 @@ impl GitGateway {
             }
         });
         let cgi = cgi::Cgi {
-            confine: self.confine(&remote.layout, remote.layout.view.clone()),
+            confine: self.ctx.confine(&remote.layout, remote.layout.view.clone()),
             env,
             body_limit,
         };
         match cgi::run(cgi, body, finish).await {
             Ok(response) => response,
             Err(e) => {
-                self.log.event(
+                self.ctx.log.event(
                     "git",
                     json!({"bottle": remote.bottle, "agent": agent, "remote": remote.config.name,
                            "op": service.name(), "decision": "failed", "reason": e}),
@@ -741,6 +751,55 @@ impl GitGateway {
                 )
             }
         }
+    }
+}
+
+/// What running git needs, apart from the gateway (so a sync can run in a
+/// task of its own).
+#[derive(Clone)]
+struct Ctx {
+    log: Arc<GateLog>,
+    run_as: Option<RunAs>,
+    /// The empty directory each bottle's mirrors are bound at in git's
+    /// mount namespace; `None`: git sees the real paths.
+    mount: Option<PathBuf>,
+}
+
+impl Ctx {
+    /// [`Ctx::sync`] once the remote is free (bounded wait).
+    async fn locked_sync(&self, remote: &Remote) -> Result<Sync, String> {
+        match tokio::time::timeout(QUEUE_WAIT, remote.shared.state.clone().lock_owned()).await {
+            Ok(state) => self.sync(remote, state).await,
+            Err(_) if remote.layout.mirror().join("HEAD").exists() => Ok(Sync::Stale(
+                "a push or another sync held the mirror too long".into(),
+            )),
+            Err(_) => Err("a push or another sync held the mirror too long".into()),
+        }
+    }
+
+    fn log_sync(
+        &self,
+        bottle: &str,
+        agent: &str,
+        remote: &Remote,
+        service: Service,
+        sync: &Result<Sync, String>,
+    ) {
+        let (decision, upstream_sync, reason) = match sync {
+            Ok(Sync::Fresh) => ("allowed", "ok", None),
+            Ok(Sync::Stale(e)) => (
+                "allowed",
+                "failed: serving the mirror as it is",
+                Some(e.as_str()),
+            ),
+            Err(e) => ("refused", "failed: no mirror yet", Some(e.as_str())),
+        };
+        self.log.event(
+            "git",
+            json!({"bottle": bottle, "agent": agent, "remote": remote.config.name,
+                   "op": "advertise", "service": service.name(), "decision": decision,
+                   "upstream_sync": upstream_sync, "reason": reason}),
+        );
     }
 
     /// The environment of every git process for `remote`: nothing from
@@ -981,7 +1040,7 @@ impl GitGateway {
 
 impl Drop for GitGateway {
     fn drop(&mut self) {
-        if let Some(m) = &self.mount {
+        if let Some(m) = &self.ctx.mount {
             let _ = std::fs::remove_dir(m);
         }
     }
