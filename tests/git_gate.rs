@@ -192,7 +192,10 @@ fn fetch_follows_upstream_and_survives_its_loss() {
     // Also with the older protocol (refs in the advertisement itself).
     let newer = commit(&seed, "n.txt", "newer upstream work\n");
     git_ok(&seed, &["push", "-q", &upstream.to_string_lossy(), "main"]);
-    git_ok(&work, &["-c", "protocol.version=0", "fetch", "-q", "origin"]);
+    git_ok(
+        &work,
+        &["-c", "protocol.version=0", "fetch", "-q", "origin"],
+    );
     assert_eq!(git_ok(&work, &["rev-parse", "origin/main"]).trim(), newer);
     let new = newer;
 
@@ -387,4 +390,98 @@ fn ssh_upstreams_get_the_key_through_an_agent_and_never_a_file() {
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "", "the key leaked");
+}
+
+/// `git daemon` on 127.0.0.1 serving `base`, killed when dropped.
+struct Daemon {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Daemon {
+    fn start(base: &std::path::Path) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        // git-daemon itself: `git daemon` would run it as a child of its
+        // own, which killing `git` would leave running.
+        let exec_path = git_ok(base, &["--exec-path"]);
+        let child =
+            std::process::Command::new(std::path::Path::new(exec_path.trim()).join("git-daemon"))
+                .args([
+                    "--listen=127.0.0.1",
+                    &format!("--port={port}"),
+                    "--reuseaddr",
+                    "--export-all",
+                    "--enable=receive-pack",
+                    "--timeout=60",
+                    "--max-connections=8",
+                ])
+                .arg(format!("--base-path={}", base.display()))
+                .env("GIT_CONFIG_GLOBAL", fixture::global_config())
+                .env("GIT_CONFIG_NOSYSTEM", "1")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("git daemon runs");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "git daemon did not listen"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Self { child, port }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn git_protocol_upstreams_and_a_stopped_daemon() {
+    let f = Fixture::new();
+    let upstream = f.upstream("upstream.git");
+    let daemon = Daemon::start(f.dir.path());
+    let mut app = remote("app", &upstream, &["agent/*"]);
+    app.upstream = format!("git://127.0.0.1:{}/upstream.git", daemon.port);
+    assert!(f.serve(&[app]).is_empty());
+
+    git_ok(f.dir.path(), &["clone", "-q", &f.coder_url("app"), "work"]);
+    let work = f.path("work");
+    assert_eq!(
+        git_ok(&work, &["rev-parse", "HEAD"]),
+        git_ok(&upstream, &["rev-parse", "main"])
+    );
+    let c = commit(&work, "a.txt", "over git://\n");
+    git_ok(&work, &["push", "-q", "origin", "HEAD:agent/x"]);
+    assert_eq!(git_ok(&upstream, &["rev-parse", "agent/x"]).trim(), c);
+
+    // The daemon stops: fetch and clone still work from the mirror.
+    drop(daemon);
+    git_ok(&work, &["fetch", "-q", "origin"]);
+    assert_eq!(git_ok(&work, &["rev-parse", "origin/agent/x"]).trim(), c);
+    git_ok(f.dir.path(), &["clone", "-q", &f.coder_url("app"), "again"]);
+    // A push cannot reach upstream, so the gate refuses it.
+    let out = git(&work, &["push", "origin", "HEAD:agent/y"]);
+    assert!(
+        !out.status.success(),
+        "a push went through with upstream down: {}\n{:#?}\n{}",
+        stderr(&out),
+        pushes(&f),
+        git_ok(&upstream, &["for-each-ref"])
+    );
+    assert!(
+        stderr(&out).contains("upstream refused"),
+        "{}",
+        stderr(&out)
+    );
 }
