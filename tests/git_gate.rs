@@ -485,3 +485,62 @@ fn git_protocol_upstreams_and_a_stopped_daemon() {
         stderr(&out)
     );
 }
+
+#[test]
+fn reloads_change_what_is_served_without_a_restart() {
+    let f = Fixture::new();
+    let one = f.upstream("one.git");
+    let two = f.upstream("two.git");
+    let seed = f.path("two.git.seed");
+    let two_head = commit(&seed, "two.txt", "only in two\n");
+    git_ok(&seed, &["push", "-q", &two.to_string_lossy(), "main"]);
+    f.own(&two);
+
+    f.serve(&[remote("app", &one, &[])]);
+    git_ok(f.dir.path(), &["clone", "-q", &f.coder_url("app"), "a"]);
+    assert!(!f.path("a/two.txt").exists());
+
+    // The upstream changes: the next clone is of the new one.
+    f.serve(&[remote("app", &two, &[])]);
+    git_ok(f.dir.path(), &["clone", "-q", &f.coder_url("app"), "b"]);
+    assert_eq!(
+        git_ok(&f.path("b"), &["rev-parse", "HEAD"]).trim(),
+        two_head
+    );
+
+    // The remote goes: 404, and its mirror is removed.
+    f.serve(&[]);
+    let out = git(f.dir.path(), &["clone", "-q", &f.coder_url("app"), "c"]);
+    assert!(!out.status.success());
+    assert!(!f.paths.mirrors().join("dev/app.git").exists());
+    assert!(!f.paths.mirrors().join("dev/.gate/app").exists());
+
+    // What the gate cannot serve safely is refused at configure time, and
+    // the rest is served.
+    let mut bad_name = remote("../x", &one, &[]);
+    bad_name.name = "../x".into();
+    let mut bad_upstream = remote("ext", &one, &[]);
+    bad_upstream.upstream = "ext::sh -c touch% /tmp/pwned".into();
+    let bad_push = remote("glob", &one, &["agent/$(id)"]);
+    let mut no_token = remote("tok", &one, &[]);
+    no_token.upstream = "https://example.com/a.git".into();
+    no_token.credentials = Some(bottle::gate::config::GitCredentials::Token {
+        value_key: "MISSING".into(),
+    });
+    let problems = f.serve(&[
+        bad_name,
+        bad_upstream,
+        bad_push,
+        no_token,
+        remote("app", &one, &[]),
+    ]);
+    assert_eq!(problems.len(), 4, "{problems:#?}");
+    assert!(
+        problems.iter().any(|p| p.contains("MISSING")),
+        "{problems:#?}"
+    );
+    git_ok(f.dir.path(), &["clone", "-q", &f.coder_url("app"), "d"]);
+    let out = git(f.dir.path(), &["clone", "-q", &f.coder_url("ext"), "e"]);
+    assert!(!out.status.success());
+    assert!(!std::path::Path::new("/tmp/pwned").exists());
+}

@@ -1244,6 +1244,127 @@ mod tests {
         assert_eq!(authenticate(&agents, &http::HeaderMap::new()), None);
     }
 
+    fn remote_with(upstream: &str, credentials: Option<GitCredentials>) -> Remote {
+        let config = GateRemote {
+            name: "app".into(),
+            upstream: upstream.into(),
+            credentials,
+            push: vec!["agent/*".into()],
+            host_key: None,
+        };
+        Remote {
+            bottle: "dev".into(),
+            transport: upstream::parse(upstream).unwrap(),
+            token: match &config.credentials {
+                Some(GitCredentials::Token { .. }) => Some("s3cret-token".into()),
+                _ => None,
+            },
+            ssh_key: match &config.credentials {
+                Some(GitCredentials::SshKey { path }) => Some(path.clone()),
+                _ => None,
+            },
+            config,
+            layout: Layout {
+                bottle_dir: "/state/git/dev".into(),
+                view: "/view".into(),
+                remote: "app".into(),
+            },
+            shared: Shared::default(),
+        }
+    }
+
+    fn ctx(run_as: Option<RunAs>) -> (tempfile::TempDir, Ctx) {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Arc::new(GateLog::open(&dir.path().join("log")).unwrap());
+        let ctx = Ctx {
+            log,
+            run_as,
+            mount: Some("/view".into()),
+        };
+        (dir, ctx)
+    }
+
+    fn get<'a>(env: &'a [(String, String)], key: &str) -> Option<&'a str> {
+        env.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    fn config_values(env: &[(String, String)], key: &str) -> Vec<String> {
+        let n: usize = get(env, "GIT_CONFIG_COUNT").unwrap().parse().unwrap();
+        (0..n)
+            .filter(|i| get(env, &format!("GIT_CONFIG_KEY_{i}")) == Some(key))
+            .map(|i| {
+                get(env, &format!("GIT_CONFIG_VALUE_{i}"))
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_token_reaches_only_the_git_that_talks_to_upstream_and_only_by_environment() {
+        let (_d, ctx) = ctx(None);
+        let remote = remote_with(
+            "https://example.com/acme/app.git",
+            Some(GitCredentials::Token {
+                value_key: "GH".into(),
+            }),
+        );
+        let serving = ctx.base_env(&remote, false);
+        assert!(serving.iter().all(|(_, v)| !v.contains("s3cret-token")));
+        assert!(config_values(&serving, "credential.helper").is_empty());
+        let upstream = ctx.base_env(&remote, true);
+        assert_eq!(get(&upstream, "BOTTLE_GIT_TOKEN"), Some("s3cret-token"));
+        // Only that variable holds it: no config value, no URL.
+        assert_eq!(
+            upstream
+                .iter()
+                .filter(|(_, v)| v.contains("s3cret-token"))
+                .count(),
+            1
+        );
+        let helpers = config_values(&upstream, "credential.helper");
+        assert_eq!(helpers[0], "", "inherited helpers are reset first");
+        assert!(helpers[1].contains("$BOTTLE_GIT_TOKEN"));
+        // The security settings come from the environment, not the mirror.
+        assert_eq!(
+            config_values(&upstream, "core.hooksPath"),
+            ["/view/.gate/app/hooks"]
+        );
+        assert_eq!(config_values(&upstream, "receive.fsckObjects"), ["true"]);
+        assert_eq!(config_values(&upstream, "protocol.allow"), ["never"]);
+        assert_eq!(get(&upstream, "GIT_CONFIG_NOSYSTEM"), Some("1"));
+    }
+
+    #[test]
+    fn ssh_keys_go_through_the_agent_when_git_is_another_user() {
+        let remote = remote_with(
+            "git@github.com:acme/app.git",
+            Some(GitCredentials::SshKey {
+                path: "/home/me/.ssh/deploy".into(),
+            }),
+        );
+        let (_d, root) = ctx(Some(RunAs {
+            uid: 65534,
+            gid: 65534,
+        }));
+        let env = root.base_env(&remote, true);
+        let ssh = get(&env, "GIT_SSH_COMMAND").unwrap();
+        assert!(
+            ssh.contains("IdentityAgent='/view/.gate/app/ssh/agent.sock'"),
+            "{ssh}"
+        );
+        assert!(!ssh.contains("/home/me/.ssh/deploy"), "{ssh}");
+        assert!(ssh.contains("UserKnownHostsFile='/view/.gate/app/known_hosts'"));
+        assert!(get(&root.base_env(&remote, false), "GIT_SSH_COMMAND").is_none());
+        let (_d, user) = ctx(None);
+        let env = user.base_env(&remote, true);
+        assert!(
+            get(&env, "GIT_SSH_COMMAND")
+                .unwrap()
+                .contains("-i '/home/me/.ssh/deploy'")
+        );
+    }
+
     #[test]
     fn routes() {
         let r = |m: &str, uri: &str| {
