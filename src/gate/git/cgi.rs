@@ -57,9 +57,13 @@ pub async fn run(
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     super::confine(cmd.as_std_mut(), &cgi.confine);
+    // Its own process group: receive-pack, the hook and its upstream push
+    // are killed with it.
+    cmd.process_group(0);
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot start git http-backend: {e}"))?;
+    let group = KillGroup(child.id());
     let mut stdin = child.stdin.take().expect("piped");
     let mut stdout = child.stdout.take().expect("piped");
     let mut stderr = child.stderr.take().expect("piped");
@@ -148,18 +152,24 @@ pub async fn run(
     let (tx, rx) = mpsc::channel::<Result<Bytes, BoxError>>(8);
     tokio::spawn(async move {
         let mut alive = true;
-        if !first.is_empty() && tx.send(Ok(first)).await.is_err() {
+        // A client that stops reading is a client gone.
+        let send = |tx: &mpsc::Sender<Result<Bytes, BoxError>>, item| {
+            let tx = tx.clone();
+            async move {
+                matches!(
+                    tokio::time::timeout(IDLE_TIMEOUT, tx.send(item)).await,
+                    Ok(Ok(()))
+                )
+            }
+        };
+        if !first.is_empty() && !send(&tx, Ok(first)).await {
             alive = false;
         }
         while alive {
             match tokio::time::timeout(IDLE_TIMEOUT, stdout.read(&mut buf)).await {
                 Ok(Ok(0)) => break,
                 Ok(Ok(n)) => {
-                    if tx
-                        .send(Ok(Bytes::copy_from_slice(&buf[..n])))
-                        .await
-                        .is_err()
-                    {
+                    if !send(&tx, Ok(Bytes::copy_from_slice(&buf[..n]))).await {
                         alive = false;
                     }
                 }
@@ -183,7 +193,10 @@ pub async fn run(
             None
         };
         if status.is_none() {
+            group.kill();
             let _ = child.kill().await;
+        } else {
+            group.disarm();
         }
         let body_too_large = pump.await.unwrap_or(false);
         let stderr = errors.await.unwrap_or_default();
@@ -196,6 +209,32 @@ pub async fn run(
     response
         .body(Body::new(ChannelBody { rx }))
         .map_err(|e| format!("git http-backend sent a bad header: {e}"))
+}
+
+/// Kills a child's whole process group when dropped (unless disarmed):
+/// an error path that drops the child takes its descendants with it.
+pub struct KillGroup(pub Option<u32>);
+
+impl KillGroup {
+    pub fn kill(&self) {
+        if let Some(pid) = self.0
+            && let Ok(pid) = i32::try_from(pid)
+        {
+            // SAFETY: a plain system call; the group is the child's own.
+            unsafe {
+                libc::kill(-pid, libc::SIGKILL);
+            }
+        }
+    }
+    pub fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for KillGroup {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
 
 /// `(end of the header text, start of the body)`.

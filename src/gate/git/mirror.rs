@@ -124,6 +124,7 @@ pub async fn git(
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     super::confine(cmd.as_std_mut(), confine);
+    cmd.process_group(0);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -133,6 +134,7 @@ pub async fn git(
             };
         }
     };
+    let group = super::cgi::KillGroup(child.id());
     let mut err = child.stderr.take().expect("piped");
     let work = async {
         let mut e = Vec::new();
@@ -147,7 +149,11 @@ pub async fn git(
         let status = child.wait().await;
         (status, e)
     };
-    match tokio::time::timeout(timeout, work).await {
+    let result = tokio::time::timeout(timeout, work).await;
+    if result.is_ok() {
+        group.disarm();
+    }
+    match result {
         Ok((status, e)) => Ran {
             ok: status.map(|s| s.success()).unwrap_or(false),
             stderr: String::from_utf8_lossy(&e).into_owned(),
