@@ -84,6 +84,46 @@ fn clone_and_push_follow_the_rules() {
             != Some(0)
     );
 
+    // Objects are checked (receive.fsckObjects): a commit without an
+    // author is refused before any rule or upstream sees it.
+    let tree = git_ok(&work, &["write-tree"]);
+    let bad = {
+        let mut child = std::process::Command::new("git")
+            .args([
+                "hash-object",
+                "-t",
+                "commit",
+                "-w",
+                "--literally",
+                "--stdin",
+            ])
+            .current_dir(&work)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        write!(
+            child.stdin.take().unwrap(),
+            "tree {}\nparent {second}\n\nno author\n",
+            tree.trim()
+        )
+        .unwrap();
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let out = git(
+        &work,
+        &["push", "origin", &format!("{bad}:refs/heads/agent/x")],
+    );
+    assert!(!out.status.success(), "a malformed commit was accepted");
+    assert!(
+        stderr(&out).contains("unpacker error") || stderr(&out).contains("fsck"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(git_ok(&upstream, &["rev-parse", "agent/x"]).trim(), second);
+
     // Every decision is logged with agent, remote, ref, old and new ids.
     let log = pushes(&f);
     let zero = "0".repeat(40);

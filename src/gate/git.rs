@@ -25,13 +25,33 @@
 //! The guest's rewrite (the `git` step) is
 //! `http://<agent>:<git_token>@<gate>/git/<remote>.git`.
 //!
+//! The listener must set `TCP_NODELAY` on accepted connections: git's
+//! small request/answer exchanges otherwise stall ~40 ms each on delayed
+//! ACKs.
+//!
+//! # What the reconciler provides
+//!
+//! Per bottle, in [`super::config::BottleGate`]: `git` (one
+//! [`GateRemote`] per remote served by the gate: `name` (`[A-Za-z0-9._-]`,
+//! not starting with `.`/`-`, not ending in `.git`), `upstream`,
+//! `credentials` (`SshKey { path }`: a key file on the host without a
+//! passphrase, or `Token { value_key }` for an `https://` upstream),
+//! `push` (branch globs of `[A-Za-z0-9._/-]` and `*`; empty: read-only),
+//! `host_key` (a `known_hosts` line, or `type base64`; else the gate user's
+//! `~/.ssh/known_hosts` is used)) and `agents` (each agent's `git_token`).
+//! In the reload's `secrets`: the token's value under its `value_key`.
+//! The `git` step writes the guest's `insteadOf` rewrite of `upstream` to
+//! `http://<agent>:<git_token>@<gate address>:<port>/git/<name>.git`.
+//!
 //! # What it does
 //!
-//! - **Fetch and clone**: `GET info/refs?service=git-upload-pack` first
-//!   brings the mirror up to date from upstream (`git fetch --prune` of
-//!   branches and tags; the first request clones it). If upstream cannot be
-//!   reached the mirror is served as it is and the gate log says so; only a
-//!   mirror never cloned answers 502.
+//! - **Fetch and clone**: before refs are advertised the mirror is brought
+//!   up to date from upstream (`git fetch --prune` of branches and tags; the
+//!   first request clones it). With protocol v2 (git's default) the
+//!   `info/refs` answer holds no refs, so the fetch runs while it is
+//!   answered and the `ls-refs`/`fetch` requests wait for it; with v0/v1 it
+//!   runs first. If upstream cannot be reached the mirror is served as it
+//!   is and the gate log says so; only a mirror never cloned answers 502.
 //! - **Push**: accepted only for branches matching the remote's `push`
 //!   patterns (`*` matches any characters, `/` included), only as
 //!   fast-forwards (no deletion, no force), and only once upstream took the
@@ -70,7 +90,12 @@
 //!
 //! Git's own limits apply to what the agent sends: `receive.fsckObjects`,
 //! `receive.maxInputSize` ([`MAX_PACK`]), a bounded request body, an idle
-//! timeout on every pipe, and at most [`MAX_CONCURRENT`] git processes.
+//! timeout on every pipe (a vanished or silent client kills the request's
+//! whole process group), and at most [`MAX_CONCURRENT`] requests running
+//! git at once. All security settings reach git as command-line
+//! configuration in its environment (`GIT_CONFIG_COUNT`), so nothing in a
+//! mirror's own config can weaken them; transports other than file, git,
+//! ssh and https are off (`protocol.allow=never`).
 
 mod cgi;
 mod mirror;
@@ -97,7 +122,7 @@ pub const MAX_PACK: u64 = 512 << 20;
 /// The largest fetch negotiation an agent may send.
 const MAX_UPLOAD_REQUEST: u64 = 64 << 20;
 /// At most this many git requests run at once (others wait up to
-/// [`QUEUE_WAIT`], then get 503).
+/// 30 seconds, then get 503).
 pub const MAX_CONCURRENT: usize = 16;
 const QUEUE_WAIT: Duration = Duration::from_secs(30);
 /// ssh's connect timeout to an upstream.
