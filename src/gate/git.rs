@@ -595,7 +595,13 @@ impl GitGateway {
                     );
                 }
             };
-        let cloned = remote.layout.mirror().join("HEAD").exists();
+        // A mirror of this very upstream exists: the sync is a plain fetch
+        // (a new or changed upstream means a fresh clone, done first).
+        let cloned = remote.layout.mirror().join("HEAD").exists()
+            && std::fs::read_to_string(remote.layout.upstream_file())
+                .ok()
+                .as_deref()
+                == Some(remote.config.upstream.as_str());
         let v2 = req
             .headers()
             .get("git-protocol")
@@ -1145,10 +1151,18 @@ fn log_push(log: &GateLog, remote: &Remote, agent: &str, path: &Path, outcome: &
     }
 }
 
+/// At most `max` bytes of a regular file the git user may have planted:
+/// never through a symlink, never blocking on a FIFO.
 fn read_bounded(path: &Path, max: u64) -> String {
     use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
     let mut out = Vec::new();
-    if let Ok(f) = std::fs::File::open(path) {
+    if let Ok(f) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        && f.metadata().is_ok_and(|m| m.is_file())
+    {
         let _ = f.take(max).read_to_end(&mut out);
     }
     String::from_utf8_lossy(&out).into_owned()
@@ -1238,6 +1252,22 @@ fn base64_decode(s: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decisions_are_read_only_from_regular_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("d");
+        std::fs::write(&file, "accepted\tx").unwrap();
+        assert_eq!(read_bounded(&file, 100), "accepted\tx");
+        assert_eq!(read_bounded(&file, 3), "acc");
+        let link = dir.path().join("l");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        assert_eq!(read_bounded(&link, 100), "");
+        let fifo = dir.path().join("f");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert_eq!(read_bounded(&fifo, 100), "");
+    }
 
     #[test]
     fn base64_round() {
