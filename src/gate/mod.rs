@@ -57,6 +57,7 @@ pub mod ca;
 pub mod config;
 pub mod control;
 mod egress;
+pub mod git;
 pub mod hosts;
 pub mod http;
 pub mod log;
