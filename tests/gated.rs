@@ -972,6 +972,15 @@ fn git_through_the_gate_from_inside_a_guest() {
         ]),
     );
     assert_eq!(text(&grep.unwrap().stdout), "0\ndone\n");
+    // Nor in what bottle and the gate keep (the gate reads it when told to).
+    for file in files_under(world.state.path()) {
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        assert!(
+            !text(&bytes).contains(TOKEN),
+            "the token in {}",
+            file.display()
+        );
+    }
     let out = world.bottle(&["check"]);
     assert!(out.status.success(), "{}", text(&out.stdout));
 }
