@@ -407,3 +407,111 @@ fn json_output_when_manifests_do_not_load() {
         );
     }
 }
+
+#[test]
+fn a_value_pasted_into_from_env_is_never_printed() {
+    const PASTED: &str = "ghp_pAsTeDvAlUe1234567890";
+    let p = Project::new("e2e");
+    p.edit(
+        "bottles.toml",
+        "\"BOTTLE_E2E_SECRET\"",
+        &format!("\"{PASTED}\""),
+    );
+    for args in [
+        &["validate"][..],
+        &["plan"],
+        &["plan", "--json"],
+        &["check"],
+        &["status"],
+    ] {
+        let run = p.bottle(args);
+        assert!(
+            !run.all().contains(PASTED),
+            "{args:?} printed it:\n{}",
+            run.all()
+        );
+    }
+    let plan = p.bottle(&["plan"]);
+    assert!(
+        plan.stdout.contains("does not look like a variable name"),
+        "{}",
+        plan.stdout
+    );
+}
+
+/// Declining `destroy`'s prompt is the user's choice, not an error: exit 0.
+/// The prompt needs a terminal: `script` (util-linux) provides one.
+#[test]
+fn declining_destroys_prompt_exits_0() {
+    use std::io::Write;
+    let p = Project::with_double(
+        "e2e",
+        support::Double::new().with_env("BOTTLE_E2E_SECRET", "not-a-real-secret-cli"),
+    );
+    p.bottle(&["apply", "--target", "reader"]).success();
+    let q = |s: &std::path::Path| bottle::steps::sh_quote(&s.display().to_string());
+    let command = format!(
+        "{} --smolvm {} --state-dir {} destroy {}",
+        q(Project::binary()),
+        q(support::Double::binary()),
+        q(p.state_dir()),
+        q(p.dir())
+    );
+    let mut script = std::process::Command::new("script");
+    script
+        .args(["-qec", &command, "/dev/null"])
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    p.double.apply_env(&mut script);
+    let mut child = script.spawn().expect("script (util-linux) runs");
+    child.stdin.take().unwrap().write_all(b"n\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("Delete 1 machine(s)? [y/N]"), "{stdout}");
+    assert!(
+        stdout.contains("Cancelled; nothing was deleted."),
+        "{stdout}"
+    );
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert_eq!(p.double.list_json().len(), 1, "nothing was deleted");
+}
+
+/// A machine bottle cannot observe (frozen, or in a state it does not
+/// know) is never counted as in sync: `check` names it and exits 1.
+#[test]
+fn a_frozen_machine_is_never_in_sync() {
+    let p = Project::with_double(
+        "e2e",
+        support::Double::new().with_env("BOTTLE_E2E_SECRET", "not-a-real-secret-cli"),
+    );
+    p.bottle(&["apply", "--target", "reader"]).success();
+    p.bottle(&["check", "--target", "reader"]).success();
+    for state in ["frozen", "hibernating"] {
+        std::fs::write(
+            p.double.home().join("states.json"),
+            format!("{{\"bottle_e2e_reader\": \"{state}\"}}"),
+        )
+        .unwrap();
+        let check = p.bottle(&["check", "--target", "reader"]);
+        check.code(1);
+        assert!(
+            !check.stdout.contains("In sync"),
+            "{state}: {}",
+            check.stdout
+        );
+        assert!(
+            check
+                .stdout
+                .contains("error: agent reader (machine bottle_e2e_reader)")
+                && check.stdout.contains(state),
+            "{state}: {}",
+            check.stdout
+        );
+        assert!(
+            check.stderr.contains("bottle::observe-failed"),
+            "{}",
+            check.stderr
+        );
+    }
+}

@@ -778,7 +778,8 @@ fn interactive_argv_runs_in_the_machine() {
     let f = Fixture::new();
     let var = format!("BOTTLE_TEST_ATTACH_{}", std::process::id());
     unsafe { std::env::set_var(&var, "attached-secret") };
-    // A file secret whose value ends in newlines keeps them.
+    // A file secret's trailing newlines are trimmed, as smolvm trims them;
+    // the ones inside stay.
     let secret_file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(secret_file.path(), "two\nlines\n\n").unwrap();
     let mut spec = Fixture::spec("attach");

@@ -85,7 +85,7 @@ fn in_sync(desired: &Desired) -> Snapshot {
     Snapshot {
         machines,
         probes,
-        gate: None,
+        ..Snapshot::default()
     }
 }
 
@@ -258,6 +258,30 @@ fn changed_resources_restart_a_running_machine() {
         .detail
         .insert("env_hash".into(), "old".into());
     insta::assert_snapshot!(render(&d, &s, &PlanOptions::default()));
+    // The cause names what changed: variables (never their values) and
+    // volumes.
+    let machine = s
+        .probes
+        .get_mut("bottle_golden_coder")
+        .unwrap()
+        .ledger
+        .get_mut("machine")
+        .unwrap();
+    let mut keys = machine.detail_strings("env_keys");
+    keys.push("OLD_VAR".into());
+    machine
+        .detail
+        .insert("env_keys".into(), serde_json::json!(keys));
+    let mut volumes = machine.detail_strings("volumes");
+    volumes.push("/srv/old:/data:ro".into());
+    machine
+        .detail
+        .insert("volumes".into(), serde_json::json!(volumes));
+    let text = render(&d, &s, &PlanOptions::default());
+    assert!(
+        text.contains("env changed: -OLD_VAR, volumes changed: -/srv/old:/data:ro"),
+        "{text}"
+    );
 }
 
 #[test]

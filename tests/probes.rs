@@ -357,4 +357,21 @@ fn env_and_volumes_changed_through_the_runtime_are_drift() {
     p.bottle(&["apply"]).success();
     p.bottle(&["check"]).success();
     assert!(!p.double.sh(CODER, "cat /workspace/README.md").is_empty());
+
+    // Another host directory, read-only like the declared one: the mount's
+    // source differs from what the machine step recorded.
+    let other_ro = format!("{other_ws}:ro");
+    update_outside(&p, &["--remove-volume", &ws, "-v", &other_ro]);
+    let check = p.bottle(&["check"]);
+    check.code(3);
+    assert!(
+        check
+            .stdout
+            .contains("volume /workspace changed in guest: another source is mounted"),
+        "{}",
+        check.stdout
+    );
+    update_outside(&p, &["--remove-volume", &other_ws]);
+    p.bottle(&["apply"]).success();
+    p.bottle(&["check"]).success();
 }

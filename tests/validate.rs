@@ -205,6 +205,22 @@ fn secrets() {
 }
 
 #[test]
+fn secrets_in_any_shape_are_never_printed() {
+    let out = validate("secret-shapes");
+    assert!(!out.contains("leak"), "a secret value echoed:\n{out}");
+    // The references themselves stay readable.
+    assert!(out.contains("F_TOKEN"), "{out}");
+    // An array is named as what it is, not read as `from_env` by position.
+    assert!(
+        out.contains("secret `B_TOKEN` in bottle `dev` is an array")
+            && out.contains("`B_TOKEN = { from_env = \"HOST_VAR\" }`"),
+        "{out}"
+    );
+    assert!(!out.contains("`from_env` of secret `B_TOKEN`"), "{out}");
+    insta::assert_snapshot!(out);
+}
+
+#[test]
 fn egress() {
     insta::assert_snapshot!(validate("egress"));
 }

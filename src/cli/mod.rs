@@ -10,6 +10,7 @@ mod attach;
 mod check;
 mod destroy;
 mod egress_log;
+mod exec;
 mod gate;
 mod graph;
 mod plan;
@@ -33,6 +34,8 @@ pub enum Outcome {
     /// The world differs from the manifests (`check`, `plan
     /// --detailed-exitcode`), or `apply` left blocked actions undone.
     Drift,
+    /// Exit with this code: `exec` passes its command's status through.
+    Exit(u8),
 }
 
 pub const EXIT_ERROR: u8 = 1;
@@ -112,6 +115,11 @@ pub enum Command {
     /// Make the machines match the manifests: create, start and provision
     /// what is missing or different, undo what was removed. Changes nothing
     /// when everything matches.
+    #[command(
+        after_help = "Ctrl-C starts nothing new and lets the calls under way finish; a second \
+Ctrl-C ends them (a hung setup command is killed; on smolvm the command inside the machine may keep \
+running) and exits 1 with the lock released; a third quits at once."
+    )]
     Apply(apply::ApplyArgs),
 
     /// Drift check for CI: exit 0 when every agent matches its manifest, 3
@@ -126,6 +134,11 @@ pub enum Command {
 
     /// Run the agent's Claude Code session in its machine.
     Attach(attach::AttachArgs),
+
+    /// Run a command in the agent's machine as the agent user, with its
+    /// HOME and environment: `bottle exec AGENT [DIR] -- CMD...` (`--root`
+    /// for root, `-it` for a terminal). Exits with the command's status.
+    Exec(exec::ExecArgs),
 
     /// Keep reconciling: whenever a manifest or a file it references
     /// changes, and periodically to repair drift inside guests.
@@ -173,6 +186,7 @@ pub fn main() -> ExitCode {
         Command::Status(args) => status::run(&cli.global, args),
         Command::Destroy(args) => destroy::run(&cli.global, args),
         Command::Attach(args) => attach::run(&cli.global, args),
+        Command::Exec(args) => exec::run(&cli.global, args),
         Command::Watch(args) => watch::run(&cli.global, args),
         Command::Gate(args) => gate::run(&cli.global, args),
         Command::EgressLog(args) => egress_log::run(&cli.global, args),
@@ -186,6 +200,7 @@ pub fn main() -> ExitCode {
     match result {
         Ok(Outcome::Success) => ExitCode::SUCCESS,
         Ok(Outcome::Drift) => ExitCode::from(EXIT_DRIFT),
+        Ok(Outcome::Exit(code)) => ExitCode::from(code),
         Err(report) => {
             eprintln!("{report:?}");
             ExitCode::from(if is_usage_error(&report) {

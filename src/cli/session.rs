@@ -114,18 +114,28 @@ pub fn runtime(global: &GlobalArgs) -> miette::Result<Box<dyn Runtime>> {
 
 /// Ctrl-C, the same for every command that runs actions: the first one
 /// lets the runtime calls under way finish and starts nothing new
-/// (`then` runs after that is requested); a second one quits at once (the
-/// kernel releases the lock with the process).
+/// (`then` runs after that is requested); a second one ends the calls
+/// under way (their process groups are killed, the actions fail as
+/// cancelled, the lock is released as the command returns); a third one
+/// quits at once (the kernel releases the lock with the process).
 pub fn on_interrupt(message: &'static str, then: impl Fn() + Send + 'static) -> miette::Result<()> {
-    let mut interrupted = false;
+    let mut interrupts = 0u32;
     ctrlc::set_handler(move || {
-        if interrupted {
-            std::process::exit(130);
+        interrupts += 1;
+        match interrupts {
+            1 => {
+                crate::apply::request_cancel();
+                eprintln!("{message} (Ctrl-C again to end them now)");
+                then();
+            }
+            2 => {
+                crate::apply::request_abort();
+                eprintln!(
+                    "interrupted again: ending the calls under way (Ctrl-C again to quit at once)"
+                );
+            }
+            _ => std::process::exit(130),
         }
-        interrupted = true;
-        crate::apply::request_cancel();
-        eprintln!("{message} (Ctrl-C again to quit at once)");
-        then();
     })
     .map_err(|e| {
         miette::miette!(
@@ -135,13 +145,96 @@ pub fn on_interrupt(message: &'static str, then: impl Fn() + Send + 'static) -> 
     })
 }
 
-/// Progress as plain lines on stderr: a counter, the action, its outcome.
-pub struct Lines;
+/// Progress as plain lines on stderr: a counter, the action, its outcome;
+/// and, while an action runs long (a setup command that hangs), a line
+/// every [`Lines::every`] saying what is still running and how to stop it.
+pub struct Lines {
+    running: std::sync::Arc<std::sync::Mutex<RunningActions>>,
+    stop: std::sync::mpsc::Sender<()>,
+}
+
+type RunningActions = std::collections::BTreeMap<usize, (String, std::time::Instant)>;
+
+impl Lines {
+    /// How often a still-running action is reported.
+    pub fn every() -> std::time::Duration {
+        std::env::var("BOTTLE_PROGRESS_SECONDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(
+                std::time::Duration::from_secs(30),
+                std::time::Duration::from_secs,
+            )
+    }
+
+    pub fn new() -> Self {
+        let running: std::sync::Arc<std::sync::Mutex<RunningActions>> = Default::default();
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let every = Self::every();
+        let watched = running.clone();
+        std::thread::spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every)
+            {
+                let now = std::time::Instant::now();
+                for (what, since) in watched.lock().expect("progress lock").values() {
+                    let seconds = now.duration_since(*since).as_secs();
+                    if seconds >= every.as_secs() {
+                        eprintln!("         {}", still_running(what, seconds));
+                    }
+                }
+            }
+        });
+        Self { running, stop }
+    }
+
+    /// The actions under way, for the Ctrl-C message.
+    pub fn running(&self) -> Vec<String> {
+        self.running
+            .lock()
+            .expect("progress lock")
+            .values()
+            .map(|(what, _)| what.clone())
+            .collect()
+    }
+}
+
+impl Default for Lines {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Lines {
+    fn drop(&mut self) {
+        let _ = self.stop.send(());
+    }
+}
+
+fn still_running(what: &str, seconds: u64) -> String {
+    format!(
+        "still running {what} ({}m {:02}s; Ctrl-C stops starting anything new, a second Ctrl-C ends it)",
+        seconds / 60,
+        seconds % 60
+    )
+}
 
 impl Progress for Lines {
-    fn started(&self, _action: &Action, _running: usize, _total: usize) {}
+    fn started(&self, action: &Action, _running: usize, _total: usize) {
+        let who = action.agent.as_deref().unwrap_or(&action.machine);
+        self.running.lock().expect("progress lock").insert(
+            action.id,
+            (
+                format!("{who}: {} {}", action.op.verb(), action.op.step()),
+                std::time::Instant::now(),
+            ),
+        );
+    }
 
     fn finished(&self, report: &ActionReport, finished: usize, total: usize) {
+        self.running
+            .lock()
+            .expect("progress lock")
+            .remove(&report.action.id);
         let a = &report.action;
         let who = a.agent.as_deref().unwrap_or(&a.machine);
         let line = match &report.outcome {
@@ -191,12 +284,20 @@ pub fn survey(
     let notes = preflight::check(&desired, runtime_kind(global))?;
     desired.attach_gate(&state_dir(global)?, runtime_kind(global))?;
     let runtime = runtime(global)?;
-    let snapshot = crate::observe::observe(
+    let mut snapshot = crate::observe::observe(
         runtime.as_ref(),
         &desired,
         options.targets.as_deref(),
         parallelism,
     )?;
+    // For causes that show what changed in a prompt or setup input.
+    desired.texts = crate::sent::desired_texts(&desired);
+    // Without a state directory there are no copies: causes just say
+    // "changed".
+    if let Ok(state) = state_dir(global) {
+        snapshot.sent =
+            crate::sent::Store::new(&state, &desired.project.name).load_all(desired.agents.keys());
+    }
     let mut plan = crate::plan::plan(&desired, &snapshot, options);
     // A missing secret holds back only the starts of its bottle's machines.
     preflight::hold_launches_without_secrets(&desired, &mut plan, preflight::Waiting::Command);

@@ -210,7 +210,34 @@ pub fn settings_probe(ctx: &AgentCtx) -> String {
             super::sh_quote(&mountinfo_escape(&volume.guest))
         ));
     }
+    out.push_str(&sources_probe(ctx));
     out
+}
+
+/// Per declared volume, a fingerprint of what is mounted at its guest path
+/// (the mount's device, root, file system type and source, hashed): the
+/// machine step records it once it has provisioned the machine, so a
+/// mount of another host directory there (read-only or not) shows.
+fn sources_probe(ctx: &AgentCtx) -> String {
+    let mut out = String::new();
+    for volume in &ctx.bottle.volumes {
+        out.push_str(&format!(
+            "bottle_g={}; export bottle_g; bottle_s=$(awk '$5 == ENVIRON[\"bottle_g\"] {{ for (i = 7; i < NF && $i != \"-\"; i++) ; s = $3 \" \" $4 \" \" $(i+1) \" \" $(i+2) }} \
+             END {{ print s }}' /proc/self/mountinfo); \
+             printf 'src %s %s\\n' \"$bottle_g\" \"$(printf '%s\\n' \"$bottle_s\" | sha256sum | cut -c1-64)\"\n",
+            super::sh_quote(&mountinfo_escape(&volume.guest))
+        ));
+    }
+    out
+}
+
+/// The `src` lines of a settings or provisioning output, by guest path.
+fn parse_sources(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|line| line.strip_prefix("src "))
+        .filter_map(|rest| rest.rsplit_once(' '))
+        .map(|(path, fp)| (path.to_owned(), fp.to_owned()))
+        .collect()
 }
 
 /// A path as `/proc/self/mountinfo` writes it (space, tab, newline and
@@ -280,19 +307,32 @@ pub fn pending_update(
     if let Some(entry) = recorded {
         let env = &ctx.bottle.spec.env;
         if entry.detail_str("env_hash") != Some(want.env.as_str()) {
-            causes.push("env changed".into());
-            update.remove_env = entry
-                .detail_strings("env_keys")
-                .into_iter()
-                .filter(|k| !env.contains_key(k))
+            let old_keys = entry.detail_strings("env_keys");
+            update.remove_env = old_keys
+                .iter()
+                .filter(|k| !env.contains_key(*k))
+                .cloned()
                 .collect();
             update.set_env = env.clone();
+            // Name the variables: added, removed, or (same names) changed
+            // values. Values are never shown.
+            let added: Vec<&str> = env
+                .keys()
+                .filter(|k| !old_keys.contains(k))
+                .map(String::as_str)
+                .collect();
+            let mut names: Vec<String> = added.iter().map(|k| format!("+{k}")).collect();
+            names.extend(update.remove_env.iter().map(|k| format!("-{k}")));
+            causes.push(if names.is_empty() {
+                "env changed: a value of an existing variable".to_owned()
+            } else {
+                format!("env changed: {}", names.join(", "))
+            });
         }
         let old = entry.detail_strings("volumes");
         let new = volume_mounts(ctx.bottle);
         let new_args: Vec<String> = new.iter().map(VolumeMount::to_arg).collect();
         if old != new_args {
-            causes.push("volumes changed".into());
             update.add_volumes = new
                 .into_iter()
                 .filter(|v| !old.contains(&v.to_arg()))
@@ -302,9 +342,26 @@ pub fn pending_update(
                 .filter(|v| !new_args.contains(v))
                 .filter_map(|v| parse_volume_arg(v))
                 .collect();
+            let mut named: Vec<String> = update
+                .add_volumes
+                .iter()
+                .map(|v| format!("+{}", v.to_arg()))
+                .collect();
+            named.extend(
+                update
+                    .remove_volumes
+                    .iter()
+                    .map(|v| format!("-{}", v.to_arg())),
+            );
+            causes.push(if named.is_empty() {
+                "volumes changed: their order".to_owned()
+            } else {
+                format!("volumes changed: {}", named.join(", "))
+            });
         }
     }
     if let Some(observed) = observed {
+        let sources = parse_sources(observed);
         let observed = parse_settings(observed);
         let differs = |subject: &String, want: &String| observed.get(subject) != Some(want);
         let expected = expected_settings(ctx);
@@ -324,17 +381,26 @@ pub fn pending_update(
         // same guest path is the runtime's to refuse or replace).
         for volume in volume_mounts(ctx.bottle) {
             let subject = format!("vol {}", mountinfo_escape(&volume.guest));
-            if update.add_volumes.contains(&volume)
-                || !expected
-                    .get(&subject)
-                    .is_some_and(|want| differs(&subject, want))
-            {
+            let escaped = mountinfo_escape(&volume.guest);
+            let source_changed = recorded
+                .and_then(|e| e.detail.get("volume_sources"))
+                .and_then(|s| s.get(&escaped))
+                .and_then(|v| v.as_str())
+                .is_some_and(|was| sources.get(&escaped).is_some_and(|now| now != was));
+            let mode_changed = expected
+                .get(&subject)
+                .is_some_and(|want| differs(&subject, want));
+            if update.add_volumes.contains(&volume) || !(mode_changed || source_changed) {
                 continue;
             }
             causes.push(format!(
                 "volume {} changed in guest: {}",
                 volume.guest,
-                observed.get(&subject).map_or("not probed", String::as_str)
+                match observed.get(&subject).map(String::as_str) {
+                    Some(mode) if mode_changed => mode,
+                    Some(_) => "another source is mounted",
+                    None => "not probed",
+                }
             ));
             if !update.remove_volumes.contains(&volume) {
                 update.remove_volumes.push(volume.clone());
@@ -387,7 +453,7 @@ pub fn ensure_user(
         ctx.machine,
         &StepKind::Machine.id(),
         "creating the agent user",
-        ENSURE_USER,
+        &format!("{ENSURE_USER}{}", sources_probe(ctx)),
         &[ctx.user(), &home],
         "the image needs `useradd` (shadow) or busybox `adduser`",
     )?;
@@ -413,6 +479,10 @@ pub fn ensure_user(
     entry
         .detail
         .insert("gid".into(), serde_json::json!(user.gid));
+    entry.detail.insert(
+        "volume_sources".into(),
+        serde_json::json!(parse_sources(&out)),
+    );
     Ok((user, entry))
 }
 
