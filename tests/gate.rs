@@ -812,8 +812,8 @@ fn the_gate_starts_detached_with_its_values_on_a_pipe() {
     let paths = GatePaths::new(state.path(), "detached");
     let port = health.ports["dev"];
 
-    // Origin-form requests: the Host must be the listener's own; nothing
-    // is served yet under /git/ or /mcp/.
+    // Origin-form requests: the Host must be the listener's own; the git
+    // gateway asks for the agent's credential, supervise knows no token `x`.
     let get = |host: &str, path: &str| {
         curl(&[
             "-o",
@@ -828,7 +828,7 @@ fn the_gate_starts_detached_with_its_values_on_a_pipe() {
     let code = |o: Output| String::from_utf8_lossy(&o.stdout).to_string();
     assert_eq!(
         code(get(&format!("127.0.0.1:{port}"), "/git/app.git/info/refs")),
-        "404"
+        "401"
     );
     assert_eq!(
         code(get(&format!("host.smolvm.internal:{port}"), "/mcp/x")),

@@ -811,3 +811,176 @@ fn supervise_from_inside_a_guest_on_the_local_runtime() {
     );
     assert_eq!(init["result"]["serverInfo"]["name"], "bottle-supervise");
 }
+
+/// `git` run on the host by the test, without any user configuration.
+fn host_git(cwd: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        // The upstream belongs to the gate's git user.
+        .args(["-c", "safe.directory=*"])
+        .args(args)
+        .current_dir(cwd)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_AUTHOR_NAME", "Up Stream")
+        .env("GIT_AUTHOR_EMAIL", "up@example.com")
+        .env("GIT_COMMITTER_NAME", "Up Stream")
+        .env("GIT_COMMITTER_EMAIL", "up@example.com")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout).trim().to_owned()
+}
+
+/// Issue 12 end to end on the local runtime: the `git` step rewrites a
+/// remote's upstream to the gate (`<gate>/git/<name>.git`, the agent's git
+/// credential as Basic auth), and from inside the guest, as the agent user,
+/// cloning the upstream's URL yields its commits through the gate; a push
+/// to a branch the manifest allows arrives upstream, one to `main` is
+/// refused naming the rule; the upstream credential stays on the host.
+#[test]
+fn git_through_the_gate_from_inside_a_guest() {
+    use std::os::unix::fs::PermissionsExt;
+    const TOKEN: &str = "ghp_wiring_e2e_upstream_token_0123456789";
+    let world = World {
+        manifests: tempfile::tempdir().unwrap(),
+        state: tempfile::tempdir().unwrap(),
+        up: upstreams(),
+    };
+    // The upstream: a bare repository on the host (not in the guest), given
+    // to the user the gate runs git as (it runs as root here).
+    let host = tempfile::Builder::new()
+        .prefix("bottle-gated-git-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(host.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bare = host.path().join("app.git");
+    let seed = host.path().join("seed");
+    host_git(
+        host.path(),
+        &["init", "-q", "--bare", "-b", "main", "app.git"],
+    );
+    host_git(host.path(), &["init", "-q", "-b", "main", "seed"]);
+    std::fs::write(seed.join("README"), "hello from upstream\n").unwrap();
+    host_git(&seed, &["add", "README"]);
+    host_git(&seed, &["commit", "-q", "-m", "first"]);
+    host_git(&seed, &["push", "-q", &bare.to_string_lossy(), "main"]);
+    let upstream_head = host_git(&bare, &["rev-parse", "main"]);
+    if let Some(r) = bottle::gate::git::RunAs::for_this_process() {
+        let out = Command::new("chown")
+            .arg("-R")
+            .arg(format!("{}:{}", r.uid, r.gid))
+            .arg(&bare)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    // A credential the gate holds for another remote: never the guest's.
+    let token_file = host.path().join("docs-token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // A `file://` URL: git clones a plain path that does not exist in the
+    // guest without looking at its URL rewrites.
+    let upstream = format!("file://{}", bare.to_string_lossy());
+    world.write(&format!(
+        "[project]\nname = \"gated\"\n\n[bottle.dev]\nuser = \"node\"\n\n\
+         [bottle.dev.git.user]\nname = \"Coder\"\nemail = \"coder@example.com\"\n\n\
+         [[bottle.dev.git.remote]]\nname = \"app\"\nupstream = {upstream:?}\npush = [\"agent/*\"]\n\n\
+         [[bottle.dev.git.remote]]\nname = \"docs\"\nupstream = \"https://git.example.invalid/acme/docs.git\"\n\
+         credentials = {{ token = {{ from_file = {:?} }} }}\n\n\
+         [agent.coder]\nbottle = \"dev\"\n",
+        token_file.to_string_lossy()
+    ));
+    let out = world.bottle(&["apply"]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let out = world.bottle(&["check"]);
+    assert!(out.status.success(), "{}", text(&out.stdout));
+
+    // The guest cannot see the upstream: what it gets comes through the gate.
+    let out = world.guest_of("coder", "test ! -e \"$1\"", &[&bare.to_string_lossy()]);
+    assert!(out.status.success(), "the upstream is visible in the guest");
+
+    // Clone by the upstream's own URL, as the agent user.
+    let out = world.guest_of(
+        "coder",
+        "cd && git clone -q \"$1\" app && git -C app rev-parse HEAD && cat app/README",
+        &[&upstream],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        format!("{upstream_head}\nhello from upstream\n")
+    );
+    let remote_url = world.guest_of("coder", "git -C ~/app remote get-url --push origin", &[]);
+    assert!(
+        text(&remote_url.stdout).contains("/git/app.git"),
+        "{}",
+        text(&remote_url.stdout)
+    );
+
+    // A push to a branch the manifest allows arrives upstream.
+    let out = world.guest_of(
+        "coder",
+        "cd ~/app && echo change > NOTES && git add NOTES && git commit -q -m change \
+         && git push -q origin HEAD:agent/x 2>&1 && git rev-parse HEAD",
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let pushed = text(&out.stdout).trim().to_owned();
+    assert_eq!(host_git(&bare, &["rev-parse", "agent/x"]), pushed);
+    assert_eq!(
+        host_git(&bare, &["log", "-1", "--format=%an <%ae>", "agent/x"]),
+        "Coder <coder@example.com>"
+    );
+
+    // A push to main is refused, naming the rule; upstream's main is as it was.
+    let out = world.guest_of("coder", "cd ~/app && git push origin HEAD:main 2>&1", &[]);
+    let said = text(&out.stdout);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains(
+            "push to main refused: remote app allows pushes only to branches matching: agent/*"
+        ),
+        "{said}"
+    );
+    assert_eq!(host_git(&bare, &["rev-parse", "main"]), upstream_head);
+
+    // The upstream credential is nowhere in the guest.
+    let grep = world.runtime().exec(
+        "bottle_gated_coder",
+        &ExecRequest::new([
+            "sh",
+            "-c",
+            "grep -rl -s -F -- \"$1\" /etc /home /var /tmp /opt /root /usr/local; env | grep -c -F -- \"$1\"; echo done",
+            "sh",
+            TOKEN,
+        ]),
+    );
+    assert_eq!(text(&grep.unwrap().stdout), "0\ndone\n");
+    // Nor in what bottle and the gate keep (the gate reads it when told to).
+    for file in files_under(world.state.path()) {
+        let bytes = std::fs::read(&file).unwrap_or_default();
+        assert!(
+            !text(&bytes).contains(TOKEN),
+            "the token in {}",
+            file.display()
+        );
+    }
+    let out = world.bottle(&["check"]);
+    assert!(out.status.success(), "{}", text(&out.stdout));
+}

@@ -57,6 +57,7 @@ pub mod ca;
 pub mod config;
 pub mod control;
 mod egress;
+pub mod git;
 pub mod hosts;
 pub mod http;
 pub mod log;
@@ -221,13 +222,39 @@ impl Endpoints {
 }
 
 /// What the gate process of the project in `paths` serves besides egress:
-/// supervise at `/mcp/<token>`, whose grants the egress proxy consults.
+/// the git gateway at `/git/<remote>.git/...`, supervise at
+/// `/mcp/<token>`, whose grants the egress proxy consults.
 pub fn plugins(paths: &paths::GatePaths, log: Arc<log::GateLog>) -> Endpoints {
+    let git = Arc::new(git::GitGateway::new(paths, log.clone()));
     let supervise = Arc::new(supervise::Supervise::new(paths, log));
     Endpoints {
-        git: None,
+        git: Some(Arc::new(GitEndpoint(git))),
         mcp: Some(Arc::new(SuperviseEndpoint(supervise.clone()))),
         grants: supervise,
+    }
+}
+
+/// The git gateway as the listener's `/git/` endpoint: it checks the
+/// agent's git credential (HTTP Basic) itself, against the agents of the
+/// listener's bottle.
+struct GitEndpoint(Arc<git::GitGateway>);
+
+impl Endpoint for GitEndpoint {
+    fn serve(
+        &self,
+        context: EndpointContext,
+        request: http::Request,
+    ) -> Pin<Box<dyn Future<Output = http::Response> + Send>> {
+        let gateway = self.0.clone();
+        Box::pin(async move { gateway.handle(&context.bottle, request).await })
+    }
+
+    fn configure(
+        &self,
+        config: &config::GateConfig,
+        secrets: &BTreeMap<String, String>,
+    ) -> Vec<String> {
+        self.0.reload(config, secrets)
     }
 }
 
