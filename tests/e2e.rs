@@ -1954,6 +1954,14 @@ fn a_long_setup_command_is_reported_while_it_runs() {
 
 /// The guest processes running `argv` (host view of `/proc`: the local
 /// runtime's guests are host processes in their own namespaces).
+/// A sleep duration (seconds, as text) unique to this test process and
+/// call, so host-wide process counts see only this run's commands.
+fn unique_sleep() -> String {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}", 1_000_000 + (std::process::id() % 100_000) * 10 + n)
+}
+
 fn processes_running(argv: &[&str]) -> Vec<u32> {
     let wanted: Vec<u8> = argv
         .iter()
@@ -1972,11 +1980,17 @@ fn a_second_ctrl_c_ends_a_hung_setup_command_and_frees_the_lock() {
     use rustix::process::{Pid, Signal, kill_process};
     use std::io::BufRead;
     let p = project();
+    // A duration no other run on this host uses: processes are counted
+    // host-wide.
+    let secs = unique_sleep();
+    let hang = format!("sleep {secs}");
     p.write(
         "bottle.toml",
-        "[project]\nname = \"cancel\"\n\n[bottle.plain]\nuser = \"reviewer\"\n\n\
-         [[bottle.plain.setup]]\nname = \"hang\"\nrun = \"sleep 4713\"\n\n\
-         [agent.reader]\nbottle = \"plain\"\n",
+        &format!(
+            "[project]\nname = \"cancel\"\n\n[bottle.plain]\nuser = \"reviewer\"\n\n\
+             [[bottle.plain.setup]]\nname = \"hang\"\nrun = \"{hang}\"\n\n\
+             [agent.reader]\nbottle = \"plain\"\n"
+        ),
     );
     p.write("bottles.toml", "# emptied for this test\n");
     p.write("agents.toml", "# emptied for this test\n");
@@ -2022,7 +2036,7 @@ fn a_second_ctrl_c_ends_a_hung_setup_command_and_frees_the_lock() {
         }
     };
     wait_for("still running reader: apply setup:hang (", &mut child);
-    assert_eq!(processes_running(&["sleep", "4713"]).len(), 1);
+    assert_eq!(processes_running(&["sleep", &secs]).len(), 1);
     // The first Ctrl-C waits for the command; the second ends it.
     kill_process(pid, Signal::INT).expect("SIGINT");
     wait_for("waiting for reader: apply setup:hang", &mut child);
@@ -2057,10 +2071,10 @@ fn a_second_ctrl_c_ends_a_hung_setup_command_and_frees_the_lock() {
     assert!(!stdout.contains("smolvm does not end"), "{stdout}");
     // The command in the guest is gone with it.
     wait_until("the guest command to end", Duration::from_secs(60), || {
-        processes_running(&["sleep", "4713"]).is_empty()
+        processes_running(&["sleep", &secs]).is_empty()
     });
     // The lock is free (no waiting for it) and the next apply converges.
-    p.edit("bottle.toml", "sleep 4713", "true");
+    p.edit("bottle.toml", &hang, "true");
     p.bottle(&["--runtime", "local", "apply", "--lock-wait", "0"])
         .success();
     p.bottle(&["--runtime", "local", "check"]).success();
@@ -2157,10 +2171,14 @@ fn a_second_ctrl_c_ends_the_smolvm_call_and_says_the_guest_command_may_run_on() 
     use rustix::process::{Pid, Signal, kill_process};
     use std::io::BufRead;
     let p = project();
+    let secs = unique_sleep();
+    let hang = format!("sleep {secs}");
     p.edit(
         "bottles.toml",
         "[[bottle.plain.setup]]",
-        "[[bottle.plain.setup]]\nname = \"hang\"\nrun = \"sleep 4714\"\n\n[[bottle.plain.setup]]",
+        &format!(
+            "[[bottle.plain.setup]]\nname = \"hang\"\nrun = \"{hang}\"\n\n[[bottle.plain.setup]]"
+        ),
     );
     let mut apply = p.command(&["apply", "--target", "reader"]);
     apply
@@ -2229,16 +2247,16 @@ fn a_second_ctrl_c_ends_the_smolvm_call_and_says_the_guest_command_may_run_on() 
     assert_eq!(p.double.calls().len(), logged, "a call outlived bottle");
     // As on real smolvm, the command in the guest runs on (its lock would
     // hold the next apply's setup steps back until it ends): end it here.
-    let left = processes_running(&["sleep", "4714"]);
+    let left = processes_running(&["sleep", &secs]);
     assert_eq!(left.len(), 1, "the guest command ran on");
     for pid in left {
         let _ = kill_process(Pid::from_raw(pid as i32).unwrap(), Signal::KILL);
     }
     wait_until("the guest command to end", Duration::from_secs(60), || {
-        processes_running(&["sleep", "4714"]).is_empty()
+        processes_running(&["sleep", &secs]).is_empty()
     });
     // The lock was released: the next apply needs no waiting.
-    p.edit("bottles.toml", "sleep 4714", "true");
+    p.edit("bottles.toml", &hang, "true");
     p.bottle(&["apply", "--target", "reader", "--lock-wait", "0"])
         .success();
     p.bottle(&["check", "--target", "reader"]).success();
