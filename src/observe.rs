@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use crate::desired::{Desired, DesiredAgent};
+use crate::graph::StepKind;
 use crate::ledger::{LEDGER_DIR, LedgerEntry};
 use crate::runtime::{
     ExecRequest, MachineInfo, MachineState, Runtime, RuntimeError, RuntimeErrorKind,
@@ -115,6 +116,18 @@ pub fn probe_script(desired: &Desired, agent: &DesiredAgent) -> String {
             script.push_str(&format!(
                 "echo '{MARK} step {}'\n( {fragment} ) 2>/dev/null | od -An -v -tx1\n",
                 step.kind.id()
+            ));
+        }
+    }
+    // A step that left the manifest but is still recorded may need what
+    // its probe shows to be undone (the supervise server is removed from
+    // the observed ~/.claude.json).
+    if agent.step(&StepKind::Supervise).is_none() {
+        let id = StepKind::Supervise.id();
+        if let Some(fragment) = steps::probe_fragment(&StepKind::Supervise, &ctx) {
+            script.push_str(&format!(
+                "if [ -f {} ]; then echo '{MARK} step {id}'\n( {fragment} ) 2>/dev/null | od -An -v -tx1\nfi\n",
+                LedgerEntry::guest_path(&id)
             ));
         }
     }

@@ -602,15 +602,7 @@ fn plan_steps(
 }
 
 fn describe(kind: &StepKind) -> String {
-    match kind {
-        StepKind::Machine => "agent user".to_owned(),
-        StepKind::Ca => "CA certificate".to_owned(),
-        StepKind::Prompt => "prompt".to_owned(),
-        StepKind::Skills => "skills".to_owned(),
-        StepKind::Git => "git configuration".to_owned(),
-        StepKind::Setup(name) => format!("setup step `{name}`"),
-        StepKind::Supervise => "supervise server".to_owned(),
-    }
+    steps::step(kind).noun()
 }
 
 /// Managed machines of this project that no agent declares.

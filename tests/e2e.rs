@@ -181,16 +181,37 @@ fn apply_provisions_every_step_in_the_guest_and_a_second_apply_changes_nothing()
         "{}",
         first.stdout
     );
-    // Real parallelism (default 8): the ca step is handed out before the
-    // prompt step (both wait only for the machine) and takes seconds
-    // (`update-ca-certificates`); the prompt finishing first means both ran
-    // at once. One worker would finish them in hand-out order.
+    // One guest transaction per agent: create, start, one upload of every
+    // payload, one exec running every step (the ca step's
+    // `update-ca-certificates`, setup commands and all).
+    for machine in [CODER, READER] {
+        let calls: Vec<String> = p
+            .double
+            .calls()
+            .iter()
+            .filter(|c| names(c, machine))
+            .map(|c| c.verb.clone())
+            .collect();
+        assert_eq!(calls, ["create", "start", "cp", "exec"], "{machine}");
+    }
+    // Every step still has its own progress line.
     let order = progress(&first);
-    let position = |line: &str| order.iter().position(|l| l.ends_with(line)).expect(line);
-    assert!(
-        position("coder: apply prompt") < position("coder: apply ca"),
-        "{order:#?}"
-    );
+    for step in [
+        "ca",
+        "prompt",
+        "skills",
+        "git",
+        "setup:tools",
+        "setup:identity",
+        "supervise",
+    ] {
+        assert!(
+            order
+                .iter()
+                .any(|l| *l == format!("done     coder: apply {step}")),
+            "{step}: {order:#?}"
+        );
+    }
 
     // machine: labels of DESIGN §4, declared resources, network as declared.
     let coder = p.double.machine_json(CODER).expect("coder's machine");

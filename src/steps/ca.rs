@@ -1,8 +1,9 @@
 //! The ca step: the bottle's CA certificate in the guest trust store.
 
-use super::{AgentCtx, StepResult, digest, run_script, sh_quote, upload_file};
+use super::{AgentCtx, Payload, Recorded, Step, StepCx, StepError, StepResult, Work, sh_quote};
 use crate::ledger::LedgerEntry;
-use crate::runtime::{CopyOptions, Runtime};
+
+pub struct CaStep;
 
 const CA_DIR: &str = "/usr/local/share/ca-certificates";
 
@@ -26,52 +27,60 @@ pub fn probe(ctx: &AgentCtx) -> String {
     )
 }
 
-pub fn apply(ctx: &AgentCtx, rt: &dyn Runtime, entry: &mut LedgerEntry) -> StepResult<Vec<String>> {
-    let host = ctx
-        .bottle
-        .ca_cert
-        .as_ref()
-        .expect("the ca step exists only with a cert");
-    let path = cert_path(ctx);
-    upload_file(
-        rt,
-        ctx.machine,
-        host,
-        &path,
-        &CopyOptions {
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-        },
-    )?;
-    let out = run_script(
-        rt,
-        ctx.machine,
-        &entry.step,
-        "update-ca-certificates",
-        &format!(
-            "update-ca-certificates >/dev/null 2>&1 || update-ca-certificates >&2 || exit 1; {}",
-            probe(ctx)
-        ),
-        &[],
-        "the image needs the ca-certificates package (update-ca-certificates)",
-    )?;
-    entry.digest = digest(&out);
-    entry.paths = vec![path];
-    Ok(Vec::new())
-}
+const HELP: &str = "the image needs the ca-certificates package (update-ca-certificates)";
 
-pub fn undo(entry: &LedgerEntry, ctx: &AgentCtx, rt: &dyn Runtime) -> StepResult<()> {
-    let mut args: Vec<&str> = entry.paths.iter().map(String::as_str).collect();
-    args.retain(|p| p.starts_with(CA_DIR));
-    run_script(
-        rt,
-        ctx.machine,
-        &entry.step,
-        "removing the CA certificate",
-        "rm -f \"$@\" && update-ca-certificates --fresh >/dev/null 2>&1 || update-ca-certificates --fresh >&2",
-        &args,
-        "the image needs the ca-certificates package (update-ca-certificates)",
-    )?;
-    Ok(())
+/// Root, in the payload directory: `$1` the certificate's path.
+const APPLY: &str = r#"set -e
+mkdir -p "$(dirname "$1")"
+cp cert "$1.bottle-tmp" && chmod 644 "$1.bottle-tmp" && mv -f "$1.bottle-tmp" "$1"
+update-ca-certificates >/dev/null 2>&1 || update-ca-certificates >&2 || exit 1
+"#;
+
+impl Step for CaStep {
+    fn noun(&self) -> String {
+        "CA certificate".into()
+    }
+
+    fn probe(&self, ctx: &AgentCtx) -> Option<String> {
+        Some(probe(ctx))
+    }
+
+    fn drift_path(&self, ctx: &AgentCtx) -> String {
+        cert_path(ctx)
+    }
+
+    fn apply(&self, cx: &StepCx, entry: &mut LedgerEntry) -> StepResult<Work> {
+        let host = cx
+            .ctx
+            .bottle
+            .ca_cert
+            .as_ref()
+            .expect("the ca step exists only with a cert");
+        let pem = std::fs::read(host).map_err(|e| {
+            StepError::Other(
+                format!("cannot read the CA certificate {}: {e}", host.display()),
+                "check that the file exists and is readable".into(),
+            )
+        })?;
+        let path = cert_path(cx.ctx);
+        entry.paths = vec![path.clone()];
+        // What bottle sent, trusted: a bundle without it is drift.
+        Ok(Work::new("update-ca-certificates", HELP, APPLY)
+            .file(Payload::new("cert", pem, 0o644))
+            .args([path])
+            .recorded(Recorded::Expected(
+                "sha256sum < \"$P/cert\"; echo trusted".to_owned(),
+            )))
+    }
+
+    fn undo(&self, _cx: &StepCx, entry: &LedgerEntry) -> StepResult<Work> {
+        let mut args: Vec<String> = entry.paths.clone();
+        args.retain(|p| p.starts_with(CA_DIR));
+        Ok(Work::new(
+            "removing the CA certificate",
+            HELP,
+            "rm -f \"$@\" && update-ca-certificates --fresh >/dev/null 2>&1 || update-ca-certificates --fresh >&2",
+        )
+        .args(args))
+    }
 }

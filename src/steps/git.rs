@@ -2,17 +2,20 @@
 //! upstream URL to the gateway (`url.<gateway>/<name>.git.insteadOf`) and
 //! sets the commit identity. Other settings in the file are left alone.
 
-use super::{AgentCtx, StepResult, digest, entry_user, home_of, run_script_as, sh_quote};
+use super::{AgentCtx, Recorded, Step, StepCx, StepResult, Work, entry_user, sh_quote};
 use crate::ledger::LedgerEntry;
-use crate::runtime::{ExecRequest, Runtime};
+
+pub struct GitStep;
 
 const QUERY: &str = r"^(url\..*\.insteadof|user\.(name|email))$";
 
 pub fn probe(ctx: &AgentCtx) -> String {
-    format!(
-        "HOME={} git config --global --get-regexp '{QUERY}' 2>/dev/null | LC_ALL=C sort",
-        sh_quote(&ctx.home())
-    )
+    probe_home(&sh_quote(&ctx.home()))
+}
+
+/// The probe of the git configuration of the home `home` (a shell word).
+fn probe_home(home: &str) -> String {
+    format!("HOME={home} git config --global --get-regexp '{QUERY}' 2>/dev/null | LC_ALL=C sort")
 }
 
 /// `(section, upstream)` pairs: `url.<gateway>/<name>.git` rewrites
@@ -41,103 +44,104 @@ shift 3
 while [ $# -gt 0 ]; do git config --global --add "$1.insteadOf" "$2"; shift 2; done
 "#;
 
-pub fn apply(
-    ctx: &AgentCtx,
-    rt: &dyn Runtime,
-    previous: Option<&LedgerEntry>,
-    entry: &mut LedgerEntry,
-) -> StepResult<Vec<String>> {
-    let old = previous
-        .map(|p| p.detail_strings("sections"))
-        .unwrap_or_default();
-    let rewrites = rewrites(ctx);
-    let mut sections: Vec<String> = rewrites.iter().map(|(s, _)| s.clone()).collect();
-    sections.dedup();
-    // Remove the old and the new sections, so re-applying never duplicates.
-    let mut remove: Vec<String> = old.clone();
-    for s in &sections {
-        if !remove.contains(s) {
-            remove.push(s.clone());
-        }
-    }
-    let count = remove.len().to_string();
-    let (name, email) = ctx
-        .bottle
-        .spec
-        .git
-        .as_ref()
-        .and_then(|g| g.user.as_ref())
-        .map(|u| (u.name.as_str(), u.email.as_str()))
-        .unwrap_or(("", ""));
-    // Only an identity bottle set itself is ever removed.
-    let had_identity = previous
-        .and_then(|p| p.detail.get("identity"))
-        .and_then(|v| v.as_bool())
-        .unwrap_or(false);
-    let unset = if had_identity && name.is_empty() {
-        "unset"
-    } else {
-        "keep"
-    };
-    let mut args: Vec<&str> = vec![&count];
-    args.extend(remove.iter().map(String::as_str));
-    args.extend([name, email, unset]);
-    for (section, upstream) in &rewrites {
-        args.push(section);
-        args.push(upstream);
-    }
-    let user = Some(ctx.user());
-    let script = format!(
-        "export HOME={}\n{CONFIGURE}{}",
-        sh_quote(&ctx.home()),
-        probe(ctx)
-    );
-    let out = run_script_as(
-        rt,
-        ctx.machine,
-        &entry.step,
-        user,
-        "configuring git",
-        &script,
-        &args,
-        "the image needs `git`",
-        ExecRequest::DEFAULT_TIMEOUT,
-    )?;
-    entry.digest = digest(&out);
-    entry.paths = vec![format!("{}/.gitconfig", ctx.home())];
-    entry
-        .detail
-        .insert("sections".into(), serde_json::json!(sections));
-    entry
-        .detail
-        .insert("identity".into(), serde_json::json!(!name.is_empty()));
-    Ok(Vec::new())
-}
+/// Root: the user configures its own file; then the same configuration is
+/// written from nothing into a private home, for the recorded digest.
+const APPLY: &str = r#"set -e
+body=$1; shift
+bottle_as "$bottle_user" "$body" "$@"
+mkdir home && HOME="$P/home" sh -c "$body" sh "$@"
+"#;
 
-pub fn undo(entry: &LedgerEntry, ctx: &AgentCtx, rt: &dyn Runtime) -> StepResult<()> {
-    let sections = entry.detail_strings("sections");
-    let identity = entry
-        .detail
-        .get("identity")
-        .and_then(|v| v.as_bool())
-        .unwrap_or(false);
-    let user = entry_user(entry, ctx);
-    let mut script = format!("export HOME={}\n", sh_quote(&home_of(user)));
-    script.push_str("for s in \"$@\"; do git config --global --remove-section \"$s\" 2>/dev/null || true; done\n");
-    if identity {
-        script.push_str("git config --global --unset user.name || true; git config --global --unset user.email || true\n");
+const HELP: &str = "the image needs `git`";
+
+impl Step for GitStep {
+    fn noun(&self) -> String {
+        "git configuration".into()
     }
-    let args: Vec<&str> = sections.iter().map(String::as_str).collect();
-    run_script_as(
-        rt,
-        ctx.machine,
-        &entry.step,
-        Some(user),
-        "removing the git configuration",
-        &script,
-        &args,
-        "the image needs `git`",
-        ExecRequest::DEFAULT_TIMEOUT,
-    )?;
-    Ok(())
+
+    fn probe(&self, ctx: &AgentCtx) -> Option<String> {
+        Some(probe(ctx))
+    }
+
+    fn drift_path(&self, ctx: &AgentCtx) -> String {
+        format!("{}/.gitconfig", ctx.home())
+    }
+
+    fn in_home(&self) -> bool {
+        true
+    }
+
+    fn apply(&self, cx: &StepCx, entry: &mut LedgerEntry) -> StepResult<Work> {
+        let ctx = cx.ctx;
+        let previous = cx.previous;
+        let old = previous
+            .map(|p| p.detail_strings("sections"))
+            .unwrap_or_default();
+        let rewrites = rewrites(ctx);
+        let mut sections: Vec<String> = rewrites.iter().map(|(s, _)| s.clone()).collect();
+        sections.dedup();
+        // Remove the old and the new sections, so re-applying never duplicates.
+        let mut remove: Vec<String> = old.clone();
+        for s in &sections {
+            if !remove.contains(s) {
+                remove.push(s.clone());
+            }
+        }
+        let (name, email) = ctx
+            .bottle
+            .spec
+            .git
+            .as_ref()
+            .and_then(|g| g.user.as_ref())
+            .map(|u| (u.name.as_str(), u.email.as_str()))
+            .unwrap_or(("", ""));
+        // Only an identity bottle set itself is ever removed.
+        let had_identity = previous
+            .and_then(|p| p.detail.get("identity"))
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        let unset = if had_identity && name.is_empty() {
+            "unset"
+        } else {
+            "keep"
+        };
+        let mut args: Vec<String> = vec![CONFIGURE.to_owned(), remove.len().to_string()];
+        args.extend(remove);
+        args.extend([name.to_owned(), email.to_owned(), unset.to_owned()]);
+        for (section, upstream) in &rewrites {
+            args.push(section.clone());
+            args.push(upstream.clone());
+        }
+        entry.paths = vec![format!("{}/.gitconfig", ctx.home())];
+        entry
+            .detail
+            .insert("sections".into(), serde_json::json!(sections));
+        entry
+            .detail
+            .insert("identity".into(), serde_json::json!(!name.is_empty()));
+        Ok(Work::new("configuring git", HELP, APPLY)
+            .args(args)
+            .recorded(Recorded::Expected(probe_home("\"$P/home\""))))
+    }
+
+    fn undo(&self, cx: &StepCx, entry: &LedgerEntry) -> StepResult<Work> {
+        let sections = entry.detail_strings("sections");
+        let identity = entry
+            .detail
+            .get("identity")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        let mut body = "for s in \"$@\"; do git config --global --remove-section \"$s\" 2>/dev/null || true; done\n".to_owned();
+        if identity {
+            body.push_str("git config --global --unset user.name || true; git config --global --unset user.email || true\n");
+        }
+        let mut args = vec![entry_user(entry, cx.ctx).to_owned(), body];
+        args.extend(sections);
+        Ok(Work::new(
+            "removing the git configuration",
+            HELP,
+            "u=$1; body=$2; shift 2; bottle_as \"$u\" \"$body\" \"$@\"",
+        )
+        .args(args))
+    }
 }
