@@ -510,6 +510,7 @@ fn run_batch(
     // The transaction's steps: the head's machine step when it provisions,
     // then the unit's steps. `owners[n]` is the unit index of transaction
     // step n; `slot` the transaction index of an action id.
+    let fresh = matches!(head.op, Op::Create | Op::Replace);
     let mut txn_steps: Vec<TxnStep> = Vec::new();
     let mut owners: Vec<usize> = Vec::new();
     let mut early: BTreeMap<usize, Outcome> = BTreeMap::new();
@@ -530,7 +531,10 @@ fn run_batch(
                     previous,
                 } => {
                     let kind: StepKind = step.parse().expect("planned steps parse");
-                    let observed = shared.observed(&action.machine, step);
+                    // A new disk holds nothing observation saw.
+                    let observed = (!fresh)
+                        .then(|| shared.observed(&action.machine, step))
+                        .flatten();
                     steps::apply_work(&kind, hash, &ctx, previous.as_ref(), observed.as_deref())
                         .map(|(entry, work)| (step.clone(), work, Ledger::Write(entry)))
                 }

@@ -1,23 +1,29 @@
 //! What each provisioning step does inside a guest: apply, probe, undo.
 //!
-//! Every step kind owns one module with the same three pieces:
+//! Every step kind owns one module implementing [`Step`], and [`step`] is
+//! the one table from a [`StepKind`] to it; plan, observe and apply use
+//! nothing else:
 //! - `probe`: a shell fragment whose output describes what the step left in
 //!   the guest. Observation runs the fragments of all of an agent's steps in
-//!   one `exec`; the digest of a fragment's output is compared with the digest
-//!   recorded in the ledger right after the step was applied, which is how
-//!   in-guest drift shows.
-//! - `apply`: make the guest match, then return the ledger entry to record.
-//! - `undo`: remove what the ledger entry says the step owns.
+//!   one `exec`; the digest of a fragment's output is compared with the
+//!   digest recorded in the ledger, which is how in-guest drift shows.
+//! - `apply`: the [`Work`] that makes the guest match (its payload files,
+//!   its root script, and how the recorded digest is found: [`Recorded`],
+//!   always from what bottle sent), filling the ledger entry to record.
+//! - `undo`: the [`Work`] that removes what the ledger entry says the step
+//!   owns.
 //!
-//! Every script a step runs in the guest holds the step's lock
-//! ([`lock_preamble`]); probes take none. They only read: a probe beside a
-//! step still running (left by a killed apply) may see its work half done,
-//! and an apply then waits for that step before it redoes it. A probe that
-//! waited for locks would hold up every `plan` and `check` behind a stuck
-//! command.
+//! The due steps of an agent run as one guest transaction ([`txn`]): one
+//! upload, one exec. Every script a step runs in the guest holds the
+//! step's lock ([`lock_preamble`]); probes take none. They only read: a
+//! probe beside a step still running (left by a killed apply) may see its
+//! work half done, and an apply then waits for that step before it redoes
+//! it. A probe that waited for locks would hold up every `plan` and
+//! `check` behind a stuck command.
 //!
 //! User data reaches guest shells only as positional arguments (`"$1"`),
-//! never spliced into script text.
+//! never spliced into script text (probe fragments quote the few names
+//! they need).
 
 pub mod ca;
 pub mod git;
@@ -747,5 +753,31 @@ pub(crate) mod tests {
         assert!(out.status.success(), "{}", text(&out.stderr));
         let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o700);
+    }
+
+    /// Item 24 of issue 9: a hard link inside a skill would copy a file
+    /// from anywhere on the host's filesystem into the guest.
+    #[test]
+    fn a_hard_link_is_never_archived() {
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tmp.path().join("outside-secret");
+        std::fs::write(&outside, "host secret").unwrap();
+        let skill = tmp.path().join("skill");
+        std::fs::create_dir(&skill).unwrap();
+        std::fs::write(skill.join("SKILL.md"), "ok").unwrap();
+        std::fs::hard_link(&outside, skill.join("copied")).unwrap();
+        let error = tar_paths(std::iter::once(skill.as_path()), 0).unwrap_err();
+        assert!(error.to_string().contains("hard links"), "{error}");
+        std::fs::remove_file(skill.join("copied")).unwrap();
+        let archive = tar_paths(std::iter::once(skill.as_path()), 0o022).unwrap();
+        let mut names = Vec::new();
+        for entry in tar::Archive::new(archive.as_slice()).entries().unwrap() {
+            let entry = entry.unwrap();
+            let header = entry.header();
+            assert_eq!((header.uid().unwrap(), header.gid().unwrap()), (0, 0));
+            assert_eq!(header.mode().unwrap() & 0o022, 0);
+            names.push(entry.path().unwrap().display().to_string());
+        }
+        assert_eq!(names, ["skill", "skill/SKILL.md"]);
     }
 }
