@@ -205,3 +205,38 @@ fn a_prompt_edit_is_one_transaction_and_records_what_was_sent() {
     p.bottle(&["apply"]).success();
     p.bottle(&["check"]).success();
 }
+
+/// A supervise server removed from the manifest leaves ~/.claude.json in
+/// one transaction, edited from what observation read: Claude Code's own
+/// keys stay.
+#[test]
+fn a_removed_supervise_server_leaves_the_file_claude_code_keeps() {
+    let p = project();
+    p.bottle(&["apply"]).success();
+    p.double.sh(
+        CODER,
+        r#"runuser -u node -- sh -c 'printf "%s" "{\"numStartups\": 7, \"mcpServers\": {\"supervise\": {\"type\": \"http\", \"url\": \"http://10.8.0.2:9100/\"}, \"other\": {\"type\": \"stdio\", \"command\": \"x\"}}}" > /home/node/.claude.json'"#,
+    );
+    p.edit(
+        "bottles.toml",
+        "[bottle.dev.supervise]\nurl = \"http://10.8.0.2:9100/\"",
+        "",
+    );
+    let start = p.double.calls().len();
+    let removed = p.bottle(&["apply"]);
+    removed.success();
+    assert!(
+        removed.stdout.contains("undo     supervise"),
+        "{}",
+        removed.stdout
+    );
+    let calls = p.double.calls().split_off(start);
+    assert_eq!(verbs_of(&calls, CODER), ["exec", "cp", "exec"]);
+    let config: serde_json::Value =
+        serde_json::from_str(&p.double.sh(CODER, "cat /home/node/.claude.json")).unwrap();
+    assert_eq!(
+        config,
+        serde_json::json!({"numStartups": 7, "mcpServers": {"other": {"type": "stdio", "command": "x"}}})
+    );
+    p.bottle(&["check"]).success();
+}

@@ -139,9 +139,6 @@ pub fn run(rt: &dyn Runtime, machine: &str, user: &str, steps: &[TxnStep]) -> Ve
         return all_fail(e);
     }
     let (script, args) = runner(&id, user, steps);
-    if let Some(path) = std::env::var_os("BOTTLE_TXN_DEBUG") {
-        let _ = std::fs::write(path, format!("{script}\n---\n{args:#?}"));
-    }
     let mut argv = vec!["sh".to_owned(), "-c".to_owned(), script, "sh".to_owned()];
     argv.extend(args);
     let timeout = steps
