@@ -522,7 +522,15 @@ pub fn tar_paths<'a>(paths: impl Iterator<Item = &'a Path>, clear: u32) -> StepR
     let mut builder = tar::Builder::new(Vec::new());
     for path in paths {
         let name = Path::new(path.file_name().unwrap_or_default());
-        append_tree(&mut builder, path, name, clear)?;
+        // A declared path that is itself a link (validation keeps it inside
+        // the manifests directory) is copied as what it names.
+        let resolved = match std::fs::symlink_metadata(path) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+            }
+            _ => path.to_path_buf(),
+        };
+        append_tree(&mut builder, &resolved, name, clear)?;
     }
     builder.into_inner().map_err(|e| {
         StepError::Other(
