@@ -181,7 +181,8 @@ fn agent_user_and_setup_commands_never_hold_the_lock() {
     let p = project();
     p.bottle(&["apply"]).success();
     let rt = p.double.runtime();
-    let fd9 = "if [ -e /proc/$$/fd/9 ]; then echo fd9 open; else echo fd9 closed; fi";
+    // `[` is the shell's own: /proc/self is the (sub)shell running it.
+    let fd9 = "if [ -e /proc/self/fd/9 ]; then echo fd9 open; else echo fd9 closed; fi";
 
     // In a guest transaction, a root script holds its step's lock while it
     // runs, on fd 9; a script it runs as the agent user is the user's, with
