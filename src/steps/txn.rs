@@ -445,3 +445,79 @@ fn parse(
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(id: &str) -> TxnStep {
+        TxnStep {
+            step: id.into(),
+            work: Work::new("doing it", "try again", ""),
+            ledger: Ledger::Remove,
+            after: vec![],
+        }
+    }
+
+    fn hex(text: &str) -> String {
+        text.bytes().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn each_step_gets_its_own_outcome() {
+        let steps = [step("ca"), step("prompt"), step("setup:tools"), step("git")];
+        let out = format!(
+            "{MARK} 0 done\n{MARK} 1 failed 3 {}\n{MARK} 2 skipped 1\n\
+             {MARK} 3 failed 98 {}\n{MARK} end\n",
+            hex("oops\n"),
+            hex("bottle-lock: busy\n")
+        );
+        let outcomes = parse("m1", &steps, &out, "", 0);
+        assert!(matches!(outcomes[0], StepOutcome::Done));
+        let StepOutcome::Failed(e) = &outcomes[1] else {
+            panic!("{outcomes:?}")
+        };
+        assert_eq!(
+            e.to_string(),
+            "doing it failed in the guest (exit status 3): oops"
+        );
+        assert!(matches!(outcomes[2], StepOutcome::Skipped(1)));
+        assert!(
+            matches!(&outcomes[3], StepOutcome::Failed(StepError::StepBusy { step, .. }) if step == "git"),
+            "{outcomes:?}"
+        );
+    }
+
+    #[test]
+    fn a_transaction_cut_short_fails_what_it_did_not_report() {
+        let steps = [step("ca"), step("prompt")];
+        let outcomes = parse("m1", &steps, &format!("{MARK} 0 done\n"), "killed", 137);
+        assert!(matches!(outcomes[0], StepOutcome::Done));
+        let StepOutcome::Failed(e) = &outcomes[1] else {
+            panic!("{outcomes:?}")
+        };
+        assert!(
+            e.to_string()
+                .contains("ended early (exit status 137): killed"),
+            "{e}"
+        );
+        let fatal = format!("{MARK} fatal {}\n", hex("cannot unpack"));
+        let outcomes = parse("m1", &steps, &fatal, "", 1);
+        assert!(outcomes.iter().all(|o| matches!(o, StepOutcome::Failed(e)
+            if e.to_string().contains("cannot unpack"))));
+    }
+
+    /// Guest output never decides an outcome unless it is the runner's own
+    /// line: each step's output goes to files, and a line that is not
+    /// well-formed is ignored.
+    #[test]
+    fn only_the_runners_lines_count() {
+        let steps = [step("prompt")];
+        let out = format!("{MARK} 7 done\n{MARK} x done\n{MARK}\n{MARK} end\n");
+        let outcomes = parse("m1", &steps, &out, "", 0);
+        assert!(
+            matches!(outcomes[0], StepOutcome::Failed(_)),
+            "{outcomes:?}"
+        );
+    }
+}
