@@ -18,7 +18,9 @@
 //! `cargo bench --bench watch`; knobs: `WATCH_BENCH_RUNS` (latency samples,
 //! default 21), `WATCH_BENCH_AGENTS` (default 100), `WATCH_BENCH_IDLE_SECS`
 //! (default 30), `WATCH_BENCH_SMALL_ONLY=1` (skip the 100-agent part),
-//! `WATCH_BENCH_LATENCY_MS` (added to every double call, default 0).
+//! `WATCH_BENCH_LATENCY_MS` (added to every double call, default 0),
+//! `WATCH_BENCH_BOTTLE` (a `bottle` binary to measure instead of this
+//! build's).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -73,7 +75,8 @@ impl Bench {
             .unwrap();
         }
         std::fs::write(dir.join("bottle.toml"), toml).unwrap();
-        let mut watch = Command::new(BOTTLE)
+        let bottle = std::env::var_os("WATCH_BENCH_BOTTLE").unwrap_or_else(|| BOTTLE.into());
+        let mut watch = Command::new(bottle)
             .args(["--smolvm", DOUBLE, "--state-dir"])
             .arg(root.join("state"))
             .args(["watch", "--json"])

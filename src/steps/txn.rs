@@ -263,8 +263,8 @@ bottle_err=$(tar -xof "$T.tar" -C "$T" 2>&1) || bottle_fatal "cannot unpack the 
 rm -f "$T.tar"
 bottle_ids() {{ bottle_uid=$(id -u "$bottle_user" 2>/dev/null); bottle_gid=$(id -g "$bottle_user" 2>/dev/null); }}
 bottle_stage() {{
-  bottle_su=${{2:-$bottle_user}}
-  bottle_f=$(mktemp "$S/XXXXXXXXXXXXXXXX") && cp "$1" "$bottle_f" && chown "$(id -u "$bottle_su"):$(id -g "$bottle_su")" "$bottle_f" && chmod 600 "$bottle_f" && printf '%s\n' "$bottle_f"
+  if [ -n "$2" ]; then bottle_so="$(id -u "$2"):$(id -g "$2")"; else bottle_so="$bottle_uid:$bottle_gid"; fi
+  bottle_f=$(mktemp "$S/XXXXXXXXXXXXXXXX") && cp "$1" "$bottle_f" && chown "$bottle_so" "$bottle_f" && chmod 600 "$bottle_f" && printf '%s\n' "$bottle_f"
 }}
 bottle_as() {{
   bottle_au=$1; bottle_ab=$2; shift 2
@@ -278,8 +278,11 @@ bottle_sub() {{
 }}
 bottle_fill() {{
   bottle_x=$(bottle_sub "$1" {kd} "\"$bottle_digest\"")
-  bottle_x=$(bottle_sub "$bottle_x" {ku} "${{bottle_uid:-null}}")
-  bottle_sub "$bottle_x" {kg} "${{bottle_gid:-null}}"
+  case $bottle_x in *{ku}*|*{kg}*)
+    bottle_x=$(bottle_sub "$bottle_x" {ku} "${{bottle_uid:-null}}")
+    bottle_x=$(bottle_sub "$bottle_x" {kg} "${{bottle_gid:-null}}") ;;
+  esac
+  printf '%s' "$bottle_x"
 }}
 "#,
         fatal_hex = hex_of("printf '%s' \"$1\""),
@@ -323,16 +326,18 @@ bottle_fill() {{
             .collect();
         script.push_str(&format!(
             "# step {i}: {name}\nbottle_dep=\n{deps}if [ -z \"$bottle_dep\" ]; then\n\
-             bottle_ids\n\
+             [ -n \"$bottle_uid\" ] || bottle_ids\n\
              (\n{preamble}mkdir -p \"$T/p/{i}\" && cd \"$T/p/{i}\" || exit 1\nP=$PWD\n\
              bottle_t=${{{template_at}}}\n{slice}( umask 022\n{body}\n)\nbottle_rc=$?; [ $bottle_rc -eq 0 ] || exit $bottle_rc\n\
-             bottle_ids\n{digest}\numask 077\n{ledger}\n\
+             {refresh}{digest}\numask 077\n{ledger}\n\
              ) >/dev/null 2>\"$T/e.{i}\"\n\
              bottle_rc=$?\n\
              if [ $bottle_rc -eq 0 ]; then bottle_s_{i}=done; echo \"{MARK} {i} done\"\n\
              else bottle_s_{i}=failed; echo \"{MARK} {i} failed $bottle_rc {err_hex}\"; fi\n\
              else bottle_s_{i}=skipped; echo \"{MARK} {i} skipped $bottle_dep\"; fi\n",
             name = sanitize(&step.step),
+            // The machine step creates the user its ids come from.
+            refresh = if step.step == "machine" { "bottle_ids\n" } else { "" },
             preamble = lock_preamble(LOCK_DIR, &step.step, wait),
             slice = slice(start, step.work.args.len()),
             body = step.work.script,
