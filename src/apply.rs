@@ -410,13 +410,13 @@ fn lifecycle(
         match &head.op {
             Op::Create => {
                 rt.create(&machine::machine_spec(ctx))?;
-                rt.start(&head.machine)?;
+                start_created(rt, &head.machine)?;
             }
             Op::Replace => {
                 check_replacement_creates(ctx, rt, shared)?;
                 rt.delete(&head.machine)?;
                 rt.create(&machine::machine_spec(ctx))?;
-                rt.start(&head.machine)?;
+                start_created(rt, &head.machine)?;
             }
             Op::Restart { update } => {
                 rt.stop(&head.machine)?;
@@ -446,6 +446,9 @@ fn lifecycle(
                 .map(|()| Vec::new())
                 .map_err(Into::into),
         ),
+        Op::Gate { action } => {
+            Lifecycle::Alone(crate::gate::reconcile::run(desired, *action).map(|()| Vec::new()))
+        }
         Op::Apply { .. } | Op::Undo { .. } => Lifecycle::None,
     }
 }
@@ -465,6 +468,15 @@ fn run_batch(
         seconds: secs(t.elapsed()),
         error: render_error(e),
     };
+    if let Op::Gate { action } = &head.op {
+        let outcome = match crate::gate::reconcile::run(desired, *action) {
+            Ok(()) => Outcome::Done {
+                seconds: secs(t.elapsed()),
+            },
+            Err(e) => failed(&e),
+        };
+        return (vec![(head.id, outcome)], Vec::new());
+    }
     let Some(agent_name) = &head.agent else {
         // Only deletions concern machines no agent declares.
         let outcome = match delete_if_there(rt, &head.machine) {
@@ -531,6 +543,12 @@ fn run_batch(
                     previous,
                 } => {
                     let kind: StepKind = step.parse().expect("planned steps parse");
+                    // The project CA as it is now (a gate this apply
+                    // started minted it after the plan was made).
+                    let ca_now = (kind == StepKind::Ca)
+                        .then(|| desired.gate.as_ref()?.ca_hash(agent_name))
+                        .flatten();
+                    let hash = ca_now.as_deref().unwrap_or(hash);
                     // A new disk holds nothing observation saw.
                     let observed = (!fresh)
                         .then(|| shared.observed(&action.machine, step))
@@ -619,6 +637,25 @@ fn run_batch(
     (done, Vec::new())
 }
 
+/// Start a machine this action just created. A failure says that the
+/// machine exists (the next apply starts it rather than creating it again),
+/// keeping the runtime's own help.
+fn start_created(rt: &dyn Runtime, name: &str) -> Result<(), StepError> {
+    rt.start(name).map_err(|error| {
+        use miette::Diagnostic;
+        let help = error
+            .help()
+            .map(|help| help.to_string())
+            .unwrap_or_else(|| {
+                "fix the cause above and run `bottle apply` again: it starts the machine".into()
+            });
+        StepError::Other(
+            format!("created {name}, but it did not start: {error}"),
+            help,
+        )
+    })
+}
+
 /// A machine that was not running has just started: probe it and plan its
 /// steps, as observation would have.
 fn converge_after_start(
@@ -648,6 +685,8 @@ fn converge_after_start(
     let snapshot = Snapshot {
         machines: listed,
         probes: BTreeMap::from([(agent.machine.clone(), probe)]),
+        // Not observed: the gate's action is the first plan's.
+        gate: None,
     };
     let options = PlanOptions {
         targets: Some(vec![agent.name.clone()]),

@@ -14,6 +14,9 @@ pub struct Desired {
     pub project: Project,
     pub agents: BTreeMap<String, DesiredAgent>,
     by_machine: BTreeMap<String, String>,
+    /// The project's gate, once [`Desired::attach_gate`] knows the state
+    /// directory and the runtime (the runtime-facing commands).
+    pub gate: Option<crate::gate::reconcile::DesiredGate>,
 }
 
 #[derive(Debug, Clone)]
@@ -71,7 +74,81 @@ impl Desired {
             project,
             agents,
             by_machine,
+            gate: None,
         }
+    }
+
+    /// Know the gate: its kept state (ports, credentials; filled in memory
+    /// where missing), its config, what each gated agent is given; and
+    /// extend the hashes that depend on them (DESIGN.md section 9): the
+    /// machine's spec hash by the guest's gate settings (a `gate` field),
+    /// the `ca` step's by the project CA, the gate-served `git` and
+    /// `supervise` steps' by their URLs.
+    pub fn attach_gate(
+        &mut self,
+        state_dir: &std::path::Path,
+        runtime: crate::runtime::RuntimeKind,
+    ) -> Result<(), crate::gate::reconcile::GateError> {
+        use crate::graph::hash;
+        let mut gate = crate::gate::reconcile::DesiredGate::new(&self.project, state_dir, runtime)?;
+        let ca = gate.ca_digest();
+        for agent in self.agents.values_mut() {
+            let Some(g) = gate.agents.get(&agent.name).cloned() else {
+                continue;
+            };
+            let spec = &self.project.bottles[&self.project.agents[&agent.name].spec.bottle].spec;
+            let mut env = hash::Enc::new(hash::SPEC_VERSION, "gate");
+            env.str(&g.address).u64(g.env.len() as u64);
+            for (k, v) in &g.env {
+                env.str(k).str(v);
+            }
+            let field = hash::hex(&env.finish());
+            let m = &mut agent.machine_hashes;
+            m.spec_hash = hash::with_gate_inputs(&m.spec_hash, &[&field]);
+            m.fields.insert("gate", hash::short(&field).to_owned());
+            // Steps whose hash was extended here by what is known at plan
+            // time (the gate's URLs and credentials), with their new hash: a
+            // setup step after one of them is extended by it (its chain,
+            // `hash::setup_after`, only saw the manifests' hash). Not `ca`:
+            // a gate this apply starts mints the project CA after the plan,
+            // so a setup step's recorded hash could not follow it.
+            let mut extended: Vec<(StepKind, String)> = Vec::new();
+            for step in &mut agent.steps {
+                let input = match &step.kind {
+                    StepKind::Setup(_) => {
+                        let chained: Vec<String> = step
+                            .after
+                            .iter()
+                            .filter_map(|k| extended.iter().find(|(e, _)| e == k))
+                            .map(|(e, h)| format!("{} {h}", e.id()))
+                            .collect();
+                        if chained.is_empty() {
+                            continue;
+                        }
+                        chained.join("\n")
+                    }
+                    StepKind::Ca => {
+                        gate.ca_base.insert(agent.name.clone(), step.hash.clone());
+                        ca.clone()
+                    }
+                    StepKind::Git if spec.git.as_ref().is_some_and(|g| g.gateway.is_none()) => {
+                        g.git_base.clone()
+                    }
+                    StepKind::Supervise
+                        if spec.supervise.as_ref().is_some_and(|s| s.url.is_none()) =>
+                    {
+                        g.supervise_url.clone()
+                    }
+                    _ => continue,
+                };
+                step.hash = hash::with_gate_inputs(&step.hash, &[&input]);
+                if step.kind != StepKind::Ca {
+                    extended.push((step.kind.clone(), step.hash.clone()));
+                }
+            }
+        }
+        self.gate = Some(gate);
+        Ok(())
     }
 
     pub fn by_machine(&self, machine: &str) -> Option<&DesiredAgent> {
@@ -79,12 +156,14 @@ impl Desired {
     }
 
     pub fn ctx<'a>(&'a self, agent: &'a DesiredAgent) -> AgentCtx<'a> {
-        AgentCtx::new(
+        let mut ctx = AgentCtx::new(
             &self.project,
             &self.project.agents[&agent.name],
             &agent.machine,
             &agent.machine_hashes,
-        )
+        );
+        ctx.gate = self.gate.as_ref().and_then(|g| g.agents.get(&agent.name));
+        ctx
     }
 }
 

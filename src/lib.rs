@@ -21,6 +21,7 @@ pub mod observe;
 pub mod plan;
 pub mod preflight;
 pub mod runtime;
+pub mod secrets;
 pub mod steps;
 pub mod time;
 pub mod watch;

@@ -22,6 +22,8 @@ pub struct Snapshot {
     pub machines: Vec<MachineInfo>,
     /// Probes of running machines of this project, by machine name.
     pub probes: BTreeMap<String, Probe>,
+    /// The project gate's health (`None`: not observed).
+    pub gate: Option<crate::gate::reconcile::GateHealth>,
 }
 
 impl Snapshot {
@@ -95,10 +97,29 @@ pub fn observe(
     Ok(Snapshot {
         machines,
         probes: probes.into_inner().expect("probes lock"),
+        gate: desired
+            .gate
+            .as_ref()
+            .map(|g| crate::gate::reconcile::health(&g.paths)),
     })
 }
 
 const MARK: &str = "@@bottle-probe";
+
+/// The most a probe section may hold. Fragments print hashes, modes and
+/// names, or one small config file: more is the agent's doing (a
+/// `~/.claude.json` of 300 MB), never read whole. A longer section is cut
+/// here, in the guest, and observed as [`OVER_LIMIT`]: drift that the
+/// step's apply repairs by rewriting what it owns.
+pub const SECTION_LIMIT: usize = 1 << 20;
+
+/// How long one fragment may run (where the guest has `timeout`): a
+/// fragment the agent makes slow (a FIFO or a huge file where a skill file
+/// was) is cut short and shows as drift, not as a probe that never ends.
+pub const FRAGMENT_SECONDS: u32 = 15;
+
+/// A section observed longer than [`SECTION_LIMIT`].
+pub const OVER_LIMIT: &str = "@@bottle over limit\n";
 
 /// The one script a probe runs: the ledger, then each step's fragment.
 ///
@@ -108,15 +129,15 @@ const MARK: &str = "@@bottle-probe";
 /// mark and forge another step's section, hiding drift from `check`.
 pub fn probe_script(desired: &Desired, agent: &DesiredAgent) -> String {
     let ctx = desired.ctx(agent);
+    // Ledger files are root's (0700 directory): only their number and size
+    // are bounded here, by what bottle writes.
     let mut script = format!(
-        "for f in {LEDGER_DIR}/*.json; do [ -f \"$f\" ] || continue; echo '{MARK} ledger'; cat \"$f\"; echo; done\n"
+        "for f in {LEDGER_DIR}/*.json; do [ -f \"$f\" ] || continue; echo '{MARK} ledger'; head -c {SECTION_LIMIT} \"$f\"; echo; done\n{}",
+        timeout_preamble(FRAGMENT_SECONDS)
     );
     for step in &agent.steps {
         if let Some(fragment) = steps::probe_fragment(&step.kind, &ctx) {
-            script.push_str(&format!(
-                "echo '{MARK} step {}'\n( {fragment} ) 2>/dev/null | od -An -v -tx1\n",
-                step.kind.id()
-            ));
+            script.push_str(&section_script(&step.kind.id(), &fragment));
         }
     }
     // A step that left the manifest but is still recorded may need what
@@ -126,13 +147,38 @@ pub fn probe_script(desired: &Desired, agent: &DesiredAgent) -> String {
         let id = StepKind::Supervise.id();
         if let Some(fragment) = steps::probe_fragment(&StepKind::Supervise, &ctx) {
             script.push_str(&format!(
-                "if [ -f {} ]; then echo '{MARK} step {id}'\n( {fragment} ) 2>/dev/null | od -An -v -tx1\nfi\n",
-                LedgerEntry::guest_path(&id)
+                "if [ -f {} ]; then\n{}fi\n",
+                LedgerEntry::guest_path(&id),
+                section_script(&id, &fragment)
             ));
         }
     }
+    script.push_str(&section_script(
+        steps::machine::SETTINGS_SECTION,
+        &steps::machine::settings_probe(&ctx),
+    ));
     script.push_str(&format!("echo '{MARK} end'\n"));
     script
+}
+
+/// Sets `$bottle_t` to the command that bounds a fragment's time, where
+/// the guest has a `timeout` that takes this form (GNU's kills the
+/// fragment's whole process group; an old busybox one that wants `-t` is
+/// not used rather than failing every fragment).
+fn timeout_preamble(seconds: u32) -> String {
+    format!(
+        "bottle_t=; if timeout -s KILL {seconds} true >/dev/null 2>&1; then bottle_t=\"timeout -s KILL {seconds}\"; fi\n"
+    )
+}
+
+/// One step's section: its fragment bounded in time and output (one byte
+/// over the limit tells a cut section from a full one), hex-encoded.
+fn section_script(step: &str, fragment: &str) -> String {
+    format!(
+        "echo '{MARK} step {step}'\n$bottle_t sh -c {} 2>/dev/null | head -c {} | od -An -v -tx1\n",
+        steps::sh_quote(fragment),
+        SECTION_LIMIT + 1
+    )
 }
 
 /// Probe one machine (also used right after a stopped machine is started).
@@ -199,6 +245,11 @@ pub fn parse_probe(output: &str) -> Probe {
             }
         } else if let Some(step) = header.strip_prefix("step ") {
             match decode_hex(&body) {
+                Some(output) if output.len() > SECTION_LIMIT => {
+                    probe
+                        .sections
+                        .insert(step.to_owned(), OVER_LIMIT.to_owned());
+                }
                 Some(output) => {
                     probe.sections.insert(step.to_owned(), output);
                 }
@@ -233,10 +284,12 @@ pub fn parse_probe(output: &str) -> Probe {
     probe
 }
 
-/// `od -An -v -tx1` output back to the text it encodes.
+/// `od -An -v -tx1` output back to the text it encodes (at most one byte
+/// over [`SECTION_LIMIT`]: the guest cut the rest).
 fn decode_hex(text: &str) -> Option<String> {
     let bytes = text
         .split_ascii_whitespace()
+        .take(SECTION_LIMIT + 1)
         .map(|byte| u8::from_str_radix(byte, 16).ok())
         .collect::<Option<Vec<u8>>>()?;
     Some(String::from_utf8_lossy(&bytes).into_owned())
@@ -285,6 +338,90 @@ mod tests {
         assert_eq!(probe.error, None);
         assert_eq!(probe.sections["prompt"], "600 1000 1000\ntampered  -\n");
         assert_eq!(probe.sections["supervise"], forged);
+    }
+
+    /// Run sections through the host's `sh`, as a guest's would.
+    fn run_sections(seconds: u32, sections: &[(&str, &str)]) -> Probe {
+        run_sections_in(None, seconds, sections)
+    }
+
+    fn run_sections_in(path: Option<&str>, seconds: u32, sections: &[(&str, &str)]) -> Probe {
+        let mut script = timeout_preamble(seconds);
+        for (step, fragment) in sections {
+            script.push_str(&section_script(step, fragment));
+        }
+        script.push_str(&format!("echo '{MARK} end'\n"));
+        let mut command = std::process::Command::new("/bin/sh");
+        command
+            .arg("-c")
+            .arg(&script)
+            .stdin(std::process::Stdio::null());
+        if let Some(path) = path {
+            command.env("PATH", path);
+        }
+        let out = command.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        // What bottle buffers is bounded by the guest's cut, not the agent.
+        assert!(out.stdout.len() < 8 * SECTION_LIMIT, "{}", out.stdout.len());
+        parse_probe(&String::from_utf8_lossy(&out.stdout))
+    }
+
+    #[test]
+    fn a_section_the_agent_inflates_is_cut_in_the_guest_and_observed_as_over_limit() {
+        let probe = run_sections(
+            60,
+            &[
+                // An endless file where a small one was (`cat /dev/zero`).
+                ("supervise", "yes '{\"mcpServers\": {}}'"),
+                ("prompt", "echo fine"),
+                // Exactly the limit is still a section.
+                ("skills", &format!("head -c {SECTION_LIMIT} /dev/zero")),
+            ],
+        );
+        assert_eq!(probe.error, None);
+        assert_eq!(probe.sections["supervise"], OVER_LIMIT);
+        assert_eq!(probe.sections["prompt"], "fine\n");
+        assert_eq!(probe.sections["skills"].len(), SECTION_LIMIT);
+        assert_ne!(
+            probe.digest("supervise"),
+            Some(steps::supervise::digest_of_config("{}")),
+        );
+    }
+
+    #[test]
+    fn a_fragment_that_hangs_is_cut_short_and_the_probe_goes_on() {
+        let probe = run_sections(
+            1,
+            &[
+                // A FIFO where a file was: reading it blocks for ever.
+                ("prompt", "echo partial; sleep 600; echo late"),
+                ("git", "echo fine"),
+            ],
+        );
+        assert_eq!(probe.error, None);
+        assert_eq!(probe.sections["prompt"], "partial\n");
+        assert_eq!(probe.sections["git"], "fine\n");
+    }
+
+    #[test]
+    fn a_timeout_that_takes_other_arguments_is_not_used() {
+        // An old busybox `timeout` (`-t SECS`): every call fails.
+        let tmp = tempfile::tempdir().unwrap();
+        let fake = tmp.path().join("timeout");
+        std::fs::write(
+            &fake,
+            "#!/bin/sh\necho 'usage: timeout -t SECS' >&2; exit 1\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let path = format!(
+            "{}:{}",
+            tmp.path().display(),
+            std::env::var("PATH").unwrap()
+        );
+        let probe = run_sections_in(Some(&path), 15, &[("git", "echo fine")]);
+        assert_eq!(probe.sections["git"], "fine\n");
     }
 
     #[test]

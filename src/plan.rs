@@ -66,6 +66,9 @@ pub struct PlanError {
 /// The line every command prints for it.
 impl std::fmt::Display for PlanError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.machine == "gate" && self.agent == "-" {
+            return write!(f, "error: the project's gate: {}", self.message);
+        }
         write!(
             f,
             "error: agent {} (machine {}): {}",
@@ -122,6 +125,10 @@ pub enum Op {
     },
     /// Delete a managed machine no agent declares.
     Delete,
+    /// Start, reload or stop the project's gate (DESIGN.md section 9).
+    Gate {
+        action: crate::gate::reconcile::GateOp,
+    },
 }
 
 impl Op {
@@ -134,6 +141,7 @@ impl Op {
             Op::Apply { .. } => "apply",
             Op::Undo { .. } => "undo",
             Op::Delete => "delete",
+            Op::Gate { action } => action.verb(),
         }
     }
 
@@ -141,6 +149,7 @@ impl Op {
     pub fn step(&self) -> &str {
         match self {
             Op::Apply { step, .. } | Op::Undo { step, .. } => step,
+            Op::Gate { .. } => "gate",
             _ => "machine",
         }
     }
@@ -151,6 +160,7 @@ impl Op {
             Op::Replace => '±',
             Op::Start { .. } | Op::Restart { .. } | Op::Apply { .. } => '~',
             Op::Undo { .. } | Op::Delete => '-',
+            Op::Gate { action } => action.sigil(),
         }
     }
 
@@ -199,6 +209,9 @@ impl Plan {
                 }
                 match &action.agent {
                     Some(agent) => writeln!(out, "agent {agent} (machine {})", action.machine),
+                    None if matches!(action.op, Op::Gate { .. }) => {
+                        writeln!(out, "gate of project {}", self.project)
+                    }
                     None => writeln!(out, "machine {} (no agent declares it)", action.machine),
                 }
                 .ok();
@@ -242,6 +255,7 @@ impl Plan {
                 Op::Apply { .. } => (4, "to apply"),
                 Op::Undo { .. } => (5, "to undo"),
                 Op::Delete => (6, "to delete"),
+                Op::Gate { action } => (7, action.summary()),
             };
             counts.entry(order).or_insert((label, 0)).1 += 1;
         }
@@ -278,8 +292,12 @@ pub fn plan(desired: &Desired, snapshot: &Snapshot, options: &PlanOptions) -> Pl
             .as_ref()
             .is_none_or(|t| t.iter().any(|a| a == agent))
     };
+    let gate = plan_gate(&mut builder, desired, snapshot);
     for agent in desired.agents.values().filter(|a| targeted(&a.name)) {
         plan_agent(&mut builder, desired, agent, snapshot, options);
+    }
+    if let Some(gate) = gate {
+        crate::gate::reconcile::after_gate(&mut builder.plan, desired, gate);
     }
     if options.targets.is_none() || options.include_undeclared {
         plan_prune(&mut builder, desired, snapshot, options);
@@ -289,6 +307,37 @@ pub fn plan(desired: &Desired, snapshot: &Snapshot, options: &PlanOptions) -> Pl
 
 struct Builder {
     plan: Plan,
+}
+
+/// The gate's action (first in the plan, so its id is known to the
+/// machines of gated bottles, which run after it), and its notes.
+fn plan_gate(b: &mut Builder, desired: &Desired, snapshot: &Snapshot) -> Option<usize> {
+    let (gate, health) = (desired.gate.as_ref()?, snapshot.gate.as_ref()?);
+    b.plan.notes.extend(crate::gate::reconcile::notes(gate));
+    match crate::gate::reconcile::gate_change(gate, health) {
+        Ok(None) => None,
+        Ok(Some((action, cause))) => {
+            let id = b.plan.actions.len();
+            b.plan.actions.push(Action {
+                id,
+                machine: "gate".to_owned(),
+                agent: None,
+                op: Op::Gate { action },
+                cause,
+                after: vec![],
+                blocked: None,
+            });
+            Some(id)
+        }
+        Err(message) => {
+            b.plan.errors.push(PlanError {
+                machine: "gate".to_owned(),
+                agent: "-".to_owned(),
+                message,
+            });
+            None
+        }
+    }
 }
 
 impl Builder {
@@ -344,12 +393,29 @@ fn plan_agent(
         b.plan.actions[id].blocked = Some("bottle never touches machines it does not manage; rename the agent or remove that machine".into());
         return;
     }
-    if machine.state == MachineState::Frozen {
-        b.plan.notes.push(format!(
-            "machine {} is frozen (a fork base): left untouched",
-            machine.name
-        ));
-        return;
+    // A state bottle cannot probe (a fork base, or one this version does
+    // not know) is never counted as matching: its guest is unobservable.
+    match &machine.state {
+        MachineState::Frozen => {
+            b.error(
+                agent,
+                "machine is frozen (a fork base): bottle cannot observe it and leaves it untouched; \
+                 thaw it or delete it (`bottle destroy`) to let bottle manage the agent again"
+                    .to_owned(),
+            );
+            return;
+        }
+        MachineState::Other(state) => {
+            b.error(
+                agent,
+                format!(
+                    "machine is in state `{state}`, which this version of bottle does not handle: \
+                     its guest cannot be observed; check it with the runtime (`smolvm machine status`)"
+                ),
+            );
+            return;
+        }
+        _ => {}
     }
     let changed = spec_fields_changed(agent, machine);
     let mut replace_blocked = false;
@@ -385,7 +451,7 @@ fn plan_agent(
         // started as they are and restarted once probed, if still needed.
         let updatable = matches!(machine.state, MachineState::Created | MachineState::Stopped);
         let (causes, update) = if updatable {
-            machine_step::pending_update(&ctx, machine.cpus, machine.memory_mib, None)
+            machine_step::pending_update(&ctx, machine.cpus, machine.memory_mib, None, None)
         } else {
             (Vec::new(), MachineUpdate::default())
         };
@@ -427,8 +493,16 @@ fn plan_agent(
             return;
         }
     }
-    let (causes, update) =
-        machine_step::pending_update(&ctx, machine.cpus, machine.memory_mib, recorded_machine);
+    let (causes, update) = machine_step::pending_update(
+        &ctx,
+        machine.cpus,
+        machine.memory_mib,
+        recorded_machine,
+        probe
+            .sections
+            .get(machine_step::SETTINGS_SECTION)
+            .map(String::as_str),
+    );
     let gate = (!update.is_empty())
         .then(|| b.push(agent, Op::Restart { update }, causes.join(", "), vec![]));
     let steps = match (gate, replace_blocked) {
@@ -551,10 +625,26 @@ fn plan_steps(
                     ctx.user()
                 ))
             }
-            Some(entry) if entry.hash != step.hash => Some(match step.kind {
-                StepKind::Machine => "machine settings changed in manifest".to_owned(),
-                _ => format!("{} changed in manifest", describe(&step.kind)),
-            }),
+            Some(entry) if entry.hash != step.hash => {
+                // A setup step's hash chains those of the steps it comes
+                // after: name the one that runs again, if that is why.
+                let rerun = match step.kind {
+                    StepKind::Setup(_) => step
+                        .after
+                        .iter()
+                        .find(|k| **k != StepKind::Machine && ids.contains_key(k)),
+                    _ => None,
+                };
+                Some(match (&step.kind, rerun) {
+                    (StepKind::Machine, _) => "machine settings changed in manifest".to_owned(),
+                    (kind, Some(before)) => format!(
+                        "{} runs after {}, which runs again",
+                        describe(kind),
+                        before.id()
+                    ),
+                    (kind, None) => format!("{} changed in manifest", describe(kind)),
+                })
+            }
             Some(entry) => match probe.digest(&id) {
                 Some(observed) if observed != entry.digest => Some(format!(
                     "{} changed in guest: {}",

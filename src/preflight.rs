@@ -19,6 +19,20 @@ use crate::runtime::RuntimeKind;
 /// note), and secrets missing on this host (a note); returns the notes, or
 /// every problem.
 pub fn check(desired: &Desired, runtime: RuntimeKind) -> Result<Vec<String>, Diagnostics> {
+    check_with(desired, runtime, true)
+}
+
+/// What `validate` checks for the chosen runtime: everything [`check`]
+/// refuses, with the notes that do not depend on this host's secrets.
+pub fn runtime_check(desired: &Desired, runtime: RuntimeKind) -> Result<Vec<String>, Diagnostics> {
+    check_with(desired, runtime, false)
+}
+
+fn check_with(
+    desired: &Desired,
+    runtime: RuntimeKind,
+    secrets: bool,
+) -> Result<Vec<String>, Diagnostics> {
     let project = &desired.project;
     let mut notes = Vec::new();
     let mut problems = Vec::new();
@@ -48,7 +62,38 @@ pub fn check(desired: &Desired, runtime: RuntimeKind) -> Result<Vec<String>, Dia
                 ),
             );
         }
-        if runtime == RuntimeKind::Local && bottle.spec.egress.is_some() {
+        if runtime == RuntimeKind::Smolvm
+            && matches!(bottle.image, Image::Reference(_))
+            && bottle.spec.egress.is_none()
+            && !crate::gate::reconcile::has_gate(&bottle.spec)
+        {
+            // smolvm pulls an OCI image through the machine's own network,
+            // and a bottle without an egress table has none (a gated one
+            // has its network to the gate).
+            problems.push(
+                ManifestDiagnostic::new(
+                    "bottle::image-needs-network",
+                    format!(
+                        "bottle `{}` runs an OCI image but has no egress table: smolvm cannot pull it",
+                        bottle.name
+                    ),
+                )
+                .value(&project.sources, bottle.file, &at.clone().key("image"), "pulled from a registry")
+                .help(format!(
+                    "smolvm pulls the image over the machine's network: declare `[bottle.{}.egress]` \
+                     allowing the registry (e.g. `allow_hosts = [\"ghcr.io\"]`), or use a local \
+                     image (an unpacked root filesystem directory or a `docker save` archive)",
+                    bottle.name
+                )),
+            );
+        }
+        // The local runtime enforces the gate (the guest's network holds
+        // only it) but cannot filter networks: `allow_cidrs`, or a bottle
+        // with a network and no gate, needs the host's network unfiltered.
+        let unfilterable = bottle.spec.egress.as_ref().is_some_and(|e| {
+            !e.allow_cidrs.is_empty() || !crate::gate::reconcile::has_gate(&bottle.spec)
+        });
+        if runtime == RuntimeKind::Local && unfilterable {
             if bottle
                 .spec
                 .local
@@ -56,16 +101,16 @@ pub fn check(desired: &Desired, runtime: RuntimeKind) -> Result<Vec<String>, Dia
                 .is_some_and(|l| l.allow_unfiltered_network)
             {
                 notes.push(format!(
-                    "bottle `{}`: the local runtime cannot enforce the egress allowlist; its guests get the host's network, unfiltered",
+                    "bottle `{}`: the local runtime cannot filter `allow_cidrs`; its guests get the host's network, unfiltered",
                     bottle.name
                 ));
             } else {
                 problems.push(
                     ManifestDiagnostic::new(
                         "bottle::local-egress",
-                        format!("the local runtime cannot enforce the egress allowlist of bottle `{}`", bottle.name),
+                        format!("the local runtime cannot filter the networks of bottle `{}`", bottle.name),
                     )
-                    .key(&project.sources, bottle.file, &at.clone().key("egress"), "an allowlist the local runtime cannot enforce")
+                    .key(&project.sources, bottle.file, &at.clone().key("egress"), "networks the local runtime cannot filter")
                     .help(format!(
                         "use --runtime smolvm, or accept the host's network unfiltered with `[bottle.{}.local] allow_unfiltered_network = true`",
                         bottle.name
@@ -73,9 +118,18 @@ pub fn check(desired: &Desired, runtime: RuntimeKind) -> Result<Vec<String>, Dia
                 );
             }
         }
-        for missing in missing_secrets(bottle) {
+        for missing in missing_secrets(bottle).into_iter().filter(|_| secrets) {
             notes.push(format!(
-                "secret `{}` of bottle `{}`: {} (its machines cannot start until it is)",
+                "secret `{}` of bottle `{}`: {} (its machines cannot start until then: {})",
+                missing.name, bottle.name, missing.what, missing.help
+            ));
+        }
+        for missing in missing_sources(bottle, true)
+            .into_iter()
+            .filter(|_| secrets)
+        {
+            notes.push(format!(
+                "secret `{}` of bottle `{}`: {} (the gate cannot start or reload until it is)",
                 missing.name, bottle.name, missing.what
             ));
         }
@@ -110,58 +164,31 @@ fn launches<'a>(desired: &'a Desired, plan: &Plan) -> Vec<(usize, &'a Bottle)> {
         .collect()
 }
 
-/// Refuse a plan that starts a machine whose bottle has a secret missing on
-/// this host: the start would fail half-way through the apply (after a
-/// restart's stop, or a replacement's delete).
-pub fn launch_secrets(desired: &Desired, plan: &Plan) -> Result<(), Diagnostics> {
-    let project = &desired.project;
-    let launching: BTreeSet<&str> = launches(desired, plan)
-        .into_iter()
-        .map(|(_, bottle)| bottle.name.as_str())
-        .collect();
-    let mut problems = Vec::new();
-    for bottle in launching.iter().filter_map(|b| project.bottles.get(*b)) {
-        for missing in missing_secrets(bottle) {
-            let at = KeyPath::new()
-                .key("bottle")
-                .key(&bottle.name)
-                .key("secrets")
-                .key(&missing.name);
-            problems.push(
-                ManifestDiagnostic::new(
-                    "bottle::secret-unavailable",
-                    format!(
-                        "secret `{}` of bottle `{}`: {}, and this apply starts a machine of that bottle",
-                        missing.name, bottle.name, missing.what
-                    ),
-                )
-                .value(&project.sources, bottle.file, &at, "its source is missing on this host")
-                .help(missing.help),
-            );
-        }
-    }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(Diagnostics {
-            dir: project.dir.display().to_string(),
-            items: problems,
-        })
-    }
+/// Who waits for a missing secret, for the blocked action's reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Waiting {
+    /// `plan`, `apply`, `check`: run again once it is there.
+    Command,
+    /// A watch: its own environment never changes.
+    Watch,
 }
 
-/// Block, rather than refuse, the actions that start a machine whose bottle
-/// has a secret missing on this host (a watch keeps going; the actions wait
-/// for the secret, and those after them with them).
-pub fn hold_launches_without_secrets(desired: &Desired, plan: &mut Plan) {
+/// Block the actions that start a machine whose bottle has a secret
+/// missing on this host: only those (and the actions after them) wait for
+/// it, every other bottle's changes go ahead. A start that went ahead
+/// would fail half-way (after a restart's stop, or a replacement's delete).
+pub fn hold_launches_without_secrets(desired: &Desired, plan: &mut Plan, waiting: Waiting) {
     for (id, bottle) in launches(desired, plan) {
         if let Some(missing) = missing_secrets(bottle).into_iter().next() {
-            // A watch's own environment never changes: a variable needs a
-            // restart of the watch, a file only needs to appear.
-            let then = if missing.from_env {
-                "export it and restart `bottle watch`"
-            } else {
-                "it runs once the file is there"
+            let then = match (waiting, missing.from_env) {
+                (Waiting::Command, _) => {
+                    "provide it and run `bottle apply` again (other agents are applied \
+                     meanwhile; `--target AGENT` limits a run to some)"
+                }
+                // A watch's own environment never changes: a variable
+                // needs a restart of the watch, a file only needs to appear.
+                (Waiting::Watch, true) => "export it and restart `bottle watch`",
+                (Waiting::Watch, false) => "it runs once the file is there",
             };
             plan.actions[id].blocked = Some(format!(
                 "secret `{}` of bottle `{}`: {}, so the machine could not start; {then}",
@@ -179,21 +206,48 @@ struct MissingSecret {
     from_env: bool,
 }
 
-/// The secrets of `bottle` whose source cannot be read on this host now.
+/// The secrets of `bottle` whose source cannot be read on this host now,
+/// among those its machines read (a secret with `hosts` is the gate's).
 fn missing_secrets(bottle: &Bottle) -> Vec<MissingSecret> {
+    missing_sources(bottle, false)
+}
+
+/// The secrets whose source cannot be read now, among the gate's (`gate`)
+/// or the machines'.
+fn missing_sources(bottle: &Bottle, gate: bool) -> Vec<MissingSecret> {
     let mut out = Vec::new();
     for (name, reference) in &bottle.spec.secrets {
+        if crate::gate::reconcile::is_gated_secret(reference) != gate {
+            continue;
+        }
         let (what, help) = match (&reference.from_env, &reference.from_file) {
+            // A `from_env` that does not look like a variable name may be
+            // a value pasted in its place: never printed.
+            (Some(var), _)
+                if std::env::var_os(var).is_none()
+                    && !crate::manifest::load::conventional_env_name(var) =>
+            {
+                (
+                    "the host environment variable its `from_env` names is not set (the name is \
+                     not shown: it does not look like a variable name)"
+                        .to_owned(),
+                    "if a value was pasted into `from_env`, rotate it and name the variable that \
+                     holds it instead, e.g. `from_env = \"GITHUB_TOKEN\"`"
+                        .to_owned(),
+                )
+            }
             (Some(var), _) if std::env::var_os(var).is_none() => (
                 format!("host environment variable `{var}` is not set"),
                 format!(
                     "export {var} in the environment bottle runs in; its value is read when a machine starts and never stored"
                 ),
             ),
-            (None, Some(file)) if std::fs::File::open(file).is_err() => (
-                format!("host file `{file}` cannot be read"),
-                format!("create {file}, readable by the user bottle runs as"),
-            ),
+            // Read by smolvm's rules, never blocking: a FIFO here would
+            // hang every command (and `apply` holding the lock).
+            (None, Some(file)) => match crate::secrets::read_secret_file(file.as_ref()) {
+                Ok(_) => continue,
+                Err(e) => (format!("host file `{file}` {e}"), e.help(file)),
+            },
             _ => continue,
         };
         out.push(MissingSecret {
@@ -224,7 +278,8 @@ mod tests {
         Desired::new(project, &graph)
     }
 
-    const EGRESS: &str = "[bottle.dev.egress]\nallow_hosts = [\"example.com\"]\n";
+    const EGRESS: &str = "[bottle.dev.egress]\nallow_cidrs = [\"10.8.0.0/16\"]\n";
+    const GATED: &str = "[bottle.dev.egress]\nallow_hosts = [\"example.com\"]\n";
     const SECRET: &str =
         "secrets = { TOKEN = { from_env = \"BOTTLE_PREFLIGHT_TEST_NEVER_SET\" } }\n";
 
@@ -240,11 +295,44 @@ mod tests {
     }
 
     #[test]
+    fn the_local_runtime_enforces_a_gate_without_networks() {
+        let d = desired(GATED);
+        assert_eq!(check(&d, RuntimeKind::Local).unwrap(), Vec::<String>::new());
+        let d = desired(&format!("{GATED}allow_cidrs = [\"10.8.0.0/16\"]\n"));
+        let err = check(&d, RuntimeKind::Local).unwrap_err();
+        assert_eq!(err.items[0].code, "bottle::local-egress");
+    }
+
+    #[test]
     fn the_local_runtime_refuses_an_image_it_cannot_run() {
         let d = desired("image = \"ghcr.io/acme/agent-base:1.2\"\n");
         let err = check(&d, RuntimeKind::Local).unwrap_err();
         assert_eq!(err.items[0].code, "bottle::local-image");
+    }
+
+    #[test]
+    fn smolvm_refuses_an_oci_image_in_a_bottle_without_an_egress_table() {
+        let d = desired("image = \"ghcr.io/acme/agent-base:1.2\"\n");
+        let err = check(&d, RuntimeKind::Smolvm).unwrap_err();
+        assert_eq!(err.items[0].code, "bottle::image-needs-network");
+        let d = desired(&format!(
+            "image = \"ghcr.io/acme/agent-base:1.2\"\n{EGRESS}"
+        ));
         check(&d, RuntimeKind::Smolvm).unwrap();
+        // A local image needs no network.
+        let tmp = tempfile::tempdir().unwrap();
+        let d = desired(&format!("image = \"{}\"\n", tmp.path().display()));
+        check(&d, RuntimeKind::Smolvm).unwrap();
+    }
+
+    #[test]
+    fn validate_leaves_out_this_hosts_secrets() {
+        let d = desired(SECRET);
+        assert_eq!(
+            runtime_check(&d, RuntimeKind::Smolvm).unwrap(),
+            Vec::<String>::new()
+        );
+        assert_eq!(check(&d, RuntimeKind::Smolvm).unwrap().len(), 1);
     }
 
     #[test]
@@ -267,21 +355,44 @@ mod tests {
         );
         let snapshot = crate::observe::Snapshot::default();
         let fresh = crate::plan::plan(&d, &snapshot, &Default::default());
-        let err = launch_secrets(&d, &fresh).unwrap_err();
-        assert_eq!(err.items[0].code, "bottle::secret-unavailable");
-        // Nothing to start (here: nothing at all), nothing to refuse.
-        launch_secrets(&d, &Plan::default()).unwrap();
-        // A watch holds the create instead.
+        // The create waits for it, and says how to go on.
         let mut held = fresh.clone();
-        hold_launches_without_secrets(&d, &mut held);
-        let create = &held.actions[0];
+        hold_launches_without_secrets(&d, &mut held, Waiting::Command);
+        let reason = held.actions[0].blocked.as_deref().unwrap();
         assert!(
-            create
-                .blocked
-                .as_deref()
-                .unwrap()
-                .contains("BOTTLE_PREFLIGHT_TEST_NEVER_SET"),
-            "{create:?}"
+            reason.contains("BOTTLE_PREFLIGHT_TEST_NEVER_SET"),
+            "{reason}"
         );
+        assert!(reason.contains("--target"), "{reason}");
+        // Only the create: the steps after it wait with it when applied.
+        assert_eq!(held.blocked().count(), 1);
+    }
+
+    #[test]
+    fn a_fifo_in_a_secrets_place_is_a_diagnostic_not_a_hang() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fifo = tmp.path().join("token");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let d = desired(&format!(
+            "secrets = {{ TOKEN = {{ from_file = \"{}\" }} }}\n",
+            fifo.display()
+        ));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let notes = check(&d, RuntimeKind::Smolvm).unwrap();
+            let mut fresh = crate::plan::plan(&d, &Default::default(), &Default::default());
+            hold_launches_without_secrets(&d, &mut fresh, Waiting::Command);
+            let _ = tx.send((notes, fresh));
+        });
+        let (notes, held) = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("preflight never blocks on a secret file");
+        assert!(
+            notes[0].contains("is a FIFO, not a regular file"),
+            "{notes:?}"
+        );
+        let reason = held.actions[0].blocked.as_deref().unwrap();
+        assert!(reason.contains("is a FIFO"), "{reason}");
     }
 }

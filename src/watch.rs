@@ -379,6 +379,17 @@ pub fn fingerprints(desired: &Desired) -> BTreeMap<String, String> {
             for step in &a.steps {
                 s.push_str(&format!("{}={}\n", step.kind.id(), step.hash));
             }
+            // What its bottle's gate serves (an `allow_hosts` edit changes
+            // no machine or step, only the gate).
+            let bottle = &desired.project.agents[&a.name].spec.bottle;
+            if let Some(gate) = desired
+                .gate
+                .as_ref()
+                .and_then(|g| g.config.bottles.get(bottle))
+            {
+                let json = serde_json::to_vec(gate).expect("gate configs serialize");
+                s.push_str(&format!("gate={}\n", crate::steps::sha256_hex(&json)));
+            }
             (a.name.clone(), s)
         })
         .collect()
@@ -543,6 +554,7 @@ pub fn run(
         retry_at: None,
         resync_at: None,
         recheck_at: None,
+        gate_check_at: Some(Instant::now() + GATE_CHECK),
         owed_all: false,
         owed: BTreeSet::new(),
         reported_blocked: BTreeMap::new(),
@@ -555,10 +567,15 @@ pub fn run(
         }
         // Wait for events, a retry, the resync or a recheck, whichever
         // comes first.
-        let deadline = [state.retry_at, state.resync_at, state.recheck_at]
-            .into_iter()
-            .flatten()
-            .min();
+        let deadline = [
+            state.retry_at,
+            state.resync_at,
+            state.recheck_at,
+            state.gate_check_at,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         let message = match deadline {
             Some(at) => rx.recv_timeout(at.saturating_duration_since(Instant::now())),
             None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
@@ -626,6 +643,13 @@ pub fn run(
                 } else if state.recheck_at.is_some_and(|t| t <= now) {
                     state.recheck_at = None;
                     next = Some(Trigger::Recheck);
+                } else if state.gate_check_at.is_some_and(|t| t <= now) {
+                    state.gate_check_at = Some(now + GATE_CHECK);
+                    // A gate that died is started again by a full
+                    // reconcile, without waiting for the next resync.
+                    if state.gate_died() {
+                        next = Some(Trigger::Resync);
+                    }
                 }
             }
         }
@@ -654,9 +678,24 @@ struct LoopState<'a> {
     /// once per change.
     reported_blocked: BTreeMap<String, BTreeSet<String>>,
     count: u64,
+    /// When to ask the gate whether it still runs.
+    gate_check_at: Option<Instant>,
 }
 
+/// How often `watch` asks the project's gate whether it still runs.
+const GATE_CHECK: Duration = Duration::from_secs(5);
+
 impl LoopState<'_> {
+    /// Whether the last good state wants a gate and none answers.
+    fn gate_died(&self) -> bool {
+        let Some(gate) = self.last_good.as_ref().and_then(|d| d.gate.as_ref()) else {
+            return false;
+        };
+        gate.is_needed()
+            && crate::gate::reconcile::health(&gate.paths)
+                == crate::gate::reconcile::GateHealth::NotRunning
+    }
+
     fn relevant(&self, path: &Path) -> bool {
         if is_ignored(path, &self.options.ignore) {
             return false;
@@ -868,7 +907,11 @@ impl LoopState<'_> {
         let mut plan = plan::plan(desired, &snapshot, plan_options);
         // A start that would fail for a missing secret waits (a restart
         // would stop the machine first, a replacement delete it).
-        crate::preflight::hold_launches_without_secrets(desired, &mut plan);
+        crate::preflight::hold_launches_without_secrets(
+            desired,
+            &mut plan,
+            crate::preflight::Waiting::Watch,
+        );
         prepare(self, &mut plan);
         for e in &plan.errors {
             self.log.log(

@@ -329,3 +329,189 @@ fn a_reader_that_goes_away_ends_bottle_quietly() {
     assert_eq!(output.status.signal(), Some(libc::SIGPIPE), "{output:?}");
     assert_eq!(String::from_utf8_lossy(&output.stderr), "", "no panic");
 }
+
+#[test]
+fn validate_checks_what_plan_would_refuse_for_the_chosen_runtime() {
+    let p = Project::new("e2e");
+    // The e2e fixture's `dev` bottle has an egress allowlist: the local
+    // runtime cannot enforce it, and `plan` refuses; so does `validate`.
+    let local = p.bottle(&["--runtime", "local", "validate"]);
+    local.code(1);
+    assert!(
+        local.stderr.contains("bottle::local-egress"),
+        "{}",
+        local.stderr
+    );
+    let plan = p.bottle(&["--runtime", "local", "plan"]);
+    plan.code(1);
+    assert!(
+        plan.stderr.contains("bottle::local-egress"),
+        "{}",
+        plan.stderr
+    );
+    p.bottle(&["validate"]).success();
+    // smolvm cannot pull an OCI image without network.
+    p.edit(
+        "bottles.toml",
+        "[bottle.plain]\n",
+        "[bottle.plain]\nimage = \"ghcr.io/acme/agent-base:1.2\"\n",
+    );
+    for command in ["validate", "plan"] {
+        let run = p.bottle(&[command]);
+        run.code(1);
+        assert!(
+            run.stderr.contains("bottle::image-needs-network"),
+            "{command}: {}",
+            run.stderr
+        );
+    }
+}
+
+#[test]
+fn json_output_when_manifests_do_not_load() {
+    let p = Project::new("e2e");
+    let valid = p.bottle(&["validate", "--json"]);
+    valid.success();
+    let v: serde_json::Value = serde_json::from_str(&valid.stdout).unwrap();
+    assert_eq!(v["valid"], true);
+    assert_eq!(v["project"], "e2e");
+    assert_eq!(v["agents"], serde_json::json!(["coder", "reader"]));
+
+    p.edit("bottles.toml", "cpus = 2", "cpus = 0");
+    for command in [
+        &["validate", "--json"][..],
+        &["plan", "--json"],
+        &["check", "--json"],
+        &["status", "--json"],
+    ] {
+        let run = p.bottle(command);
+        run.code(1);
+        let v: serde_json::Value = serde_json::from_str(&run.stdout)
+            .unwrap_or_else(|e| panic!("{command:?}: {e}: {}", run.stdout));
+        assert_eq!(v["format_version"], 1);
+        let error = &v["error"];
+        assert_eq!(error["kind"], "invalid-manifests", "{command:?}: {v}");
+        let problem = &error["problems"][0];
+        assert_eq!(problem["code"], "bottle::out-of-range", "{v}");
+        assert!(
+            problem["file"].as_str().unwrap().ends_with("bottles.toml"),
+            "{v}"
+        );
+        assert_eq!(problem["labels"][0]["line"], 5, "{v}");
+        assert_eq!(problem["labels"][0]["column"], 8, "{v}");
+        // The usual report still goes to stderr.
+        assert!(
+            run.stderr.contains("bottle::out-of-range"),
+            "{}",
+            run.stderr
+        );
+    }
+}
+
+#[test]
+fn a_value_pasted_into_from_env_is_never_printed() {
+    const PASTED: &str = "ghp_pAsTeDvAlUe1234567890";
+    let p = Project::new("e2e");
+    p.edit(
+        "bottles.toml",
+        "\"BOTTLE_E2E_SECRET\"",
+        &format!("\"{PASTED}\""),
+    );
+    for args in [
+        &["validate"][..],
+        &["plan"],
+        &["plan", "--json"],
+        &["check"],
+        &["status"],
+    ] {
+        let run = p.bottle(args);
+        assert!(
+            !run.all().contains(PASTED),
+            "{args:?} printed it:\n{}",
+            run.all()
+        );
+    }
+    let plan = p.bottle(&["plan"]);
+    assert!(
+        plan.stdout.contains("does not look like a variable name"),
+        "{}",
+        plan.stdout
+    );
+}
+
+/// Declining `destroy`'s prompt is the user's choice, not an error: exit 0.
+/// The prompt needs a terminal: `script` (util-linux) provides one.
+#[test]
+fn declining_destroys_prompt_exits_0() {
+    use std::io::Write;
+    let p = Project::with_double(
+        "e2e",
+        support::Double::new().with_env("BOTTLE_E2E_SECRET", "not-a-real-secret-cli"),
+    );
+    p.bottle(&["apply", "--target", "reader"]).success();
+    let q = |s: &std::path::Path| bottle::steps::sh_quote(&s.display().to_string());
+    let command = format!(
+        "{} --smolvm {} --state-dir {} destroy {}",
+        q(Project::binary()),
+        q(support::Double::binary()),
+        q(p.state_dir()),
+        q(p.dir())
+    );
+    let mut script = std::process::Command::new("script");
+    script
+        .args(["-qec", &command, "/dev/null"])
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped());
+    p.double.apply_env(&mut script);
+    let mut child = script.spawn().expect("script (util-linux) runs");
+    child.stdin.take().unwrap().write_all(b"n\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("Delete 1 machine(s)? [y/N]"), "{stdout}");
+    assert!(
+        stdout.contains("Cancelled; nothing was deleted."),
+        "{stdout}"
+    );
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert_eq!(p.double.list_json().len(), 1, "nothing was deleted");
+}
+
+/// A machine bottle cannot observe (frozen, or in a state it does not
+/// know) is never counted as in sync: `check` names it and exits 1.
+#[test]
+fn a_frozen_machine_is_never_in_sync() {
+    let p = Project::with_double(
+        "e2e",
+        support::Double::new().with_env("BOTTLE_E2E_SECRET", "not-a-real-secret-cli"),
+    );
+    p.bottle(&["apply", "--target", "reader"]).success();
+    p.bottle(&["check", "--target", "reader"]).success();
+    for state in ["frozen", "hibernating"] {
+        std::fs::write(
+            p.double.home().join("states.json"),
+            format!("{{\"bottle_e2e_reader\": \"{state}\"}}"),
+        )
+        .unwrap();
+        let check = p.bottle(&["check", "--target", "reader"]);
+        check.code(1);
+        assert!(
+            !check.stdout.contains("In sync"),
+            "{state}: {}",
+            check.stdout
+        );
+        assert!(
+            check
+                .stdout
+                .contains("error: agent reader (machine bottle_e2e_reader)")
+                && check.stdout.contains(state),
+            "{state}: {}",
+            check.stdout
+        );
+        assert!(
+            check.stderr.contains("bottle::observe-failed"),
+            "{}",
+            check.stderr
+        );
+    }
+}

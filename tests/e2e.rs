@@ -252,7 +252,7 @@ fn apply_provisions_every_step_in_the_guest_and_a_second_apply_changes_nothing()
         .args
         .join(" ");
     assert!(
-        create.contains("--allow-host api.example.com --allow-cidr 10.8.0.0/16"),
+        create.contains("--allow-cidr 10.8.0.0/16") && !create.contains("--allow-host"),
         "{create}"
     );
     assert!(!create.contains("--image"), "no image: smolvm's default");
@@ -405,8 +405,10 @@ fn apply_provisions_every_step_in_the_guest_and_a_second_apply_changes_nothing()
     assert_eq!(
         attach.stdout.replace(&double, "<smolvm>"),
         format!(
-            "<smolvm> machine exec --name bottle_e2e_coder -it -w /home/node -- sh -c {} node \
+            "<smolvm> machine exec --name bottle_e2e_coder -it -w /home/node -- \
+             sh -c {} bottle-exec-not-root sh -c {} node \
              claude --dangerously-skip-permissions --append-system-prompt-file /home/node/.bottle/prompt.md\n",
+            bottle::steps::sh_quote(bottle::runtime::smolvm::ROOT_GUARD),
             bottle::steps::sh_quote(AS_USER)
         )
     );
@@ -415,11 +417,47 @@ fn apply_provisions_every_step_in_the_guest_and_a_second_apply_changes_nothing()
     assert_eq!(
         attach.stdout.replace(&double, "<smolvm>"),
         format!(
-            "<smolvm> machine exec --name bottle_e2e_reader -it -w /home/reviewer -- sh -c {} reviewer \
+            "<smolvm> machine exec --name bottle_e2e_reader -it -w /home/reviewer -- \
+             sh -c {} bottle-exec-not-root sh -c {} reviewer \
              claude --dangerously-skip-permissions\n",
+            bottle::steps::sh_quote(bottle::runtime::smolvm::ROOT_GUARD),
             bottle::steps::sh_quote(AS_USER)
         )
     );
+    // Without Claude Code in the guest, attach says so and what to do.
+    let missing = p.bottle(&["attach", "coder"]);
+    missing.code(1);
+    assert!(
+        missing.stderr.contains("bottle::claude-missing")
+            && missing.stderr.contains("[[bottle.dev.setup]]"),
+        "{}",
+        missing.stderr
+    );
+    // `bottle exec`: a command as the agent user, in its home, with its
+    // environment; its exit status passed through; `--root` for root.
+    let exec = p.bottle_raw(&[
+        "exec",
+        "coder",
+        &p.dir().display().to_string(),
+        "--",
+        "sh",
+        "-c",
+        "echo \"$(id -un) $HOME $(pwd) $E2E_MODE\"; echo oops >&2; exit 7",
+    ]);
+    exec.code(7);
+    assert_eq!(exec.stdout, "node /home/node /home/node dev\n");
+    assert_eq!(exec.stderr, "oops\n");
+    let exec = p.bottle_raw(&[
+        "exec",
+        "coder",
+        &p.dir().display().to_string(),
+        "--root",
+        "--",
+        "id",
+        "-un",
+    ]);
+    exec.success();
+    assert_eq!(exec.stdout, "root\n");
     // And for real, with a stand-in for Claude Code: it runs in the guest,
     // as the agent user, in its home, with the secret passed by reference.
     p.double.sh(
@@ -511,8 +549,11 @@ fn apply_provisions_every_step_in_the_guest_and_a_second_apply_changes_nothing()
         log.contains(r#""--secret-env","E2E_SECRET=BOTTLE_E2E_SECRET""#),
         "the reference is passed"
     );
-    let files = files_under(p.state_dir());
-    assert!(!files.is_empty(), "the state dir holds the lock at least");
+    let files: Vec<_> = files_under(p.state_dir())
+        .into_iter()
+        .chain(files_under(&p.double.home().join("bottle-locks")))
+        .collect();
+    assert!(!files.is_empty(), "the lock at least");
     for file in files {
         let bytes = std::fs::read(&file).unwrap();
         assert!(
@@ -697,10 +738,11 @@ fn drift_is_reported_and_repaired_and_manifest_edits_converge() {
     assert_eq!(
         plan.stdout,
         "agent coder (machine bottle_e2e_coder)\n  \
-         ~ apply    skills      skills changed in manifest\n  \
-         ~ apply    setup:tools setup step `tools` changed in manifest\n  \
-         ~ apply    supervise   supervise server changed in manifest\n\
-         \nPlan: 3 to apply.\n"
+         ~ apply    skills         skills changed in manifest\n  \
+         ~ apply    setup:tools    setup step `tools` changed in manifest\n  \
+         ~ apply    setup:identity setup step `identity` runs after setup:tools, which runs again\n  \
+         ~ apply    supervise      supervise server changed in manifest\n\
+         \nPlan: 4 to apply.\n"
     );
     p.bottle(&["apply"]).success();
     assert_eq!(
@@ -729,11 +771,12 @@ fn drift_is_reported_and_repaired_and_manifest_edits_converge() {
         ),
         "#!/bin/sh\necho checked twice\n"
     );
-    // The setup step whose input changed ran again; the one after it did
-    // not (its own command and inputs are unchanged).
+    // The setup step whose input changed ran again, and so did the one
+    // after it: what it found may have changed.
     assert_eq!(
         p.double.sh(CODER, "cat /var/lib/e2e-marker"),
-        "tools ripgrep ca=yes\nidentity git=E2E Bot tools=1 secret=set\ntools ripgrep fd ca=yes\n"
+        "tools ripgrep ca=yes\nidentity git=E2E Bot tools=1 secret=set\ntools ripgrep fd ca=yes\n\
+         identity git=E2E Bot tools=2 secret=set\n"
     );
     check_in_sync(&p);
 
@@ -749,7 +792,7 @@ fn drift_is_reported_and_repaired_and_manifest_edits_converge() {
         p.double.sh(CODER, "tail -n 1 /var/lib/e2e-marker"),
         "identity git=E2E Bot tools=2 again=yes secret=set\n"
     );
-    assert_eq!(p.double.sh(CODER, "wc -l < /var/lib/e2e-marker"), "4\n");
+    assert_eq!(p.double.sh(CODER, "wc -l < /var/lib/e2e-marker"), "5\n");
     assert_eq!(
         p.double.sh(CODER, "cat /home/node/.bottle/prompt.md"),
         "You write Rust.\n"
@@ -767,7 +810,7 @@ fn drift_is_reported_and_repaired_and_manifest_edits_converge() {
     assert_eq!(
         plan.stdout,
         "agent reader (machine bottle_e2e_reader)\n  \
-         ~ restart  machine   cpus 1 → 2, memory_mib 512 → 768, env changed\n\
+         ~ restart  machine   cpus 1 → 2, memory_mib 512 → 768, env changed: +NOTES\n\
          \nPlan: 1 to restart.\n"
     );
     let start = p.double.calls().len();
@@ -834,14 +877,18 @@ fn drift_is_reported_and_repaired_and_manifest_edits_converge() {
     p.write("bottles.toml", &bottles);
     p.edit("agents.toml", r#"skills = ["skills/review"]"#, "");
     let plan = p.bottle(&["plan"]);
+    // The steps setup steps came after are part of their hashes: with
+    // `ca` and `git` gone from their `after`, both run again.
     assert_eq!(
         plan.stdout,
         "agent coder (machine bottle_e2e_coder)\n  \
-         - undo     ca        CA certificate removed from manifest\n  \
-         - undo     git       git configuration removed from manifest\n  \
-         - undo     skills    skills removed from manifest\n  \
-         - undo     supervise supervise server removed from manifest\n\
-         \nPlan: 4 to undo.\n"
+         ~ apply    setup:tools    setup step `tools` changed in manifest\n  \
+         ~ apply    setup:identity setup step `identity` runs after setup:tools, which runs again\n  \
+         - undo     ca             CA certificate removed from manifest\n  \
+         - undo     git            git configuration removed from manifest\n  \
+         - undo     skills         skills removed from manifest\n  \
+         - undo     supervise      supervise server removed from manifest\n\
+         \nPlan: 2 to apply, 4 to undo.\n"
     );
     p.bottle(&["apply"]).success();
     assert_eq!(
@@ -1005,7 +1052,7 @@ fn an_apply_killed_midway_is_finished_by_the_next() {
         assert_eq!(p.double.machine_json(machine).unwrap()["state"], "created");
     }
     // The dead apply's lock names it, and is taken over.
-    let lock = std::fs::read_to_string(p.state_dir().join("locks/e2e.lock")).unwrap();
+    let lock = std::fs::read_to_string(p.double.home().join("bottle-locks/e2e.lock")).unwrap();
     assert!(lock.contains("`bottle apply` (pid "), "{lock}");
     let plan = p.bottle(&["plan"]);
     assert!(
@@ -1189,22 +1236,58 @@ fn a_failed_action_skips_its_dependents_only_and_the_next_apply_converges() {
     // the host when the machine started.
     let check = p.bottle_env_remove(&["check"], &["BOTTLE_E2E_SECRET"]);
     check.code(0);
-    // Nor does an apply that starts nothing; one that restarts coder's
-    // machine is refused before it touches anything.
+    // Nor does an apply that starts nothing. One that restarts both
+    // machines restarts the reader's (its bottle needs no secret) and holds
+    // back only coder's, whose bottle needs the missing one: plan marks it
+    // blocked, naming the secret and `--target`.
     p.bottle_env_remove(&["apply"], &["BOTTLE_E2E_SECRET"])
         .success();
-    let marker = p.double.mutating_calls();
     p.edit("bottles.toml", "cpus = 2", "cpus = 3");
-    let refused = p.bottle_env_remove(&["apply"], &["BOTTLE_E2E_SECRET"]);
-    refused.code(1);
+    p.edit("bottles.toml", "cpus = 1", "cpus = 2");
+    let plan = p.bottle_env_remove(&["plan"], &["BOTTLE_E2E_SECRET"]);
+    plan.success();
+    let coder_restart = plan
+        .stdout
+        .lines()
+        .find(|l| l.contains("restart"))
+        .unwrap_or_else(|| panic!("{}", plan.stdout));
     assert!(
-        refused.stderr.contains("bottle::secret-unavailable")
-            && refused.stderr.contains("BOTTLE_E2E_SECRET"),
+        coder_restart.contains("[blocked: secret `E2E_SECRET` of bottle `dev`")
+            && coder_restart.contains("BOTTLE_E2E_SECRET")
+            && coder_restart.contains("--target"),
         "{}",
-        refused.stderr
+        plan.stdout
     );
-    assert_eq!(p.double.mutating_calls(), marker, "nothing was touched");
+    let marker = p.double.calls().len();
+    let held = p.bottle_env_remove(&["apply"], &["BOTTLE_E2E_SECRET"]);
+    held.code(3);
+    assert!(
+        held.stdout.contains("Blocked:\n  coder: restart machine ("),
+        "{}",
+        held.stdout
+    );
+    assert!(
+        held.stdout
+            .contains("Changed:\n  reader: restart machine ("),
+        "{}",
+        held.stdout
+    );
+    let touched: Vec<Call> = mutating(&calls_since(&p, marker))
+        .into_iter()
+        .cloned()
+        .collect();
+    assert!(
+        !touched.is_empty() && touched.iter().all(|c| !names(c, CODER)),
+        "{touched:?}"
+    );
     p.edit("bottles.toml", "cpus = 3", "cpus = 2");
+    p.edit(
+        "bottles.toml",
+        "cpus = 2\nmemory_mib = 512",
+        "cpus = 1\nmemory_mib = 512",
+    );
+    p.bottle(&["apply"]).success();
+    check_in_sync(&p);
 
     // A runtime call that fails: the first `cp` of the next apply (both
     // prompts changed; one worker, so coder's prompt is copied first).
@@ -1339,8 +1422,8 @@ fn replacement_and_deletion_wait_for_their_flags_and_other_machines_are_never_to
     let old_labels = labels(&p, CODER);
     p.edit(
         "bottles.toml",
-        r#"allow_hosts = ["api.example.com"]"#,
-        r#"allow_hosts = ["api.example.com", "pypi.org"]"#,
+        r#"allow_cidrs = ["10.8.0.0/16"]"#,
+        r#"allow_cidrs = ["10.8.0.0/16", "10.9.0.0/16"]"#,
     );
     p.edit(
         "agents.toml",
@@ -1358,7 +1441,7 @@ fn replacement_and_deletion_wait_for_their_flags_and_other_machines_are_never_to
         .unwrap_or_else(|| panic!("{}", plan.stdout));
     assert_eq!(
         replace.split_whitespace().collect::<Vec<_>>().join(" "),
-        "± replace machine spec-hash differs: egress.allow_hosts (then its 7 steps are applied again) [blocked: replacing destroys the machine's disk; pass --allow-replace]"
+        "± replace machine spec-hash differs: egress.allow_cidrs (then its 7 steps are applied again) [blocked: replacing destroys the machine's disk; pass --allow-replace]"
     );
     let run = p.bottle(&["apply"]);
     run.code(3);
@@ -1629,9 +1712,15 @@ fn status_destroy_and_the_lock() {
         ])
     );
     let status = p.bottle(&["status"]);
+    // The time column names its zone.
+    assert!(
+        status.stdout.contains("LAST APPLIED (UTC)"),
+        "{}",
+        status.stdout
+    );
     assert!(
         status.stdout.contains(
-            "reader   bottle_e2e_reader   absent   -              machine(pending) prompt(pending) skills(pending) setup:notes(pending)"
+            "reader   bottle_e2e_reader   absent   -                    machine(pending) prompt(pending) skills(pending) setup:notes(pending)"
         ),
         "{}",
         status.stdout
@@ -1663,7 +1752,9 @@ fn status_destroy_and_the_lock() {
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let mut slow = slow.spawn().unwrap();
-    let lock = p.state_dir().join("locks/e2e.lock");
+    // The lock lives beside the machines (the runtime's store), not in
+    // bottle's state directory.
+    let lock = p.double.home().join("bottle-locks/e2e.lock");
     wait_until("the lock", Duration::from_secs(30), || {
         std::fs::read_to_string(&lock).is_ok_and(|t| t.contains("bottle apply"))
     });
@@ -1676,10 +1767,18 @@ fn status_destroy_and_the_lock() {
     );
     assert!(second.stderr.contains(&holder), "{}", second.stderr);
     assert!(
-        second.stderr.contains("help: wait for it to finish"),
+        second
+            .stderr
+            .contains("help: wait for it to finish (`--lock-wait SECONDS`"),
         "{}",
         second.stderr
     );
+    // Another state directory (another HOME, sudo, CI) driving the same
+    // machines is refused just the same.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let other = p.bottle_in_state_dir(elsewhere.path(), &["apply"]);
+    other.code(1);
+    assert!(other.stderr.contains(&holder), "{}", other.stderr);
     let destroy = p.bottle(&["destroy", "--yes"]);
     destroy.code(1);
     assert!(destroy.stderr.contains(&holder), "{}", destroy.stderr);
@@ -1816,4 +1915,56 @@ fn ctrl_c_starts_nothing_that_waits_for_a_worker() {
     assert_eq!(changed, 1, "{prompts:?}\n{stdout}");
     p.bottle(&["apply"]).success();
     check_in_sync(&p);
+}
+
+// --- A setup command that does not finish --------------------------------------
+
+#[test]
+fn a_long_setup_command_is_reported_while_it_runs() {
+    use std::io::BufRead;
+    let p = project();
+    p.edit(
+        "bottles.toml",
+        "[[bottle.plain.setup]]",
+        "[[bottle.plain.setup]]\nname = \"slow\"\n\
+         run = \"while [ ! -f /tmp/bottle-e2e-go ]; do sleep 0.2; done\"\n\n\
+         [[bottle.plain.setup]]",
+    );
+    let mut apply = p.command(&["apply", "--target", "reader"]);
+    apply
+        .env("BOTTLE_PROGRESS_SECONDS", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = apply.spawn().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    // The step waits for a file only the test creates: bottle says what it
+    // is waiting for, and how to stop, until then.
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| {
+                let _ = child.kill();
+                panic!(
+                    "no progress line for the running setup step:\n{}",
+                    seen.join("\n")
+                )
+            });
+        let found =
+            line.contains("still running reader: apply setup:slow (") && line.contains("Ctrl-C");
+        seen.push(line);
+        if found {
+            break;
+        }
+    }
+    p.double.sh(READER, "touch /tmp/bottle-e2e-go");
+    assert!(child.wait().unwrap().success(), "{}", seen.join("\n"));
 }

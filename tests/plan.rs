@@ -82,7 +82,11 @@ fn in_sync(desired: &Desired) -> Snapshot {
         .values()
         .map(|a| (a.machine.clone(), probed(desired, &a.name)))
         .collect::<BTreeMap<_, _>>();
-    Snapshot { machines, probes }
+    Snapshot {
+        machines,
+        probes,
+        gate: None,
+    }
 }
 
 fn render(desired: &Desired, snapshot: &Snapshot, options: &PlanOptions) -> String {
@@ -254,6 +258,30 @@ fn changed_resources_restart_a_running_machine() {
         .detail
         .insert("env_hash".into(), "old".into());
     insta::assert_snapshot!(render(&d, &s, &PlanOptions::default()));
+    // The cause names what changed: variables (never their values) and
+    // volumes.
+    let machine = s
+        .probes
+        .get_mut("bottle_golden_coder")
+        .unwrap()
+        .ledger
+        .get_mut("machine")
+        .unwrap();
+    let mut keys = machine.detail_strings("env_keys");
+    keys.push("OLD_VAR".into());
+    machine
+        .detail
+        .insert("env_keys".into(), serde_json::json!(keys));
+    let mut volumes = machine.detail_strings("volumes");
+    volumes.push("/srv/old:/data:ro".into());
+    machine
+        .detail
+        .insert("volumes".into(), serde_json::json!(volumes));
+    let text = render(&d, &s, &PlanOptions::default());
+    assert!(
+        text.contains("env changed: -OLD_VAR, volumes changed: -/srv/old:/data:ro"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -322,6 +350,25 @@ fn a_guest_that_cannot_be_probed_is_an_error_not_drift() {
 }
 
 #[test]
+fn frozen_and_unknown_state_machines_are_never_in_sync() {
+    let d = desired();
+    for state in [MachineState::Frozen, MachineState::Other("paused".into())] {
+        let mut s = in_sync(&d);
+        machine_of(&mut s, "bottle_golden_coder").state = state.clone();
+        s.probes.remove("bottle_golden_coder");
+        let p = plan(&d, &s, &PlanOptions::default());
+        assert!(p.actions.is_empty(), "{state}: nothing is planned");
+        assert_eq!(p.errors.len(), 1, "{state}: an error, never in sync");
+        assert_eq!(p.errors[0].agent, "coder");
+        assert!(
+            p.errors[0].message.contains(state.as_str()),
+            "{:?}",
+            p.errors
+        );
+    }
+}
+
+#[test]
 fn plans_are_deterministic() {
     let d = desired();
     let s = in_sync(&d);
@@ -349,4 +396,129 @@ fn a_changed_agent_user_is_named_as_the_cause() {
 
     Plan: 2 to apply.
     ");
+}
+
+/// The fixture's `dev` bottle has a gate (it declares `allow_hosts`): with
+/// the gate's state directory known, the plan starts or reloads the gate
+/// before anything of its agents, and notes how smolvm reaches it.
+#[test]
+fn the_gate_is_started_or_reloaded_before_the_machines_of_its_bottle() {
+    use bottle::gate::control::Health;
+    use bottle::gate::reconcile::GateHealth;
+    let state = tempfile::tempdir().unwrap();
+    let gated = || {
+        let mut d = desired();
+        d.attach_gate(state.path(), bottle::runtime::RuntimeKind::Smolvm)
+            .unwrap();
+        d
+    };
+    let d = gated();
+    let gate = d.gate.as_ref().unwrap();
+    let running = |hash: String| {
+        GateHealth::Running(Health {
+            pid: 4242,
+            config_hash: hash,
+            started_at: 1,
+            secrets_read_at: 2,
+            ports: BTreeMap::new(),
+        })
+    };
+    let mut out = String::new();
+
+    // Nothing yet: the gate starts first, every create waits for it.
+    let fresh = Snapshot {
+        gate: Some(GateHealth::NotRunning),
+        ..Snapshot::default()
+    };
+    let planned = plan(&d, &fresh, &PlanOptions::default());
+    assert_eq!(planned.actions[0].op.step(), "gate");
+    for a in planned.actions.iter().filter(|a| a.op.verb() == "create") {
+        assert_eq!(a.after, [0], "{a:?}");
+    }
+    out.push_str(&format!("## fresh\n{}\n", planned.render()));
+
+    // Machines in sync, gate serving this config: nothing to do.
+    let mut s = in_sync(&d);
+    s.gate = Some(running(gate.config.hash()));
+    let planned = plan(&d, &s, &PlanOptions::default());
+    assert!(planned.actions.is_empty(), "{}", planned.render());
+
+    // The gate died: it is started again, and no machine is touched.
+    s.gate = Some(GateHealth::NotRunning);
+    out.push_str(&format!(
+        "## gate not running\n{}\n",
+        render(&d, &s, &PlanOptions::default())
+    ));
+
+    // It serves another config (allow_hosts was edited since it was last
+    // sent): a reload naming what changed, and no machine is touched.
+    let mut before = gate.config.clone();
+    before.bottles.get_mut("dev").unwrap().allow_hosts = vec!["old.example.com".into()];
+    std::fs::create_dir_all(&gate.paths.dir).unwrap();
+    std::fs::write(gate.paths.config(), serde_json::to_vec(&before).unwrap()).unwrap();
+    s.gate = Some(running(before.hash()));
+    out.push_str(&format!(
+        "## gate config differs\n{}\n",
+        render(&d, &s, &PlanOptions::default())
+    ));
+
+    // Something answers on the control socket, but not as a gate: an error,
+    // never drift.
+    s.gate = Some(GateHealth::Error(
+        "the gate answered something bottle cannot read".into(),
+    ));
+    out.push_str(&format!(
+        "## gate unreadable\n{}\n",
+        render(&d, &s, &PlanOptions::default())
+    ));
+
+    // A machine created without the gate's settings (before the gate, or
+    // with other credentials): it moves to the gate by replacement.
+    let ungated = desired();
+    let mut s = in_sync(&d);
+    s.gate = Some(running(gate.config.hash()));
+    let old = listed(&ungated, "coder", MachineState::Running);
+    let name = old.name.clone();
+    *machine_of(&mut s, &name) = old;
+    out.push_str(&format!(
+        "## a machine without the gate's settings\n{}",
+        render(&d, &s, &PlanOptions::default())
+    ));
+    insta::assert_snapshot!(out);
+}
+
+/// What `smolvm machine update` changed outside bottle shows in the guest's
+/// view of its settings (the probe's machine-settings section), and is a
+/// restart with the update that puts the manifest's settings back.
+#[test]
+fn env_changed_in_the_guest_is_a_restart() {
+    let d = desired();
+    let sha = |text: &str| bottle::steps::sha256_hex(text.as_bytes());
+    let mut s = in_sync(&d);
+    let probe = s.probes.get_mut("bottle_golden_coder").unwrap();
+    // As the manifest says: nothing to do.
+    probe.sections.insert(
+        machine::SETTINGS_SECTION.into(),
+        format!("env EDITOR {}\n", sha("vi\n")),
+    );
+    assert!(plan(&d, &s, &PlanOptions::default()).is_empty());
+    for observed in [
+        format!("env EDITOR {}\n", sha("nano\n")),
+        "env EDITOR unset\n".into(),
+    ] {
+        let probe = s.probes.get_mut("bottle_golden_coder").unwrap();
+        probe
+            .sections
+            .insert(machine::SETTINGS_SECTION.into(), observed);
+        let plan = plan(&d, &s, &PlanOptions::default());
+        assert_eq!(
+            plan.render(),
+            "agent coder (machine bottle_golden_coder)\n  \
+             ~ restart  machine   env changed in guest: EDITOR\n\nPlan: 1 to restart.\n"
+        );
+        let bottle::plan::Op::Restart { update } = &plan.actions[0].op else {
+            panic!("{:?}", plan.actions[0].op);
+        };
+        assert_eq!(update.set_env["EDITOR"], "vi");
+    }
 }

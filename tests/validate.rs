@@ -205,6 +205,15 @@ fn secrets() {
 }
 
 #[test]
+fn secrets_in_any_shape_are_never_printed() {
+    let out = validate("secret-shapes");
+    assert!(!out.contains("leak"), "a secret value echoed:\n{out}");
+    // The references themselves stay readable.
+    assert!(out.contains("F_TOKEN"), "{out}");
+    insta::assert_snapshot!(out);
+}
+
+#[test]
 fn egress() {
     insta::assert_snapshot!(validate("egress"));
 }
@@ -473,4 +482,9 @@ fn after_supervise_is_reported_once_and_hides_no_other_cycle() {
         3,
         "a summary and two problems: {stderr}"
     );
+}
+
+#[test]
+fn gate_settings() {
+    insta::assert_snapshot!(validate("gate"));
 }

@@ -960,9 +960,8 @@ fn a_resync_repairs_drift_made_inside_a_guest() {
     // (not on every resync), and the steps waiting behind it are not
     // reported as skipped each time either.
     let base = project.read("bottle.toml");
-    let egress =
-        |host: &str| format!("{base}\n[bottle.other.egress]\nallow_hosts = [\"{host}\"]\n");
-    save_by_rename(&project.path("bottle.toml"), &egress("example.com"));
+    let egress = |net: &str| format!("{base}\n[bottle.other.egress]\nallow_cidrs = [\"{net}\"]\n");
+    save_by_rename(&project.path("bottle.toml"), &egress("10.1.0.0/16"));
     let blocked = watch.wait("the blocked replace", EVENT, |e| event(e) == "blocked");
     assert_eq!(
         (&blocked["agent"], &blocked["action"]),
@@ -984,7 +983,7 @@ fn a_resync_repairs_drift_made_inside_a_guest() {
     assert!(machine_names(&double).contains(&project.machine("c")));
 
     // Another change to the same field is a new change: reported again.
-    std::fs::write(project.path("bottle.toml"), egress("example.org")).unwrap();
+    std::fs::write(project.path("bottle.toml"), egress("10.2.0.0/16")).unwrap();
     let again = watch.wait("the new blocked replace", EVENT, |e| event(e) == "blocked");
     assert_eq!(
         (&again["agent"], &again["action"]),
@@ -1386,7 +1385,7 @@ fn a_start_that_needs_a_missing_secret_waits_with_the_machine_left_running() {
     let held = watch.wait("the held restart", EVENT, |e| event(e) == "blocked");
     assert_eq!(held["action"], "restart", "{held}");
     assert!(
-        held["reason"].as_str().unwrap().contains("cannot be read"),
+        held["reason"].as_str().unwrap().contains("does not exist"),
         "{held}"
     );
     assert_eq!(

@@ -34,9 +34,8 @@ pub fn run(global: &GlobalArgs, args: ApplyArgs) -> miette::Result<Outcome> {
     let _lock = if args.dry_run {
         None
     } else {
-        let state = session::state_dir(global)?;
         Some(ProjectLock::acquire(
-            &state,
+            &session::lock_dir(global)?,
             &desired.project.name,
             "apply",
             Duration::from_secs(args.lock_wait),
@@ -48,18 +47,21 @@ pub fn run(global: &GlobalArgs, args: ApplyArgs) -> miette::Result<Outcome> {
         session::observation_errors(&survey.plan)?;
         return Ok(Outcome::Success);
     }
-    // Only now: a missing secret matters to a plan that starts a machine
-    // of its bottle, and to nothing else.
-    crate::preflight::launch_secrets(&survey.desired, &survey.plan)?;
     eprintln!();
-    session::on_interrupt("interrupted: finishing the actions under way", || {})?;
+    let progress = std::sync::Arc::new(session::Lines::new());
+    let running = progress.clone();
+    session::on_interrupt("interrupted: finishing the actions under way", move || {
+        for what in running.running() {
+            eprintln!("         waiting for {what}");
+        }
+    })?;
     let report = apply::execute(
         &survey.desired,
         &survey.snapshot,
         &survey.plan,
         survey.runtime.as_ref(),
         parallelism,
-        &session::Lines,
+        progress.as_ref(),
     );
     print!("\n{}", render_summary(&report));
     if apply::cancelled() {

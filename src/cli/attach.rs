@@ -35,6 +35,22 @@ pub enum AttachError {
         machine: String,
         state: String,
     },
+
+    #[error("Claude Code (`claude`) is not installed in machine {machine} of agent `{agent}`")]
+    #[diagnostic(
+        code("bottle::claude-missing"),
+        help(
+            "`claude` is not on the agent user's PATH in the guest: use an image that has it, or \
+             install it with a setup step of bottle `{bottle}`, e.g. `[[bottle.{bottle}.setup]]` \
+             `name = \"claude\"` `run = \"npm install -g @anthropic-ai/claude-code\"`, then \
+             `bottle apply`; `bottle exec {agent} -- sh` opens a shell to look around"
+        )
+    )]
+    ClaudeMissing {
+        agent: String,
+        machine: String,
+        bottle: String,
+    },
 }
 
 /// The command `attach` runs inside the guest: Claude Code as the agent
@@ -72,6 +88,22 @@ pub fn run(global: &GlobalArgs, args: AttachArgs) -> miette::Result<Outcome> {
         }
         .into());
     }
+    if !args.print_command {
+        // Without Claude Code the session would end at once with the
+        // runtime's "failed to execute claude", exit 127: say so.
+        let probe = ExecRequest::new(["sh", "-c", "command -v claude >/dev/null"])
+            .as_user(ctx.user())
+            .timeout(std::time::Duration::from_secs(60));
+        let found = rt.exec(&agent.machine, &probe)?;
+        if !found.success() {
+            return Err(AttachError::ClaudeMissing {
+                agent: agent.name.clone(),
+                machine: agent.machine.clone(),
+                bottle: agent_bottle(&desired, &agent.name),
+            }
+            .into());
+        }
+    }
     // Only now: the local runtime builds the command from the running
     // machine's namespaces.
     let argv = rt.interactive_argv(&agent.machine, &request);
@@ -92,4 +124,12 @@ pub fn run(global: &GlobalArgs, args: AttachArgs) -> miette::Result<Outcome> {
         "could not run {}: {err}",
         argv[0]
     ))
+}
+
+fn agent_bottle(desired: &crate::desired::Desired, agent: &str) -> String {
+    desired
+        .project
+        .agents
+        .get(agent)
+        .map_or_else(String::new, |a| a.spec.bottle.clone())
 }

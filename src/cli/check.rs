@@ -33,6 +33,9 @@ struct DriftReport<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     targets: Option<&'a [String]>,
     drift: Vec<Drift<'a>>,
+    /// Supervise grants in force that the manifests do not declare.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    grants: Vec<crate::gate::supervise::grants::UndeclaredGrant>,
     /// Agents that could not be observed (the command exits 1).
     errors: &'a [crate::plan::PlanError],
     notes: &'a [String],
@@ -65,6 +68,7 @@ fn report(plan: &Plan) -> DriftReport<'_> {
         project: &plan.project,
         in_sync: plan.is_empty() && plan.errors.is_empty(),
         targets: plan.targets.as_deref(),
+        grants: Vec::new(),
         errors: &plan.errors,
         notes: &plan.notes,
         drift: plan
@@ -103,13 +107,17 @@ pub fn run(global: &GlobalArgs, args: CheckArgs) -> miette::Result<Outcome> {
         targets: (!args.targets.is_empty()).then(|| args.targets.clone()),
         ..PlanOptions::default()
     };
-    let survey = session::survey(
-        global,
-        session::load(&args.dir.dir)?,
-        &options,
-        args.parallelism.into(),
+    let survey = session::json_error(
+        args.json,
+        session::load(&args.dir.dir).and_then(|desired| {
+            session::survey(global, desired, &options, args.parallelism.into())
+        }),
     )?;
-    let report = report(&survey.plan);
+    let mut report = report(&survey.plan);
+    // A grant in force beyond the manifests: the world is wider than declared.
+    report.grants =
+        super::supervise::undeclared(global, &survey.desired, survey.plan.targets.as_deref())?;
+    report.in_sync &= report.grants.is_empty();
     if args.json {
         println!(
             "{}",
@@ -146,6 +154,7 @@ pub fn run(global: &GlobalArgs, args: CheckArgs) -> miette::Result<Outcome> {
                 flags_needed(&survey.plan)
             );
         }
+        super::supervise::print_undeclared(&report.grants);
         print_notes(&report);
     }
     session::observation_errors(&survey.plan)?;

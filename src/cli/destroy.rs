@@ -105,8 +105,12 @@ pub fn run(global: &GlobalArgs, args: DestroyArgs) -> miette::Result<Outcome> {
             (project.name, Some(agents))
         }
     };
-    let state = session::state_dir(global)?;
-    let _lock = ProjectLock::acquire(&state, &project_name, "destroy", Duration::ZERO)?;
+    let _lock = ProjectLock::acquire(
+        &session::lock_dir(global)?,
+        &project_name,
+        "destroy",
+        Duration::ZERO,
+    )?;
     let rt = session::runtime(global)?;
     let machines: Vec<_> = rt
         .list()?
@@ -150,8 +154,12 @@ pub fn run(global: &GlobalArgs, args: DestroyArgs) -> miette::Result<Outcome> {
         .into_iter()
         .filter(|m| args.agents.is_empty() || args.agents.contains(&agent_of(m)))
         .collect();
+    let gate = crate::gate::paths::GatePaths::new(&session::state_dir(global)?, &project_name);
     if doomed.is_empty() {
         println!("No machines of project {} to delete.", project_name);
+        if args.agents.is_empty() {
+            stop_gate(&gate)?;
+        }
         return Ok(Outcome::Success);
     }
     println!(
@@ -188,6 +196,12 @@ pub fn run(global: &GlobalArgs, args: DestroyArgs) -> miette::Result<Outcome> {
         }
     }
     if failed.is_empty() {
+        // The gate serves the project's machines: with the last one gone,
+        // it goes too.
+        let left = rt.list()?.into_iter().any(|m| is_ours(&m, &project_name));
+        if !left {
+            stop_gate(&gate)?;
+        }
         Ok(Outcome::Success)
     } else {
         Err(miette::miette!(
@@ -196,4 +210,12 @@ pub fn run(global: &GlobalArgs, args: DestroyArgs) -> miette::Result<Outcome> {
             failed.join(", ")
         ))
     }
+}
+
+/// Stop the project's gate, if one runs.
+fn stop_gate(gate: &crate::gate::paths::GatePaths) -> miette::Result<()> {
+    if crate::gate::reconcile::stop(gate)? {
+        println!("stopped the gate");
+    }
+    Ok(())
 }

@@ -9,11 +9,15 @@ mod apply;
 mod attach;
 mod check;
 mod destroy;
+mod egress_log;
+mod exec;
+mod gate;
 mod graph;
 mod plan;
 mod schema;
 mod session;
 mod status;
+mod supervise;
 mod validate;
 mod watch;
 
@@ -30,6 +34,8 @@ pub enum Outcome {
     /// The world differs from the manifests (`check`, `plan
     /// --detailed-exitcode`), or `apply` left blocked actions undone.
     Drift,
+    /// Exit with this code: `exec` passes its command's status through.
+    Exit(u8),
 }
 
 pub const EXIT_ERROR: u8 = 1;
@@ -124,9 +130,41 @@ pub enum Command {
     /// Run the agent's Claude Code session in its machine.
     Attach(attach::AttachArgs),
 
+    /// Run a command in the agent's machine as the agent user, with its
+    /// HOME and environment: `bottle exec AGENT [DIR] -- CMD...` (`--root`
+    /// for root, `-it` for a terminal). Exits with the command's status.
+    Exec(exec::ExecArgs),
+
     /// Keep reconciling: whenever a manifest or a file it references
     /// changes, and periodically to repair drift inside guests.
     Watch(watch::WatchArgs),
+
+    /// The project's gate, the host half of its bottles: egress proxy, git
+    /// gateway, supervise.
+    Gate(gate::GateArgs),
+
+    /// Print the gate's decisions: every request allowed, denied or given a
+    /// credential.
+    EgressLog(egress_log::EgressLogArgs),
+
+    /// What agents asked their operator for, through the gate's supervise
+    /// endpoint: list (the default), approve, deny, revoke.
+    Supervise(supervise::SuperviseArgs),
+
+    /// Internal: the local runtime's relay from a machine's network to its
+    /// bottle's gate (started by the runtime, with its socket on fd 3).
+    #[command(hide = true)]
+    LocalGateRelay(LocalGateRelayArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LocalGateRelayArgs {
+    #[arg(long)]
+    port: u16,
+    #[arg(long)]
+    init_pid: u32,
+    #[arg(long)]
+    init_start: u64,
 }
 
 /// Parse arguments, run the command, return the process exit code.
@@ -143,11 +181,21 @@ pub fn main() -> ExitCode {
         Command::Status(args) => status::run(&cli.global, args),
         Command::Destroy(args) => destroy::run(&cli.global, args),
         Command::Attach(args) => attach::run(&cli.global, args),
+        Command::Exec(args) => exec::run(&cli.global, args),
         Command::Watch(args) => watch::run(&cli.global, args),
+        Command::Gate(args) => gate::run(&cli.global, args),
+        Command::EgressLog(args) => egress_log::run(&cli.global, args),
+        Command::LocalGateRelay(args) => {
+            crate::runtime::local::relay::serve(args.port, args.init_pid, args.init_start)
+                .map(|()| Outcome::Success)
+                .map_err(|e| miette::miette!("the gate relay failed: {e}"))
+        }
+        Command::Supervise(args) => supervise::run(&cli.global, args),
     };
     match result {
         Ok(Outcome::Success) => ExitCode::SUCCESS,
         Ok(Outcome::Drift) => ExitCode::from(EXIT_DRIFT),
+        Ok(Outcome::Exit(code)) => ExitCode::from(code),
         Err(report) => {
             eprintln!("{report:?}");
             ExitCode::from(if is_usage_error(&report) {
@@ -163,7 +211,9 @@ pub fn main() -> ExitCode {
 /// an agent the manifests do not declare, a malformed `--project`. Told by
 /// type, so an error that merely shares a code never passes for one.
 fn is_usage_error(report: &miette::Report) -> bool {
-    report.is::<session::UnknownTarget>() || report.is::<destroy::InvalidProjectOption>()
+    report.is::<session::UnknownTarget>()
+        || report.is::<destroy::InvalidProjectOption>()
+        || report.is::<supervise::BadProject>()
 }
 
 /// Diagnostics render with colour and Unicode on a terminal, and as plain

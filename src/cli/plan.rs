@@ -67,11 +67,16 @@ impl SelectArgs {
 }
 
 pub fn run(global: &GlobalArgs, args: PlanArgs) -> miette::Result<Outcome> {
-    let survey = session::survey(
-        global,
-        session::load(&args.dir.dir)?,
-        &args.select.options(),
-        args.select.change.parallelism.into(),
+    let survey = session::json_error(
+        args.json,
+        session::load(&args.dir.dir).and_then(|desired| {
+            session::survey(
+                global,
+                desired,
+                &args.select.options(),
+                args.select.change.parallelism.into(),
+            )
+        }),
     )?;
     if args.json {
         println!(
@@ -80,6 +85,12 @@ pub fn run(global: &GlobalArgs, args: PlanArgs) -> miette::Result<Outcome> {
         );
     } else {
         print!("{}", survey.plan.render());
+        // Not actions: `apply` neither adds nor removes a grant.
+        super::supervise::print_undeclared(&super::supervise::undeclared(
+            global,
+            &survey.desired,
+            survey.plan.targets.as_deref(),
+        )?);
     }
     session::observation_errors(&survey.plan)?;
     if args.detailed_exitcode && !survey.plan.is_empty() {

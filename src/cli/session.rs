@@ -22,6 +22,37 @@ pub fn load(dir: &Path) -> miette::Result<Desired> {
     Ok(Desired::new(project, &graph))
 }
 
+/// With `--json`, an error met before any result is printed goes to stdout
+/// too, as `{"format_version": 1, "error": {...}}` (every manifest problem
+/// with its file, line and column), besides the usual report on stderr.
+pub fn json_error<T>(json: bool, result: miette::Result<T>) -> miette::Result<T> {
+    if let (true, Err(report)) = (json, &result) {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&error_json(report)).expect("JSON serializes")
+        );
+    }
+    result
+}
+
+/// An error as the JSON object of [`json_error`].
+pub fn error_json(report: &miette::Report) -> serde_json::Value {
+    let error = match report.downcast_ref::<manifest::Diagnostics>() {
+        Some(problems) => {
+            let mut error = problems.to_json();
+            error["kind"] = "invalid-manifests".into();
+            error
+        }
+        None => serde_json::json!({
+            "kind": "error",
+            "code": report.code().map(|c| c.to_string()),
+            "message": report.to_string(),
+            "help": report.help().map(|h| h.to_string()),
+        }),
+    };
+    serde_json::json!({ "format_version": crate::plan::PLAN_FORMAT, "error": error })
+}
+
 /// The state directory: `--state-dir`, `$XDG_STATE_HOME/bottle` or
 /// `~/.local/state/bottle`.
 pub fn state_dir(global: &GlobalArgs) -> miette::Result<PathBuf> {
@@ -35,6 +66,16 @@ pub fn state_dir(global: &GlobalArgs) -> miette::Result<PathBuf> {
         Some(home) => Ok(PathBuf::from(home).join(".local/state/bottle")),
         None => Err(NoStateDir.into()),
     }
+}
+
+/// Where this project's lock lives: beside the machines the chosen runtime
+/// drives (see [`crate::lock::lock_dir`]).
+pub fn lock_dir(global: &GlobalArgs) -> miette::Result<PathBuf> {
+    Ok(crate::lock::lock_dir(
+        runtime_kind(global),
+        &state_dir(global)?,
+        &|name| std::env::var_os(name),
+    ))
 }
 
 #[derive(Debug, Error, Diagnostic)]
@@ -60,7 +101,13 @@ pub fn runtime(global: &GlobalArgs) -> miette::Result<Box<dyn Runtime>> {
         )?)),
         RuntimeChoice::Local => {
             let dir = state_dir(global)?.join("local");
-            Ok(Box::new(crate::runtime::local::LocalRuntime::open(&dir)?))
+            let mut rt = crate::runtime::local::LocalRuntime::open(&dir)?;
+            // Gated machines reach their gate through a relay this
+            // executable serves.
+            if let Ok(exe) = std::env::current_exe() {
+                rt = rt.with_relay(exe);
+            }
+            Ok(Box::new(rt))
         }
     }
 }
@@ -88,13 +135,96 @@ pub fn on_interrupt(message: &'static str, then: impl Fn() + Send + 'static) -> 
     })
 }
 
-/// Progress as plain lines on stderr: a counter, the action, its outcome.
-pub struct Lines;
+/// Progress as plain lines on stderr: a counter, the action, its outcome;
+/// and, while an action runs long (a setup command that hangs), a line
+/// every [`Lines::every`] saying what is still running and how to stop it.
+pub struct Lines {
+    running: std::sync::Arc<std::sync::Mutex<RunningActions>>,
+    stop: std::sync::mpsc::Sender<()>,
+}
+
+type RunningActions = std::collections::BTreeMap<usize, (String, std::time::Instant)>;
+
+impl Lines {
+    /// How often a still-running action is reported.
+    pub fn every() -> std::time::Duration {
+        std::env::var("BOTTLE_PROGRESS_SECONDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map_or(
+                std::time::Duration::from_secs(30),
+                std::time::Duration::from_secs,
+            )
+    }
+
+    pub fn new() -> Self {
+        let running: std::sync::Arc<std::sync::Mutex<RunningActions>> = Default::default();
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let every = Self::every();
+        let watched = running.clone();
+        std::thread::spawn(move || {
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = stopped.recv_timeout(every)
+            {
+                let now = std::time::Instant::now();
+                for (what, since) in watched.lock().expect("progress lock").values() {
+                    let seconds = now.duration_since(*since).as_secs();
+                    if seconds >= every.as_secs() {
+                        eprintln!("         {}", still_running(what, seconds));
+                    }
+                }
+            }
+        });
+        Self { running, stop }
+    }
+
+    /// The actions under way, for the Ctrl-C message.
+    pub fn running(&self) -> Vec<String> {
+        self.running
+            .lock()
+            .expect("progress lock")
+            .values()
+            .map(|(what, _)| what.clone())
+            .collect()
+    }
+}
+
+impl Default for Lines {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Lines {
+    fn drop(&mut self) {
+        let _ = self.stop.send(());
+    }
+}
+
+fn still_running(what: &str, seconds: u64) -> String {
+    format!(
+        "still running {what} ({}m {:02}s; Ctrl-C stops starting anything new, a second Ctrl-C quits at once)",
+        seconds / 60,
+        seconds % 60
+    )
+}
 
 impl Progress for Lines {
-    fn started(&self, _action: &Action, _running: usize, _total: usize) {}
+    fn started(&self, action: &Action, _running: usize, _total: usize) {
+        let who = action.agent.as_deref().unwrap_or(&action.machine);
+        self.running.lock().expect("progress lock").insert(
+            action.id,
+            (
+                format!("{who}: {} {}", action.op.verb(), action.op.step()),
+                std::time::Instant::now(),
+            ),
+        );
+    }
 
     fn finished(&self, report: &ActionReport, finished: usize, total: usize) {
+        self.running
+            .lock()
+            .expect("progress lock")
+            .remove(&report.action.id);
         let a = &report.action;
         let who = a.agent.as_deref().unwrap_or(&a.machine);
         let line = match &report.outcome {
@@ -134,7 +264,7 @@ pub struct Survey {
 
 pub fn survey(
     global: &GlobalArgs,
-    desired: Desired,
+    mut desired: Desired,
     options: &PlanOptions,
     parallelism: usize,
 ) -> miette::Result<Survey> {
@@ -142,6 +272,7 @@ pub fn survey(
         agent(&desired, target)?;
     }
     let notes = preflight::check(&desired, runtime_kind(global))?;
+    desired.attach_gate(&state_dir(global)?, runtime_kind(global))?;
     let runtime = runtime(global)?;
     let snapshot = crate::observe::observe(
         runtime.as_ref(),
@@ -150,13 +281,22 @@ pub fn survey(
         parallelism,
     )?;
     let mut plan = crate::plan::plan(&desired, &snapshot, options);
+    // A missing secret holds back only the starts of its bottle's machines.
+    preflight::hold_launches_without_secrets(&desired, &mut plan, preflight::Waiting::Command);
     plan.notes.extend(notes);
+    once_each(&mut plan.notes);
     Ok(Survey {
         desired,
         runtime,
         snapshot,
         plan,
     })
+}
+
+/// Keep the first of identical notes: each is shown once per command.
+pub fn once_each(notes: &mut Vec<String>) {
+    let mut seen = std::collections::HashSet::new();
+    notes.retain(|n| seen.insert(n.clone()));
 }
 
 /// The declared agent named `name`, or a diagnostic listing the declared
@@ -207,4 +347,19 @@ pub struct ObservationFailed {
 pub struct UnknownTarget {
     pub agent: String,
     pub known: String,
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_note_is_shown_once() {
+        let mut notes = vec![
+            "b".to_owned(),
+            "a".to_owned(),
+            "b".to_owned(),
+            "a".to_owned(),
+        ];
+        super::once_each(&mut notes);
+        assert_eq!(notes, ["b", "a"]);
+    }
 }

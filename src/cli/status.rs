@@ -24,6 +24,12 @@ struct Status {
     agents: Vec<AgentStatus>,
     /// Managed machines of this project no agent declares.
     undeclared: Vec<String>,
+    /// The project's gate, when it has or had one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gate: Option<crate::gate::reconcile::GateStatus>,
+    /// Supervise grants in force that the manifests do not declare.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    grants: Vec<crate::gate::supervise::grants::UndeclaredGrant>,
 }
 
 #[derive(Debug, Serialize)]
@@ -47,17 +53,21 @@ struct StepStatus {
 }
 
 pub fn run(global: &GlobalArgs, args: StatusArgs) -> miette::Result<Outcome> {
-    let survey = session::survey(
-        global,
-        session::load(&args.dir.dir)?,
-        &PlanOptions::default(),
-        8,
+    let survey = session::json_error(
+        args.json,
+        session::load(&args.dir.dir)
+            .and_then(|desired| session::survey(global, desired, &PlanOptions::default(), 8)),
     )?;
     let mut status = Status {
         format_version: crate::plan::PLAN_FORMAT,
         project: survey.desired.project.name.clone(),
         agents: Vec::new(),
         undeclared: Vec::new(),
+        gate: crate::gate::reconcile::GateStatus::of(
+            survey.desired.gate.as_ref(),
+            survey.snapshot.gate.as_ref(),
+        ),
+        grants: Vec::new(),
     };
     for agent in survey.desired.agents.values() {
         let machine = survey.snapshot.machine(&agent.machine);
@@ -125,11 +135,12 @@ pub fn run(global: &GlobalArgs, args: StatusArgs) -> miette::Result<Outcome> {
             last_applied: probe.and_then(|p| p.ledger.values().map(|e| e.applied_at).max()),
         });
     }
+    status.grants = super::supervise::undeclared(global, &survey.desired, None)?;
     status.undeclared = survey
         .plan
         .actions
         .iter()
-        .filter(|a| a.agent.is_none())
+        .filter(|a| a.agent.is_none() && !matches!(a.op, Op::Gate { .. }))
         .map(|a| a.machine.clone())
         .collect();
     if args.json {
@@ -141,7 +152,8 @@ pub fn run(global: &GlobalArgs, args: StatusArgs) -> miette::Result<Outcome> {
         return Ok(Outcome::Success);
     }
     println!("project {}", status.project);
-    let mut rows = vec![["AGENT", "MACHINE", "STATE", "LAST APPLIED", "STEPS"].map(str::to_owned)];
+    let mut rows =
+        vec![["AGENT", "MACHINE", "STATE", "LAST APPLIED (UTC)", "STEPS"].map(str::to_owned)];
     for a in &status.agents {
         let steps: Vec<String> = a
             .steps
@@ -163,11 +175,15 @@ pub fn run(global: &GlobalArgs, args: StatusArgs) -> miette::Result<Outcome> {
         ]);
     }
     print!("{}", table(&rows));
+    if let Some(gate) = &status.gate {
+        println!("{gate}");
+    }
     for m in &status.undeclared {
         println!(
             "{m}: managed by this project but no agent declares it (`bottle apply --prune` deletes it)"
         );
     }
+    super::supervise::print_undeclared(&status.grants);
     for e in &survey.plan.errors {
         println!("{e}");
     }
@@ -178,7 +194,7 @@ pub fn run(global: &GlobalArgs, args: StatusArgs) -> miette::Result<Outcome> {
 /// Rows as aligned columns, each as wide as its widest cell (names go up
 /// to 48 characters, machine names past 100), three spaces apart like
 /// `kubectl get`; the last column is not padded.
-fn table<const N: usize>(rows: &[[String; N]]) -> String {
+pub(super) fn table<const N: usize>(rows: &[[String; N]]) -> String {
     let mut widths = [0; N];
     for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {

@@ -42,8 +42,18 @@ pub fn run(global: &GlobalArgs, args: WatchArgs) -> miette::Result<Outcome> {
     let first = session::load(&dir)?;
     preflight::check(&first, session::runtime_kind(global))?;
     let state = session::state_dir(global)?;
-    let _lock = ProjectLock::acquire(&state, &first.project.name, "watch", Duration::ZERO)?;
+    let _lock = ProjectLock::acquire(
+        &session::lock_dir(global)?,
+        &first.project.name,
+        "watch",
+        Duration::ZERO,
+    )?;
     let rt = session::runtime(global)?;
+    // Agents' requests to their operator, printed as they arrive.
+    super::supervise::follow(
+        crate::gate::paths::GatePaths::new(&state, &first.project.name),
+        args.json,
+    );
 
     let (tx, rx) = mpsc::channel();
     let stop = tx.clone();
@@ -73,9 +83,12 @@ pub fn run(global: &GlobalArgs, args: WatchArgs) -> miette::Result<Outcome> {
         json: args.json,
         ignore,
     };
+    let gate_state = session::state_dir(global)?;
     let load = || -> miette::Result<crate::desired::Desired> {
-        let desired = session::load(&dir)?;
+        let mut desired = session::load(&dir)?;
         preflight::check(&desired, session::runtime_kind(global))?;
+        // Each resync observes the gate too: one that died is started again.
+        desired.attach_gate(&gate_state, session::runtime_kind(global))?;
         Ok(desired)
     };
     watch::run(&options, rt.as_ref(), &load, rx, Some(&mut watcher))?;

@@ -2,11 +2,10 @@
 //! agents share it, on every core.
 
 use std::collections::HashMap;
-use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::hash::{self, Digest32};
+use super::hash::{self, Digest32, TreeError, TreeSize};
 use crate::manifest::{FileId, KeyPath, ManifestDiagnostic, Project};
 
 /// How a path is digested.
@@ -26,6 +25,22 @@ struct Site {
     what: &'static str,
 }
 
+/// What a probe reads in the guest, per agent.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Budget {
+    pub prompt_bytes: u64,
+    pub skill_bytes: u64,
+    pub skill_entries: u64,
+}
+
+impl Budget {
+    pub const PROBE: Budget = Budget {
+        prompt_bytes: crate::steps::prompt::PROBE_BYTES,
+        skill_bytes: crate::steps::skills::PROBE_BYTES,
+        skill_entries: crate::steps::skills::PROBE_ENTRIES,
+    };
+}
+
 /// Every path digest a project's steps need.
 #[derive(Debug, Default)]
 pub(crate) struct Digests {
@@ -33,6 +48,8 @@ pub(crate) struct Digests {
     // which showed in profiles of large projects.
     files: HashMap<PathBuf, Digest32>,
     trees: HashMap<PathBuf, Digest32>,
+    /// What a probe of each path reads (for a file: its bytes, one entry).
+    sizes: HashMap<(Kind, PathBuf), TreeSize>,
 }
 
 impl Digests {
@@ -40,22 +57,111 @@ impl Digests {
     /// diagnostics, one per path, pointing at the first key that names it.
     pub fn compute(project: &Project) -> Result<Digests, Vec<ManifestDiagnostic>> {
         let jobs = collect(project);
-        let results = run_parallel(&jobs, |((kind, path), _)| digest(*kind, path));
+        let results = run_parallel(&jobs, |((kind, path), sites)| {
+            // Skills are hashed in the guest too, within a budget: larger
+            // ones are refused below, without reading them here either.
+            let budget = sites
+                .iter()
+                .any(|s| s.what == SKILL)
+                .then_some(crate::steps::skills::PROBE_BYTES);
+            digest(*kind, path, &project.dir, budget)
+        });
 
         let mut digests = Digests::default();
         let mut problems = Vec::new();
         for (((kind, path), sites), result) in jobs.iter().zip(results) {
             match (result, kind) {
-                (Ok(d), Kind::File) => drop(digests.files.insert(path.clone(), d)),
-                (Ok(d), Kind::Tree) => drop(digests.trees.insert(path.clone(), d)),
+                (Ok((d, size)), Kind::File) => {
+                    digests.files.insert(path.clone(), d);
+                    digests.sizes.insert((*kind, path.clone()), size);
+                }
+                (Ok((d, size)), Kind::Tree) => {
+                    digests.trees.insert(path.clone(), d);
+                    digests.sizes.insert((*kind, path.clone()), size);
+                }
+                (Err(TreeError::TooLarge(size)), _) => {
+                    // Never used: the agent's skills are over budget.
+                    digests.trees.insert(path.clone(), [0; 32]);
+                    digests.sizes.insert((*kind, path.clone()), size);
+                }
                 (Err(err), _) => problems.push(read_error(project, path, sites, &err)),
             }
+        }
+        if problems.is_empty() {
+            problems.extend(digests.over_budget(project, &Budget::PROBE));
         }
         if problems.is_empty() {
             Ok(digests)
         } else {
             Err(problems)
         }
+    }
+
+    /// Agents whose prompt or skills are more than a probe reads in the
+    /// guest (`steps::prompt::PROBE_BYTES`, `steps::skills::PROBE_BYTES`
+    /// and `PROBE_ENTRIES`): the guest copy would always look drifted.
+    pub(crate) fn over_budget(
+        &self,
+        project: &Project,
+        budget: &Budget,
+    ) -> Vec<ManifestDiagnostic> {
+        let mut problems = Vec::new();
+        for (name, agent) in &project.agents {
+            let base = || KeyPath::new().key("agent").key(name.as_str());
+            if let crate::manifest::Prompt::File(path) = &agent.prompt
+                && let Some(size) = self.sizes.get(&(Kind::File, path.clone()))
+                && size.bytes > budget.prompt_bytes
+            {
+                problems.push(
+                    ManifestDiagnostic::new(
+                        "bottle::too-large",
+                        format!(
+                            "the prompt file of agent `{name}` holds {} bytes, more than the {} a \
+                             probe reads",
+                            size.bytes, budget.prompt_bytes
+                        ),
+                    )
+                    .value(
+                        &project.sources,
+                        agent.file,
+                        &base().key("prompt"),
+                        "this file",
+                    )
+                    .help("a system prompt is text: shorten it"),
+                );
+            }
+            let total = agent
+                .skills
+                .iter()
+                .filter_map(|p| self.sizes.get(&(Kind::Tree, p.clone())))
+                .fold(TreeSize::default(), |a, b| TreeSize {
+                    entries: a.entries.saturating_add(b.entries),
+                    bytes: a.bytes.saturating_add(b.bytes),
+                });
+            if total.bytes > budget.skill_bytes || total.entries > budget.skill_entries {
+                problems.push(
+                    ManifestDiagnostic::new(
+                        "bottle::too-large",
+                        format!(
+                            "the skills of agent `{name}` hold {} files and directories and {} \
+                             bytes, more than a probe reads ({} entries, {} bytes)",
+                            total.entries, total.bytes, budget.skill_entries, budget.skill_bytes
+                        ),
+                    )
+                    .value(
+                        &project.sources,
+                        agent.file,
+                        &base().key("skills"),
+                        "these skills",
+                    )
+                    .help(
+                        "bottle hashes every skill file in the guest at each check: keep data \
+                         out of skill directories (a volume is the place for it)",
+                    ),
+                );
+            }
+        }
+        problems
     }
 
     pub fn get(&self, kind: Kind, path: &Path) -> Option<&Digest32> {
@@ -66,10 +172,20 @@ impl Digests {
     }
 }
 
-fn digest(kind: Kind, path: &Path) -> io::Result<Digest32> {
+const SKILL: &str = "skill directory";
+
+fn digest(
+    kind: Kind,
+    path: &Path,
+    boundary: &Path,
+    budget: Option<u64>,
+) -> Result<(Digest32, TreeSize), TreeError> {
     match kind {
-        Kind::File => hash::file_digest(path),
-        Kind::Tree => hash::tree_digest(path),
+        Kind::File => {
+            let (digest, bytes) = hash::file_digest_sized(path)?;
+            Ok((digest, TreeSize { entries: 1, bytes }))
+        }
+        Kind::Tree => hash::tree_digest_sized(path, boundary, budget),
     }
 }
 
@@ -128,7 +244,7 @@ fn collect(project: &Project) -> Vec<((Kind, PathBuf), Vec<Site>)> {
         }
         for (i, skill) in agent.skills.iter().enumerate() {
             let key = base().key("skills").index(i);
-            jobs.add(Kind::Tree, skill, agent.file, key, "skill directory");
+            jobs.add(Kind::Tree, skill, agent.file, key, SKILL);
         }
     }
     jobs.jobs
@@ -171,10 +287,38 @@ fn read_error(
     project: &Project,
     path: &Path,
     sites: &[Site],
-    err: &io::Error,
+    err: &TreeError,
 ) -> ManifestDiagnostic {
     let first = &sites[0];
     let shown = String::from_utf8_lossy(&hash::normalised_path(project, path)).into_owned();
+    let err = match err {
+        TreeError::Io(err) => err,
+        TreeError::TooLarge(_) => unreachable!("kept as a size, reported per agent"),
+        TreeError::LinkEscapes { link, target } => {
+            let link = String::from_utf8_lossy(link);
+            let target = String::from_utf8_lossy(target);
+            let mut message = format!(
+                "{} `{shown}` holds a symbolic link that leads outside the manifests directory: \
+                 `{link}` -> `{target}`",
+                first.what
+            );
+            if sites.len() > 1 {
+                message.push_str(&format!(" (named {} times)", sites.len()));
+            }
+            return ManifestDiagnostic::new("bottle::path-escapes", message)
+                .value(
+                    &project.sources,
+                    first.file,
+                    &first.key,
+                    "copied into the guest from here",
+                )
+                .help(format!(
+                    "bottle copies links into the guest as links, so a link may only point inside \
+                     the manifests directory: replace `{shown}/{link}` with the file or directory \
+                     itself, or remove it"
+                ));
+        }
+    };
     let mut message = format!("cannot read {} `{shown}`: {err}", first.what);
     if sites.len() > 1 {
         message.push_str(&format!(" (named {} times)", sites.len()));

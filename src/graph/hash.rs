@@ -19,20 +19,29 @@
 //! changes nothing.
 //!
 //! A step's hash covers its own inputs only, not those of the steps it runs
-//! after: the graph orders steps, it does not chain their hashes. (A replaced
-//! machine starts with an empty ledger, so every step runs again anyway.)
+//! after: the graph orders steps, it does not chain their hashes (a replaced
+//! machine starts with an empty ledger, so every step runs again anyway) —
+//! except for setup steps, below: a command that runs after another one
+//! re-runs when that one re-ran.
 //!
 //! # Step hashes, version `bottle-step-v1`
 //!
 //! | step | inputs, in order |
 //! | --- | --- |
 //! | `machine` | `spec`: the spec hash below; `cpus`; `memory_mib`; `env`: each `KEY`, `VALUE` by key; `volumes`: each absolute host path, guest path, read-only flag, in declaration order (the absolute path is what the machine mounts: moving the manifests directory re-points volumes inside it, an update and restart, never a replacement); `user` |
-//! | `ca` | `cert`: path of the certificate relative to the manifests directory, SHA-256 of its content |
+//! | `ca` | `cert`: path of the certificate relative to the manifests directory, SHA-256 of its content. With a gate: `gate`, then `cert` and the same, or `none`; extended (below) by the project CA's SHA-256 |
 //! | `prompt` | `user`; `content`: SHA-256 of the prompt file's content, of `prompt_text`, or of the empty string when there is no prompt (the guest path is fixed, so the source path is not an input) |
 //! | `skills` | `user`; `skills`: per skill directory, sorted by its name in the guest (the directory's own name): that name, its tree digest |
-//! | `git` | `user`; `gateway`; `identity`: none, or `user.name`, `user.email`; `remotes`: each `name`, `upstream`, sorted by name |
-//! | `setup:<name>` | `name`; `run`; `inputs`: per input, sorted by path relative to the manifests directory: that path, its tree digest. Runs as root, so not the user; `after` and `before` only order, so they are not inputs |
-//! | `supervise` | `user`; `url` |
+//! | `git` | `user`; `gateway` (`gate:` when the gate serves it); `identity`: none, or `user.name`, `user.email`; `remotes`: each `name`, `upstream`, sorted by name. Served by the gate: extended by the gateway URL with the agent's credential |
+//! | `setup:<name>` | `name`; `run`; `inputs`: per input, sorted by path relative to the manifests directory: that path, its tree digest. Runs as root, so not the user. When it comes after other steps (its `after`, or another setup step's `before` naming it; `machine` only when named in `after`), that hash is chained: the hash of `setup-after`, `own` and the hash above, then `after` and per step it comes after, sorted by id, its id and its step hash. A step without any keeps the hash above |
+//! | `supervise` | `user`; `url` (`gate:` when the gate serves it; then extended by the endpoint URL with the agent's token) |
+//!
+//! "Extended": inputs known only with the state directory (the gate's
+//! ports, the agent's credentials, the project CA) are hashed after the
+//! manifests' (`gate-inputs`: the step hash, then each input; a setup
+//! step after an extended `git` or `supervise` step: one input, per such
+//! step its id and extended hash, one a line); `plan`,
+//! `apply` and `check` see them, `graph` and `validate` do not.
 //!
 //! `user` is the bottle's agent user: it decides the home directory and the
 //! owner of what the step writes.
@@ -47,10 +56,10 @@
 //! | field | inputs |
 //! | --- | --- |
 //! | `image` | `host` (no image, or `"host"`); `oci`, the reference as written; `rootfs-dir` or `archive`, then the path: relative to the manifests directory when inside it, else absolute (`~/images/...`). The content of a local image is not hashed: give a changed image a new name to roll it out |
-//! | `egress` | whether the `egress` table is present (absent: no network at all) |
-//! | `egress.allow_hosts` | the hosts, sorted, duplicates removed |
+//! | `egress` | `gate` when the bottle has a gate (DESIGN.md section 9), else whether the `egress` table is present (absent: no network at all) |
+//! | `egress.allow_hosts` | with a gate, `gate` (the gate enforces them, live); else the hosts, sorted, duplicates removed |
 //! | `egress.allow_cidrs` | the CIDRs, sorted, duplicates removed |
-//! | `secrets` | per guest variable, by name: the name, then `env` and the host variable, or `file` and the host path |
+//! | `secrets` | per guest variable, by name: the name, then `gate` for a secret with `hosts` (the guest holds a placeholder), else `env` and the host variable, or `file` and the host path |
 //!
 //! `local.allow_unfiltered_network` is not an input anywhere: it is a
 //! permission the local runtime checks, not a setting of the machine.
@@ -60,11 +69,14 @@
 //! For skill directories and setup inputs (a file or a directory). Every
 //! entry under the root, the root included as the empty path, sorted by its
 //! `/`-separated path relative to the root (bytewise): a kind, the path, then
-//! for a file the SHA-256 of its content and for a symlink its target (links
-//! are recorded, not followed; the root itself is followed). Kinds: `d`
-//! directory, `f` file, `x` file with an executable bit set, `l` symlink.
-//! Owners, other mode bits and timestamps are not inputs: the guest copy gets
-//! its own.
+//! for a directory and a file its permission bits (`mode & 0o7777`, as a
+//! `u64`), for a file the SHA-256 of its content and for a symlink its
+//! target (links are recorded, not followed; the root itself is followed).
+//! Kinds: `d` directory, `f` file, `l` symlink. The guest copy gets the same
+//! permission bits (a `chmod 600` on the host is a change to roll out);
+//! owners and timestamps are not inputs: the guest copy gets its own. A link
+//! that leads outside the manifests directory (followed as the kernel would)
+//! is refused, as a path naming it would be.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -82,7 +94,7 @@ pub const STEP_VERSION: &str = "bottle-step-v1";
 /// Version tag of the spec hash. Changing it replaces every machine.
 pub const SPEC_VERSION: &str = "bottle-spec-v1";
 /// Version tag of tree digests.
-pub const TREE_VERSION: &str = "bottle-tree-v1";
+pub const TREE_VERSION: &str = "bottle-tree-v2";
 
 /// Hex digits in a short hash (48 bits: plenty to tell versions apart).
 pub const SHORT_LEN: usize = 12;
@@ -145,21 +157,67 @@ impl Enc {
 
 /// SHA-256 of a file's content, streamed.
 pub fn file_digest(path: &Path) -> io::Result<Digest32> {
+    file_digest_sized(path).map(|(digest, _)| digest)
+}
+
+/// SHA-256 of a file's content, and how many bytes it holds.
+pub fn file_digest_sized(path: &Path) -> io::Result<(Digest32, u64)> {
     let mut file = fs::File::open(path)?;
     let mut hasher = Sha256::new();
-    io::copy(&mut file, &mut hasher)?;
-    Ok(hasher.finalize().into())
+    let bytes = io::copy(&mut file, &mut hasher)?;
+    Ok((hasher.finalize().into(), bytes))
 }
 
 pub fn bytes_digest(bytes: &[u8]) -> Digest32 {
     Sha256::digest(bytes).into()
 }
 
-/// The tree digest of a file or directory (see the module docs).
-pub fn tree_digest(root: &Path) -> io::Result<Digest32> {
+/// Why a tree could not be digested.
+#[derive(Debug)]
+pub enum TreeError {
+    Io(io::Error),
+    /// A symbolic link below the root leads outside `boundary`: `link` is
+    /// its path relative to the root, `target` what it points to.
+    LinkEscapes {
+        link: Vec<u8>,
+        target: Vec<u8>,
+    },
+    /// The files hold more bytes than the budget given: nothing was hashed.
+    TooLarge(TreeSize),
+}
+
+impl From<io::Error> for TreeError {
+    fn from(e: io::Error) -> Self {
+        TreeError::Io(e)
+    }
+}
+
+/// The tree digest of a file or directory (see the module docs). Every
+/// symbolic link below the root must lead inside `boundary` (the canonical
+/// manifests directory): links are copied into the guest as links, so one
+/// rule holds at every level, as it does for the root itself.
+pub fn tree_digest(root: &Path, boundary: &Path) -> Result<Digest32, TreeError> {
+    tree_digest_sized(root, boundary, None).map(|(digest, _)| digest)
+}
+
+/// How much a probe of a copied tree reads: its entries (the root
+/// included) and the bytes of its files.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TreeSize {
+    pub entries: u64,
+    pub bytes: u64,
+}
+
+/// [`tree_digest`], with the tree's size; with a `budget`, a tree whose
+/// files hold more bytes (by their metadata) is not read at all.
+pub fn tree_digest_sized(
+    root: &Path,
+    boundary: &Path,
+    budget: Option<u64>,
+) -> Result<(Digest32, TreeSize), TreeError> {
     enum Kind {
-        Dir,
-        File { exec: bool },
+        Dir { mode: u32 },
+        File { mode: u32 },
         Link(Vec<u8>),
     }
     let mut entries: Vec<(Vec<u8>, std::path::PathBuf, Kind)> = Vec::new();
@@ -167,14 +225,20 @@ pub fn tree_digest(root: &Path) -> io::Result<Digest32> {
     let root_meta = fs::metadata(root)?;
     let mut stack = Vec::new();
     if root_meta.is_dir() {
-        entries.push((Vec::new(), root.to_owned(), Kind::Dir));
+        entries.push((
+            Vec::new(),
+            root.to_owned(),
+            Kind::Dir {
+                mode: permissions(&root_meta),
+            },
+        ));
         stack.push((Vec::new(), root.to_owned()));
     } else {
         entries.push((
             Vec::new(),
             root.to_owned(),
             Kind::File {
-                exec: is_executable(&root_meta),
+                mode: permissions(&root_meta),
             },
         ));
     }
@@ -192,56 +256,113 @@ pub fn tree_digest(root: &Path) -> io::Result<Digest32> {
             let ft = meta.file_type();
             let kind = if ft.is_dir() {
                 stack.push((child_rel.clone(), path.clone()));
-                Kind::Dir
+                Kind::Dir {
+                    mode: permissions(&meta),
+                }
             } else if ft.is_file() {
                 Kind::File {
-                    exec: is_executable(&meta),
+                    mode: permissions(&meta),
                 }
             } else if ft.is_symlink() {
-                Kind::Link(os_bytes(fs::read_link(&path)?.as_os_str()).into_owned())
+                let target = fs::read_link(&path)?;
+                let inside = fs::canonicalize(&dir)
+                    .ok()
+                    .and_then(|dir| resolve(&dir, &target, 40))
+                    .is_some_and(|resolved| resolved.starts_with(boundary));
+                if !inside {
+                    return Err(TreeError::LinkEscapes {
+                        link: child_rel,
+                        target: os_bytes(target.as_os_str()).into_owned(),
+                    });
+                }
+                Kind::Link(os_bytes(target.as_os_str()).into_owned())
             } else {
-                return Err(io::Error::new(
+                return Err(TreeError::Io(io::Error::new(
                     io::ErrorKind::InvalidInput,
                     format!(
                         "{} is not a file, a directory or a symbolic link",
                         path.display()
                     ),
-                ));
+                )));
             };
             entries.push((child_rel, path, kind));
         }
     }
     entries.sort_by(|a, b| a.0.cmp(&b.0));
 
+    let mut size = TreeSize {
+        entries: entries.len() as u64,
+        bytes: 0,
+    };
+    if let Some(budget) = budget {
+        let mut bytes = 0u64;
+        for (_, path, kind) in &entries {
+            if let Kind::File { .. } = kind {
+                bytes = bytes.saturating_add(fs::metadata(path)?.len());
+            }
+        }
+        if bytes > budget {
+            return Err(TreeError::TooLarge(TreeSize { bytes, ..size }));
+        }
+    }
     let mut enc = Enc::new(TREE_VERSION, "tree");
     enc.u64(entries.len() as u64);
     for (rel, path, kind) in &entries {
         match kind {
-            Kind::Dir => {
-                enc.str("d").bytes(rel);
+            Kind::Dir { mode } => {
+                enc.str("d").bytes(rel).u64((*mode).into());
             }
-            Kind::File { exec } => {
-                enc.str(if *exec { "x" } else { "f" })
-                    .bytes(rel)
-                    .digest(&file_digest(path)?);
+            Kind::File { mode } => {
+                let (digest, bytes) = file_digest_sized(path)?;
+                size.bytes = size.bytes.saturating_add(bytes);
+                enc.str("f").bytes(rel).u64((*mode).into()).digest(&digest);
             }
             Kind::Link(target) => {
                 enc.str("l").bytes(rel).bytes(target);
             }
         }
     }
-    Ok(enc.finish())
+    Ok((enc.finish(), size))
 }
 
+/// The permission bits a tree entry carries into the guest.
 #[cfg(unix)]
-fn is_executable(meta: &fs::Metadata) -> bool {
+fn permissions(meta: &fs::Metadata) -> u32 {
     use std::os::unix::fs::PermissionsExt;
-    meta.permissions().mode() & 0o111 != 0
+    meta.permissions().mode() & 0o7777
 }
 
 #[cfg(not(unix))]
-fn is_executable(_meta: &fs::Metadata) -> bool {
-    false
+fn permissions(meta: &fs::Metadata) -> u32 {
+    if meta.is_dir() { 0o755 } else { 0o644 }
+}
+
+/// Where `target`, read from a link in the canonical directory `dir`,
+/// leads: resolved component by component as the kernel would, following
+/// links on the way (at most `depth` of them); components that do not exist
+/// are taken as written. `None` for a loop.
+fn resolve(dir: &Path, target: &Path, depth: u32) -> Option<std::path::PathBuf> {
+    let mut current = dir.to_owned();
+    for component in target.components() {
+        match component {
+            Component::RootDir | Component::Prefix(_) => current = component.as_os_str().into(),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                current.pop();
+            }
+            Component::Normal(name) => {
+                let next = current.join(name);
+                match fs::symlink_metadata(&next) {
+                    Ok(meta) if meta.is_symlink() => {
+                        let inner = fs::read_link(&next).ok()?;
+                        current = resolve(&current, &inner, depth.checked_sub(1)?)?;
+                    }
+                    _ => current = next,
+                }
+            }
+        }
+    }
+    Some(current)
 }
 
 #[cfg(unix)]
@@ -355,8 +476,11 @@ fn spec_field_hashes(project: &Project, bottle: &Bottle) -> BTreeMap<&'static st
     out.insert("image", image.finish());
 
     let egress = bottle.spec.egress.as_ref();
+    let gated = crate::gate::reconcile::has_gate(&bottle.spec);
     let mut present = Enc::new(SPEC_VERSION, "egress");
-    present.str(if egress.is_some() {
+    present.str(if gated {
+        "gate"
+    } else if egress.is_some() {
         "present"
     } else {
         "absent"
@@ -364,10 +488,16 @@ fn spec_field_hashes(project: &Project, bottle: &Bottle) -> BTreeMap<&'static st
     out.insert("egress", present.finish());
     let empty = EgressSpec::default();
     let egress = egress.unwrap_or(&empty);
-    out.insert(
-        "egress.allow_hosts",
-        sorted_set_digest("egress.allow_hosts", &egress.allow_hosts),
-    );
+    // With a gate, the hosts are the gate's to enforce (and change live):
+    // the machine never sees them.
+    let hosts = if gated {
+        let mut enc = Enc::new(SPEC_VERSION, "egress.allow_hosts");
+        enc.str("gate");
+        enc.finish()
+    } else {
+        sorted_set_digest("egress.allow_hosts", &egress.allow_hosts)
+    };
+    out.insert("egress.allow_hosts", hosts);
     out.insert(
         "egress.allow_cidrs",
         sorted_set_digest("egress.allow_cidrs", &egress.allow_cidrs),
@@ -378,18 +508,24 @@ fn spec_field_hashes(project: &Project, bottle: &Bottle) -> BTreeMap<&'static st
     for (name, reference) in &bottle.spec.secrets {
         secrets.str(name);
         match reference {
+            // The guest holds a placeholder: where the value comes from
+            // and where it may go are the gate's alone.
+            SecretRef { hosts, .. } if !hosts.is_empty() => secrets.str("gate"),
             SecretRef {
                 from_env: Some(var),
                 from_file: None,
+                ..
             } => secrets.str("env").str(var),
             SecretRef {
                 from_env: None,
                 from_file: Some(path),
+                ..
             } => secrets.str("file").str(path),
             // Invalid (rejected by the loader); still hashed unambiguously.
             SecretRef {
                 from_env,
                 from_file,
+                ..
             } => secrets
                 .str("invalid")
                 .str(from_env.as_deref().unwrap_or(""))
@@ -477,7 +613,10 @@ pub fn skills_step(user: &str, skills: &[(Vec<u8>, Digest32)]) -> String {
 pub fn git_step(user: &str, git: &GitSpec) -> String {
     let mut enc = Enc::new(STEP_VERSION, "git");
     enc.str("user").str(user);
-    enc.str("gateway").str(&git.gateway);
+    // `gate:` can be no http URL: the gate's own gateway, whose URL (with
+    // the agent's credential) `Desired` adds to the hash.
+    enc.str("gateway")
+        .str(git.gateway.as_deref().unwrap_or("gate:"));
     enc.str("identity");
     match &git.user {
         None => enc.str("none"),
@@ -511,10 +650,111 @@ pub fn setup_step(setup: &SetupSpec, inputs: &[(Vec<u8>, Digest32)]) -> String {
     enc.finish_hex()
 }
 
-/// The `supervise` step hash.
-pub fn supervise_step(user: &str, url: &str) -> String {
+/// A setup step's hash with the hashes of the steps it comes after: its own
+/// hash when there are none, else the hash of it and each `(id, hash)`,
+/// sorted by id. A step it comes after that re-ran (a different hash) makes
+/// it run again.
+pub fn setup_after(own: &str, after: &[(String, String)]) -> String {
+    if after.is_empty() {
+        return own.to_owned();
+    }
+    let mut after: Vec<&(String, String)> = after.iter().collect();
+    after.sort();
+    let mut enc = Enc::new(STEP_VERSION, "setup-after");
+    enc.str("own").str(own);
+    enc.str("after").u64(after.len() as u64);
+    for (id, hash) in after {
+        enc.str(id).str(hash);
+    }
+    enc.finish_hex()
+}
+
+/// The `supervise` step hash; `None`: the gate's endpoint.
+pub fn supervise_step(user: &str, url: Option<&str>) -> String {
     let mut enc = Enc::new(STEP_VERSION, "supervise");
     enc.str("user").str(user);
-    enc.str("url").str(url);
+    enc.str("url").str(url.unwrap_or("gate:"));
+    enc.finish_hex()
+}
+
+/// The `gate` node hash: the gate settings a bottle declares (allow_hosts,
+/// allow_internal, secrets with hosts and their sources, git remotes served
+/// by the gate, supervise served by it). Not stored anywhere: the running
+/// gate reports the hash of the config it serves, which also holds ports
+/// and credentials.
+pub fn gate_node(bottle: &Bottle) -> String {
+    let spec = &bottle.spec;
+    let mut enc = Enc::new(STEP_VERSION, "gate");
+    let egress = spec.egress.clone().unwrap_or_default();
+    let mut hosts = egress.allow_hosts.clone();
+    hosts.sort_unstable();
+    hosts.dedup();
+    enc.str("allow_hosts").u64(hosts.len() as u64);
+    for h in &hosts {
+        enc.str(h);
+    }
+    let mut internal = egress.allow_internal.clone();
+    internal.sort_unstable();
+    internal.dedup();
+    enc.str("allow_internal").u64(internal.len() as u64);
+    for c in &internal {
+        enc.str(c);
+    }
+    let secrets: Vec<_> = spec
+        .secrets
+        .iter()
+        .filter(|(_, s)| !s.hosts.is_empty())
+        .collect();
+    enc.str("secrets").u64(secrets.len() as u64);
+    for (name, s) in secrets {
+        enc.str(name)
+            .str(s.from_env.as_deref().unwrap_or(""))
+            .str(s.from_file.as_deref().unwrap_or(""));
+        enc.u64(s.hosts.len() as u64);
+        for h in &s.hosts {
+            enc.str(h);
+        }
+    }
+    let remotes = spec
+        .git
+        .as_ref()
+        .filter(|g| g.gateway.is_none())
+        .map_or(&[][..], |g| g.remote.as_slice());
+    enc.str("git").u64(remotes.len() as u64);
+    for r in remotes {
+        let json = serde_json::to_string(r).expect("remotes serialize");
+        enc.str(&json);
+    }
+    enc.str("supervise").str(
+        if spec.supervise.as_ref().is_some_and(|s| s.url.is_none()) {
+            "gate"
+        } else {
+            "no"
+        },
+    );
+    enc.finish_hex()
+}
+
+/// The `ca` step hash of a bottle with a gate: the project CA (whose
+/// digest `Desired` adds) and the declared certificate, if any.
+pub fn gate_ca_step(declared: Option<(&[u8], &Digest32)>) -> String {
+    let mut enc = Enc::new(STEP_VERSION, "ca");
+    enc.str("gate");
+    match declared {
+        Some((path, digest)) => enc.str("cert").bytes(path).digest(digest),
+        None => enc.str("none"),
+    };
+    enc.finish_hex()
+}
+
+/// A step hash with inputs only known with the state directory (the
+/// gate's URLs and credentials, its CA): `hash` extended by them.
+pub fn with_gate_inputs(hash: &str, inputs: &[&str]) -> String {
+    let mut enc = Enc::new(STEP_VERSION, "gate-inputs");
+    enc.str(hash);
+    enc.u64(inputs.len() as u64);
+    for i in inputs {
+        enc.str(i);
+    }
     enc.finish_hex()
 }

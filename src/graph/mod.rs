@@ -132,6 +132,12 @@ pub struct StepGraph {
     graph: DiGraph<Step, ()>,
     agents: BTreeMap<String, AgentEntry>,
     machines: BTreeMap<String, MachineHashes>,
+    /// A `gate` node per bottle that has a gate and an agent (DESIGN.md
+    /// section 9): the hash of the gate settings its manifests declare.
+    /// Every machine of the bottle's agents runs after it. Kept beside the
+    /// per-agent steps: it belongs to no agent, and the plan turns it into
+    /// the project gate's action.
+    gates: BTreeMap<String, String>,
 }
 
 impl StepGraph {
@@ -207,6 +213,16 @@ impl StepGraph {
     /// The machine hashes of an agent's machine (its bottle's).
     pub fn machine_hashes(&self, agent: &str) -> Option<&MachineHashes> {
         self.machines.get(self.bottle_of(agent)?)
+    }
+
+    /// The `gate` nodes: bottle name → hash of its declared gate settings.
+    pub fn gates(&self) -> &BTreeMap<String, String> {
+        &self.gates
+    }
+
+    /// The bottle's `gate` node hash, when it has a gate.
+    pub fn gate(&self, bottle: &str) -> Option<&str> {
+        self.gates.get(bottle).map(String::as_str)
     }
 
     /// The underlying petgraph graph, for algorithms; node indices are
@@ -290,6 +306,18 @@ pub fn build(project: &Project) -> Result<StepGraph, Diagnostics> {
                 let user = bottle.spec.user.as_str();
                 match &t.kind {
                     StepKind::Machine => Some(hash::machine_step(bottle, &machine)),
+                    StepKind::Ca if crate::gate::reconcile::has_gate(&bottle.spec) => {
+                        let declared = match bottle.ca_cert.as_deref() {
+                            Some(cert) => Some((
+                                hash::normalised_path(project, cert),
+                                *digests.get(Kind::File, cert)?,
+                            )),
+                            None => None,
+                        };
+                        Some(hash::gate_ca_step(
+                            declared.as_ref().map(|(p, d)| (p.as_slice(), d)),
+                        ))
+                    }
                     StepKind::Ca => {
                         let cert = bottle.ca_cert.as_deref()?;
                         let digest = digests.get(Kind::File, cert)?;
@@ -298,7 +326,7 @@ pub fn build(project: &Project) -> Result<StepGraph, Diagnostics> {
                     StepKind::Git => Some(hash::git_step(user, bottle.spec.git.as_ref()?)),
                     StepKind::Supervise => Some(hash::supervise_step(
                         user,
-                        &bottle.spec.supervise.as_ref()?.url,
+                        bottle.spec.supervise.as_ref()?.url.as_deref(),
                     )),
                     StepKind::Setup(name) => {
                         let s = bottle.spec.setup.iter().position(|s| s.name == *name)?;
@@ -324,7 +352,7 @@ pub fn build(project: &Project) -> Result<StepGraph, Diagnostics> {
     }
 
     let steps_per_agent = 8;
-    let mut graph = DiGraph::with_capacity(
+    let mut graph: DiGraph<Step, ()> = DiGraph::with_capacity(
         project.agents.len() * steps_per_agent,
         project.agents.len() * steps_per_agent * 2,
     );
@@ -361,6 +389,32 @@ pub fn build(project: &Project) -> Result<StepGraph, Diagnostics> {
                         .collect();
                     hash::skills_step(user, &skills)
                 }
+                // A setup step re-runs when a step it comes after re-ran:
+                // their hashes are inputs of its own (see `hash::setup_after`).
+                StepKind::Setup(setup) => {
+                    let own = fixed.hashes[i].clone().expect("every input was digested");
+                    let explicit_machine = bottle
+                        .spec
+                        .setup
+                        .iter()
+                        .find(|s| s.name == *setup)
+                        .is_some_and(|s| s.after.iter().any(|a| a == "machine"));
+                    let after: Vec<(String, String)> = t
+                        .after
+                        .iter()
+                        .filter_map(|&dep| {
+                            let kind = &template.steps[dep].kind;
+                            // Everything runs after the machine step: only
+                            // a declared `after = ["machine"]` makes it an input.
+                            if *kind == StepKind::Machine && !explicit_machine {
+                                return None;
+                            }
+                            let node = nodes[dep]?;
+                            Some((kind.id(), graph[node].hash.clone()))
+                        })
+                        .collect();
+                    hash::setup_after(&own, &after)
+                }
                 _ => fixed.hashes[i].clone().expect("every input was digested"),
             };
             let node = graph.add_node(Step {
@@ -384,10 +438,15 @@ pub fn build(project: &Project) -> Result<StepGraph, Diagnostics> {
         );
     }
 
+    let gates = crate::gate::reconcile::gated_bottles(project)
+        .into_iter()
+        .map(|b| (b.to_owned(), hash::gate_node(&project.bottles[b])))
+        .collect();
     Ok(StepGraph {
         graph,
         agents,
         machines,
+        gates,
     })
 }
 

@@ -17,6 +17,20 @@ impl StepGraph {
         out.push_str("digraph bottle {\n");
         out.push_str("  rankdir=LR;\n");
         out.push_str("  node [shape=box, fontname=\"monospace\"];\n");
+        for (bottle, hash) in self.gates() {
+            let id = format!("gate/{bottle}");
+            let label = format!("gate of bottle {bottle}\n{}", super::hash::short(hash));
+            let _ = writeln!(
+                out,
+                "  {} [label={}, shape=hexagon];",
+                quote(&id),
+                quote(&label)
+            );
+            for agent in self.agents().filter(|a| self.bottle_of(a) == Some(bottle)) {
+                let to = format!("{agent}/machine");
+                let _ = writeln!(out, "  {} -> {};", quote(&id), quote(&to));
+            }
+        }
         for agent in self.agents() {
             let bottle = self.bottle_of(agent).unwrap_or_default();
             let _ = writeln!(out, "  subgraph {} {{", quote(&format!("cluster_{agent}")));
@@ -51,6 +65,13 @@ impl StepGraph {
             }
             let bottle = self.bottle_of(agent).unwrap_or_default();
             let _ = writeln!(out, "agent {agent} (bottle {bottle})");
+            if let Some(gate) = self.gate(bottle) {
+                let _ = writeln!(
+                    out,
+                    "  (gate of bottle {bottle}  {}, before machine)",
+                    super::hash::short(gate)
+                );
+            }
             let width = self
                 .agent_steps(agent)
                 .map(|(_, s)| s.kind.to_string().len())

@@ -55,7 +55,9 @@ impl Template {
         let mut kinds = vec![StepKind::Machine];
         // Keyed on the resolved path (the loader sets it whenever `ca` is
         // declared), so the hash below always has a file to read.
-        if bottle.ca_cert.is_some() {
+        // A bottle with a gate trusts the project CA (the gate intercepts
+        // TLS for hosts that carry secrets).
+        if bottle.ca_cert.is_some() || crate::gate::reconcile::has_gate(spec) {
             kinds.push(StepKind::Ca);
         }
         kinds.push(StepKind::Prompt);

@@ -612,9 +612,10 @@ fn each_input_changes_exactly_its_steps() {
             &["machine"],
         ),
         (
+            // The gate enforces them, live: no machine or step changes.
             "allow_hosts",
             Box::new(|f| edit(f, m, "\"github.com\"]", "\"gitlab.com\"]")),
-            &["machine"],
+            &[],
         ),
         (
             "allow_cidrs",
@@ -624,14 +625,23 @@ fn each_input_changes_exactly_its_steps() {
         (
             "user",
             Box::new(|f| edit(f, m, "user = \"node\"", "user = \"dev\"")),
-            &["git", "machine", "prompt", "skills", "supervise"],
+            // `setup:cache` comes after `git`, which re-runs.
+            &[
+                "git",
+                "machine",
+                "prompt",
+                "setup:cache",
+                "skills",
+                "supervise",
+            ],
         ),
         (
             "cert content",
             Box::new(|f| {
                 f.write("certs/egress-ca.pem", OTHER_CERT);
             }),
-            &["ca"],
+            // toolchain comes after ca, cache after toolchain.
+            &["ca", "setup:cache", "setup:toolchain"],
         ),
         (
             "cert path",
@@ -640,7 +650,7 @@ fn each_input_changes_exactly_its_steps() {
                 std::fs::rename(certs.join("egress-ca.pem"), certs.join("proxy.pem")).unwrap();
                 edit(f, m, "egress-ca.pem", "proxy.pem");
             }),
-            &["ca"],
+            &["ca", "setup:cache", "setup:toolchain"],
         ),
         (
             "skill directory name",
@@ -701,6 +711,25 @@ fn each_input_changes_exactly_its_steps() {
         ),
         #[cfg(unix)]
         (
+            "skill file mode without an exec bit",
+            Box::new(|f| chmod(&f.dir.join("skills/docs/SKILL.md"), 0o600)),
+            &["skills"],
+        ),
+        #[cfg(unix)]
+        (
+            "skill directory mode",
+            Box::new(|f| chmod(&f.dir.join("skills/rust-review/scripts"), 0o700)),
+            &["skills"],
+        ),
+        #[cfg(unix)]
+        (
+            "setup input mode",
+            Box::new(|f| chmod(&f.dir.join("setup/packages.txt"), 0o600)),
+            // cache comes after toolchain: it runs again too.
+            &["setup:cache", "setup:toolchain"],
+        ),
+        #[cfg(unix)]
+        (
             "skill symlink",
             Box::new(|f| {
                 std::os::unix::fs::symlink("SKILL.md", f.dir.join("skills/docs/link")).unwrap()
@@ -715,17 +744,17 @@ fn each_input_changes_exactly_its_steps() {
         (
             "gateway",
             Box::new(|f| edit(f, m, "10.8.0.2:9418", "10.8.0.3:9418")),
-            &["git"],
+            &["git", "setup:cache"],
         ),
         (
             "git email",
             Box::new(|f| edit(f, m, "bot@example.com", "bot@example.org")),
-            &["git"],
+            &["git", "setup:cache"],
         ),
         (
             "remote upstream",
             Box::new(|f| edit(f, m, "acme/lib.git", "acme/lib2.git")),
-            &["git"],
+            &["git", "setup:cache"],
         ),
         (
             "supervise url",
@@ -735,20 +764,21 @@ fn each_input_changes_exactly_its_steps() {
         (
             "setup run",
             Box::new(|f| edit(f, m, "-y ripgrep", "-y fd-find")),
-            &["setup:toolchain"],
+            // cache comes after toolchain: it runs again too.
+            &["setup:cache", "setup:toolchain"],
         ),
         (
             "setup input file",
             Box::new(|f| edit(f, "setup/packages.txt", "ripgrep", "fd")),
-            &["setup:toolchain"],
+            &["setup:cache", "setup:toolchain"],
         ),
         (
             "setup input dir content",
             Box::new(|f| edit(f, "setup/scripts/warm.sh", "#!/bin/sh", "#!/bin/bash")),
-            &["setup:toolchain"],
+            &["setup:cache", "setup:toolchain"],
         ),
         (
-            "setup after only orders",
+            "setup after: a step it no longer comes after",
             Box::new(|f| {
                 edit(
                     f,
@@ -757,7 +787,7 @@ fn each_input_changes_exactly_its_steps() {
                     "after = [\"toolchain\"]",
                 )
             }),
-            &[],
+            &["setup:cache"],
         ),
     ];
     for (what, change, expected) in cases {
@@ -862,16 +892,22 @@ prompt_text = "Hello."
         .agent_steps("au")
         .map(|(_, s)| format!("{}={}", s.kind, s.hash))
         .collect();
-    let expected_spec = "69ba8dc46e7f9fceef7b6d8d142d21964237c91d85b0457f7150bc073b925367";
+    // `allow_hosts` gives this bottle a gate (DESIGN.md section 9): its
+    // `egress` and `egress.allow_hosts` fields changed with that, on
+    // purpose (machines created with `--allow-host` move to the gate by
+    // replacement), and it gained a `ca` step. The other fields and steps
+    // are as before the gate.
+    let expected_spec = "bb425731e906e597cbe0dfeae5ffa7ea8f3a5f1f26813aa0041da851a2bb7634";
     let expected_fields = [
-        "egress=e4fa477a5fc2",
+        "egress=85a1ec01f190",
         "egress.allow_cidrs=05a6a6481d1c",
-        "egress.allow_hosts=3027b8041d0f",
+        "egress.allow_hosts=ca9b0e4e4a53",
         "image=02c828f0d89b",
         "secrets=2b5f445f81a3",
     ];
     let expected_steps = [
-        "machine=ef7fe9c115355436c07d931f792fd708765267d7491dc762d37e218909ee2fc3",
+        "machine=74e3241368adab92da86233b1f93e2e65a200be309560bb013d3b0a7858ad447",
+        "ca=a0cccd0ab2a91194807e9473a9d9c0e0d2123a08af49f4d374157245f9591a6c",
         "prompt=b6527d898107fc3b44c60144e26099aa9ee925a04d8dfafbafe0041406beec96",
         "supervise=ec6cab3873f75a9dc8062aa274a40b57135e4d5c595ce0b4046d3a367e55e4d3",
     ];
@@ -888,12 +924,12 @@ fn tree_digest_of_a_file_and_a_directory_differ() {
     let f = Fixture::new();
     f.write("one/x", "same");
     f.write("x", "same");
-    let file = hash::tree_digest(&f.dir.join("x")).unwrap();
-    let dir = hash::tree_digest(&f.dir.join("one")).unwrap();
+    let file = hash::tree_digest(&f.dir.join("x"), &f.dir).unwrap();
+    let dir = hash::tree_digest(&f.dir.join("one"), &f.dir).unwrap();
     assert_ne!(file, dir);
     // A file's tree digest depends on its content, not its name.
     f.write("y", "same");
-    assert_eq!(file, hash::tree_digest(&f.dir.join("y")).unwrap());
+    assert_eq!(file, hash::tree_digest(&f.dir.join("y"), &f.dir).unwrap());
 }
 
 // ---- unreadable inputs ---------------------------------------------------------
@@ -924,6 +960,107 @@ fn a_file_gone_after_loading_is_a_diagnostic_not_a_panic() {
     );
 }
 
+/// Links below a skill or a setup input follow the rule the loader applies
+/// to the paths themselves: nothing outside the manifests directory.
+#[cfg(unix)]
+#[test]
+fn nested_links_that_leave_the_manifests_directory_are_refused() {
+    use std::os::unix::fs::symlink;
+    let escaping: [(&str, &str); 5] = [
+        ("skills/docs/shadow", "/etc/shadow"),
+        ("skills/docs/etc", "../../../etc"),
+        ("setup/scripts/passwd", "/etc/passwd"),
+        // A dangling link, and one that climbs through another link.
+        ("skills/rust-review/gone", "../../../nowhere/at/all"),
+        ("skills/rust-review/up2", "up/../.."),
+    ];
+    for (link, target) in escaping {
+        let f = full_fixture();
+        // Inside the manifests directory: followed to check, never refused.
+        symlink("..", f.dir.join("skills/rust-review/up")).unwrap();
+        symlink("../docs/SKILL.md", f.dir.join("skills/rust-review/docs.md")).unwrap();
+        symlink(target, f.dir.join(link)).unwrap();
+        let err = build(&f.project()).unwrap_err();
+        assert_eq!(err.items.len(), 1, "{link}: {:#?}", err.items);
+        let d = &err.items[0];
+        assert_eq!(d.code, "bottle::path-escapes", "{link}");
+        let name = link.rsplit('/').next().unwrap();
+        assert!(
+            d.message.contains("outside the manifests directory")
+                && d.message.contains(&format!("`{name}` -> `{target}`")),
+            "{link}: {}",
+            d.message
+        );
+        assert_eq!(d.labels.len(), 1, "{link}: points at the key");
+        assert!(
+            d.help.as_deref().unwrap_or("").contains("replace"),
+            "{link}"
+        );
+    }
+    // The links inside alone are fine.
+    let f = full_fixture();
+    symlink("..", f.dir.join("skills/rust-review/up")).unwrap();
+    symlink("../docs/SKILL.md", f.dir.join("skills/rust-review/docs.md")).unwrap();
+    build_ok(&f.project());
+}
+
+/// What a probe reads of an agent's skills in the guest is bounded; the
+/// manifests may not declare more, or the guest would always look drifted.
+#[test]
+fn skills_larger_than_a_probe_reads_are_refused() {
+    use super::digests::{Budget, Digests};
+    let f = full_fixture();
+    // Over the budget in all, not per skill (a smaller budget than the
+    // real one, so the test reads little).
+    f.write("skills/docs/data.bin", &"x".repeat(600));
+    f.write("skills/rust-review/data.bin", &"x".repeat(600));
+    let project = f.project();
+    let digests = Digests::compute(&project).unwrap();
+    let budget = Budget {
+        prompt_bytes: 1 << 20,
+        skill_bytes: 1000,
+        skill_entries: 100,
+    };
+    let problems = digests.over_budget(&project, &budget);
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    assert_eq!(problems[0].code, "bottle::too-large");
+    assert!(
+        problems[0]
+            .message
+            .starts_with("the skills of agent `reviewer` hold "),
+        "{}",
+        problems[0].message
+    );
+    assert_eq!(problems[0].labels.len(), 1);
+    let entries = Budget {
+        skill_bytes: 1 << 20,
+        skill_entries: 5,
+        ..budget
+    };
+    assert_eq!(digests.over_budget(&project, &entries).len(), 1);
+    let prompt = Budget {
+        prompt_bytes: 5,
+        skill_bytes: 1 << 20,
+        ..budget
+    };
+    assert!(
+        digests.over_budget(&project, &prompt)[0]
+            .message
+            .starts_with("the prompt file of agent `reviewer` holds 17 bytes")
+    );
+    build_ok(&project);
+
+    // A 2 TiB sparse file is refused without being read, here as in the
+    // guest.
+    std::fs::File::create(f.dir.join("skills/docs/data.bin"))
+        .unwrap()
+        .set_len(2 << 40)
+        .unwrap();
+    let err = build(&f.project()).unwrap_err();
+    assert_eq!(err.items.len(), 1, "{:#?}", err.items);
+    assert_eq!(err.items[0].code, "bottle::too-large");
+}
+
 // ---- rendering -----------------------------------------------------------------
 
 #[test]
@@ -938,6 +1075,8 @@ fn dot_draws_the_order_without_implied_edges() {
     assert_eq!(
         edges,
         [
+            // The bottle's gate comes before its agents' machines.
+            r#""gate/dev" -> "reviewer/machine";"#,
             r#""reviewer/machine" -> "reviewer/ca";"#,
             r#""reviewer/machine" -> "reviewer/prompt";"#,
             r#""reviewer/machine" -> "reviewer/skills";"#,

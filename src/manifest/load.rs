@@ -335,6 +335,7 @@ fn mask_secrets(text: &str, doc: &Doc) -> String {
             }
         }
     }
+    ranges.extend(secret_positions(text));
     if ranges.is_empty() {
         return text.to_owned();
     }
@@ -349,6 +350,191 @@ fn mask_secrets(text: &str, doc: &Doc) -> String {
     }
     // Multi-byte characters became several ASCII bytes: still UTF-8.
     String::from_utf8(bytes).unwrap_or_default()
+}
+
+/// The string literals (quotes included) in a secret's position, whatever
+/// its shape, found in the text itself so a file that does not parse (a
+/// duplicate key) or a misshapen value (a `value` key, an array, a typo'd
+/// `secret` table) is masked too: every string under a key or table whose
+/// name (past an entity's own name) contains `secret`. Kept: a `from_env`
+/// that is a variable name and a `from_file` that is an absolute path (the
+/// references themselves, which diagnostics need to show).
+pub(crate) fn secret_positions(text: &str) -> Vec<std::ops::Range<usize>> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::new();
+    let mut section_secret = false;
+    // Within a key's value: whether it is a secret's, the bracket depth,
+    // and the last key seen (inside an inline table).
+    let mut value_secret = false;
+    let mut depth = 0usize;
+    let mut key = String::new();
+    let mut at_line_start = true;
+    let mut in_value = false;
+    let secretish = |segments: &[String], skip_name: bool| {
+        segments
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !(skip_name && *i == 1))
+            .any(|(_, s)| s.to_ascii_lowercase().contains("secret"))
+    };
+    let mut i = 0;
+    while i < bytes.len() {
+        let c = bytes[i];
+        match c {
+            b'\n' => {
+                if depth == 0 {
+                    in_value = false;
+                    value_secret = false;
+                }
+                at_line_start = true;
+                i += 1;
+                continue;
+            }
+            b' ' | b'\t' | b'\r' => {
+                i += 1;
+                continue;
+            }
+            b'#' => {
+                while i < bytes.len() && bytes[i] != b'\n' {
+                    i += 1;
+                }
+                continue;
+            }
+            _ => {}
+        }
+        let line_start = std::mem::replace(&mut at_line_start, false);
+        if line_start && !in_value && c == b'[' {
+            // A table header: `[a.b.c]` or `[[a.b]]`.
+            let end = bytes[i..]
+                .iter()
+                .position(|b| *b == b'\n')
+                .map_or(bytes.len(), |p| i + p);
+            let header = text.get(i..end).unwrap_or("").trim_start_matches('[');
+            let header = header.split(']').next().unwrap_or("");
+            let segments: Vec<String> = split_key(header);
+            section_secret = secretish(&segments, true);
+            i = end;
+            continue;
+        }
+        if c == b'"' || c == b'\'' {
+            let end = string_end(bytes, i);
+            if in_value && value_secret {
+                let value = text.get(i + 1..end.saturating_sub(1)).unwrap_or("");
+                let reference = match key.as_str() {
+                    "from_env" => conventional_env_name(value),
+                    "from_file" => {
+                        value.contains('/')
+                            && !value.chars().any(|c| c.is_whitespace() || c.is_control())
+                    }
+                    _ => false,
+                };
+                if !reference {
+                    out.push(i..end);
+                }
+            } else if !in_value || depth > 0 {
+                // A quoted key.
+                key = text
+                    .get(i + 1..end.saturating_sub(1))
+                    .unwrap_or("")
+                    .to_owned();
+            }
+            i = end;
+            continue;
+        }
+        match c {
+            b'=' => {
+                if !in_value {
+                    in_value = true;
+                    let segments = split_key(&key);
+                    value_secret = section_secret || secretish(&segments, false);
+                }
+                i += 1;
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                i += 1;
+            }
+            b']' | b'}' => {
+                depth = depth.saturating_sub(1);
+                i += 1;
+            }
+            b',' => i += 1,
+            _ => {
+                // A bare key (or a bare value: number, boolean, date).
+                let start = i;
+                while i < bytes.len()
+                    && !matches!(
+                        bytes[i],
+                        b'=' | b' ' | b'\t' | b'\n' | b'\r' | b',' | b'}' | b']' | b'#'
+                    )
+                {
+                    i += 1;
+                }
+                let word = text.get(start..i).unwrap_or("");
+                // A key before the value, or one inside an inline table.
+                let key_in_table = depth > 0
+                    && bytes[i..].iter().find(|b| !matches!(b, b' ' | b'\t')) == Some(&b'=');
+                if !in_value || key_in_table {
+                    key = word.to_owned();
+                }
+            }
+        }
+    }
+    out
+}
+
+/// A `from_env` value shown as written: an upper-case variable name
+/// (`GITHUB_TOKEN`). Anything else may be a value pasted in its place.
+pub fn conventional_env_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+}
+
+/// `a.b."c.d"` as its segments.
+fn split_key(key: &str) -> Vec<String> {
+    let mut out = vec![String::new()];
+    let mut quote = None;
+    for c in key.chars() {
+        match (quote, c) {
+            (None, '"' | '\'') => quote = Some(c),
+            (Some(q), c) if c == q => quote = None,
+            (None, '.') => out.push(String::new()),
+            (None, c) if c.is_whitespace() => {}
+            (_, c) => out.last_mut().expect("one segment").push(c),
+        }
+    }
+    out
+}
+
+/// The byte after the string literal starting at `start` (a quote), or the
+/// end of the line for an unterminated one.
+fn string_end(bytes: &[u8], start: usize) -> usize {
+    let q = bytes[start];
+    let triple = bytes.len() >= start + 3 && bytes[start + 1] == q && bytes[start + 2] == q;
+    let mut i = start + if triple { 3 } else { 1 };
+    while i < bytes.len() {
+        let c = bytes[i];
+        if c == b'\\' && q == b'"' {
+            i += 2;
+            continue;
+        }
+        if !triple && c == b'\n' {
+            return i;
+        }
+        if c == q {
+            if !triple {
+                return i + 1;
+            }
+            if bytes.len() >= i + 3 && bytes[i + 1] == q && bytes[i + 2] == q {
+                return i + 3;
+            }
+        }
+        i += 1;
+    }
+    bytes.len()
 }
 
 fn syntax_error(
@@ -1085,11 +1271,12 @@ fn retired(kind: Option<Kind>, parent: &[Seg], key: &str) -> Option<(String, Str
         (
             Some(Kind::Bottle),
             ["git", "remote"],
-            "identity_file" | "identity" | "ssh_key" | "host_key" | "known_hosts",
+            "identity_file" | "identity" | "ssh_key" | "known_hosts",
         ) => hit(
-            &format!("`{key}` is gone: the git gateway holds the SSH keys now"),
-            "remove it; the guest reaches the remote only through `git.gateway`, \
-             which holds the key and pins the host",
+            &format!("`{key}` is gone: the gate holds the SSH keys now"),
+            "declare the key as `credentials = { ssh_key = { from_file = \"/abs/key\" } }` \
+             (read by bottle's gate on the host, never given to the guest) and pin the host \
+             with `host_key`",
         ),
         (Some(Kind::Bottle), [], "credential_proxy" | "credentials" | "routes") => hit(
             &format!("`{key}` is gone: credentials are passed as secret references"),

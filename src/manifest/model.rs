@@ -71,9 +71,9 @@ pub struct BottleSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
 
-    /// Virtual CPUs, 1 to 256. Default: 2.
+    /// Virtual CPUs, 1 to 255 (smolvm's range). Default: 2.
     #[serde(default = "default_cpus")]
-    #[schemars(range(min = 1, max = 256))]
+    #[schemars(range(min = 1, max = 255))]
     pub cpus: u32,
 
     /// Memory in MiB, at least 64. Default: 2048.
@@ -152,7 +152,9 @@ pub fn default_user() -> String {
 }
 
 /// A secret reference. Exactly one of `from_env` or `from_file`; never the
-/// value itself.
+/// value itself. With `hosts`, the value never enters the guest: the guest's
+/// variable holds a random placeholder, and the bottle's gate puts the real
+/// value in its place in the request headers it sends to those hosts only.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[schemars(extend("oneOf" = [{ "required": ["from_env"] }, { "required": ["from_file"] }]))]
@@ -165,22 +167,39 @@ pub struct SecretRef {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern("^/"))]
     pub from_file: Option<String>,
+    /// Hosts the value may be sent to, in the grammar of
+    /// `egress.allow_hosts` (`host`, `host:port`, `*.domain`). With them, the
+    /// guest holds a placeholder and the gate adds the value on the way out,
+    /// inside TLS it intercepts for these hosts only. Without them the value
+    /// is in the guest's environment, where the agent can read it. Default:
+    /// none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
 }
 
-/// Where the guest may connect. Hosts are resolved by smolvm when the
+/// Where the guest may connect. Hosts are enforced by the bottle's gate (an
+/// HTTP proxy on the host: the guest gets `HTTPS_PROXY`), and can change
+/// without touching a machine; networks are enforced by the runtime when the
 /// machine is created. At least one host or network.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EgressSpec {
-    /// Host names the guest may reach (`smolvm --allow-host`): bare names,
-    /// no scheme, port or wildcard. Nothing is added implicitly: list the
-    /// hosts Claude Code needs too (`api.anthropic.com`). Default: none.
+    /// Hosts the guest may reach through the gate: `host` (ports 443 and
+    /// 80), `host:port`, or `*.domain` (any name below `domain`), no scheme
+    /// or path. Nothing is added implicitly: list the hosts Claude Code needs
+    /// too (`api.anthropic.com`). Default: none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow_hosts: Vec<String>,
     /// Networks the guest may reach, in CIDR notation (`--allow-cidr`), e.g.
     /// `10.8.0.0/16`; one address is `/32`. Default: none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow_cidrs: Vec<String>,
+    /// Networks in CIDR notation the gate may dial although they are
+    /// internal (loopback, private, link-local, CGNAT, unspecified), which it
+    /// otherwise never does whatever a name resolves to, e.g.
+    /// `["10.8.0.0/16"]` for a registry on the office network. Default: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_internal: Vec<String>,
 }
 
 /// A trusted CA certificate.
@@ -196,14 +215,17 @@ pub struct CaSpec {
 
 /// Git access through a gateway: every remote's upstream URL is rewritten
 /// (`url.<gateway>/<name>.git.insteadOf`) so clone, fetch and push all go
-/// through the gateway.
+/// through the gateway. Without `gateway`, the bottle's gate serves the
+/// remotes itself, holding their credentials.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GitSpec {
-    /// Base URL of the git gateway, http or https, e.g.
-    /// `http://10.8.0.2:9418` (no credentials, query or fragment).
+    /// Base URL of an external git gateway, http or https, e.g.
+    /// `http://10.8.0.2:9418` (no credentials, query or fragment). Default:
+    /// absent, the bottle's gate serves the remotes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern("^[Hh][Tt][Tt][Pp][Ss]?://"))]
-    pub gateway: String,
+    pub gateway: Option<String>,
     /// Commit identity written to the agent user's `~/.gitconfig`. Default:
     /// absent, none written.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -233,19 +255,61 @@ pub struct GitRemote {
     #[schemars(pattern(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$"), length(max = 100))]
     pub name: String,
     /// The real upstream URL the agent uses (e.g.
-    /// `git@github.com:acme/app.git`); rewritten to the gateway.
+    /// `git@github.com:acme/app.git`); rewritten to the gateway. ssh
+    /// (`git@host:path`, `ssh://`), `https://`, `git://`, `file://` or an
+    /// absolute path.
     pub upstream: String,
+    /// How the gate authenticates to `upstream` (served by the gate only):
+    /// `{ ssh_key = { from_file = "/abs/key" } }` or
+    /// `{ token = { from_env = "GH_PAT" } }` for https. Resolved on the host;
+    /// the guest never holds them. Default: absent, no credentials.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<GitCredentialsSpec>,
+    /// Branches the agent may push, as glob patterns (`agent/*`), fast
+    /// forwards only (served by the gate only). Default: none, read-only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub push: Vec<String>,
+    /// The upstream's ssh host key, as a `known_hosts` line (served by the
+    /// gate only). Default: absent, the user's known hosts decide.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_key: Option<String>,
+}
+
+/// Credentials the gate uses for a remote's upstream. Exactly one of
+/// `ssh_key` or `token`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(extend("oneOf" = [{ "required": ["ssh_key"] }, { "required": ["token"] }]))]
+pub struct GitCredentialsSpec {
+    /// An ssh private key file on the host: `{ from_file = "/abs/path" }`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ssh_key: Option<KeyFile>,
+    /// An https token, as a secret reference:
+    /// `{ from_env = "GH_PAT" }` or `{ from_file = "/abs/path" }`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<SecretRef>,
+}
+
+/// A key file on the host.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KeyFile {
+    /// Absolute host path of the file (`~` is not expanded).
+    #[schemars(pattern("^/"))]
+    pub from_file: String,
 }
 
 /// Operator supervision.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SuperviseSpec {
-    /// URL of the operator's MCP endpoint (HTTP transport), http or https,
-    /// registered as the `supervise` MCP server in the agent user's
-    /// `~/.claude.json`.
+    /// URL of an external operator MCP endpoint (HTTP transport), http or
+    /// https, registered as the `supervise` MCP server in the agent user's
+    /// `~/.claude.json`. Default: absent, the bottle's gate serves it
+    /// (`bottle supervise` answers the agent's requests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern("^[Hh][Tt][Tt][Pp][Ss]?://"))]
-    pub url: String,
+    pub url: Option<String>,
 }
 
 /// A user-defined provisioning step.
@@ -285,9 +349,11 @@ pub struct SetupSpec {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LocalSpec {
-    /// The local runtime cannot enforce an egress allowlist. A bottle with an
-    /// `egress` table is refused on it unless this is `true`, which gives the
-    /// guest the host's network, unfiltered. Default: `false`.
+    /// The local runtime enforces egress through the gate (the guest's
+    /// network holds only the gate), but cannot filter `allow_cidrs`. A
+    /// bottle with `allow_cidrs` is refused on it unless this is `true`,
+    /// which gives the guest the host's network, unfiltered, without the
+    /// gate. Default: `false`.
     #[serde(default)]
     pub allow_unfiltered_network: bool,
 }

@@ -135,14 +135,15 @@ fn bottle(cx: &mut Cx, d: &Decl<BottleSpec>) -> Option<Bottle> {
     let base = d.path(Kind::Bottle);
     let what = Kind::Bottle.describe(&d.name);
 
-    if !(1..=256).contains(&spec.cpus) {
+    // smolvm's `--cpus` takes 1..=255.
+    if !(1..=255).contains(&spec.cpus) {
         cx.report(
             file,
             &base.clone().key("cpus"),
             Want::Value,
             diag(
                 "bottle::out-of-range",
-                format!("`cpus` in {what} must be between 1 and 256"),
+                format!("`cpus` in {what} must be between 1 and 255"),
                 "give the number of virtual CPUs, e.g. `cpus = 2`",
             ),
             "out of range",
@@ -166,6 +167,7 @@ fn bottle(cx: &mut Cx, d: &Decl<BottleSpec>) -> Option<Bottle> {
     check_env_and_secrets(cx, file, &base, &what, spec);
     let volumes = volumes(cx, file, &base, &what, &spec.volumes);
     check_egress(cx, file, &base, &what, spec, d.clean_at("egress"));
+    check_gate_settings(cx, file, &base, &what, spec);
 
     let ca_cert = spec.ca.as_ref().and_then(|ca| {
         let path = base.clone().key("ca").key("cert");
@@ -184,9 +186,9 @@ fn bottle(cx: &mut Cx, d: &Decl<BottleSpec>) -> Option<Bottle> {
     if let Some(git) = &spec.git {
         check_git(cx, file, &base, &what, git);
     }
-    if let Some(supervise) = &spec.supervise {
+    if let Some(url) = spec.supervise.as_ref().and_then(|s| s.url.as_ref()) {
         let path = base.clone().key("supervise").key("url");
-        if let Err((problem, help)) = check_http_url(&supervise.url, false) {
+        if let Err((problem, help)) = check_http_url(url, false) {
             cx.report(
                 file,
                 &path,
@@ -292,6 +294,28 @@ fn image(
         );
         return None;
     }
+    if raw.starts_with('-') || raw.contains('\0') {
+        // Passed to the runtime as an argument: a leading `-` reads as
+        // one of its options (`--net`), a NUL cannot be passed at all.
+        cx.report(
+            file,
+            &path,
+            Want::Value,
+            diag(
+                "bottle::invalid-image",
+                format!("`image` in {what} is not an image reference or a path"),
+                "an image reference never starts with `-` (it would be read as an option) \
+                 nor holds a NUL: write an OCI reference (`ghcr.io/acme/agent-base:1.2`) \
+                 or a local path starting with `./`, `/` or `~/`",
+            ),
+            if raw.starts_with('-') {
+                "looks like an option"
+            } else {
+                "holds a NUL character"
+            },
+        );
+        return None;
+    }
     if !raw.starts_with(['.', '/', '~']) {
         return Some(Image::Reference(raw.to_owned()));
     }
@@ -350,7 +374,21 @@ fn check_env_and_secrets(cx: &mut Cx, file: FileId, base: &KeyPath, what: &str, 
                 "invalid variable name",
             );
         }
-        if spec.secrets.contains_key(var) {
+        if value.contains('\0') {
+            // An environment value is a C string: it cannot hold a NUL,
+            // and the runtime would fail at spawn.
+            cx.report(
+                file,
+                &path,
+                Want::Value,
+                diag(
+                    "bottle::env-nul",
+                    format!("`{var}` in {what}'s `env` holds a NUL character"),
+                    "environment values cannot contain NUL (`\\u0000`): remove it",
+                ),
+                "holds a NUL character",
+            );
+        } else if spec.secrets.contains_key(var) {
             cx.report(
                 file,
                 &path,
@@ -545,7 +583,8 @@ fn volumes(cx: &mut Cx, file: FileId, base: &KeyPath, what: &str, raw: &[String]
             );
             continue;
         }
-        if !guests.insert(guest) {
+        // `/work`, `/work/` and `/work/.` are one mount point.
+        if !guests.insert(normalize(Path::new(guest))) {
             bad(
                 cx,
                 format!("mounts `{guest}` a second time"),
@@ -644,7 +683,8 @@ fn check_egress(
         );
     }
     for (i, host) in egress.allow_hosts.iter().enumerate() {
-        if let Err((problem, help)) = check_host(host) {
+        // The gate's grammar: `host`, `host:port`, `*.domain`.
+        if let Err((problem, help)) = crate::gate::hosts::HostPattern::parse(host) {
             cx.report(
                 file,
                 &path.clone().key("allow_hosts").index(i),
@@ -675,9 +715,210 @@ fn check_egress(
     }
 }
 
+/// What the gate reads: `egress.allow_internal`, a secret's `hosts`, a
+/// git remote's `credentials`, `push` and `host_key` (which only the gate
+/// uses, so they make no sense with an external `gateway`).
+fn check_gate_settings(cx: &mut Cx, file: FileId, base: &KeyPath, what: &str, spec: &BottleSpec) {
+    if let Some(egress) = &spec.egress {
+        for (i, cidr) in egress.allow_internal.iter().enumerate() {
+            if let Err((problem, help)) = check_cidr(cidr) {
+                cx.report(
+                    file,
+                    &base.clone().key("egress").key("allow_internal").index(i),
+                    Want::Value,
+                    diag(
+                        "bottle::invalid-cidr",
+                        format!("internal network `{cidr}` in {what} {problem}"),
+                        help,
+                    ),
+                    "invalid CIDR",
+                );
+            }
+        }
+    }
+    for (var, secret) in &spec.secrets {
+        for (i, host) in secret.hosts.iter().enumerate() {
+            if let Err((problem, help)) = crate::gate::hosts::HostPattern::parse(host) {
+                cx.report(
+                    file,
+                    &base.clone().key("secrets").key(var).key("hosts").index(i),
+                    Want::Value,
+                    diag(
+                        "bottle::invalid-host",
+                        format!("host `{host}` of secret `{var}` in {what} {problem}"),
+                        help,
+                    ),
+                    "invalid host",
+                );
+            }
+        }
+    }
+    let Some(git) = &spec.git else { return };
+    for (i, remote) in git.remote.iter().enumerate() {
+        let rpath = base.clone().key("git").key("remote").index(i);
+        let gate_only = [
+            ("credentials", remote.credentials.is_some()),
+            ("push", !remote.push.is_empty()),
+            ("host_key", remote.host_key.is_some()),
+        ];
+        if git.gateway.is_some() {
+            for (key, _) in gate_only.iter().filter(|(_, set)| *set) {
+                cx.report(
+                    file,
+                    &rpath.clone().key(*key),
+                    Want::Key,
+                    diag(
+                        "bottle::gate-only",
+                        format!(
+                            "`{key}` of git remote `{}` in {what} is only read by bottle's gate, \
+                             but `git.gateway` names an external one",
+                            remote.name
+                        ),
+                        "remove `git.gateway` to let the bottle's gate serve the remote (it \
+                         then holds the credentials and enforces `push`), or remove this key \
+                         and configure your gateway",
+                    ),
+                    "unused with an external gateway",
+                );
+            }
+        }
+        if let Some(creds) = &remote.credentials {
+            let cpath = rpath.clone().key("credentials");
+            match (&creds.ssh_key, &creds.token) {
+                (Some(_), Some(_)) | (None, None) => cx.report(
+                    file,
+                    &cpath,
+                    Want::Value,
+                    diag(
+                        "bottle::git-credentials",
+                        format!(
+                            "the credentials of git remote `{}` in {what} name {} kind",
+                            remote.name,
+                            if creds.ssh_key.is_some() { "more than one" } else { "no" }
+                        ),
+                        "give exactly one: `credentials = { ssh_key = { from_file = \"/abs/key\" } }` \
+                         or `credentials = { token = { from_env = \"GH_PAT\" } }`",
+                    ),
+                    "ssh_key or token",
+                ),
+                (Some(key), None) if !Path::new(&key.from_file).is_absolute() => cx.report(
+                    file,
+                    &cpath.clone().key("ssh_key").key("from_file"),
+                    Want::Value,
+                    diag(
+                        "bottle::relative-secret-file",
+                        format!(
+                            "the ssh key of git remote `{}` in {what} is not an absolute path",
+                            remote.name
+                        ),
+                        "the gate reads the key on the host: give an absolute path \
+                         (`~` is not expanded), e.g. `from_file = \"/home/me/.ssh/app_deploy\"`",
+                    ),
+                    "not absolute",
+                ),
+                (None, Some(token)) => match (&token.from_env, &token.from_file) {
+                    (Some(env), None) if !is_env_name(env) => cx.report(
+                        file,
+                        &cpath.clone().key("token").key("from_env"),
+                        Want::Value,
+                        diag(
+                            "bottle::invalid-env-name",
+                            format!(
+                                "`from_env` of the token of git remote `{}` in {what} is not a \
+                                 valid variable name",
+                                remote.name
+                            ),
+                            format!("name the host variable holding the token; {ENV_NAME_HELP}"),
+                        ),
+                        "invalid variable name",
+                    ),
+                    (None, Some(f)) if !Path::new(f).is_absolute() => cx.report(
+                        file,
+                        &cpath.clone().key("token").key("from_file"),
+                        Want::Value,
+                        diag(
+                            "bottle::relative-secret-file",
+                            format!(
+                                "the token file of git remote `{}` in {what} is not an absolute path",
+                                remote.name
+                            ),
+                            "give an absolute path (`~` is not expanded)",
+                        ),
+                        "not absolute",
+                    ),
+                    (Some(_), None) | (None, Some(_)) if token.hosts.is_empty() => {}
+                    _ => cx.report(
+                        file,
+                        &cpath.clone().key("token"),
+                        Want::Value,
+                        diag(
+                            "bottle::secret-source",
+                            format!(
+                                "the token of git remote `{}` in {what} needs exactly one of \
+                                 `from_env` or `from_file`, and no `hosts`",
+                                remote.name
+                            ),
+                            "write `token = { from_env = \"GH_PAT\" }` or \
+                             `token = { from_file = \"/abs/path\" }`",
+                        ),
+                        "one source",
+                    ),
+                },
+                _ => {}
+            }
+        }
+        for (j, glob) in remote.push.iter().enumerate() {
+            let bad = glob.is_empty()
+                || glob.starts_with('/')
+                || glob.starts_with("refs/")
+                || glob.contains("..")
+                || glob
+                    .chars()
+                    .any(|c| c.is_whitespace() || c.is_control() || "~^:?[\\".contains(c));
+            if bad {
+                cx.report(
+                    file,
+                    &rpath.clone().key("push").index(j),
+                    Want::Value,
+                    diag(
+                        "bottle::invalid-push",
+                        format!(
+                            "push pattern `{glob}` of git remote `{}` in {what} is not a branch pattern",
+                            remote.name
+                        ),
+                        "name branches, with `*` for any part, e.g. `push = [\"agent/*\"]` \
+                         (no `refs/`, spaces, `..` or `~^:?[\\`)",
+                    ),
+                    "invalid branch pattern",
+                );
+            }
+        }
+        if let Some(key) = &remote.host_key {
+            let fields = key.split_whitespace().count();
+            if key.contains('\n') || !(2..=3).contains(&fields) {
+                cx.report(
+                    file,
+                    &rpath.clone().key("host_key"),
+                    Want::Value,
+                    diag(
+                        "bottle::invalid-host-key",
+                        format!(
+                            "the host key of git remote `{}` in {what} is not one key",
+                            remote.name
+                        ),
+                        "give the key as `ssh-keyscan` prints it, without the host: \
+                         `host_key = \"ssh-ed25519 AAAAC3Nza...\"`",
+                    ),
+                    "not `TYPE BASE64`",
+                );
+            }
+        }
+    }
+}
+
 fn check_git(cx: &mut Cx, file: FileId, base: &KeyPath, what: &str, git: &super::model::GitSpec) {
     let path = base.clone().key("git");
-    if let Err((problem, help)) = check_http_url(&git.gateway, true) {
+    if let Some(Err((problem, help))) = git.gateway.as_deref().map(|g| check_http_url(g, true)) {
         cx.report(
             file,
             &path.clone().key("gateway"),
@@ -761,7 +1002,29 @@ fn check_git(cx: &mut Cx, file: FileId, base: &KeyPath, what: &str, git: &super:
             );
         }
         let upstream = remote.upstream.as_str();
-        if upstream.trim().is_empty() || upstream.chars().any(char::is_whitespace) {
+        if upstream.starts_with('-') {
+            // git would read it as an option (`--upload-pack=...`,
+            // `--file=/etc/shadow`) wherever it is passed as an argument.
+            cx.report(
+                file,
+                &rpath.clone().key("upstream"),
+                Want::Value,
+                diag(
+                    "bottle::invalid-remote",
+                    format!(
+                        "the upstream of git remote `{}` in {what} starts with `-`",
+                        remote.name
+                    ),
+                    "a URL never starts with `-` (git would read it as an option): \
+                     give the URL the agent uses, e.g. `upstream = \"git@github.com:acme/app.git\"`",
+                ),
+                "looks like an option",
+            );
+        } else if upstream.trim().is_empty()
+            || upstream
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
             cx.report(
                 file,
                 &rpath.clone().key("upstream"),

@@ -152,6 +152,12 @@ pub struct MachineSpec {
     /// Secrets by reference; values are resolved by the runtime at launch
     /// and never pass through bottle's argv.
     pub secrets: Vec<SecretMount>,
+    /// The host-loopback port of the bottle's gate, which the guest must
+    /// reach. smolvm: the reconciler puts the gateway address in `egress`
+    /// (`--allow-cidr 100.96.0.1/32`), and smolvm relays it to the host.
+    /// Local runtime: the guest gets a network of its own with loopback
+    /// only, where `127.0.0.1:<port>` leads to the gate and nothing else.
+    pub gate_port: Option<u16>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -256,6 +262,13 @@ impl ExecRequest {
     }
 }
 
+/// The most output (stdout and stderr together) bottle keeps of one
+/// `exec`: every script it runs bounds what it prints far below this, so
+/// more is a guest flooding its output; the command is killed and the
+/// call fails ([`RuntimeErrorKind::OutputTooLarge`]) before it costs
+/// bottle's memory.
+pub const MAX_EXEC_OUTPUT: usize = 64 << 20;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExecOutput {
     pub status: i32,
@@ -355,12 +368,77 @@ pub enum RuntimeErrorKind {
     Timeout { command: String, timeout: Duration },
 
     #[error("exited with status {status}: {stderr} (command: `{command}`)")]
-    #[diagnostic(help("the runtime rejected the call; its message above says why"))]
+    #[diagnostic(help("the runtime refused the call; its message above says why"))]
     CommandFailed {
         command: String,
         status: i32,
         stderr: String,
     },
+
+    /// The runtime refused the command line itself (smolvm: clap, exit 2):
+    /// bottle built an argv this version does not take.
+    #[error("refused its command line: {stderr} (command: `{command}`)")]
+    #[diagnostic(help(
+        "bottle built a command this smolvm does not accept: check `smolvm --version` against \
+         the versions bottle supports (README, smolvm section), and report it if yours is one"
+    ))]
+    Usage { command: String, stderr: String },
+
+    /// smolvm's state database stayed locked by other writers through every
+    /// retry.
+    #[error(
+        "smolvm's state database stayed locked through {attempts} tries: {stderr} (command: `{command}`)"
+    )]
+    #[diagnostic(help(
+        "something else keeps writing to smolvm's state (another smolvm client, not bottle: \
+         bottle's own calls take turns); wait for it and run the command again"
+    ))]
+    DatabaseLocked {
+        command: String,
+        attempts: u32,
+        stderr: String,
+    },
+
+    #[error("smolvm {found} is too old: bottle needs {minimum} or later (`{binary} --version`)")]
+    #[diagnostic(
+        code("bottle::smolvm::too-old"),
+        help(
+            "upgrade smolvm (https://github.com/smol-machines/smolvm), or point `--smolvm` / \
+             BOTTLE_SMOLVM at a newer one; bottle needs machine labels (smolvm 1.8)"
+        )
+    )]
+    UnsupportedVersion {
+        binary: String,
+        found: String,
+        minimum: String,
+    },
+
+    /// `machine exec` runs as the image's `USER`, not as root, and this
+    /// smolvm cannot be told otherwise.
+    #[error(
+        "commands run in this machine as uid {uid} ({user}), not as root: smolvm {version} runs \
+         `machine exec` as the image's USER and cannot choose another before 1.14"
+    )]
+    #[diagnostic(
+        code("bottle::smolvm::exec-not-root"),
+        help(
+            "use an image whose USER is root (add `USER root` at the end of its Dockerfile: \
+             bottle creates the agent user itself and runs the agent as it), or upgrade smolvm \
+             to 1.14 or later (`exec --user`)"
+        )
+    )]
+    ExecNotRoot {
+        uid: String,
+        user: String,
+        version: String,
+    },
+
+    #[error("`{command}` printed more than {} MiB; it was stopped", limit >> 20)]
+    #[diagnostic(help(
+        "bottle's commands print little: something in the guest floods their output; \
+         look at the guest (`smolvm machine exec`)"
+    ))]
+    OutputTooLarge { command: String, limit: usize },
 
     #[error("could not run `{command}`: {source}")]
     #[diagnostic(help("check that the runtime is installed and on PATH (or pass --smolvm PATH)"))]

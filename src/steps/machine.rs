@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use super::txn::{GID_PLACEHOLDER, UID_PLACEHOLDER};
+use super::txn::{GID_PLACEHOLDER, UID_PLACEHOLDER, fill_placeholder};
 use super::{AgentCtx, GuestUser, Recorded, Step, StepCx, StepResult, Work};
 use crate::graph::MachineHashes;
 use crate::ledger::{LEDGER_DIR, LedgerEntry};
@@ -85,7 +85,7 @@ pub fn machine_spec(ctx: &AgentCtx) -> MachineSpec {
     labels.insert(LABEL_PROJECT.into(), ctx.project.name.clone());
     labels.insert(LABEL_AGENT.into(), ctx.agent.name.clone());
     labels.insert(LABEL_BOTTLE.into(), bottle.name.clone());
-    MachineSpec {
+    let mut spec = MachineSpec {
         name: ctx.machine.to_owned(),
         labels,
         image: image_arg(&bottle.image),
@@ -103,7 +103,49 @@ pub fn machine_spec(ctx: &AgentCtx) -> MachineSpec {
             .as_ref()
             .is_some_and(|l| l.allow_unfiltered_network),
         secrets: secret_mounts(bottle),
+        gate_port: None,
+    };
+    if let Some(gate) = ctx.gate {
+        gated_spec(&mut spec, bottle, gate);
     }
+    spec
+}
+
+/// A gated bottle's machine (DESIGN.md section 9): no `allow_hosts` (the
+/// gate enforces them), the gate reachable, the proxy, CA and placeholder
+/// variables set, and no secret with `hosts` given to the guest. The
+/// bottle's own `env` wins over the gate's variables.
+fn gated_spec(spec: &mut MachineSpec, bottle: &Bottle, gate: &crate::gate::reconcile::AgentGate) {
+    use crate::gate::reconcile::{SMOLVM_GATE_CIDR, is_gated_secret};
+    let cidrs = bottle
+        .spec
+        .egress
+        .as_ref()
+        .map(|e| e.allow_cidrs.clone())
+        .unwrap_or_default();
+    spec.egress = match gate.runtime {
+        crate::runtime::RuntimeKind::Smolvm => Some(Egress {
+            allow_hosts: Vec::new(),
+            allow_cidrs: std::iter::once(SMOLVM_GATE_CIDR.to_owned())
+                .chain(cidrs)
+                .collect(),
+        }),
+        crate::runtime::RuntimeKind::Local => (!cidrs.is_empty()).then(|| Egress {
+            allow_hosts: Vec::new(),
+            allow_cidrs: cidrs,
+        }),
+    };
+    spec.gate_port = Some(gate.port);
+    let mut env = gate.env.clone();
+    env.extend(bottle.spec.env.clone());
+    spec.env = env;
+    spec.secrets.retain(|m| {
+        !bottle
+            .spec
+            .secrets
+            .get(&m.guest_env)
+            .is_some_and(is_gated_secret)
+    });
 }
 
 /// The name under which a replacement's settings are tried before the old
@@ -140,14 +182,115 @@ pub fn mutable_detail(ctx: &AgentCtx) -> BTreeMap<String, serde_json::Value> {
     d
 }
 
+/// The probe section that shows the in-place settings as the guest sees
+/// them (smolvm does not report env or volumes, and `smolvm machine
+/// update` changes them without bottle): not a step of its own, the
+/// machine step's.
+pub const SETTINGS_SECTION: &str = "machine-settings";
+
+/// Prints, per declared env variable (by name), the SHA-256 of its value
+/// in a command's environment (`unset` without it), then per declared
+/// volume whether its guest path is mounted read-only, read-write or not
+/// at all (the topmost mount there, from `/proc/self/mountinfo`). Values
+/// are hashed, never printed.
+pub fn settings_probe(ctx: &AgentCtx) -> String {
+    let mut out = String::new();
+    for key in ctx.bottle.spec.env.keys() {
+        let k = super::sh_quote(key);
+        out.push_str(&format!(
+            "if bottle_v=$(printenv {k}); then printf 'env %s %s\\n' {k} \"$(printf '%s\\n' \"$bottle_v\" | sha256sum | cut -c1-64)\"; \
+             else printf 'env %s unset\\n' {k}; fi\n"
+        ));
+    }
+    for volume in &ctx.bottle.volumes {
+        out.push_str(&format!(
+            "bottle_g={} awk '$5 == ENVIRON[\"bottle_g\"] {{ split($6, o, \",\"); m = o[1] }} \
+             END {{ printf \"vol %s %s\\n\", ENVIRON[\"bottle_g\"], (m == \"\" ? \"absent\" : m) }}' /proc/self/mountinfo\n",
+            super::sh_quote(&mountinfo_escape(&volume.guest))
+        ));
+    }
+    out.push_str(&sources_probe(ctx));
+    out
+}
+
+/// Per declared volume, a fingerprint of what is mounted at its guest path
+/// (the mount's device, root, file system type and source, hashed): the
+/// machine step records it once it has provisioned the machine, so a
+/// mount of another host directory there (read-only or not) shows.
+fn sources_probe(ctx: &AgentCtx) -> String {
+    let mut out = String::new();
+    for volume in &ctx.bottle.volumes {
+        out.push_str(&format!(
+            "bottle_g={}; export bottle_g; bottle_s=$(awk '$5 == ENVIRON[\"bottle_g\"] {{ for (i = 7; i < NF && $i != \"-\"; i++) ; s = $3 \" \" $4 \" \" $(i+1) \" \" $(i+2) }} \
+             END {{ print s }}' /proc/self/mountinfo); \
+             printf 'src %s %s\\n' \"$bottle_g\" \"$(printf '%s\\n' \"$bottle_s\" | sha256sum | cut -c1-64)\"\n",
+            super::sh_quote(&mountinfo_escape(&volume.guest))
+        ));
+    }
+    out
+}
+
+/// The `src` lines of a settings or provisioning output, by guest path.
+fn parse_sources(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|line| line.strip_prefix("src "))
+        .filter_map(|rest| rest.rsplit_once(' '))
+        .map(|(path, fp)| (path.to_owned(), fp.to_owned()))
+        .collect()
+}
+
+/// A path as `/proc/self/mountinfo` writes it (space, tab, newline and
+/// backslash octal-escaped).
+fn mountinfo_escape(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for c in path.chars() {
+        match c {
+            ' ' | '\t' | '\n' | '\\' => out.push_str(&format!("\\{:03o}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// What [`settings_probe`] prints for a guest whose settings match the
+/// manifest, line by line, keyed by what each line is about.
+fn expected_settings(ctx: &AgentCtx) -> BTreeMap<String, String> {
+    let mut lines = BTreeMap::new();
+    for (key, value) in &ctx.bottle.spec.env {
+        let printed = format!("{}\n", value.trim_end_matches('\n'));
+        lines.insert(format!("env {key}"), super::sha256_hex(printed.as_bytes()));
+    }
+    for volume in &ctx.bottle.volumes {
+        let mode = if volume.read_only { "ro" } else { "rw" };
+        lines.insert(
+            format!("vol {}", mountinfo_escape(&volume.guest)),
+            mode.to_owned(),
+        );
+    }
+    lines
+}
+
+/// The observed section, keyed like [`expected_settings`].
+fn parse_settings(text: &str) -> BTreeMap<String, String> {
+    text.lines()
+        .filter_map(|line| {
+            let (subject, value) = line.rsplit_once(' ')?;
+            Some((subject.to_owned(), value.to_owned()))
+        })
+        .collect()
+}
+
 /// Which in-place settings differ, as causes and the update that fixes
 /// them. cpus and memory come from `ls`; env and volumes from the machine's
-/// ledger entry when the machine runs (`None` otherwise).
+/// ledger entry when the machine runs (`None` otherwise), and from what the
+/// guest shows ([`SETTINGS_SECTION`], when probed): a change made outside
+/// bottle is drift too.
 pub fn pending_update(
     ctx: &AgentCtx,
     listed_cpus: Option<u32>,
     listed_memory: Option<u32>,
     recorded: Option<&LedgerEntry>,
+    observed: Option<&str>,
 ) -> (Vec<String>, MachineUpdate) {
     let want = &ctx.machine_hashes.mutable;
     let mut causes = Vec::new();
@@ -163,19 +306,32 @@ pub fn pending_update(
     if let Some(entry) = recorded {
         let env = &ctx.bottle.spec.env;
         if entry.detail_str("env_hash") != Some(want.env.as_str()) {
-            causes.push("env changed".into());
-            update.remove_env = entry
-                .detail_strings("env_keys")
-                .into_iter()
-                .filter(|k| !env.contains_key(k))
+            let old_keys = entry.detail_strings("env_keys");
+            update.remove_env = old_keys
+                .iter()
+                .filter(|k| !env.contains_key(*k))
+                .cloned()
                 .collect();
             update.set_env = env.clone();
+            // Name the variables: added, removed, or (same names) changed
+            // values. Values are never shown.
+            let added: Vec<&str> = env
+                .keys()
+                .filter(|k| !old_keys.contains(k))
+                .map(String::as_str)
+                .collect();
+            let mut names: Vec<String> = added.iter().map(|k| format!("+{k}")).collect();
+            names.extend(update.remove_env.iter().map(|k| format!("-{k}")));
+            causes.push(if names.is_empty() {
+                "env changed: a value of an existing variable".to_owned()
+            } else {
+                format!("env changed: {}", names.join(", "))
+            });
         }
         let old = entry.detail_strings("volumes");
         let new = volume_mounts(ctx.bottle);
         let new_args: Vec<String> = new.iter().map(VolumeMount::to_arg).collect();
         if old != new_args {
-            causes.push("volumes changed".into());
             update.add_volumes = new
                 .into_iter()
                 .filter(|v| !old.contains(&v.to_arg()))
@@ -185,6 +341,72 @@ pub fn pending_update(
                 .filter(|v| !new_args.contains(v))
                 .filter_map(|v| parse_volume_arg(v))
                 .collect();
+            let mut named: Vec<String> = update
+                .add_volumes
+                .iter()
+                .map(|v| format!("+{}", v.to_arg()))
+                .collect();
+            named.extend(
+                update
+                    .remove_volumes
+                    .iter()
+                    .map(|v| format!("-{}", v.to_arg())),
+            );
+            causes.push(if named.is_empty() {
+                "volumes changed: their order".to_owned()
+            } else {
+                format!("volumes changed: {}", named.join(", "))
+            });
+        }
+    }
+    if let Some(observed) = observed {
+        let sources = parse_sources(observed);
+        let observed = parse_settings(observed);
+        let differs = |subject: &String, want: &String| observed.get(subject) != Some(want);
+        let expected = expected_settings(ctx);
+        let env: Vec<&str> = expected
+            .iter()
+            .filter(|(subject, want)| subject.starts_with("env ") && differs(subject, want))
+            .map(|(subject, _)| &subject[4..])
+            .collect();
+        // A manifest change already sets the whole env (and volumes it
+        // adds are not mounted yet): only what else differs is drift.
+        if !env.is_empty() && update.set_env.is_empty() {
+            causes.push(format!("env changed in guest: {}", env.join(", ")));
+            update.set_env = ctx.bottle.spec.env.clone();
+        }
+        // A volume mounted otherwise than declared is removed and added
+        // again, as declared (a mount of another host directory at the
+        // same guest path is the runtime's to refuse or replace).
+        for volume in volume_mounts(ctx.bottle) {
+            let subject = format!("vol {}", mountinfo_escape(&volume.guest));
+            let escaped = mountinfo_escape(&volume.guest);
+            let source_changed = recorded
+                .and_then(|e| e.detail.get("volume_sources"))
+                .and_then(|s| s.get(&escaped))
+                .and_then(|v| v.as_str())
+                .is_some_and(|was| sources.get(&escaped).is_some_and(|now| now != was));
+            let mode_changed = expected
+                .get(&subject)
+                .is_some_and(|want| differs(&subject, want));
+            if update.add_volumes.contains(&volume) || !(mode_changed || source_changed) {
+                continue;
+            }
+            causes.push(format!(
+                "volume {} changed in guest: {}",
+                volume.guest,
+                match observed.get(&subject).map(String::as_str) {
+                    Some(mode) if mode_changed => mode,
+                    Some(_) => "another source is mounted",
+                    None => "not probed",
+                }
+            ));
+            if !update.remove_volumes.contains(&volume) {
+                update.remove_volumes.push(volume.clone());
+            }
+            if !update.add_volumes.contains(&volume) {
+                update.add_volumes.push(volume);
+            }
         }
     }
     (causes, update)
@@ -245,10 +467,32 @@ impl Step for MachineStep {
         entry
             .detail
             .insert("gid".into(), serde_json::json!(GID_PLACEHOLDER));
+        // What is mounted at each volume's guest path, fingerprinted in
+        // the guest once the machine is provisioned (`fill`, line by line
+        // in the volumes' order): a mount of another source later shows.
+        let sources: BTreeMap<String, String> = ctx
+            .bottle
+            .volumes
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                (
+                    mountinfo_escape(&v.guest),
+                    fill_placeholder(&format!("src{i}")),
+                )
+            })
+            .collect();
+        entry
+            .detail
+            .insert("volume_sources".into(), serde_json::json!(sources));
+        let script = format!(
+            "{ENSURE_USER}( :\n{}) | awk '{{ print \"src\" (NR - 1), $NF }}' > fill\n",
+            sources_probe(ctx)
+        );
         Ok(Work::new(
             "creating the agent user",
             "the image needs `useradd` (shadow) or busybox `adduser`",
-            ENSURE_USER,
+            script,
         )
         .args([ctx.user().to_owned(), home])
         .recorded(Recorded::Expected(

@@ -54,6 +54,10 @@ pub struct AgentCtx<'a> {
     pub bottle: &'a Bottle,
     pub machine: &'a str,
     pub machine_hashes: &'a MachineHashes,
+    /// How the guest reaches its bottle's gate, when the bottle has one
+    /// (known with the state directory: `None` for a bottle without a
+    /// gate, or before the gate's state is loaded).
+    pub gate: Option<&'a crate::gate::reconcile::AgentGate>,
 }
 
 impl<'a> AgentCtx<'a> {
@@ -70,6 +74,7 @@ impl<'a> AgentCtx<'a> {
             bottle,
             machine,
             machine_hashes,
+            gate: None,
         }
     }
 

@@ -25,9 +25,19 @@ pub fn content(ctx: &AgentCtx) -> StepResult<Vec<u8>> {
     }
 }
 
+/// The largest prompt file a probe hashes (sizes from `stat`, nothing
+/// read): a larger one is the agent's (a sparse file of terabytes) and is
+/// drift that the apply replaces. The manifests may not declare one as
+/// large (the graph refuses it).
+pub const PROBE_BYTES: u64 = 64 << 20;
+
 /// The probe of the file at `f` (a shell word).
 fn probe_file(f: &str) -> String {
-    format!("if [ -f {f} ]; then stat -c '%a %u %g' {f}; sha256sum < {f}; else echo missing; fi")
+    format!(
+        "if [ -f {f} ]; then stat -c '%a %u %g' {f}; bottle_s=$(stat -c %s {f}); \
+         if [ \"$bottle_s\" -gt {PROBE_BYTES} ]; then echo \"over budget: $bottle_s bytes\"; \
+         else sha256sum < {f}; fi; else echo missing; fi"
+    )
 }
 
 pub fn probe(ctx: &AgentCtx) -> String {

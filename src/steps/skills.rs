@@ -25,20 +25,31 @@ pub fn names(ctx: &AgentCtx) -> Vec<String> {
         .collect()
 }
 
+/// What a probe may read of an agent's skills, in all: bytes of file
+/// content hashed, and entries listed. The manifests may not declare more
+/// (the graph refuses it); a guest holding more is the agent's doing (a
+/// 2 TiB sparse file, a million files) and is drift, not a probe that
+/// hashes for minutes and fails, so `apply` replaces the skills whole.
+pub const PROBE_BYTES: u64 = 256 << 20;
+pub const PROBE_ENTRIES: u64 = 100_000;
+
 /// Per skill: every entry's mode and type, then every file's content hash,
-/// so an edited, added or removed file, directory or link all show.
+/// so an edited, added or removed file, directory or link all show. Sizes
+/// come first, from `stat` (nothing read): over the budget, the probe says
+/// so and hashes nothing.
 pub fn probe(ctx: &AgentCtx) -> String {
     let dir = skills_dir(ctx);
     probe_trees(ctx, |name| sh_quote(&format!("{dir}/{name}")))
 }
 
 /// The probe over each skill's tree, at the directory `at(name)` names (a
-/// shell word).
+/// shell word), within the budget.
 fn probe_trees(ctx: &AgentCtx, at: impl Fn(&str) -> String) -> String {
-    names(ctx)
+    let dirs: Vec<String> = names(ctx).iter().map(|name| at(name)).collect();
+    let listing = names(ctx)
         .iter()
-        .map(|name| {
-            let d = at(name);
+        .zip(&dirs)
+        .map(|(name, d)| {
             format!(
                 "echo {n}; if [ -d {d} ]; then (cd {d} && find . -exec stat -c '%a %F %n' {{}} + | LC_ALL=C sort; \
                  find . -type f -exec sha256sum {{}} + | LC_ALL=C sort -k2); else echo missing; fi",
@@ -46,7 +57,16 @@ fn probe_trees(ctx: &AgentCtx, at: impl Fn(&str) -> String) -> String {
             )
         })
         .collect::<Vec<_>>()
-        .join("; ")
+        .join("; ");
+    let dirs = dirs.join(" ");
+    format!(
+        "bottle_n=$(for d in {dirs}; do [ -d \"$d\" ] && find \"$d\"; done | head -n {over} | wc -l); \
+         bottle_b=0; if [ \"$bottle_n\" -le {PROBE_ENTRIES} ]; then \
+         bottle_b=$(for d in {dirs}; do [ -d \"$d\" ] && find \"$d\" -type f -exec stat -c %s {{}} +; done | awk '{{s+=$1}} END {{printf \"%.0f\\n\", s}}'); fi; \
+         if [ \"$bottle_n\" -gt {PROBE_ENTRIES} ] || [ \"$bottle_b\" -gt {PROBE_BYTES} ]; then \
+         echo \"over budget: $bottle_n entries, $bottle_b bytes\"; else {listing}; fi",
+        over = PROBE_ENTRIES + 1,
+    )
 }
 
 /// Run as the agent user: unpack into a fresh directory beside the skills,
@@ -64,7 +84,9 @@ for old in "$dir"/.bottle-stage.*; do
 done
 stage=$(mktemp -d "$dir/.bottle-stage.XXXXXX")
 trap 'chmod -R u+w "$stage" 2>/dev/null; rm -rf "$stage"' EXIT
-tar -xpf "$archive" -C "$stage"
+# The archive's permission bits as they are (the tree digest covers them):
+# without this the agent's umask would decide them.
+(umask 0 && tar -xpf "$archive" -C "$stage")
 i=0
 for name in "$@"; do
   i=$((i+1))

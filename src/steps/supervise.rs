@@ -19,11 +19,16 @@ pub fn config_path(ctx: &AgentCtx) -> String {
     format!("{}/.claude.json", ctx.home())
 }
 
-/// Prints the whole config file: only our entry is digested, since Claude
-/// Code rewrites the rest of it all the time.
+/// The most of `~/.claude.json` bottle reads (the probe's section limit):
+/// the agent may inflate the file, never bottle's memory or time.
+const CONFIG_LIMIT: usize = crate::observe::SECTION_LIMIT;
+
+/// Prints the config file (at most [`CONFIG_LIMIT`] bytes of it; a larger
+/// one is observed as over the limit, and drift): only our entry is
+/// digested, since Claude Code rewrites the rest of it all the time.
 pub fn probe(ctx: &AgentCtx) -> String {
     let f = sh_quote(&config_path(ctx));
-    format!("if [ -f {f} ]; then cat {f}; fi")
+    format!("if [ -f {f} ]; then head -c {} {f}; fi", CONFIG_LIMIT + 1)
 }
 
 /// Digest of the `supervise` entry of a `~/.claude.json` text (missing file,
@@ -67,8 +72,21 @@ fn entry_value(url: &str) -> Value {
 }
 
 /// The file as observed, parsed (an absent or empty file is an empty
-/// object).
+/// object; one over the probe's limit was never read whole).
 fn parse_config(ctx: &AgentCtx, text: &str) -> StepResult<Map<String, Value>> {
+    if text == crate::observe::OVER_LIMIT || text.len() > CONFIG_LIMIT {
+        return Err(StepError::Other(
+            format!(
+                "{} in machine {} is larger than {} MiB",
+                config_path(ctx),
+                ctx.machine,
+                CONFIG_LIMIT >> 20
+            ),
+            "Claude Code's config is small: remove or shrink the file in the guest; bottle \
+             reads no more of it"
+                .into(),
+        ));
+    }
     if text.trim().is_empty() {
         return Ok(Map::new());
     }
@@ -154,13 +172,26 @@ impl Step for SuperviseStep {
     /// written only if the guest's file is still the one read.
     fn apply(&self, cx: &StepCx, entry: &mut LedgerEntry) -> StepResult<Work> {
         let ctx = cx.ctx;
-        let url = &ctx
+        let declared = ctx
             .bottle
             .spec
             .supervise
             .as_ref()
-            .expect("the supervise step exists only when declared")
-            .url;
+            .expect("the supervise step exists only when declared");
+        // Without `url`, the bottle's gate serves it at a per-agent path.
+        let url = match (&declared.url, ctx.gate) {
+            (Some(url), _) => url.as_str(),
+            (None, Some(gate)) => gate.supervise_url.as_str(),
+            (None, None) => {
+                return Err(StepError::Other(
+                    format!(
+                        "the gate's supervise endpoint of {} is unknown",
+                        ctx.machine
+                    ),
+                    "run `bottle apply`, which starts the gate first".into(),
+                ));
+            }
+        };
         let observed = cx.observed.unwrap_or_default();
         let mut map = parse_config(ctx, observed)?;
         let servers = map

@@ -60,6 +60,14 @@ pub const DIGEST_PLACEHOLDER: &str = "\u{0}bottle:digest";
 pub const UID_PLACEHOLDER: &str = "\u{0}bottle:uid";
 pub const GID_PLACEHOLDER: &str = "\u{0}bottle:gid";
 
+/// A placeholder the guest fills with what the step's script wrote for
+/// `name` (`[a-z0-9]+`) in its payload directory's file `fill`, one `NAME
+/// VALUE` line each; values other than `[a-z0-9]*` are not taken (the
+/// placeholder then stays, a value that matches nothing).
+pub fn fill_placeholder(name: &str) -> String {
+    format!("\u{0}bottle:fill:{name}")
+}
+
 /// What the transaction does with a step's ledger entry.
 #[derive(Debug, Clone)]
 pub enum Ledger {
@@ -282,6 +290,13 @@ bottle_fill() {{
     bottle_x=$(bottle_sub "$bottle_x" {ku} "${{bottle_uid:-null}}")
     bottle_x=$(bottle_sub "$bottle_x" {kg} "${{bottle_gid:-null}}") ;;
   esac
+  if [ -f "$P/fill" ]; then
+    while read -r bottle_fk bottle_fv; do
+      case "$bottle_fk" in ''|*[!a-z0-9]*) continue ;; esac
+      case "$bottle_fv" in *[!a-z0-9]*) continue ;; esac
+      bottle_x=$(bottle_sub "$bottle_x" "\"\\u0000bottle:fill:$bottle_fk\"" "\"$bottle_fv\"")
+    done < "$P/fill"
+  fi
   printf '%s' "$bottle_x"
 }}
 "#,

@@ -70,11 +70,14 @@ impl Double {
         self.home.path()
     }
 
-    /// The production driver, running the double.
+    /// The production driver, running the double. `SMOLVM_DATA_DIR` is the
+    /// double's home too, so the driver's writer lock (beside smolvm's data
+    /// directory) is this double's own, not one shared by every test.
     pub fn runtime(&self) -> SmolvmRuntime {
         let mut runtime = SmolvmRuntime::new(Some(Self::binary().to_path_buf()))
             .expect("the double is built")
-            .with_env("SMOLVM_DOUBLE_HOME", self.home.path());
+            .with_env("SMOLVM_DOUBLE_HOME", self.home.path())
+            .with_env("SMOLVM_DATA_DIR", self.home.path());
         for (key, value) in &self.env {
             runtime = runtime.with_env(key, value);
         }
@@ -146,6 +149,7 @@ pub fn stderr(output: &Output) -> String {
 // --- Added for the end-to-end tests (tests/e2e.rs, tests/cli.rs) -----------
 
 pub mod project;
+pub mod real;
 
 impl Double {
     /// Set this double's home and knobs on a command (a `bottle` run that
@@ -153,6 +157,7 @@ impl Double {
     pub fn apply_env(&self, command: &mut Command) {
         command
             .env("SMOLVM_DOUBLE_HOME", self.home.path())
+            .env("SMOLVM_DATA_DIR", self.home.path())
             .envs(self.env.iter().map(|(k, v)| (k, v)));
     }
 

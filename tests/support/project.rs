@@ -134,12 +134,24 @@ impl Project {
 
     /// Like [`Project::command`], without the manifests directory.
     pub fn command_without_dir(&self, args: &[&str]) -> Command {
+        self.command_in_state_dir(self.state.path(), args)
+    }
+
+    /// `bottle` as another user of the same machines would run it: its own
+    /// state directory (another `HOME`, CI), the same runtime.
+    pub fn bottle_in_state_dir(&self, state: &Path, args: &[&str]) -> Run {
+        let mut command = self.command_in_state_dir(state, args);
+        command.arg(self.dir.path());
+        self.run_command(args, command)
+    }
+
+    fn command_in_state_dir(&self, state: &Path, args: &[&str]) -> Command {
         let mut command = Command::new(Self::binary());
         command
             .arg("--smolvm")
             .arg(Double::binary())
             .arg("--state-dir")
-            .arg(self.state.path())
+            .arg(state)
             .args(args)
             .env_remove("BOTTLE_RUNTIME")
             .env_remove("BOTTLE_SMOLVM")

@@ -7,7 +7,8 @@
 //! machines/NAME.json what smolvm reports and the local runtime does not hold
 //! data/NAME/         the machine's data folder (see `touch_data_dir`)
 //! local/             the local runtime's state (the machines themselves)
-//! locks/             flock files: one per machine, `.global` for counters
+//! locks/             flock files: one per machine, `.global` for counters,
+//!                    `.database` for writers (see `write_transaction`)
 //! ```
 
 use std::collections::BTreeMap;
@@ -101,6 +102,32 @@ impl Home {
         rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
             .map_err(|error| Failure::double(format!("locking {}: {error}", path.display())))?;
         Ok(Lock(file))
+    }
+
+    /// smolvm's state database takes one writer at a time and fails the
+    /// others at once (their deferred SQLite transactions cannot wait):
+    /// `database operation failed: WHAT: database is locked`, nothing done.
+    /// The double holds this lock over each mutating call's changes, so
+    /// overlapping writers fail the same way (deterministically, where
+    /// smolvm fails about half of them).
+    pub fn write_transaction(&self, what: &str) -> Result<Lock, Failure> {
+        let path = self.root.join("locks").join(".database");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|error| Failure::double(format!("opening {}: {error}", path.display())))?;
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(Lock(file)),
+            Err(rustix::io::Errno::WOULDBLOCK) => Err(Failure::new(format!(
+                "database operation failed: {what}: database is locked"
+            ))),
+            Err(error) => Err(Failure::double(format!(
+                "locking {}: {error}",
+                path.display()
+            ))),
+        }
     }
 
     pub fn meta(&self, name: &str) -> Result<Option<Meta>, Failure> {

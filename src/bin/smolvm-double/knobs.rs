@@ -21,6 +21,9 @@ pub struct Knobs {
     pub hang: Vec<String>,
     /// The n-th `exec` dies half-way through reporting.
     pub exec_die: Option<u64>,
+    /// `exec` runs as this user, as smolvm 1.6+ runs it as an image's
+    /// `USER`.
+    pub exec_user: Option<String>,
     pub bad_json: bool,
     pub resolve: Resolve,
 }
@@ -105,6 +108,7 @@ impl Knobs {
                 })?;
             knobs.exec_die = Some(n);
         }
+        knobs.exec_user = var("SMOLVM_DOUBLE_EXEC_USER");
         knobs.bad_json = var("SMOLVM_DOUBLE_BAD_JSON").is_some_and(|v| v != "0");
         knobs.resolve = match var("SMOLVM_DOUBLE_RESOLVE").as_deref() {
             None | Some("hosts") => Resolve::Hosts(extra_hosts()?),

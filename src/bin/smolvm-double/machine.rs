@@ -149,6 +149,10 @@ impl Double<'_> {
         };
         let labels = parse::labels(&cmd.labels)?;
         let secret_refs = parse::secrets(&cmd.secret_env, &cmd.secret_file)?;
+        if let Some(warning) = parse::vcpu_warning(cmd.cpus.into()) {
+            written(writeln!(io.err, "{warning}"))?;
+        }
+        parse::check_resources(cmd.cpus.into(), cmd.mem)?;
         if !cmd.command.is_empty() {
             return Err(Failure::double(
                 "a persistent workload command (`create ... -- COMMAND`) is not supported",
@@ -157,18 +161,60 @@ impl Double<'_> {
         let name = cmd.name.clone().unwrap_or_else(generated_name);
         parse::check_name(&name)?;
 
-        let _lock = self.home.lock(Some(&name))?;
-        if self.find(&name)?.is_some() || self.home.meta(&name)?.is_some() {
-            return Err(Failure::config(
-                "create machine",
-                format!("machine '{name}' already exists or is being created"),
-            ));
-        }
         let mounts: Vec<Mount> = cmd
             .volume
             .iter()
             .map(|spec| parse::mount(spec))
             .collect::<Result<_, _>>()?;
+        if let Some(target) = parse::duplicate_target(&mounts) {
+            return Err(Failure::new(format!(
+                "mount operation failed: validate mounts: duplicate mount target: {target} is \
+                 specified more than once"
+            )));
+        }
+        if let Some(image) = &cmd.image
+            && (image.starts_with('/') || image.starts_with('.'))
+            && !Path::new(image).exists()
+        {
+            // A path is a rootfs directory or a `docker save` archive.
+            return Err(Failure::config(
+                "--image",
+                format!("cannot read archive {image}: No such file or directory (os error 2)"),
+            ));
+        }
+        if let Some(image) = &cmd.image
+            && !network
+            && !Path::new(image).exists()
+        {
+            return Err(Failure::config(
+                "create machine",
+                format!(
+                    "image '{image}' must be pulled from a registry, but this machine has no \
+                     network, so the pull can never succeed. Add --net (or publish a port with \
+                     -p, or set an egress policy with --allow-cidr/--allow-host). To keep the \
+                     machine network-isolated, supply the image locally instead: `docker save \
+                     {image} | smolvm machine create --image - ...`"
+                ),
+            ));
+        }
+
+        let _db = self
+            .home
+            .write_transaction(&format!("reserve vm '{name}'"))?;
+        let _lock = self.home.lock(Some(&name))?;
+        if self.find(&name)?.is_some() {
+            return Err(Failure::config(
+                "create machine",
+                format!("machine '{name}' already exists or is being created"),
+            ));
+        }
+        // A record without a machine, under the name's lock, is what a
+        // create killed half-way leaves: no live creator holds the name (it
+        // would hold the lock), so, like smolvm's stale reservation, it is
+        // dropped rather than reserving the name forever.
+        if self.home.meta(&name)?.is_some() {
+            self.home.remove_meta(&name)?;
+        }
 
         let spec = MachineSpec {
             name: name.clone(),
@@ -196,6 +242,9 @@ impl Double<'_> {
                     },
                 })
                 .collect(),
+            // smolvm relays 100.96.0.1 to host loopback; the double has no
+            // such address (its machines get the host's network).
+            gate_port: None,
         };
         let meta = Meta {
             created_at: now_secs(),
@@ -259,10 +308,20 @@ impl Double<'_> {
             0 => String::new(),
             n => format!(" with {n} mount(s)"),
         };
-        written(writeln!(io.out, "Starting machine '{name}'{mounts}..."))?;
+        // smolvm's progress goes to stderr.
+        written(writeln!(io.err, "Starting machine '{name}'{mounts}..."))?;
+        if let Some(warning) = found.info.cpus.and_then(parse::vcpu_warning) {
+            written(writeln!(io.err, "{warning}"))?;
+        }
         self.runtime
             .start(name)
             .map_err(|error| Failure::backend("start machine", error))?;
+        // Like smolvm, the record is written once the machine has booted:
+        // a writer in the way fails the call with the machine running.
+        drop(
+            self.home
+                .write_transaction(&format!("update vm '{name}'"))?,
+        );
         if !found.meta.init.is_empty() {
             written(writeln!(
                 io.out,
@@ -309,6 +368,9 @@ impl Double<'_> {
                 found.state
             ));
         }
+        let _db = self
+            .home
+            .write_transaction(&format!("update vm '{name}'"))?;
         written(writeln!(io.out, "Stopping machine '{name}'..."))?;
         if found.info.state.as_str() == "running" {
             self.runtime
@@ -323,6 +385,9 @@ impl Double<'_> {
         let found = self
             .find(name)?
             .ok_or_else(|| Failure::vm_not_found(name))?;
+        let _db = self
+            .home
+            .write_transaction(&format!("remove vm '{name}'"))?;
         // smolvm stops a running machine before it asks for confirmation, so
         // a cancelled delete still leaves the machine stopped.
         if found.info.state.as_str() == "running" {
@@ -359,19 +424,18 @@ impl Double<'_> {
 
     fn status(&self, cmd: StatusCmd, io: &mut Io<'_>) -> Verb {
         let name = cli::machine_name(&cmd.name);
-        let found = self.find_or_leave_folder(name)?.ok_or_else(|| {
-            Failure::config("machine status", format!("machine '{name}' not found"))
-        })?;
         if cmd.json {
+            // `status --json` reads the record only: no data folder.
+            let found = self.find(name)?.ok_or_else(|| {
+                Failure::config("machine status", format!("machine '{name}' not found"))
+            })?;
             let record = Record::new(&found.info, &found.meta, &found.state);
             return written(report::write_json(io.out, &record, self.knobs.bad_json));
         }
-        let shown = if found.running() {
-            "running"
-        } else {
-            "not running"
-        };
-        written(writeln!(io.out, "Machine '{name}': {shown}"))
+        let found = self
+            .find_or_leave_folder(name)?
+            .ok_or_else(|| Failure::vm_not_found(name))?;
+        written(writeln!(io.out, "Machine '{name}': {}", found.state))
     }
 
     fn ls(&self, cmd: LsCmd, io: &mut Io<'_>) -> Verb {
@@ -402,6 +466,12 @@ impl Double<'_> {
         if !matches!(found.state.as_str(), "created" | "stopped") {
             return Err(Failure::invalid_state("stopped", &found.state));
         }
+        let cpus = cmd.cpus.map(u32::from).or(found.info.cpus).unwrap_or(1);
+        let memory = cmd.mem.or(found.info.memory_mib).unwrap_or(64);
+        if let Some(warning) = parse::vcpu_warning(cpus) {
+            written(writeln!(io.err, "{warning}"))?;
+        }
+        parse::check_resources(cpus, memory)?;
         for spec in &cmd.env {
             if spec.split_once('=').is_none_or(|(key, _)| key.is_empty()) {
                 return Err(Failure::config(
@@ -506,6 +576,9 @@ impl Double<'_> {
             meta.overlay_gb = Some(overlay);
         }
 
+        let _db = self
+            .home
+            .write_transaction(&format!("update vm '{name}'"))?;
         let update = MachineUpdate {
             cpus: cmd.cpus.map(u32::from),
             memory_mib: cmd.mem,
@@ -561,7 +634,8 @@ impl Double<'_> {
             argv: cmd.command,
             env,
             workdir: cmd.workdir.or(found.meta.workdir),
-            user: None,
+            // smolvm 1.6+ runs exec as the image's USER (the knob plays one).
+            user: self.knobs.exec_user.clone(),
             timeout: cmd.timeout.unwrap_or(EXEC_WITHOUT_TIMEOUT),
         };
         if cmd.interactive || cmd.tty {
@@ -617,10 +691,10 @@ impl Double<'_> {
                 "--mode/--uid/--gid apply to uploads only (host -> machine)",
             ));
         }
-        // smolvm connects to the guest agent before anything else: a name it
-        // does not know is simply not running.
-        let found = self.find_or_leave_folder(name)?;
-        if !found.as_ref().is_some_and(Found::running) {
+        let found = self
+            .find_or_leave_folder(name)?
+            .ok_or_else(|| Failure::vm_not_found(name))?;
+        if !found.running() {
             return Err(Failure::not_running(name));
         }
         if upload {

@@ -8,7 +8,21 @@
 //! texts, `ls --json` / `status --json` with the same keys and value types
 //! (the array deliberately unsorted), `delete` without `-f` asking and
 //! cancelling, `stop` of a stopped machine exiting 0, and the empty data
-//! folder `status`/`exec`/`cp`/`stop` leave behind for an unknown name.
+//! folder prose `status`/`exec`/`cp`/`stop` leave behind for an unknown
+//! name (`vm not found: NAME`). Also as the real 1.9.2 binary does:
+//! resource validation (`--cpus` 1..=255, more than 16 a warning on
+//! stderr, `--mem` at least 64), duplicate mount targets, registry images
+//! refused without network, `start` progress on stderr, and one writer at a
+//! time: a `create`, `delete`, `update` or `stop` that overlaps another
+//! writer fails at once with `Error: database operation failed: reserve vm
+//! 'NAME': database is locked` (smolvm fails about half of them; the double
+//! all, so a caller that overlaps its writers finds out), and `start`
+//! writes its record after the boot, failing the same way with the machine
+//! running when a writer is in the way.
+//!
+//! Crash safety: a call killed at any point leaves either the machine whole
+//! or nothing that holds its name (a record without a machine is dropped by
+//! the next `create`, as smolvm drops a dead creator's reservation).
 //!
 //! # State
 //!
@@ -27,6 +41,9 @@
 //!   with `"exit": null`).
 //! - `SMOLVM_DOUBLE_EXEC_DIE=N`: the N-th `exec` runs its command to
 //!   completion, prints half its stdout, then dies by SIGKILL.
+//! - `SMOLVM_DOUBLE_EXEC_USER=NAME`: `exec` runs as NAME, as smolvm 1.6+
+//!   runs it on a machine whose image says `USER NAME` (1.9.2 cannot be
+//!   told otherwise).
 //! - `SMOLVM_DOUBLE_BAD_JSON=1`: `ls --json` and `status --json` print
 //!   truncated JSON (exit 0).
 //! - `SMOLVM_DOUBLE_RESOLVE=hosts|any|system`: how `create --allow-host`

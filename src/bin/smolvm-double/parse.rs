@@ -27,9 +27,13 @@ pub fn check_name(name: &str) -> Result<(), Failure> {
             name.len()
         ))
     } else if !name.starts_with(|c: char| c.is_ascii_alphanumeric()) {
-        Some("machine name must start with a letter or digit".to_owned())
+        Some(format!(
+            "machine name must start with a letter or digit (got: \"{name}\")"
+        ))
     } else if name.ends_with('-') {
-        Some("machine name cannot end with a hyphen".to_owned())
+        Some(format!(
+            "machine name cannot end with a hyphen (got: \"{name}\")"
+        ))
     } else {
         let mut previous = ' ';
         name.chars().find_map(|c| {
@@ -116,7 +120,10 @@ pub fn secrets(
             if !value.starts_with('/') {
                 return Err(Failure::config(
                     flag,
-                    format!("secret '{key}': from_file path must be absolute, got '{value}'"),
+                    format!(
+                        "secret '{key}': from_file path '{value}' is relative; absolute paths are \
+                         required"
+                    ),
                 ));
             }
             SecretRef::FromFile(value.into())
@@ -145,15 +152,16 @@ pub fn resolve_secrets(
                         format!("secret '{guest}': host environment variable '{var}' is not set"),
                     )
                 })?,
-                SecretRef::FromFile(path) => std::fs::read_to_string(path)
+                // bottle's one secret-file reader: smolvm's rules.
+                SecretRef::FromFile(path) => bottle::secrets::read_secret_file(path)
+                    .map_err(|error| error.to_string())
+                    .and_then(|v| String::from_utf8(v).map_err(|_| "is not UTF-8".to_owned()))
                     .map_err(|error| {
                         Failure::config(
                             "resolve secrets",
-                            format!("secret '{guest}': reading {}: {error}", path.display()),
+                            format!("secret '{guest}': {} {error}", path.display()),
                         )
-                    })?
-                    .trim_end_matches('\n')
-                    .to_owned(),
+                    })?,
             };
             Ok((guest.clone(), value))
         })
@@ -183,18 +191,23 @@ pub struct Mount {
 }
 
 /// `HOST:GUEST[:ro|:rw]`: the host side must be an existing directory and
-/// is canonicalised.
+/// is canonicalised; the guest side is the part after the last `:`, so a
+/// host path may contain `:` (smolvm accepts `/a:b:/w`).
 pub fn mount(spec: &str) -> Result<Mount, Failure> {
-    let parts: Vec<&str> = spec.split(':').collect();
-    let (source, target, read_only) = match parts.as_slice() {
-        [source, target] => (*source, *target, false),
-        [source, target, "ro"] => (*source, *target, true),
-        [source, target, "rw"] => (*source, *target, false),
-        _ => {
-            return Err(Failure::new(format!(
-                "invalid mount path: invalid format '{spec}' (expected host:guest[:ro|:rw])"
-            )));
-        }
+    let (rest, read_only) = if let Some(rest) = spec.strip_suffix(":ro") {
+        (rest, true)
+    } else if let Some(rest) = spec.strip_suffix(":rw") {
+        (rest, false)
+    } else {
+        (spec, false)
+    };
+    let Some((source, target)) = rest
+        .rsplit_once(':')
+        .filter(|(s, t)| !s.is_empty() && !t.is_empty())
+    else {
+        return Err(Failure::new(format!(
+            "invalid mount path: invalid format '{spec}' (expected host:guest[:ro|:rw])"
+        )));
     };
     let path = PathBuf::from(source);
     if !path.exists() {
@@ -216,10 +229,60 @@ pub fn mount(spec: &str) -> Result<Mount, Failure> {
             path.display()
         ))
     })?;
+    if !target.starts_with('/') {
+        return Err(Failure::new(format!(
+            "mount operation failed: validate guest path: target path on guest should be an \
+             absolute directory: {target}"
+        )));
+    }
     Ok(Mount {
         source,
         target: target.to_owned(),
         read_only,
+    })
+}
+
+/// The first mount whose guest path (trailing `/` aside) an earlier mount
+/// already uses, as smolvm names it: `/w/ is specified more than once`.
+pub fn duplicate_target(mounts: &[Mount]) -> Option<&str> {
+    let mut seen = std::collections::BTreeSet::new();
+    mounts
+        .iter()
+        .find(|mount| {
+            let normal = mount.target.trim_end_matches('/');
+            !seen.insert(if normal.is_empty() { "/" } else { normal })
+        })
+        .map(|mount| mount.target.as_str())
+}
+
+/// The most vCPUs the hypervisor gives a VM; more are capped with a warning.
+pub const MAX_VCPUS: u32 = 16;
+
+/// smolvm's `validate resources`: at least 1 vCPU and 64 MiB.
+pub fn check_resources(cpus: u32, memory_mib: u32) -> Result<(), Failure> {
+    if cpus == 0 {
+        return Err(Failure::config(
+            "validate resources",
+            "CPU count must be at least 1",
+        ));
+    }
+    if memory_mib < 64 {
+        return Err(Failure::config(
+            "validate resources",
+            format!("memory must be at least 64 MiB (got {memory_mib} MiB)"),
+        ));
+    }
+    Ok(())
+}
+
+/// The warning smolvm prints (on stderr) for a machine with more vCPUs
+/// than the hypervisor runs, at create, update and start.
+pub fn vcpu_warning(cpus: u32) -> Option<String> {
+    (cpus > MAX_VCPUS).then(|| {
+        format!(
+            "warning: requested {cpus} vCPUs but the hypervisor supports at most {MAX_VCPUS}; \
+             the VM will run with {MAX_VCPUS} vCPUs"
+        )
     })
 }
 
@@ -313,9 +376,9 @@ mod tests {
         for (bad, reason) in [
             ("", "cannot be empty"),
             (&"a".repeat(129), "too long: 129 characters (max 128)"),
-            ("-a", "must start with a letter or digit"),
-            ("_a", "must start with a letter or digit"),
-            ("a-", "cannot end with a hyphen"),
+            ("-a", "must start with a letter or digit (got: \"-a\")"),
+            ("_a", "must start with a letter or digit (got: \"_a\")"),
+            ("a-", "cannot end with a hyphen (got: \"a-\")"),
             ("a--b", "cannot contain consecutive hyphens"),
             ("a.b", "contains invalid character: '.'"),
             ("a:b", "contains invalid character: ':'"),

@@ -16,6 +16,8 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::runtime::MAX_EXEC_OUTPUT;
+
 use rustix::event::{PollFd, PollFlags, Timespec, poll};
 use rustix::fs::{Mode, OFlags, ResolveFlags, openat2};
 use rustix::process::{Pid, PidfdFlags, Signal, pidfd_open};
@@ -219,6 +221,9 @@ pub enum RunError {
     Spawn(io::Error),
     /// The deadline passed; the command's process group was killed.
     Timeout,
+    /// It printed more than [`MAX_EXEC_OUTPUT`]; its process group was
+    /// killed.
+    TooLarge,
     Io(io::Error),
 }
 
@@ -390,6 +395,10 @@ fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
 fn read_available(r: &mut impl Read, out: &mut Vec<u8>) -> io::Result<bool> {
     let mut buf = [0u8; 16 * 1024];
     loop {
+        // Over the limit: the caller stops the command; read no more.
+        if out.len() > MAX_EXEC_OUTPUT {
+            return Ok(true);
+        }
         match r.read(&mut buf) {
             Ok(0) => return Ok(false),
             Ok(n) => out.extend_from_slice(&buf[..n]),
@@ -475,6 +484,9 @@ fn pump(
         {
             stderr = None;
         }
+        if out.len() + err.len() > MAX_EXEC_OUTPUT {
+            return Err(RunError::TooLarge);
+        }
         if in_ready && let Some(f) = stdin.as_mut() {
             match f.write(&input[written..]) {
                 Ok(n) => written += n,
@@ -495,6 +507,9 @@ fn pump(
             }
             if let Some(f) = stderr.as_mut() {
                 read_available(f, &mut err).map_err(RunError::Io)?;
+            }
+            if out.len() + err.len() > MAX_EXEC_OUTPUT {
+                return Err(RunError::TooLarge);
             }
             return Ok((out, err));
         }

@@ -42,13 +42,14 @@
 mod accounts;
 mod exec;
 mod names;
+pub mod relay;
 mod sandbox;
 mod seed;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -69,8 +70,6 @@ use super::{
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long `stop` waits for the init to die after SIGKILL.
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
-/// The largest secret file read (smolvm's limit too).
-const MAX_SECRET_FILE: u64 = 1 << 20;
 /// The largest file `read_file` returns.
 const MAX_READ_FILE: u64 = 256 << 20;
 
@@ -101,6 +100,11 @@ pub struct MachineRecord {
     /// Whether the machine shares the host's network.
     pub network: bool,
     pub secrets: Vec<SecretMount>,
+    /// The port of the bottle's gate on the host's loopback, reachable at
+    /// `127.0.0.1:<port>` inside the machine's own network (loopback only)
+    /// through a relay (see [`relay`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate_port: Option<u16>,
     /// Unix seconds.
     pub created_at: u64,
     pub state: MachineState,
@@ -146,6 +150,9 @@ pub struct LocalRuntime {
     bwrap: PathBuf,
     setsid: PathBuf,
     nsenter: PathBuf,
+    /// The bottle executable, which serves the gate relay of gated machines
+    /// (`bottle local-gate-relay`); `None`: such machines cannot start.
+    relay: Option<PathBuf>,
 }
 
 impl LocalRuntime {
@@ -190,9 +197,17 @@ impl LocalRuntime {
             setsid: find("setsid")?,
             nsenter: find("nsenter")?,
             state_dir,
+            relay: None,
         };
         rt.collect_garbage();
         Ok(rt)
+    }
+
+    /// Serve the gate relay of gated machines with `program` (the bottle
+    /// executable).
+    pub fn with_relay(mut self, program: PathBuf) -> Self {
+        self.relay = Some(program);
+        self
     }
 
     /// The state directory, absolute.
@@ -452,6 +467,14 @@ impl LocalRuntime {
             Err(exec::RunError::Io(source)) => {
                 Err(io_err(op, name, format!("run `{command}`"), source))
             }
+            Err(exec::RunError::TooLarge) => Err(RuntimeError::new(
+                op,
+                name,
+                RuntimeErrorKind::OutputTooLarge {
+                    command,
+                    limit: crate::runtime::MAX_EXEC_OUTPUT,
+                },
+            )),
         }
     }
 
@@ -562,24 +585,9 @@ fn resolve_secret(secret: &SecretMount) -> Result<OsString, String> {
                  the environment bottle runs in"
             )
         }),
-        SecretSource::HostFile(path) => {
-            let read = || -> io::Result<Vec<u8>> {
-                // Like smolvm: refuse a symlink and anything but a regular file.
-                let file = seed::open_nofollow(path)?;
-                if !file.metadata()?.is_file() {
-                    return Err(io::Error::other("not a regular file"));
-                }
-                let mut buf = Vec::new();
-                file.take(MAX_SECRET_FILE + 1).read_to_end(&mut buf)?;
-                if buf.len() as u64 > MAX_SECRET_FILE {
-                    return Err(io::Error::other("larger than 1 MiB"));
-                }
-                Ok(buf)
-            };
-            read()
-                .map(std::os::unix::ffi::OsStringExt::from_vec)
-                .map_err(|e| format!("secret {guest}: cannot read {}: {e}", path.display()))
-        }
+        SecretSource::HostFile(path) => crate::secrets::read_secret_file(path)
+            .map(std::os::unix::ffi::OsStringExt::from_vec)
+            .map_err(|e| format!("secret {guest}: {} {e}", path.display())),
     }
 }
 
@@ -601,6 +609,21 @@ fn write_json_atomic<T: Serialize>(dir: &Path, name: &str, value: &T) -> io::Res
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+impl LocalRuntime {
+    /// Make the gate's port reachable inside a started machine.
+    fn start_relay(&self, init: &InitProcess, port: u16) -> Result<(), String> {
+        let program = self.relay.as_deref().ok_or_else(|| {
+            "the machine reaches its bottle's gate through a relay that only the bottle \
+             executable serves; start it with `bottle apply`"
+                .to_owned()
+        })?;
+        let listener = relay::listen_in(init, port)
+            .map_err(|e| format!("cannot listen for the gate inside the machine: {e}"))?;
+        relay::spawn(&self.setsid, program, listener, init, port)
+            .map_err(|e| format!("cannot start the gate relay: {e}"))
+    }
 }
 
 impl Runtime for LocalRuntime {
@@ -764,6 +787,7 @@ impl Runtime for LocalRuntime {
             egress: spec.egress.clone(),
             network,
             secrets: spec.secrets.clone(),
+            gate_port: spec.gate_port,
             created_at: now_unix(),
             state: MachineState::Created,
             init: None,
@@ -889,6 +913,12 @@ impl Runtime for LocalRuntime {
                 io_err(OP, name, "start the sandbox".to_owned(), source)
             }
         })?;
+        if let Some(port) = record.gate_port.filter(|_| !record.network)
+            && let Err(message) = self.start_relay(&init, port)
+        {
+            let _ = sandbox::kill(&init, STOP_TIMEOUT);
+            return Err(unsupported(OP, name, message));
+        }
         record.state = MachineState::Running;
         record.init = Some(init.clone());
         if let Err(e) = self.save(OP, &record) {

@@ -6,7 +6,7 @@
 //! `/lib`, ... when they are not merged-usr symlinks) are mount points only:
 //! they are bound read-only from the host or from a rootfs at each start.
 
-use std::fs::{self, File, Metadata, OpenOptions};
+use std::fs::{self, Metadata, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt, lchown, symlink};
 use std::path::{Path, PathBuf};
@@ -453,15 +453,6 @@ fn replace_file(path: &Path, content: &[u8], mode: u32) -> io::Result<()> {
         Err(_) => {}
     }
     write_file(path, content, mode, 0, 0)
-}
-
-/// Open a file for reading without following a symlink at its last
-/// component.
-pub fn open_nofollow(path: &Path) -> io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .custom_flags((rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK).bits() as i32)
-        .open(path)
 }
 
 #[cfg(test)]

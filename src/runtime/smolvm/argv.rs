@@ -138,10 +138,30 @@ pub(crate) fn update(name: &str, update: &MachineUpdate) -> Vec<OsString> {
     argv.into_vec()
 }
 
-/// The guest argv, wrapped to run as `request.user` when one is set:
-/// smolvm runs every command as root.
-fn guest_command(request: &ExecRequest) -> Vec<String> {
+/// How a command is made to start as root in the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AsRoot {
+    /// smolvm 1.14+: `exec --user root`.
+    Flag,
+    /// Before 1.14 smolvm runs exec as the image's `USER` (root on a bare
+    /// VM or an image without `USER`) and cannot be told otherwise: the
+    /// command is wrapped in [`ROOT_GUARD`], which refuses to run it as
+    /// anyone else.
+    Guard,
+}
+
+/// The guest argv: [`ROOT_GUARD`] first when `as_root` says so, then the
+/// [`AS_USER`] wrapper when `request.user` is set, then the command.
+fn guest_command(request: &ExecRequest, as_root: AsRoot) -> Vec<String> {
     let mut command = Vec::new();
+    if as_root == AsRoot::Guard {
+        command.extend([
+            "sh".to_owned(),
+            "-c".to_owned(),
+            ROOT_GUARD.to_owned(),
+            NOT_ROOT.to_owned(),
+        ]);
+    }
     if let Some(user) = &request.user {
         command.extend([
             "sh".to_owned(),
@@ -154,6 +174,18 @@ fn guest_command(request: &ExecRequest) -> Vec<String> {
     command
 }
 
+/// The first word of the line [`ROOT_GUARD`] prints when the command would
+/// not run as root: `bottle-exec-not-root uid=1000 user=node`.
+pub(crate) const NOT_ROOT: &str = "bottle-exec-not-root";
+
+/// The exit status [`ROOT_GUARD`] uses (as `env` does for its own failures).
+pub(crate) const NOT_ROOT_STATUS: i32 = 125;
+
+/// Runs `"$@"` only as root: otherwise prints `$0` with the uid and user
+/// name on stderr and exits 125. An image without `id` is let through (its
+/// steps fail on `id` with their own message).
+pub const ROOT_GUARD: &str = r#"u=$(id -u 2>/dev/null) || exec "$@"; if [ "$u" != 0 ]; then echo "$0 uid=$u user=$(id -un 2>/dev/null)" >&2; exit 125; fi; exec "$@""#;
+
 /// Runs `"$@"` as the user named by `$0`: with `runuser` where the image
 /// has it (util-linux), else with `su`, which busybox images (smolvm's
 /// default Alpine) have. Both set HOME, USER and LOGNAME for the user.
@@ -161,7 +193,10 @@ fn guest_command(request: &ExecRequest) -> Vec<String> {
 /// are never taken for su's own (util-linux su permutes its arguments).
 pub const AS_USER: &str = r#"if command -v runuser >/dev/null 2>&1; then exec runuser -u "$0" -- "$@"; fi; exec su -s /bin/sh -c 'exec "$@"' -- "$0" sh "$@""#;
 
-fn exec_options(argv: &mut Argv, request: &ExecRequest) {
+fn exec_options(argv: &mut Argv, request: &ExecRequest, as_root: AsRoot) {
+    if as_root == AsRoot::Flag {
+        argv.flag("--user", "root");
+    }
     for (key, value) in &request.env {
         argv.flag("-e", format!("{key}={value}"));
     }
@@ -170,12 +205,12 @@ fn exec_options(argv: &mut Argv, request: &ExecRequest) {
     }
 }
 
-pub(crate) fn exec(name: &str, request: &ExecRequest) -> Vec<OsString> {
+pub(crate) fn exec(name: &str, request: &ExecRequest, as_root: AsRoot) -> Vec<OsString> {
     let mut argv = Argv::new(&["machine", "exec", "--name", name]);
-    exec_options(&mut argv, request);
+    exec_options(&mut argv, request, as_root);
     argv.flag("--timeout", duration_arg(request.timeout));
     argv.arg("--");
-    for word in guest_command(request) {
+    for word in guest_command(request, as_root) {
         argv.arg(word);
     }
     argv.into_vec()
@@ -183,11 +218,16 @@ pub(crate) fn exec(name: &str, request: &ExecRequest) -> Vec<OsString> {
 
 /// `-it`: keep stdin open and allocate a terminal. No `--timeout`: an
 /// attached session lasts as long as the user wants.
-pub(crate) fn interactive(binary: &Path, name: &str, request: &ExecRequest) -> Vec<String> {
+pub(crate) fn interactive(
+    binary: &Path,
+    name: &str,
+    request: &ExecRequest,
+    as_root: AsRoot,
+) -> Vec<String> {
     let mut argv = Argv::new(&["machine", "exec", "--name", name, "-it"]);
-    exec_options(&mut argv, request);
+    exec_options(&mut argv, request, as_root);
     argv.arg("--");
-    for word in guest_command(request) {
+    for word in guest_command(request, as_root) {
         argv.arg(word);
     }
     std::iter::once(binary.to_string_lossy().into_owned())
@@ -271,6 +311,7 @@ mod tests {
                     source: SecretSource::HostFile("/run/secrets/npm".into()),
                 },
             ],
+            gate_port: None,
         }
     }
 
@@ -357,13 +398,25 @@ mod tests {
         request.env.insert("HOME".into(), "/home/node".into());
         request.workdir = Some("/workspace".into());
         assert_eq!(
-            words(exec("a", &request)).join(" "),
-            "machine exec --name a -e HOME=/home/node -w /workspace --timeout 2s -- sh -c id -un"
+            words(exec("a", &request, AsRoot::Flag)).join(" "),
+            "machine exec --name a --user root -e HOME=/home/node -w /workspace --timeout 2s \
+             -- sh -c id -un"
+        );
+        assert_eq!(
+            words(exec("a", &request, AsRoot::Guard))[10..],
+            ["--", "sh", "-c", ROOT_GUARD, NOT_ROOT, "sh", "-c", "id -un"]
         );
         let request = request.as_user("node");
         assert_eq!(
-            words(exec("a", &request))[10..],
+            words(exec("a", &request, AsRoot::Flag))[12..],
             ["--", "sh", "-c", AS_USER, "node", "sh", "-c", "id -un"]
+        );
+        assert_eq!(
+            words(exec("a", &request, AsRoot::Guard))[10..],
+            [
+                "--", "sh", "-c", ROOT_GUARD, NOT_ROOT, "sh", "-c", AS_USER, "node", "sh", "-c",
+                "id -un"
+            ]
         );
     }
 
@@ -372,7 +425,7 @@ mod tests {
         let request =
             ExecRequest::new(["claude", "--dangerously-skip-permissions"]).as_user("node");
         assert_eq!(
-            interactive(Path::new("/usr/bin/smolvm"), "a", &request),
+            interactive(Path::new("/usr/bin/smolvm"), "a", &request, AsRoot::Flag),
             [
                 "/usr/bin/smolvm",
                 "machine",
@@ -380,6 +433,8 @@ mod tests {
                 "--name",
                 "a",
                 "-it",
+                "--user",
+                "root",
                 "--",
                 "sh",
                 "-c",
@@ -440,5 +495,48 @@ mod tests {
                 "PATH={path}: {out:?}"
             );
         }
+    }
+
+    /// The guard, for real: it runs the command as root and refuses, with
+    /// its marker line and status, as anyone else.
+    #[test]
+    fn root_guard_runs_the_command_only_as_root() {
+        let run = |user: Option<&str>| {
+            let mut command = std::process::Command::new("sh");
+            command.args(["-c", ROOT_GUARD, NOT_ROOT, "sh", "-c", "echo ran; exit 7"]);
+            if let Some(user) = user {
+                command = std::process::Command::new("setpriv");
+                command.args([
+                    "--reuid",
+                    user,
+                    "--regid",
+                    user,
+                    "--clear-groups",
+                    "sh",
+                    "-c",
+                    ROOT_GUARD,
+                    NOT_ROOT,
+                    "sh",
+                    "-c",
+                    "echo ran; exit 7",
+                ]);
+            }
+            command.output().expect("sh runs")
+        };
+        let as_root = run(None);
+        assert_eq!(as_root.status.code(), Some(7), "{as_root:?}");
+        assert_eq!(as_root.stdout, b"ran\n");
+        let as_nobody = run(Some("65534"));
+        assert_eq!(
+            as_nobody.status.code(),
+            Some(NOT_ROOT_STATUS),
+            "{as_nobody:?}"
+        );
+        assert!(as_nobody.stdout.is_empty());
+        assert!(
+            String::from_utf8_lossy(&as_nobody.stderr)
+                .starts_with("bottle-exec-not-root uid=65534 user="),
+            "{as_nobody:?}"
+        );
     }
 }

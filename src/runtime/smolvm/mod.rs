@@ -10,23 +10,35 @@
 //! [`CommandFailed`](RuntimeErrorKind::CommandFailed) with the command, its
 //! status and its stderr. The exact CLI is in `smolvm-cli.md`; the argv of
 //! every call is in `argv`.
+//!
+//! Calls whose writes to smolvm's state database collide take turns
+//! (`serial`): one at a time per database, across threads and bottle
+//! processes; a call that still meets smolvm's `database is locked` is
+//! retried with backoff. The
+//! smolvm version is read once (`version`): older than 1.8 is refused, and
+//! before 1.14 every root command is guarded against running as the
+//! image's `USER`.
 
 mod argv;
-pub use argv::AS_USER;
+pub use argv::{AS_USER, ROOT_GUARD};
 mod output;
 mod process;
+mod serial;
+mod version;
+pub use version::Version;
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Output;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use miette::Diagnostic;
 use thiserror::Error;
 
 use super::{
-    CopyOptions, ExecOutput, ExecRequest, MachineInfo, MachineSpec, MachineUpdate, Runtime,
-    RuntimeError, RuntimeErrorKind, RuntimeKind,
+    CopyOptions, ExecOutput, ExecRequest, MachineInfo, MachineSpec, MachineState, MachineUpdate,
+    Runtime, RuntimeError, RuntimeErrorKind, RuntimeKind,
 };
 
 /// The `smolvm` binary could not be used.
@@ -62,6 +74,15 @@ pub struct SmolvmRuntime {
     start_timeout: Duration,
     exec_grace: Duration,
     env: Vec<(OsString, OsString)>,
+    /// `smolvm --version`, read at the first call and shared by clones.
+    version: Arc<OnceLock<Result<Version, VersionProblem>>>,
+}
+
+/// Why the version gate refused the binary (kept to answer every call).
+#[derive(Debug, Clone)]
+enum VersionProblem {
+    TooOld(Version),
+    Unreadable(String),
 }
 
 impl SmolvmRuntime {
@@ -94,6 +115,7 @@ impl SmolvmRuntime {
             start_timeout: Self::DEFAULT_START_TIMEOUT,
             exec_grace: Self::DEFAULT_EXEC_GRACE,
             env: Vec::new(),
+            version: Arc::new(OnceLock::new()),
         })
     }
 
@@ -117,6 +139,78 @@ impl SmolvmRuntime {
         process::display_command(&self.binary, args)
     }
 
+    /// A variable as smolvm will see it: set for its calls, or inherited.
+    fn smolvm_env(&self, name: &str) -> Option<OsString> {
+        match self.env.iter().rev().find(|(key, _)| key == name) {
+            Some((_, value)) => Some(value.clone()),
+            None => std::env::var_os(name),
+        }
+    }
+
+    /// The file whose `flock` bottle's writers of this smolvm database take
+    /// turns on; `None` when smolvm's data directory cannot be told (no
+    /// HOME): then only the retries guard against the lock error.
+    pub fn writer_lock_path(&self) -> Option<PathBuf> {
+        serial::smolvm_data_dir(|name| self.smolvm_env(name)).map(|dir| serial::lock_path(&dir))
+    }
+
+    /// The smolvm version, read once (`smolvm --version`) and gated.
+    pub fn version(&self) -> Result<Version, RuntimeError> {
+        let checked = self.version.get_or_init(|| {
+            let args = [OsString::from("--version")];
+            let output = process::run(&self.binary, &args, &self.env, self.call_timeout)
+                .map_err(|kind| VersionProblem::Unreadable(kind.to_string()))?;
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            let version = Version::parse(&stdout).ok_or_else(|| {
+                VersionProblem::Unreadable(format!(
+                    "`{}` printed {:?}, not `smolvm X.Y.Z`",
+                    self.command(&args),
+                    stdout.trim()
+                ))
+            })?;
+            if version < Version::MINIMUM {
+                return Err(VersionProblem::TooOld(version));
+            }
+            Ok(version)
+        });
+        checked.clone().map_err(|problem| {
+            let kind = match problem {
+                VersionProblem::TooOld(found) => RuntimeErrorKind::UnsupportedVersion {
+                    binary: self.binary.display().to_string(),
+                    found: found.to_string(),
+                    minimum: Version::MINIMUM.to_string(),
+                },
+                VersionProblem::Unreadable(detail) => RuntimeErrorKind::Malformed {
+                    command: format!("{} --version", self.binary.display()),
+                    detail,
+                },
+            };
+            RuntimeError::new("version", "-", kind)
+        })
+    }
+
+    /// Whether `ls` reports `name` running (false when it cannot say).
+    fn is_running(&self, name: &str) -> bool {
+        let args = argv::list();
+        self.run("list", "-", &args, self.call_timeout)
+            .ok()
+            .filter(|output| output.status.success())
+            .and_then(|output| output::parse_list(&output.stdout, "").ok())
+            .is_some_and(|machines| {
+                machines
+                    .iter()
+                    .any(|m| m.name == name && m.state == MachineState::Running)
+            })
+    }
+
+    fn as_root(&self, version: Version) -> argv::AsRoot {
+        if version.has_exec_user() {
+            argv::AsRoot::Flag
+        } else {
+            argv::AsRoot::Guard
+        }
+    }
+
     /// Run one call; its output whatever the exit status.
     fn run(
         &self,
@@ -129,7 +223,9 @@ impl SmolvmRuntime {
             .map_err(|kind| RuntimeError::new(op, machine, kind))
     }
 
-    /// Run one call that must succeed.
+    /// Run one call that must succeed: after the version gate, taking turns
+    /// with bottle's other writers when it writes, and again (with backoff)
+    /// while smolvm answers that its database is locked.
     fn run_ok(
         &self,
         op: &'static str,
@@ -137,14 +233,53 @@ impl SmolvmRuntime {
         args: Vec<OsString>,
         timeout: Duration,
     ) -> Result<Output, RuntimeError> {
-        let output = self.run(op, machine, &args, timeout)?;
-        if output.status.success() {
-            Ok(output)
-        } else {
+        self.version()?;
+        let lock_path = serial::takes_turns(op)
+            .then(|| self.writer_lock_path())
+            .flatten();
+        let mut attempt = 1;
+        loop {
+            let guard = match &lock_path {
+                Some(path) => Some(serial::lock(path).map_err(|source| {
+                    RuntimeError::new(
+                        op,
+                        machine,
+                        RuntimeErrorKind::Io {
+                            context: format!("locking {}", path.display()),
+                            source,
+                        },
+                    )
+                })?),
+                None => None,
+            };
+            let output = self.run(op, machine, &args, timeout)?;
+            drop(guard);
+            if output.status.success() {
+                return Ok(output);
+            }
+            let status = process::status_code(&output);
             let stderr = String::from_utf8_lossy(&output.stderr);
-            let kind =
-                output::classify(&self.command(&args), process::status_code(&output), &stderr);
-            Err(RuntimeError::new(op, machine, kind))
+            if serial::is_database_locked(status, &stderr) {
+                // `start` writes the machine's record after it booted: a
+                // machine that runs has started, whatever its last write
+                // said; one that does not is started again.
+                if op == "start" && self.is_running(machine) {
+                    return Ok(output);
+                }
+                if attempt < serial::ATTEMPTS {
+                    attempt += 1;
+                    std::thread::sleep(serial::backoff(attempt));
+                    continue;
+                }
+                let kind = RuntimeErrorKind::DatabaseLocked {
+                    command: self.command(&args),
+                    attempts: attempt,
+                    stderr: stderr.trim().to_owned(),
+                };
+                return Err(RuntimeError::new(op, machine, kind));
+            }
+            let kind = output::classify(&self.command(&args), status, &stderr);
+            return Err(RuntimeError::new(op, machine, kind));
         }
     }
 }
@@ -196,7 +331,9 @@ impl Runtime for SmolvmRuntime {
     }
 
     fn exec(&self, name: &str, request: &ExecRequest) -> Result<ExecOutput, RuntimeError> {
-        let args = argv::exec(name, request);
+        let version = self.version()?;
+        let as_root = self.as_root(version);
+        let args = argv::exec(name, request, as_root);
         let output = self.run("exec", name, &args, request.timeout + self.exec_grace)?;
         let status = process::status_code(&output);
         let stderr = String::from_utf8_lossy(&output.stderr);
@@ -207,6 +344,16 @@ impl Runtime for SmolvmRuntime {
             || output::is_usage_error(status, &stderr)
         {
             let kind = output::classify(&self.command(&args), status, &stderr);
+            return Err(RuntimeError::new("exec", name, kind));
+        }
+        if as_root == argv::AsRoot::Guard
+            && let Some((uid, user)) = output::not_root(status, &stderr)
+        {
+            let kind = RuntimeErrorKind::ExecNotRoot {
+                uid,
+                user,
+                version: version.to_string(),
+            };
             return Err(RuntimeError::new("exec", name, kind));
         }
         Ok(ExecOutput {
@@ -267,7 +414,12 @@ impl Runtime for SmolvmRuntime {
     }
 
     fn interactive_argv(&self, name: &str, request: &ExecRequest) -> Vec<String> {
-        argv::interactive(&self.binary, name, request)
+        // The version was read by the calls before (attach observes first);
+        // a binary that cannot say keeps the guard.
+        let as_root = self
+            .version()
+            .map_or(argv::AsRoot::Guard, |version| self.as_root(version));
+        argv::interactive(&self.binary, name, request, as_root)
     }
 }
 
@@ -332,6 +484,84 @@ mod tests {
         assert!(
             help.contains("--runtime local") && help.contains("--smolvm"),
             "{help}"
+        );
+    }
+
+    /// A stand-in smolvm: prints `version` for `--version` (logging each
+    /// time it is asked) and `[]` for anything else.
+    fn fake_smolvm(dir: &Path, version: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join("smolvm");
+        let log = dir.join("asked");
+        std::fs::write(
+            &path,
+            format!(
+                "#!/bin/sh\nif [ \"$1\" = --version ]; then echo x >> '{}'; echo '{version}'; \
+                 exit 0; fi\necho '[]'\n",
+                log.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    #[test]
+    fn the_version_is_read_once_per_run_and_gates_every_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = SmolvmRuntime::new(Some(fake_smolvm(dir.path(), "smolvm 1.9.2"))).unwrap();
+        let clone = runtime.clone();
+        assert_eq!(runtime.version().unwrap(), Version(1, 9, 2));
+        assert!(runtime.list().unwrap().is_empty());
+        assert!(clone.list().unwrap().is_empty());
+        let asked = std::fs::read_to_string(dir.path().join("asked")).unwrap();
+        assert_eq!(asked.lines().count(), 1, "smolvm --version asked {asked:?}");
+    }
+
+    #[test]
+    fn a_smolvm_older_than_1_8_is_refused_with_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = SmolvmRuntime::new(Some(fake_smolvm(dir.path(), "smolvm 1.7.3"))).unwrap();
+        let error = runtime.list().unwrap_err();
+        match &error.kind {
+            RuntimeErrorKind::UnsupportedVersion { found, minimum, .. } => {
+                assert_eq!((found.as_str(), minimum.as_str()), ("1.7.3", "1.8.0"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            error.to_string().contains("smolvm 1.7.3 is too old"),
+            "{error}"
+        );
+        let help = error.help().unwrap().to_string();
+        assert!(help.contains("upgrade smolvm"), "{help}");
+        // Every call, not only the first.
+        assert!(matches!(
+            runtime.delete("a").unwrap_err().kind,
+            RuntimeErrorKind::UnsupportedVersion { .. }
+        ));
+    }
+
+    #[test]
+    fn a_binary_that_is_not_smolvm_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = SmolvmRuntime::new(Some(fake_smolvm(dir.path(), "docker 27.0"))).unwrap();
+        match runtime.list().unwrap_err().kind {
+            RuntimeErrorKind::Malformed { detail, .. } => {
+                assert!(detail.contains("docker 27.0"), "{detail}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_writer_lock_sits_beside_the_data_dir_smolvm_will_use() {
+        let runtime = SmolvmRuntime::new(Some("sh".into()))
+            .unwrap()
+            .with_env("SMOLVM_DATA_DIR", "/srv/smolvm-data");
+        assert_eq!(
+            runtime.writer_lock_path().unwrap(),
+            Path::new("/srv/smolvm-data/.local/share/smolvm.bottle-writers.lock")
         );
     }
 

@@ -132,9 +132,32 @@ pub(crate) fn is_usage_error(status: i32, stderr: &str) -> bool {
     status == 2 && stderr.starts_with("error: ") && stderr.contains("\nUsage: ")
 }
 
+/// The uid and user name from the line [`super::argv::ROOT_GUARD`] prints
+/// when `machine exec` does not run as root: status 125 and that one line.
+pub(crate) fn not_root(status: i32, stderr: &str) -> Option<(String, String)> {
+    if status != super::argv::NOT_ROOT_STATUS {
+        return None;
+    }
+    let rest = stderr
+        .trim()
+        .strip_prefix(super::argv::NOT_ROOT)?
+        .strip_prefix(" uid=")?;
+    if rest.contains('\n') {
+        return None;
+    }
+    let (uid, user) = rest.split_once(" user=")?;
+    Some((uid.to_owned(), user.to_owned()))
+}
+
 /// Map a failed command to an error kind, recognising the failures the
 /// reconciler handles differently (documented in smolvm-cli.md).
 pub(crate) fn classify(command: &str, status: i32, stderr: &str) -> RuntimeErrorKind {
+    if is_usage_error(status, stderr) {
+        return RuntimeErrorKind::Usage {
+            command: command.to_owned(),
+            stderr: stderr.lines().next().unwrap_or_default().trim().to_owned(),
+        };
+    }
     if let Some(message) = smolvm_error(stderr) {
         // `vm not found: NAME` (start, stop, delete, exec, cp) and
         // `... machine 'NAME' not found` (status, update).
@@ -296,6 +319,21 @@ mod tests {
     }
 
     #[test]
+    fn the_not_root_line_is_read_only_with_its_status() {
+        let line = "bottle-exec-not-root uid=1000 user=node\n";
+        assert_eq!(
+            not_root(125, line),
+            Some(("1000".to_owned(), "node".to_owned()))
+        );
+        assert_eq!(not_root(1, line), None);
+        assert_eq!(
+            not_root(125, "other\nbottle-exec-not-root uid=1 user=x\n"),
+            None
+        );
+        assert_eq!(not_root(125, "error\n"), None);
+    }
+
+    #[test]
     fn exec_failures_are_told_apart_from_command_failures() {
         assert!(is_smolvm_exec_failure(1, "Error: vm not found: a\n"));
         assert!(is_smolvm_exec_failure(
@@ -313,6 +351,13 @@ mod tests {
 
         let clap = "error: unexpected argument '-n' found\n\nUsage: smolvm machine exec [OPTIONS] <COMMAND>...\n";
         assert!(is_usage_error(2, clap));
+        match classify("smolvm machine exec -n a", 2, clap) {
+            RuntimeErrorKind::Usage { command, stderr } => {
+                assert_eq!(command, "smolvm machine exec -n a");
+                assert_eq!(stderr, "error: unexpected argument '-n' found");
+            }
+            other => panic!("{other:?}"),
+        }
         assert!(!is_usage_error(1, clap));
         assert!(!is_usage_error(2, "error: no such file\n"));
     }
