@@ -1965,6 +1965,17 @@ fn a_long_setup_command_is_reported_while_it_runs() {
             break;
         }
     }
-    p.double.sh(READER, "touch /tmp/bottle-e2e-go");
+    // The step runs inside its agent's guest transaction, which the
+    // progress line names as a whole: the machine may still be being
+    // created when it is first printed.
+    while !p
+        .double
+        .exec(READER, &["touch", "/tmp/bottle-e2e-go"])
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "{}", seen.join("\n"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert!(child.wait().unwrap().success(), "{}", seen.join("\n"));
 }
