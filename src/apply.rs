@@ -39,6 +39,22 @@ pub fn cancelled() -> bool {
     CANCEL.load(Ordering::SeqCst)
 }
 
+static ABORT: AtomicBool = AtomicBool::new(false);
+
+/// Ask the runtime calls under way to end now (a second Ctrl-C): their wait
+/// loops kill the command's process group and return
+/// [`RuntimeErrorKind::Cancelled`], so the action fails, the walk ends and
+/// the lock is released. Implies [`request_cancel`].
+pub fn request_abort() {
+    request_cancel();
+    ABORT.store(true, Ordering::SeqCst);
+}
+
+/// Whether the runtime calls under way are to be killed.
+pub fn aborted() -> bool {
+    ABORT.load(Ordering::SeqCst)
+}
+
 /// How an action ended.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
@@ -686,7 +702,7 @@ fn converge_after_start(
         machines: listed,
         probes: BTreeMap::from([(agent.machine.clone(), probe)]),
         // Not observed: the gate's action is the first plan's.
-        gate: None,
+        ..Snapshot::default()
     };
     let options = PlanOptions {
         targets: Some(vec![agent.name.clone()]),

@@ -17,6 +17,10 @@ pub struct Desired {
     /// The project's gate, once [`Desired::attach_gate`] knows the state
     /// directory and the runtime (the runtime-facing commands).
     pub gate: Option<crate::gate::reconcile::DesiredGate>,
+    /// The prompt and setup inputs as the manifests hold them now, by
+    /// agent, for causes that show a diff; read before planning
+    /// ([`crate::sent::desired_texts`]), empty until then.
+    pub texts: BTreeMap<String, crate::sent::AgentTexts>,
 }
 
 #[derive(Debug, Clone)]
@@ -75,6 +79,7 @@ impl Desired {
             agents,
             by_machine,
             gate: None,
+            texts: BTreeMap::new(),
         }
     }
 

@@ -22,6 +22,7 @@ pub mod plan;
 pub mod preflight;
 pub mod runtime;
 pub mod secrets;
+pub mod sent;
 pub mod steps;
 pub mod time;
 pub mod watch;

@@ -24,6 +24,9 @@ pub struct Snapshot {
     pub probes: BTreeMap<String, Probe>,
     /// The project gate's health (`None`: not observed).
     pub gate: Option<crate::gate::reconcile::GateHealth>,
+    /// What apply last sent of each agent's prompt and setup inputs
+    /// (bottle's host-side copies, [`crate::sent::Store`]), by agent.
+    pub sent: BTreeMap<String, crate::sent::AgentTexts>,
 }
 
 impl Snapshot {
@@ -101,6 +104,7 @@ pub fn observe(
             .gate
             .as_ref()
             .map(|g| crate::gate::reconcile::health(&g.paths)),
+        sent: BTreeMap::new(),
     })
 }
 

@@ -85,6 +85,10 @@ pub struct Action {
     pub agent: Option<String>,
     pub op: Op,
     pub cause: String,
+    /// What changed, when the cause is an edited prompt or setup input: a
+    /// short unified diff against what apply last sent (never for secrets).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub diff: Vec<String>,
     /// Ids of actions that must finish first.
     pub after: Vec<usize>,
     /// Why the action will not run without a flag, if it will not.
@@ -230,6 +234,9 @@ impl Plan {
                 write!(out, "  [blocked: {blocked}]").ok();
             }
             out.push('\n');
+            for line in &action.diff {
+                writeln!(out, "        | {line}").ok();
+            }
         }
         for e in &self.errors {
             writeln!(out, "{e}").ok();
@@ -324,6 +331,7 @@ fn plan_gate(b: &mut Builder, desired: &Desired, snapshot: &Snapshot) -> Option<
                 agent: None,
                 op: Op::Gate { action },
                 cause,
+                diff: Vec::new(),
                 after: vec![],
                 blocked: None,
             });
@@ -363,6 +371,7 @@ impl Builder {
             agent: Some(agent.name.clone()),
             op,
             cause: cause.into(),
+            diff: Vec::new(),
             after,
             blocked: None,
         });
@@ -510,7 +519,14 @@ fn plan_agent(
         (Some(gate), false) => Steps::After(gate),
         (None, false) => Steps::All,
     };
-    plan_steps(b, desired, agent, probe, steps);
+    plan_steps(
+        b,
+        desired,
+        agent,
+        probe,
+        snapshot.sent.get(&agent.name),
+        steps,
+    );
 }
 
 /// Which steps of a running machine `plan_steps` considers.
@@ -598,6 +614,7 @@ fn plan_steps(
     desired: &Desired,
     agent: &DesiredAgent,
     probe: &Probe,
+    sent: Option<&crate::sent::AgentTexts>,
     which: Steps,
 ) {
     let ctx = desired.ctx(agent);
@@ -657,6 +674,9 @@ fn plan_steps(
         if let Some(cause) = cause {
             let after = deps(step, &ids, gate);
             let action = b.push(agent, apply_op(step, recorded), cause, after);
+            if let Some(entry) = recorded.filter(|e| e.hash != step.hash) {
+                b.plan.actions[action].diff = text_diff(desired, agent, sent, step, &entry.hash);
+            }
             if matches!(which, Steps::BesideBlockedReplace(_))
                 && matches!(step.kind, StepKind::Setup(_))
             {
@@ -691,6 +711,33 @@ fn plan_steps(
     }
 }
 
+/// What changed in a prompt or a setup step's inputs since apply sent
+/// them: the diff of bottle's copy of what it sent under the hash the
+/// guest records (`recorded`) against the manifests' texts now. Nothing
+/// when the copy is of another hash (made stale by another state directory
+/// or by `watch`): a wrong diff is worse than none.
+fn text_diff(
+    desired: &Desired,
+    agent: &DesiredAgent,
+    sent: Option<&crate::sent::AgentTexts>,
+    step: &DesiredStep,
+    recorded: &str,
+) -> Vec<String> {
+    let id = step.kind.id();
+    let old = sent
+        .and_then(|s| s.steps.get(&id))
+        .filter(|t| t.hash == recorded);
+    let new = desired
+        .texts
+        .get(&agent.name)
+        .and_then(|t| t.steps.get(&id))
+        .filter(|t| t.hash == step.hash);
+    match (old, new) {
+        (Some(old), Some(new)) => crate::sent::diff(old, new),
+        _ => Vec::new(),
+    }
+}
+
 fn describe(kind: &StepKind) -> String {
     steps::step(kind).noun()
 }
@@ -716,6 +763,7 @@ fn plan_prune(b: &mut Builder, desired: &Desired, snapshot: &Snapshot, options: 
             } else {
                 format!("agent `{agent}` is no longer declared")
             },
+            diff: Vec::new(),
             after: vec![],
             blocked: (!options.prune && !scratch)
                 .then(|| "deleting destroys the machine's disk; pass --prune".to_owned()),

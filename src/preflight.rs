@@ -62,30 +62,46 @@ fn check_with(
                 ),
             );
         }
-        if runtime == RuntimeKind::Smolvm
-            && matches!(bottle.image, Image::Reference(_))
-            && bottle.spec.egress.is_none()
-            && !crate::gate::reconcile::has_gate(&bottle.spec)
-        {
-            // smolvm pulls an OCI image through the machine's own network,
-            // and a bottle without an egress table has none (a gated one
-            // has its network to the gate).
-            problems.push(
-                ManifestDiagnostic::new(
-                    "bottle::image-needs-network",
-                    format!(
-                        "bottle `{}` runs an OCI image but has no egress table: smolvm cannot pull it",
-                        bottle.name
+        if runtime == RuntimeKind::Smolvm && matches!(bottle.image, Image::Reference(_)) {
+            // smolvm pulls an OCI image at start, from inside the machine and
+            // under its egress policy, which bottle makes CIDRs only: the
+            // gate's address (100.96.0.1/32) for a gated bottle, plus
+            // `allow_cidrs`. Host names are the gate's, and the gate is no
+            // registry mirror: only `allow_cidrs` can let a pull through.
+            let cidrs = bottle
+                .spec
+                .egress
+                .as_ref()
+                .map_or(0, |e| e.allow_cidrs.len());
+            if cidrs == 0 {
+                problems.push(
+                    ManifestDiagnostic::new(
+                        "bottle::image-needs-network",
+                        format!(
+                            "bottle `{}` runs an OCI image that its machines cannot pull: smolvm pulls it \
+                             from inside the machine, which reaches only {}",
+                            bottle.name,
+                            if crate::gate::reconcile::has_gate(&bottle.spec) {
+                                "its gate"
+                            } else {
+                                "nothing (no egress)"
+                            }
+                        ),
+                    )
+                    .value(&project.sources, bottle.file, &at.clone().key("image"), "pulled from a registry")
+                    .help(
+                        "use a local image: an unpacked root filesystem directory, or a `docker save` \
+                         archive (`docker save IMAGE -o agent.tar`, then `image = \"./agent.tar\"`); or \
+                         list the registry's addresses (and its CDN's) in `egress.allow_cidrs`",
                     ),
-                )
-                .value(&project.sources, bottle.file, &at.clone().key("image"), "pulled from a registry")
-                .help(format!(
-                    "smolvm pulls the image over the machine's network: declare `[bottle.{}.egress]` \
-                     allowing the registry (e.g. `allow_hosts = [\"ghcr.io\"]`), or use a local \
-                     image (an unpacked root filesystem directory or a `docker save` archive)",
+                );
+            } else {
+                notes.push(format!(
+                    "bottle `{}`: smolvm pulls its image at start through `egress.allow_cidrs` only \
+                     (not through the gate): they must cover the registry and its CDN",
                     bottle.name
-                )),
-            );
+                ));
+            }
         }
         // The local runtime enforces the gate (the guest's network holds
         // only it) but cannot filter networks: `allow_cidrs`, or a bottle
@@ -315,10 +331,26 @@ mod tests {
         let d = desired("image = \"ghcr.io/acme/agent-base:1.2\"\n");
         let err = check(&d, RuntimeKind::Smolvm).unwrap_err();
         assert_eq!(err.items[0].code, "bottle::image-needs-network");
+        // A gated bottle's machines reach only the gate: no pull either.
+        let d = desired(
+            "image = \"ghcr.io/acme/agent-base:1.2\"\n[bottle.dev.egress]\nallow_hosts = [\"ghcr.io\"]\n",
+        );
+        let err = check(&d, RuntimeKind::Smolvm).unwrap_err();
+        assert_eq!(err.items[0].code, "bottle::image-needs-network");
+        assert!(
+            err.items[0].message.contains("its gate"),
+            "{}",
+            err.items[0].message
+        );
+        // Only `allow_cidrs` lets a pull through, and plan says what they must cover.
         let d = desired(&format!(
             "image = \"ghcr.io/acme/agent-base:1.2\"\n{EGRESS}"
         ));
-        check(&d, RuntimeKind::Smolvm).unwrap();
+        let notes = check(&d, RuntimeKind::Smolvm).unwrap();
+        assert!(
+            notes.iter().any(|n| n.contains("registry and its CDN")),
+            "{notes:?}"
+        );
         // A local image needs no network.
         let tmp = tempfile::tempdir().unwrap();
         let d = desired(&format!("image = \"{}\"\n", tmp.path().display()));

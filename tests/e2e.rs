@@ -739,7 +739,12 @@ fn drift_is_reported_and_repaired_and_manifest_edits_converge() {
         plan.stdout,
         "agent coder (machine bottle_e2e_coder)\n  \
          ~ apply    skills         skills changed in manifest\n  \
-         ~ apply    setup:tools    setup step `tools` changed in manifest\n  \
+         ~ apply    setup:tools    setup step `tools` changed in manifest\n        \
+         | --- setup/tools.txt\n        \
+         | +++ setup/tools.txt\n        \
+         | @@ -1 +1 @@\n        \
+         | -ripgrep\n        \
+         | +ripgrep fd\n  \
          ~ apply    setup:identity setup step `identity` runs after setup:tools, which runs again\n  \
          ~ apply    supervise      supervise server changed in manifest\n\
          \nPlan: 4 to apply.\n"
@@ -1978,4 +1983,296 @@ fn a_long_setup_command_is_reported_while_it_runs() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(child.wait().unwrap().success(), "{}", seen.join("\n"));
+}
+
+/// The guest processes running `argv` (host view of `/proc`: the local
+/// runtime's guests are host processes in their own namespaces).
+fn processes_running(argv: &[&str]) -> Vec<u32> {
+    let wanted: Vec<u8> = argv
+        .iter()
+        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+        .collect();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == wanted))
+        .collect()
+}
+
+#[test]
+fn a_second_ctrl_c_ends_a_hung_setup_command_and_frees_the_lock() {
+    // On the local runtime, where bottle can reach the command in the guest.
+    use rustix::process::{Pid, Signal, kill_process};
+    use std::io::BufRead;
+    let p = project();
+    p.write(
+        "bottle.toml",
+        "[project]\nname = \"cancel\"\n\n[bottle.plain]\nuser = \"reviewer\"\n\n\
+         [[bottle.plain.setup]]\nname = \"hang\"\nrun = \"sleep 4713\"\n\n\
+         [agent.reader]\nbottle = \"plain\"\n",
+    );
+    p.write("bottles.toml", "# emptied for this test\n");
+    p.write("agents.toml", "# emptied for this test\n");
+    struct Destroy<'a>(&'a Project);
+    impl Drop for Destroy<'_> {
+        fn drop(&mut self) {
+            let _ = self
+                .0
+                .command(&["--runtime", "local", "destroy", "--yes"])
+                .output();
+        }
+    }
+    let _destroy = Destroy(&p);
+    let mut apply = p.command(&["--runtime", "local", "apply"]);
+    apply
+        .env("BOTTLE_PROGRESS_SECONDS", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = apply.spawn().unwrap();
+    let pid = Pid::from_raw(child.id() as i32).unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    let mut wait_for = |what: &str, child: &mut std::process::Child| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            else {
+                let _ = child.kill();
+                panic!("no line with {what:?}:\n{}", seen.join("\n"));
+            };
+            let found = line.contains(what);
+            seen.push(line);
+            if found {
+                return;
+            }
+        }
+    };
+    wait_for("still running reader: apply setup:hang (", &mut child);
+    assert_eq!(processes_running(&["sleep", "4713"]).len(), 1);
+    // The first Ctrl-C waits for the command; the second ends it.
+    kill_process(pid, Signal::INT).expect("SIGINT");
+    wait_for("waiting for reader: apply setup:hang", &mut child);
+    kill_process(pid, Signal::INT).expect("SIGINT");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("bottle did not end after the second Ctrl-C");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut stdout).unwrap();
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(5)) {
+        seen.push(line);
+    }
+    let stderr = seen.join("\n");
+    assert_eq!(status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("interrupted: the actions under way were cancelled"),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains("setup:hang") && stdout.contains("was cancelled (Ctrl-C) and killed"),
+        "{stdout}"
+    );
+    // The local runtime's kill reaches the guest: no smolvm caveat.
+    assert!(!stdout.contains("smolvm does not end"), "{stdout}");
+    // The command in the guest is gone with it.
+    wait_until("the guest command to end", Duration::from_secs(60), || {
+        processes_running(&["sleep", "4713"]).is_empty()
+    });
+    // The lock is free (no waiting for it) and the next apply converges.
+    p.edit("bottle.toml", "sleep 4713", "true");
+    p.bottle(&["--runtime", "local", "apply", "--lock-wait", "0"])
+        .success();
+    p.bottle(&["--runtime", "local", "check"]).success();
+}
+
+// --- Causes that show what changed ---------------------------------------------
+
+#[test]
+fn causes_show_a_short_diff_of_an_edited_prompt_or_setup_input() {
+    let p = project();
+    p.bottle(&["apply"]).success();
+    // The copy of what was sent is bottle's own, private.
+    let sent = p.state_dir().join("sent/e2e/coder.json");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&sent).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(!std::fs::read_to_string(&sent).unwrap().contains(SECRET));
+
+    p.write(
+        "prompts/coder.md",
+        "You write Rust for the e2e project.\nKeep commits small and signed.\n",
+    );
+    p.write("setup/tools.txt", "ripgrep\nfd-find\n");
+    let plan = p.bottle(&["plan"]);
+    plan.success();
+    let out = &plan.stdout;
+    let prompt = [
+        "        | --- prompt",
+        "        | +++ prompt",
+        "        | @@ -1,2 +1,2 @@",
+        "        |  You write Rust for the e2e project.",
+        "        | -Keep commits small.",
+        "        | +Keep commits small and signed.",
+    ]
+    .join("\n");
+    assert!(
+        out.contains(&format!("prompt changed in manifest\n{prompt}\n")),
+        "{out}"
+    );
+    let tools = [
+        "        | --- setup/tools.txt",
+        "        | +++ setup/tools.txt",
+        "        | @@ -1 +1,2 @@",
+        "        |  ripgrep",
+        "        | +fd-find",
+    ]
+    .join("\n");
+    assert!(out.contains(&tools), "{out}");
+    // The same lines in check's report and in JSON.
+    let check = p.bottle(&["check"]);
+    check.code(3);
+    assert!(
+        check
+            .stdout
+            .contains("      | +Keep commits small and signed."),
+        "{}",
+        check.stdout
+    );
+    let json: Value = serde_json::from_str(&p.bottle(&["plan", "--json"]).stdout).unwrap();
+    let prompt_action = json["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["op"]["step"] == "prompt")
+        .unwrap();
+    assert_eq!(prompt_action["diff"][4], "-Keep commits small.");
+
+    // Once applied, the next edit diffs against the new text.
+    p.bottle(&["apply"]).success();
+    p.write(
+        "prompts/coder.md",
+        "You write Go.\nKeep commits small and signed.\n",
+    );
+    let out = p.bottle(&["plan"]).stdout;
+    assert!(
+        out.contains("        | -You write Rust for the e2e project.\n        | +You write Go.\n"),
+        "{out}"
+    );
+    // A copy made under another hash (another state directory applied in
+    // between) shows no diff rather than a wrong one.
+    let other = tempfile::tempdir().unwrap();
+    p.bottle_in_state_dir(other.path(), &["apply"]).success();
+    p.write("prompts/coder.md", "You write Zig.\n");
+    let out = p.bottle(&["plan"]).stdout;
+    assert!(out.contains("prompt changed in manifest\n"), "{out}");
+    assert!(!out.contains("| "), "a stale diff:\n{out}");
+    // A secret's change never shows a value: its source is not a text
+    // bottle keeps.
+    assert!(p.runs().iter().all(|r| !r.all().contains(SECRET)));
+}
+
+#[test]
+fn a_second_ctrl_c_ends_the_smolvm_call_and_says_the_guest_command_may_run_on() {
+    use rustix::process::{Pid, Signal, kill_process};
+    use std::io::BufRead;
+    let p = project();
+    p.edit(
+        "bottles.toml",
+        "[[bottle.plain.setup]]",
+        "[[bottle.plain.setup]]\nname = \"hang\"\nrun = \"sleep 4714\"\n\n[[bottle.plain.setup]]",
+    );
+    let mut apply = p.command(&["apply", "--target", "reader"]);
+    apply
+        .env("BOTTLE_PROGRESS_SECONDS", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = apply.spawn().unwrap();
+    let pid = Pid::from_raw(child.id() as i32).unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    let mut wait_for = |what: &str, child: &mut std::process::Child| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let Ok(line) = rx.recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            else {
+                let _ = child.kill();
+                panic!("no line with {what:?}:\n{}", seen.join("\n"));
+            };
+            let found = line.contains(what);
+            seen.push(line);
+            if found {
+                return;
+            }
+        }
+    };
+    wait_for("still running reader: apply setup:hang (", &mut child);
+    kill_process(pid, Signal::INT).expect("SIGINT");
+    wait_for("waiting for reader: apply setup:hang", &mut child);
+    kill_process(pid, Signal::INT).expect("SIGINT");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("bottle did not end after the second Ctrl-C");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut stdout).unwrap();
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(5)) {
+        seen.push(line);
+    }
+    let stderr = seen.join("\n");
+    assert_eq!(status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stdout.contains("setup:hang") && stdout.contains("was cancelled (Ctrl-C) and killed"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("smolvm does not end a command inside the machine"),
+        "{stdout}"
+    );
+    // No `machine exec` outlived bottle.
+    let logged = p.double.calls().len();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(p.double.calls().len(), logged, "a call outlived bottle");
+    // As on real smolvm, the command in the guest runs on (its lock would
+    // hold the next apply's setup steps back until it ends): end it here.
+    let left = processes_running(&["sleep", "4714"]);
+    assert_eq!(left.len(), 1, "the guest command ran on");
+    for pid in left {
+        let _ = kill_process(Pid::from_raw(pid as i32).unwrap(), Signal::KILL);
+    }
+    wait_until("the guest command to end", Duration::from_secs(60), || {
+        processes_running(&["sleep", "4714"]).is_empty()
+    });
+    // The lock was released: the next apply needs no waiting.
+    p.edit("bottles.toml", "sleep 4714", "true");
+    p.bottle(&["apply", "--target", "reader", "--lock-wait", "0"])
+        .success();
+    p.bottle(&["check", "--target", "reader"]).success();
 }

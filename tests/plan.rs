@@ -85,7 +85,7 @@ fn in_sync(desired: &Desired) -> Snapshot {
     Snapshot {
         machines,
         probes,
-        gate: None,
+        ..Snapshot::default()
     }
 }
 

@@ -210,6 +210,13 @@ fn secrets_in_any_shape_are_never_printed() {
     assert!(!out.contains("leak"), "a secret value echoed:\n{out}");
     // The references themselves stay readable.
     assert!(out.contains("F_TOKEN"), "{out}");
+    // An array is named as what it is, not read as `from_env` by position.
+    assert!(
+        out.contains("secret `B_TOKEN` in bottle `dev` is an array")
+            && out.contains("`B_TOKEN = { from_env = \"HOST_VAR\" }`"),
+        "{out}"
+    );
+    assert!(!out.contains("`from_env` of secret `B_TOKEN`"), "{out}");
     insta::assert_snapshot!(out);
 }
 

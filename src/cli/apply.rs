@@ -63,9 +63,15 @@ pub fn run(global: &GlobalArgs, args: ApplyArgs) -> miette::Result<Outcome> {
         parallelism,
         progress.as_ref(),
     );
+    // What was sent, for the next plan's diffs.
+    crate::sent::Store::new(&session::state_dir(global)?, &survey.desired.project.name)
+        .record(&survey.desired, &report);
     print!("\n{}", render_summary(&report));
     if apply::cancelled() {
-        return Err(Interrupted.into());
+        return Err(Interrupted {
+            ended: apply::aborted(),
+        }
+        .into());
     }
     session::observation_errors(&survey.plan)?;
     Ok(outcome(&report)?)
@@ -86,12 +92,22 @@ fn outcome(report: &Report) -> Result<Outcome, ApplyFailed> {
 }
 
 #[derive(Debug, thiserror::Error, miette::Diagnostic)]
-#[error("interrupted: the actions under way finished, the rest did not start")]
+#[error(
+    "interrupted: {}",
+    if *ended {
+        "the actions under way were cancelled, the rest did not start"
+    } else {
+        "the actions under way finished, the rest did not start"
+    }
+)]
 #[diagnostic(
     code(bottle::interrupted),
     help("run `bottle apply` again to finish; what completed is kept")
 )]
-pub struct Interrupted;
+pub struct Interrupted {
+    /// A second Ctrl-C ended the runtime calls under way.
+    pub ended: bool,
+}
 
 #[derive(Debug, thiserror::Error, miette::Diagnostic)]
 #[error("{failed} action(s) failed")]

@@ -48,6 +48,9 @@ struct Drift<'a> {
     step: &'a str,
     action: &'a str,
     cause: &'a str,
+    /// What changed in a prompt or setup input (see `plan`).
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    diff: &'a [String],
     /// Why `bottle apply` will not do it without a flag.
     #[serde(skip_serializing_if = "Option::is_none")]
     blocked: Option<&'a str>,
@@ -80,6 +83,7 @@ fn report(plan: &Plan) -> DriftReport<'_> {
                 step: a.op.step(),
                 action: a.op.verb(),
                 cause: &a.cause,
+                diff: &a.diff,
                 blocked: a.blocked.as_deref(),
             })
             .collect(),
@@ -145,6 +149,9 @@ pub fn run(global: &GlobalArgs, args: CheckArgs) -> miette::Result<Outcome> {
             match d.blocked {
                 Some(blocked) => println!("  [blocked: {blocked}]"),
                 None => println!(),
+            }
+            for line in d.diff {
+                println!("      | {line}");
             }
         }
         if !report.drift.is_empty() {

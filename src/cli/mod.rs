@@ -115,6 +115,11 @@ pub enum Command {
     /// Make the machines match the manifests: create, start and provision
     /// what is missing or different, undo what was removed. Changes nothing
     /// when everything matches.
+    #[command(
+        after_help = "Ctrl-C starts nothing new and lets the calls under way finish; a second \
+Ctrl-C ends them (a hung setup command is killed; on smolvm the command inside the machine may keep \
+running) and exits 1 with the lock released; a third quits at once."
+    )]
     Apply(apply::ApplyArgs),
 
     /// Drift check for CI: exit 0 when every agent matches its manifest, 3

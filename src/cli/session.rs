@@ -114,18 +114,28 @@ pub fn runtime(global: &GlobalArgs) -> miette::Result<Box<dyn Runtime>> {
 
 /// Ctrl-C, the same for every command that runs actions: the first one
 /// lets the runtime calls under way finish and starts nothing new
-/// (`then` runs after that is requested); a second one quits at once (the
-/// kernel releases the lock with the process).
+/// (`then` runs after that is requested); a second one ends the calls
+/// under way (their process groups are killed, the actions fail as
+/// cancelled, the lock is released as the command returns); a third one
+/// quits at once (the kernel releases the lock with the process).
 pub fn on_interrupt(message: &'static str, then: impl Fn() + Send + 'static) -> miette::Result<()> {
-    let mut interrupted = false;
+    let mut interrupts = 0u32;
     ctrlc::set_handler(move || {
-        if interrupted {
-            std::process::exit(130);
+        interrupts += 1;
+        match interrupts {
+            1 => {
+                crate::apply::request_cancel();
+                eprintln!("{message} (Ctrl-C again to end them now)");
+                then();
+            }
+            2 => {
+                crate::apply::request_abort();
+                eprintln!(
+                    "interrupted again: ending the calls under way (Ctrl-C again to quit at once)"
+                );
+            }
+            _ => std::process::exit(130),
         }
-        interrupted = true;
-        crate::apply::request_cancel();
-        eprintln!("{message} (Ctrl-C again to quit at once)");
-        then();
     })
     .map_err(|e| {
         miette::miette!(
@@ -202,7 +212,7 @@ impl Drop for Lines {
 
 fn still_running(what: &str, seconds: u64) -> String {
     format!(
-        "still running {what} ({}m {:02}s; Ctrl-C stops starting anything new, a second Ctrl-C quits at once)",
+        "still running {what} ({}m {:02}s; Ctrl-C stops starting anything new, a second Ctrl-C ends it)",
         seconds / 60,
         seconds % 60
     )
@@ -274,12 +284,20 @@ pub fn survey(
     let notes = preflight::check(&desired, runtime_kind(global))?;
     desired.attach_gate(&state_dir(global)?, runtime_kind(global))?;
     let runtime = runtime(global)?;
-    let snapshot = crate::observe::observe(
+    let mut snapshot = crate::observe::observe(
         runtime.as_ref(),
         &desired,
         options.targets.as_deref(),
         parallelism,
     )?;
+    // For causes that show what changed in a prompt or setup input.
+    desired.texts = crate::sent::desired_texts(&desired);
+    // Without a state directory there are no copies: causes just say
+    // "changed".
+    if let Ok(state) = state_dir(global) {
+        snapshot.sent =
+            crate::sent::Store::new(&state, &desired.project.name).load_all(desired.agents.keys());
+    }
     let mut plan = crate::plan::plan(&desired, &snapshot, options);
     // A missing secret holds back only the starts of its bottle's machines.
     preflight::hold_launches_without_secrets(&desired, &mut plan, preflight::Waiting::Command);

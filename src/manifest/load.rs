@@ -357,8 +357,9 @@ fn mask_secrets(text: &str, doc: &Doc) -> String {
 /// duplicate key) or a misshapen value (a `value` key, an array, a typo'd
 /// `secret` table) is masked too: every string under a key or table whose
 /// name (past an entity's own name) contains `secret`. Kept: a `from_env`
-/// that is a variable name and a `from_file` that is an absolute path (the
-/// references themselves, which diagnostics need to show).
+/// that is a variable name, a `from_file` that is an absolute path (the
+/// references themselves, which diagnostics need to show) and a `hosts`
+/// entry shaped like a host or URL.
 pub(crate) fn secret_positions(text: &str) -> Vec<std::ops::Range<usize>> {
     let bytes = text.as_bytes();
     let mut out = Vec::new();
@@ -425,6 +426,14 @@ pub(crate) fn secret_positions(text: &str) -> Vec<std::ops::Range<usize>> {
                     "from_file" => {
                         value.contains('/')
                             && !value.chars().any(|c| c.is_whitespace() || c.is_control())
+                    }
+                    // Where a gated secret may go: host names, not values
+                    // (anything that does not look like one stays masked).
+                    "hosts" => {
+                        value.contains('.')
+                            && value
+                                .chars()
+                                .all(|c| c.is_ascii_alphanumeric() || ".-*:/[]".contains(c))
                     }
                     _ => false,
                 };
@@ -1163,6 +1172,28 @@ fn precheck(
                  rotate it"
             )),
             "secret value in the manifest (not shown)",
+        );
+    }
+
+    // serde would read an array as the reference's fields in order
+    // (`["x"]` as `from_env = "x"`) and blame a variable name.
+    for (var, span) in take_entries(table, "secrets", DeValue::is_array) {
+        tainted.insert("secrets".to_owned());
+        cx.report_at(
+            file,
+            span,
+            ManifestDiagnostic::new(
+                "bottle::wrong-type",
+                format!(
+                    "secret `{var}` in {what} is an array; a secret is a table naming its source"
+                ),
+            )
+            .help(format!(
+                "write `{var} = {{ from_env = \"HOST_VAR\" }}` (a host environment variable) or \
+                 `{var} = {{ from_file = \"/abs/path\" }}`, not an array; manifests hold \
+                 references, never secret values: if a value was committed, rotate it"
+            )),
+            "this is an array (not shown)",
         );
     }
 

@@ -367,6 +367,15 @@ pub enum RuntimeErrorKind {
     #[diagnostic(help("the runtime is not answering; check it with `smolvm machine ls --json`"))]
     Timeout { command: String, timeout: Duration },
 
+    /// A second Ctrl-C ended the call: its process group was killed.
+    #[error("`{command}` was cancelled (Ctrl-C) and killed")]
+    #[diagnostic(help("{note}run `bottle apply` again to finish; what completed is kept"))]
+    Cancelled {
+        command: String,
+        /// What the kill did not reach (smolvm: the command in the guest).
+        note: &'static str,
+    },
+
     #[error("exited with status {status}: {stderr} (command: `{command}`)")]
     #[diagnostic(help("the runtime refused the call; its message above says why"))]
     CommandFailed {

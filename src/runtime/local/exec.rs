@@ -224,6 +224,9 @@ pub enum RunError {
     /// It printed more than [`MAX_EXEC_OUTPUT`]; its process group was
     /// killed.
     TooLarge,
+    /// A second Ctrl-C asked for the calls under way to end
+    /// ([`crate::apply::aborted`]); its process group was killed.
+    Cancelled,
     Io(io::Error),
 }
 
@@ -409,6 +412,9 @@ fn read_available(r: &mut impl Read, out: &mut Vec<u8>) -> io::Result<bool> {
     }
 }
 
+/// How often a running command checks for a Ctrl-C that ends it.
+const CANCEL_POLL: Duration = Duration::from_millis(100);
+
 /// Feed stdin and collect stdout and stderr until the child exits or the
 /// deadline passes. Output still buffered when the child exits is kept;
 /// background processes that inherited the pipes are not waited for.
@@ -437,11 +443,15 @@ fn pump(
     let (mut out, mut err) = (Vec::new(), Vec::new());
 
     loop {
+        if crate::apply::aborted() {
+            return Err(RunError::Cancelled);
+        }
         let now = Instant::now();
         if now >= deadline {
             return Err(RunError::Timeout);
         }
-        let left = deadline - now;
+        // Wake up now and then to notice a Ctrl-C.
+        let left = (deadline - now).min(CANCEL_POLL);
         let timeout = Timespec {
             tv_sec: left.as_secs() as _,
             tv_nsec: left.subsec_nanos() as _,

@@ -467,6 +467,13 @@ impl LocalRuntime {
             Err(exec::RunError::Io(source)) => {
                 Err(io_err(op, name, format!("run `{command}`"), source))
             }
+            // The command's process group was killed, in the machine too:
+            // it runs in the guest's namespaces as bottle's own child.
+            Err(exec::RunError::Cancelled) => Err(RuntimeError::new(
+                op,
+                name,
+                RuntimeErrorKind::Cancelled { command, note: "" },
+            )),
             Err(exec::RunError::TooLarge) => Err(RuntimeError::new(
                 op,
                 name,

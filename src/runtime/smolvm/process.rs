@@ -117,6 +117,13 @@ pub(crate) fn run(
                 limit: MAX_EXEC_OUTPUT,
             });
         }
+        if crate::apply::aborted() {
+            kill_group();
+            return Err(RuntimeErrorKind::Cancelled {
+                command: display_command(binary, args),
+                note: GUEST_NOT_KILLED,
+            });
+        }
         if std::time::Instant::now() >= deadline {
             kill_group();
             return Err(RuntimeErrorKind::Timeout {
@@ -139,7 +146,12 @@ pub(crate) fn run(
     })
 }
 
-/// How often a running command is checked for too much output.
+/// What killing a `smolvm` call does not do, for the cancelled error.
+const GUEST_NOT_KILLED: &str = "smolvm does not end a command inside the machine when its \
+`smolvm machine exec` is killed: it may still be running there (look with `bottle exec AGENT -- ps -ef`); ";
+
+/// How often a running command is checked for too much output and for a
+/// Ctrl-C that ends it.
 const POLL: Duration = Duration::from_millis(50);
 
 /// Read a pipe to its end, keeping at most [`MAX_EXEC_OUTPUT`] bytes (both
