@@ -2055,7 +2055,13 @@ fn a_second_ctrl_c_ends_a_hung_setup_command_and_frees_the_lock() {
         }
     };
     wait_for("still running reader: apply setup:hang (", &mut child);
-    assert_eq!(processes_running(&["sleep", "4713"]).len(), 1);
+    // The step runs in its agent's guest transaction, which the line names
+    // as a whole: the command starts once the steps before it are done.
+    wait_until(
+        "the setup command to start",
+        Duration::from_secs(120),
+        || processes_running(&["sleep", "4713"]).len() == 1,
+    );
     // The first Ctrl-C waits for the command; the second ends it.
     kill_process(pid, Signal::INT).expect("SIGINT");
     wait_for("waiting for reader: apply setup:hang", &mut child);
@@ -2227,6 +2233,13 @@ fn a_second_ctrl_c_ends_the_smolvm_call_and_says_the_guest_command_may_run_on() 
         }
     };
     wait_for("still running reader: apply setup:hang (", &mut child);
+    // The line names the agent's guest transaction as a whole: the command
+    // starts once the steps before it are done.
+    wait_until(
+        "the setup command to start",
+        Duration::from_secs(120),
+        || processes_running(&["sleep", "4714"]).len() == 1,
+    );
     kill_process(pid, Signal::INT).expect("SIGINT");
     wait_for("waiting for reader: apply setup:hang", &mut child);
     kill_process(pid, Signal::INT).expect("SIGINT");
