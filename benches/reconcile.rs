@@ -135,10 +135,24 @@ fn main() {
         noop(latency, env_number("RECONCILE_BENCH_RUNS", 5) as usize);
     }
     if wants("fresh") {
-        fresh(
-            latency,
-            env_number("RECONCILE_BENCH_FRESH_RUNS", 3) as usize,
-        );
+        let runs = env_number("RECONCILE_BENCH_FRESH_RUNS", 3) as usize;
+        // The per-step design, measured in the same run from a `bottle`
+        // built at the commit before the guest transaction.
+        let old = std::env::var_os("RECONCILE_BENCH_OLD_BOTTLE").map(PathBuf::from);
+        for latency in [latency, 20] {
+            let new = fresh(latency, runs, &bottle_binary(), latency == 20);
+            if let Some(old) = &old {
+                let before = fresh(latency, runs, old, false);
+                println!(
+                    "Fresh apply at {latency} ms per call: {:.0} ms with one transaction per agent, \
+                     {:.0} ms per step before: {:.2}x   target ≤ 0.5x: {}\n",
+                    ms(new),
+                    ms(before),
+                    ms(new) / ms(before),
+                    verdict(ms(new) <= ms(before) / 2.0)
+                );
+            }
+        }
     }
 }
 
@@ -183,9 +197,31 @@ impl Bound {
             let start = action.after.iter().map(|&d| finish[d]).max();
             finish.push(start.unwrap_or_default() + weight.get(&key).copied().unwrap_or_default());
         }
+        // A guest transaction (its upload and exec) follows everything
+        // else its machine's actions do: it extends that machine's chain.
+        let mut chains: HashMap<&str, Duration> = HashMap::new();
+        for (action, end) in planned.actions.iter().zip(&finish) {
+            let chain = chains.entry(action.machine.as_str()).or_default();
+            *chain = (*chain).max(*end);
+        }
+        let txn_chain = chains
+            .iter()
+            .map(|(machine, end)| {
+                *end + weight
+                    .get(&((*machine).to_owned(), "txn".to_owned()))
+                    .copied()
+                    .unwrap_or_default()
+            })
+            .max()
+            .unwrap_or_default();
         Self {
             d_ls,
-            critical: finish.into_iter().max().unwrap_or_default().max(longest),
+            critical: finish
+                .into_iter()
+                .max()
+                .unwrap_or_default()
+                .max(longest)
+                .max(txn_chain),
             work,
             median_call: Duration::from_secs_f64(median(durations)),
             calls: calls.len(),
@@ -382,8 +418,11 @@ fn replay_observe(fx: &Fixture, desired: &Desired, latency: u64) -> Duration {
 
 // ---------------------------------------------------------------- fresh --
 
-fn fresh(latency: u64, runs: usize) {
-    let fx = Fixture::new("fresh", FRESH_AGENTS);
+/// Fresh applies of `binary`; the median wall time. With `edit`, then a
+/// prompt edit of one agent, whose calls are counted.
+fn fresh(latency: u64, runs: usize, binary: &Path, edit: bool) -> Duration {
+    let mut fx = Fixture::new("fresh", FRESH_AGENTS);
+    fx.binary = binary.to_path_buf();
     let planned = plan(&fx.desired(), &Snapshot::default(), &PlanOptions::default());
     let env = [("SMOLVM_DOUBLE_LATENCY_MS", latency.to_string())];
     let mut samples = Vec::new();
@@ -411,7 +450,8 @@ fn fresh(latency: u64, runs: usize) {
         samples.push(sample);
     }
     println!(
-        "Fresh apply, {FRESH_AGENTS} agents, {latency} ms added to every call ({runs} runs, medians):"
+        "Fresh apply, {FRESH_AGENTS} agents, {latency} ms added to every call ({runs} runs, medians), {}:",
+        binary.display()
     );
     println!(
         "  runtime calls          {}: {}",
@@ -430,7 +470,41 @@ fn fresh(latency: u64, runs: usize) {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    println!(
+        "  calls per fresh agent  {:.1} (all calls but the ls, over {FRESH_AGENTS} agents)",
+        (verbs.values().sum::<usize>() - 1) as f64 / FRESH_AGENTS as f64
+    );
     report(&samples, FRESH_AGENTS, FRESH_TARGET);
+    if edit {
+        std::fs::write(
+            fx.manifests.join("agents.toml"),
+            std::fs::read_to_string(fx.manifests.join("agents.toml"))
+                .unwrap()
+                .replacen("You are agent 0.", "You are agent zero.", 1),
+        )
+        .unwrap();
+        fx.apply(&env, true).expect_success("a prompt edit");
+        let calls = fx.wrapped();
+        let machine = fx.desired().agents["a000"].machine.clone();
+        let edited = calls
+            .iter()
+            .filter(|c| c.machine().as_deref() == Some(machine.as_str()))
+            .map(Wrapped::verb)
+            .collect::<Vec<_>>();
+        println!(
+            "  prompt edit of one agent: {} calls in all ({}); on its machine: {} (the probe, then the transaction)\n",
+            calls.len(),
+            count_verbs(calls.iter().map(Wrapped::verb))
+                .iter()
+                .map(|(v, n)| format!("{n} {v}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            edited.join(", ")
+        );
+    }
+    Duration::from_secs_f64(median(
+        samples.iter().map(|s| s.wall.as_secs_f64()).collect(),
+    ))
 }
 
 /// One call as the wrapper saw it.
@@ -492,7 +566,12 @@ fn attribute(calls: &[Wrapped]) -> Vec<Option<(String, String)>> {
             }
             let machine = call.machine().unwrap_or_else(|| unknown(call));
             let text = call.args.join(" ");
-            let step = if let Some(step) = call.recorded_step() {
+            let step = if text.contains("@@bottle-txn")
+                || (call.verb() == "cp" && text.contains(":/var/lib/bottle/txn/"))
+            {
+                // One guest transaction: every due step of the agent.
+                "txn".to_owned()
+            } else if let Some(step) = call.recorded_step() {
                 step
             } else if matches!(call.verb(), "create" | "start") || text.contains("useradd") {
                 "machine".to_owned()
@@ -569,6 +648,8 @@ struct Fixture {
     state: PathBuf,
     /// This binary, which `apply` can put between bottle and the double.
     wrapper: PathBuf,
+    /// The `bottle` measured.
+    binary: PathBuf,
 }
 
 impl Fixture {
@@ -626,6 +707,7 @@ upstream = "https://github.com/acme/app.git"
             home,
             state,
             wrapper: std::env::current_exe().expect("the bench's own path"),
+            binary: bottle_binary(),
         }
     }
 
@@ -642,7 +724,7 @@ upstream = "https://github.com/acme/app.git"
         let _ = std::fs::remove_file(self.wrap_log());
         let out = self.dir.path().join("bottle.out");
         let err = self.dir.path().join("bottle.err");
-        let mut command = Command::new(bottle_binary());
+        let mut command = Command::new(&self.binary);
         command
             .arg("--smolvm")
             .arg(if wrapped {

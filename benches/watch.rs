@@ -17,7 +17,10 @@
 //!
 //! `cargo bench --bench watch`; knobs: `WATCH_BENCH_RUNS` (latency samples,
 //! default 21), `WATCH_BENCH_AGENTS` (default 100), `WATCH_BENCH_IDLE_SECS`
-//! (default 30), `WATCH_BENCH_SMALL_ONLY=1` (skip the 100-agent part).
+//! (default 30), `WATCH_BENCH_SMALL_ONLY=1` (skip the 100-agent part),
+//! `WATCH_BENCH_LATENCY_MS` (added to every double call, default 0),
+//! `WATCH_BENCH_BOTTLE` (a `bottle` binary to measure instead of this
+//! build's).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -72,14 +75,18 @@ impl Bench {
             .unwrap();
         }
         std::fs::write(dir.join("bottle.toml"), toml).unwrap();
-        let mut watch = Command::new(BOTTLE)
+        let bottle = std::env::var_os("WATCH_BENCH_BOTTLE").unwrap_or_else(|| BOTTLE.into());
+        let mut watch = Command::new(bottle)
             .args(["--smolvm", DOUBLE, "--state-dir"])
             .arg(root.join("state"))
             .args(["watch", "--json"])
             .arg(&dir)
             .env("SMOLVM_DOUBLE_HOME", &home)
             .env("SMOLVM_DOUBLE_RESOLVE", "any")
-            .env_remove("SMOLVM_DOUBLE_LATENCY_MS")
+            .env(
+                "SMOLVM_DOUBLE_LATENCY_MS",
+                knob("WATCH_BENCH_LATENCY_MS", 0).to_string(),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -261,7 +268,10 @@ fn main() {
     let small = Bench::start("wbsmall", 3);
     small.done(Duration::from_secs(120));
     print_latency(
-        "save-to-guest latency, 3 agents, debounce 150 ms",
+        &format!(
+            "save-to-guest latency, 3 agents, debounce 150 ms, {} ms added per call",
+            knob("WATCH_BENCH_LATENCY_MS", 0)
+        ),
         small.latency(runs, 3),
     );
     drop(small);

@@ -1,13 +1,16 @@
 //! Apply: walk the plan with bounded parallelism.
 //!
-//! Independent agents and independent steps run at once, at most
-//! `parallelism` actions at a time. A failed action skips its dependents
-//! (transitively) and everything independent still runs. Blocked actions do
-//! not run and skip their dependents. Starting a stopped machine adds its
-//! follow-up actions (the steps found out of date once it runs) to the same
-//! walk.
+//! Independent agents run at once, at most `parallelism` at a time. The
+//! due steps of one agent run as one guest transaction ([`txn`]): one
+//! upload and one exec, after the machine's lifecycle calls when a machine
+//! is created, replaced or restarted (the agent user is then provisioned
+//! first in the same transaction). Inside it, a failed step skips its
+//! dependents and independent steps still run; each action still gets its
+//! own outcome. Blocked actions do not run and skip their dependents.
+//! Starting a stopped machine adds its follow-up actions (the steps found
+//! out of date once it runs) to the same walk.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -20,7 +23,8 @@ use crate::graph::StepKind;
 use crate::observe::{self, Snapshot};
 use crate::plan::{self, Action, Op, Plan, PlanOptions};
 use crate::runtime::{MachineState, MachineUpdate, Runtime, RuntimeError, RuntimeErrorKind};
-use crate::steps::{self, AgentCtx, GuestUser, StepError, machine};
+use crate::steps::txn::{self, Ledger, StepOutcome, TxnStep};
+use crate::steps::{self, AgentCtx, StepError, machine};
 
 static CANCEL: AtomicBool = AtomicBool::new(false);
 
@@ -125,20 +129,16 @@ pub fn execute(
     let started_at = Instant::now();
     let shared = Shared {
         snapshot,
-        users: Mutex::new(known_users(desired, snapshot)),
-        setup: desired
-            .agents
-            .keys()
-            .map(|a| (a.clone(), Mutex::new(())))
-            .collect(),
+        probes: Mutex::new(BTreeMap::new()),
     };
     let mut actions: Vec<Action> = plan.actions.clone();
     let mut outcomes: Vec<Option<Outcome>> = vec![None; actions.len()];
     let mut states: Vec<State> = vec![State::Pending; actions.len()];
 
-    let (work_tx, work_rx) = mpsc::channel::<Action>();
+    let (work_tx, work_rx) = mpsc::channel::<Vec<Action>>();
     let work_rx = Mutex::new(work_rx);
-    let (done_tx, done_rx) = mpsc::channel::<(usize, Outcome, Vec<Action>)>();
+    type Done = (Vec<(usize, Outcome)>, Vec<Action>);
+    let (done_tx, done_rx) = mpsc::channel::<Done>();
 
     std::thread::scope(|scope| {
         for _ in 0..parallelism.max(1) {
@@ -148,24 +148,9 @@ pub fn execute(
             scope.spawn(move || {
                 loop {
                     let next = work_rx.lock().expect("work lock").recv();
-                    let Ok(action) = next else { break };
-                    let t = Instant::now();
-                    let (outcome, follow_ups) = match run(desired, &action, rt, shared) {
-                        Ok(follow_ups) => (
-                            Outcome::Done {
-                                seconds: secs(t.elapsed()),
-                            },
-                            follow_ups,
-                        ),
-                        Err(e) => (
-                            Outcome::Failed {
-                                seconds: secs(t.elapsed()),
-                                error: render_error(&e),
-                            },
-                            Vec::new(),
-                        ),
-                    };
-                    if done_tx.send((action.id, outcome, follow_ups)).is_err() {
+                    let Ok(batch) = next else { break };
+                    let done = run_batch(desired, &batch, rt, shared);
+                    if done_tx.send(done).is_err() {
                         break;
                     }
                 }
@@ -238,36 +223,44 @@ pub fn execute(
             while running < workers {
                 let Some(i) = queue.pop_front() else { break };
                 if states[i] != State::Ready {
-                    continue; // settled meanwhile (interrupted)
+                    continue; // settled meanwhile (interrupted), or in a batch
                 }
-                states[i] = State::Running;
+                let batch = batch_of(&actions, &states, &outcomes, i);
+                for &b in &batch {
+                    states[b] = State::Running;
+                    progress.started(&actions[b], running + 1, actions.len());
+                }
                 running += 1;
-                progress.started(&actions[i], running, actions.len());
-                work_tx.send(actions[i].clone()).expect("workers alive");
+                work_tx
+                    .send(batch.iter().map(|&b| actions[b].clone()).collect())
+                    .expect("workers alive");
             }
             if running == 0 {
                 break;
             }
-            let (id, outcome, follow_ups) = done_rx.recv().expect("workers alive");
+            let (done, follow_ups) = done_rx.recv().expect("workers alive");
             running -= 1;
-            finished += 1;
-            states[id] = State::Finished;
-            let report = ActionReport {
-                action: actions[id].clone(),
-                outcome: outcome.clone(),
-            };
-            outcomes[id] = Some(outcome);
+            let origin = done.first().map(|(id, _)| *id).unwrap_or_default();
             // Follow-ups join the walk behind the action that found them.
             let base = actions.len();
             for (n, mut f) in follow_ups.into_iter().enumerate() {
                 f.id = base + n;
                 f.after = f.after.iter().map(|a| base + *a).collect();
-                f.after.push(id);
+                f.after.push(origin);
                 actions.push(f);
                 outcomes.push(None);
                 states.push(State::Pending);
             }
-            progress.finished(&report, finished, actions.len());
+            for (id, outcome) in done {
+                finished += 1;
+                states[id] = State::Finished;
+                let report = ActionReport {
+                    action: actions[id].clone(),
+                    outcome: outcome.clone(),
+                };
+                outcomes[id] = Some(outcome);
+                progress.finished(&report, finished, actions.len());
+            }
         }
         drop(work_tx);
     });
@@ -297,7 +290,7 @@ fn render_error(e: &StepError) -> String {
     if let StepError::Runtime(r) = e {
         s = r.to_string();
     }
-    if let Some(help) = e.help() {
+    if let Some(help) = e.help().map(|h| h.to_string()).filter(|h| !h.is_empty()) {
         s.push_str(&format!(" (help: {help})"));
     }
     s
@@ -343,130 +336,321 @@ fn delete_if_there(rt: &dyn Runtime, machine: &str) -> Result<(), RuntimeError> 
     }
 }
 
-/// Agent users already known from the probes.
-fn known_users(desired: &Desired, snapshot: &Snapshot) -> HashMap<String, GuestUser> {
-    let mut users = HashMap::new();
-    for agent in desired.agents.values() {
-        let Some(probe) = snapshot.probes.get(&agent.machine) else {
-            continue;
-        };
-        if let Some(user) = probe
-            .sections
-            .get("machine")
-            .and_then(|s| machine::user_from_probe(s))
-        {
-            users.insert(agent.name.clone(), user);
-        }
-    }
-    users
-}
-
-/// What actions running at once share, per agent.
+/// What actions running at once share.
 struct Shared<'a> {
     /// What observation found, before this walk changed anything.
     snapshot: &'a Snapshot,
-    /// The agent user's ids, once known.
-    users: Mutex<HashMap<String, GuestUser>>,
-    /// Setup commands of one agent never run at the same time (two package
-    /// installs would fight over the package manager's lock); the graph
-    /// still decides their order.
-    setup: HashMap<String, Mutex<()>>,
+    /// Probes made during the walk (of machines it started), by machine.
+    probes: Mutex<BTreeMap<String, observe::Probe>>,
 }
 
-fn run(
+impl Shared<'_> {
+    /// A step's probe section, as last observed.
+    fn observed(&self, machine: &str, step: &str) -> Option<String> {
+        if let Some(probe) = self.probes.lock().expect("probes lock").get(machine) {
+            return probe.sections.get(step).cloned();
+        }
+        self.snapshot
+            .probes
+            .get(machine)
+            .and_then(|p| p.sections.get(step).cloned())
+    }
+}
+
+/// Does this lifecycle action leave a machine whose agent user must be
+/// provisioned (the machine step) before its steps?
+fn provisions(op: &Op) -> bool {
+    matches!(op, Op::Create | Op::Replace | Op::Restart { .. })
+}
+
+fn is_step(op: &Op) -> bool {
+    matches!(op, Op::Apply { .. } | Op::Undo { .. })
+}
+
+/// The actions that run with the ready action `i` as one unit: a machine
+/// that is created, replaced or restarted, or a step, together with every
+/// pending step of the same agent whose dependencies are done or in the
+/// unit (they run in one guest transaction). Anything else runs alone.
+fn batch_of(
+    actions: &[Action],
+    states: &[State],
+    outcomes: &[Option<Outcome>],
+    i: usize,
+) -> Vec<usize> {
+    let head = &actions[i];
+    let mut batch = vec![i];
+    if head.agent.is_none() || !(provisions(&head.op) || is_step(&head.op)) {
+        return batch;
+    }
+    for (j, action) in actions.iter().enumerate() {
+        if j == i
+            || action.agent != head.agent
+            || !is_step(&action.op)
+            || action.blocked.is_some()
+            || !matches!(states[j], State::Pending | State::Ready)
+        {
+            continue;
+        }
+        let ready = action
+            .after
+            .iter()
+            .all(|d| batch.contains(d) || matches!(outcomes[*d], Some(Outcome::Done { .. })));
+        if ready {
+            batch.push(j);
+        }
+    }
+    batch
+}
+
+/// What a unit's head did to the machine.
+enum Lifecycle {
+    /// The head is a step: no lifecycle call.
+    None,
+    /// The machine runs; its agent user is provisioned first.
+    Provision,
+    /// The lifecycle calls failed: the unit's steps are skipped.
+    Failed(StepError),
+    /// The head runs alone (start, delete), with these follow-ups.
+    Alone(Result<Vec<Action>, StepError>),
+}
+
+fn lifecycle(
     desired: &Desired,
-    action: &Action,
+    agent: &DesiredAgent,
+    ctx: &AgentCtx,
+    head: &Action,
     rt: &dyn Runtime,
     shared: &Shared,
-) -> Result<Vec<Action>, StepError> {
-    let users = &shared.users;
-    if let Op::Gate { action } = &action.op {
-        crate::gate::reconcile::run(desired, *action)?;
-        return Ok(Vec::new());
+) -> Lifecycle {
+    let calls = || -> Result<(), StepError> {
+        match &head.op {
+            Op::Create => {
+                rt.create(&machine::machine_spec(ctx))?;
+                start_created(rt, &head.machine)?;
+            }
+            Op::Replace => {
+                check_replacement_creates(ctx, rt, shared)?;
+                rt.delete(&head.machine)?;
+                rt.create(&machine::machine_spec(ctx))?;
+                start_created(rt, &head.machine)?;
+            }
+            Op::Restart { update } => {
+                rt.stop(&head.machine)?;
+                if !update.is_empty() {
+                    rt.update(&head.machine, update)?;
+                }
+                rt.start(&head.machine)?;
+            }
+            _ => {}
+        }
+        Ok(())
+    };
+    match &head.op {
+        Op::Create | Op::Replace | Op::Restart { .. } => match calls() {
+            Ok(()) => Lifecycle::Provision,
+            Err(e) => Lifecycle::Failed(e),
+        },
+        Op::Start { update } => Lifecycle::Alone((|| {
+            if !update.is_empty() {
+                rt.update(&head.machine, update)?;
+            }
+            rt.start(&head.machine)?;
+            converge_after_start(desired, agent, rt, shared, update)
+        })()),
+        Op::Delete => Lifecycle::Alone(
+            rt.delete(&head.machine)
+                .map(|()| Vec::new())
+                .map_err(Into::into),
+        ),
+        Op::Gate { action } => {
+            Lifecycle::Alone(crate::gate::reconcile::run(desired, *action).map(|()| Vec::new()))
+        }
+        Op::Apply { .. } | Op::Undo { .. } => Lifecycle::None,
     }
-    let Some(agent_name) = &action.agent else {
+}
+
+/// Run one unit: its lifecycle calls, then its steps as one guest
+/// transaction. Every action of the unit gets its outcome; follow-ups
+/// (of a started machine) come after them.
+fn run_batch(
+    desired: &Desired,
+    batch: &[Action],
+    rt: &dyn Runtime,
+    shared: &Shared,
+) -> (Vec<(usize, Outcome)>, Vec<Action>) {
+    let t = Instant::now();
+    let head = &batch[0];
+    let failed = |e: &StepError| Outcome::Failed {
+        seconds: secs(t.elapsed()),
+        error: render_error(e),
+    };
+    if let Op::Gate { action } = &head.op {
+        let outcome = match crate::gate::reconcile::run(desired, *action) {
+            Ok(()) => Outcome::Done {
+                seconds: secs(t.elapsed()),
+            },
+            Err(e) => failed(&e),
+        };
+        return (vec![(head.id, outcome)], Vec::new());
+    }
+    let Some(agent_name) = &head.agent else {
         // Only deletions concern machines no agent declares.
-        delete_if_there(rt, &action.machine)?;
-        return Ok(Vec::new());
+        let outcome = match delete_if_there(rt, &head.machine) {
+            Ok(()) => Outcome::Done {
+                seconds: secs(t.elapsed()),
+            },
+            Err(e) => failed(&e.into()),
+        };
+        return (vec![(head.id, outcome)], Vec::new());
     };
     let agent = &desired.agents[agent_name];
     let ctx = desired.ctx(agent);
-    let set_user = |u: GuestUser| {
-        users
-            .lock()
-            .expect("users lock")
-            .insert(agent_name.clone(), u);
+    let provision = match lifecycle(desired, agent, &ctx, head, rt, shared) {
+        Lifecycle::Alone(result) => {
+            let (outcome, follow_ups) = match result {
+                Ok(follow_ups) => (
+                    Outcome::Done {
+                        seconds: secs(t.elapsed()),
+                    },
+                    follow_ups,
+                ),
+                Err(e) => (failed(&e), Vec::new()),
+            };
+            return (vec![(head.id, outcome)], follow_ups);
+        }
+        Lifecycle::Failed(e) => {
+            let mut done = vec![(head.id, failed(&e))];
+            let reason = format!("{} {} did not complete", head.op.verb(), head.op.step());
+            done.extend(batch[1..].iter().map(|a| {
+                (
+                    a.id,
+                    Outcome::Skipped {
+                        reason: reason.clone(),
+                    },
+                )
+            }));
+            return (done, Vec::new());
+        }
+        Lifecycle::Provision => true,
+        Lifecycle::None => false,
     };
-    let machine_hash = || {
-        agent
-            .step(&StepKind::Machine)
-            .map(|s| s.hash.clone())
-            .unwrap_or_default()
-    };
-    match &action.op {
-        Op::Create => {
-            rt.create(&machine::machine_spec(&ctx))?;
-            start_created(rt, &action.machine)?;
-            set_user(provision_user(&ctx, &machine_hash(), rt)?);
-        }
-        Op::Replace => {
-            check_replacement_creates(&ctx, rt, shared)?;
-            rt.delete(&action.machine)?;
-            rt.create(&machine::machine_spec(&ctx))?;
-            start_created(rt, &action.machine)?;
-            set_user(provision_user(&ctx, &machine_hash(), rt)?);
-        }
-        Op::Start { update } => {
-            if !update.is_empty() {
-                rt.update(&action.machine, update)?;
+
+    // The transaction's steps: the head's machine step when it provisions,
+    // then the unit's steps. `owners[n]` is the unit index of transaction
+    // step n; `slot` the transaction index of an action id.
+    let fresh = matches!(head.op, Op::Create | Op::Replace);
+    let mut txn_steps: Vec<TxnStep> = Vec::new();
+    let mut owners: Vec<usize> = Vec::new();
+    let mut early: BTreeMap<usize, Outcome> = BTreeMap::new();
+    let mut slot: BTreeMap<usize, usize> = BTreeMap::new();
+    for (k, action) in batch.iter().enumerate() {
+        let built = if provision && k == 0 {
+            let hash = agent
+                .step(&StepKind::Machine)
+                .map(|s| s.hash.clone())
+                .unwrap_or_default();
+            steps::apply_work(&StepKind::Machine, &hash, &ctx, None, None)
+                .map(|(entry, work)| (StepKind::Machine.id(), work, Ledger::Write(entry)))
+        } else {
+            match &action.op {
+                Op::Apply {
+                    step,
+                    hash,
+                    previous,
+                } => {
+                    let kind: StepKind = step.parse().expect("planned steps parse");
+                    // The project CA as it is now (a gate this apply
+                    // started minted it after the plan was made).
+                    let ca_now = (kind == StepKind::Ca)
+                        .then(|| desired.gate.as_ref()?.ca_hash(agent_name))
+                        .flatten();
+                    let hash = ca_now.as_deref().unwrap_or(hash);
+                    // A new disk holds nothing observation saw.
+                    let observed = (!fresh)
+                        .then(|| shared.observed(&action.machine, step))
+                        .flatten();
+                    steps::apply_work(&kind, hash, &ctx, previous.as_ref(), observed.as_deref())
+                        .map(|(entry, work)| (step.clone(), work, Ledger::Write(entry)))
+                }
+                Op::Undo { step, entry } => {
+                    let observed = shared.observed(&action.machine, step);
+                    steps::undo_work(entry, &ctx, observed.as_deref())
+                        .map(|work| (step.clone(), work, Ledger::Remove))
+                }
+                _ => unreachable!("only steps join a transaction"),
             }
-            rt.start(&action.machine)?;
-            return converge_after_start(desired, agent, rt, shared, update);
+        };
+        // A dependency in the unit that never reached the transaction.
+        let lost = action
+            .after
+            .iter()
+            .find(|d| early.contains_key(d))
+            .and_then(|d| batch.iter().find(|a| a.id == *d));
+        if let Some(dep) = lost {
+            let reason = format!("{} {} did not complete", dep.op.verb(), dep.op.step());
+            early.insert(action.id, Outcome::Skipped { reason });
+            continue;
         }
-        Op::Restart { update } => {
-            rt.stop(&action.machine)?;
-            if !update.is_empty() {
-                rt.update(&action.machine, update)?;
+        match built {
+            Ok((step, work, ledger)) => {
+                let mut after: Vec<usize> = action
+                    .after
+                    .iter()
+                    .filter_map(|d| slot.get(d).copied())
+                    .collect();
+                // A provisioned machine's steps all need its user.
+                if provision && k > 0 {
+                    after.push(0);
+                }
+                after.sort_unstable();
+                after.dedup();
+                slot.insert(action.id, txn_steps.len());
+                owners.push(k);
+                txn_steps.push(TxnStep {
+                    step,
+                    work,
+                    ledger,
+                    after,
+                });
             }
-            rt.start(&action.machine)?;
-            set_user(provision_user(&ctx, &machine_hash(), rt)?);
-        }
-        Op::Apply {
-            step,
-            hash,
-            previous,
-        } => {
-            let kind: StepKind = step.parse().expect("planned steps parse");
-            if kind == StepKind::Machine {
-                set_user(provision_user(&ctx, hash, rt)?);
-            } else {
-                let user = users
-                    .lock()
-                    .expect("users lock")
-                    .get(agent_name)
-                    .copied()
-                    .ok_or_else(|| {
-                        StepError::Other(
-                            format!("the agent user of {} is unknown", action.machine),
-                            "run `bottle apply` again; the machine step will create it".into(),
-                        )
-                    })?;
-                let _serial = matches!(kind, StepKind::Setup(_))
-                    .then(|| shared.setup[agent_name].lock().expect("setup lock"));
-                // The project CA as it is now (a gate this apply started
-                // minted it after the plan was made).
-                let ca_now = (kind == StepKind::Ca)
-                    .then(|| desired.gate.as_ref()?.ca_hash(agent_name))
-                    .flatten();
-                let hash = ca_now.as_deref().unwrap_or(hash);
-                steps::apply(&kind, hash, &ctx, user, previous.as_ref(), rt)?;
+            Err(e) => {
+                early.insert(action.id, failed(&e));
             }
         }
-        Op::Undo { entry, .. } => steps::undo(entry, &ctx, rt)?,
-        Op::Delete => rt.delete(&action.machine)?,
-        Op::Gate { .. } => unreachable!("gate actions return above"),
     }
-    Ok(Vec::new())
+    let results = txn::run(rt, &head.machine, ctx.user(), &txn_steps);
+    let seconds = secs(t.elapsed());
+    let mut by_unit: BTreeMap<usize, Outcome> = BTreeMap::new();
+    for (n, result) in results.into_iter().enumerate() {
+        let outcome = match result {
+            StepOutcome::Done => Outcome::Done { seconds },
+            StepOutcome::Failed(e) => Outcome::Failed {
+                seconds,
+                error: render_error(&e),
+            },
+            StepOutcome::Skipped(dep) => {
+                let dep = &batch[owners[dep]];
+                Outcome::Skipped {
+                    reason: format!("{} {} did not complete", dep.op.verb(), dep.op.step()),
+                }
+            }
+        };
+        by_unit.insert(owners[n], outcome);
+    }
+    let done = batch
+        .iter()
+        .enumerate()
+        .map(|(k, action)| {
+            let outcome = early
+                .remove(&action.id)
+                .or_else(|| by_unit.remove(&k))
+                .unwrap_or(Outcome::Skipped {
+                    reason: "not reached".into(),
+                });
+            (action.id, outcome)
+        })
+        .collect();
+    (done, Vec::new())
 }
 
 /// Start a machine this action just created. A failure says that the
@@ -486,12 +670,6 @@ fn start_created(rt: &dyn Runtime, name: &str) -> Result<(), StepError> {
             help,
         )
     })
-}
-
-fn provision_user(ctx: &AgentCtx, hash: &str, rt: &dyn Runtime) -> Result<GuestUser, StepError> {
-    let (user, entry) = machine::ensure_user(ctx, hash, rt)?;
-    steps::record(rt, ctx.machine, &entry, &[])?;
-    Ok(user)
 }
 
 /// A machine that was not running has just started: probe it and plan its
@@ -515,17 +693,11 @@ fn converge_after_start(
     machine.memory_mib = update.memory_mib.or(machine.memory_mib);
     let listed = vec![machine];
     let probe = observe::probe_one(rt, desired, agent, &agent.machine);
-    if let Some(user) = probe
-        .sections
-        .get("machine")
-        .and_then(|s| machine::user_from_probe(s))
-    {
-        shared
-            .users
-            .lock()
-            .expect("users lock")
-            .insert(agent.name.clone(), user);
-    }
+    shared
+        .probes
+        .lock()
+        .expect("probes lock")
+        .insert(agent.machine.clone(), probe.clone());
     let snapshot = Snapshot {
         machines: listed,
         probes: BTreeMap::from([(agent.machine.clone(), probe)]),

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use crate::desired::{Desired, DesiredAgent};
+use crate::graph::StepKind;
 use crate::ledger::{LEDGER_DIR, LedgerEntry};
 use crate::runtime::{
     ExecRequest, MachineInfo, MachineState, Runtime, RuntimeError, RuntimeErrorKind,
@@ -141,6 +142,19 @@ pub fn probe_script(desired: &Desired, agent: &DesiredAgent) -> String {
     for step in &agent.steps {
         if let Some(fragment) = steps::probe_fragment(&step.kind, &ctx) {
             script.push_str(&section_script(&step.kind.id(), &fragment));
+        }
+    }
+    // A step that left the manifest but is still recorded may need what
+    // its probe shows to be undone (the supervise server is removed from
+    // the observed ~/.claude.json).
+    if agent.step(&StepKind::Supervise).is_none() {
+        let id = StepKind::Supervise.id();
+        if let Some(fragment) = steps::probe_fragment(&StepKind::Supervise, &ctx) {
+            script.push_str(&format!(
+                "if [ -f {} ]; then\n{}fi\n",
+                LedgerEntry::guest_path(&id),
+                section_script(&id, &fragment)
+            ));
         }
     }
     script.push_str(&section_script(

@@ -181,16 +181,37 @@ fn apply_provisions_every_step_in_the_guest_and_a_second_apply_changes_nothing()
         "{}",
         first.stdout
     );
-    // Real parallelism (default 8): the ca step is handed out before the
-    // prompt step (both wait only for the machine) and takes seconds
-    // (`update-ca-certificates`); the prompt finishing first means both ran
-    // at once. One worker would finish them in hand-out order.
+    // One guest transaction per agent: create, start, one upload of every
+    // payload, one exec running every step (the ca step's
+    // `update-ca-certificates`, setup commands and all).
+    for machine in [CODER, READER] {
+        let calls: Vec<String> = p
+            .double
+            .calls()
+            .iter()
+            .filter(|c| names(c, machine))
+            .map(|c| c.verb.clone())
+            .collect();
+        assert_eq!(calls, ["create", "start", "cp", "exec"], "{machine}");
+    }
+    // Every step still has its own progress line.
     let order = progress(&first);
-    let position = |line: &str| order.iter().position(|l| l.ends_with(line)).expect(line);
-    assert!(
-        position("coder: apply prompt") < position("coder: apply ca"),
-        "{order:#?}"
-    );
+    for step in [
+        "ca",
+        "prompt",
+        "skills",
+        "git",
+        "setup:tools",
+        "setup:identity",
+        "supervise",
+    ] {
+        assert!(
+            order
+                .iter()
+                .any(|l| *l == format!("done     coder: apply {step}")),
+            "{step}: {order:#?}"
+        );
+    }
 
     // machine: labels of DESIGN §4, declared resources, network as declared.
     let coder = p.double.machine_json(CODER).expect("coder's machine");
@@ -803,7 +824,9 @@ fn drift_is_reported_and_repaired_and_manifest_edits_converge() {
         .iter()
         .map(|c| c.verb.clone())
         .collect();
-    assert_eq!(changes, ["stop", "update", "start"]);
+    // The restart, then the agent user provisioned again in one guest
+    // transaction (its upload, then its exec).
+    assert_eq!(changes, ["stop", "update", "start", "cp"]);
     let reader = p.double.machine_json(READER).unwrap();
     assert_eq!(
         (&reader["cpus"], &reader["memory_mib"]),
@@ -1839,10 +1862,9 @@ fn ctrl_c_lets_the_calls_under_way_finish_and_starts_nothing_new() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
     assert!(stderr.contains("bottle::interrupted"), "{stderr}");
-    assert!(
-        stdout.contains("(interrupted before it started)"),
-        "{stdout}"
-    );
+    // Each machine's unit was under way (create, start, then its guest
+    // transaction): it finishes whole, nothing fails.
+    assert!(stdout.contains(" 0 failed,"), "{stdout}");
     // Every call bottle made had ended when it exited: a call still in
     // flight would log itself within its 300 ms latency.
     let logged = p.double.calls().len();
@@ -1948,7 +1970,18 @@ fn a_long_setup_command_is_reported_while_it_runs() {
             break;
         }
     }
-    p.double.sh(READER, "touch /tmp/bottle-e2e-go");
+    // The step runs inside its agent's guest transaction, which the
+    // progress line names as a whole: the machine may still be being
+    // created when it is first printed.
+    while !p
+        .double
+        .exec(READER, &["touch", "/tmp/bottle-e2e-go"])
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "{}", seen.join("\n"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
     assert!(child.wait().unwrap().success(), "{}", seen.join("\n"));
 }
 
@@ -2036,7 +2069,13 @@ fn a_second_ctrl_c_ends_a_hung_setup_command_and_frees_the_lock() {
         }
     };
     wait_for("still running reader: apply setup:hang (", &mut child);
-    assert_eq!(processes_running(&["sleep", &secs]).len(), 1);
+    // The step runs in its agent's guest transaction, which the line names
+    // as a whole: the command starts once the steps before it are done.
+    wait_until(
+        "the setup command to start",
+        Duration::from_secs(120),
+        || processes_running(&["sleep", &secs]).len() == 1,
+    );
     // The first Ctrl-C waits for the command; the second ends it.
     kill_process(pid, Signal::INT).expect("SIGINT");
     wait_for("waiting for reader: apply setup:hang", &mut child);
@@ -2212,6 +2251,13 @@ fn a_second_ctrl_c_ends_the_smolvm_call_and_says_the_guest_command_may_run_on() 
         }
     };
     wait_for("still running reader: apply setup:hang (", &mut child);
+    // The line names the agent's guest transaction as a whole: the command
+    // starts once the steps before it are done.
+    wait_until(
+        "the setup command to start",
+        Duration::from_secs(120),
+        || processes_running(&["sleep", &secs]).len() == 1,
+    );
     kill_process(pid, Signal::INT).expect("SIGINT");
     wait_for("waiting for reader: apply setup:hang", &mut child);
     kill_process(pid, Signal::INT).expect("SIGINT");

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 
 use bottle::runtime::RuntimeError;
 use bottle::runtime::RuntimeErrorKind;
-use bottle::steps::{self, LOCK_DIR};
+use bottle::steps::txn::{self, Ledger, StepOutcome, TxnStep};
+use bottle::steps::{self, LOCK_DIR, Work};
 use support::Double;
 use support::project::{Project, Run};
 
@@ -180,45 +181,54 @@ fn agent_user_and_setup_commands_never_hold_the_lock() {
     let p = project();
     p.bottle(&["apply"]).success();
     let rt = p.double.runtime();
-    let timeout = Duration::from_secs(30);
-    let fd9 = "if [ -e /proc/$$/fd/9 ]; then echo fd9 open; else echo fd9 closed; fi";
+    // `[` is the shell's own: /proc/self is the (sub)shell running it.
+    let fd9 = "if [ -e /proc/self/fd/9 ]; then echo fd9 open; else echo fd9 closed; fi";
 
-    // A root script holds its step's lock while it runs, on fd 9.
-    let out = steps::run_script(
-        &rt,
-        CODER,
-        "prompt",
+    // In a guest transaction, a root script holds its step's lock while it
+    // runs, on fd 9; a script it runs as the agent user is the user's, with
+    // its arguments, and has no fd 9: a process it leaves running does not
+    // hold the lock.
+    let root = Work::new(
         "checking the lock",
-        &format!(
-            "id -un; {fd9}; if flock -n {} true; then echo free; else echo held; fi",
-            steps::lock_path(LOCK_DIR, "prompt")
-        ),
-        &[],
         "-",
-    )
-    .unwrap();
-    assert_eq!(out, "root\nfd9 open\nheld\n");
-
-    // A script run as the agent user is the user's, with its arguments,
-    // and has no fd 9: a process it leaves running does not hold the lock.
-    let out = steps::run_script_as(
+        format!(
+            "{{ id -un; {fd9}; if flock -n {} true; then echo free; else echo held; fi; }} > /tmp/root-check",
+            steps::lock_path(LOCK_DIR, "lockcheck")
+        ),
+    );
+    let user = Work::new("leaving a daemon", "-", "bottle_as node \"$1\" \"$2\"").args([
+        format!(
+            "{{ echo \"$(id -un) $1\"; {fd9}; }} > /tmp/agent-check; sleep 300 >/dev/null 2>&1 & echo $! > /tmp/agent-daemon"
+        ),
+        "arg one".to_owned(),
+    ]);
+    let step = |work: Work, after: Vec<usize>| TxnStep {
+        step: "lockcheck".into(),
+        work,
+        ledger: Ledger::Remove,
+        after,
+    };
+    let outcomes = txn::run(
         &rt,
         CODER,
-        "prompt",
-        Some("node"),
-        "leaving a daemon",
-        &format!(
-            "echo \"$(id -un) $1\"; {fd9}; sleep 300 >/dev/null 2>&1 & echo $! > /tmp/agent-daemon"
-        ),
-        &["arg one"],
-        "-",
-        timeout,
-    )
-    .unwrap();
-    assert_eq!(out, "node arg one\nfd9 closed\n");
+        "node",
+        &[step(root, vec![]), step(user, vec![0])],
+    );
+    assert!(
+        outcomes.iter().all(|o| matches!(o, StepOutcome::Done)),
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        p.double.sh(CODER, "cat /tmp/root-check"),
+        "root\nfd9 open\nheld\n"
+    );
+    assert_eq!(
+        p.double.sh(CODER, "cat /tmp/agent-check"),
+        "node arg one\nfd9 closed\n"
+    );
     let daemon = p.double.sh(CODER, "cat /tmp/agent-daemon");
     assert!(alive(&p, CODER, &daemon), "the agent's daemon runs");
-    assert!(lock_is_free(&p, CODER, "prompt"));
+    assert!(lock_is_free(&p, CODER, "lockcheck"));
     p.double.sh(CODER, &format!("kill {}", daemon.trim()));
 
     // A setup command that starts a daemon: the step, its ledger write

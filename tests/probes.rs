@@ -375,3 +375,50 @@ fn env_and_volumes_changed_through_the_runtime_are_drift() {
     p.bottle(&["apply"]).success();
     p.bottle(&["check"]).success();
 }
+
+// --- the ledger is not the only judge of what the host knows ------------------
+
+/// Root in the guest rewrites a step's ledger digest to that of what
+/// `probe` (the step's probe fragment, as the guest runs it) prints now.
+fn forge_ledger_digest(p: &Project, step: &str, probe: &str) {
+    p.double.sh(
+        CODER,
+        &format!(
+            "d=$( ( {probe} ) 2>/dev/null | sha256sum | cut -c1-64 ) && \
+             sed -i \"s/\\\"digest\\\":\\\"[0-9a-f]*\\\"/\\\"digest\\\":\\\"$d\\\"/\" \
+             /var/lib/bottle/ledger/{step}.json && grep -q \"$d\" /var/lib/bottle/ledger/{step}.json"
+        ),
+    );
+}
+
+#[test]
+fn a_ledger_edited_in_the_guest_cannot_hide_a_changed_prompt() {
+    let p = project();
+    p.bottle(&["apply"]).success();
+    p.bottle(&["check"]).success();
+    let prompt = "/home/node/.bottle/prompt.md";
+    let skill = "/home/node/.claude/skills/style";
+    p.double.sh(
+        CODER,
+        &format!("echo injected >> {prompt} && echo injected >> {skill}/SKILL.md"),
+    );
+    forge_ledger_digest(
+        &p,
+        "prompt",
+        &format!("stat -c '%a %u %g' {prompt}; sha256sum < {prompt}"),
+    );
+    let check = p.bottle(&["check"]);
+    check.code(3);
+    assert!(
+        check.stdout.contains("coder: prompt (apply needed)"),
+        "{}",
+        check.stdout
+    );
+    p.bottle(&["apply"]).success();
+    p.bottle(&["check"]).success();
+    assert!(
+        !p.double
+            .sh(CODER, &format!("cat {prompt} {skill}/SKILL.md"))
+            .contains("injected")
+    );
+}

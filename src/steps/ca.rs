@@ -1,9 +1,13 @@
 //! The ca step: the bottle's CA certificate in the guest trust store; with
 //! a gate, the project CA too (the gate intercepts TLS with it).
 
-use super::{AgentCtx, StepError, StepResult, digest, run_script, sh_quote, sha256_hex, upload};
+use super::{
+    AgentCtx, Payload, Recorded, Step, StepCx, StepError, StepResult, Work, digest, sh_quote,
+    sha256_hex,
+};
 use crate::ledger::LedgerEntry;
-use crate::runtime::{CopyOptions, Runtime};
+
+pub struct CaStep;
 
 const CA_DIR: &str = "/usr/local/share/ca-certificates";
 
@@ -69,112 +73,116 @@ pub fn expected_probe(cert: &[u8]) -> String {
     format!("{}  -\ntrusted\n", sha256_hex(cert))
 }
 
-/// Upload the certificate and update the trust store; recorded only when
-/// the probe then shows the certificate in the trust bundle (an image
-/// whose `update-ca-certificates` leaves it out, or an upload that did
-/// nothing, is a failure, never an applied step).
-pub fn apply(ctx: &AgentCtx, rt: &dyn Runtime, entry: &mut LedgerEntry) -> StepResult<Vec<String>> {
-    let certs = certs(ctx);
-    if certs.is_empty() || ctx.gate.is_some_and(|g| !g.ca_cert.is_file()) {
-        return Err(StepError::Other(
-            format!("the CA certificate for {} is not there yet", ctx.machine),
-            "the gate mints the project CA when it first starts: run `bottle apply` again \
-             once the gate runs (`bottle status`)"
-                .into(),
+const HELP: &str = "the image needs the ca-certificates package (update-ca-certificates)";
+
+/// Root, in the payload directory: `cert<i>` goes to the `i`th path of
+/// `"$@"`, then the trust store is updated.
+const INSTALL: &str = r#"set -e
+i=0
+for path do
+  mkdir -p "$(dirname "$path")"
+  cp "cert$i" "$path.bottle-tmp" && chmod 644 "$path.bottle-tmp" && mv -f "$path.bottle-tmp" "$path"
+  i=$((i+1))
+done
+update-ca-certificates >/dev/null 2>&1 || update-ca-certificates >&2 || exit 1
+"#;
+
+/// Shell run after [`INSTALL`]: the probe of each certificate compared
+/// with what it prints once bottle's certificate is there and trusted
+/// (`expected<i>`), failing the step, naming the certificate, otherwise.
+fn verify(paths: &[String], machine: &str) -> String {
+    let mut script = String::from("bottle_bad=0\n");
+    for (i, path) in paths.iter().enumerate() {
+        let p = sh_quote(path);
+        script.push_str(&format!(
+            "( {probe} ) > got{i} 2>/dev/null || true\n\
+             if [ \"$(cat got{i})\" != \"$(cat expected{i})\" ]; then bottle_bad=1\n\
+             \x20 if [ \"$(sed -n 2p got{i})\" = untrusted ]; then bottle_found='is not in the trust bundle'; else bottle_found='is not what bottle uploaded'; fi\n\
+             \x20 echo \"the CA certificate \"{p}\" $bottle_found after update-ca-certificates in machine \"{m}\" (bottle checks {BUNDLE})\" >&2\n\
+             fi\n",
+            probe = probe_of(path, BUNDLE),
+            m = sh_quote(machine),
         ));
     }
-    let mut uploaded = Vec::with_capacity(certs.len());
-    for (host, path) in &certs {
-        let cert = std::fs::read(host).map_err(|e| {
-            StepError::Other(
-                format!("cannot read CA certificate {}: {e}", host.display()),
-                "check that the file exists and is readable".into(),
-            )
-        })?;
-        upload(
-            rt,
-            ctx.machine,
-            &cert,
-            path,
-            &CopyOptions {
-                mode: 0o644,
-                uid: 0,
-                gid: 0,
-            },
-        )?;
-        uploaded.push((cert, path.as_str()));
-    }
-    let out = run_script(
-        rt,
-        ctx.machine,
-        &entry.step,
-        "update-ca-certificates",
-        &format!(
-            "update-ca-certificates >/dev/null 2>&1 || update-ca-certificates >&2 || exit 1; {}",
-            probe(ctx)
-        ),
-        &[],
-        "the image needs the ca-certificates package (update-ca-certificates)",
-    )?;
-    // The probe's lines, certificate by certificate: two each when the
-    // certificate is there (its hash, then `trusted`), one (`missing`) not.
-    let mut lines = out.lines();
-    let mut expected = String::new();
-    for (cert, path) in &uploaded {
-        let want = expected_probe(cert);
-        let got = match lines.next() {
-            Some(first) if first != "missing" => {
-                format!("{first}\n{}\n", lines.next().unwrap_or(""))
-            }
-            other => format!("{}\n", other.unwrap_or("")),
-        };
-        if got != want {
-            let found = match got.lines().nth(1) {
-                Some("untrusted") => "is not in the trust bundle",
-                _ => "is not what bottle uploaded",
-            };
-            return Err(StepError::Other(
-                format!(
-                    "the CA certificate {path} {found} after update-ca-certificates in machine {}",
-                    ctx.machine
-                ),
-                format!(
-                    "bottle checks {BUNDLE}: use an image whose update-ca-certificates (the \
-                     ca-certificates package) writes that bundle, then run `bottle apply` again"
-                ),
-            ));
-        }
-        expected.push_str(&want);
-    }
-    if out != expected {
-        return Err(StepError::Other(
-            format!(
-                "the CA certificates of machine {} are not what bottle uploaded after \
-                 update-ca-certificates",
-                ctx.machine
-            ),
-            "run `bottle apply` again; if it persists, check the image's update-ca-certificates"
-                .into(),
-        ));
-    }
-    entry.digest = digest(&expected);
-    entry.paths = certs.into_iter().map(|(_, guest)| guest).collect();
-    Ok(Vec::new())
+    script.push_str("[ \"$bottle_bad\" = 0 ]\n");
+    script
 }
 
-pub fn undo(entry: &LedgerEntry, ctx: &AgentCtx, rt: &dyn Runtime) -> StepResult<()> {
-    let mut args: Vec<&str> = entry.paths.iter().map(String::as_str).collect();
-    args.retain(|p| p.starts_with(CA_DIR));
-    run_script(
-        rt,
-        ctx.machine,
-        &entry.step,
-        "removing the CA certificate",
-        "rm -f \"$@\" && update-ca-certificates --fresh >/dev/null 2>&1 || update-ca-certificates --fresh >&2",
-        &args,
-        "the image needs the ca-certificates package (update-ca-certificates)",
-    )?;
-    Ok(())
+impl Step for CaStep {
+    fn noun(&self) -> String {
+        "CA certificate".into()
+    }
+
+    fn probe(&self, ctx: &AgentCtx) -> Option<String> {
+        Some(probe(ctx))
+    }
+
+    fn drift_path(&self, ctx: &AgentCtx) -> String {
+        certs(ctx)
+            .into_iter()
+            .next()
+            .map(|(_, guest)| guest)
+            .unwrap_or_else(|| cert_path(ctx))
+    }
+
+    /// Install the certificates and update the trust store; recorded only
+    /// when the probe then shows each certificate in the trust bundle (an
+    /// image whose `update-ca-certificates` leaves it out, or a copy that
+    /// did nothing, is a failure, never an applied step).
+    fn apply(&self, cx: &StepCx, entry: &mut LedgerEntry) -> StepResult<Work> {
+        let ctx = cx.ctx;
+        let certs = certs(ctx);
+        if certs.is_empty() || ctx.gate.is_some_and(|g| !g.ca_cert.is_file()) {
+            return Err(StepError::Other(
+                format!("the CA certificate for {} is not there yet", ctx.machine),
+                "the gate mints the project CA when it first starts: run `bottle apply` again \
+                 once the gate runs (`bottle status`)"
+                    .into(),
+            ));
+        }
+        let paths: Vec<String> = certs.iter().map(|(_, guest)| guest.clone()).collect();
+        let mut work = Work::new(
+            "update-ca-certificates",
+            &format!(
+                "{HELP}: bottle checks {BUNDLE}, so use an image whose update-ca-certificates \
+                 writes that bundle, then run `bottle apply` again"
+            ),
+            format!("{INSTALL}{}", verify(&paths, ctx.machine)),
+        )
+        .args(paths.clone());
+        let mut expected = String::new();
+        for (i, (host, _)) in certs.iter().enumerate() {
+            let pem = std::fs::read(host).map_err(|e| {
+                StepError::Other(
+                    format!("cannot read CA certificate {}: {e}", host.display()),
+                    "check that the file exists and is readable".into(),
+                )
+            })?;
+            let want = expected_probe(&pem);
+            expected.push_str(&want);
+            work = work
+                .file(Payload::new(&format!("cert{i}"), pem, 0o644))
+                .file(Payload::new(
+                    &format!("expected{i}"),
+                    want.into_bytes(),
+                    0o600,
+                ));
+        }
+        entry.paths = paths;
+        // What bottle sent, trusted: a bundle without it is drift.
+        Ok(work.recorded(Recorded::Known(digest(&expected))))
+    }
+
+    fn undo(&self, _cx: &StepCx, entry: &LedgerEntry) -> StepResult<Work> {
+        let mut args: Vec<String> = entry.paths.clone();
+        args.retain(|p| p.starts_with(CA_DIR));
+        Ok(Work::new(
+            "removing the CA certificate",
+            HELP,
+            "rm -f \"$@\" && update-ca-certificates --fresh >/dev/null 2>&1 || update-ca-certificates --fresh >&2",
+        )
+        .args(args))
+    }
 }
 
 #[cfg(test)]

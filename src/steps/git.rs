@@ -2,12 +2,11 @@
 //! upstream URL to the gateway (`url.<gateway>/<name>.git.insteadOf`) and
 //! sets the commit identity. Other settings in the file are left alone.
 
-use super::{
-    AgentCtx, StepError, StepResult, digest, entry_user, home_of, run_script_as, sh_quote,
-};
+use super::{AgentCtx, Recorded, Step, StepCx, StepResult, Work, digest, entry_user, sh_quote};
 use crate::ledger::LedgerEntry;
 use crate::runtime::smolvm::AS_USER;
-use crate::runtime::{ExecRequest, Runtime};
+
+pub struct GitStep;
 
 /// What git will actually use, as the agent user, outside any repository
 /// (so every config file git reads for that user counts: the system's,
@@ -156,117 +155,104 @@ done
 [ "$bad" = 0 ] || exit 3
 "#;
 
-pub fn apply(
-    ctx: &AgentCtx,
-    rt: &dyn Runtime,
-    previous: Option<&LedgerEntry>,
-    entry: &mut LedgerEntry,
-) -> StepResult<Vec<String>> {
-    let old = previous
-        .map(|p| p.detail_strings("sections"))
-        .unwrap_or_default();
-    let rewrites = rewrites(ctx);
-    let mut sections: Vec<String> = rewrites.iter().map(|(s, _)| s.clone()).collect();
-    sections.dedup();
-    // Remove the old and the new sections, so re-applying never duplicates.
-    let mut remove: Vec<String> = old.clone();
-    for s in &sections {
-        if !remove.contains(s) {
-            remove.push(s.clone());
-        }
-    }
-    let count = remove.len().to_string();
-    let (name, email) = identity(ctx).unwrap_or(("", ""));
-    // Only an identity bottle set itself is ever removed.
-    let had_identity = previous
-        .and_then(|p| p.detail.get("identity"))
-        .and_then(|v| v.as_bool())
-        .unwrap_or(false);
-    let unset = if had_identity && name.is_empty() {
-        "unset"
-    } else {
-        "keep"
-    };
-    let mut args: Vec<&str> = vec![&count];
-    args.extend(remove.iter().map(String::as_str));
-    args.extend([name, email, unset]);
-    for (section, upstream) in &rewrites {
-        args.push(section);
-        args.push(upstream);
-    }
-    let user = Some(ctx.user());
-    let script = format!("export HOME={}\n{CONFIGURE}", sh_quote(&ctx.home()));
-    let configured = run_script_as(
-        rt,
-        ctx.machine,
-        &entry.step,
-        user,
-        "configuring git",
-        &script,
-        &args,
-        "the image needs `git` (2.30 or later)",
-        ExecRequest::DEFAULT_TIMEOUT,
-    );
-    match configured {
-        Err(StepError::Guest {
-            status: NOT_CONVERGED,
-            stderr,
-            ..
-        }) => {
-            return Err(StepError::Other(
-                format!(
-                    "git in machine {} does not use the declared remotes: {}",
-                    ctx.machine,
-                    stderr.trim().replace('\n', "; ")
-                ),
-                format!(
-                    "a git config file of user {} that bottle cannot change sets them; \
-                     see `git config --show-origin --get-regexp 'url|user'` as that user",
-                    ctx.user()
-                ),
-            ));
-        }
-        other => {
-            other?;
-        }
-    }
-    entry.digest = digest(&expected_probe(ctx));
-    entry.paths = vec![format!("{}/.gitconfig", ctx.home())];
-    entry
-        .detail
-        .insert("sections".into(), serde_json::json!(sections));
-    entry
-        .detail
-        .insert("identity".into(), serde_json::json!(!name.is_empty()));
-    Ok(Vec::new())
-}
+/// Root: the user configures its own files (exit status [`NOT_CONVERGED`]
+/// when git still resolves a declared upstream elsewhere).
+const APPLY: &str = r#"body=$1; shift
+bottle_as "$bottle_user" "$body" "$@"
+"#;
 
-pub fn undo(entry: &LedgerEntry, ctx: &AgentCtx, rt: &dyn Runtime) -> StepResult<()> {
-    let sections = entry.detail_strings("sections");
-    let identity = entry
-        .detail
-        .get("identity")
-        .and_then(|v| v.as_bool())
-        .unwrap_or(false);
-    let user = entry_user(entry, ctx);
-    let mut script = format!("export HOME={}\n", sh_quote(&home_of(user)));
-    script.push_str("for s in \"$@\"; do git config --global --remove-section \"$s\" 2>/dev/null || true; done\n");
-    if identity {
-        script.push_str("git config --global --unset user.name || true; git config --global --unset user.email || true\n");
+impl Step for GitStep {
+    fn noun(&self) -> String {
+        "git configuration".into()
     }
-    let args: Vec<&str> = sections.iter().map(String::as_str).collect();
-    run_script_as(
-        rt,
-        ctx.machine,
-        &entry.step,
-        Some(user),
-        "removing the git configuration",
-        &script,
-        &args,
-        "the image needs `git`",
-        ExecRequest::DEFAULT_TIMEOUT,
-    )?;
-    Ok(())
+
+    fn probe(&self, ctx: &AgentCtx) -> Option<String> {
+        Some(probe(ctx))
+    }
+
+    fn drift_path(&self, ctx: &AgentCtx) -> String {
+        format!("{}/.gitconfig", ctx.home())
+    }
+
+    fn in_home(&self) -> bool {
+        true
+    }
+
+    fn apply(&self, cx: &StepCx, entry: &mut LedgerEntry) -> StepResult<Work> {
+        let ctx = cx.ctx;
+        let previous = cx.previous;
+        let old = previous
+            .map(|p| p.detail_strings("sections"))
+            .unwrap_or_default();
+        let rewrites = rewrites(ctx);
+        let mut sections: Vec<String> = rewrites.iter().map(|(s, _)| s.clone()).collect();
+        sections.dedup();
+        // Remove the old and the new sections, so re-applying never duplicates.
+        let mut remove: Vec<String> = old.clone();
+        for s in &sections {
+            if !remove.contains(s) {
+                remove.push(s.clone());
+            }
+        }
+        let (name, email) = identity(ctx).unwrap_or(("", ""));
+        // Only an identity bottle set itself is ever removed.
+        let had_identity = previous
+            .and_then(|p| p.detail.get("identity"))
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        let unset = if had_identity && name.is_empty() {
+            "unset"
+        } else {
+            "keep"
+        };
+        let mut args: Vec<String> = vec![CONFIGURE.to_owned(), remove.len().to_string()];
+        args.extend(remove);
+        args.extend([name.to_owned(), email.to_owned(), unset.to_owned()]);
+        for (section, upstream) in &rewrites {
+            args.push(section.clone());
+            args.push(upstream.clone());
+        }
+        entry.paths = vec![format!("{}/.gitconfig", ctx.home())];
+        entry
+            .detail
+            .insert("sections".into(), serde_json::json!(sections));
+        entry
+            .detail
+            .insert("identity".into(), serde_json::json!(!name.is_empty()));
+        let help = format!(
+            "the image needs `git` (2.30 or later); when git still resolves a declared remote \
+             elsewhere (exit status {NOT_CONVERGED}), a git config file of user {} that bottle \
+             cannot change sets it: see `git config --show-origin --get-regexp 'url|user'` as \
+             that user",
+            ctx.user()
+        );
+        // Verified in the guest with the probe's own query: recorded as
+        // what the probe prints when git uses what the manifest declares.
+        Ok(Work::new("configuring git", &help, APPLY)
+            .args(args)
+            .recorded(Recorded::Known(digest(&expected_probe(ctx)))))
+    }
+
+    fn undo(&self, cx: &StepCx, entry: &LedgerEntry) -> StepResult<Work> {
+        let sections = entry.detail_strings("sections");
+        let identity = entry
+            .detail
+            .get("identity")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        let mut body = "for s in \"$@\"; do git config --global --remove-section \"$s\" 2>/dev/null || true; done\n".to_owned();
+        if identity {
+            body.push_str("git config --global --unset user.name || true; git config --global --unset user.email || true\n");
+        }
+        let mut args = vec![entry_user(entry, cx.ctx).to_owned(), body];
+        args.extend(sections);
+        Ok(Work::new(
+            "removing the git configuration",
+            "the image needs `git`",
+            "u=$1; body=$2; shift 2; bottle_as \"$u\" \"$body\" \"$@\"",
+        )
+        .args(args))
+    }
 }
 
 #[cfg(test)]

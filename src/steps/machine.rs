@@ -7,13 +7,12 @@
 
 use std::collections::BTreeMap;
 
-use super::{AgentCtx, GuestUser, StepError, StepResult, run_script};
-use crate::graph::{MachineHashes, StepKind};
+use super::txn::{GID_PLACEHOLDER, UID_PLACEHOLDER, fill_placeholder};
+use super::{AgentCtx, GuestUser, Recorded, Step, StepCx, StepResult, Work};
+use crate::graph::MachineHashes;
 use crate::ledger::{LEDGER_DIR, LedgerEntry};
 use crate::manifest::{Bottle, Image};
-use crate::runtime::{
-    Egress, MachineSpec, MachineUpdate, Runtime, SecretMount, SecretSource, VolumeMount,
-};
+use crate::runtime::{Egress, MachineSpec, MachineUpdate, SecretMount, SecretSource, VolumeMount};
 
 /// Labels every managed machine carries.
 pub const LABEL_MANAGED_BY: &str = "bottle.managed-by";
@@ -426,6 +425,7 @@ fn parse_volume_arg(arg: &str) -> Option<VolumeMount> {
     })
 }
 
+/// `$1` the user, `$2` its home.
 const ENSURE_USER: &str = r#"set -e
 u="$1"; h="$2"
 if ! id -u "$u" >/dev/null 2>&1; then
@@ -435,55 +435,74 @@ fi
 mkdir -p "$h"
 chown -h "$(id -u "$u"):$(id -g "$u")" "$h"
 mkdir -p /var/lib/bottle/ledger && chmod 700 /var/lib/bottle /var/lib/bottle/ledger
-# Files for the agent's home wait here, owned by the agent user, under
-# names nobody can list: the user copies them in with its own rights.
-mkdir -p /var/lib/bottle-stage && chmod 711 /var/lib/bottle-stage
-echo "$(id -u "$u") $(id -g "$u")"
 "#;
 
-/// Make sure the agent user exists; returns its ids and the ledger entry.
-pub fn ensure_user(
-    ctx: &AgentCtx,
-    hash: &str,
-    rt: &dyn Runtime,
-) -> StepResult<(GuestUser, LedgerEntry)> {
-    let home = ctx.home();
-    let out = run_script(
-        rt,
-        ctx.machine,
-        &StepKind::Machine.id(),
-        "creating the agent user",
-        &format!("{ENSURE_USER}{}", sources_probe(ctx)),
-        &[ctx.user(), &home],
-        "the image needs `useradd` (shadow) or busybox `adduser`",
-    )?;
-    let user = parse_ids(&out).ok_or_else(|| {
-        StepError::Other(
-            format!(
-                "unexpected output while creating user {}: {out:?}",
-                ctx.user()
-            ),
-            "check that `id` works in the image".into(),
+pub struct MachineStep;
+
+impl Step for MachineStep {
+    fn noun(&self) -> String {
+        "agent user".into()
+    }
+
+    fn probe(&self, ctx: &AgentCtx) -> Option<String> {
+        Some(probe(ctx))
+    }
+
+    fn drift_path(&self, ctx: &AgentCtx) -> String {
+        format!("user {}", ctx.user())
+    }
+
+    /// Make sure the agent user exists; the entry records its ids.
+    fn apply(&self, cx: &StepCx, entry: &mut LedgerEntry) -> StepResult<Work> {
+        let ctx = cx.ctx;
+        let home = ctx.home();
+        entry.paths = vec![home.clone(), LEDGER_DIR.to_owned()];
+        entry.detail = mutable_detail(ctx);
+        entry
+            .detail
+            .insert("user".into(), serde_json::json!(ctx.user()));
+        entry
+            .detail
+            .insert("uid".into(), serde_json::json!(UID_PLACEHOLDER));
+        entry
+            .detail
+            .insert("gid".into(), serde_json::json!(GID_PLACEHOLDER));
+        // What is mounted at each volume's guest path, fingerprinted in
+        // the guest once the machine is provisioned (`fill`, line by line
+        // in the volumes' order): a mount of another source later shows.
+        let sources: BTreeMap<String, String> = ctx
+            .bottle
+            .volumes
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                (
+                    mountinfo_escape(&v.guest),
+                    fill_placeholder(&format!("src{i}")),
+                )
+            })
+            .collect();
+        entry
+            .detail
+            .insert("volume_sources".into(), serde_json::json!(sources));
+        let script = format!(
+            "{ENSURE_USER}( :\n{}) | awk '{{ print \"src\" (NR - 1), $NF }}' > fill\n",
+            sources_probe(ctx)
+        );
+        Ok(Work::new(
+            "creating the agent user",
+            "the image needs `useradd` (shadow) or busybox `adduser`",
+            script,
         )
-    })?;
-    let mut entry = LedgerEntry::new(&StepKind::Machine, hash);
-    entry.digest = super::digest(&probe_output(user));
-    entry.paths = vec![home, LEDGER_DIR.to_owned()];
-    entry.detail = mutable_detail(ctx);
-    entry
-        .detail
-        .insert("user".into(), serde_json::json!(ctx.user()));
-    entry
-        .detail
-        .insert("uid".into(), serde_json::json!(user.uid));
-    entry
-        .detail
-        .insert("gid".into(), serde_json::json!(user.gid));
-    entry.detail.insert(
-        "volume_sources".into(),
-        serde_json::json!(parse_sources(&out)),
-    );
-    Ok((user, entry))
+        .args([ctx.user().to_owned(), home])
+        .recorded(Recorded::Expected(
+            "printf '%s %s\\n' \"$bottle_uid\" \"$bottle_gid\"".into(),
+        )))
+    }
+
+    fn undo(&self, _cx: &StepCx, _entry: &LedgerEntry) -> StepResult<Work> {
+        Ok(Work::new("forgetting the machine step", "", ""))
+    }
 }
 
 fn parse_ids(out: &str) -> Option<GuestUser> {
@@ -492,10 +511,6 @@ fn parse_ids(out: &str) -> Option<GuestUser> {
         uid: it.next()?.parse().ok()?,
         gid: it.next()?.parse().ok()?,
     })
-}
-
-fn probe_output(user: GuestUser) -> String {
-    format!("{} {}\n", user.uid, user.gid)
 }
 
 /// Prints the agent user's ids, or nothing when the user is missing.

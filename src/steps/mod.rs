@@ -1,23 +1,29 @@
 //! What each provisioning step does inside a guest: apply, probe, undo.
 //!
-//! Every step kind owns one module with the same three pieces:
+//! Every step kind owns one module implementing [`Step`], and [`step`] is
+//! the one table from a [`StepKind`] to it; plan, observe and apply use
+//! nothing else:
 //! - `probe`: a shell fragment whose output describes what the step left in
 //!   the guest. Observation runs the fragments of all of an agent's steps in
-//!   one `exec`; the digest of a fragment's output is compared with the digest
-//!   recorded in the ledger right after the step was applied, which is how
-//!   in-guest drift shows.
-//! - `apply`: make the guest match, then return the ledger entry to record.
-//! - `undo`: remove what the ledger entry says the step owns.
+//!   one `exec`; the digest of a fragment's output is compared with the
+//!   digest recorded in the ledger, which is how in-guest drift shows.
+//! - `apply`: the [`Work`] that makes the guest match (its payload files,
+//!   its root script, and how the recorded digest is found: [`Recorded`],
+//!   always from what bottle sent), filling the ledger entry to record.
+//! - `undo`: the [`Work`] that removes what the ledger entry says the step
+//!   owns.
 //!
-//! Every script a step runs in the guest holds the step's lock
-//! ([`lock_preamble`]); probes take none. They only read: a probe beside a
-//! step still running (left by a killed apply) may see its work half done,
-//! and an apply then waits for that step before it redoes it. A probe that
-//! waited for locks would hold up every `plan` and `check` behind a stuck
-//! command.
+//! The due steps of an agent run as one guest transaction ([`txn`]): one
+//! upload, one exec. Every script a step runs in the guest holds the
+//! step's lock ([`lock_preamble`]); probes take none. They only read: a
+//! probe beside a step still running (left by a killed apply) may see its
+//! work half done, and an apply then waits for that step before it redoes
+//! it. A probe that waited for locks would hold up every `plan` and
+//! `check` behind a stuck command.
 //!
 //! User data reaches guest shells only as positional arguments (`"$1"`),
-//! never spliced into script text.
+//! never spliced into script text (probe fragments quote the few names
+//! they need).
 
 pub mod ca;
 pub mod git;
@@ -26,6 +32,7 @@ pub mod prompt;
 pub mod setup;
 pub mod skills;
 pub mod supervise;
+pub mod txn;
 
 use std::path::Path;
 use std::time::Duration;
@@ -35,10 +42,9 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 
 use crate::graph::{MachineHashes, StepKind};
-use crate::ledger::{self, LedgerEntry};
+use crate::ledger::LedgerEntry;
 use crate::manifest::{Agent, Bottle, Project};
-use crate::runtime::smolvm::AS_USER;
-use crate::runtime::{CopyOptions, ExecRequest, Runtime, RuntimeError};
+use crate::runtime::{ExecRequest, RuntimeError};
 
 /// Everything a step needs to know about the agent it provisions.
 #[derive(Debug, Clone, Copy)]
@@ -202,93 +208,9 @@ pub fn lock_preamble(dir: &str, step: &str, wait_secs: u64) -> String {
 }
 
 /// `body` as a root script holding `step`'s lock.
+#[cfg(test)]
 fn locked_script(dir: &str, step: &str, wait_secs: u64, body: &str) -> String {
     format!("{}{body}", lock_preamble(dir, step, wait_secs))
-}
-
-/// A root script that holds `step`'s lock and runs `$2` as the user `$1`
-/// (through `as_user`, which runs `"$@"` as the user named by `$0`) with
-/// the rest of its arguments. Not `exec`: the shell must stay, holding the
-/// lock, while the user's command runs without fd 9.
-fn locked_user_script(dir: &str, step: &str, wait_secs: u64, as_user: &str) -> String {
-    format!(
-        "{}bottle_user=\"$1\"; bottle_body=\"$2\"; shift 2\n\
-         sh -c {} \"$bottle_user\" sh -c \"$bottle_body\" sh \"$@\" 9>&-\n",
-        lock_preamble(dir, step, wait_secs),
-        sh_quote(as_user)
-    )
-}
-
-/// Run a root shell script in the guest with positional arguments, holding
-/// `step`'s guest lock; a non-zero exit is an error that quotes the guest's
-/// stderr.
-pub fn run_script(
-    rt: &dyn Runtime,
-    machine: &str,
-    step: &str,
-    what: &str,
-    script: &str,
-    args: &[&str],
-    help: &str,
-) -> StepResult<String> {
-    run_script_as(
-        rt,
-        machine,
-        step,
-        None,
-        what,
-        script,
-        args,
-        help,
-        ExecRequest::DEFAULT_TIMEOUT,
-    )
-}
-
-/// Run a script holding `step`'s guest lock, as root or as `user`. The
-/// exec itself is always root's: only root can take the lock (the agent
-/// user must not be able to hold it), and the script drops to the user
-/// with smolvm's own wrapper ([`AS_USER`]).
-#[allow(clippy::too_many_arguments)]
-pub fn run_script_as(
-    rt: &dyn Runtime,
-    machine: &str,
-    step: &str,
-    user: Option<&str>,
-    what: &str,
-    script: &str,
-    args: &[&str],
-    help: &str,
-    timeout: Duration,
-) -> StepResult<String> {
-    let wait = LOCK_WAIT.as_secs();
-    let mut argv = vec!["sh".to_owned(), "-c".to_owned()];
-    match user {
-        None => argv.extend([locked_script(LOCK_DIR, step, wait, script), "sh".to_owned()]),
-        Some(user) => argv.extend([
-            locked_user_script(LOCK_DIR, step, wait, AS_USER),
-            "sh".to_owned(),
-            user.to_owned(),
-            script.to_owned(),
-        ]),
-    }
-    argv.extend(args.iter().map(|a| (*a).to_owned()));
-    let out = rt.exec(
-        machine,
-        &ExecRequest::new(argv).timeout(timeout + LOCK_WAIT),
-    )?;
-    if !out.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        if let Some(error) = lock_failure(machine, step, out.status, &stderr) {
-            return Err(error);
-        }
-        return Err(StepError::Guest {
-            what: what.to_owned(),
-            status: out.status,
-            stderr: tail(&stderr, 2000),
-            help: help.to_owned(),
-        });
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The lock preamble's own failures, which say nothing about the step.
@@ -312,161 +234,15 @@ fn lock_failure(machine: &str, step: &str, status: i32, stderr: &str) -> Option<
     }
 }
 
-/// Copy bytes into the guest (through a private host temp file, since
-/// runtimes copy files).
-pub fn upload(
-    rt: &dyn Runtime,
-    machine: &str,
-    bytes: &[u8],
-    guest_path: &str,
-    options: &CopyOptions,
-) -> StepResult<()> {
-    use std::io::Write;
-    let mut tmp = tempfile::NamedTempFile::new().map_err(|e| {
-        StepError::Other(
-            format!("cannot create a temporary file: {e}"),
-            "check that the temporary directory is writable".into(),
-        )
-    })?;
-    tmp.write_all(bytes)
-        .and_then(|_| tmp.flush())
-        .map_err(|e| {
-            StepError::Other(
-                format!("cannot write a temporary file: {e}"),
-                "check free space in the temporary directory".into(),
-            )
-        })?;
-    rt.copy_in(machine, tmp.path(), guest_path, options)?;
-    Ok(())
-}
-
-/// Upload a host file.
-pub fn upload_file(
-    rt: &dyn Runtime,
-    machine: &str,
-    host: &Path,
-    guest_path: &str,
-    options: &CopyOptions,
-) -> StepResult<()> {
-    rt.copy_in(machine, host, guest_path, options)?;
-    Ok(())
-}
-
-/// Pack `paths` into one archive and [`stage`] it for `user` (root for
-/// setup inputs).
-pub fn stage_tree(
-    rt: &dyn Runtime,
-    machine: &str,
-    paths: &[std::path::PathBuf],
-    user: GuestUser,
-) -> StepResult<String> {
-    stage(
-        rt,
-        machine,
-        &tar_paths(paths.iter().map(|p| p.as_path()))?,
-        user,
-    )
-}
-
-/// A tar archive holding each path (file or directory) at its top level
-/// under its own name, with modification times kept (owners are set in the
-/// guest). Symlinks are archived as links, never followed, so nothing
-/// outside a skill directory is copied.
-pub fn tar_paths<'a>(paths: impl Iterator<Item = &'a Path>) -> StepResult<Vec<u8>> {
-    let mut builder = tar::Builder::new(Vec::new());
-    builder.follow_symlinks(false);
-    for path in paths {
-        let name = path.file_name().unwrap_or_default();
-        let result = if path.is_dir() {
-            builder.append_dir_all(name, path)
-        } else {
-            builder.append_path_with_name(path, name)
-        };
-        result.map_err(|e| {
-            StepError::Other(
-                format!("cannot read {}: {e}", path.display()),
-                "check that the path exists and is readable".into(),
-            )
-        })?;
-    }
-    builder.into_inner().map_err(|e| {
-        StepError::Other(
-            format!("cannot build an archive: {e}"),
-            "check free memory".into(),
-        )
-    })
-}
-
-/// Where files bound for the agent's home are staged (created by the
-/// machine step, mode 0711: enterable, not listable).
-pub const STAGE_DIR: &str = "/var/lib/bottle-stage";
-
-/// Stage `bytes` for the agent user: a file under an unguessable name in
-/// [`STAGE_DIR`], owned by the user, mode 0600. Everything that lands in the
-/// agent's home is written *by the agent user* from such a file, so a
-/// symlink the agent planted in its home can never make root write, chown
-/// or delete anything outside it.
-pub fn stage(rt: &dyn Runtime, machine: &str, bytes: &[u8], user: GuestUser) -> StepResult<String> {
-    let name: String = std::iter::repeat_with(fastrand::alphanumeric)
-        .take(24)
-        .collect();
-    let path = format!("{STAGE_DIR}/{name}");
-    let owner = CopyOptions {
-        mode: 0o600,
-        uid: user.uid,
-        gid: user.gid,
+/// An error's message and help, apart (a runtime error's message without
+/// the wrapper's).
+pub fn parts(e: &StepError) -> (String, String) {
+    use miette::Diagnostic;
+    let message = match e {
+        StepError::Runtime(r) => r.to_string(),
+        other => other.to_string(),
     };
-    upload(rt, machine, bytes, &path, &owner)?;
-    Ok(path)
-}
-
-/// Run a script as the agent user (home writes and removals), holding
-/// `step`'s guest lock.
-#[allow(clippy::too_many_arguments)]
-pub fn run_as_agent(
-    rt: &dyn Runtime,
-    ctx: &AgentCtx,
-    step: &str,
-    user_name: &str,
-    what: &str,
-    script: &str,
-    args: &[&str],
-    help: &str,
-) -> StepResult<String> {
-    let script = format!("export HOME={}\n{script}", sh_quote(&home_of(user_name)));
-    run_script_as(
-        rt,
-        ctx.machine,
-        step,
-        Some(user_name),
-        what,
-        &script,
-        args,
-        help,
-        ExecRequest::DEFAULT_TIMEOUT,
-    )
-}
-
-/// Record a ledger entry in the guest, removing staged files.
-pub fn record(
-    rt: &dyn Runtime,
-    machine: &str,
-    entry: &LedgerEntry,
-    staged: &[String],
-) -> StepResult<()> {
-    let json = serde_json::to_string(entry).expect("ledger entries serialize");
-    let mut args = vec![json.as_str()];
-    args.extend(staged.iter().map(String::as_str));
-    run_script(
-        rt,
-        machine,
-        &entry.step,
-        "recording the ledger entry",
-        &format!("{}\nshift; rm -f \"$@\"", ledger::write_script(&entry.step)),
-        &args,
-        "check free space in the guest's /var",
-    )?;
-    Ok(())
+    (message, e.help().map(|h| h.to_string()).unwrap_or_default())
 }
 
 /// The digest of a probe fragment's output, byte for byte: the probe
@@ -509,38 +285,174 @@ fn tail(s: &str, max: usize) -> String {
     format!("…{}", &s[start..])
 }
 
+/// What one step knows, behind one interface: the plan, observation and
+/// the guest transaction use nothing else, so a new step is one module
+/// implementing this trait and one row in [`step`].
+pub trait Step: Send + Sync {
+    /// What a cause calls it: `prompt`, `CA certificate`.
+    fn noun(&self) -> String;
+
+    /// A shell fragment whose output describes what the step left in the
+    /// guest (`None`: it cannot be probed). Probes take no lock.
+    fn probe(&self, ctx: &AgentCtx) -> Option<String>;
+
+    /// The digest of a probe output, compared with the ledger's.
+    fn probe_digest(&self, output: &str) -> String {
+        digest(output)
+    }
+
+    /// The guest path a drift of this step is reported by.
+    fn drift_path(&self, ctx: &AgentCtx) -> String;
+
+    /// What the probe prints when the guest holds exactly what the
+    /// manifest declares, computed on the host (`None`: not known here).
+    /// Compared with the observed output besides the ledger's digest,
+    /// which root in the guest can edit. `user`: the agent user's ids as
+    /// the machine step's probe shows them.
+    fn expected_output(&self, _ctx: &AgentCtx, _user: Option<GuestUser>) -> Option<String> {
+        None
+    }
+
+    /// Does the step write into the agent user's home (its ledger entry
+    /// then records that user, to undo it from the right home)?
+    fn in_home(&self) -> bool {
+        false
+    }
+
+    /// The work that applies the step inside a guest transaction, filling
+    /// `entry` with what the ledger must hold (paths, detail; the digest is
+    /// the work's [`Recorded`]). `observed` is the step's probe section as
+    /// observation found it, if it ran.
+    fn apply(&self, cx: &StepCx, entry: &mut LedgerEntry) -> StepResult<Work>;
+
+    /// The work that removes what `entry` says the step owns.
+    fn undo(&self, cx: &StepCx, entry: &LedgerEntry) -> StepResult<Work>;
+}
+
+/// What a step's `apply` or `undo` is given.
+pub struct StepCx<'a> {
+    pub ctx: &'a AgentCtx<'a>,
+    /// The ledger entry of the step as observed (`None`: never applied).
+    pub previous: Option<&'a LedgerEntry>,
+    /// The step's probe section as observed, if the probe ran.
+    pub observed: Option<&'a str>,
+}
+
+/// The one table of steps.
+pub fn step(kind: &StepKind) -> Box<dyn Step> {
+    match kind {
+        StepKind::Machine => Box::new(machine::MachineStep),
+        StepKind::Ca => Box::new(ca::CaStep),
+        StepKind::Prompt => Box::new(prompt::PromptStep),
+        StepKind::Skills => Box::new(skills::SkillsStep),
+        StepKind::Git => Box::new(git::GitStep),
+        StepKind::Setup(name) => Box::new(setup::SetupStep(name.clone())),
+        StepKind::Supervise => Box::new(supervise::SuperviseStep),
+    }
+}
+
+/// What a step does inside a guest transaction. Its script runs as root,
+/// in its own payload directory (`$P`, root-only), holding the step's
+/// guest lock, with `args` as `"$@"`; helpers it may call are listed in
+/// [`txn`].
+#[derive(Debug, Clone, Default)]
+pub struct Work {
+    /// Files the script needs, by name under `$P` (one archive carries
+    /// every step's files).
+    pub files: Vec<Payload>,
+    pub script: String,
+    pub args: Vec<String>,
+    /// How the digest recorded in the ledger is found.
+    pub recorded: Recorded,
+    /// How long the script may run (once it has its lock).
+    pub timeout: Duration,
+    /// What failed, for the error: `writing the prompt file`.
+    pub what: String,
+    pub help: String,
+}
+
+/// One file of a step's payload.
+#[derive(Debug, Clone)]
+pub struct Payload {
+    pub name: String,
+    pub bytes: Vec<u8>,
+    pub mode: u32,
+}
+
+impl Payload {
+    pub fn new(name: &str, bytes: Vec<u8>, mode: u32) -> Self {
+        Self {
+            name: name.to_owned(),
+            bytes,
+            mode,
+        }
+    }
+}
+
+/// The digest a step records: never what the guest shows back after the
+/// agent could have touched it, but what bottle sent.
+#[derive(Debug, Clone, Default)]
+pub enum Recorded {
+    /// Nothing to compare (setup commands).
+    #[default]
+    Nothing,
+    /// Known on the host.
+    Known(String),
+    /// A root shell fragment, run over the step's own payload (`$P`) once
+    /// the step succeeded, that prints what the step's probe prints when
+    /// the guest holds exactly what was sent.
+    Expected(String),
+}
+
+impl Work {
+    pub fn new(what: &str, help: &str, script: impl Into<String>) -> Self {
+        Self {
+            script: script.into(),
+            timeout: ExecRequest::DEFAULT_TIMEOUT,
+            what: what.to_owned(),
+            help: help.to_owned(),
+            ..Self::default()
+        }
+    }
+
+    pub fn args<I: IntoIterator<Item = S>, S: Into<String>>(mut self, args: I) -> Self {
+        self.args.extend(args.into_iter().map(Into::into));
+        self
+    }
+
+    pub fn file(mut self, payload: Payload) -> Self {
+        self.files.push(payload);
+        self
+    }
+
+    pub fn recorded(mut self, recorded: Recorded) -> Self {
+        self.recorded = recorded;
+        self
+    }
+}
+
 /// The probe fragment of a step, or `None` for steps that cannot be probed.
 pub fn probe_fragment(kind: &StepKind, ctx: &AgentCtx) -> Option<String> {
-    match kind {
-        StepKind::Machine => Some(machine::probe(ctx)),
-        StepKind::Ca => Some(ca::probe(ctx)),
-        StepKind::Prompt => Some(prompt::probe(ctx)),
-        StepKind::Skills => Some(skills::probe(ctx)),
-        StepKind::Git => Some(git::probe(ctx)),
-        StepKind::Setup(_) => None,
-        StepKind::Supervise => Some(supervise::probe(ctx)),
-    }
+    step(kind).probe(ctx)
 }
 
 /// The digest of a step's probe output.
 pub fn probe_digest(kind: &StepKind, output: &str) -> String {
-    match kind {
-        StepKind::Supervise => supervise::digest_of_config(output),
-        _ => digest(output),
-    }
+    step(kind).probe_digest(output)
+}
+
+/// The digest a step's probe output has when the guest holds what the
+/// manifest declares, computed on the host ([`Step::expected_output`]).
+pub fn expected_digest(kind: &StepKind, ctx: &AgentCtx, user: Option<GuestUser>) -> Option<String> {
+    let module = step(kind);
+    module
+        .expected_output(ctx, user)
+        .map(|out| module.probe_digest(&out))
 }
 
 /// The guest path a drifted step is reported by.
 pub fn drift_path(kind: &StepKind, ctx: &AgentCtx) -> String {
-    match kind {
-        StepKind::Machine => format!("user {}", ctx.user()),
-        StepKind::Ca => ca::cert_path(ctx),
-        StepKind::Prompt => prompt::guest_path(ctx),
-        StepKind::Skills => skills::skills_dir(ctx),
-        StepKind::Git => format!("{}/.gitconfig", ctx.home()),
-        StepKind::Setup(name) => setup::inputs_dir(name),
-        StepKind::Supervise => supervise::config_path(ctx),
-    }
+    step(kind).drift_path(ctx)
 }
 
 /// The user a ledger entry's files belong to: recorded by the steps that
@@ -549,88 +461,172 @@ pub fn entry_user<'a>(entry: &'a LedgerEntry, ctx: &'a AgentCtx) -> &'a str {
     entry.detail_str("user").unwrap_or(ctx.user())
 }
 
-/// Apply one (non-machine) step and record it in the ledger.
-pub fn apply(
+/// The work applying one step: its ledger entry (digest still to be
+/// filled in the guest) and its script. When the agent user changed, what
+/// the step left in the old user's home goes first, in the same script.
+pub fn apply_work(
     kind: &StepKind,
     hash: &str,
     ctx: &AgentCtx,
-    user: GuestUser,
     previous: Option<&LedgerEntry>,
-    rt: &dyn Runtime,
-) -> StepResult<()> {
-    // The agent user changed: what the step left in the old user's home
-    // goes first, or it would be orphaned there.
-    let previous = match previous {
-        Some(p) if entry_user(p, ctx) != ctx.user() => {
-            undo_step(p, ctx, rt)?;
-            None
-        }
-        other => other,
+    observed: Option<&str>,
+) -> StepResult<(LedgerEntry, Work)> {
+    let module = step(kind);
+    let moved = previous.filter(|p| entry_user(p, ctx) != ctx.user());
+    let undo_first = match moved {
+        Some(p) => Some(module.undo(
+            &StepCx {
+                ctx,
+                previous: Some(p),
+                observed: None,
+            },
+            p,
+        )?),
+        None => None,
     };
     let mut entry = LedgerEntry::new(kind, hash);
-    let staged = match kind {
-        StepKind::Machine => unreachable!("the machine step is applied by the machine actions"),
-        StepKind::Ca => ca::apply(ctx, rt, &mut entry)?,
-        StepKind::Prompt => prompt::apply(ctx, user, rt, &mut entry)?,
-        StepKind::Skills => skills::apply(ctx, user, rt, previous, &mut entry)?,
-        StepKind::Git => git::apply(ctx, rt, previous, &mut entry)?,
-        StepKind::Setup(name) => setup::apply(ctx, name, rt, &mut entry)?,
-        StepKind::Supervise => supervise::apply(ctx, user, rt, &mut entry)?,
+    let cx = StepCx {
+        ctx,
+        previous: if moved.is_some() { None } else { previous },
+        observed,
     };
-    if matches!(
-        kind,
-        StepKind::Prompt | StepKind::Skills | StepKind::Git | StepKind::Supervise
-    ) {
+    let mut work = module.apply(&cx, &mut entry)?;
+    if module.in_home() {
         entry
             .detail
             .insert("user".into(), serde_json::json!(ctx.user()));
     }
-    record(rt, ctx.machine, &entry, &staged)
+    if let Some(undo) = undo_first {
+        work = txn::chain(undo, work);
+    }
+    Ok((entry, work))
 }
 
-/// Remove the files and directories a step owns in the agent's home, as the
-/// user they belong to (the prompt file, the skill directories).
-fn remove_owned_paths(entry: &LedgerEntry, ctx: &AgentCtx, rt: &dyn Runtime) -> StepResult<()> {
-    let args: Vec<&str> = entry.paths.iter().map(String::as_str).collect();
-    run_as_agent(
-        rt,
-        ctx,
-        &entry.step,
-        entry_user(entry, ctx),
-        &format!("removing what the {} step left", entry.step),
-        "rm -rf \"$@\"",
-        &args,
-        "check the agent user's home directory in the guest",
-    )?;
-    Ok(())
-}
-
-/// Undo what a step left in the guest (its ledger entry stays).
-fn undo_step(entry: &LedgerEntry, ctx: &AgentCtx, rt: &dyn Runtime) -> StepResult<()> {
+/// The work undoing a step that left the manifest (its ledger entry is
+/// removed by the transaction).
+pub fn undo_work(entry: &LedgerEntry, ctx: &AgentCtx, observed: Option<&str>) -> StepResult<Work> {
     match entry.step.parse::<StepKind>().ok() {
-        Some(StepKind::Ca) => ca::undo(entry, ctx, rt),
-        Some(StepKind::Prompt | StepKind::Skills) => remove_owned_paths(entry, ctx, rt),
-        Some(StepKind::Git) => git::undo(entry, ctx, rt),
-        Some(StepKind::Setup(name)) => setup::undo(&name, ctx, rt),
-        Some(StepKind::Supervise) => supervise::undo(entry, ctx, rt),
-        // The machine step is never undone (the machine is deleted instead);
-        // an unknown step from a newer bottle is only forgotten.
-        Some(StepKind::Machine) | None => Ok(()),
+        // The machine step is never undone (the machine is deleted
+        // instead); an unknown step from a newer bottle is only forgotten.
+        Some(StepKind::Machine) | None => Ok(Work::new(
+            "forgetting the step",
+            "check the guest's /var/lib/bottle",
+            "",
+        )),
+        Some(kind) => step(&kind).undo(
+            &StepCx {
+                ctx,
+                previous: Some(entry),
+                observed,
+            },
+            entry,
+        ),
     }
 }
 
-/// Undo a step that left the manifest, then forget it.
-pub fn undo(entry: &LedgerEntry, ctx: &AgentCtx, rt: &dyn Runtime) -> StepResult<()> {
-    undo_step(entry, ctx, rt)?;
-    run_script(
-        rt,
-        ctx.machine,
-        &entry.step,
-        "removing the ledger entry",
-        &ledger::remove_script(&entry.step),
-        &[],
-        "check the guest's /var/lib/bottle",
-    )?;
+/// Remove the files and directories a step owns in the agent's home, as the
+/// user they belong to (the prompt file, the skill directories), making
+/// read-only directories among them writable first.
+pub fn remove_owned_paths(ctx: &AgentCtx, entry: &LedgerEntry) -> Work {
+    Work::new(
+        &format!("removing what the {} step left", entry.step),
+        "check the agent user's home directory in the guest",
+        "u=\"$1\"; shift; bottle_as \"$u\" 'for p do chmod -R u+w \"$p\" 2>/dev/null; rm -rf \"$p\" || exit 1; done' \"$@\"",
+    )
+    .args(std::iter::once(entry_user(entry, ctx).to_owned()).chain(entry.paths.iter().cloned()))
+}
+
+/// A tar archive holding each path (file or directory) at its top level
+/// under its own name, owned by root, with modification times and modes
+/// kept (`clear` bits taken away). Symlinks are archived as links, never
+/// followed; a file with more than one hard link is refused, since its
+/// other name may be anywhere on the host.
+pub fn tar_paths<'a>(paths: impl Iterator<Item = &'a Path>, clear: u32) -> StepResult<Vec<u8>> {
+    let mut builder = tar::Builder::new(Vec::new());
+    for path in paths {
+        let name = Path::new(path.file_name().unwrap_or_default());
+        // A declared path that is itself a link (validation keeps it inside
+        // the manifests directory) is copied as what it names.
+        let resolved = match std::fs::symlink_metadata(path) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+            }
+            _ => path.to_path_buf(),
+        };
+        append_tree(&mut builder, &resolved, name, clear)?;
+    }
+    builder.into_inner().map_err(|e| {
+        StepError::Other(
+            format!("cannot build an archive: {e}"),
+            "check free memory".into(),
+        )
+    })
+}
+
+fn append_tree(
+    builder: &mut tar::Builder<Vec<u8>>,
+    path: &Path,
+    name: &Path,
+    clear: u32,
+) -> StepResult<()> {
+    use std::os::unix::fs::MetadataExt;
+    let unreadable = |e: std::io::Error| {
+        StepError::Other(
+            format!("cannot read {}: {e}", path.display()),
+            "check that the path exists and is readable".into(),
+        )
+    };
+    let meta = std::fs::symlink_metadata(path).map_err(unreadable)?;
+    let mut header = tar::Header::new_gnu();
+    header.set_metadata(&meta);
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_mode(meta.mode() & 0o7777 & !clear);
+    let kind = meta.file_type();
+    if kind.is_symlink() {
+        let target = std::fs::read_link(path).map_err(unreadable)?;
+        header.set_size(0);
+        builder
+            .append_link(&mut header, name, &target)
+            .map_err(unreadable)?;
+    } else if kind.is_dir() {
+        header.set_size(0);
+        builder
+            .append_data(&mut header, name, std::io::empty())
+            .map_err(unreadable)?;
+        let mut entries: Vec<_> = std::fs::read_dir(path)
+            .map_err(unreadable)?
+            .collect::<Result<_, _>>()
+            .map_err(unreadable)?;
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            append_tree(builder, &entry.path(), &name.join(entry.file_name()), clear)?;
+        }
+    } else if kind.is_file() {
+        if meta.nlink() > 1 {
+            return Err(StepError::Other(
+                format!(
+                    "{} has {} hard links: bottle copies no file that may also live outside \
+                     the manifests directory",
+                    path.display(),
+                    meta.nlink()
+                ),
+                "replace the hard link with a copy of the file (`cp --remove-destination`)".into(),
+            ));
+        }
+        let file = std::fs::File::open(path).map_err(unreadable)?;
+        builder
+            .append_data(&mut header, name, file)
+            .map_err(unreadable)?;
+    } else {
+        return Err(StepError::Other(
+            format!(
+                "{} is neither a file, a directory nor a symlink",
+                path.display()
+            ),
+            "remove it from the directory bottle copies".into(),
+        ));
+    }
     Ok(())
 }
 
@@ -790,49 +786,29 @@ pub(crate) mod tests {
         assert_eq!(mode & 0o777, 0o700);
     }
 
+    /// Item 24 of issue 9: a hard link inside a skill would copy a file
+    /// from anywhere on the host's filesystem into the guest.
     #[test]
-    fn agent_user_commands_do_not_inherit_the_lock() {
-        let (_tmp, dir) = temp_dir();
-        // What the agent runs starts a process that outlives the script.
-        let body = "echo \"as $1\"; if [ -e /proc/$$/fd/9 ]; then echo fd9 open; else echo fd9 closed; fi; \
-                    sleep 60 >/dev/null 2>&1 & echo \"daemon $!\"";
-
-        // A root script's commands do inherit it (the check can fail)...
-        let out = output(sh(&locked_script(&dir, "prompt", 5, body), &["root"]));
-        let _daemon = daemon_of(&text(&out.stdout));
-        assert!(text(&out.stdout).contains("fd9 open"), "{out:?}");
-        assert!(!is_free(&dir, "prompt"), "the root daemon holds it");
-
-        // ...the agent user's never do, so its daemon cannot hold the lock.
-        // `exec "$@"` stands for smolvm's AS_USER wrapper, which drops to
-        // the user named by $0 (the e2e tests run the real one).
-        let script = locked_user_script(&dir, "skills", 5, "exec \"$@\"");
-        let out = output(sh(&script, &["node", body, "agent"]));
-        assert!(out.status.success(), "{}", text(&out.stderr));
-        let _daemon = daemon_of(&text(&out.stdout));
-        assert!(
-            text(&out.stdout).starts_with("as agent\nfd9 closed\n"),
-            "{out:?}"
-        );
-        assert!(is_free(&dir, "skills"), "the agent's daemon holds the lock");
-    }
-
-    #[test]
-    fn agent_user_scripts_keep_their_exit_status_and_output() {
-        let (_tmp, dir) = temp_dir();
-        let script = locked_user_script(&dir, "git", 5, "exec \"$@\"");
-        let out = output(sh(
-            &script,
-            &[
-                "node",
-                "echo \"$#:$1:$2\"; echo oops >&2; exit 3",
-                "a b",
-                "",
-            ],
-        ));
-        assert_eq!(out.status.code(), Some(3));
-        assert_eq!(text(&out.stdout), "2:a b:\n");
-        assert_eq!(text(&out.stderr), "oops\n");
-        assert!(lock_failure("m1", "git", 3, "oops\n").is_none());
+    fn a_hard_link_is_never_archived() {
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tmp.path().join("outside-secret");
+        std::fs::write(&outside, "host secret").unwrap();
+        let skill = tmp.path().join("skill");
+        std::fs::create_dir(&skill).unwrap();
+        std::fs::write(skill.join("SKILL.md"), "ok").unwrap();
+        std::fs::hard_link(&outside, skill.join("copied")).unwrap();
+        let error = tar_paths(std::iter::once(skill.as_path()), 0).unwrap_err();
+        assert!(error.to_string().contains("hard links"), "{error}");
+        std::fs::remove_file(skill.join("copied")).unwrap();
+        let archive = tar_paths(std::iter::once(skill.as_path()), 0o022).unwrap();
+        let mut names = Vec::new();
+        for entry in tar::Archive::new(archive.as_slice()).entries().unwrap() {
+            let entry = entry.unwrap();
+            let header = entry.header();
+            assert_eq!((header.uid().unwrap(), header.gid().unwrap()), (0, 0));
+            assert_eq!(header.mode().unwrap() & 0o022, 0);
+            names.push(entry.path().unwrap().display().to_string());
+        }
+        assert_eq!(names, ["skill", "skill/SKILL.md"]);
     }
 }

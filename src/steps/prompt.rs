@@ -1,10 +1,13 @@
 //! The prompt step: the system prompt file in the agent user's home, always
 //! written (empty when no prompt is declared), mode 0600, owned by the user.
 
-use super::{AgentCtx, GuestUser, StepError, StepResult, digest, run_as_agent, sh_quote, stage};
+use super::{
+    AgentCtx, GuestUser, Payload, Recorded, Step, StepCx, StepError, StepResult, Work, sh_quote,
+};
 use crate::ledger::LedgerEntry;
 use crate::manifest::Prompt;
-use crate::runtime::Runtime;
+
+pub struct PromptStep;
 
 pub fn guest_path(ctx: &AgentCtx) -> String {
     format!("{}/.bottle/prompt.md", ctx.home())
@@ -30,8 +33,8 @@ pub fn content(ctx: &AgentCtx) -> StepResult<Vec<u8>> {
 /// large (the graph refuses it).
 pub const PROBE_BYTES: u64 = 64 << 20;
 
-pub fn probe(ctx: &AgentCtx) -> String {
-    let f = sh_quote(&guest_path(ctx));
+/// The probe of the file at `f` (a shell word).
+fn probe_file(f: &str) -> String {
     format!(
         "if [ -f {f} ]; then stat -c '%a %u %g' {f}; bottle_s=$(stat -c %s {f}); \
          if [ \"$bottle_s\" -gt {PROBE_BYTES} ]; then echo \"over budget: $bottle_s bytes\"; \
@@ -39,6 +42,21 @@ pub fn probe(ctx: &AgentCtx) -> String {
     )
 }
 
+/// What [`probe_file`] prints for the user's file holding `content`.
+pub fn expected_probe(content: &[u8], user: GuestUser) -> String {
+    format!(
+        "600 {} {}\n{}  -\n",
+        user.uid,
+        user.gid,
+        super::sha256_hex(content)
+    )
+}
+
+pub fn probe(ctx: &AgentCtx) -> String {
+    probe_file(&sh_quote(&guest_path(ctx)))
+}
+
+/// Run by the agent user: `$1` the staged copy, `$2` the prompt file.
 const INSTALL: &str = r#"set -e
 umask 077
 d=$(dirname "$2")
@@ -49,26 +67,53 @@ chmod 600 "$2.tmp"
 mv -f "$2.tmp" "$2"
 "#;
 
-/// Returns the staged files for `record` to remove.
-pub fn apply(
-    ctx: &AgentCtx,
-    user: GuestUser,
-    rt: &dyn Runtime,
-    entry: &mut LedgerEntry,
-) -> StepResult<Vec<String>> {
-    let path = guest_path(ctx);
-    let staged = stage(rt, ctx.machine, &content(ctx)?, user)?;
-    let out = run_as_agent(
-        rt,
-        ctx,
-        &entry.step,
-        ctx.user(),
-        "writing the prompt file",
-        &format!("{INSTALL}{}", probe(ctx)),
-        &[&staged, &path],
-        "check the agent user's home directory in the guest",
-    )?;
-    entry.digest = digest(&out);
-    entry.paths = vec![path];
-    Ok(vec![staged])
+/// Root, in the payload directory: the staged copy for the user, the
+/// user's install; then a private copy made as the file should be (the
+/// user's, 0600) for the recorded digest.
+const APPLY: &str = r#"set -e
+staged=$(bottle_stage prompt)
+bottle_as "$bottle_user" "$2" "$staged" "$1"
+cp prompt expected && chown "$bottle_uid:$bottle_gid" expected && chmod 600 expected
+"#;
+
+impl Step for PromptStep {
+    fn noun(&self) -> String {
+        "prompt".into()
+    }
+
+    fn probe(&self, ctx: &AgentCtx) -> Option<String> {
+        Some(probe(ctx))
+    }
+
+    fn drift_path(&self, ctx: &AgentCtx) -> String {
+        guest_path(ctx)
+    }
+
+    /// The user's file, mode 0600, holding the declared prompt.
+    fn expected_output(&self, ctx: &AgentCtx, user: Option<GuestUser>) -> Option<String> {
+        let user = user?;
+        let content = content(ctx).ok()?;
+        Some(expected_probe(&content, user))
+    }
+
+    fn in_home(&self) -> bool {
+        true
+    }
+
+    fn apply(&self, cx: &StepCx, entry: &mut LedgerEntry) -> StepResult<Work> {
+        let path = guest_path(cx.ctx);
+        entry.paths = vec![path.clone()];
+        Ok(Work::new(
+            "writing the prompt file",
+            "check the agent user's home directory in the guest",
+            APPLY,
+        )
+        .file(Payload::new("prompt", content(cx.ctx)?, 0o600))
+        .args([path, INSTALL.to_owned()])
+        .recorded(Recorded::Expected(probe_file("\"$P/expected\""))))
+    }
+
+    fn undo(&self, cx: &StepCx, entry: &LedgerEntry) -> StepResult<Work> {
+        Ok(super::remove_owned_paths(cx.ctx, entry))
+    }
 }

@@ -1,89 +1,103 @@
 //! Setup steps: the user's own commands, run as root with `sh -c`, again
 //! whenever their command or inputs change. Their effects cannot be probed
 //! or undone: removing a setup step only forgets it.
+//!
+//! Their inputs are root's from the moment they land: packed with owner
+//! root and without group or other write bits, unpacked by root in the
+//! transaction's root-only directory, then moved into place. The agent
+//! user can never rewrite what root then runs.
 
 use std::time::Duration;
 
-use super::{AgentCtx, GuestUser, StepResult, run_script, run_script_as, stage_tree};
-use crate::graph::StepKind;
+use super::{AgentCtx, Payload, Step, StepCx, StepResult, Work, tar_paths};
 use crate::ledger::LedgerEntry;
-use crate::runtime::Runtime;
+
+pub struct SetupStep(pub String);
 
 /// How long a setup command may run.
 pub const SETUP_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
-/// Runs the command `$2` in its inputs directory `$1`, with fd 9 (the
-/// step's guest lock) closed: a daemon the command starts must not hold the
-/// lock once the step is over.
-const RUN: &str = "mkdir -p \"$1\" && cd \"$1\" && sh -c \"$2\" 9>&-";
+/// Where setup inputs live.
+const SETUP_DIR: &str = "/opt/bottle/setup";
+
+/// Runs the command `$2` in its inputs directory `$1`, with fds 8 and 9
+/// (the transaction's and the step's locks) closed: a daemon the command
+/// starts must not hold a lock once the step is over.
+const RUN: &str = "mkdir -p \"$1\" && cd \"$1\" && sh -c \"$2\" 8>&- 9>&-";
+
+/// Root, in the payload directory: the inputs (when there are any) go from
+/// the root-only payload to their directory, then the command runs.
+const APPLY: &str = r#"set -e
+(umask 022 && mkdir -p /opt/bottle/setup) && chmod 755 /opt/bottle /opt/bottle/setup
+rm -rf "$1"
+if [ -f inputs.tar ]; then
+  mkdir inputs && tar -xpof inputs.tar -C inputs && chmod 755 inputs && mv inputs "$1"
+fi
+set +e
+"#;
 
 pub fn inputs_dir(name: &str) -> String {
-    format!("/opt/bottle/setup/{name}")
+    format!("{SETUP_DIR}/{name}")
 }
 
-pub fn apply(
-    ctx: &AgentCtx,
-    name: &str,
-    rt: &dyn Runtime,
-    entry: &mut LedgerEntry,
-) -> StepResult<Vec<String>> {
-    let index = ctx
-        .bottle
-        .spec
-        .setup
-        .iter()
-        .position(|s| s.name == name)
-        .expect("setup steps in the graph are declared");
-    let step = &ctx.bottle.spec.setup[index];
-    let dir = inputs_dir(name);
-    let inputs = ctx
-        .bottle
-        .setup_inputs
-        .get(index)
-        .cloned()
-        .unwrap_or_default();
-    if !inputs.is_empty() {
-        let root = GuestUser { uid: 0, gid: 0 };
-        let staged = stage_tree(rt, ctx.machine, &inputs, root)?;
-        run_script(
-            rt,
-            ctx.machine,
-            &entry.step,
-            "unpacking setup inputs",
-            "rm -rf \"$2\" && mkdir -p \"$2\" && tar -xf \"$1\" -C \"$2\" && rm -f \"$1\"",
-            &[&staged, &dir],
-            "the image needs `tar`",
-        )?;
+impl Step for SetupStep {
+    fn noun(&self) -> String {
+        format!("setup step `{}`", self.0)
     }
-    run_script_as(
-        rt,
-        ctx.machine,
-        &entry.step,
-        None,
-        &format!("setup step `{name}`"),
-        RUN,
-        &[&dir, &step.run],
-        &format!(
-            "fix the command of [[bottle.{}.setup]] `{name}`; it runs as root with sh -c",
-            ctx.bottle.name
-        ),
-        SETUP_TIMEOUT,
-    )?;
-    entry.paths = vec![dir];
-    Ok(Vec::new())
-}
 
-pub fn undo(name: &str, ctx: &AgentCtx, rt: &dyn Runtime) -> StepResult<()> {
-    run_script(
-        rt,
-        ctx.machine,
-        &StepKind::Setup(name.to_owned()).id(),
-        "removing setup inputs",
-        "rm -rf \"$1\"",
-        &[&inputs_dir(name)],
-        "check the guest's /opt/bottle",
-    )?;
-    Ok(())
+    fn probe(&self, _ctx: &AgentCtx) -> Option<String> {
+        None
+    }
+
+    fn drift_path(&self, _ctx: &AgentCtx) -> String {
+        inputs_dir(&self.0)
+    }
+
+    fn apply(&self, cx: &StepCx, entry: &mut LedgerEntry) -> StepResult<Work> {
+        let ctx = cx.ctx;
+        let name = &self.0;
+        let index = ctx
+            .bottle
+            .spec
+            .setup
+            .iter()
+            .position(|s| &s.name == name)
+            .expect("setup steps in the graph are declared");
+        let step = &ctx.bottle.spec.setup[index];
+        let dir = inputs_dir(name);
+        let inputs = ctx
+            .bottle
+            .setup_inputs
+            .get(index)
+            .cloned()
+            .unwrap_or_default();
+        let mut work = Work::new(
+            &format!("setup step `{name}`"),
+            &format!(
+                "fix the command of [[bottle.{}.setup]] `{name}`; it runs as root with sh -c",
+                ctx.bottle.name
+            ),
+            format!("{APPLY}{RUN}"),
+        )
+        .args([dir.clone(), step.run.clone()]);
+        if !inputs.is_empty() {
+            // No group or other write bit: only root may change them.
+            let archive = tar_paths(inputs.iter().map(|p| p.as_path()), 0o022)?;
+            work = work.file(Payload::new("inputs.tar", archive, 0o600));
+        }
+        work.timeout = SETUP_TIMEOUT;
+        entry.paths = vec![dir];
+        Ok(work)
+    }
+
+    fn undo(&self, _cx: &StepCx, _entry: &LedgerEntry) -> StepResult<Work> {
+        Ok(Work::new(
+            "removing setup inputs",
+            "check the guest's /opt/bottle",
+            "rm -rf \"$1\"",
+        )
+        .args([inputs_dir(&self.0)]))
+    }
 }
 
 #[cfg(test)]

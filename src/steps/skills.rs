@@ -1,10 +1,14 @@
 //! The skills step: each skill directory copied whole to
 //! `~/.claude/skills/<directory name>/`, a stale copy replaced whole, a
-//! skill removed from the manifest deleted.
+//! skill removed from the manifest deleted. Modes are kept, read-only
+//! directories included: they are made writable only to be replaced.
 
-use super::{AgentCtx, GuestUser, StepResult, digest, run_as_agent, sh_quote, stage_tree};
+use super::{
+    AgentCtx, GuestUser, Payload, Recorded, Step, StepCx, StepResult, Work, sh_quote, tar_paths,
+};
 use crate::ledger::LedgerEntry;
-use crate::runtime::Runtime;
+
+pub struct SkillsStep;
 
 pub fn skills_dir(ctx: &AgentCtx) -> String {
     format!("{}/.claude/skills", ctx.home())
@@ -37,10 +41,13 @@ pub const PROBE_ENTRIES: u64 = 100_000;
 /// so and hashes nothing.
 pub fn probe(ctx: &AgentCtx) -> String {
     let dir = skills_dir(ctx);
-    let dirs: Vec<String> = names(ctx)
-        .iter()
-        .map(|name| sh_quote(&format!("{dir}/{name}")))
-        .collect();
+    probe_trees(ctx, |name| sh_quote(&format!("{dir}/{name}")))
+}
+
+/// The probe over each skill's tree, at the directory `at(name)` names (a
+/// shell word), within the budget.
+fn probe_trees(ctx: &AgentCtx, at: impl Fn(&str) -> String) -> String {
+    let dirs: Vec<String> = names(ctx).iter().map(|name| at(name)).collect();
     let listing = names(ctx)
         .iter()
         .zip(&dirs)
@@ -64,60 +71,166 @@ pub fn probe(ctx: &AgentCtx) -> String {
     )
 }
 
+/// What [`probe`] prints once the declared skills are installed, from the
+/// host's copies (what the archive carries: modes kept, links not
+/// followed). `None` when a name holds what the probe's lines cannot show
+/// plainly (a newline, a backslash) or a copy cannot be read.
+pub fn expected_probe(ctx: &AgentCtx) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = String::new();
+    for (name, path) in names(ctx).iter().zip(&ctx.agent.skills) {
+        // A declared path that is a link is copied as what it names.
+        let root = std::fs::canonicalize(path).ok()?;
+        let mut entries = Vec::new();
+        walk(&root, ".", &mut entries)?;
+        let mut stats = Vec::new();
+        let mut sums = Vec::new();
+        for (rel, meta) in &entries {
+            let kind = meta.file_type();
+            let what = if kind.is_symlink() {
+                "symbolic link"
+            } else if kind.is_dir() {
+                "directory"
+            } else if kind.is_file() && meta.len() == 0 {
+                "regular empty file"
+            } else if kind.is_file() {
+                "regular file"
+            } else {
+                return None;
+            };
+            stats.push(format!("{:o} {what} {rel}\n", meta.mode() & 0o7777));
+            if kind.is_file() {
+                let hash = super::sha256_hex(&std::fs::read(root.join(rel)).ok()?);
+                sums.push((rel.clone(), format!("{hash}  {rel}\n")));
+            }
+        }
+        stats.sort();
+        sums.sort();
+        out.push_str(&format!("== {name}\n"));
+        out.extend(stats);
+        out.extend(sums.into_iter().map(|(_, line)| line));
+    }
+    Some(out)
+}
+
+/// `dir`'s entries under `rel` (`.`, then `./a`, ...), links not followed.
+fn walk(
+    dir: &std::path::Path,
+    rel: &str,
+    out: &mut Vec<(String, std::fs::Metadata)>,
+) -> Option<()> {
+    let meta = std::fs::symlink_metadata(dir.join(rel)).ok()?;
+    let is_dir = meta.is_dir();
+    out.push((rel.to_owned(), meta));
+    if is_dir {
+        for entry in std::fs::read_dir(dir.join(rel)).ok()? {
+            let name = entry.ok()?.file_name().into_string().ok()?;
+            if name.contains(['\n', '\\']) {
+                return None;
+            }
+            walk(dir, &format!("{rel}/{name}"), out)?;
+        }
+    }
+    Some(())
+}
+
 /// Run as the agent user: unpack into a fresh directory beside the skills,
 /// then replace each declared skill whole and remove the ones that left.
-/// `$3` counts the declared names that follow; the rest are removed.
+/// `$3` counts the declared names that follow; the rest are removed. A
+/// directory is moved (and removed) writable, then given its mode back;
+/// the unpacked copy goes on any failure, and so do copies earlier runs
+/// left behind.
 const INSTALL: &str = r#"set -e
 archive="$1"; dir="$2"; keep="$3"; shift 3
+umask 022
 mkdir -p "$dir"
+for old in "$dir"/.bottle-stage.*; do
+  if [ -e "$old" ]; then chmod -R u+w "$old" 2>/dev/null || true; rm -rf "$old"; fi
+done
 stage=$(mktemp -d "$dir/.bottle-stage.XXXXXX")
+trap 'chmod -R u+w "$stage" 2>/dev/null; rm -rf "$stage"' EXIT
 # The archive's permission bits as they are (the tree digest covers them):
 # without this the agent's umask would decide them.
-(umask 0 && tar -xf "$archive" -C "$stage")
+(umask 0 && tar -xpf "$archive" -C "$stage")
 i=0
 for name in "$@"; do
   i=$((i+1))
-  rm -rf "${dir:?}/$name"
-  if [ "$i" -le "$keep" ]; then mv "$stage/$name" "$dir/$name"; fi
+  if [ -e "$dir/$name" ] || [ -L "$dir/$name" ]; then
+    chmod -R u+w "$dir/$name" 2>/dev/null || true
+    rm -rf "${dir:?}/$name"
+  fi
+  if [ "$i" -le "$keep" ]; then
+    mode=$(stat -c %a "$stage/$name")
+    chmod u+w "$stage/$name"
+    mv "$stage/$name" "$dir/$name"
+    chmod "$mode" "$dir/$name"
+  fi
 done
-rmdir "$stage"
 "#;
 
-/// Returns the staged files for `record` to remove.
-pub fn apply(
-    ctx: &AgentCtx,
-    user: GuestUser,
-    rt: &dyn Runtime,
-    previous: Option<&LedgerEntry>,
-    entry: &mut LedgerEntry,
-) -> StepResult<Vec<String>> {
-    let names = names(ctx);
-    let dir = skills_dir(ctx);
-    let staged = stage_tree(rt, ctx.machine, &ctx.agent.skills, user)?;
-    let removed: Vec<String> = previous
-        .map(|p| p.detail_strings("skills"))
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|n| !names.contains(n))
-        .collect();
-    let keep = names.len().to_string();
-    let mut args: Vec<&str> = vec![&staged, &dir, &keep];
-    args.extend(names.iter().map(String::as_str));
-    args.extend(removed.iter().map(String::as_str));
-    let out = run_as_agent(
-        rt,
-        ctx,
-        &entry.step,
-        ctx.user(),
-        "installing skills",
-        &format!("{INSTALL}{}", probe(ctx)),
-        &args,
-        "the image needs `tar` and `mktemp`",
-    )?;
-    entry.digest = digest(&out);
-    entry.paths = names.iter().map(|n| format!("{dir}/{n}")).collect();
-    entry
-        .detail
-        .insert("skills".into(), serde_json::json!(names));
-    Ok(vec![staged])
+/// Root, in the payload directory: the staged archive for the user, the
+/// user's install; then the same archive unpacked privately, for the
+/// recorded digest.
+const APPLY: &str = r#"set -e
+staged=$(bottle_stage skills.tar)
+body=$1; shift
+bottle_as "$bottle_user" "$body" "$staged" "$@"
+mkdir tree && tar -xpof skills.tar -C tree
+"#;
+
+impl Step for SkillsStep {
+    fn noun(&self) -> String {
+        "skills".into()
+    }
+
+    fn probe(&self, ctx: &AgentCtx) -> Option<String> {
+        Some(probe(ctx))
+    }
+
+    fn drift_path(&self, ctx: &AgentCtx) -> String {
+        skills_dir(ctx)
+    }
+
+    fn expected_output(&self, ctx: &AgentCtx, _user: Option<GuestUser>) -> Option<String> {
+        expected_probe(ctx)
+    }
+
+    fn in_home(&self) -> bool {
+        true
+    }
+
+    fn apply(&self, cx: &StepCx, entry: &mut LedgerEntry) -> StepResult<Work> {
+        let ctx = cx.ctx;
+        let names = names(ctx);
+        let dir = skills_dir(ctx);
+        let archive = tar_paths(ctx.agent.skills.iter().map(|p| p.as_path()), 0)?;
+        let removed: Vec<String> = cx
+            .previous
+            .map(|p| p.detail_strings("skills"))
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|n| !names.contains(n))
+            .collect();
+        let mut args = vec![INSTALL.to_owned(), dir.clone(), names.len().to_string()];
+        args.extend(names.iter().cloned());
+        args.extend(removed);
+        entry.paths = names.iter().map(|n| format!("{dir}/{n}")).collect();
+        entry
+            .detail
+            .insert("skills".into(), serde_json::json!(names));
+        Ok(Work::new(
+            "installing skills",
+            "check the agent user's ~/.claude/skills in the guest; the error above says what failed",
+            APPLY,
+        )
+        .file(Payload::new("skills.tar", archive, 0o600))
+        .args(args)
+        .recorded(Recorded::Expected(probe_trees(ctx, |name| {
+            format!("\"$P\"/tree/{}", sh_quote(name))
+        }))))
+    }
+
+    fn undo(&self, cx: &StepCx, entry: &LedgerEntry) -> StepResult<Work> {
+        Ok(super::remove_owned_paths(cx.ctx, entry))
+    }
 }

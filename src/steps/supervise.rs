@@ -6,16 +6,14 @@
 use serde_json::{Map, Value, json};
 
 use super::{
-    AgentCtx, GuestUser, StepError, StepResult, digest, entry_user, home_of, run_as_agent,
-    run_script, sh_quote, stage,
+    AgentCtx, Payload, Recorded, Step, StepCx, StepError, StepResult, Work, digest, entry_user,
+    home_of, sh_quote,
 };
 use crate::ledger::LedgerEntry;
-use crate::runtime::Runtime;
 
 pub const SERVER_NAME: &str = "supervise";
 
-/// The step id, which names the guest lock every script of the step holds.
-const STEP: &str = "supervise";
+pub struct SuperviseStep;
 
 pub fn config_path(ctx: &AgentCtx) -> String {
     format!("{}/.claude.json", ctx.home())
@@ -73,45 +71,14 @@ fn entry_value(url: &str) -> Value {
     json!({ "type": "http", "url": url })
 }
 
-/// `~/.claude.json` of `user`, read by that user, with the user's ids.
-fn read_config(
-    ctx: &AgentCtx,
-    user: &str,
-    rt: &dyn Runtime,
-) -> StepResult<(GuestUser, Map<String, Value>)> {
-    let path = format!("{}/.claude.json", home_of(user));
-    let out = run_as_agent(
-        rt,
-        ctx,
-        STEP,
-        user,
-        "reading ~/.claude.json",
-        &format!(
-            "id -u; id -g; if [ -f \"$1\" ]; then head -c {} \"$1\"; fi",
-            CONFIG_LIMIT + 1
-        ),
-        &[&path],
-        "check the agent user's home directory in the guest",
-    )?;
-    let mut lines = out.splitn(3, '\n');
-    let ids = (
-        lines.next().and_then(|l| l.trim().parse().ok()),
-        lines.next().and_then(|l| l.trim().parse().ok()),
-    );
-    let (Some(uid), Some(gid)) = ids else {
+/// The file as observed, parsed (an absent or empty file is an empty
+/// object; one over the probe's limit was never read whole).
+fn parse_config(ctx: &AgentCtx, text: &str) -> StepResult<Map<String, Value>> {
+    if text == crate::observe::OVER_LIMIT || text.len() > CONFIG_LIMIT {
         return Err(StepError::Other(
             format!(
-                "could not read the ids of user {user} in machine {}",
-                ctx.machine
-            ),
-            "check that `id` works in the image".into(),
-        ));
-    };
-    let text = lines.next().unwrap_or_default();
-    if text.len() > CONFIG_LIMIT {
-        return Err(StepError::Other(
-            format!(
-                "{path} in machine {} is larger than {} MiB",
+                "{} in machine {} is larger than {} MiB",
+                config_path(ctx),
                 ctx.machine,
                 CONFIG_LIMIT >> 20
             ),
@@ -121,110 +88,154 @@ fn read_config(
         ));
     }
     if text.trim().is_empty() {
-        return Ok((GuestUser { uid, gid }, Map::new()));
+        return Ok(Map::new());
     }
     match serde_json::from_str::<Value>(text) {
-        Ok(Value::Object(map)) => Ok((GuestUser { uid, gid }, map)),
+        Ok(Value::Object(map)) => Ok(map),
         _ => Err(StepError::Other(
-            format!("{path} in machine {} is not a JSON object", ctx.machine),
+            format!(
+                "{} in machine {} is not a JSON object",
+                config_path(ctx),
+                ctx.machine
+            ),
             "fix or remove the file in the guest; bottle will not overwrite it".into(),
         )),
     }
 }
 
-/// Write the file as the user, by rename, so Claude Code never reads half
-/// of it. Returns the text written and the staged file.
-fn write_config(
-    ctx: &AgentCtx,
-    user: &str,
-    ids: GuestUser,
-    rt: &dyn Runtime,
-    map: Map<String, Value>,
-) -> StepResult<(String, String)> {
+/// Run as the user: `$1` the staged file, `$2` the config file, `$3` the
+/// SHA-256 of the file bottle read (`absent`: none or empty). The file is
+/// replaced by rename, so Claude Code never reads half of it, and only if
+/// it is still what bottle read: Claude Code rewrites it, and bottle must
+/// not write back an older copy of its state.
+const WRITE: &str = r#"set -e
+if [ -s "$2" ]; then now=$(sha256sum < "$2" | cut -c1-64); else now=absent; fi
+if [ "$now" != "$3" ]; then echo "$2 changed since bottle read it" >&2; exit 1; fi
+umask 077
+cp "$1" "$2.bottle-tmp"
+mv -f "$2.bottle-tmp" "$2"
+"#;
+
+/// Root, in the payload directory: `$1` the user, `$2` [`WRITE`], then
+/// its `$2` and `$3`.
+const APPLY: &str = r#"set -e
+staged=$(bottle_stage config "$1")
+bottle_as "$1" "$2" "$staged" "$3" "$4"
+"#;
+
+/// The work that writes `map` as `user`'s file, read as `observed`.
+fn write_work(user: &str, observed: &str, map: Map<String, Value>, what: &str) -> (String, Work) {
     let mut text = serde_json::to_string_pretty(&Value::Object(map)).expect("json serializes");
     text.push('\n');
-    let staged = stage(rt, ctx.machine, text.as_bytes(), ids)?;
-    let path = format!("{}/.claude.json", home_of(user));
-    run_as_agent(
-        rt,
-        ctx,
-        STEP,
-        user,
-        "writing ~/.claude.json",
-        "umask 077 && cp \"$1\" \"$2.bottle-tmp\" && mv -f \"$2.bottle-tmp\" \"$2\"",
-        &[&staged, &path],
-        "check the agent user's home directory in the guest",
-    )?;
-    Ok((text, staged))
+    let read = if observed.trim().is_empty() {
+        "absent".to_owned()
+    } else {
+        super::sha256_hex(observed.as_bytes())
+    };
+    let work = Work::new(
+        what,
+        "run `bottle apply` again; check the agent user's ~/.claude.json in the guest",
+        APPLY,
+    )
+    .file(Payload::new("config", text.clone().into_bytes(), 0o600))
+    .args([
+        user.to_owned(),
+        WRITE.to_owned(),
+        format!("{}/.claude.json", home_of(user)),
+        read,
+    ]);
+    (text, work)
 }
 
-/// Returns the staged files for `record` to remove.
-pub fn apply(
-    ctx: &AgentCtx,
-    _user: GuestUser,
-    rt: &dyn Runtime,
-    entry: &mut LedgerEntry,
-) -> StepResult<Vec<String>> {
-    let declared = ctx
-        .bottle
-        .spec
-        .supervise
-        .as_ref()
-        .expect("the supervise step exists only when declared");
-    // Without `url`, the bottle's gate serves it at a per-agent path.
-    let url = match (&declared.url, ctx.gate) {
-        (Some(url), _) => url.as_str(),
-        (None, Some(gate)) => gate.supervise_url.as_str(),
-        (None, None) => {
-            return Err(StepError::Other(
-                format!(
-                    "the gate's supervise endpoint of {} is unknown",
-                    ctx.machine
-                ),
-                "run `bottle apply`, which starts the gate first".into(),
-            ));
-        }
-    };
-    let (ids, mut map) = read_config(ctx, ctx.user(), rt)?;
-    let servers = map
-        .entry("mcpServers")
-        .or_insert_with(|| Value::Object(Map::new()));
-    let Value::Object(servers) = servers else {
-        return Err(StepError::Other(
-            format!("`mcpServers` in {} is not an object", config_path(ctx)),
-            "fix the file in the guest; bottle will not overwrite it".into(),
-        ));
-    };
-    servers.insert(SERVER_NAME.into(), entry_value(url));
-    let (written, staged) = write_config(ctx, ctx.user(), ids, rt, map)?;
-    entry.digest = digest_of_config(&written);
-    entry.paths = vec![config_path(ctx)];
-    Ok(vec![staged])
-}
-
-/// Remove the `supervise` server from the file of the user it was written
-/// for; the staged copy is removed right away (no ledger entry follows).
-pub fn undo(entry: &LedgerEntry, ctx: &AgentCtx, rt: &dyn Runtime) -> StepResult<()> {
-    let user = entry_user(entry, ctx);
-    let (ids, mut map) = read_config(ctx, user, rt)?;
-    let removed = map
-        .get_mut("mcpServers")
-        .and_then(Value::as_object_mut)
-        .and_then(|s| s.remove(SERVER_NAME))
-        .is_some();
-    if removed {
-        let (_, staged) = write_config(ctx, user, ids, rt, map)?;
-        run_script(
-            rt,
-            ctx.machine,
-            STEP,
-            "removing a staged file",
-            "rm -f \"$1\"",
-            &[&staged],
-            "check the guest",
-        )?;
+impl Step for SuperviseStep {
+    fn noun(&self) -> String {
+        "supervise server".into()
     }
-    Ok(())
+
+    fn probe(&self, ctx: &AgentCtx) -> Option<String> {
+        Some(probe(ctx))
+    }
+
+    fn probe_digest(&self, output: &str) -> String {
+        digest_of_config(output)
+    }
+
+    fn drift_path(&self, ctx: &AgentCtx) -> String {
+        config_path(ctx)
+    }
+
+    fn in_home(&self) -> bool {
+        true
+    }
+
+    /// The file as observation read it, with the `supervise` server set;
+    /// written only if the guest's file is still the one read.
+    fn apply(&self, cx: &StepCx, entry: &mut LedgerEntry) -> StepResult<Work> {
+        let ctx = cx.ctx;
+        let declared = ctx
+            .bottle
+            .spec
+            .supervise
+            .as_ref()
+            .expect("the supervise step exists only when declared");
+        // Without `url`, the bottle's gate serves it at a per-agent path.
+        let url = match (&declared.url, ctx.gate) {
+            (Some(url), _) => url.as_str(),
+            (None, Some(gate)) => gate.supervise_url.as_str(),
+            (None, None) => {
+                return Err(StepError::Other(
+                    format!(
+                        "the gate's supervise endpoint of {} is unknown",
+                        ctx.machine
+                    ),
+                    "run `bottle apply`, which starts the gate first".into(),
+                ));
+            }
+        };
+        let observed = cx.observed.unwrap_or_default();
+        let mut map = parse_config(ctx, observed)?;
+        let servers = map
+            .entry("mcpServers")
+            .or_insert_with(|| Value::Object(Map::new()));
+        let Value::Object(servers) = servers else {
+            return Err(StepError::Other(
+                format!("`mcpServers` in {} is not an object", config_path(ctx)),
+                "fix the file in the guest; bottle will not overwrite it".into(),
+            ));
+        };
+        servers.insert(SERVER_NAME.into(), entry_value(url));
+        let (written, work) = write_work(ctx.user(), observed, map, "writing ~/.claude.json");
+        entry.paths = vec![config_path(ctx)];
+        Ok(work.recorded(Recorded::Known(digest_of_config(&written))))
+    }
+
+    /// Remove the `supervise` server from the file of the user it was
+    /// written for, as observed. A file bottle did not observe (the agent
+    /// user changed since) is left alone.
+    fn undo(&self, cx: &StepCx, entry: &LedgerEntry) -> StepResult<Work> {
+        let ctx = cx.ctx;
+        let user = entry_user(entry, ctx);
+        let nothing = || Work::new("removing the supervise server", "", "");
+        let Some(observed) = cx.observed.filter(|_| user == ctx.user()) else {
+            return Ok(nothing());
+        };
+        let mut map = parse_config(ctx, observed)?;
+        let removed = map
+            .get_mut("mcpServers")
+            .and_then(Value::as_object_mut)
+            .and_then(|s| s.remove(SERVER_NAME))
+            .is_some();
+        if !removed {
+            return Ok(nothing());
+        }
+        Ok(write_work(
+            user,
+            observed,
+            map,
+            "removing the supervise server from ~/.claude.json",
+        )
+        .1)
+    }
 }
 
 #[cfg(test)]
