@@ -21,9 +21,25 @@ pub(crate) fn display_command(binary: &Path, args: &[OsString]) -> String {
     let mut shown = program;
     for arg in args {
         shown.push(' ');
-        shown.push_str(&quote(&arg.to_string_lossy()));
+        shown.push_str(&quote(&shorten(&arg.to_string_lossy())));
     }
     shown
+}
+
+/// Arguments longer than this are cut in messages: a step's whole script
+/// travels as one argument, and an error repeated per step would otherwise
+/// print kilobytes of it (enough to fill a pipe nobody reads yet).
+const SHOWN_ARG: usize = 160;
+
+fn shorten(arg: &str) -> std::borrow::Cow<'_, str> {
+    if arg.len() <= SHOWN_ARG {
+        return arg.into();
+    }
+    let mut end = SHOWN_ARG;
+    while !arg.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &arg[..end], arg.len()).into()
 }
 
 /// Quote an argument for display only when it needs it, so messages stay
@@ -218,6 +234,22 @@ pub(crate) fn killed_by_signal(output: &Output) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_argument_is_shown_cut_with_its_size() {
+        let script = "é".repeat(500);
+        let args: Vec<OsString> = ["machine", "exec", "--", "sh", "-c", script.as_str()]
+            .into_iter()
+            .map(OsString::from)
+            .collect();
+        let shown = display_command(Path::new("/usr/bin/smolvm"), &args);
+        assert!(shown.len() < 300, "{shown}");
+        assert!(shown.ends_with("… (1000 bytes)'"), "{shown}");
+        assert!(
+            shown.starts_with("smolvm machine exec -- sh -c 'éé"),
+            "{shown}"
+        );
+    }
 
     #[test]
     fn display_quotes_only_what_needs_it() {
