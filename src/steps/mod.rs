@@ -304,15 +304,6 @@ pub trait Step: Send + Sync {
     /// The guest path a drift of this step is reported by.
     fn drift_path(&self, ctx: &AgentCtx) -> String;
 
-    /// What the probe prints when the guest holds exactly what the
-    /// manifest declares, computed on the host (`None`: not known here).
-    /// Compared with the observed output besides the ledger's digest,
-    /// which root in the guest can edit. `user`: the agent user's ids as
-    /// the machine step's probe shows them.
-    fn expected_output(&self, _ctx: &AgentCtx, _user: Option<GuestUser>) -> Option<String> {
-        None
-    }
-
     /// Does the step write into the agent user's home (its ledger entry
     /// then records that user, to undo it from the right home)?
     fn in_home(&self) -> bool {
@@ -439,15 +430,6 @@ pub fn probe_fragment(kind: &StepKind, ctx: &AgentCtx) -> Option<String> {
 /// The digest of a step's probe output.
 pub fn probe_digest(kind: &StepKind, output: &str) -> String {
     step(kind).probe_digest(output)
-}
-
-/// The digest a step's probe output has when the guest holds what the
-/// manifest declares, computed on the host ([`Step::expected_output`]).
-pub fn expected_digest(kind: &StepKind, ctx: &AgentCtx, user: Option<GuestUser>) -> Option<String> {
-    let module = step(kind);
-    module
-        .expected_output(ctx, user)
-        .map(|out| module.probe_digest(&out))
 }
 
 /// The guest path a drifted step is reported by.

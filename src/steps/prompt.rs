@@ -1,9 +1,7 @@
 //! The prompt step: the system prompt file in the agent user's home, always
 //! written (empty when no prompt is declared), mode 0600, owned by the user.
 
-use super::{
-    AgentCtx, GuestUser, Payload, Recorded, Step, StepCx, StepError, StepResult, Work, sh_quote,
-};
+use super::{AgentCtx, Payload, Recorded, Step, StepCx, StepError, StepResult, Work, sh_quote};
 use crate::ledger::LedgerEntry;
 use crate::manifest::Prompt;
 
@@ -42,16 +40,6 @@ fn probe_file(f: &str) -> String {
     )
 }
 
-/// What [`probe_file`] prints for the user's file holding `content`.
-pub fn expected_probe(content: &[u8], user: GuestUser) -> String {
-    format!(
-        "600 {} {}\n{}  -\n",
-        user.uid,
-        user.gid,
-        super::sha256_hex(content)
-    )
-}
-
 pub fn probe(ctx: &AgentCtx) -> String {
     probe_file(&sh_quote(&guest_path(ctx)))
 }
@@ -87,13 +75,6 @@ impl Step for PromptStep {
 
     fn drift_path(&self, ctx: &AgentCtx) -> String {
         guest_path(ctx)
-    }
-
-    /// The user's file, mode 0600, holding the declared prompt.
-    fn expected_output(&self, ctx: &AgentCtx, user: Option<GuestUser>) -> Option<String> {
-        let user = user?;
-        let content = content(ctx).ok()?;
-        Some(expected_probe(&content, user))
     }
 
     fn in_home(&self) -> bool {

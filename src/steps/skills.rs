@@ -3,9 +3,7 @@
 //! skill removed from the manifest deleted. Modes are kept, read-only
 //! directories included: they are made writable only to be replaced.
 
-use super::{
-    AgentCtx, GuestUser, Payload, Recorded, Step, StepCx, StepResult, Work, sh_quote, tar_paths,
-};
+use super::{AgentCtx, Payload, Recorded, Step, StepCx, StepResult, Work, sh_quote, tar_paths};
 use crate::ledger::LedgerEntry;
 
 pub struct SkillsStep;
@@ -71,69 +69,6 @@ fn probe_trees(ctx: &AgentCtx, at: impl Fn(&str) -> String) -> String {
     )
 }
 
-/// What [`probe`] prints once the declared skills are installed, from the
-/// host's copies (what the archive carries: modes kept, links not
-/// followed). `None` when a name holds what the probe's lines cannot show
-/// plainly (a newline, a backslash) or a copy cannot be read.
-pub fn expected_probe(ctx: &AgentCtx) -> Option<String> {
-    use std::os::unix::fs::MetadataExt;
-    let mut out = String::new();
-    for (name, path) in names(ctx).iter().zip(&ctx.agent.skills) {
-        // A declared path that is a link is copied as what it names.
-        let root = std::fs::canonicalize(path).ok()?;
-        let mut entries = Vec::new();
-        walk(&root, ".", &mut entries)?;
-        let mut stats = Vec::new();
-        let mut sums = Vec::new();
-        for (rel, meta) in &entries {
-            let kind = meta.file_type();
-            let what = if kind.is_symlink() {
-                "symbolic link"
-            } else if kind.is_dir() {
-                "directory"
-            } else if kind.is_file() && meta.len() == 0 {
-                "regular empty file"
-            } else if kind.is_file() {
-                "regular file"
-            } else {
-                return None;
-            };
-            stats.push(format!("{:o} {what} {rel}\n", meta.mode() & 0o7777));
-            if kind.is_file() {
-                let hash = super::sha256_hex(&std::fs::read(root.join(rel)).ok()?);
-                sums.push((rel.clone(), format!("{hash}  {rel}\n")));
-            }
-        }
-        stats.sort();
-        sums.sort();
-        out.push_str(&format!("== {name}\n"));
-        out.extend(stats);
-        out.extend(sums.into_iter().map(|(_, line)| line));
-    }
-    Some(out)
-}
-
-/// `dir`'s entries under `rel` (`.`, then `./a`, ...), links not followed.
-fn walk(
-    dir: &std::path::Path,
-    rel: &str,
-    out: &mut Vec<(String, std::fs::Metadata)>,
-) -> Option<()> {
-    let meta = std::fs::symlink_metadata(dir.join(rel)).ok()?;
-    let is_dir = meta.is_dir();
-    out.push((rel.to_owned(), meta));
-    if is_dir {
-        for entry in std::fs::read_dir(dir.join(rel)).ok()? {
-            let name = entry.ok()?.file_name().into_string().ok()?;
-            if name.contains(['\n', '\\']) {
-                return None;
-            }
-            walk(dir, &format!("{rel}/{name}"), out)?;
-        }
-    }
-    Some(())
-}
-
 /// Run as the agent user: unpack into a fresh directory beside the skills,
 /// then replace each declared skill whole and remove the ones that left.
 /// `$3` counts the declared names that follow; the rest are removed. A
@@ -189,10 +124,6 @@ impl Step for SkillsStep {
 
     fn drift_path(&self, ctx: &AgentCtx) -> String {
         skills_dir(ctx)
-    }
-
-    fn expected_output(&self, ctx: &AgentCtx, _user: Option<GuestUser>) -> Option<String> {
-        expected_probe(ctx)
     }
 
     fn in_home(&self) -> bool {
