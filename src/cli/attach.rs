@@ -75,11 +75,7 @@ pub fn run(global: &GlobalArgs, args: AttachArgs) -> miette::Result<Outcome> {
     let mut request = ExecRequest::new(claude_argv(&ctx)?).as_user(ctx.user());
     request.workdir = Some(ctx.home());
     let rt = session::runtime(global)?;
-    let state = rt
-        .list()?
-        .into_iter()
-        .find(|m| m.name == agent.machine)
-        .map(|m| m.state);
+    let state = session::machine_state(rt.as_ref(), &agent.machine)?;
     if state != Some(MachineState::Running) {
         return Err(AttachError::NotRunning {
             agent: agent.name.clone(),

@@ -78,11 +78,7 @@ pub fn run(global: &GlobalArgs, args: ExecArgs) -> miette::Result<Outcome> {
     let user = if args.root { "root" } else { ctx.user() };
     let request = request(user, &args.command, Duration::from_secs(args.timeout));
     let rt = session::runtime(global)?;
-    let state = rt
-        .list()?
-        .into_iter()
-        .find(|m| m.name == agent.machine)
-        .map(|m| m.state);
+    let state = session::machine_state(rt.as_ref(), &agent.machine)?;
     if state != Some(MachineState::Running) {
         return Err(ExecError::NotRunning {
             agent: agent.name.clone(),

@@ -94,6 +94,19 @@ pub fn runtime_kind(global: &GlobalArgs) -> RuntimeKind {
 }
 
 /// Open the runtime the user chose.
+/// The state the runtime reports for one machine, `None` when it has no
+/// such machine (for the commands that run something in it).
+pub fn machine_state(
+    rt: &dyn Runtime,
+    machine: &str,
+) -> miette::Result<Option<crate::runtime::MachineState>> {
+    Ok(rt
+        .list()?
+        .into_iter()
+        .find(|m| m.name == machine)
+        .map(|m| m.state))
+}
+
 pub fn runtime(global: &GlobalArgs) -> miette::Result<Box<dyn Runtime>> {
     match global.runtime {
         RuntimeChoice::Smolvm => Ok(Box::new(crate::runtime::smolvm::SmolvmRuntime::new(
