@@ -17,6 +17,9 @@ use bottle::gate::paths::GatePaths;
 use http_body_util::BodyExt;
 use tokio_rustls::rustls;
 
+#[path = "support/tls.rs"]
+mod tls;
+
 const PROJECT: &str = "gt";
 const SECRET: &str = "real-secret-value-0123456789";
 
@@ -41,32 +44,7 @@ struct Upstream {
 impl Upstream {
     fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        ca_params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, "gate test upstream CA");
-        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-        let issuer = rcgen::Issuer::new(ca_params, ca_key);
-        let leaf_key = rcgen::KeyPair::generate().unwrap();
-        let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
-            .unwrap()
-            .signed_by(&leaf_key, &issuer)
-            .unwrap();
-        let ca_file = dir.path().join("upstream-ca.pem");
-        std::fs::write(&ca_file, ca_cert.pem()).unwrap();
-        let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![leaf.der().clone()],
-            rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
-        )
-        .unwrap();
+        let (ca_file, mut tls) = tls::localhost_server(dir.path(), "gate test upstream CA");
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         let tls = Arc::new(tls);
         let runtime = tokio::runtime::Builder::new_multi_thread()

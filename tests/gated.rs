@@ -16,6 +16,9 @@ use bottle::runtime::local::LocalRuntime;
 use bottle::runtime::{ExecRequest, Runtime};
 use tokio_rustls::rustls;
 
+#[path = "support/tls.rs"]
+mod tls;
+
 const SECRET: &str = "sk-wiring-e2e-real-value-0123456789";
 
 /// One answer per connection: what the request carried in `x-api-key`.
@@ -56,34 +59,8 @@ struct Upstreams {
 
 fn upstreams() -> Upstreams {
     let dir = tempfile::tempdir().unwrap();
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "wiring e2e upstream CA");
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let leaf_key = rcgen::KeyPair::generate().unwrap();
-    let leaf = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
-        .unwrap()
-        .signed_by(&leaf_key, &issuer)
-        .unwrap();
-    let ca_file = dir.path().join("upstream-ca.pem");
-    std::fs::write(&ca_file, ca_cert.pem()).unwrap();
-    let config = Arc::new(
-        rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![leaf.der().clone()],
-            rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
-        )
-        .unwrap(),
-    );
+    let (ca_file, config) = tls::localhost_server(dir.path(), "wiring e2e upstream CA");
+    let config = Arc::new(config);
     let tls = TcpListener::bind("127.0.0.1:0").unwrap();
     let plain = TcpListener::bind("127.0.0.1:0").unwrap();
     let ports = (
