@@ -10,6 +10,7 @@
 //! 4. [`cli`] is the command line on top.
 
 pub mod apply;
+pub mod base64;
 pub mod cli;
 pub mod desired;
 pub mod gate;

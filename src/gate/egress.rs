@@ -182,7 +182,7 @@ fn proxy_agent(live: &Live, bottle: &str, headers: &HeaderMap) -> Result<String,
     if !scheme.eq_ignore_ascii_case("basic") {
         return Err(invalid);
     }
-    let decoded = base64_decode(encoded.trim()).ok_or(invalid)?;
+    let decoded = crate::base64::decode_optional(encoded.trim()).ok_or(invalid)?;
     let decoded = String::from_utf8(decoded).map_err(|_| invalid)?;
     let (user, password) = decoded.split_once(':').ok_or(invalid)?;
     let gate = live.config.bottles.get(bottle).ok_or(invalid)?;
@@ -194,33 +194,6 @@ fn proxy_agent(live: &Live, bottle: &str, headers: &HeaderMap) -> Result<String,
         }
         _ => Err(invalid),
     }
-}
-
-fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    let value = |c: u8| -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    };
-    let s = s.trim_end_matches('=').as_bytes();
-    if s.len() % 4 == 1 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    for chunk in s.chunks(4) {
-        let mut n = 0u32;
-        for (i, c) in chunk.iter().enumerate() {
-            n |= value(*c)? << (18 - 6 * i);
-        }
-        let bytes = n.to_be_bytes();
-        out.extend_from_slice(&bytes[1..chunk.len()]);
-    }
-    Some(out)
 }
 
 /// Authenticate, decide and resolve a proxy request to `host:port`.
@@ -828,11 +801,14 @@ mod tests {
 
     #[test]
     fn base64_decodes_basic_credentials() {
-        assert_eq!(base64_decode("Y29kZXI6dDE=").unwrap(), b"coder:t1");
-        assert_eq!(base64_decode("YWI6Yw").unwrap(), b"ab:c");
-        assert_eq!(base64_decode("").unwrap(), b"");
-        assert!(base64_decode("a").is_none());
-        assert!(base64_decode("Y29k*").is_none());
+        assert_eq!(
+            crate::base64::decode_optional("Y29kZXI6dDE=").unwrap(),
+            b"coder:t1"
+        );
+        assert_eq!(crate::base64::decode_optional("YWI6Yw").unwrap(), b"ab:c");
+        assert_eq!(crate::base64::decode_optional("").unwrap(), b"");
+        assert!(crate::base64::decode_optional("a").is_none());
+        assert!(crate::base64::decode_optional("Y29k*").is_none());
     }
 
     #[test]

@@ -1218,35 +1218,11 @@ fn authenticate<'a>(
     if !scheme.eq_ignore_ascii_case("basic") {
         return None;
     }
-    let decoded = base64_decode(encoded.trim())?;
+    let decoded = crate::base64::decode_optional(encoded.trim())?;
     let decoded = String::from_utf8(decoded).ok()?;
     let (user, password) = decoded.split_once(':')?;
     let (name, token) = agents.get_key_value(user)?;
     constant_time_eq(token.as_bytes(), password.as_bytes()).then_some(name.as_str())
-}
-
-/// Standard base64 (padding optional).
-fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    let (mut acc, mut bits) = (0u32, 0u32);
-    for c in s.trim_end_matches('=').bytes() {
-        let v = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32;
-        acc = (acc << 6) | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-            acc &= (1 << bits) - 1;
-        }
-    }
-    Some(out)
 }
 
 #[cfg(test)]
@@ -1271,9 +1247,12 @@ mod tests {
 
     #[test]
     fn base64_round() {
-        assert_eq!(base64_decode("Y29kZXI6dDE=").unwrap(), b"coder:t1");
-        assert_eq!(base64_decode("YQ").unwrap(), b"a");
-        assert!(base64_decode("a*b").is_none());
+        assert_eq!(
+            crate::base64::decode_optional("Y29kZXI6dDE=").unwrap(),
+            b"coder:t1"
+        );
+        assert_eq!(crate::base64::decode_optional("YQ").unwrap(), b"a");
+        assert!(crate::base64::decode_optional("a*b").is_none());
     }
 
     #[test]

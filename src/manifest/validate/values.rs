@@ -280,7 +280,7 @@ pub fn check_pem(bytes: &[u8]) -> Result<usize, PemProblem> {
             }
             (None, _) => {}
             (Some(b), "-----END CERTIFICATE-----") => {
-                let der = match base64_decode(b) {
+                let der = match crate::base64::decode_strict(b) {
                     Some(der) if !der.is_empty() => der,
                     _ => return bad("has a certificate block that is not valid base64"),
                 };
@@ -309,52 +309,18 @@ pub fn check_pem(bytes: &[u8]) -> Result<usize, PemProblem> {
     }
 }
 
-/// Strict standard base64 (with padding); `None` if malformed.
-fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    fn val(c: u8) -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    }
-    let bytes = s.as_bytes();
-    if !bytes.len().is_multiple_of(4) {
-        return None;
-    }
-    let mut out = Vec::with_capacity(bytes.len() / 4 * 3);
-    let chunks = bytes.len() / 4;
-    for (i, chunk) in bytes.chunks(4).enumerate() {
-        let pad = chunk.iter().rev().take_while(|&&c| c == b'=').count();
-        if pad > 2 || (pad > 0 && i + 1 != chunks) {
-            return None;
-        }
-        let mut n = 0u32;
-        for &c in &chunk[..4 - pad] {
-            n = (n << 6) | val(c)?;
-        }
-        n <<= 6 * pad as u32;
-        let decoded = [(n >> 16) as u8, (n >> 8) as u8, n as u8];
-        out.extend_from_slice(&decoded[..3 - pad]);
-    }
-    Some(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn base64_is_strict() {
-        assert_eq!(base64_decode("aGVsbG8=").unwrap(), b"hello");
-        assert_eq!(base64_decode("aGk=").unwrap(), b"hi");
-        assert_eq!(base64_decode("YWJj").unwrap(), b"abc");
-        assert!(base64_decode("aGVsbG8").is_none());
-        assert!(base64_decode("aG=sbG8=").is_none());
-        assert!(base64_decode("a$Vs").is_none());
+        assert_eq!(crate::base64::decode_strict("aGVsbG8=").unwrap(), b"hello");
+        assert_eq!(crate::base64::decode_strict("aGk=").unwrap(), b"hi");
+        assert_eq!(crate::base64::decode_strict("YWJj").unwrap(), b"abc");
+        assert!(crate::base64::decode_strict("aGVsbG8").is_none());
+        assert!(crate::base64::decode_strict("aG=sbG8=").is_none());
+        assert!(crate::base64::decode_strict("a$Vs").is_none());
     }
 
     fn pem(body: &str) -> String {
