@@ -235,7 +235,11 @@ fn mutated_manifests_never_panic_and_output_stays_bounded() {
             .as_nanos() as u64
             | 1,
     );
-    eprintln!("fuzz_loader: seed {seed} (replay with BOTTLE_FUZZ_SEED={seed})");
+    let current = std::env::temp_dir().join(format!("bottle-fuzz-{seed}-current.toml"));
+    eprintln!(
+        "fuzz_loader: seed {seed} (replay with BOTTLE_FUZZ_SEED={seed}); the input being tried is {}",
+        current.display()
+    );
     let mut rng = Rng(seed);
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let bases: Vec<tempfile::TempDir> = ["manifests", "tests/fixtures/e2e"]
@@ -248,6 +252,7 @@ fn mutated_manifests_never_panic_and_output_stays_bounded() {
         .collect();
     let started = Instant::now();
     let mut ran = 0;
+    let mut slowest = (Duration::ZERO, PathBuf::new());
     for i in 0..iterations {
         if started.elapsed() > budget {
             break;
@@ -258,8 +263,19 @@ fn mutated_manifests_never_panic_and_output_stays_bounded() {
         let target = rng.below(files.len());
         let mutated = mutate(&mut rng, &originals[target]);
         std::fs::write(&files[target], &mutated).unwrap();
+        // A stack overflow aborts the process before any panic handler
+        // runs: the input being exercised is always on disk.
+        std::fs::write(&current, &mutated).unwrap();
         let dir = base.path().to_owned();
+        let began = Instant::now();
         let result = std::panic::catch_unwind(move || exercise(&dir));
+        let took = began.elapsed();
+        if took > slowest.0 {
+            // Kept for a look, not asserted: a test never times itself.
+            let keep = std::env::temp_dir().join(format!("bottle-fuzz-{seed}-slowest.toml"));
+            std::fs::write(&keep, &mutated).unwrap();
+            slowest = (took, keep);
+        }
         std::fs::write(&files[target], &originals[target]).unwrap();
         match result {
             // Every diagnostic is capped and windowed: a few hundred KB at
@@ -282,8 +298,10 @@ fn mutated_manifests_never_panic_and_output_stays_bounded() {
         ran += 1;
     }
     eprintln!(
-        "fuzz_loader: {ran} mutated manifests in {:.1}s",
-        started.elapsed().as_secs_f64()
+        "fuzz_loader: {ran} mutated manifests in {:.1}s; the slowest took {:.0} ms ({})",
+        started.elapsed().as_secs_f64(),
+        slowest.0.as_secs_f64() * 1000.0,
+        slowest.1.display()
     );
     assert!(ran > 0);
 }
@@ -343,4 +361,32 @@ fn thousands_of_problems_on_one_line_print_a_bounded_report() {
         .unwrap();
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["error"]["problems"].as_array().unwrap().len(), 5000);
+}
+
+/// Found by this fuzzer: a path of thousands of components made the
+/// loader's path resolution recurse once per component and overflow the
+/// stack (an abort, not a diagnostic).
+#[test]
+fn a_path_of_thousands_of_components_is_a_diagnostic() {
+    let tmp = tempfile::tempdir().unwrap();
+    let deep = vec!["x"; 20_000].join("/");
+    std::fs::write(
+        tmp.path().join("bottle.toml"),
+        format!(
+            "[project]\nname = \"p\"\n[bottle.dev]\n[agent.a]\nbottle = \"dev\"\nprompt = \"{deep}/p.md\"\n"
+        ),
+    )
+    .unwrap();
+    let dir = tmp.path().to_owned();
+    // A small stack, so the test does not depend on the thread's default.
+    let rendered = std::thread::Builder::new()
+        .stack_size(256 * 1024)
+        .spawn(move || match bottle::manifest::load_dir(&dir) {
+            Ok(_) => panic!("a prompt that does not exist loaded"),
+            Err(d) => serde_json::to_string(&d.to_json()).unwrap(),
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+    assert!(rendered.contains("prompt"), "{rendered}");
 }

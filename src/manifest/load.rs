@@ -655,13 +655,44 @@ impl Cx<'_> {
     /// Canonical path and kind of `path` (absolute, without `..`), or
     /// `None` when it does not exist. Resolves through the cached parent, so
     /// a thousand prompt files in one directory cost one `lstat` each rather
-    /// than a `realpath` walk each.
+    /// than a `realpath` walk each. Iterative: a manifest's path may have
+    /// thousands of components.
     pub fn stat(&mut self, path: &Path) -> Option<FsInfo> {
-        if let Some(info) = self.fs.get(path) {
-            return info.clone();
+        // Longer than the kernel resolves (ENAMETOOLONG): it cannot exist,
+        // and caching each of its ancestors would cost the square of its
+        // length.
+        if path.as_os_str().len() >= libc::PATH_MAX as usize {
+            return None;
         }
-        let info = match (path.parent(), path.file_name()) {
-            (Some(parent), Some(name)) => self.stat(parent).and_then(|parent| {
+        // The nearest ancestor already known (or the root, or a path that
+        // is not absolute), then down from it one component at a time.
+        let mut pending: Vec<(&Path, &std::ffi::OsStr)> = Vec::new();
+        let mut at = path;
+        let mut known = loop {
+            if let Some(info) = self.fs.get(at) {
+                break info.clone();
+            }
+            match (at.parent(), at.file_name()) {
+                (Some(parent), Some(name)) => {
+                    pending.push((at, name));
+                    at = parent;
+                }
+                _ => {
+                    let info = fs::canonicalize(at).ok().and_then(|canonical| {
+                        let meta = fs::metadata(&canonical).ok()?;
+                        Some(FsInfo {
+                            canonical,
+                            is_dir: meta.is_dir(),
+                            is_file: meta.is_file(),
+                        })
+                    });
+                    self.fs.insert(at.to_owned(), info.clone());
+                    break info;
+                }
+            }
+        };
+        for (child, name) in pending.into_iter().rev() {
+            known = known.and_then(|parent| {
                 if !parent.is_dir {
                     return None;
                 }
@@ -679,19 +710,10 @@ impl Cx<'_> {
                     is_dir: meta.is_dir(),
                     is_file: meta.is_file(),
                 })
-            }),
-            // The root, or a path that is not absolute.
-            _ => fs::canonicalize(path).ok().and_then(|canonical| {
-                let meta = fs::metadata(&canonical).ok()?;
-                Some(FsInfo {
-                    canonical,
-                    is_dir: meta.is_dir(),
-                    is_file: meta.is_file(),
-                })
-            }),
-        };
-        self.fs.insert(path.to_owned(), info.clone());
-        info
+            });
+            self.fs.insert(child.to_owned(), known.clone());
+        }
+        known
     }
 
     /// The verdict on a CA file, read and checked once however many
