@@ -429,29 +429,10 @@ fn plan_agent(
     let changed = spec_fields_changed(agent, machine);
     let mut replace_blocked = false;
     if !changed.is_empty() {
-        let id = b.push(
-            agent,
-            Op::Replace,
-            format!("spec-hash differs: {}", changed.join(", ")),
-            vec![],
-        );
-        if options.allow_replace {
-            plan_all_steps(b, agent, id, "machine replaced");
+        let cause = format!("spec-hash differs: {}", changed.join(", "));
+        if plan_replace(b, agent, options, cause) == Replace::Planned {
             return;
         }
-        // Blocked: the replacement waits for the flag, but the machine that
-        // exists still gets every other change (a prompt edit must not wait
-        // on an unrelated egress change). The machine step itself is the
-        // replacement's to redo; and when the agent user changed too, the
-        // other steps need that new user first, so they wait as well.
-        let steps = agent.steps.len().saturating_sub(1);
-        let action = &mut b.plan.actions[id];
-        action.cause = match steps {
-            0 => action.cause.clone(),
-            1 => format!("{} (then its step is applied again)", action.cause),
-            n => format!("{} (then its {n} steps are applied again)", action.cause),
-        };
-        action.blocked = Some("replacing destroys the machine's disk; pass --allow-replace".into());
         replace_blocked = true;
     }
     let ctx = desired.ctx(agent);
@@ -460,7 +441,9 @@ fn plan_agent(
         // started as they are and restarted once probed, if still needed.
         let updatable = matches!(machine.state, MachineState::Created | MachineState::Stopped);
         let (causes, update) = if updatable {
-            machine_step::pending_update(&ctx, machine.cpus, machine.memory_mib, None, None)
+            let pending =
+                machine_step::pending_update(&ctx, machine.cpus, machine.memory_mib, None, None);
+            (pending.causes, pending.update)
         } else {
             (Vec::new(), MachineUpdate::default())
         };
@@ -492,6 +475,22 @@ fn plan_agent(
         }
     };
     let recorded_machine = probe.ledger.get("machine");
+    let pending = machine_step::pending_update(
+        &ctx,
+        machine.cpus,
+        machine.memory_mib,
+        recorded_machine,
+        probe
+            .sections
+            .get(machine_step::SETTINGS_SECTION)
+            .map(String::as_str),
+    );
+    if !pending.replace.is_empty() && !replace_blocked {
+        if plan_replace(b, agent, options, pending.replace.join(", ")) == Replace::Planned {
+            return;
+        }
+        replace_blocked = true;
+    }
     if replace_blocked {
         // Steps need the agent user the machine step provisions: without
         // it (never provisioned, or a different user now) they wait too.
@@ -502,16 +501,7 @@ fn plan_agent(
             return;
         }
     }
-    let (causes, update) = machine_step::pending_update(
-        &ctx,
-        machine.cpus,
-        machine.memory_mib,
-        recorded_machine,
-        probe
-            .sections
-            .get(machine_step::SETTINGS_SECTION)
-            .map(String::as_str),
-    );
+    let machine_step::PendingUpdate { causes, update, .. } = pending;
     let gate = (!update.is_empty())
         .then(|| b.push(agent, Op::Restart { update }, causes.join(", "), vec![]));
     let steps = match (gate, replace_blocked) {
@@ -527,6 +517,42 @@ fn plan_agent(
         snapshot.sent.get(&agent.name),
         steps,
     );
+}
+
+#[derive(PartialEq)]
+enum Replace {
+    /// Allowed: the replacement and every step after it are planned.
+    Planned,
+    /// Waiting for `--allow-replace`.
+    Blocked,
+}
+
+/// A replacement of the agent's machine, for `cause`.
+fn plan_replace(
+    b: &mut Builder,
+    agent: &DesiredAgent,
+    options: &PlanOptions,
+    cause: String,
+) -> Replace {
+    let id = b.push(agent, Op::Replace, cause, vec![]);
+    if options.allow_replace {
+        plan_all_steps(b, agent, id, "machine replaced");
+        return Replace::Planned;
+    }
+    // Blocked: the replacement waits for the flag, but the machine that
+    // exists still gets every other change (a prompt edit must not wait
+    // on an unrelated egress change). The machine step itself is the
+    // replacement's to redo; and when the agent user changed too, the
+    // other steps need that new user first, so they wait as well.
+    let steps = agent.steps.len().saturating_sub(1);
+    let action = &mut b.plan.actions[id];
+    action.cause = match steps {
+        0 => action.cause.clone(),
+        1 => format!("{} (then its step is applied again)", action.cause),
+        n => format!("{} (then its {n} steps are applied again)", action.cause),
+    };
+    action.blocked = Some("replacing destroys the machine's disk; pass --allow-replace".into());
+    Replace::Blocked
 }
 
 /// Which steps of a running machine `plan_steps` considers.

@@ -280,6 +280,20 @@ fn parse_settings(text: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// What differs in a machine's in-place settings.
+#[derive(Debug, Default)]
+pub struct PendingUpdate {
+    /// What differs that `update` fixes, one cause each.
+    pub causes: Vec<String>,
+    pub update: MachineUpdate,
+    /// What differs that only a new machine fixes: a volume re-pointed
+    /// outside bottle at another host directory. smolvm removes a volume
+    /// only by its exact `HOST:GUEST` and reports no volumes, so the mount
+    /// cannot be named to remove; adding the declared one beside it is
+    /// refused (`duplicate mount target`).
+    pub replace: Vec<String>,
+}
+
 /// Which in-place settings differ, as causes and the update that fixes
 /// them. cpus and memory come from `ls`; env and volumes from the machine's
 /// ledger entry when the machine runs (`None` otherwise), and from what the
@@ -291,9 +305,10 @@ pub fn pending_update(
     listed_memory: Option<u32>,
     recorded: Option<&LedgerEntry>,
     observed: Option<&str>,
-) -> (Vec<String>, MachineUpdate) {
+) -> PendingUpdate {
     let want = &ctx.machine_hashes.mutable;
     let mut causes = Vec::new();
+    let mut replace = Vec::new();
     let mut update = MachineUpdate::default();
     if let Some(cpus) = listed_cpus.filter(|c| *c != want.cpus) {
         causes.push(format!("cpus {cpus} → {}", want.cpus));
@@ -381,26 +396,39 @@ pub fn pending_update(
         for volume in volume_mounts(ctx.bottle) {
             let subject = format!("vol {}", mountinfo_escape(&volume.guest));
             let escaped = mountinfo_escape(&volume.guest);
-            let source_changed = recorded
-                .and_then(|e| e.detail.get("volume_sources"))
-                .and_then(|s| s.get(&escaped))
-                .and_then(|v| v.as_str())
-                .is_some_and(|was| sources.get(&escaped).is_some_and(|now| now != was));
+            // Only what is mounted has a source: an absent volume is added.
+            let mounted = observed
+                .get(&subject)
+                .is_some_and(|mode| mode.as_str() != "absent");
+            let source_changed = mounted
+                && recorded
+                    .and_then(|e| e.detail.get("volume_sources"))
+                    .and_then(|s| s.get(&escaped))
+                    .and_then(|v| v.as_str())
+                    .is_some_and(|was| sources.get(&escaped).is_some_and(|now| now != was));
             let mode_changed = expected
                 .get(&subject)
                 .is_some_and(|want| differs(&subject, want));
             if update.add_volumes.contains(&volume) || !(mode_changed || source_changed) {
                 continue;
             }
-            causes.push(format!(
-                "volume {} changed in guest: {}",
-                volume.guest,
-                match observed.get(&subject).map(String::as_str) {
-                    Some(mode) if mode_changed => mode,
-                    Some(_) => "another source is mounted",
-                    None => "not probed",
+            let what = match observed.get(&subject).map(String::as_str) {
+                Some(mode) if mode_changed && source_changed => {
+                    format!("{mode}, another source is mounted")
                 }
-            ));
+                Some(mode) if mode_changed => mode.to_owned(),
+                Some(_) => "another source is mounted".to_owned(),
+                None => "not probed".to_owned(),
+            };
+            if source_changed {
+                replace.push(format!(
+                    "volume {} changed in guest: {what} (the runtime does not say which host \
+                     directory, so it cannot be unmounted by an update)",
+                    volume.guest
+                ));
+                continue;
+            }
+            causes.push(format!("volume {} changed in guest: {what}", volume.guest));
             if !update.remove_volumes.contains(&volume) {
                 update.remove_volumes.push(volume.clone());
             }
@@ -409,7 +437,11 @@ pub fn pending_update(
             }
         }
     }
-    (causes, update)
+    PendingUpdate {
+        causes,
+        update,
+        replace,
+    }
 }
 
 fn parse_volume_arg(arg: &str) -> Option<VolumeMount> {
