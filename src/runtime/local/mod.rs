@@ -153,6 +153,20 @@ pub struct LocalRuntime {
     /// The bottle executable, which serves the gate relay of gated machines
     /// (`bottle local-gate-relay`); `None`: such machines cannot start.
     relay: Option<PathBuf>,
+    /// Where gated machines find their gate; `None`: `127.0.0.1:<port>`.
+    gateway: Option<Gateway>,
+}
+
+/// Where a gated machine (one with a `gate_port` and no network of the
+/// host's) finds its gate, when not at `127.0.0.1:<gate_port>`: at
+/// `address` (added to its loopback), on the gate port and on every port
+/// `env_ports` names in its environment (read at each start), each relayed
+/// to the same port on the host's loopback. The smolvm double plays
+/// smolvm's gateway `100.96.0.1` with it.
+#[derive(Debug, Clone, Copy)]
+pub struct Gateway {
+    pub address: std::net::Ipv4Addr,
+    pub env_ports: fn(&BTreeMap<String, String>) -> Vec<u16>,
 }
 
 impl LocalRuntime {
@@ -198,6 +212,7 @@ impl LocalRuntime {
             nsenter: find("nsenter")?,
             state_dir,
             relay: None,
+            gateway: None,
         };
         rt.collect_garbage();
         Ok(rt)
@@ -207,6 +222,12 @@ impl LocalRuntime {
     /// executable).
     pub fn with_relay(mut self, program: PathBuf) -> Self {
         self.relay = Some(program);
+        self
+    }
+
+    /// Give gated machines their gate at `gateway` (see [`Gateway`]).
+    pub fn with_gateway(mut self, gateway: Gateway) -> Self {
+        self.gateway = Some(gateway);
         self
     }
 
@@ -619,17 +640,34 @@ fn write_json_atomic<T: Serialize>(dir: &Path, name: &str, value: &T) -> io::Res
 }
 
 impl LocalRuntime {
-    /// Make the gate's port reachable inside a started machine.
-    fn start_relay(&self, init: &InitProcess, port: u16) -> Result<(), String> {
+    /// Make the gate's port (and a [`Gateway`]'s ports) reachable inside a
+    /// started machine.
+    fn start_relay(
+        &self,
+        init: &InitProcess,
+        port: u16,
+        env: &BTreeMap<String, String>,
+    ) -> Result<(), String> {
         let program = self.relay.as_deref().ok_or_else(|| {
             "the machine reaches its bottle's gate through a relay that only the bottle \
              executable serves; start it with `bottle apply`"
                 .to_owned()
         })?;
-        let listener = relay::listen_in(init, port)
-            .map_err(|e| format!("cannot listen for the gate inside the machine: {e}"))?;
-        relay::spawn(&self.setsid, program, listener, init, port)
-            .map_err(|e| format!("cannot start the gate relay: {e}"))
+        let (address, mut ports) = match self.gateway {
+            Some(gateway) => (gateway.address, (gateway.env_ports)(env)),
+            None => (std::net::Ipv4Addr::LOCALHOST, Vec::new()),
+        };
+        ports.push(port);
+        ports.sort_unstable();
+        ports.dedup();
+        for port in ports {
+            let listener = relay::listen_in(init, address, port).map_err(|e| {
+                format!("cannot listen for the gate at {address}:{port} inside the machine: {e}")
+            })?;
+            relay::spawn(&self.setsid, program, listener, init, port)
+                .map_err(|e| format!("cannot start the gate relay: {e}"))?;
+        }
+        Ok(())
     }
 }
 
@@ -921,7 +959,7 @@ impl Runtime for LocalRuntime {
             }
         })?;
         if let Some(port) = record.gate_port.filter(|_| !record.network)
-            && let Err(message) = self.start_relay(&init, port)
+            && let Err(message) = self.start_relay(&init, port, &record.env)
         {
             let _ = sandbox::kill(&init, STOP_TIMEOUT);
             return Err(unsupported(OP, name, message));

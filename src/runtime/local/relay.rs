@@ -8,6 +8,11 @@
 //! that joined it), handed to a relay process that runs in the host's
 //! namespace and forwards each connection to the host's `127.0.0.1:<port>`.
 //!
+//! The address inside is `127.0.0.1` by default; a runtime opened with a
+//! [`Gateway`](super::Gateway) (the smolvm double, which plays smolvm's
+//! `100.96.0.1`) uses its address instead, added to the namespace's
+//! loopback as a `/32` first, and relays one port per relay process.
+//!
 //! The relay is the bottle executable (`bottle local-gate-relay`, hidden),
 //! started detached in its own session, outside the guest's pid namespace
 //! (the guest cannot signal it). It ends when the machine's init does, and
@@ -35,8 +40,9 @@ pub const LISTEN_FD: i32 = 3;
 /// Connections relayed at once; more wait in the listen backlog.
 pub const MAX_CONNECTIONS: usize = 256;
 
-/// Listen on `127.0.0.1:port` inside the network namespace of `init`.
-pub fn listen_in(init: &InitProcess, port: u16) -> io::Result<TcpListener> {
+/// Listen on `address:port` inside the network namespace of `init`; an
+/// address other than `127.0.0.1` is added to the namespace's loopback.
+pub fn listen_in(init: &InitProcess, address: Ipv4Addr, port: u16) -> io::Result<TcpListener> {
     let ns = rustix::fs::open(
         format!("/proc/{}/ns/net", init.pid),
         OFlags::RDONLY | OFlags::CLOEXEC,
@@ -54,11 +60,55 @@ pub fn listen_in(init: &InitProcess, port: u16) -> io::Result<TcpListener> {
                     ns.as_fd(),
                     Some(LinkNameSpaceType::Network),
                 )?;
-                TcpListener::bind((Ipv4Addr::LOCALHOST, port))
+                if address != Ipv4Addr::LOCALHOST {
+                    add_to_loopback(address)?;
+                }
+                TcpListener::bind((address, port))
             })
             .join()
             .unwrap_or_else(|_| Err(io::Error::other("the namespace thread panicked")))
     })
+}
+
+/// Give the calling thread's network namespace `address/32` on its
+/// loopback (`ip address add ADDRESS/32 dev lo label lo:gw`), with the
+/// classic interface ioctls: an alias of `lo` takes the address, then the
+/// netmask. Setting an address an alias already has changes nothing.
+fn add_to_loopback(address: Ipv4Addr) -> io::Result<()> {
+    fn sockaddr(address: Ipv4Addr) -> libc::sockaddr {
+        let sin = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(address).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        // SAFETY: sockaddr_in and sockaddr have the same size; the kernel
+        // reads it as a sockaddr_in by its family.
+        unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+    }
+    // SAFETY: a socket of our own, and ioctls on a fully initialized ifreq.
+    unsafe {
+        let raw = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let socket = OwnedFd::from_raw_fd(raw);
+        let mut request: libc::ifreq = std::mem::zeroed();
+        for (slot, byte) in request.ifr_name.iter_mut().zip(b"lo:gw\0") {
+            *slot = *byte as libc::c_char;
+        }
+        request.ifr_ifru.ifru_addr = sockaddr(address);
+        if libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFADDR, &request) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        request.ifr_ifru.ifru_netmask = sockaddr(Ipv4Addr::BROADCAST);
+        if libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFNETMASK, &request) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Start the relay for a running machine: `program local-gate-relay` with
