@@ -1066,6 +1066,24 @@ fn git_through_the_gate(via: Via) {
     assert!(said.contains("404") || said.contains("not found"), "{said}");
     let out = world.guest_of("coder", "test ! -e ~/nope", &[]);
     assert!(out.status.success(), "an undeclared remote was cloned");
+    // A declared one without the agent's credential: 401.
+    for userinfo in ["", "coder:not-the-token@"] {
+        let out = world.guest_of(
+            "coder",
+            "url=$(git -C ~/app remote get-url origin) && \
+             url=$(printf %s \"$url\" | sed \"s#//[^@/]*@#//$1#\") && \
+             GIT_TERMINAL_PROMPT=0 git clone -q \"$url\" ~/anon 2>&1; test ! -e ~/anon",
+            &[userinfo],
+        );
+        let said = text(&out.stdout);
+        assert!(out.status.success(), "cloned without a credential: {said}");
+        assert!(
+            said.contains("401")
+                || said.contains("Authentication failed")
+                || said.contains("could not read Username"),
+            "{said}"
+        );
+    }
 
     // A new upstream commit reaches the guest's next fetch.
     std::fs::write(seed.join("README"), "hello again\n").unwrap();

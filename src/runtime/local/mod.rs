@@ -101,8 +101,9 @@ pub struct MachineRecord {
     pub network: bool,
     pub secrets: Vec<SecretMount>,
     /// The port of the bottle's gate on the host's loopback, reachable at
-    /// `127.0.0.1:<port>` inside the machine's own network (loopback only)
-    /// through a relay (see [`relay`]).
+    /// `127.0.0.1:<port>` (or a [`Gateway`]'s address) inside the
+    /// machine's own network (loopback only) through a relay (see
+    /// [`relay`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gate_port: Option<u16>,
     /// Unix seconds.
