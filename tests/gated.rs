@@ -113,6 +113,21 @@ enum Via {
     Double,
 }
 
+/// Two `#[test]`s: `scenario` on the local runtime, and through the double.
+macro_rules! on_each_runtime {
+    ($scenario:ident: $local:ident, $double:ident) => {
+        #[test]
+        fn $local() {
+            $scenario(Via::Local);
+        }
+
+        #[test]
+        fn $double() {
+            $scenario(Via::Double);
+        }
+    };
+}
+
 struct World {
     manifests: tempfile::TempDir,
     state: tempfile::TempDir,
@@ -298,15 +313,7 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-#[test]
-fn a_gated_bottle_on_the_local_runtime() {
-    a_gated_bottle(Via::Local);
-}
-
-#[test]
-fn a_gated_bottle_through_the_double() {
-    a_gated_bottle(Via::Double);
-}
+on_each_runtime!(a_gated_bottle: a_gated_bottle_on_the_local_runtime, a_gated_bottle_through_the_double);
 
 fn a_gated_bottle(via: Via) {
     let world = World::new(via);
@@ -719,21 +726,13 @@ impl World {
     }
 }
 
+on_each_runtime!(supervise_from_inside_a_guest: supervise_from_inside_a_guest_on_the_local_runtime, supervise_from_inside_a_guest_through_the_double);
+
 /// Issue 13 end to end, on each runtime: an agent asks for a host
 /// through its gate's supervise endpoint from inside its guest, the
 /// operator approves, the agent (and only it) gets through, `check` names
 /// the grant, `revoke` closes it; a second agent cannot see or answer the
 /// first one's requests; bad bodies get JSON-RPC errors.
-#[test]
-fn supervise_from_inside_a_guest_on_the_local_runtime() {
-    supervise_from_inside_a_guest(Via::Local);
-}
-
-#[test]
-fn supervise_from_inside_a_guest_through_the_double() {
-    supervise_from_inside_a_guest(Via::Double);
-}
-
 fn supervise_from_inside_a_guest(via: Via) {
     let world = World::new(via);
     let (tls, plain) = (world.up.tls, world.up.plain);
@@ -908,6 +907,8 @@ fn host_git(cwd: &Path, args: &[&str]) -> String {
     text(&out.stdout).trim().to_owned()
 }
 
+on_each_runtime!(git_through_the_gate: git_through_the_gate_from_inside_a_guest, git_through_the_gate_from_inside_a_guest_through_the_double);
+
 /// Issue 12 end to end, on each runtime: the `git` step rewrites a
 /// remote's upstream to the gate (`<gate>/git/<name>.git`, the agent's git
 /// credential as Basic auth), and from inside the guest, as the agent user,
@@ -917,16 +918,6 @@ fn host_git(cwd: &Path, args: &[&str]) -> String {
 /// does not declare is not served; a new upstream commit reaches the next
 /// fetch, and with the upstream gone the gate serves its mirror; the
 /// upstream credential stays on the host.
-#[test]
-fn git_through_the_gate_from_inside_a_guest() {
-    git_through_the_gate(Via::Local);
-}
-
-#[test]
-fn git_through_the_gate_from_inside_a_guest_through_the_double() {
-    git_through_the_gate(Via::Double);
-}
-
 fn git_through_the_gate(via: Via) {
     use std::os::unix::fs::PermissionsExt;
     const TOKEN: &str = "ghp_wiring_e2e_upstream_token_0123456789";
@@ -1101,26 +1092,23 @@ fn git_through_the_gate(via: Via) {
     );
     let second = host_git(&bare, &["rev-parse", "main"]);
     assert_ne!(second, upstream_head);
-    let fetch = "cd ~/app && git fetch -q origin 2>&1 && git rev-parse origin/main";
-    let out = world.guest_of("coder", fetch, &[]);
-    assert_eq!(
-        text(&out.stdout),
-        format!("{second}\n"),
-        "{}",
-        text(&out.stderr)
-    );
+    let fetch_sees = |head: &str| {
+        let fetch = "cd ~/app && git fetch -q origin 2>&1 && git rev-parse origin/main";
+        let out = world.guest_of("coder", fetch, &[]);
+        assert_eq!(
+            text(&out.stdout),
+            format!("{head}\n"),
+            "{}",
+            text(&out.stderr)
+        );
+    };
+    fetch_sees(&second);
 
     // Upstream gone (its repository moved away): the fetch still works from
     // the gate's mirror, a fresh clone too, and the gate log says so.
     let away = host.path().join("app.git.stopped");
     std::fs::rename(&bare, &away).unwrap();
-    let out = world.guest_of("coder", fetch, &[]);
-    assert_eq!(
-        text(&out.stdout),
-        format!("{second}\n"),
-        "{}",
-        text(&out.stderr)
-    );
+    fetch_sees(&second);
     let out = world.guest_of(
         "coder",
         "cd && git clone -q \"$1\" again 2>&1 && cat again/README",
