@@ -454,7 +454,7 @@ fn a_gated_bottle(via: Via) {
 
 /// On smolvm (the double): the create flags, the guest's environment and
 /// the CA, and the gateway: the gate answers at `100.96.0.1` inside the
-/// guest, nothing else is reachable.
+/// guest, so does any host-loopback port, nothing else is reachable.
 #[test]
 fn a_gated_machine_on_the_double() {
     const REAL: &str = "sk-wiring-double-real-value-987";
@@ -547,6 +547,24 @@ fn a_gated_machine_on_the_double() {
         "curl -sS --max-time 20 -o /dev/null -w '%{http_code}' http://example.invalid/",
     );
     assert_eq!(refused, "403");
+    // As on smolvm, any port of the gateway leads to the host's loopback:
+    // here a server of the test's own, not the gate.
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let other = server.local_addr().unwrap().port();
+    let serving = std::thread::spawn(move || {
+        if let Some(Ok(mut tcp)) = server.incoming().next() {
+            let _ = tcp.set_read_timeout(Some(Duration::from_secs(20)));
+            let _ = tcp.read(&mut [0; 1024]);
+            let _ = tcp.write_all(b"HTTP/1.0 200 OK\r\n\r\nhost loopback");
+        }
+    });
+    let url = format!("http://100.96.0.1:{other}/");
+    let said = p.double.sh(
+        machine,
+        &format!("curl -sS --max-time 20 --noproxy '*' {url}"),
+    );
+    assert_eq!(said, "host loopback");
+    serving.join().unwrap();
     // Around it: nothing.
     for url in [
         format!("http://127.0.0.1:{port}/"),

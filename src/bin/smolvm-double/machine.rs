@@ -218,14 +218,13 @@ impl Double<'_> {
             self.home.remove_meta(&name)?;
         }
 
-        let env: BTreeMap<String, String> = parse::env(&cmd.env).into_iter().collect();
         let spec = MachineSpec {
             name: name.clone(),
             labels,
             image,
             cpus: cmd.cpus.into(),
             memory_mib: cmd.mem,
-            env: env.clone(),
+            env: parse::env(&cmd.env).into_iter().collect(),
             volumes: mounts.iter().map(volume).collect(),
             // The double filters nothing but smolvm's gateway: a machine
             // allowed `100.96.0.1/32` gets a network of its own with the
@@ -247,11 +246,9 @@ impl Double<'_> {
                     },
                 })
                 .collect(),
-            // The local runtime relays a gated machine's ports: this one,
-            // and those its environment names at each start.
-            gate_port: gated
-                .then(|| gateway::env_ports(&env).first().copied())
-                .flatten(),
+            // The local runtime relays every port of a gated machine's
+            // gateway.
+            gate_port: gated.then_some(gateway::ANY_PORT),
         };
         let meta = Meta {
             created_at: now_secs(),

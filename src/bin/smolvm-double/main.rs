@@ -73,14 +73,12 @@
 //! (`host.smolvm.internal`) to the host's loopback on any port. The double
 //! plays it for a machine whose egress includes `--allow-cidr
 //! 100.96.0.1/32` (bottle's gated bottles): such a machine gets a network
-//! namespace of its own, with loopback only and `100.96.0.1` on it, where
-//! `100.96.0.1:PORT` leads to the host's `127.0.0.1:PORT` for each PORT
-//! its environment names (`100.96.0.1:PORT` or `host.smolvm.internal:PORT`
-//! in a `-e` value, read at each start; at most 16), which is where bottle
-//! puts its gate. Anything else is unreachable from it, as from smolvm's
-//! guest. Differences: a port its environment does not name is refused (a
-//! machine whose environment names none has no gateway at all); the name
-//! `host.smolvm.internal` does not resolve; the machine's other
+//! namespace of its own, with loopback only and `100.96.0.1` on it, where a
+//! connection to `100.96.0.1:PORT`, any PORT, reaches the host's
+//! `127.0.0.1:PORT` (one relay per machine, handed every connection by a
+//! BPF `sk_lookup` program: needs Linux 5.9+). Nothing else is reachable
+//! from it. Differences from smolvm: the name `host.smolvm.internal` does
+//! not resolve in the guest, and the machine's other
 //! `--allow-cidr`/`--allow-host` entries are unreachable rather than
 //! allowed. See `gateway.rs`.
 //!

@@ -159,15 +159,13 @@ pub struct LocalRuntime {
 }
 
 /// Where a gated machine (one with a `gate_port` and no network of the
-/// host's) finds its gate, when not at `127.0.0.1:<gate_port>`: at
-/// `address` (added to its loopback), on the gate port and on every port
-/// `env_ports` names in its environment (read at each start), each relayed
-/// to the same port on the host's loopback. The smolvm double plays
+/// host's) finds the host, when not at `127.0.0.1:<gate_port>`: at
+/// `address` (added to its loopback), where every port leads to the same
+/// port on the host's loopback (see [`relay`]). The smolvm double plays
 /// smolvm's gateway `100.96.0.1` with it.
 #[derive(Debug, Clone, Copy)]
 pub struct Gateway {
     pub address: std::net::Ipv4Addr,
-    pub env_ports: fn(&BTreeMap<String, String>) -> Vec<u16>,
 }
 
 impl LocalRuntime {
@@ -641,34 +639,33 @@ fn write_json_atomic<T: Serialize>(dir: &Path, name: &str, value: &T) -> io::Res
 }
 
 impl LocalRuntime {
-    /// Make the gate's port (and a [`Gateway`]'s ports) reachable inside a
-    /// started machine.
-    fn start_relay(
-        &self,
-        init: &InitProcess,
-        port: u16,
-        env: &BTreeMap<String, String>,
-    ) -> Result<(), String> {
+    /// Make the gate's port (or every port of a [`Gateway`]) reachable
+    /// inside a started machine.
+    fn start_relay(&self, init: &InitProcess, port: u16) -> Result<(), String> {
         let program = self.relay.as_deref().ok_or_else(|| {
             "the machine reaches its bottle's gate through a relay that only the bottle \
              executable serves; start it with `bottle apply`"
                 .to_owned()
         })?;
-        let (address, mut ports) = match self.gateway {
-            Some(gateway) => (gateway.address, (gateway.env_ports)(env)),
-            None => (std::net::Ipv4Addr::LOCALHOST, Vec::new()),
+        let (listener, link, port) = match self.gateway {
+            Some(gateway) => {
+                let (listener, link) =
+                    relay::listen_every_port_in(init, gateway.address).map_err(|e| {
+                        format!(
+                            "cannot listen at the gateway {} inside the machine: {e}",
+                            gateway.address
+                        )
+                    })?;
+                (listener, Some(link), 0)
+            }
+            None => {
+                let listener = relay::listen_in(init, port)
+                    .map_err(|e| format!("cannot listen for the gate inside the machine: {e}"))?;
+                (listener, None, port)
+            }
         };
-        ports.push(port);
-        ports.sort_unstable();
-        ports.dedup();
-        for port in ports {
-            let listener = relay::listen_in(init, address, port).map_err(|e| {
-                format!("cannot listen for the gate at {address}:{port} inside the machine: {e}")
-            })?;
-            relay::spawn(&self.setsid, program, listener, init, port)
-                .map_err(|e| format!("cannot start the gate relay: {e}"))?;
-        }
-        Ok(())
+        relay::spawn(&self.setsid, program, listener, link, init, port)
+            .map_err(|e| format!("cannot start the gate relay: {e}"))
     }
 }
 
@@ -960,7 +957,7 @@ impl Runtime for LocalRuntime {
             }
         })?;
         if let Some(port) = record.gate_port.filter(|_| !record.network)
-            && let Err(message) = self.start_relay(&init, port, &record.env)
+            && let Err(message) = self.start_relay(&init, port)
         {
             let _ = sandbox::kill(&init, STOP_TIMEOUT);
             return Err(unsupported(OP, name, message));
