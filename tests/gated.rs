@@ -1,9 +1,13 @@
-//! A gated bottle end to end on the local runtime (needs root and bwrap):
-//! `bottle apply` starts the gate, the guest reaches allowed hosts only
-//! through it, holds a placeholder where the real secret would be, trusts
-//! the project CA without `-k`; a killed gate is drift that the next apply
-//! repairs; an `allow_hosts` edit reaches the running gate without touching
-//! the machine. Upstreams are the test's own, on 127.0.0.1.
+//! A gated bottle end to end, on the local runtime and through the smolvm
+//! double (whose gated machines reach the gate at smolvm's gateway
+//! `100.96.0.1`, and nothing else); needs root and bwrap. `bottle apply`
+//! starts the gate, the guest reaches allowed hosts only through it, holds
+//! a placeholder where the real secret would be, trusts the project CA
+//! without `-k`; a killed gate is drift that the next apply repairs; an
+//! `allow_hosts` edit reaches the running gate without touching the
+//! machine; the git gateway (issue 12) and supervise (issue 13) from inside
+//! the guest. Each scenario runs on both runtimes. Upstreams are the test's
+//! own, on 127.0.0.1.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
@@ -98,13 +102,83 @@ fn upstreams() -> Upstreams {
     }
 }
 
+mod support;
+
+/// Where a scenario's machines run.
+#[derive(Debug, Clone, Copy)]
+enum Via {
+    /// `bottle --runtime local`.
+    Local,
+    /// `bottle --smolvm smolvm-double`: smolvm's CLI over the local runtime.
+    Double,
+}
+
+/// Two `#[test]`s: `scenario` on the local runtime, and through the double.
+macro_rules! on_each_runtime {
+    ($scenario:ident: $local:ident, $double:ident) => {
+        #[test]
+        fn $local() {
+            $scenario(Via::Local);
+        }
+
+        #[test]
+        fn $double() {
+            $scenario(Via::Double);
+        }
+    };
+}
+
 struct World {
     manifests: tempfile::TempDir,
     state: tempfile::TempDir,
     up: Upstreams,
+    /// `Some` when the machines run through the double.
+    double: Option<support::Double>,
 }
 
 impl World {
+    fn new(via: Via) -> Self {
+        World {
+            manifests: tempfile::tempdir().unwrap(),
+            state: tempfile::tempdir().unwrap(),
+            up: upstreams(),
+            double: match via {
+                Via::Local => None,
+                Via::Double => Some(support::Double::new()),
+            },
+        }
+    }
+
+    /// `bottle` on this world's runtime and state directory.
+    fn bottle_command(&self) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_bottle"));
+        match &self.double {
+            None => {
+                command.args(["--runtime", "local"]);
+            }
+            Some(double) => {
+                command
+                    .args(["--runtime", "smolvm", "--smolvm"])
+                    .arg(support::Double::binary());
+                double.apply_env(&mut command);
+            }
+        }
+        command
+            .arg("--state-dir")
+            .arg(self.state.path())
+            .env_remove("BOTTLE_RUNTIME")
+            .env_remove("BOTTLE_SMOLVM")
+            .env_remove("BOTTLE_STATE_DIR");
+        command
+    }
+
+    /// Where what bottle (and the double) keep lives: no secret may be there.
+    fn kept_dirs(&self) -> Vec<&Path> {
+        let mut dirs = vec![self.state.path()];
+        dirs.extend(self.double.as_ref().map(|d| d.home()));
+        dirs
+    }
+
     fn write(&self, manifest: &str) {
         std::fs::write(self.manifests.path().join("bottle.toml"), manifest).unwrap();
     }
@@ -126,9 +200,8 @@ impl World {
     }
 
     fn bottle(&self, args: &[&str]) -> Output {
-        let out = Command::new(env!("CARGO_BIN_EXE_bottle"))
-            .args(["--runtime", "local", "--state-dir"])
-            .arg(self.state.path())
+        let out = self
+            .bottle_command()
             .args(args)
             .arg(self.manifests.path())
             .env("WIRING_E2E_KEY", SECRET)
@@ -149,8 +222,15 @@ impl World {
         out
     }
 
+    /// The local runtime the machines live in (the double's own, through
+    /// the double): the test runs its commands in the guest with it, as
+    /// the agent user.
     fn runtime(&self) -> LocalRuntime {
-        LocalRuntime::open(&self.state.path().join("local")).unwrap()
+        let dir = match &self.double {
+            None => self.state.path().join("local"),
+            Some(double) => double.home().join("local"),
+        };
+        LocalRuntime::open(&dir).unwrap()
     }
 
     /// Run `script` in the guest as the agent user.
@@ -188,9 +268,8 @@ impl World {
 
 impl Drop for World {
     fn drop(&mut self) {
-        let _ = Command::new(env!("CARGO_BIN_EXE_bottle"))
-            .args(["--runtime", "local", "--state-dir"])
-            .arg(self.state.path())
+        let _ = self
+            .bottle_command()
             .args(["destroy", "--yes"])
             .arg(self.manifests.path())
             .output();
@@ -202,6 +281,20 @@ impl Drop for World {
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
+}
+
+impl World {
+    /// `secret` is in no file bottle, its gate or the double keeps.
+    fn nowhere_kept(&self, secret: &str) {
+        for file in self.kept_dirs().into_iter().flat_map(files_under) {
+            let bytes = std::fs::read(&file).unwrap_or_default();
+            assert!(
+                !text(&bytes).contains(secret),
+                "the secret in {}",
+                file.display()
+            );
+        }
+    }
 }
 
 fn files_under(dir: &Path) -> Vec<PathBuf> {
@@ -220,13 +313,10 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-#[test]
-fn a_gated_bottle_on_the_local_runtime() {
-    let world = World {
-        manifests: tempfile::tempdir().unwrap(),
-        state: tempfile::tempdir().unwrap(),
-        up: upstreams(),
-    };
+on_each_runtime!(a_gated_bottle: a_gated_bottle_on_the_local_runtime, a_gated_bottle_through_the_double);
+
+fn a_gated_bottle(via: Via) {
+    let world = World::new(via);
     let (tls, plain) = (world.up.tls, world.up.plain);
     world.manifest(&[format!("localhost:{tls}")]);
 
@@ -300,14 +390,7 @@ fn a_gated_bottle_on_the_local_runtime() {
         ]),
     );
     assert_eq!(text(&grep.unwrap().stdout), "done\n");
-    for file in files_under(world.state.path()) {
-        let bytes = std::fs::read(&file).unwrap_or_default();
-        assert!(
-            !text(&bytes).contains(SECRET),
-            "the secret in {}",
-            file.display()
-        );
-    }
+    world.nowhere_kept(SECRET);
 
     // A killed gate is drift, and the next apply starts it again.
     let pid = world.gate_pid().expect("the gate runs");
@@ -369,10 +452,9 @@ fn a_gated_bottle_on_the_local_runtime() {
     assert!(out.status.success(), "{}", text(&out.stdout));
 }
 
-mod support;
-
-/// On smolvm (the double, which has no gateway address and filters
-/// nothing): the create flags, the guest's environment and the CA.
+/// On smolvm (the double): the create flags, the guest's environment and
+/// the CA, and the gateway: the gate answers at `100.96.0.1` inside the
+/// guest, so does any host-loopback port, nothing else is reachable.
 #[test]
 fn a_gated_machine_on_the_double() {
     const REAL: &str = "sk-wiring-double-real-value-987";
@@ -457,6 +539,43 @@ fn a_gated_machine_on_the_double() {
         .double
         .sh(machine, "cat /etc/ssl/certs/ca-certificates.crt");
     assert!(bundle.contains(last), "the CA is not in the trust bundle");
+
+    // The gate at the gateway, through the guest's own proxy variables: it
+    // answers (refusing a host the bottle does not allow) with its CA.
+    let refused = p.double.sh(
+        machine,
+        "curl -sS --max-time 20 -o /dev/null -w '%{http_code}' http://example.invalid/",
+    );
+    assert_eq!(refused, "403");
+    // As on smolvm, any port of the gateway leads to the host's loopback:
+    // here a server of the test's own, not the gate.
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let other = server.local_addr().unwrap().port();
+    let serving = std::thread::spawn(move || {
+        if let Some(Ok(mut tcp)) = server.incoming().next() {
+            let _ = tcp.set_read_timeout(Some(Duration::from_secs(20)));
+            let _ = tcp.read(&mut [0; 1024]);
+            let _ = tcp.write_all(b"HTTP/1.0 200 OK\r\n\r\nhost loopback");
+        }
+    });
+    let url = format!("http://100.96.0.1:{other}/");
+    let said = p.double.sh(
+        machine,
+        &format!("curl -sS --max-time 20 --noproxy '*' {url}"),
+    );
+    assert_eq!(said, "host loopback");
+    serving.join().unwrap();
+    // Around it: nothing.
+    for url in [
+        format!("http://127.0.0.1:{port}/"),
+        "http://1.1.1.1/".to_owned(),
+    ] {
+        let out = p.double.exec(
+            machine,
+            &["curl", "-sS", "--max-time", "5", "--noproxy", "*", &url],
+        );
+        assert!(!out.status.success(), "{url} reached directly");
+    }
     p.bottle(&["check"]).success();
     drop(stop_gate);
 }
@@ -478,11 +597,7 @@ impl Drop for StopGate {
 /// resync (disabled here).
 #[test]
 fn watch_restarts_a_gate_that_died() {
-    let world = World {
-        manifests: tempfile::tempdir().unwrap(),
-        state: tempfile::tempdir().unwrap(),
-        up: upstreams(),
-    };
+    let world = World::new(Via::Local);
     world.manifest(&[format!("localhost:{}", world.up.tls)]);
     let out = world.bottle(&["apply"]);
     assert!(
@@ -491,9 +606,8 @@ fn watch_restarts_a_gate_that_died() {
         text(&out.stdout),
         text(&out.stderr)
     );
-    let mut watch = Command::new(env!("CARGO_BIN_EXE_bottle"))
-        .args(["--runtime", "local", "--state-dir"])
-        .arg(world.state.path())
+    let mut watch = world
+        .bottle_command()
         .args(["watch", "--resync", "0"])
         .arg(world.manifests.path())
         .env("WIRING_E2E_KEY", SECRET)
@@ -630,18 +744,15 @@ impl World {
     }
 }
 
-/// Issue 13 end to end on the local runtime: an agent asks for a host
+on_each_runtime!(supervise_from_inside_a_guest: supervise_from_inside_a_guest_on_the_local_runtime, supervise_from_inside_a_guest_through_the_double);
+
+/// Issue 13 end to end, on each runtime: an agent asks for a host
 /// through its gate's supervise endpoint from inside its guest, the
 /// operator approves, the agent (and only it) gets through, `check` names
 /// the grant, `revoke` closes it; a second agent cannot see or answer the
 /// first one's requests; bad bodies get JSON-RPC errors.
-#[test]
-fn supervise_from_inside_a_guest_on_the_local_runtime() {
-    let world = World {
-        manifests: tempfile::tempdir().unwrap(),
-        state: tempfile::tempdir().unwrap(),
-        up: upstreams(),
-    };
+fn supervise_from_inside_a_guest(via: Via) {
+    let world = World::new(via);
     let (tls, plain) = (world.up.tls, world.up.plain);
     world.write(&format!(
         "[project]\nname = \"gated\"\n\n[bottle.dev]\nuser = \"node\"\n\n\
@@ -814,21 +925,21 @@ fn host_git(cwd: &Path, args: &[&str]) -> String {
     text(&out.stdout).trim().to_owned()
 }
 
-/// Issue 12 end to end on the local runtime: the `git` step rewrites a
+on_each_runtime!(git_through_the_gate: git_through_the_gate_from_inside_a_guest, git_through_the_gate_from_inside_a_guest_through_the_double);
+
+/// Issue 12 end to end, on each runtime: the `git` step rewrites a
 /// remote's upstream to the gate (`<gate>/git/<name>.git`, the agent's git
 /// credential as Basic auth), and from inside the guest, as the agent user,
 /// cloning the upstream's URL yields its commits through the gate; a push
 /// to a branch the manifest allows arrives upstream, one to `main` is
-/// refused naming the rule; the upstream credential stays on the host.
-#[test]
-fn git_through_the_gate_from_inside_a_guest() {
+/// refused naming the rule, a force push is refused; a remote the bottle
+/// does not declare is not served; a new upstream commit reaches the next
+/// fetch, and with the upstream gone the gate serves its mirror; the
+/// upstream credential stays on the host.
+fn git_through_the_gate(via: Via) {
     use std::os::unix::fs::PermissionsExt;
     const TOKEN: &str = "ghp_wiring_e2e_upstream_token_0123456789";
-    let world = World {
-        manifests: tempfile::tempdir().unwrap(),
-        state: tempfile::tempdir().unwrap(),
-        up: upstreams(),
-    };
+    let world = World::new(via);
     // The upstream: a bare repository on the host (not in the guest), given
     // to the user the gate runs git as (it runs as root here).
     let host = tempfile::Builder::new()
@@ -937,6 +1048,99 @@ fn git_through_the_gate_from_inside_a_guest() {
     );
     assert_eq!(host_git(&bare, &["rev-parse", "main"]), upstream_head);
 
+    // A force push (agent/x rewritten) is refused; upstream keeps its branch.
+    let out = world.guest_of(
+        "coder",
+        "cd ~/app && git commit -q --amend -m rewritten && git push -f origin HEAD:agent/x 2>&1",
+        &[],
+    );
+    let said = text(&out.stdout);
+    assert!(!out.status.success(), "{said}");
+    assert!(
+        said.contains("agent/x: not a fast-forward; force pushes are refused"),
+        "{said}"
+    );
+    assert_eq!(host_git(&bare, &["rev-parse", "agent/x"]), pushed);
+
+    // A remote the bottle does not declare: not served, even with the
+    // agent's own credential in the URL.
+    let out = world.guest_of(
+        "coder",
+        "url=$(git -C ~/app remote get-url origin) && \
+         git clone -q \"${url%/app.git}/nope.git\" ~/nope 2>&1",
+        &[],
+    );
+    let said = text(&out.stdout);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("404") || said.contains("not found"), "{said}");
+    let out = world.guest_of("coder", "test ! -e ~/nope", &[]);
+    assert!(out.status.success(), "an undeclared remote was cloned");
+    // A declared one without the agent's credential: 401.
+    for userinfo in ["", "coder:not-the-token@"] {
+        let out = world.guest_of(
+            "coder",
+            "url=$(git -C ~/app remote get-url origin) && \
+             url=$(printf %s \"$url\" | sed \"s#//[^@/]*@#//$1#\") && \
+             GIT_TERMINAL_PROMPT=0 git clone -q \"$url\" ~/anon 2>&1; test ! -e ~/anon",
+            &[userinfo],
+        );
+        let said = text(&out.stdout);
+        assert!(out.status.success(), "cloned without a credential: {said}");
+        assert!(
+            said.contains("401")
+                || said.contains("Authentication failed")
+                || said.contains("could not read Username"),
+            "{said}"
+        );
+    }
+
+    // A new upstream commit reaches the guest's next fetch.
+    std::fs::write(seed.join("README"), "hello again\n").unwrap();
+    host_git(&seed, &["commit", "-q", "-am", "second"]);
+    host_git(
+        &seed,
+        &[
+            "push",
+            "-q",
+            // The upstream is the gate's git user's now.
+            "--receive-pack=git -c safe.directory=* receive-pack",
+            &bare.to_string_lossy(),
+            "main",
+        ],
+    );
+    let second = host_git(&bare, &["rev-parse", "main"]);
+    assert_ne!(second, upstream_head);
+    let fetch_sees = |head: &str| {
+        let fetch = "cd ~/app && git fetch -q origin 2>&1 && git rev-parse origin/main";
+        let out = world.guest_of("coder", fetch, &[]);
+        assert_eq!(
+            text(&out.stdout),
+            format!("{head}\n"),
+            "{}",
+            text(&out.stderr)
+        );
+    };
+    fetch_sees(&second);
+
+    // Upstream gone (its repository moved away): the fetch still works from
+    // the gate's mirror, a fresh clone too, and the gate log says so.
+    let away = host.path().join("app.git.stopped");
+    std::fs::rename(&bare, &away).unwrap();
+    fetch_sees(&second);
+    let out = world.guest_of(
+        "coder",
+        "cd && git clone -q \"$1\" again 2>&1 && cat again/README",
+        &[&upstream],
+    );
+    assert_eq!(text(&out.stdout), "hello again\n", "{}", text(&out.stderr));
+    let paths = bottle::gate::paths::GatePaths::new(world.state.path(), "gated");
+    let log = std::fs::read_to_string(paths.log()).unwrap();
+    assert!(
+        log.contains("failed: serving the mirror as it is"),
+        "the gate log:\n{log}"
+    );
+    std::fs::rename(&away, &bare).unwrap();
+
     // The upstream credential is nowhere in the guest.
     let grep = world.runtime().exec(
         "bottle_gated_coder",
@@ -949,15 +1153,9 @@ fn git_through_the_gate_from_inside_a_guest() {
         ]),
     );
     assert_eq!(text(&grep.unwrap().stdout), "0\ndone\n");
-    // Nor in what bottle and the gate keep (the gate reads it when told to).
-    for file in files_under(world.state.path()) {
-        let bytes = std::fs::read(&file).unwrap_or_default();
-        assert!(
-            !text(&bytes).contains(TOKEN),
-            "the token in {}",
-            file.display()
-        );
-    }
+    // Nor in what bottle, the gate (which reads it when told to) and the
+    // double keep.
+    world.nowhere_kept(TOKEN);
     let out = world.bottle(&["check"]);
     assert!(out.status.success(), "{}", text(&out.stdout));
 }

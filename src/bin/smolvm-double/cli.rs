@@ -23,11 +23,28 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process: the size of a variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Manage machines
     #[command(subcommand)]
     Machine(MachineCmd),
+    /// Internal: the relay from a gated machine's gateway to the host's
+    /// loopback (started by the local runtime, with its socket on fd 3;
+    /// the same arguments as `bottle local-gate-relay`).
+    #[command(hide = true)]
+    LocalGateRelay(RelayCmd),
+}
+
+#[derive(Args, Debug)]
+pub struct RelayCmd {
+    #[arg(long)]
+    pub port: u16,
+    #[arg(long)]
+    pub init_pid: u32,
+    #[arg(long)]
+    pub init_start: u64,
 }
 
 /// Manage machines

@@ -16,6 +16,7 @@ use bottle::runtime::{
 
 use crate::cli::{self, CpCmd, CreateCmd, ExecCmd, LsCmd, MachineCmd, StatusCmd, UpdateCmd};
 use crate::failure::Failure;
+use crate::gateway;
 use crate::home::{Home, Meta, now_secs};
 use crate::knobs::Knobs;
 use crate::parse::{self, Mount, SecretRef};
@@ -136,6 +137,7 @@ impl Double<'_> {
             allowed_cidrs.extend(["127.0.0.0/8".to_owned(), "::1/128".to_owned()]);
         }
         let network = cmd.net || !allowed_cidrs.is_empty();
+        let gated = gateway::gated(&allowed_cidrs);
 
         let (image, reported_image) = match &cmd.image {
             Some(image) if Path::new(image).is_dir() => {
@@ -224,14 +226,16 @@ impl Double<'_> {
             memory_mib: cmd.mem,
             env: parse::env(&cmd.env).into_iter().collect(),
             volumes: mounts.iter().map(volume).collect(),
-            // The double cannot filter egress: a machine smolvm would give a
-            // network gets the host's, unfiltered. The allow-lists are
-            // recorded and reported, not enforced.
-            egress: network.then(|| Egress {
+            // The double filters nothing but smolvm's gateway: a machine
+            // allowed `100.96.0.1/32` gets a network of its own with the
+            // gateway in it and nothing else (see `gateway.rs`); any other
+            // machine smolvm would give a network gets the host's,
+            // unfiltered. The allow-lists are recorded and reported.
+            egress: (network && !gated).then(|| Egress {
                 allow_hosts: cmd.allow_host.clone(),
                 allow_cidrs: allowed_cidrs.clone(),
             }),
-            allow_unfiltered_network: network,
+            allow_unfiltered_network: network && !gated,
             secrets: secret_refs
                 .iter()
                 .map(|(guest, secret)| SecretMount {
@@ -242,9 +246,9 @@ impl Double<'_> {
                     },
                 })
                 .collect(),
-            // smolvm relays 100.96.0.1 to host loopback; the double has no
-            // such address (its machines get the host's network).
-            gate_port: None,
+            // The local runtime relays every port of a gated machine's
+            // gateway.
+            gate_port: gated.then_some(gateway::ANY_PORT),
         };
         let meta = Meta {
             created_at: now_secs(),

@@ -221,7 +221,9 @@ impl Harness {
 
     fn call_with_input(&self, args: &[&str], input: &str) -> Call {
         let cli = Cli::try_parse_from(["smolvm", "machine"].iter().chain(args)).unwrap();
-        let Command::Machine(command) = cli.command;
+        let Command::Machine(command) = cli.command else {
+            panic!("not a machine command")
+        };
         let (mut out, mut err) = (Vec::new(), Vec::new());
         let mut input = input.as_bytes();
         let mut io = Io {
@@ -328,6 +330,43 @@ fn create_then_list_reports_what_smolvm_reports() {
     );
     assert_eq!(plain["network"], false);
     assert_eq!(plain["image"], serde_json::Value::Null);
+}
+
+/// `--allow-cidr 100.96.0.1/32` (a gated bottle's egress): the runtime
+/// gives the machine a network of its own (no egress of the host's) and
+/// the gateway; `ls` still reports a network. Other allow-lists give the
+/// host's network.
+#[test]
+fn the_gateway_cidr_gets_a_network_of_its_own() {
+    let h = Harness::new();
+    h.call(&[
+        "create",
+        "--name",
+        "gated",
+        "--allow-cidr",
+        "100.96.0.1",
+        "--allow-cidr",
+        "10.8.0.0/16",
+    ])
+    .ok();
+    h.call(&["create", "--name", "open", "--allow-cidr", "10.8.0.0/16"])
+        .ok();
+    let machines = h.fake.machines.lock().unwrap();
+    let gated = &machines["gated"].0;
+    assert_eq!(gated.egress, None);
+    assert!(!gated.allow_unfiltered_network);
+    assert_eq!(gated.gate_port, Some(crate::gateway::ANY_PORT));
+    let open = &machines["open"].0;
+    assert_eq!(
+        open.egress.as_ref().map(|e| e.allow_cidrs.clone()),
+        Some(vec!["10.8.0.0/16".to_owned()])
+    );
+    assert!(open.allow_unfiltered_network);
+    assert_eq!(open.gate_port, None);
+    drop(machines);
+    for machine in h.listed() {
+        assert_eq!(machine["network"], true, "{machine}");
+    }
 }
 
 #[test]

@@ -67,16 +67,32 @@
 //! argv after the program name. bottle passes secrets by reference only, so
 //! no secret value can appear there.
 //!
+//! # The gateway
+//!
+//! smolvm relays a networked guest's gateway `100.96.0.1`
+//! (`host.smolvm.internal`) to the host's loopback on any port. The double
+//! plays it for a machine whose egress includes `--allow-cidr
+//! 100.96.0.1/32` (bottle's gated bottles): such a machine gets a network
+//! namespace of its own, with loopback only and `100.96.0.1` on it, where a
+//! connection to `100.96.0.1:PORT`, any PORT, reaches the host's
+//! `127.0.0.1:PORT` (one relay per machine, handed every connection by a
+//! BPF `sk_lookup` program: needs Linux 5.9+). Nothing else is reachable
+//! from it. Differences from smolvm: the name `host.smolvm.internal` does
+//! not resolve in the guest, and the machine's other
+//! `--allow-cidr`/`--allow-host` entries are unreachable rather than
+//! allowed. See `gateway.rs`.
+//!
 //! # Not reproduced
 //!
-//! Egress filtering (allow-lists are recorded and reported, not enforced:
-//! the guest gets the host's network whenever smolvm would give it one),
-//! detached `exec` (interactive `exec -it` runs on the double's own
+//! Egress filtering other than the gateway's (allow-lists without
+//! `100.96.0.1/32` are recorded and reported, not enforced: the guest gets
+//! the host's network whenever smolvm would give it one), detached `exec` (interactive `exec -it` runs on the double's own
 //! terminal), persistent workloads, ports, GPUs,
 //! forks, `update --net/--no-net`, VMM process ids (`pid` is `null`).
 
 mod cli;
 mod failure;
+mod gateway;
 mod home;
 mod knobs;
 mod machine;
@@ -111,7 +127,19 @@ fn main() -> ExitCode {
             error.exit()
         }
     };
-    let Command::Machine(command) = cli.command;
+    let command = match cli.command {
+        Command::Machine(command) => command,
+        Command::LocalGateRelay(relay) => {
+            return match bottle::runtime::local::relay::serve(
+                relay.port,
+                relay.init_pid,
+                relay.init_start,
+            ) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => fail(&Failure::double(format!("the gateway relay: {error}"))),
+            };
+        }
+    };
     let verb = command.verb();
     let home = match Home::open() {
         Ok(home) => home,
@@ -190,10 +218,14 @@ fn run(
 
 fn open_runtime(home: &Home) -> Result<impl Runtime, Failure> {
     let dir = home.local_dir();
-    bottle::runtime::local::LocalRuntime::open(&dir).map_err(|error| {
+    let runtime = bottle::runtime::local::LocalRuntime::open(&dir).map_err(|error| {
         Failure::double(format!(
             "opening the local runtime in {}: {error}",
             dir.display()
         ))
-    })
+    })?;
+    // The relays of gated machines are this executable (`local-gate-relay`).
+    let program = std::env::current_exe()
+        .map_err(|error| Failure::double(format!("finding the double's executable: {error}")))?;
+    Ok(runtime.with_relay(program).with_gateway(gateway::gateway()))
 }

@@ -101,8 +101,9 @@ pub struct MachineRecord {
     pub network: bool,
     pub secrets: Vec<SecretMount>,
     /// The port of the bottle's gate on the host's loopback, reachable at
-    /// `127.0.0.1:<port>` inside the machine's own network (loopback only)
-    /// through a relay (see [`relay`]).
+    /// `127.0.0.1:<port>` (or a [`Gateway`]'s address) inside the
+    /// machine's own network (loopback only) through a relay (see
+    /// [`relay`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gate_port: Option<u16>,
     /// Unix seconds.
@@ -153,6 +154,18 @@ pub struct LocalRuntime {
     /// The bottle executable, which serves the gate relay of gated machines
     /// (`bottle local-gate-relay`); `None`: such machines cannot start.
     relay: Option<PathBuf>,
+    /// Where gated machines find their gate; `None`: `127.0.0.1:<port>`.
+    gateway: Option<Gateway>,
+}
+
+/// Where a gated machine (one with a `gate_port` and no network of the
+/// host's) finds the host, when not at `127.0.0.1:<gate_port>`: at
+/// `address` (added to its loopback), where every port leads to the same
+/// port on the host's loopback (see [`relay`]). The smolvm double plays
+/// smolvm's gateway `100.96.0.1` with it.
+#[derive(Debug, Clone, Copy)]
+pub struct Gateway {
+    pub address: std::net::Ipv4Addr,
 }
 
 impl LocalRuntime {
@@ -198,6 +211,7 @@ impl LocalRuntime {
             nsenter: find("nsenter")?,
             state_dir,
             relay: None,
+            gateway: None,
         };
         rt.collect_garbage();
         Ok(rt)
@@ -207,6 +221,12 @@ impl LocalRuntime {
     /// executable).
     pub fn with_relay(mut self, program: PathBuf) -> Self {
         self.relay = Some(program);
+        self
+    }
+
+    /// Give gated machines their gate at `gateway` (see [`Gateway`]).
+    pub fn with_gateway(mut self, gateway: Gateway) -> Self {
+        self.gateway = Some(gateway);
         self
     }
 
@@ -619,16 +639,32 @@ fn write_json_atomic<T: Serialize>(dir: &Path, name: &str, value: &T) -> io::Res
 }
 
 impl LocalRuntime {
-    /// Make the gate's port reachable inside a started machine.
+    /// Make the gate's port (or every port of a [`Gateway`]) reachable
+    /// inside a started machine.
     fn start_relay(&self, init: &InitProcess, port: u16) -> Result<(), String> {
         let program = self.relay.as_deref().ok_or_else(|| {
             "the machine reaches its bottle's gate through a relay that only the bottle \
              executable serves; start it with `bottle apply`"
                 .to_owned()
         })?;
-        let listener = relay::listen_in(init, port)
-            .map_err(|e| format!("cannot listen for the gate inside the machine: {e}"))?;
-        relay::spawn(&self.setsid, program, listener, init, port)
+        let (listener, link, port) = match self.gateway {
+            Some(gateway) => {
+                let (listener, link) =
+                    relay::listen_every_port_in(init, gateway.address).map_err(|e| {
+                        format!(
+                            "cannot listen at the gateway {} inside the machine: {e}",
+                            gateway.address
+                        )
+                    })?;
+                (listener, Some(link), 0)
+            }
+            None => {
+                let listener = relay::listen_in(init, port)
+                    .map_err(|e| format!("cannot listen for the gate inside the machine: {e}"))?;
+                (listener, None, port)
+            }
+        };
+        relay::spawn(&self.setsid, program, listener, link, init, port)
             .map_err(|e| format!("cannot start the gate relay: {e}"))
     }
 }
