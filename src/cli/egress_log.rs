@@ -47,6 +47,15 @@ struct NoLog {
 
 pub fn run(global: &GlobalArgs, args: EgressLogArgs) -> miette::Result<Outcome> {
     let project = crate::manifest::load_dir(&args.dir.dir)?;
+    if let Some(agent) = &args.agent
+        && !project.agents.contains_key(agent)
+    {
+        return Err(session::UnknownTarget {
+            agent: agent.clone(),
+            known: project.agents.keys().cloned().collect::<Vec<_>>().join(", "),
+        }
+        .into());
+    }
     let paths = GatePaths::new(&session::state_dir(global)?, &project.name);
     let path = paths.log();
     let mut offset = 0u64;
