@@ -52,7 +52,12 @@ pub fn run(global: &GlobalArgs, args: EgressLogArgs) -> miette::Result<Outcome> 
     {
         return Err(session::UnknownTarget {
             agent: agent.clone(),
-            known: project.agents.keys().cloned().collect::<Vec<_>>().join(", "),
+            known: project
+                .agents
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", "),
         }
         .into());
     }
@@ -203,7 +208,7 @@ pub fn denials_by_agent(lines: &[String], now: f64) -> BTreeMap<String, AgentDen
 /// One log line as the user sees it (`None`: filtered out).
 pub fn render(line: &str, agent: Option<&str>, json: bool) -> Option<String> {
     let Some(event) = parse(line) else {
-        return (agent.is_none()).then(|| line.to_owned());
+        return (agent.is_none()).then(|| super::supervise::escape(line));
     };
     let field = |k: &str| event.get(k).and_then(Value::as_str).unwrap_or("");
     if let Some(want) = agent
@@ -249,6 +254,11 @@ pub fn render(line: &str, agent: Option<&str>, json: bool) -> Option<String> {
             .collect();
         rest.join(" ")
     };
+    // Hosts, reasons and git's messages are the agent's to choose (or
+    // quote what it sent): one line each, and no control character of its
+    // reaches the terminal.
+    let text = super::supervise::escape(&text);
+    let who = super::supervise::escape(&who);
     Some(format!("{when}  {kind:<9} {who:<20} {text}"))
 }
 
@@ -257,6 +267,22 @@ mod tests {
     use std::io::Write;
 
     use super::{denials_by_agent, read_tail, render};
+
+    #[test]
+    fn what_the_agent_chose_reaches_the_terminal_escaped_on_one_line() {
+        let line = r#"{"ts":1,"kind":"egress","bottle":"dev","agent":"coder","decision":"denied","method":"CONNECT","host":"\u001b[2Jevil.example","port":443,"reason":"not allowed\nsecond line"}"#;
+        let text = render(line, None, false).unwrap();
+        assert!(!text.contains('\u{1b}'), "{text}");
+        assert!(!text.contains('\n'), "{text}");
+        assert!(text.contains(r"\u{1b}[2Jevil.example:443"), "{text}");
+        assert!(text.contains(r"not allowed\nsecond line"), "{text}");
+        let git = r#"{"ts":1,"kind":"git","bottle":"dev","agent":"coder","op":"advertise","reason":"fatal: dubious\nTo add an exception"}"#;
+        let text = render(git, None, false).unwrap();
+        assert!(!text.contains('\n'), "{text}");
+        // Not JSON: shown escaped too.
+        let text = render("\u{1b}]0;title\u{7}", None, false).unwrap();
+        assert!(!text.contains('\u{1b}'), "{text}");
+    }
 
     fn denied(agent: &str, host: &str, ts: f64) -> String {
         format!(
