@@ -700,3 +700,58 @@ fn plan_status_and_check_show_undeclared_grants_alike() {
         assert_eq!(other["grants"], serde_json::json!([]), "{other}");
     }
 }
+
+/// Names with numbers are listed as a person counts: a1, a2, a10 (not a1,
+/// a10, a2) in `plan`, `status`, `validate` and `graph`, text and JSON.
+#[test]
+fn agents_are_listed_in_natural_order() {
+    let p = Project::with_double(
+        "e2e",
+        support::Double::new().with_env("BOTTLE_E2E_SECRET", "not-a-real-secret-order"),
+    );
+    p.write(
+        "more.toml",
+        "[agent.a10]\nbottle = \"plain\"\n\n[agent.a2]\nbottle = \"plain\"\n\n[agent.a1]\nbottle = \"plain\"\n",
+    );
+    let expected = ["a1", "a2", "a10", "coder", "reader"];
+    let in_order = |text: &str, pattern: &dyn Fn(&str) -> String| {
+        let at: Vec<usize> = expected
+            .iter()
+            .map(|a| {
+                text.find(&pattern(a))
+                    .unwrap_or_else(|| panic!("no {a}: {text}"))
+            })
+            .collect();
+        assert!(at.is_sorted(), "{at:?}: {text}");
+    };
+    let json = |args: &[&str]| -> serde_json::Value {
+        serde_json::from_str(&p.bottle(args).stdout).unwrap()
+    };
+    let names = |values: &serde_json::Value, key: &str| -> Vec<String> {
+        let mut names: Vec<String> = values
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v[key].as_str().map(str::to_owned))
+            .collect();
+        names.dedup();
+        names
+    };
+
+    in_order(&p.bottle(&["plan"]).stdout, &|a| format!("agent {a} ("));
+    assert_eq!(
+        names(&json(&["plan", "--json"])["actions"], "agent"),
+        expected
+    );
+    assert_eq!(
+        json(&["validate", "--json"])["agents"],
+        serde_json::json!(expected)
+    );
+    in_order(&p.bottle(&["graph"]).stdout, &|a| format!("agent {a} ("));
+    p.bottle(&["apply"]).success();
+    in_order(&p.bottle(&["status"]).stdout, &|a| format!("\n{a} "));
+    assert_eq!(
+        names(&json(&["status", "--json"])["agents"], "agent"),
+        expected
+    );
+}

@@ -5,6 +5,7 @@ use serde::Serialize;
 
 use super::{DirArg, GlobalArgs, Outcome, session};
 use crate::gate::supervise::grants::UndeclaredGrant;
+use crate::manifest::names::sorted_naturally;
 use crate::plan::{Op, PlanOptions};
 use crate::runtime::MachineState;
 
@@ -81,7 +82,8 @@ pub fn run(global: &GlobalArgs, args: StatusArgs) -> miette::Result<Outcome> {
         Some(_) => recent_denials(global, &status.project),
         None => Default::default(),
     };
-    for agent in survey.desired.agents.values() {
+    for name in sorted_naturally(survey.desired.agents.keys().map(String::as_str)) {
+        let agent = &survey.desired.agents[name];
         let machine = survey.snapshot.machine(&agent.machine);
         let probe = survey.snapshot.probes.get(&agent.machine);
         let error = survey.plan.errors.iter().find(|e| e.agent == agent.name);

@@ -7,6 +7,7 @@ use clap::Args;
 
 use super::{DirArg, GlobalArgs, Outcome, session};
 use crate::desired::Desired;
+use crate::manifest::names::sorted_naturally;
 use crate::manifest::{self, ProjectNameSource, diagnostic::plural};
 
 #[derive(Debug, Args)]
@@ -44,8 +45,8 @@ pub fn run(global: &GlobalArgs, args: ValidateArgs) -> miette::Result<Outcome> {
             "project": project.name,
             "project_name_declared": project.name_source == ProjectNameSource::Declared,
             "runtime": runtime,
-            "agents": project.agents.keys().collect::<Vec<_>>(),
-            "bottles": project.bottles.keys().collect::<Vec<_>>(),
+            "agents": sorted_naturally(project.agents.keys().map(String::as_str)),
+            "bottles": sorted_naturally(project.bottles.keys().map(String::as_str)),
             "steps": steps,
             "notes": notes,
             "advisories": advisories,

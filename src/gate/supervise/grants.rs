@@ -281,7 +281,9 @@ pub fn undeclared_grants(
             until: r.until().unwrap_or_default(),
         })
         .collect();
-    out.sort_by(|a, b| (&a.agent, &a.id).cmp(&(&b.agent, &b.id)));
+    out.sort_by(|a, b| {
+        crate::manifest::names::natural_cmp(&a.agent, &b.agent).then_with(|| a.id.cmp(&b.id))
+    });
     Ok(out)
 }
 
