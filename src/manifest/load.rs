@@ -38,12 +38,24 @@ pub(super) type Doc<'a> = Spanned<DeValue<'a>>;
 pub const ROOT_FILE: &str = "bottle.toml";
 
 pub fn load_dir(dir: &Path) -> Result<Project, Diagnostics> {
+    load_dir_partial(dir).map_err(|(problems, _)| problems)
+}
+
+/// [`load_dir`], and with its problems the part of the directory that has
+/// none of its own, when any was read: the bottles and agents that passed
+/// every check (agents only with such a bottle), for checks that need no
+/// more than them (`validate` runs the runtime's on them). Its `name` is
+/// empty when the project's name did not load.
+pub fn load_dir_partial(dir: &Path) -> Result<Project, (Diagnostics, Option<Box<Project>>)> {
     let shown = dir.display().to_string();
     let fail = |d: ManifestDiagnostic| {
-        Err(Diagnostics {
-            dir: shown.clone(),
-            items: vec![d],
-        })
+        Err((
+            Diagnostics {
+                dir: shown.clone(),
+                items: vec![d],
+            },
+            None,
+        ))
     };
 
     let root = match open_dir(dir) {
@@ -172,17 +184,21 @@ pub fn load_dir(dir: &Path) -> Result<Project, Diagnostics> {
     let found = std::mem::take(&mut cx.found);
     drop(cx);
     drop(docs);
-    match name {
-        // Valid manifests hold no literal secrets, so nothing was masked.
-        Some((name, name_source)) if found.is_empty() => Ok(Project {
-            name,
-            name_source,
-            dir: root,
-            bottles,
-            agents,
-            sources,
-        }),
-        _ => Err(found.into_diagnostics(shown)),
+    let valid = name.is_some() && found.is_empty();
+    let (name, name_source) = name.unwrap_or((String::new(), ProjectNameSource::Declared));
+    // Valid manifests hold no literal secrets, so nothing was masked.
+    let project = Project {
+        name,
+        name_source,
+        dir: root,
+        bottles,
+        agents,
+        sources,
+    };
+    if valid {
+        Ok(project)
+    } else {
+        Err((found.into_diagnostics(shown), Some(Box::new(project))))
     }
 }
 

@@ -38,6 +38,10 @@ const RESERVED_STEPS: [&str; 6] = ["machine", "ca", "prompt", "skills", "git", "
 /// A CA file larger than this is not a certificate (and is not read).
 pub(super) const MAX_CERT_BYTES: u64 = 1 << 20;
 
+/// Check every declared bottle and agent; the ones without a problem of
+/// their own (agents only with such a bottle) are resolved. With no
+/// problem anywhere that is all of them; otherwise checks that need one
+/// entity only (`validate`'s runtime checks) still run on the clean ones.
 pub(super) fn check(
     cx: &mut Cx,
     decls: &Decls,
@@ -48,15 +52,24 @@ pub(super) fn check(
     let bottle_names: BTreeSet<&str> = decls.bottles.iter().map(|d| d.name.as_str()).collect();
     let mut bottles = BTreeMap::new();
     for d in &decls.bottles {
+        let before = cx.found.len();
         check_entity_name(cx, Kind::Bottle, d);
-        if let Some(b) = bottle(cx, d) {
+        if let Some(b) = bottle(cx, d)
+            && cx.found.len() == before
+            && d.tainted.is_empty()
+        {
             bottles.entry(d.name.clone()).or_insert(b);
         }
     }
     let mut agents = BTreeMap::new();
     for d in &decls.agents {
+        let before = cx.found.len();
         check_entity_name(cx, Kind::Agent, d);
-        if let Some(a) = agent(cx, d, &bottle_names) {
+        if let Some(a) = agent(cx, d, &bottle_names)
+            && cx.found.len() == before
+            && d.tainted.is_empty()
+            && bottles.contains_key(&a.spec.bottle)
+        {
             agents.entry(d.name.clone()).or_insert(a);
         }
     }
