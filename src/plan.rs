@@ -13,6 +13,7 @@ use serde::Serialize;
 use crate::desired::{Desired, DesiredAgent, DesiredStep};
 use crate::graph::StepKind;
 use crate::ledger::LedgerEntry;
+use crate::manifest::names::{natural_cmp, sorted_naturally};
 use crate::observe::{Probe, Snapshot, is_ours};
 use crate::runtime::{MachineInfo, MachineState, MachineUpdate};
 use crate::steps::{
@@ -300,7 +301,11 @@ pub fn plan(desired: &Desired, snapshot: &Snapshot, options: &PlanOptions) -> Pl
             .is_none_or(|t| t.iter().any(|a| a == agent))
     };
     let gate = plan_gate(&mut builder, desired, snapshot);
-    for agent in desired.agents.values().filter(|a| targeted(&a.name)) {
+    for name in sorted_naturally(desired.agents.keys().map(String::as_str)) {
+        let agent = &desired.agents[name];
+        if !targeted(name) {
+            continue;
+        }
         plan_agent(&mut builder, desired, agent, snapshot, options);
     }
     if let Some(gate) = gate {
@@ -770,7 +775,9 @@ fn describe(kind: &StepKind) -> String {
 
 /// Managed machines of this project that no agent declares.
 fn plan_prune(b: &mut Builder, desired: &Desired, snapshot: &Snapshot, options: &PlanOptions) {
-    for machine in &snapshot.machines {
+    let mut machines: Vec<_> = snapshot.machines.iter().collect();
+    machines.sort_by(|a, b| natural_cmp(&a.name, &b.name));
+    for machine in machines {
         if !is_ours(machine, &desired.project.name) || desired.by_machine(&machine.name).is_some() {
             continue;
         }

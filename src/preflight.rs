@@ -11,7 +11,7 @@
 use std::collections::BTreeSet;
 
 use crate::desired::Desired;
-use crate::manifest::{Bottle, Diagnostics, Image, KeyPath, ManifestDiagnostic};
+use crate::manifest::{Bottle, Diagnostics, Image, KeyPath, ManifestDiagnostic, Project};
 use crate::plan::{Op, Plan};
 use crate::runtime::RuntimeKind;
 
@@ -28,12 +28,39 @@ pub fn runtime_check(desired: &Desired, runtime: RuntimeKind) -> Result<Vec<Stri
     check_with(desired, runtime, false)
 }
 
+/// [`runtime_check`] on the bottles of `project` that its agents use, as
+/// notes and problems: for `validate`, also on the part of a directory
+/// with other problems that loaded cleanly
+/// ([`crate::manifest::load_dir_partial`]).
+pub fn runtime_problems(
+    project: &Project,
+    runtime: RuntimeKind,
+) -> (Vec<String>, Vec<ManifestDiagnostic>) {
+    project_check(project, runtime, false)
+}
+
 fn check_with(
     desired: &Desired,
     runtime: RuntimeKind,
     secrets: bool,
 ) -> Result<Vec<String>, Diagnostics> {
     let project = &desired.project;
+    let (notes, problems) = project_check(project, runtime, secrets);
+    if problems.is_empty() {
+        Ok(notes)
+    } else {
+        Err(Diagnostics {
+            dir: project.dir.display().to_string(),
+            items: problems,
+        })
+    }
+}
+
+fn project_check(
+    project: &Project,
+    runtime: RuntimeKind,
+    secrets: bool,
+) -> (Vec<String>, Vec<ManifestDiagnostic>) {
     let mut notes = Vec::new();
     let mut problems = Vec::new();
     let used: BTreeSet<&str> = project
@@ -150,14 +177,7 @@ fn check_with(
             ));
         }
     }
-    if problems.is_empty() {
-        Ok(notes)
-    } else {
-        Err(Diagnostics {
-            dir: project.dir.display().to_string(),
-            items: problems,
-        })
-    }
+    (notes, problems)
 }
 
 /// The actions of `plan` that start a machine (and would read its

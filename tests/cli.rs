@@ -632,3 +632,126 @@ fn a_frozen_machine_is_never_in_sync() {
         );
     }
 }
+
+/// A supervise grant the manifests do not declare is in `plan --json`,
+/// `status --json` and `check --json` as the same `grants` array (agent,
+/// bottle, host, id, reason, until), in `status` also under its agent, and
+/// in none of them for another `--target`.
+#[test]
+fn plan_status_and_check_show_undeclared_grants_alike() {
+    use bottle::gate::paths::GatePaths;
+    use bottle::gate::supervise::store::{Store, now};
+    let p = Project::with_double(
+        "e2e",
+        support::Double::new().with_env("BOTTLE_E2E_SECRET", "not-a-real-secret-grants"),
+    );
+    let json = |args: &[&str]| -> serde_json::Value {
+        let run = p.bottle(args);
+        serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{args:?}: {e}: {run:?}"))
+    };
+    // None yet: an empty array, present in all three.
+    for command in ["plan", "status", "check"] {
+        assert_eq!(json(&[command, "--json"])["grants"], serde_json::json!([]));
+    }
+
+    let store = Store::new(&GatePaths::new(p.state_dir(), "e2e"));
+    let who = bottle::gate::AgentIdentity {
+        bottle: "dev".into(),
+        agent: "coder".into(),
+    };
+    let asked = store
+        .request_egress(&who, "extra.example", "fetch a crate", now())
+        .unwrap();
+    let approved = store.approve(&asked.id, 1800, now()).unwrap();
+
+    let plan = json(&["plan", "--json"]);
+    let grants = plan["grants"].clone();
+    assert_eq!(
+        grants,
+        serde_json::json!([{
+            "id": asked.id,
+            "bottle": "dev",
+            "agent": "coder",
+            "host": "extra.example",
+            "reason": "fetch a crate",
+            "until": approved.until().unwrap(),
+        }]),
+        "{plan}"
+    );
+    let status = json(&["status", "--json"]);
+    assert_eq!(status["grants"], grants, "{status}");
+    let agent = |name: &str| {
+        status["agents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["agent"] == name)
+            .unwrap_or_else(|| panic!("no {name}: {status}"))
+            .clone()
+    };
+    assert_eq!(agent("coder")["grants"], grants, "{status}");
+    assert_eq!(agent("reader")["grants"], serde_json::json!([]), "{status}");
+    let check = json(&["check", "--json"]);
+    assert_eq!(check["grants"], grants, "{check}");
+
+    // Another agent's plan and check are not about this grant.
+    for command in ["plan", "check"] {
+        let other = json(&[command, "--json", "--target", "reader"]);
+        assert_eq!(other["grants"], serde_json::json!([]), "{other}");
+    }
+}
+
+/// Names with numbers are listed as a person counts: a1, a2, a10 (not a1,
+/// a10, a2) in `plan`, `status`, `validate` and `graph`, text and JSON.
+#[test]
+fn agents_are_listed_in_natural_order() {
+    let p = Project::with_double(
+        "e2e",
+        support::Double::new().with_env("BOTTLE_E2E_SECRET", "not-a-real-secret-order"),
+    );
+    p.write(
+        "more.toml",
+        "[agent.a10]\nbottle = \"plain\"\n\n[agent.a2]\nbottle = \"plain\"\n\n[agent.a1]\nbottle = \"plain\"\n",
+    );
+    let expected = ["a1", "a2", "a10", "coder", "reader"];
+    let in_order = |text: &str, pattern: &dyn Fn(&str) -> String| {
+        let at: Vec<usize> = expected
+            .iter()
+            .map(|a| {
+                text.find(&pattern(a))
+                    .unwrap_or_else(|| panic!("no {a}: {text}"))
+            })
+            .collect();
+        assert!(at.is_sorted(), "{at:?}: {text}");
+    };
+    let json = |args: &[&str]| -> serde_json::Value {
+        serde_json::from_str(&p.bottle(args).stdout).unwrap()
+    };
+    let names = |values: &serde_json::Value, key: &str| -> Vec<String> {
+        let mut names: Vec<String> = values
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|v| v[key].as_str().map(str::to_owned))
+            .collect();
+        names.dedup();
+        names
+    };
+
+    in_order(&p.bottle(&["plan"]).stdout, &|a| format!("agent {a} ("));
+    assert_eq!(
+        names(&json(&["plan", "--json"])["actions"], "agent"),
+        expected
+    );
+    assert_eq!(
+        json(&["validate", "--json"])["agents"],
+        serde_json::json!(expected)
+    );
+    in_order(&p.bottle(&["graph"]).stdout, &|a| format!("agent {a} ("));
+    p.bottle(&["apply"]).success();
+    in_order(&p.bottle(&["status"]).stdout, &|a| format!("\n{a} "));
+    assert_eq!(
+        names(&json(&["status", "--json"])["agents"], "agent"),
+        expected
+    );
+}

@@ -605,6 +605,7 @@ fn drift_is_reported_and_repaired_and_manifest_edits_converge() {
                 "action": "apply",
                 "cause": "prompt changed in guest: /home/node/.bottle/prompt.md",
             }],
+            "grants": [],
             "errors": [],
             "notes": [],
         })

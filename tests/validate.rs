@@ -495,3 +495,70 @@ fn after_supervise_is_reported_once_and_hides_no_other_cycle() {
 fn gate_settings() {
     insta::assert_snapshot!(validate("gate"));
 }
+
+/// Every phase reports in one run: a syntax error in one file and an
+/// unknown bottle in another hide neither what the chosen runtime cannot
+/// do with a bottle that loaded cleanly, nor a link out of the manifests
+/// directory inside a clean agent's skill (found while hashing what is
+/// copied in). What depends on the broken parts is not checked.
+#[test]
+fn every_phase_in_one_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("phases");
+    fs::create_dir_all(dir.join("skills/leaky")).unwrap();
+    fs::write(dir.join("skills/leaky/SKILL.md"), "---\nname: leaky\n---\n").unwrap();
+    std::os::unix::fs::symlink("/etc", dir.join("skills/leaky/out")).unwrap();
+    fs::write(
+        dir.join("bottle.toml"),
+        "[project]\nname = \"phases\"\n\n[bottle.plain]\n\n\
+         [bottle.pulled]\nimage = \"ghcr.io/acme/agent:1\"\n\n\
+         [bottle.netted.egress]\nallow_cidrs = [\"10.8.0.0/16\"]\n",
+    )
+    .unwrap();
+    fs::write(dir.join("broken.toml"), "[bottle.broken\ncpus = 2\n").unwrap();
+    fs::write(
+        dir.join("agents.toml"),
+        "[agent.lost]\nbottle = \"nosuch\"\n\n\
+         [agent.puller]\nbottle = \"pulled\"\n\n\
+         [agent.netter]\nbottle = \"netted\"\n\n\
+         [agent.skilled]\nbottle = \"plain\"\nskills = [\"skills/leaky\"]\n",
+    )
+    .unwrap();
+    let validate = |runtime: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_bottle"))
+            .args(["--runtime", runtime, "validate", "phases"])
+            .current_dir(tmp.path())
+            .env("NO_COLOR", "1")
+            .env_remove("BOTTLE_SMOLVM")
+            .env_remove("BOTTLE_STATE_DIR")
+            .output()
+            .expect("bottle runs");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        stderr
+    };
+
+    let smolvm = validate("smolvm");
+    for code in [
+        "bottle::toml-syntax",
+        "bottle::unknown-bottle",
+        "bottle::path-escapes",
+        "bottle::image-needs-network",
+    ] {
+        assert!(smolvm.contains(code), "{code}:\n{smolvm}");
+    }
+    assert!(smolvm.contains("× 4 problems found in phases"), "{smolvm}");
+    snapshot_tmp("every_phase_in_one_run", tmp.path(), &smolvm);
+
+    let local = validate("local");
+    for code in [
+        "bottle::toml-syntax",
+        "bottle::unknown-bottle",
+        "bottle::path-escapes",
+        "bottle::local-image",
+        "bottle::local-egress",
+    ] {
+        assert!(local.contains(code), "{code}:\n{local}");
+    }
+    assert!(!local.contains("image-needs-network"), "{local}");
+}

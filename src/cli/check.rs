@@ -33,8 +33,8 @@ struct DriftReport<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     targets: Option<&'a [String]>,
     drift: Vec<Drift<'a>>,
-    /// Supervise grants in force that the manifests do not declare.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    /// Supervise grants in force that the manifests do not declare (the
+    /// same `grants` as `plan --json` and `status --json`).
     grants: Vec<crate::gate::supervise::grants::UndeclaredGrant>,
     /// Agents that could not be observed (the command exits 1).
     errors: &'a [crate::plan::PlanError],

@@ -101,7 +101,11 @@ pub fn run(global: &GlobalArgs, args: DestroyArgs) -> miette::Result<Outcome> {
                     problems: problems.items,
                 }
             })?;
-            let agents: Vec<String> = project.agents.keys().cloned().collect();
+            let agents: Vec<String> =
+                crate::manifest::names::sorted_naturally(project.agents.keys().map(String::as_str))
+                    .into_iter()
+                    .map(str::to_owned)
+                    .collect();
             (project.name, Some(agents))
         }
     };
@@ -133,7 +137,7 @@ pub fn run(global: &GlobalArgs, args: DestroyArgs) -> miette::Result<Outcome> {
             .into());
         }
         let mut owners: Vec<String> = machines.iter().map(agent_of).collect();
-        owners.sort();
+        owners.sort_by(|a, b| crate::manifest::names::natural_cmp(a, b));
         owners.dedup();
         let help = if owners.is_empty() {
             format!("project `{project_name}` has no machines: there is nothing to delete")
@@ -150,10 +154,11 @@ pub fn run(global: &GlobalArgs, args: DestroyArgs) -> miette::Result<Outcome> {
         }
         .into());
     }
-    let doomed: Vec<_> = machines
+    let mut doomed: Vec<_> = machines
         .into_iter()
         .filter(|m| args.agents.is_empty() || args.agents.contains(&agent_of(m)))
         .collect();
+    doomed.sort_by(|a, b| crate::manifest::names::natural_cmp(&a.name, &b.name));
     let gate = crate::gate::paths::GatePaths::new(&session::state_dir(global)?, &project_name);
     if doomed.is_empty() {
         println!("No machines of project {} to delete.", project_name);

@@ -1,8 +1,10 @@
 //! `bottle plan`: show what `apply` would do.
 
 use clap::Args;
+use serde::Serialize;
 
 use super::{DirArg, GlobalArgs, Outcome, session};
+use crate::gate::supervise::grants::UndeclaredGrant;
 use crate::plan::PlanOptions;
 
 #[derive(Debug, Args)]
@@ -66,6 +68,15 @@ impl SelectArgs {
     }
 }
 
+/// `plan --json`: the plan, and the supervise grants in force that the
+/// manifests do not declare (the same `grants` as `status` and `check`).
+#[derive(Serialize)]
+struct PlanJson<'a> {
+    #[serde(flatten)]
+    plan: &'a crate::plan::Plan,
+    grants: Vec<UndeclaredGrant>,
+}
+
 pub fn run(global: &GlobalArgs, args: PlanArgs) -> miette::Result<Outcome> {
     let survey = session::json_error(
         args.json,
@@ -78,19 +89,21 @@ pub fn run(global: &GlobalArgs, args: PlanArgs) -> miette::Result<Outcome> {
             )
         }),
     )?;
+    // Not actions: `apply` neither adds nor removes a grant.
+    let grants =
+        super::supervise::undeclared(global, &survey.desired, survey.plan.targets.as_deref())?;
     if args.json {
+        let json = PlanJson {
+            plan: &survey.plan,
+            grants,
+        };
         println!(
             "{}",
-            serde_json::to_string_pretty(&survey.plan).expect("plans serialize")
+            serde_json::to_string_pretty(&json).expect("plans serialize")
         );
     } else {
         print!("{}", survey.plan.render());
-        // Not actions: `apply` neither adds nor removes a grant.
-        super::supervise::print_undeclared(&super::supervise::undeclared(
-            global,
-            &survey.desired,
-            survey.plan.targets.as_deref(),
-        )?);
+        super::supervise::print_undeclared(&grants);
     }
     session::observation_errors(&survey.plan)?;
     if args.detailed_exitcode && !survey.plan.is_empty() {

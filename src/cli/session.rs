@@ -335,11 +335,7 @@ pub fn once_each(notes: &mut Vec<String>) {
 pub fn agent<'a>(desired: &'a Desired, name: &str) -> Result<&'a DesiredAgent, UnknownTarget> {
     desired.agents.get(name).ok_or_else(|| UnknownTarget {
         agent: name.to_owned(),
-        known: desired
-            .agents
-            .keys()
-            .cloned()
-            .collect::<Vec<_>>()
+        known: crate::manifest::names::sorted_naturally(desired.agents.keys().map(String::as_str))
             .join(", "),
     })
 }

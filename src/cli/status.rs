@@ -4,6 +4,8 @@ use clap::Args;
 use serde::Serialize;
 
 use super::{DirArg, GlobalArgs, Outcome, session};
+use crate::gate::supervise::grants::UndeclaredGrant;
+use crate::manifest::names::sorted_naturally;
 use crate::plan::{Op, PlanOptions};
 use crate::runtime::MachineState;
 
@@ -27,9 +29,10 @@ struct Status {
     /// The project's gate, when it has or had one.
     #[serde(skip_serializing_if = "Option::is_none")]
     gate: Option<crate::gate::reconcile::GateStatus>,
-    /// Supervise grants in force that the manifests do not declare.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    grants: Vec<crate::gate::supervise::grants::UndeclaredGrant>,
+    /// Supervise grants in force that the manifests do not declare, of
+    /// every agent (the same `grants` as `plan --json` and `check --json`;
+    /// an agent the manifests no longer declare has its grants only here).
+    grants: Vec<UndeclaredGrant>,
 }
 
 #[derive(Debug, Serialize)]
@@ -45,6 +48,8 @@ struct AgentStatus {
     /// when the project has no gate log or this agent no denial there).
     #[serde(skip_serializing_if = "Option::is_none")]
     denials: Option<super::egress_log::AgentDenials>,
+    /// This agent's entries of the top-level `grants`.
+    grants: Vec<UndeclaredGrant>,
 }
 
 #[derive(Debug, Serialize)]
@@ -71,13 +76,14 @@ pub fn run(global: &GlobalArgs, args: StatusArgs) -> miette::Result<Outcome> {
             survey.desired.gate.as_ref(),
             survey.snapshot.gate.as_ref(),
         ),
-        grants: Vec::new(),
+        grants: super::supervise::undeclared(global, &survey.desired, None)?,
     };
     let mut denials = match &status.gate {
         Some(_) => recent_denials(global, &status.project),
         None => Default::default(),
     };
-    for agent in survey.desired.agents.values() {
+    for name in sorted_naturally(survey.desired.agents.keys().map(String::as_str)) {
+        let agent = &survey.desired.agents[name];
         let machine = survey.snapshot.machine(&agent.machine);
         let probe = survey.snapshot.probes.get(&agent.machine);
         let error = survey.plan.errors.iter().find(|e| e.agent == agent.name);
@@ -142,9 +148,12 @@ pub fn run(global: &GlobalArgs, args: StatusArgs) -> miette::Result<Outcome> {
             steps,
             last_applied: probe.and_then(|p| p.ledger.values().map(|e| e.applied_at).max()),
             denials: denials.remove(&agent.name),
+            grants: (status.grants.iter())
+                .filter(|g| g.agent == agent.name)
+                .cloned()
+                .collect(),
         });
     }
-    status.grants = super::supervise::undeclared(global, &survey.desired, None)?;
     status.undeclared = survey
         .plan
         .actions

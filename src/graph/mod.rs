@@ -156,9 +156,9 @@ impl StepGraph {
             .map(|n| (StepId(n), &self.graph[n]))
     }
 
-    /// Agent names, sorted.
+    /// Agent names, sorted naturally (`a2` before `a10`).
     pub fn agents(&self) -> impl Iterator<Item = &str> + '_ {
-        self.agents.keys().map(String::as_str)
+        crate::manifest::names::sorted_naturally(self.agents.keys().map(String::as_str)).into_iter()
     }
 
     /// The bottle an agent runs in.

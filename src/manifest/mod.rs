@@ -124,3 +124,9 @@ impl Project {
 pub fn load_dir(dir: &Path) -> Result<Project, Diagnostics> {
     load::load_dir(dir)
 }
+
+/// [`load_dir`], with the part of the directory that loaded cleanly
+/// beside the problems (see [`load::load_dir_partial`]).
+pub fn load_dir_partial(dir: &Path) -> Result<Project, (Diagnostics, Option<Box<Project>>)> {
+    load::load_dir_partial(dir)
+}

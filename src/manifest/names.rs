@@ -51,6 +51,46 @@ pub fn machine_name(project: &str, agent: &str) -> String {
     format!("bottle_{project}_{agent}")
 }
 
+/// Names in the order a person expects: runs of digits compare as numbers
+/// (`a2` before `a10`), everything else byte by byte. Every list of agents,
+/// bottles or machines shown to a user is in this order. Total and
+/// consistent with `==`: numbers that tie (`a01`, `a1`) fall back to bytes.
+pub fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    use std::cmp::Ordering;
+    let (x, y) = (a.as_bytes(), b.as_bytes());
+    let (mut i, mut j) = (0, 0);
+    while i < x.len() && j < y.len() {
+        if x[i].is_ascii_digit() && y[j].is_ascii_digit() {
+            /// Where the run of digits at `k` ends, and it without leading zeros.
+            fn run(s: &[u8], k: usize) -> (usize, &[u8]) {
+                let end = k + s[k..].iter().take_while(|c| c.is_ascii_digit()).count();
+                let start = k + s[k..end].iter().take_while(|&&c| c == b'0').count();
+                (end, &s[start..end])
+            }
+            let ((ei, ni), (ej, nj)) = (run(x, i), run(y, j));
+            // Without leading zeros, the longer number is the larger one.
+            let order = ni.len().cmp(&nj.len()).then_with(|| ni.cmp(nj));
+            if order != Ordering::Equal {
+                return order;
+            }
+            (i, j) = (ei, ej);
+        } else {
+            if x[i] != y[j] {
+                return x[i].cmp(&y[j]);
+            }
+            (i, j) = (i + 1, j + 1);
+        }
+    }
+    (x.len() - i).cmp(&(y.len() - j)).then_with(|| a.cmp(b))
+}
+
+/// `names` in [`natural_cmp`] order.
+pub fn sorted_naturally<'a>(names: impl IntoIterator<Item = &'a str>) -> Vec<&'a str> {
+    let mut names: Vec<&str> = names.into_iter().collect();
+    names.sort_by(|a, b| natural_cmp(a, b));
+    names
+}
+
 /// Turn an arbitrary directory name into a valid project name, or `None`
 /// when nothing usable is left.
 pub fn sanitize(raw: &str) -> Option<String> {
@@ -108,6 +148,54 @@ mod tests {
         let name = machine_name(&long, &long);
         assert!(name.len() <= 128);
         assert!(!name.contains("--") && !name.ends_with('-'));
+    }
+
+    #[test]
+    fn digits_sort_as_numbers() {
+        let mut names = [
+            "a10",
+            "a2",
+            "b",
+            "a1",
+            "a",
+            "a1-x",
+            "a01",
+            "a10b",
+            "a9z",
+            "a-1",
+            "bottle_p_a10",
+            "bottle_p_a9",
+        ];
+        names.sort_by(|a, b| natural_cmp(a, b));
+        assert_eq!(
+            names,
+            [
+                "a",
+                "a-1",
+                "a01",
+                "a1",
+                "a1-x",
+                "a2",
+                "a9z",
+                "a10",
+                "a10b",
+                "b",
+                "bottle_p_a9",
+                "bottle_p_a10"
+            ]
+        );
+        // Equal only when equal; reversed arguments, reversed order.
+        for a in names {
+            for b in names {
+                assert_eq!(natural_cmp(a, b) == std::cmp::Ordering::Equal, a == b);
+                assert_eq!(natural_cmp(a, b), natural_cmp(b, a).reverse(), "{a} {b}");
+            }
+        }
+        let long = "9".repeat(40);
+        assert_eq!(
+            natural_cmp(&format!("a{long}"), &format!("a1{long}")),
+            std::cmp::Ordering::Less
+        );
     }
 
     #[test]

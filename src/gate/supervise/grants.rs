@@ -239,6 +239,8 @@ pub struct UndeclaredGrant {
     pub bottle: String,
     pub agent: String,
     pub host: String,
+    /// Why the agent asked: its own words (escape before a terminal).
+    pub reason: String,
     /// Unix seconds when it expires.
     pub until: u64,
 }
@@ -275,10 +277,13 @@ pub fn undeclared_grants(
             bottle: r.bottle.clone(),
             agent: r.agent.clone(),
             host: r.host.clone().unwrap_or_default(),
+            reason: r.reason.clone(),
             until: r.until().unwrap_or_default(),
         })
         .collect();
-    out.sort_by(|a, b| (&a.agent, &a.id).cmp(&(&b.agent, &b.id)));
+    out.sort_by(|a, b| {
+        crate::manifest::names::natural_cmp(&a.agent, &b.agent).then_with(|| a.id.cmp(&b.id))
+    });
     Ok(out)
 }
 
