@@ -6,8 +6,8 @@
 use serde_json::{Map, Value, json};
 
 use super::{
-    AgentCtx, Payload, Recorded, Step, StepCx, StepError, StepResult, Work, digest, entry_user,
-    home_of, sh_quote,
+    AgentCtx, GuestUser, Payload, Recorded, Step, StepCx, StepError, StepResult, Work, digest,
+    entry_user, home_of, sh_quote,
 };
 use crate::ledger::LedgerEntry;
 
@@ -111,6 +111,18 @@ fn canonical(v: &Value) -> String {
         }
     }
     sorted(v).to_string()
+}
+
+/// The endpoint the server entry names: the declared `url`, or without
+/// one, the bottle's gate's per-agent path (`None`: the gate is not known
+/// yet). The step exists only when `supervise` is declared.
+fn url<'a>(ctx: &AgentCtx<'a>) -> Option<&'a str> {
+    let declared = ctx.bottle.spec.supervise.as_ref()?;
+    match (&declared.url, ctx.gate) {
+        (Some(url), _) => Some(url.as_str()),
+        (None, Some(gate)) => Some(gate.supervise_url.as_str()),
+        (None, None) => None,
+    }
 }
 
 fn entry_value(url: &str) -> Value {
@@ -218,6 +230,13 @@ impl Step for SuperviseStep {
         digest_of_section(output)
     }
 
+    /// A file holding the declared entry (the rest of the file is Claude
+    /// Code's and not digested).
+    fn expected_output(&self, ctx: &AgentCtx, _user: Option<GuestUser>) -> Option<String> {
+        let servers = json!({ SERVER_NAME: entry_value(url(ctx)?) });
+        Some(format!("file\n{}", json!({ "mcpServers": servers })))
+    }
+
     fn drift_path(&self, ctx: &AgentCtx) -> String {
         config_path(ctx)
     }
@@ -230,25 +249,14 @@ impl Step for SuperviseStep {
     /// written only if the guest's file is still the one read.
     fn apply(&self, cx: &StepCx, entry: &mut LedgerEntry) -> StepResult<Work> {
         let ctx = cx.ctx;
-        let declared = ctx
-            .bottle
-            .spec
-            .supervise
-            .as_ref()
-            .expect("the supervise step exists only when declared");
-        // Without `url`, the bottle's gate serves it at a per-agent path.
-        let url = match (&declared.url, ctx.gate) {
-            (Some(url), _) => url.as_str(),
-            (None, Some(gate)) => gate.supervise_url.as_str(),
-            (None, None) => {
-                return Err(StepError::Other(
-                    format!(
-                        "the gate's supervise endpoint of {} is unknown",
-                        ctx.machine
-                    ),
-                    "run `bottle apply`, which starts the gate first".into(),
-                ));
-            }
+        let Some(url) = url(ctx) else {
+            return Err(StepError::Other(
+                format!(
+                    "the gate's supervise endpoint of {} is unknown",
+                    ctx.machine
+                ),
+                "run `bottle apply`, which starts the gate first".into(),
+            ));
         };
         let (mut map, read) = parse_config(ctx, cx.observed.unwrap_or_default())?;
         let servers = map
