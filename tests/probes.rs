@@ -114,6 +114,15 @@ fn a_skill_file_mode_change_on_the_host_reaches_the_guest() {
     p.bottle(&["apply"]).success();
     assert_eq!(p.double.sh(CODER, &format!("stat -c %a {file}")), "664\n");
     p.bottle(&["check"]).success();
+    // A set-id bit too (the recorded copy is chowned, which clears it).
+    std::fs::set_permissions(
+        p.path("skills/style/SKILL.md"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o4755),
+    )
+    .unwrap();
+    p.bottle(&["apply"]).success();
+    assert_eq!(p.double.sh(CODER, &format!("stat -c %a {file}")), "4755\n");
+    p.bottle(&["check"]).success();
     // And a chmod in the guest is drift.
     as_agent(&p, &format!("chmod 600 {file}"));
     p.bottle(&["check"]).code(3);
