@@ -655,6 +655,10 @@ fn plan_steps(
         Steps::All => None,
     };
     let mut ids: BTreeMap<StepKind, usize> = BTreeMap::new();
+    let user = probe
+        .sections
+        .get(&StepKind::Machine.id())
+        .and_then(|s| steps::machine::user_from_probe(s));
     if let Some(g) = gate {
         ids.insert(StepKind::Machine, g);
     }
@@ -693,12 +697,21 @@ fn plan_steps(
                     (kind, None) => format!("{} changed in manifest", describe(kind)),
                 })
             }
+            // The ledger's digest, and (for what the host knows) the
+            // digest of what the guest should show: root in the guest can
+            // edit the ledger.
             Some(entry) => match probe.digest(&id) {
-                Some(observed) if observed != entry.digest => Some(format!(
-                    "{} changed in guest: {}",
-                    describe(&step.kind),
-                    steps::drift_path(&step.kind, &ctx)
-                )),
+                Some(observed)
+                    if observed != entry.digest
+                        || steps::expected_digest(&step.kind, &ctx, user)
+                            .is_some_and(|want| want != observed) =>
+                {
+                    Some(format!(
+                        "{} changed in guest: {}",
+                        describe(&step.kind),
+                        steps::drift_path(&step.kind, &ctx)
+                    ))
+                }
                 _ => None,
             },
         };

@@ -9,7 +9,7 @@ use bottle::ledger::LedgerEntry;
 use bottle::observe::{Probe, Snapshot};
 use bottle::plan::{PlanOptions, plan};
 use bottle::runtime::{MachineInfo, MachineState};
-use bottle::steps::{machine, probe_digest};
+use bottle::steps::{GuestUser, machine, probe_digest};
 
 fn desired() -> Desired {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/plan");
@@ -34,6 +34,12 @@ fn listed(desired: &Desired, agent: &str, state: MachineState) -> MachineInfo {
     }
 }
 
+/// The agent user's ids in every fixture guest.
+const AGENT_USER: GuestUser = GuestUser {
+    uid: 1000,
+    gid: 1000,
+};
+
 /// What the probe of an agent whose every step is applied and untouched
 /// would report.
 fn probed(desired: &Desired, agent: &str) -> Probe {
@@ -41,10 +47,21 @@ fn probed(desired: &Desired, agent: &str) -> Probe {
     let mut probe = Probe::default();
     for step in &a.steps {
         let id = step.kind.id();
+        let ctx = desired.ctx(a);
         let section = match step.kind {
-            bottle::graph::StepKind::Supervise => {
+            bottle::graph::StepKind::Supervise => format!(
+                "file\n{}",
                 r#"{"mcpServers": {"supervise": {"type": "http", "url": "http://10.8.0.2:9100/"}}}"#
-                    .to_owned()
+            ),
+            // The prompt and the skills are what the host knows: the
+            // guest shows them as the host computes they should be.
+            bottle::graph::StepKind::Prompt => format!(
+                "600 1000 1000\n{}  -\n",
+                bottle::steps::sha256_hex(&bottle::steps::prompt::content(&ctx).unwrap())
+            ),
+            bottle::graph::StepKind::Skills => {
+                bottle::steps::expected_output(&step.kind, &ctx, Some(AGENT_USER))
+                    .expect("the host knows what its skills look like in the guest")
             }
             _ => format!("state of {id}\n"),
         };
@@ -56,7 +73,6 @@ fn probed(desired: &Desired, agent: &str) -> Probe {
         }
         if step.kind == bottle::graph::StepKind::Machine {
             // As the machine step records it: the settings, and the user.
-            let ctx = desired.ctx(a);
             entry.detail = machine::mutable_detail(&ctx);
             entry
                 .detail
@@ -146,7 +162,7 @@ fn a_step_drifted_in_the_guest_is_applied_again() {
         let probe = s.probes.get_mut("bottle_golden_reviewer").unwrap();
         let edited = match step {
             "supervise" => {
-                r#"{"mcpServers": {"supervise": {"type": "http", "url": "http://evil/"}}}"#
+                "file\n{\"mcpServers\": {\"supervise\": {\"type\": \"http\", \"url\": \"http://evil/\"}}}"
             }
             _ => "edited inside the guest\n",
         };
@@ -520,5 +536,44 @@ fn env_changed_in_the_guest_is_a_restart() {
             panic!("{:?}", plan.actions[0].op);
         };
         assert_eq!(update.set_env["EDITOR"], "vi");
+    }
+}
+
+/// Root in the guest can edit the ledger: a prompt, skills or supervise
+/// server changed in the guest, with the ledger's digest rewritten to
+/// match, is still drift, since the host knows what the guest should show.
+#[test]
+fn a_ledger_edited_in_the_guest_cannot_hide_what_the_host_knows() {
+    let d = desired();
+    for (step, edited, path) in [
+        ("prompt", "600 1000 1000\nfeed  -\n", ".bottle/prompt.md"),
+        ("skills", "== review\nmissing\n", ".claude/skills"),
+        (
+            "supervise",
+            r#"file
+{"mcpServers": {"supervise": {"type": "http", "url": "http://evil/"}}}"#,
+            ".claude.json",
+        ),
+    ] {
+        let mut s = in_sync(&d);
+        let probe = s.probes.get_mut("bottle_golden_reviewer").unwrap();
+        probe.sections.insert(step.into(), edited.into());
+        let kind: bottle::graph::StepKind = step.parse().unwrap();
+        probe.ledger.get_mut(step).unwrap().digest = probe_digest(&kind, edited);
+        let planned = plan(&d, &s, &PlanOptions::default());
+        let noun = bottle::steps::step(&kind).noun();
+        assert_eq!(
+            planned
+                .actions
+                .iter()
+                .map(|a| (a.op.step().to_owned(), a.cause.clone()))
+                .collect::<Vec<_>>(),
+            [(
+                step.to_owned(),
+                format!("{noun} changed in guest: /home/node/{path}")
+            )],
+            "{}",
+            planned.render()
+        );
     }
 }

@@ -114,6 +114,15 @@ fn a_skill_file_mode_change_on_the_host_reaches_the_guest() {
     p.bottle(&["apply"]).success();
     assert_eq!(p.double.sh(CODER, &format!("stat -c %a {file}")), "664\n");
     p.bottle(&["check"]).success();
+    // A set-id bit too (the recorded copy is chowned, which clears it).
+    std::fs::set_permissions(
+        p.path("skills/style/SKILL.md"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o4755),
+    )
+    .unwrap();
+    p.bottle(&["apply"]).success();
+    assert_eq!(p.double.sh(CODER, &format!("stat -c %a {file}")), "4755\n");
+    p.bottle(&["check"]).success();
     // And a chmod in the guest is drift.
     as_agent(&p, &format!("chmod 600 {file}"));
     p.bottle(&["check"]).code(3);
@@ -372,6 +381,200 @@ fn env_and_volumes_changed_through_the_runtime_are_drift() {
         check.stdout
     );
     update_outside(&p, &["--remove-volume", &other_ws]);
+    p.bottle(&["apply"]).success();
+    p.bottle(&["check"]).success();
+}
+
+// --- the ledger is not the only judge of what the host knows ------------------
+
+/// Root in the guest rewrites a step's ledger digest to that of what
+/// `probe` (the step's probe fragment, as the guest runs it) prints now.
+fn forge_ledger_digest(p: &Project, step: &str, probe: &str) {
+    p.double.sh(
+        CODER,
+        &format!(
+            "d=$( ( {probe} ) 2>/dev/null | sha256sum | cut -c1-64 ) && \
+             sed -i \"s/\\\"digest\\\":\\\"[0-9a-f]*\\\"/\\\"digest\\\":\\\"$d\\\"/\" \
+             /var/lib/bottle/ledger/{step}.json && grep -q \"$d\" /var/lib/bottle/ledger/{step}.json"
+        ),
+    );
+}
+
+#[test]
+fn a_ledger_edited_in_the_guest_cannot_hide_a_changed_prompt() {
+    let p = project();
+    p.bottle(&["apply"]).success();
+    p.bottle(&["check"]).success();
+    let prompt = "/home/node/.bottle/prompt.md";
+    let skill = "/home/node/.claude/skills/style";
+    p.double.sh(
+        CODER,
+        &format!("echo injected >> {prompt} && echo injected >> {skill}/SKILL.md"),
+    );
+    forge_ledger_digest(
+        &p,
+        "prompt",
+        &format!("stat -c '%a %u %g' {prompt}; sha256sum < {prompt}"),
+    );
+    let check = p.bottle(&["check"]);
+    check.code(3);
+    assert!(
+        check.stdout.contains("coder: prompt (apply needed)"),
+        "{}",
+        check.stdout
+    );
+    p.bottle(&["apply"]).success();
+    p.bottle(&["check"]).success();
+    assert!(
+        !p.double
+            .sh(CODER, &format!("cat {prompt} {skill}/SKILL.md"))
+            .contains("injected")
+    );
+}
+
+// --- owners, links and what the agent puts in the way ------------------------
+
+/// Item b: a skill file given to another owner in the guest is drift, and
+/// apply gives it back to the agent user.
+#[test]
+fn a_chown_of_a_skill_file_in_the_guest_is_drift() {
+    let p = project();
+    p.bottle(&["apply"]).success();
+    let file = "/home/node/.claude/skills/style/SKILL.md";
+    p.double.sh(CODER, &format!("chown 0:0 {file}"));
+    let check = p.bottle(&["check"]);
+    check.code(3);
+    assert!(
+        check
+            .stdout
+            .contains("coder: skills (apply needed): skills changed in guest"),
+        "{}",
+        check.stdout
+    );
+    p.bottle(&["apply"]).success();
+    assert_eq!(
+        p.double.sh(CODER, &format!("stat -c '%U %G' {file}")),
+        "node node\n"
+    );
+    p.bottle(&["check"]).success();
+}
+
+/// Item c: a skill, or the skills' parent, that is a link is drift, found
+/// without following it (a copy the link points to shows exactly what
+/// bottle installed, and was "in sync"), and apply puts a directory back.
+#[test]
+fn a_skill_reached_through_a_link_is_drift_that_apply_replaces() {
+    let p = project();
+    p.bottle(&["apply"]).success();
+    let skills = "/home/node/.claude/skills";
+    for (setup, link) in [
+        // The skill is a link to an identical copy the agent keeps.
+        (
+            "cp -a ~/.claude/skills/style ~/style-copy && rm -rf ~/.claude/skills/style && \
+             ln -s ~/style-copy ~/.claude/skills/style",
+            "/home/node/.claude/skills/style",
+        ),
+        // ~/.claude is a link to an identical copy.
+        (
+            "cp -a ~/.claude ~/claude-copy && rm -rf ~/.claude && ln -s ~/claude-copy ~/.claude",
+            "/home/node/.claude",
+        ),
+        // A skill that is a link to `/`.
+        (
+            "rm -rf ~/.claude/skills/review && ln -s / ~/.claude/skills/review",
+            "/home/node/.claude/skills/review",
+        ),
+    ] {
+        as_agent(&p, setup);
+        let check = p.bottle(&["check"]);
+        check.code(3);
+        assert!(
+            check.stdout.contains("coder: skills (apply needed)"),
+            "{setup}: {}",
+            check.stdout
+        );
+        p.bottle(&["apply"]).success();
+        p.bottle(&["check"]).success();
+        assert_eq!(
+            p.double.sh(
+                CODER,
+                &format!(
+                    "[ -L {link} ] && echo link; ls {skills}; stat -c %U {skills}/review/SKILL.md"
+                )
+            ),
+            "review\nstyle\nnode\n",
+            "{setup}"
+        );
+        as_agent(&p, "rm -rf ~/style-copy ~/claude-copy");
+    }
+}
+
+/// Item d: what the agent puts in the way of bottle's writes in its home
+/// (links out of it, read-only directories, a directory or a FIFO where a
+/// file goes) is its own, and goes: apply converges, as the agent user,
+/// and root never writes through the agent's links.
+#[test]
+fn what_the_agent_puts_in_the_way_in_its_home_is_replaced() {
+    let p = project();
+    p.bottle(&["apply"]).success();
+    let passwd = p.double.sh(CODER, "sha256sum /etc/passwd");
+    for setup in [
+        "chmod 0555 ~/.claude/skills/style ~/.claude/skills",
+        "rm -rf ~/.bottle && ln -s /etc ~/.bottle",
+        "rm -rf ~/.claude && ln -s /etc ~/.claude",
+        "rm -f ~/.claude.json && ln -s /etc/passwd ~/.claude.json",
+        "rm ~/.bottle/prompt.md && mkdir -p ~/.bottle/prompt.md/sub && chmod 0555 ~/.bottle/prompt.md/sub",
+        "rm ~/.bottle/prompt.md && mkfifo ~/.bottle/prompt.md",
+        "chmod 0555 ~/.bottle ~",
+    ] {
+        as_agent(&p, setup);
+        // A host edit too, so each step has something to write.
+        p.write("prompts/coder.md", &format!("After `{setup}`.\n"));
+        p.write("skills/style/SKILL.md", &format!("After `{setup}`.\n"));
+        let apply = p.bottle(&["apply"]);
+        apply.success();
+        p.bottle(&["check"]).success();
+        assert_eq!(
+            p.double.sh(
+                CODER,
+                "cd /home/node && for f in .bottle .claude .claude/skills .claude/skills/style; do \
+                 [ -d $f ] && [ ! -L $f ] || echo \"$f is not a directory\"; done; \
+                 [ -f .claude.json ] && [ ! -L .claude.json ] || echo '.claude.json is not a file'; \
+                 cat .bottle/prompt.md .claude/skills/style/SKILL.md; \
+                 grep -c supervise .claude.json; ls /etc/skills /etc/prompt.md 2>&1 | grep -vc 'No such' || true"
+            ),
+            format!("After `{setup}`.\nAfter `{setup}`.\n1\n0\n"),
+            "{setup}"
+        );
+        assert_eq!(p.double.sh(CODER, "sha256sum /etc/passwd"), passwd);
+    }
+}
+
+/// Item d: what the agent user cannot repair (a directory root made in its
+/// home) fails naming the path, its owner and what to do.
+#[test]
+fn what_the_agent_user_cannot_repair_is_named_with_what_to_do() {
+    let p = project();
+    p.bottle(&["apply"]).success();
+    p.double.sh(
+        CODER,
+        "rm -rf /home/node/.claude && mkdir /home/node/.claude && chmod 755 /home/node/.claude",
+    );
+    let apply = p.bottle(&["apply"]);
+    apply.code(1);
+    let all = apply.all();
+    assert!(
+        all.contains(
+            "/home/node/.claude belongs to root, not to node: the agent user cannot repair it"
+        ),
+        "{all}"
+    );
+    assert!(
+        all.contains("bottle exec --root coder -- rm -rf PATH"),
+        "{all}"
+    );
+    assert!(!all.contains("tar") && !all.contains("mktemp"), "{all}");
+    p.double.sh(CODER, "rm -rf /home/node/.claude");
     p.bottle(&["apply"]).success();
     p.bottle(&["check"]).success();
 }

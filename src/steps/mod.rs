@@ -304,6 +304,15 @@ pub trait Step: Send + Sync {
     /// The guest path a drift of this step is reported by.
     fn drift_path(&self, ctx: &AgentCtx) -> String;
 
+    /// What the probe prints when the guest holds exactly what the
+    /// manifest declares, computed on the host (`None`: not known here).
+    /// Compared with the observed output besides the ledger's digest,
+    /// which root in the guest can edit. `user`: the agent user's ids as
+    /// the machine step's probe shows them.
+    fn expected_output(&self, _ctx: &AgentCtx, _user: Option<GuestUser>) -> Option<String> {
+        None
+    }
+
     /// Does the step write into the agent user's home (its ledger entry
     /// then records that user, to undo it from the right home)?
     fn in_home(&self) -> bool {
@@ -432,6 +441,21 @@ pub fn probe_digest(kind: &StepKind, output: &str) -> String {
     step(kind).probe_digest(output)
 }
 
+/// The digest a step's probe output has when the guest holds what the
+/// manifest declares, computed on the host ([`Step::expected_output`]).
+pub fn expected_digest(kind: &StepKind, ctx: &AgentCtx, user: Option<GuestUser>) -> Option<String> {
+    let module = step(kind);
+    module
+        .expected_output(ctx, user)
+        .map(|out| module.probe_digest(&out))
+}
+
+/// What a step's probe prints when the guest holds what the manifest
+/// declares ([`Step::expected_output`]).
+pub fn expected_output(kind: &StepKind, ctx: &AgentCtx, user: Option<GuestUser>) -> Option<String> {
+    step(kind).expected_output(ctx, user)
+}
+
 /// The guest path a drifted step is reported by.
 pub fn drift_path(kind: &StepKind, ctx: &AgentCtx) -> String {
     step(kind).drift_path(ctx)
@@ -508,14 +532,82 @@ pub fn undo_work(entry: &LedgerEntry, ctx: &AgentCtx, observed: Option<&str>) ->
 
 /// Remove the files and directories a step owns in the agent's home, as the
 /// user they belong to (the prompt file, the skill directories), making
-/// read-only directories among them writable first.
+/// read-only directories among them writable first. A link there is
+/// removed, never followed (`chmod -R` follows one it is given).
 pub fn remove_owned_paths(ctx: &AgentCtx, entry: &LedgerEntry) -> Work {
     Work::new(
         &format!("removing what the {} step left", entry.step),
-        "check the agent user's home directory in the guest",
-        "u=\"$1\"; shift; bottle_as \"$u\" 'for p do chmod -R u+w \"$p\" 2>/dev/null; rm -rf \"$p\" || exit 1; done' \"$@\"",
+        &home_help(ctx),
+        "u=\"$1\"; shift; bottle_as \"$u\" 'for p do if [ -L \"$p\" ]; then rm -f \"$p\" || exit 1; \
+         else chmod -R u+rwX \"$p\" 2>/dev/null; rm -rf \"$p\" || exit 1; fi; done' \"$@\"",
     )
     .args(std::iter::once(entry_user(entry, ctx).to_owned()).chain(entry.paths.iter().cloned()))
+}
+
+/// Shell that enters the directory `rel` (`/`-separated, bottle's own
+/// names) under `base` (a shell word: a home, a payload directory) only
+/// when nothing below `base` on the way is a symbolic link; its status
+/// says whether it did. Probes run as root over what the agent user
+/// controls: they never follow its links (a skill that is a link to `/`,
+/// or `~/.claude -> /`, would have them hash the whole filesystem), and
+/// `cd -P` then `pwd -P` tells a link at any level from the directory
+/// itself. What the agent does afterwards moves only its own directory.
+pub fn enter_without_links(base: &str, rel: &str) -> String {
+    let rel = match rel {
+        "" => String::new(),
+        rel => format!("/{}", sh_quote(rel)),
+    };
+    format!(
+        "bottle_b=$(cd -P {base} 2>/dev/null && pwd -P) && cd -P \"$bottle_b\"{rel} 2>/dev/null && \
+         [ \"$(pwd -P)\" = \"$bottle_b\"{rel} ]"
+    )
+}
+
+/// Shell for scripts the agent user runs (`bottle_as` bodies):
+/// `bottle_home_dir REL` makes `$HOME/REL` (`/`-separated, bottle's own
+/// names) a directory of the user's at every level and enters it. What the
+/// agent put in the way is its own and goes: a symbolic link (`~/.claude
+/// -> /etc`) or a file is removed, a directory it made read-only is made
+/// writable again. What the user cannot repair (a directory another user
+/// owns) fails naming the path and its owner.
+pub const HOME_DIR_FN: &str = r#"bottle_home_dir() {
+  cd "$HOME" || { echo "bottle: cannot enter $HOME" >&2; return 1; }
+  [ -w . ] || chmod u+rwx . 2>/dev/null || true
+  bottle_p=$HOME
+  for bottle_c in $(printf '%s' "$1" | tr / ' '); do
+    bottle_p=$bottle_p/$bottle_c
+    if [ -L "$bottle_c" ] || { [ -e "$bottle_c" ] && [ ! -d "$bottle_c" ]; }; then
+      rm -f "./$bottle_c" || { echo "bottle: $bottle_p is not a directory and the agent user cannot remove it" >&2; return 1; }
+    fi
+    [ -d "$bottle_c" ] || mkdir "./$bottle_c" || { echo "bottle: cannot create $bottle_p" >&2; return 1; }
+    if [ "$(stat -c %u "./$bottle_c")" != "$(id -u)" ]; then
+      echo "bottle: $bottle_p belongs to $(stat -c %U "./$bottle_c"), not to $(id -un): the agent user cannot repair it" >&2
+      return 1
+    fi
+    chmod u+rwx "./$bottle_c" && cd "./$bottle_c" || { echo "bottle: cannot enter $bottle_p" >&2; return 1; }
+  done
+}
+"#;
+
+/// `body`, in the agent user's `sh`, with `cd` into `$HOME/rel` (made a
+/// plain directory of the user's first, see [`HOME_DIR_FN`]).
+pub fn in_home_dir(rel: &str, body: &str) -> String {
+    format!(
+        "set -e\n{HOME_DIR_FN}bottle_home_dir {}\n{body}",
+        sh_quote(rel)
+    )
+}
+
+/// The help of a step that writes in the agent user's home: the message
+/// says what failed and where; what the user cannot repair there is
+/// another user's, for root to remove.
+pub fn home_help(ctx: &AgentCtx) -> String {
+    format!(
+        "the message above names what failed in the agent user's home; if the path it names \
+         belongs to another user, remove it as root (`bottle exec --root {} -- rm -rf PATH`), \
+         then run `bottle apply` again",
+        ctx.agent.name
+    )
 }
 
 /// A tar archive holding each path (file or directory) at its top level

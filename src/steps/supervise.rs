@@ -6,8 +6,8 @@
 use serde_json::{Map, Value, json};
 
 use super::{
-    AgentCtx, Payload, Recorded, Step, StepCx, StepError, StepResult, Work, digest, entry_user,
-    home_of, sh_quote,
+    AgentCtx, GuestUser, Payload, Recorded, Step, StepCx, StepError, StepResult, Work, digest,
+    entry_user, home_of, sh_quote,
 };
 use crate::ledger::LedgerEntry;
 
@@ -19,20 +19,66 @@ pub fn config_path(ctx: &AgentCtx) -> String {
     format!("{}/.claude.json", ctx.home())
 }
 
-/// The most of `~/.claude.json` bottle reads (the probe's section limit):
-/// the agent may inflate the file, never bottle's memory or time.
-const CONFIG_LIMIT: usize = crate::observe::SECTION_LIMIT;
+/// The most of `~/.claude.json` bottle reads (within the probe's section
+/// limit, with the kind line before it): the agent may inflate the file,
+/// never bottle's memory or time.
+const CONFIG_LIMIT: usize = crate::observe::SECTION_LIMIT - 16;
 
-/// Prints the config file (at most [`CONFIG_LIMIT`] bytes of it; a larger
-/// one is observed as over the limit, and drift): only our entry is
-/// digested, since Claude Code rewrites the rest of it all the time.
+/// Prints what is at the config path, on its first line (`file`, `link`
+/// or `other`; nothing when nothing is there), then, for a regular file,
+/// the file (at most [`CONFIG_LIMIT`] bytes of it; a larger one is
+/// observed as over the limit, and drift). A link is never followed: root
+/// reads no file the agent points it to (`~/.claude.json -> /etc/shadow`).
+/// Only our entry is digested, since Claude Code rewrites the rest of the
+/// file all the time.
 pub fn probe(ctx: &AgentCtx) -> String {
     let f = sh_quote(&config_path(ctx));
-    format!("if [ -f {f} ]; then head -c {} {f}; fi", CONFIG_LIMIT + 1)
+    format!(
+        "if [ -L {f} ]; then echo link; elif [ -f {f} ]; then echo file; head -c {} {f}; \
+         elif [ -e {f} ]; then echo other; fi",
+        CONFIG_LIMIT + 1
+    )
 }
 
-/// Digest of the `supervise` entry of a `~/.claude.json` text (missing file,
-/// missing entry and unparsable file each digest differently).
+/// What the probe found at the config path.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Found<'a> {
+    /// Nothing, or an empty file (`WRITE`'s `-s` test).
+    Absent,
+    File(&'a str),
+    /// A link, a directory, a FIFO: the agent's, replaced by a file.
+    NotAFile,
+    /// Over the probe's limit (or a section bottle cannot read).
+    OverLimit,
+}
+
+fn found(section: &str) -> Found<'_> {
+    if section == crate::observe::OVER_LIMIT {
+        return Found::OverLimit;
+    }
+    match section.split_once('\n') {
+        None if section.is_empty() => Found::Absent,
+        Some(("file", "")) => Found::Absent,
+        Some(("file", text)) if text.len() > CONFIG_LIMIT => Found::OverLimit,
+        Some(("file", text)) => Found::File(text),
+        Some(("link" | "other", _)) => Found::NotAFile,
+        _ => Found::OverLimit,
+    }
+}
+
+/// Digest of the `supervise` entry as the probe shows it (missing file,
+/// missing entry, something other than a file and an unparsable file each
+/// digest differently).
+pub fn digest_of_section(section: &str) -> String {
+    match found(section) {
+        Found::Absent => digest("absent"),
+        Found::File(text) => digest_of_config(text),
+        Found::NotAFile => digest("not a file"),
+        Found::OverLimit => digest("unparsable"),
+    }
+}
+
+/// Digest of the `supervise` entry of a `~/.claude.json` text.
 pub fn digest_of_config(text: &str) -> String {
     if text.trim().is_empty() {
         return digest("absent");
@@ -67,31 +113,50 @@ fn canonical(v: &Value) -> String {
     sorted(v).to_string()
 }
 
+/// The endpoint the server entry names: the declared `url`, or without
+/// one, the bottle's gate's per-agent path (`None`: the gate is not known
+/// yet). The step exists only when `supervise` is declared.
+fn url<'a>(ctx: &AgentCtx<'a>) -> Option<&'a str> {
+    let declared = ctx.bottle.spec.supervise.as_ref()?;
+    match (&declared.url, ctx.gate) {
+        (Some(url), _) => Some(url.as_str()),
+        (None, Some(gate)) => Some(gate.supervise_url.as_str()),
+        (None, None) => None,
+    }
+}
+
 fn entry_value(url: &str) -> Value {
     json!({ "type": "http", "url": url })
 }
 
-/// The file as observed, parsed (an absent or empty file is an empty
-/// object; one over the probe's limit was never read whole).
-fn parse_config(ctx: &AgentCtx, text: &str) -> StepResult<Map<String, Value>> {
-    if text == crate::observe::OVER_LIMIT || text.len() > CONFIG_LIMIT {
-        return Err(StepError::Other(
-            format!(
-                "{} in machine {} is larger than {} MiB",
-                config_path(ctx),
-                ctx.machine,
-                CONFIG_LIMIT >> 20
-            ),
-            "Claude Code's config is small: remove or shrink the file in the guest; bottle \
-             reads no more of it"
-                .into(),
-        ));
-    }
+/// The file as observed, parsed (an absent or empty file, or something
+/// the agent put in its place, is an empty object; one over the probe's
+/// limit was never read whole), and the token [`WRITE`] checks it by.
+fn parse_config(ctx: &AgentCtx, section: &str) -> StepResult<(Map<String, Value>, String)> {
+    let text = match found(section) {
+        Found::OverLimit => {
+            return Err(StepError::Other(
+                format!(
+                    "{} in machine {} is larger than {} MiB",
+                    config_path(ctx),
+                    ctx.machine,
+                    crate::observe::SECTION_LIMIT >> 20
+                ),
+                "Claude Code's config is small: remove or shrink the file in the guest; bottle \
+                 reads no more of it"
+                    .into(),
+            ));
+        }
+        Found::Absent => return Ok((Map::new(), "absent".into())),
+        Found::NotAFile => return Ok((Map::new(), "other".into())),
+        Found::File(text) => text,
+    };
+    let read = super::sha256_hex(text.as_bytes());
     if text.trim().is_empty() {
-        return Ok(Map::new());
+        return Ok((Map::new(), read));
     }
     match serde_json::from_str::<Value>(text) {
-        Ok(Value::Object(map)) => Ok(map),
+        Ok(Value::Object(map)) => Ok((map, read)),
         _ => Err(StepError::Other(
             format!(
                 "{} in machine {} is not a JSON object",
@@ -103,14 +168,21 @@ fn parse_config(ctx: &AgentCtx, text: &str) -> StepResult<Map<String, Value>> {
     }
 }
 
-/// Run as the user: `$1` the staged file, `$2` the config file, `$3` the
-/// SHA-256 of the file bottle read (`absent`: none or empty). The file is
-/// replaced by rename, so Claude Code never reads half of it, and only if
-/// it is still what bottle read: Claude Code rewrites it, and bottle must
-/// not write back an older copy of its state.
+/// Run as the user: `$1` the staged file, `$2` the config file, `$3` what
+/// bottle read there (the file's SHA-256; `absent`: none or empty;
+/// `other`: a link, a directory, a FIFO). The file is replaced by rename,
+/// so Claude Code never reads half of it, and only if it is still what
+/// bottle read: Claude Code rewrites it, and bottle must not write back an
+/// older copy of its state. What the agent put in its place goes (a link
+/// itself, never what it points to).
 const WRITE: &str = r#"set -e
-if [ -s "$2" ]; then now=$(sha256sum < "$2" | cut -c1-64); else now=absent; fi
+if [ -L "$2" ] || { [ -e "$2" ] && [ ! -f "$2" ]; }; then now=other
+elif [ -s "$2" ]; then now=$(sha256sum < "$2" | cut -c1-64); else now=absent; fi
 if [ "$now" != "$3" ]; then echo "$2 changed since bottle read it" >&2; exit 1; fi
+for f in "$2.bottle-tmp" "$2"; do
+  if [ -d "$f" ] && [ ! -L "$f" ]; then chmod -R u+rwX "$f" 2>/dev/null || true; rm -rf "$f"; fi
+done
+rm -f "$2.bottle-tmp"
 umask 077
 cp "$1" "$2.bottle-tmp"
 mv -f "$2.bottle-tmp" "$2"
@@ -123,27 +195,25 @@ staged=$(bottle_stage config "$1")
 bottle_as "$1" "$2" "$staged" "$3" "$4"
 "#;
 
-/// The work that writes `map` as `user`'s file, read as `observed`.
-fn write_work(user: &str, observed: &str, map: Map<String, Value>, what: &str) -> (String, Work) {
+/// The work that writes `map` as `user`'s file, read as `read` (see
+/// [`WRITE`]).
+fn write_work(
+    ctx: &AgentCtx,
+    user: &str,
+    read: String,
+    map: Map<String, Value>,
+    what: &str,
+) -> (String, Work) {
     let mut text = serde_json::to_string_pretty(&Value::Object(map)).expect("json serializes");
     text.push('\n');
-    let read = if observed.trim().is_empty() {
-        "absent".to_owned()
-    } else {
-        super::sha256_hex(observed.as_bytes())
-    };
-    let work = Work::new(
-        what,
-        "run `bottle apply` again; check the agent user's ~/.claude.json in the guest",
-        APPLY,
-    )
-    .file(Payload::new("config", text.clone().into_bytes(), 0o600))
-    .args([
-        user.to_owned(),
-        WRITE.to_owned(),
-        format!("{}/.claude.json", home_of(user)),
-        read,
-    ]);
+    let work = Work::new(what, &super::home_help(ctx), APPLY)
+        .file(Payload::new("config", text.clone().into_bytes(), 0o600))
+        .args([
+            user.to_owned(),
+            WRITE.to_owned(),
+            format!("{}/.claude.json", home_of(user)),
+            read,
+        ]);
     (text, work)
 }
 
@@ -157,7 +227,14 @@ impl Step for SuperviseStep {
     }
 
     fn probe_digest(&self, output: &str) -> String {
-        digest_of_config(output)
+        digest_of_section(output)
+    }
+
+    /// A file holding the declared entry (the rest of the file is Claude
+    /// Code's and not digested).
+    fn expected_output(&self, ctx: &AgentCtx, _user: Option<GuestUser>) -> Option<String> {
+        let servers = json!({ SERVER_NAME: entry_value(url(ctx)?) });
+        Some(format!("file\n{}", json!({ "mcpServers": servers })))
     }
 
     fn drift_path(&self, ctx: &AgentCtx) -> String {
@@ -172,28 +249,16 @@ impl Step for SuperviseStep {
     /// written only if the guest's file is still the one read.
     fn apply(&self, cx: &StepCx, entry: &mut LedgerEntry) -> StepResult<Work> {
         let ctx = cx.ctx;
-        let declared = ctx
-            .bottle
-            .spec
-            .supervise
-            .as_ref()
-            .expect("the supervise step exists only when declared");
-        // Without `url`, the bottle's gate serves it at a per-agent path.
-        let url = match (&declared.url, ctx.gate) {
-            (Some(url), _) => url.as_str(),
-            (None, Some(gate)) => gate.supervise_url.as_str(),
-            (None, None) => {
-                return Err(StepError::Other(
-                    format!(
-                        "the gate's supervise endpoint of {} is unknown",
-                        ctx.machine
-                    ),
-                    "run `bottle apply`, which starts the gate first".into(),
-                ));
-            }
+        let Some(url) = url(ctx) else {
+            return Err(StepError::Other(
+                format!(
+                    "the gate's supervise endpoint of {} is unknown",
+                    ctx.machine
+                ),
+                "run `bottle apply`, which starts the gate first".into(),
+            ));
         };
-        let observed = cx.observed.unwrap_or_default();
-        let mut map = parse_config(ctx, observed)?;
+        let (mut map, read) = parse_config(ctx, cx.observed.unwrap_or_default())?;
         let servers = map
             .entry("mcpServers")
             .or_insert_with(|| Value::Object(Map::new()));
@@ -204,7 +269,7 @@ impl Step for SuperviseStep {
             ));
         };
         servers.insert(SERVER_NAME.into(), entry_value(url));
-        let (written, work) = write_work(ctx.user(), observed, map, "writing ~/.claude.json");
+        let (written, work) = write_work(ctx, ctx.user(), read, map, "writing ~/.claude.json");
         entry.paths = vec![config_path(ctx)];
         Ok(work.recorded(Recorded::Known(digest_of_config(&written))))
     }
@@ -219,7 +284,7 @@ impl Step for SuperviseStep {
         let Some(observed) = cx.observed.filter(|_| user == ctx.user()) else {
             return Ok(nothing());
         };
-        let mut map = parse_config(ctx, observed)?;
+        let (mut map, read) = parse_config(ctx, observed)?;
         let removed = map
             .get_mut("mcpServers")
             .and_then(Value::as_object_mut)
@@ -229,8 +294,9 @@ impl Step for SuperviseStep {
             return Ok(nothing());
         }
         Ok(write_work(
+            ctx,
             user,
-            observed,
+            read,
             map,
             "removing the supervise server from ~/.claude.json",
         )
@@ -256,5 +322,23 @@ mod tests {
         assert_ne!(digest_of_config(a), digest_of_config(b));
         assert_ne!(digest_of_config(a), digest_of_config("{}"));
         assert_ne!(digest_of_config("{}"), digest_of_config(""));
+    }
+
+    /// The probe's first line says what is at the path: a file holding
+    /// `link` is a file, and a link is never read.
+    #[test]
+    fn what_is_at_the_path_is_part_of_the_digest() {
+        let entry = r#"{"mcpServers": {"supervise": {"type": "http", "url": "http://x/"}}}"#;
+        assert_eq!(
+            digest_of_section(&format!("file\n{entry}")),
+            digest_of_config(entry)
+        );
+        assert_ne!(
+            digest_of_section("link\n"),
+            digest_of_section("file\nlink\n")
+        );
+        assert_ne!(digest_of_section("link\n"), digest_of_section(""));
+        assert_eq!(digest_of_section(""), digest_of_section("file\n"));
+        assert_eq!(found("other\n"), Found::NotAFile);
     }
 }
