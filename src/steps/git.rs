@@ -1,6 +1,9 @@
 //! The git step: the agent user's `~/.gitconfig` rewrites every remote's
-//! upstream URL to the gateway (`url.<gateway>/<name>.git.insteadOf`) and
-//! sets the commit identity. Other settings in the file are left alone.
+//! upstream URL to the gateway for fetch and push
+//! (`url.<gateway>/<name>.git.insteadOf` and `.pushInsteadOf`) and sets the
+//! commit identity; any other rewrite of a declared upstream, in whatever
+//! file git may read for that user, goes. Other settings are left alone.
+//! Everything runs as the agent user, bounded in time.
 
 use super::{AgentCtx, Recorded, Step, StepCx, StepResult, Work, digest, entry_user, sh_quote};
 use crate::ledger::LedgerEntry;
@@ -198,6 +201,70 @@ pub fn expected_probe(ctx: &AgentCtx) -> String {
     }
     if let Some((name, email)) = identity(ctx) {
         out.push_str(&format!("name {name}\nemail {email}\n"));
+    }
+    out
+}
+
+/// What a drift of the git step is reported by, from its probe section as
+/// observed: the files holding what git cannot read in bounded time or
+/// another rewrite of a declared upstream, else `~/.gitconfig` (bottle's
+/// own lines changed). Names come from the guest: control characters are
+/// shown escaped, and at most a few are named.
+///
+/// For a `Step` method given the observed section, which plan's cause
+/// would call instead of [`Step::drift_path`] (which sees only the
+/// context).
+pub fn drift_cause(home: &str, observed: &str) -> String {
+    const MAX: usize = 3;
+    let mut causes: Vec<String> = Vec::new();
+    let mut more = 0;
+    for line in observed.lines() {
+        let mut fields = line.split('\t');
+        let cause = match (fields.next(), fields.next(), fields.next()) {
+            (Some("unreadable"), Some(file), Some(why)) => {
+                format!(
+                    "{} ({why}: git cannot read it in bounded time)",
+                    shown(file)
+                )
+            }
+            (Some("rewrite"), Some(file), Some(key)) => {
+                format!("{} (another {})", shown(file), shown(key))
+            }
+            _ => continue,
+        };
+        if causes.contains(&cause) {
+            continue;
+        }
+        if causes.len() == MAX {
+            more += 1;
+        } else {
+            causes.push(cause);
+        }
+    }
+    if causes.is_empty() {
+        return format!("{home}/.gitconfig");
+    }
+    let mut text = causes.join(", ");
+    if more > 0 {
+        text.push_str(&format!(" and {more} more"));
+    }
+    text
+}
+
+/// A guest-chosen name for a terminal: control characters escaped, cut
+/// at 200 characters.
+fn shown(name: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in name.chars().enumerate() {
+        if i == 200 {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
     }
     out
 }
@@ -529,5 +596,25 @@ mod tests {
         assert_eq!(report(home), CONVERGED);
         assert!(home.join(".gitconfig.bottle-unreadable").is_symlink());
         assert!(home.join(".config/git/config.bottle-unreadable").exists());
+    }
+
+    #[test]
+    fn a_drift_names_the_files_that_hold_it() {
+        let home = "/home/node";
+        assert_eq!(
+            drift_cause(home, "url a http://elsewhere\npush a http://gw/a.git\n"),
+            "/home/node/.gitconfig"
+        );
+        let observed = "unreadable\t/home/node/fifo\tit is not a regular file\n\
+                        rewrite\t/home/node/.config/git/config\turl.http://evil/.pushinsteadof\ta\n\
+                        rewrite\t/home/node/inc\x1b[2J\turl.http://evil/.insteadof\ta\n\
+                        rewrite\t/home/node/inc\x1b[2J\turl.http://evil/.insteadof\ta\n\
+                        rewrite\t/etc/gitconfig\turl.x.insteadof\ta\n";
+        assert_eq!(
+            drift_cause(home, observed),
+            "/home/node/fifo (it is not a regular file: git cannot read it in bounded time), \
+             /home/node/.config/git/config (another url.http://evil/.pushinsteadof), \
+             /home/node/inc\\u{1b}[2J (another url.http://evil/.insteadof) and 1 more"
+        );
     }
 }
