@@ -132,8 +132,17 @@ fn a_config_git_cannot_read_that_bottle_cannot_move_fails_naming_it() {
         apply.all()
     );
     assert_git_drift(&p);
-    p.double.sh(CODER, "rm /etc/gitconfig");
+
+    // An include the image names in the agent's home, which the agent
+    // made a FIFO: the FIFO is moved aside (the include line cannot go).
+    p.double.sh(
+        CODER,
+        "printf '[include]\\n\\tpath = /home/node/.gitconfig.local\\n' > /etc/gitconfig",
+    );
+    as_agent(&p, "mkfifo ~/.gitconfig.local");
+    assert_git_drift(&p);
     p.bottle(&["apply"]).success();
+    as_agent(&p, "test -p ~/.gitconfig.local.bottle-unreadable");
     p.bottle(&["check"]).success();
 }
 

@@ -305,10 +305,14 @@ walk
 printf '%s' "$bad" | while IFS= read -r l; do
   f=${l%%"$tab"*}; r=${l#*"$tab"}; r=${r#*"$tab"}
   parent=${r%%"$tab"*}; r=${r#*"$tab"}; key=${r%%"$tab"*}; value=${r#*"$tab"}
-  if [ -n "$parent" ]; then gf "$parent" --fixed-value --unset-all "$key" "$value" || mv -f "$f" "$f.bottle-unreadable"
-  elif [ "$f" = "$gc" ] || [ "$f" = "$xdg" ]; then mv -f "$f" "$f.bottle-unreadable"
+  if [ -n "$parent" ]; then gf "$parent" --fixed-value --unset-all "$key" "$value"
+  elif [ "$f" = "$gc" ] || [ "$f" = "$xdg" ]; then mv -f "$f" "$f.bottle-unreadable" 2>/dev/null
   fi
 done
+# An include named in a file the user cannot change (the image's
+# /etc/gitconfig): the file it names is moved aside, if the user can.
+walk
+printf '%s' "$bad" | cut -f1 | sort -u | while IFS= read -r f; do [ -d "$f" ] || mv -f "$f" "$f.bottle-unreadable" 2>/dev/null; done
 walk
 while IFS= read -r s; do [ -z "$s" ] || gf "$gc" --remove-section "$s"; done <<BOTTLE_OLD
 $bottle_old
