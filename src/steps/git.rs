@@ -227,9 +227,12 @@ pub fn drift_cause(home: &str, observed: &str) -> String {
                     shown(file)
                 )
             }
-            (Some("rewrite"), Some(file), Some(key)) => {
-                format!("{} (another {})", shown(file), shown(key))
-            }
+            // The key is left out: its URL may hold a credential.
+            (Some("rewrite"), Some(file), Some(_key)) => format!(
+                "{} (another rewrite of {})",
+                shown(file),
+                shown(fields.next().unwrap_or_default())
+            ),
             _ => continue,
         };
         if causes.contains(&cause) {
@@ -347,11 +350,13 @@ others "$@" | while IFS="$tab" read -r f k x; do gf "$f" --fixed-value --unset-a
 if [ -n "$name" ]; then want=identity; else want=none; fi
 out=$(report "$want" "$@")
 fail=0
+# URLs in messages without their credentials (the gate's is in bottle's).
+hide() { printf '%s' "$1" | sed 's#://[^/@]*@#://***@#'; }
 while IFS= read -r l; do
   case $l in
     unreadable"$tab"*) l=${l#*"$tab"}; echo "git cannot read ${l%%"$tab"*} in bounded time: ${l#*"$tab"}" >&2; fail=1 ;;
     rewrite"$tab"*) l=${l#*"$tab"}; f=${l%%"$tab"*}; l=${l#*"$tab"}
-      echo "${l%%"$tab"*} = ${l#*"$tab"} in $f: user $(id -un 2>/dev/null) cannot remove it" >&2; fail=1 ;;
+      echo "$(hide "${l%%"$tab"*}") = ${l#*"$tab"} in $f: user $(id -un 2>/dev/null) cannot remove it" >&2; fail=1 ;;
   esac
 done <<BOTTLE_OUT
 $out
@@ -363,8 +368,8 @@ BOTTLE_OUT
 }
 s=; for x in "$@"; do
   if [ -z "$s" ]; then s=$x; continue; fi
-  r=$(got "url $x"); [ "$r" = "${s#url.}" ] || { echo "git resolves $x to ${r:-nothing}, not ${s#url.}" >&2; fail=1; }
-  r=$(got "push $x"); [ "$r" = "${s#url.}" ] || { echo "git pushes $x to ${r:-nothing}, not ${s#url.}" >&2; fail=1; }
+  r=$(got "url $x"); [ "$r" = "${s#url.}" ] || { echo "git resolves $x to $(hide "${r:-nothing}"), not $(hide "${s#url.}")" >&2; fail=1; }
+  r=$(got "push $x"); [ "$r" = "${s#url.}" ] || { echo "git pushes $x to $(hide "${r:-nothing}"), not $(hide "${s#url.}")" >&2; fail=1; }
   s=
 done
 for key in name email; do
@@ -617,8 +622,34 @@ mod tests {
         assert_eq!(
             drift_cause(home, observed),
             "/home/node/fifo (it is not a regular file: git cannot read it in bounded time), \
-             /home/node/.config/git/config (another url.http://evil/.pushinsteadof), \
-             /home/node/inc\\u{1b}[2J (another url.http://evil/.insteadof) and 1 more"
+             /home/node/.config/git/config (another rewrite of a), \
+             /home/node/inc\\u{1b}[2J (another rewrite of a) and 1 more"
         );
+    }
+
+    /// The gate's credential is in the URL bottle's rewrite names: never
+    /// in an error.
+    #[test]
+    fn a_failure_shows_no_credential() {
+        let tmp = tempfile::tempdir().unwrap();
+        let home = tmp.path();
+        let section = "url.http://coder:s3cr3t-token@10.0.2.2:7000/git/app.git";
+        // Here git reads another global file than the one bottle writes.
+        let mut command = sh(&configure_script(), &["0", "", "", "keep", section, UP]);
+        command
+            .env("HOME", home)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .env_remove("XDG_CONFIG_HOME");
+        let out = output(command);
+        assert_eq!(out.status.code(), Some(NOT_CONVERGED));
+        let stderr = text(&out.stderr);
+        assert!(
+            stderr.contains(&format!(
+                "git resolves {UP} to {UP}, not http://***@10.0.2.2:7000/git/app.git"
+            )),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("s3cr3t"), "{stderr}");
     }
 }
