@@ -354,7 +354,9 @@ fn apply_provisions_every_step_in_the_guest_and_a_second_apply_changes_nothing()
     assert_eq!(
         git_urls(&p),
         "url.http://10.8.0.2:9418/app.git.insteadof git@github.com:acme/app.git\n\
-         url.http://10.8.0.2:9418/docs.git.insteadof https://github.com/acme/docs.git\n"
+         url.http://10.8.0.2:9418/app.git.pushinsteadof git@github.com:acme/app.git\n\
+         url.http://10.8.0.2:9418/docs.git.insteadof https://github.com/acme/docs.git\n\
+         url.http://10.8.0.2:9418/docs.git.pushinsteadof https://github.com/acme/docs.git\n"
     );
     assert_eq!(
         p.double.sh(

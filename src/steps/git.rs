@@ -1,6 +1,9 @@
 //! The git step: the agent user's `~/.gitconfig` rewrites every remote's
-//! upstream URL to the gateway (`url.<gateway>/<name>.git.insteadOf`) and
-//! sets the commit identity. Other settings in the file are left alone.
+//! upstream URL to the gateway for fetch and push
+//! (`url.<gateway>/<name>.git.insteadOf` and `.pushInsteadOf`) and sets the
+//! commit identity; any other rewrite of a declared upstream, in whatever
+//! file git may read for that user, goes. Other settings are left alone.
+//! Everything runs as the agent user, bounded in time.
 
 use super::{AgentCtx, Recorded, Step, StepCx, StepResult, Work, digest, entry_user, sh_quote};
 use crate::ledger::LedgerEntry;
@@ -8,33 +11,164 @@ use crate::runtime::smolvm::AS_USER;
 
 pub struct GitStep;
 
-/// What git will actually use, as the agent user, outside any repository
-/// (so every config file git reads for that user counts: the system's,
-/// `~/.config/git/config`, `~/.gitconfig`, whatever they include): per
-/// declared upstream, the URL `git ls-remote --get-url` resolves it to;
-/// then the identity, when the manifest declares one. `$1` is `identity`
-/// or `none`, the upstreams follow. Each git call is bounded in time (a
-/// config that includes `/dev/zero` must not hang the probe).
-const REPORT: &str = r#"cd / || exit 1
-t=; if timeout 10 true >/dev/null 2>&1; then t="timeout 10"; fi
-want="$1"; shift
-for u in "$@"; do printf 'url %s %s\n' "$u" "$($t git ls-remote --get-url -- "$u" 2>/dev/null || echo '?')"; done
-if [ "$want" = identity ]; then
-  printf 'name %s\nemail %s\n' "$($t git config user.name 2>/dev/null)" "$($t git config user.email 2>/dev/null)"
-fi
+/// Shell functions the probe and the apply share, run as the agent user
+/// (never as root: root reading a config file would follow the agent's
+/// includes). Every git call is bounded in time, and git reads no config
+/// file before `walk` found it to be a small regular file: a FIFO, a
+/// device or a sparse file of terabytes the agent puts where git reads
+/// (`~/.gitconfig`, `~/.config/git/config`, an include) is named at once,
+/// never waited on.
+const LIB: &str = r#"cd / || exit 1
+bottle_t=; if timeout -s KILL 10 true >/dev/null 2>&1; then bottle_t="timeout -s KILL 10"; fi
+tab=$(printf '\t')
+nl='
+'
+gc=$HOME/.gitconfig
+xdg=${XDG_CONFIG_HOME:-$HOME/.config}/git/config
+g() { $bottle_t git "$@" 2>/dev/null; }
+# git on one file only: every git command first reads the whole config
+# (with its includes), which `--file` alone does not stop.
+gf() { $bottle_t env GIT_CONFIG_NOSYSTEM=1 GIT_CONFIG_GLOBAL=/dev/null HOME=/nonexistent XDG_CONFIG_HOME=/nonexistent git config --file "$@" 2>/dev/null; }
+# Why git cannot read $1 in bounded time; nothing when it can (or when $1
+# does not exist: git skips it).
+unreadable() {
+  if [ -f "$1" ]; then
+    bottle_s=$(stat -L -c %s "$1" 2>/dev/null) || { echo "bottle cannot stat it"; return; }
+    [ "$bottle_s" -le 1048576 ] || echo "it is larger than 1 MiB"
+  elif [ -e "$1" ]; then echo "it is not a regular file"
+  fi
+}
+# Every config file git may read for this user, includes followed whatever
+# their condition (to git's depth of 10, at most 100 files): $files, one a
+# line; those git cannot read in bounded time: $bad, one
+# "FILE<tab>WHY<tab>INCLUDING FILE<tab>KEY<tab>VALUE" a line (the last
+# three empty for a file git reads of itself).
+walk() {
+  files=; bad=; bottle_n=0
+  bottle_q="0$tab$xdg$tab$tab$tab$nl""0$tab$gc$tab$tab$tab$nl"
+  [ -n "$GIT_CONFIG_NOSYSTEM" ] || bottle_q="0$tab/etc/gitconfig$tab$tab$tab$nl$bottle_q"
+  while [ -n "$bottle_q" ]; do
+    bottle_i=${bottle_q%%"$nl"*}; bottle_q=${bottle_q#*"$nl"}
+    bottle_d=${bottle_i%%"$tab"*}; bottle_r=${bottle_i#*"$tab"}
+    f=${bottle_r%%"$tab"*}; from=${bottle_r#*"$tab"}
+    case "$nl$files" in *"$nl$f$nl"*) continue ;; esac
+    bottle_n=$((bottle_n+1)); [ $bottle_n -le 100 ] || break
+    why=$(unreadable "$f")
+    bottle_k=
+    if [ -z "$why" ] && [ -f "$f" ]; then
+      bottle_k=$(gf "$f" --name-only --get-regexp '^include(if\..*)?\.path$')
+      case $? in 124|137) why="git did not read it within 10 seconds" ;; esac
+      bottle_k=$(printf '%s\n' "$bottle_k" | sort -u)
+    fi
+    if [ -n "$why" ]; then bad="$bad$f$tab$why$tab$from$nl"; continue; fi
+    [ -f "$f" ] || continue
+    files="$files$f$nl"
+    [ "$bottle_d" -lt 10 ] || continue
+    while IFS= read -r k; do
+      [ -n "$k" ] || continue
+      bottle_v=$(gf "$f" --get-all "$k")
+      while IFS= read -r v; do
+        case $v in
+          '') continue ;;
+          "~") p=$HOME ;;
+          "~/"*) p=$HOME/${v#"~/"} ;;
+          /*) p=$v ;;
+          "~"*) continue ;;
+          *) p=${f%/*}/$v ;;
+        esac
+        bottle_q="$bottle_q$((bottle_d+1))$tab$p$tab$f$tab$k$tab$v$nl"
+      done <<BOTTLE_V
+$bottle_v
+BOTTLE_V
+    done <<BOTTLE_K
+$bottle_k
+BOTTLE_K
+  done
+}
+# The rewrites of a declared upstream other than bottle's own (its section
+# in ~/.gitconfig), in every file of $files: one
+# "FILE<tab>KEY<tab>UPSTREAM" a line. "$@": section/upstream pairs.
+others() {
+  while IFS= read -r bottle_f; do
+    [ -n "$bottle_f" ] || continue
+    bottle_s=; for bottle_x in "$@"; do
+      if [ -z "$bottle_s" ]; then bottle_s=$bottle_x; continue; fi
+      bottle_k=$(gf "$bottle_f" --name-only --fixed-value --get-regexp '^url\..*\.(push)?insteadof$' "$bottle_x")
+      while IFS= read -r k; do
+        [ -n "$k" ] || continue
+        if [ "$bottle_f" = "$gc" ] && { [ "$k" = "$bottle_s.insteadof" ] || [ "$k" = "$bottle_s.pushinsteadof" ]; }; then continue; fi
+        printf '%s\t%s\t%s\n' "$bottle_f" "$k" "$bottle_x"
+      done <<BOTTLE_K
+$bottle_k
+BOTTLE_K
+      bottle_s=
+    done
+  done <<BOTTLE_F
+$files
+BOTTLE_F
+}
+# Where git pushes $1, asked of git itself: as the URL of a remote under a
+# name no config file can know in advance, in an empty repository of the
+# report's own ($bottle_g) (`git ls-remote --get-url` shows only where it
+# fetches from; `pushInsteadOf` may send pushes elsewhere).
+push_url() {
+  bottle_o=$($bottle_t env GIT_DIR="$bottle_g" git -c "remote.$bottle_name.url=$1" remote -v 2>/dev/null) || { echo '?'; return; }
+  while IFS= read -r l; do
+    case $l in "$bottle_name$tab"*" (push)") l=${l#*"$tab"}; printf '%s\n' "${l% (push)}"; return ;; esac
+  done <<BOTTLE_O
+$bottle_o
+BOTTLE_O
+  echo '?'
+}
+# What git will use, as this user, outside any repository: the files it
+# cannot read in bounded time (then nothing else: every git call would
+# wait on them); the rewrites of declared upstreams besides bottle's; per
+# upstream, where it fetches from (`git ls-remote --get-url`) and where it
+# pushes; then the identity. $1: identity or none; then section/upstream
+# pairs.
+report() {
+  bottle_w=$1; shift
+  walk
+  if [ -n "$bad" ]; then
+    printf '%s' "$bad" | cut -f1,2 | sort -u | sed "s/^/unreadable$tab/"
+    return
+  fi
+  others "$@" | sed "s/^/rewrite$tab/"
+  bottle_g=$(mktemp -d 2>/dev/null) && mkdir "$bottle_g/objects" "$bottle_g/refs" && echo 'ref: refs/heads/main' > "$bottle_g/HEAD" || bottle_g=/nonexistent
+  bottle_name=bottle$(od -An -N8 -tx1 /dev/urandom 2>/dev/null | tr -d ' \n')
+  bottle_s=; for bottle_x in "$@"; do
+    if [ -z "$bottle_s" ]; then bottle_s=$bottle_x; continue; fi
+    printf 'url %s %s\n' "$bottle_x" "$(g ls-remote --get-url -- "$bottle_x" || echo '?')"
+    printf 'push %s %s\n' "$bottle_x" "$(push_url "$bottle_x")"
+    bottle_s=
+  done
+  [ "$bottle_g" = /nonexistent ] || rm -rf "$bottle_g"
+  if [ "$bottle_w" = identity ]; then
+    printf 'name %s\nemail %s\n' "$(g config user.name)" "$(g config user.email)"
+  fi
+}
 "#;
 
-/// Runs [`REPORT`] as the agent user (the probe runs as root).
+/// The probe: [`report`](LIB) as the agent user.
+fn report_script() -> String {
+    format!("{LIB}report \"$@\"\n")
+}
+
+/// Runs [`report_script`] as the agent user (the probe runs as root, and
+/// root reads no file of the agent's).
 pub fn probe(ctx: &AgentCtx) -> String {
     let mut args = vec![identity_arg(ctx).to_owned()];
-    args.extend(rewrites(ctx).into_iter().map(|(_, upstream)| upstream));
+    for (section, upstream) in rewrites(ctx) {
+        args.push(section);
+        args.push(upstream);
+    }
     let args: Vec<String> = args.iter().map(|a| sh_quote(a)).collect();
     format!(
         "HOME={} sh -c {} {} sh -c {} sh {}",
         sh_quote(&ctx.home()),
         sh_quote(AS_USER),
         sh_quote(ctx.user()),
-        sh_quote(REPORT),
+        sh_quote(&report_script()),
         args.join(" ")
     )
 }
@@ -57,15 +191,83 @@ fn identity_arg(ctx: &AgentCtx) -> &'static str {
 }
 
 /// What [`probe`] prints when git uses what the manifest declares: every
-/// upstream resolves to its remote on the gateway.
+/// upstream is fetched from and pushed to its remote on the gateway, and no
+/// other rewrite of it is left anywhere git reads.
 pub fn expected_probe(ctx: &AgentCtx) -> String {
     let mut out = String::new();
     for (section, upstream) in rewrites(ctx) {
         let base = section.strip_prefix("url.").unwrap_or(&section);
-        out.push_str(&format!("url {upstream} {base}\n"));
+        out.push_str(&format!("url {upstream} {base}\npush {upstream} {base}\n"));
     }
     if let Some((name, email)) = identity(ctx) {
         out.push_str(&format!("name {name}\nemail {email}\n"));
+    }
+    out
+}
+
+/// What a drift of the git step is reported by, from its probe section as
+/// observed: the files holding what git cannot read in bounded time or
+/// another rewrite of a declared upstream, else `~/.gitconfig` (bottle's
+/// own lines changed). Names come from the guest: control characters are
+/// shown escaped, and at most a few are named.
+///
+/// For a `Step` method given the observed section, which plan's cause
+/// would call instead of [`Step::drift_path`] (which sees only the
+/// context).
+pub fn drift_cause(home: &str, observed: &str) -> String {
+    const MAX: usize = 3;
+    let mut causes: Vec<String> = Vec::new();
+    let mut more = 0;
+    for line in observed.lines() {
+        let mut fields = line.split('\t');
+        let cause = match (fields.next(), fields.next(), fields.next()) {
+            (Some("unreadable"), Some(file), Some(why)) => {
+                format!(
+                    "{} ({why}: git cannot read it in bounded time)",
+                    shown(file)
+                )
+            }
+            // The key is left out: its URL may hold a credential.
+            (Some("rewrite"), Some(file), Some(_key)) => format!(
+                "{} (another rewrite of {})",
+                shown(file),
+                shown(fields.next().unwrap_or_default())
+            ),
+            _ => continue,
+        };
+        if causes.contains(&cause) {
+            continue;
+        }
+        if causes.len() == MAX {
+            more += 1;
+        } else {
+            causes.push(cause);
+        }
+    }
+    if causes.is_empty() {
+        return format!("{home}/.gitconfig");
+    }
+    let mut text = causes.join(", ");
+    if more > 0 {
+        text.push_str(&format!(" and {more} more"));
+    }
+    text
+}
+
+/// A guest-chosen name for a terminal: control characters escaped, cut
+/// at 200 characters.
+fn shown(name: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in name.chars().enumerate() {
+        if i == 200 {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
     }
     out
 }
@@ -89,71 +291,98 @@ pub fn rewrites(ctx: &AgentCtx) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Exit status of [`CONFIGURE`] when git still resolves something else.
+/// Exit status of [`configure_script`] when git still uses something else.
 const NOT_CONVERGED: i32 = 3;
 
-const CONFIGURE: &str = r#"set -e
-# $1: number of old sections, then the old sections; then user name and
-# email (empty: leave alone), then "unset" when bottle set an identity that
-# the manifest no longer declares; then section/upstream pairs.
-# A global config git cannot read in bounded time (a link to /dev/zero, a
-# FIFO, a sparse file of terabytes) is the agent's doing: moved aside, so
-# git reads a fresh one.
-for f in "$HOME/.gitconfig" "$HOME/.config/git/config"; do
-  if [ -L "$f" ] || { [ -e "$f" ] && { [ ! -f "$f" ] || [ "$(stat -c %s "$f")" -gt 1048576 ]; }; }; then
-    mv -f "$f" "$f.bottle-unreadable"
+/// The apply, as the agent user, after [`LIB`]. `$1`: the number of old
+/// sections, then the old sections; then user name and email (empty: leave
+/// alone), then "unset" when bottle set an identity that the manifest no
+/// longer declares; then section/upstream pairs.
+const CONFIGURE: &str = r#"n=$1; shift
+while [ "$n" -gt 0 ]; do bottle_old="$bottle_old$1$nl"; shift; n=$((n-1)); done
+name=$1; email=$2; unset_identity=$3; shift 3
+# What git cannot read in bounded time is the agent's doing: ~/.gitconfig
+# or ~/.config/git/config moved aside, an include's line taken out of the
+# file that has it, so git reads the rest.
+walk
+printf '%s' "$bad" | while IFS= read -r l; do
+  f=${l%%"$tab"*}; r=${l#*"$tab"}; r=${r#*"$tab"}
+  parent=${r%%"$tab"*}; r=${r#*"$tab"}; key=${r%%"$tab"*}; value=${r#*"$tab"}
+  if [ -n "$parent" ]; then gf "$parent" --fixed-value --unset-all "$key" "$value"
+  elif [ "$f" = "$gc" ] || [ "$f" = "$xdg" ]; then mv -f "$f" "$f.bottle-unreadable" 2>/dev/null
   fi
 done
-n="$1"; shift
-while [ "$n" -gt 0 ]; do git config --global --remove-section "$1" 2>/dev/null || true; shift; n=$((n-1)); done
-name="$1"; email="$2"; unset_identity="$3"; shift 3
+# An include named in a file the user cannot change (the image's
+# /etc/gitconfig): the file it names is moved aside, if the user can.
+walk
+printf '%s' "$bad" | cut -f1 | sort -u | while IFS= read -r f; do [ -d "$f" ] || mv -f "$f" "$f.bottle-unreadable" 2>/dev/null; done
+walk
+while IFS= read -r s; do [ -z "$s" ] || gf "$gc" --remove-section "$s"; done <<BOTTLE_OLD
+$bottle_old
+BOTTLE_OLD
 # Another file git reads for this user (~/.config/git/config, an include)
 # may set what bottle sets: only ~/.gitconfig's values may stand.
-others() {
-  git config --show-origin --name-only "$@" 2>/dev/null | while IFS= read -r line; do
-    origin=${line%%	*}; key=${line#*	}
-    case "$origin" in file:*) printf '%s\t%s\n' "${origin#file:}" "$key" ;; esac
-  done
+for key in name email; do
+  eval "value=\$$key"
+  [ -n "$value" ] || continue
+  while IFS= read -r f; do
+    [ -n "$f" ] && [ "$f" != "$gc" ] && [ "$f" != /etc/gitconfig ] || continue
+    [ -z "$(gf "$f" --get-all "user.$key")" ] || gf "$f" --unset-all "user.$key"
+  done <<BOTTLE_F
+$files
+BOTTLE_F
+  gf "$gc" --replace-all "user.$key" "$value"
+done
+if [ "$unset_identity" = unset ]; then gf "$gc" --unset-all user.name; gf "$gc" --unset-all user.email; fi
+s=; for x in "$@"; do
+  if [ -z "$s" ]; then s=$x; continue; fi
+  gf "$gc" --add "$s.insteadOf" "$x"
+  gf "$gc" --add "$s.pushInsteadOf" "$x"
+  s=
+done
+# Any other rewrite of a declared upstream, in any file git may read for
+# this user, goes: git takes the first of equally long matches, so one
+# read before bottle's would win, and a `pushInsteadOf` of any length
+# decides where pushes go.
+walk
+others "$@" | while IFS="$tab" read -r f k x; do gf "$f" --fixed-value --unset-all "$k" "$x"; done
+# Verified with the probe's own report: recorded only if git agrees.
+if [ -n "$name" ]; then want=identity; else want=none; fi
+out=$(report "$want" "$@")
+fail=0
+# URLs in messages without their credentials (the gate's is in bottle's).
+hide() { printf '%s' "$1" | sed 's#://[^/@]*@#://***@#'; }
+while IFS= read -r l; do
+  case $l in
+    unreadable"$tab"*) l=${l#*"$tab"}; echo "git cannot read ${l%%"$tab"*} in bounded time: ${l#*"$tab"}" >&2; fail=1 ;;
+    rewrite"$tab"*) l=${l#*"$tab"}; f=${l%%"$tab"*}; l=${l#*"$tab"}
+      echo "$(hide "${l%%"$tab"*}") = ${l#*"$tab"} in $f: user $(id -un 2>/dev/null) cannot remove it" >&2; fail=1 ;;
+  esac
+done <<BOTTLE_OUT
+$out
+BOTTLE_OUT
+got() {
+  while IFS= read -r l; do case $l in "$1 "*) printf '%s' "${l#"$1 "}"; return ;; esac; done <<BOTTLE_OUT
+$out
+BOTTLE_OUT
 }
-for key in name email; do
-  eval "value=\$$key"
-  [ -n "$value" ] || continue
-  others --get-regexp "^user\.$key\$" | while IFS='	' read -r file k; do
-    [ "$file" = "$HOME/.gitconfig" ] || git config --file "$file" --unset-all "$k" || true
-  done
-  git config --global --replace-all "user.$key" "$value"
-done
-if [ "$unset_identity" = unset ]; then git config --global --unset-all user.name || true; git config --global --unset-all user.email || true; fi
 s=; for x in "$@"; do
   if [ -z "$s" ]; then s=$x; continue; fi
-  git config --global --add "$s.insteadOf" "$x"; s=
-done
-# Any other rewrite of a declared upstream, in any file git reads for this
-# user, goes: git takes the first of equally long matches, so one read
-# before ~/.gitconfig (or before bottle's line in it) would win.
-s=; for x in "$@"; do
-  if [ -z "$s" ]; then s=$x; continue; fi
-  others --fixed-value --get-regexp '^url\..*\.insteadof$' "$x" | while IFS='	' read -r file k; do
-    [ "$k" = "$s.insteadof" ] || git config --file "$file" --fixed-value --unset-all "$k" "$x" || true
-  done
-  s=
-done
-# Verified with the query the probe makes: recorded only if git agrees.
-cd /
-s=; bad=0; for x in "$@"; do
-  if [ -z "$s" ]; then s=$x; continue; fi
-  got=$(git ls-remote --get-url -- "$x" 2>/dev/null || true)
-  if [ "$got" != "${s#url.}" ]; then echo "git resolves $x to ${got:-nothing}, not ${s#url.}" >&2; bad=1; fi
+  r=$(got "url $x"); [ "$r" = "${s#url.}" ] || { echo "git resolves $x to $(hide "${r:-nothing}"), not $(hide "${s#url.}")" >&2; fail=1; }
+  r=$(got "push $x"); [ "$r" = "${s#url.}" ] || { echo "git pushes $x to $(hide "${r:-nothing}"), not $(hide "${s#url.}")" >&2; fail=1; }
   s=
 done
 for key in name email; do
   eval "value=\$$key"
   [ -n "$value" ] || continue
-  got=$(git config "user.$key" 2>/dev/null || true)
-  if [ "$got" != "$value" ]; then echo "git's user.$key is ${got:-unset}, not $value" >&2; bad=1; fi
+  r=$(got "$key"); [ "$r" = "$value" ] || { echo "git's user.$key is ${r:-unset}, not $value" >&2; fail=1; }
 done
-[ "$bad" = 0 ] || exit 3
+[ "$fail" = 0 ] || exit 3
 "#;
+
+fn configure_script() -> String {
+    format!("{LIB}{CONFIGURE}")
+}
 
 /// Root: the user configures its own files (exit status [`NOT_CONVERGED`]
 /// when git still resolves a declared upstream elsewhere).
@@ -205,7 +434,7 @@ impl Step for GitStep {
         } else {
             "keep"
         };
-        let mut args: Vec<String> = vec![CONFIGURE.to_owned(), remove.len().to_string()];
+        let mut args: Vec<String> = vec![configure_script(), remove.len().to_string()];
         args.extend(remove);
         args.extend([name.to_owned(), email.to_owned(), unset.to_owned()]);
         for (section, upstream) in &rewrites {
@@ -240,9 +469,14 @@ impl Step for GitStep {
             .get("identity")
             .and_then(|v| v.as_bool())
             .unwrap_or(false);
-        let mut body = "for s in \"$@\"; do git config --global --remove-section \"$s\" 2>/dev/null || true; done\n".to_owned();
+        // Bottle's lines are in ~/.gitconfig, unless git could not read it
+        // (then none are read either).
+        let mut body = format!(
+            "{LIB}[ -z \"$(unreadable \"$gc\")\" ] || exit 0\n\
+             for s in \"$@\"; do gf \"$gc\" --remove-section \"$s\"; done\n"
+        );
         if identity {
-            body.push_str("git config --global --unset user.name || true; git config --global --unset user.email || true\n");
+            body.push_str("gf \"$gc\" --unset-all user.name; gf \"$gc\" --unset-all user.email\n");
         }
         let mut args = vec![entry_user(entry, cx.ctx).to_owned(), body];
         args.extend(sections);
@@ -257,7 +491,7 @@ impl Step for GitStep {
 
 #[cfg(test)]
 mod tests {
-    //! CONFIGURE and REPORT run for real on the host's `sh` and `git`, in a
+    //! The apply and the probe run for real on the host's `sh` and `git`, in a
     //! temporary home.
 
     use super::*;
@@ -280,18 +514,20 @@ mod tests {
     fn configure(home: &Path) -> std::process::Output {
         in_home(
             home,
-            CONFIGURE,
+            &configure_script(),
             &["0", "E2E Bot", "bot@example.com", "keep", SECTION, UP],
         )
     }
 
     fn report(home: &Path) -> String {
-        let out = in_home(home, REPORT, &["identity", UP]);
+        let out = in_home(home, &report_script(), &["identity", SECTION, UP]);
         assert!(out.status.success(), "{}", text(&out.stderr));
         text(&out.stdout)
     }
 
-    const CONVERGED: &str = "url git@github.com:acme/app.git http://10.8.0.2:9418/app.git\nname E2E Bot\nemail bot@example.com\n";
+    const CONVERGED: &str = "url git@github.com:acme/app.git http://10.8.0.2:9418/app.git\n\
+        push git@github.com:acme/app.git http://10.8.0.2:9418/app.git\n\
+        name E2E Bot\nemail bot@example.com\n";
 
     #[test]
     fn rewrites_in_every_file_git_reads_are_seen_and_removed() {
@@ -319,9 +555,17 @@ mod tests {
         let mut gitconfig = std::fs::read_to_string(home.join(".gitconfig")).unwrap();
         gitconfig.push_str(&format!("[include]\n\tpath = {}\n", inc.display()));
         std::fs::write(home.join(".gitconfig"), gitconfig).unwrap();
+        let config = home.join(".config/git/config");
+        let inc_name = inc.display();
         assert_eq!(
             report(home),
-            "url git@github.com:acme/app.git http://evil/x\nname E2E Bot\nemail m@evil\n"
+            format!(
+                "rewrite\t{}\turl.http://evil/x.insteadof\t{UP}\n\
+                 rewrite\t{inc_name}\turl.http://evil 2/.insteadof\t{UP}\n\
+                 url {UP} http://evil/x\npush {UP} http://10.8.0.2:9418/app.git\n\
+                 name E2E Bot\nemail m@evil\n",
+                config.display()
+            )
         );
 
         let out = configure(home);
@@ -348,7 +592,7 @@ mod tests {
             home,
             "s=\"$1\"; shift; exec timeout 60 sh -c \"$s\" sh \"$@\"",
             &[
-                CONFIGURE,
+                &configure_script(),
                 "0",
                 "E2E Bot",
                 "bot@example.com",
@@ -364,37 +608,48 @@ mod tests {
     }
 
     #[test]
-    fn a_rewrite_bottle_cannot_remove_fails_the_step() {
+    fn a_drift_names_the_files_that_hold_it() {
+        let home = "/home/node";
+        assert_eq!(
+            drift_cause(home, "url a http://elsewhere\npush a http://gw/a.git\n"),
+            "/home/node/.gitconfig"
+        );
+        let observed = "unreadable\t/home/node/fifo\tit is not a regular file\n\
+                        rewrite\t/home/node/.config/git/config\turl.http://evil/.pushinsteadof\ta\n\
+                        rewrite\t/home/node/inc\x1b[2J\turl.http://evil/.insteadof\ta\n\
+                        rewrite\t/home/node/inc\x1b[2J\turl.http://evil/.insteadof\ta\n\
+                        rewrite\t/etc/gitconfig\turl.x.insteadof\ta\n";
+        assert_eq!(
+            drift_cause(home, observed),
+            "/home/node/fifo (it is not a regular file: git cannot read it in bounded time), \
+             /home/node/.config/git/config (another rewrite of a), \
+             /home/node/inc\\u{1b}[2J (another rewrite of a) and 1 more"
+        );
+    }
+
+    /// The gate's credential is in the URL bottle's rewrite names: never
+    /// in an error.
+    #[test]
+    fn a_failure_shows_no_credential() {
         let tmp = tempfile::tempdir().unwrap();
         let home = tmp.path();
-        // A file git reads that the apply cannot change: here, an include
-        // whose name git quotes in its origin (a real guest: a file owned
-        // by someone else).
-        let odd = home.join("odd\"name");
-        std::fs::write(
-            &odd,
-            format!("[url \"http://evil/x\"]\n\tinsteadOf = {UP}\n"),
-        )
-        .unwrap();
-        std::fs::write(
-            home.join(".gitconfig"),
-            format!(
-                "[include]\n\tpath = \"{}\"\n",
-                odd.display().to_string().replace('"', "\\\"")
-            ),
-        )
-        .unwrap();
-        let out = configure(home);
-        assert_eq!(
-            out.status.code(),
-            Some(NOT_CONVERGED),
-            "{}",
-            text(&out.stderr)
-        );
+        let section = "url.http://coder:s3cr3t-token@10.0.2.2:7000/git/app.git";
+        // Here git reads another global file than the one bottle writes.
+        let mut command = sh(&configure_script(), &["0", "", "", "keep", section, UP]);
+        command
+            .env("HOME", home)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .env_remove("XDG_CONFIG_HOME");
+        let out = output(command);
+        assert_eq!(out.status.code(), Some(NOT_CONVERGED));
+        let stderr = text(&out.stderr);
         assert!(
-            text(&out.stderr).contains(&format!("git resolves {UP} to http://evil/x")),
-            "{}",
-            text(&out.stderr)
+            stderr.contains(&format!(
+                "git resolves {UP} to {UP}, not http://***@10.0.2.2:7000/git/app.git"
+            )),
+            "{stderr}"
         );
+        assert!(!stderr.contains("s3cr3t"), "{stderr}");
     }
 }
