@@ -709,7 +709,11 @@ fn plan_steps(
                     Some(format!(
                         "{} changed in guest: {}",
                         describe(&step.kind),
-                        steps::drift_path(&step.kind, &ctx)
+                        steps::drift_cause(
+                            &step.kind,
+                            &ctx,
+                            probe.sections.get(&id).map(String::as_str)
+                        )
                     ))
                 }
                 _ => None,

@@ -210,10 +210,7 @@ pub fn expected_probe(ctx: &AgentCtx) -> String {
 /// another rewrite of a declared upstream, else `~/.gitconfig` (bottle's
 /// own lines changed). Names come from the guest: control characters are
 /// shown escaped, and at most a few are named.
-///
-/// For a `Step` method given the observed section, which plan's cause
-/// would call instead of [`Step::drift_path`] (which sees only the
-/// context).
+/// ([`Step::drift_cause`]).
 pub fn drift_cause(home: &str, observed: &str) -> String {
     const MAX: usize = 3;
     let mut causes: Vec<String> = Vec::new();
@@ -401,6 +398,13 @@ impl Step for GitStep {
 
     fn drift_path(&self, ctx: &AgentCtx) -> String {
         format!("{}/.gitconfig", ctx.home())
+    }
+
+    fn drift_cause(&self, ctx: &AgentCtx, observed: Option<&str>) -> String {
+        match observed {
+            Some(observed) => drift_cause(&ctx.home(), observed),
+            None => self.drift_path(ctx),
+        }
     }
 
     fn in_home(&self) -> bool {

@@ -304,6 +304,14 @@ pub trait Step: Send + Sync {
     /// The guest path a drift of this step is reported by.
     fn drift_path(&self, ctx: &AgentCtx) -> String;
 
+    /// What a drift of this step is reported by, given its probe section
+    /// as observed (`None`: not probed): by default [`Step::drift_path`].
+    /// A step whose probe can tell where the difference lives (git: which
+    /// config file) names that instead.
+    fn drift_cause(&self, ctx: &AgentCtx, _observed: Option<&str>) -> String {
+        self.drift_path(ctx)
+    }
+
     /// What the probe prints when the guest holds exactly what the
     /// manifest declares, computed on the host (`None`: not known here).
     /// Compared with the observed output besides the ledger's digest,
@@ -459,6 +467,11 @@ pub fn expected_output(kind: &StepKind, ctx: &AgentCtx, user: Option<GuestUser>)
 /// The guest path a drifted step is reported by.
 pub fn drift_path(kind: &StepKind, ctx: &AgentCtx) -> String {
     step(kind).drift_path(ctx)
+}
+
+/// What a drifted step is reported by, from its observed probe section.
+pub fn drift_cause(kind: &StepKind, ctx: &AgentCtx, observed: Option<&str>) -> String {
+    step(kind).drift_cause(ctx, observed)
 }
 
 /// The user a ledger entry's files belong to: recorded by the steps that
