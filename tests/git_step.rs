@@ -69,7 +69,7 @@ fn gateway_for(upstream: &str) -> (String, String) {
 }
 
 #[track_caller]
-fn assert_git_drift(p: &Project) {
+fn assert_git_drift(p: &Project) -> String {
     let check = p.bottle(&["check"]);
     check.code(3);
     assert!(
@@ -79,6 +79,7 @@ fn assert_git_drift(p: &Project) {
         "{}",
         check.stdout
     );
+    check.stdout
 }
 
 /// Item 1: a FIFO where git reads (here an include of ~/.gitconfig) made
@@ -167,7 +168,12 @@ fn a_push_rewrite_of_a_declared_upstream_is_drift_that_apply_removes() {
         fetch_and_push(&p, APP),
         (APP_GATEWAY.to_owned(), "http://evil.example/app".to_owned())
     );
-    assert_git_drift(&p);
+    // The cause names the file that holds the rewrite, not ~/.gitconfig.
+    let check = assert_git_drift(&p);
+    assert!(
+        check.contains("changed in guest: /home/node/.config/git/config (another rewrite of"),
+        "{check}"
+    );
     p.bottle(&["apply"]).success();
     assert_eq!(fetch_and_push(&p, APP), gateway_for(APP));
     p.bottle(&["check"]).success();
