@@ -172,8 +172,9 @@ fn project_check(
             .filter(|_| secrets)
         {
             notes.push(format!(
-                "secret `{}` of bottle `{}`: {} (the gate cannot start or reload until it is)",
-                missing.name, bottle.name, missing.what
+                "secret `{}` of bottle `{}`: {} (the gate goes on without it, keeping a value it \
+                 already holds; the bottle's machines cannot start until then: {})",
+                missing.name, bottle.name, missing.what, missing.help
             ));
         }
     }
@@ -215,7 +216,14 @@ pub enum Waiting {
 /// would fail half-way (after a restart's stop, or a replacement's delete).
 pub fn hold_launches_without_secrets(desired: &Desired, plan: &mut Plan, waiting: Waiting) {
     for (id, bottle) in launches(desired, plan) {
-        if let Some(missing) = missing_secrets(bottle).into_iter().next() {
+        // The machines' own, then the gate's (a secret with `hosts`): an
+        // agent whose requests would carry a placeholder the gate cannot
+        // replace waits for it as well.
+        let missing = missing_secrets(bottle)
+            .into_iter()
+            .chain(missing_sources(bottle, true))
+            .next();
+        if let Some(missing) = missing {
             let then = match (waiting, missing.from_env) {
                 (Waiting::Command, _) => {
                     "provide it and run `bottle apply` again (other agents are applied \

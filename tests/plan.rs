@@ -437,6 +437,7 @@ fn the_gate_is_started_or_reloaded_before_the_machines_of_its_bottle() {
             started_at: 1,
             secrets_read_at: 2,
             ports: BTreeMap::new(),
+            missing_secrets: Vec::new(),
         })
     };
     let mut out = String::new();

@@ -65,6 +65,10 @@ pub struct Health {
     pub secrets_read_at: u64,
     /// The port each bottle's listener is bound to.
     pub ports: BTreeMap<String, u16>,
+    /// The values its config names that it does not hold (their keys:
+    /// variable names and `file:` paths, never values).
+    #[serde(default)]
+    pub missing_secrets: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]

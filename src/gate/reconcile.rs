@@ -382,27 +382,16 @@ pub fn read_values(
     (values, missing)
 }
 
-/// The largest secret file read (smolvm's limit too).
-const MAX_SECRET_FILE: u64 = 1 << 20;
-
 fn read_reference(reference: &SecretRef) -> Result<String, String> {
     match (&reference.from_env, &reference.from_file) {
         (Some(var), _) => std::env::var(var)
             .map_err(|_| format!("host environment variable `{var}` is not set (or not UTF-8)")),
+        // The one reader of secret files: never blocks (a FIFO would hang
+        // apply), regular files only, no link, 1 MiB at most.
         (None, Some(file)) => {
-            use std::io::Read;
-            let mut buf = Vec::new();
-            fs::File::open(file)
-                .and_then(|f| f.take(MAX_SECRET_FILE + 1).read_to_end(&mut buf))
-                .map_err(|e| format!("host file `{file}` cannot be read: {e}"))?;
-            if buf.len() as u64 > MAX_SECRET_FILE {
-                return Err(format!("host file `{file}` is larger than 1 MiB"));
-            }
-            let text = String::from_utf8(buf)
-                .map_err(|_| format!("host file `{file}` is not UTF-8 text"))?;
-            // A file written by `echo` ends in a newline that is no part
-            // of the value.
-            Ok(text.strip_suffix('\n').unwrap_or(&text).to_owned())
+            let bytes = crate::secrets::read_secret_file(std::path::Path::new(file))
+                .map_err(|e| format!("host file `{file}` {e}"))?;
+            String::from_utf8(bytes).map_err(|_| format!("host file `{file}` is not UTF-8 text"))
         }
         (None, None) => Err("it names no source".to_owned()),
     }
@@ -586,16 +575,6 @@ pub enum GateError {
     )]
     Refused(String),
 
-    #[error("the gate cannot get a value: {message}")]
-    #[diagnostic(
-        code("bottle::gate-value"),
-        help(
-            "export the variable (or create the file) in the environment bottle runs in; \
-             values are read when the gate starts or reloads, and never stored"
-        )
-    )]
-    Values { message: String },
-
     #[error("cannot talk to the gate: {message}")]
     #[diagnostic(
         code("bottle::gate-control"),
@@ -768,12 +747,11 @@ impl DesiredGate {
     /// are about to be created with are kept.
     pub fn start_or_reload(&self, running: bool) -> Result<(), GateError> {
         self.state.save(&self.paths)?;
-        let (values, missing) = read_values(&self.value_refs);
-        if let Some(m) = missing.first() {
-            return Err(GateError::Values {
-                message: format!("{} of bottle `{}`: {}", m.what, m.bottle, m.why),
-            });
-        }
+        // A value this host cannot read now does not stop the gate: the
+        // other bottles' agents are served, a running gate keeps the value
+        // it holds, and the plan holds the machines that need it
+        // (`preflight::hold_launches_without_secrets`).
+        let (values, _missing) = read_values(&self.value_refs);
         if running {
             reload(&self.paths, &self.config, values)
         } else {
@@ -844,7 +822,19 @@ pub fn gate_change(
             };
             Ok(Some((GateOp::Reload, cause)))
         }
-        (true, GateHealth::Running(_)) => Ok(None),
+        // A value the gate lacks (this host could not read it when the
+        // gate last started or reloaded) that this host can read now.
+        (true, GateHealth::Running(h)) => Ok(h
+            .missing_secrets
+            .iter()
+            .find_map(|key| {
+                let (bottle, what, reference) = gate.value_refs.get(key)?;
+                read_reference(reference).ok()?;
+                Some(format!(
+                    "the gate lacks {what} of bottle `{bottle}`, which can be read now"
+                ))
+            })
+            .map(|cause| (GateOp::Reload, cause))),
         (false, GateHealth::Running(_)) => {
             Ok(Some((GateOp::Stop, "no bottle has a gate any more".into())))
         }
@@ -1251,6 +1241,7 @@ bottle = "nets"
                             config_hash: served.as_ref().map_or(String::new(), |(c, _)| c.hash()),
                             started_at: 1,
                             secrets_read_at: 2,
+                            missing_secrets: Vec::new(),
                             ports: served.as_ref().map_or(BTreeMap::new(), |(c, _)| {
                                 c.bottles.iter().map(|(b, g)| (b.clone(), g.port)).collect()
                             }),
@@ -1362,17 +1353,52 @@ bottle = "nets"
     }
 
     #[test]
-    fn a_missing_value_stops_the_gate_from_starting_and_names_it() {
-        let (_t, p) = project(
-            "[bottle.dev]\nsecrets = { K = { from_env = \"BOTTLE_GATE_TEST_NEVER_SET\", hosts = [\"x.example.com\"] } }\n[agent.a]\nbottle = \"dev\"\n",
-        );
+    fn a_value_the_gate_lacks_is_a_reload_once_this_host_can_read_it() {
+        let keys = tempfile::tempdir().unwrap();
+        let key = keys.path().join("k");
+        let (_t, p) = project(&format!(
+            "[bottle.dev]\nsecrets = {{ K = {{ from_file = \"{}\", hosts = [\"x.example.com\"] }} }}\n[agent.a]\nbottle = \"dev\"\n",
+            key.display()
+        ));
         let dir = tempfile::tempdir().unwrap();
         let gate = DesiredGate::new(&p, dir.path(), RuntimeKind::Local).unwrap();
-        let err = gate.start_or_reload(false).unwrap_err();
-        assert!(
-            err.to_string().contains("BOTTLE_GATE_TEST_NEVER_SET"),
-            "{err}"
+        let lacking = |missing: Vec<String>| {
+            GateHealth::Running(crate::gate::control::Health {
+                pid: 1,
+                config_hash: gate.config.hash(),
+                started_at: 1,
+                secrets_read_at: 1,
+                ports: BTreeMap::new(),
+                missing_secrets: missing,
+            })
+        };
+        let value_key = gate.value_refs.keys().next().unwrap().clone();
+        // Still unreadable here: nothing to send.
+        assert_eq!(
+            gate_change(&gate, &lacking(vec![value_key.clone()])),
+            Ok(None)
         );
+        fs::write(&key, "v\n").unwrap();
+        let (op, cause) = gate_change(&gate, &lacking(vec![value_key]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(op, GateOp::Reload);
+        assert!(
+            cause.contains("of bottle `dev`, which can be read now"),
+            "{cause}"
+        );
+        assert_eq!(gate_change(&gate, &lacking(Vec::new())), Ok(None));
+        // A FIFO is never opened (it would block until a writer came).
+        fs::remove_file(&key).unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &key,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        assert!(read_reference(&gate.value_refs.values().next().unwrap().2).is_err());
     }
 
     #[test]

@@ -196,6 +196,20 @@ impl Gate {
                 config.format_version
             ));
         }
+        // A value the caller could not read (its environment lacks the
+        // variable) is not taken away from the agents: the one this gate
+        // holds stays while the config still names it.
+        let mut secrets = secrets;
+        {
+            let previous = self.live();
+            for key in value_keys(&config) {
+                if !secrets.contains_key(key)
+                    && let Some(value) = previous.secrets.get(key)
+                {
+                    secrets.insert(key.to_owned(), value.clone());
+                }
+            }
+        }
         let mut listeners = self.listeners.lock().await;
         // Bind every new listener first: a port in use fails the reload as
         // a whole and the gate goes on serving what it served.
@@ -284,6 +298,10 @@ impl Gate {
             config_hash: live.hash.clone(),
             started_at: self.started_at,
             secrets_read_at: live.secrets_read_at,
+            missing_secrets: missing_secrets(&live.config, &live.secrets)
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
             ports: listeners
                 .iter()
                 .map(|(b, l)| (b.clone(), l.bound))
