@@ -584,3 +584,103 @@ fn reloads_change_what_is_served_without_a_restart() {
     assert!(!out.status.success());
     assert!(!std::path::Path::new("/tmp/pwned").exists());
 }
+
+/// The live `git http-backend` children of this test process serving
+/// `remote` (other tests of this binary run git too).
+fn backends_serving(remote: &str) -> usize {
+    let me = std::process::id().to_string();
+    let marker = format!("PATH_INFO=/{remote}.git/");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            let dir = e.path();
+            let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
+            // pid (comm) state ppid ...
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1));
+            ppid == Some(me.as_str())
+                && std::fs::read(dir.join("environ"))
+                    .map(|env| {
+                        env.split(|b| *b == 0)
+                            .any(|v| v.starts_with(marker.as_bytes()))
+                    })
+                    .unwrap_or(false)
+        })
+        .count()
+}
+
+/// Attack: one agent opens many upload-pack requests and sends their
+/// bodies a byte at a time (each may idle 300 s between bytes), holding
+/// every slot git had for the whole gate: another bottle's agent got 503
+/// after 30 s. Now each agent and each bottle has slots of its own.
+#[test]
+fn an_agent_holding_slow_requests_does_not_stall_another_bottles_git() {
+    use std::io::Write;
+    let f = Fixture::new();
+    let upstream = f.upstream("upstream.git");
+    let theirs = f.upstream("theirs.git");
+    f.serve(&[remote("slowapp", &upstream, &[])]);
+    let ops: std::collections::BTreeMap<String, bottle::gate::config::AgentCredentials> = [(
+        "opsbot".to_owned(),
+        bottle::gate::config::AgentCredentials {
+            git_token: "tok-ops".into(),
+            ..Default::default()
+        },
+    )]
+    .into();
+    assert!(
+        f.gateway
+            .configure(
+                "ops",
+                &[remote("theirs", &theirs, &[])],
+                &ops,
+                &Default::default()
+            )
+            .is_empty()
+    );
+    // The mirror exists first: the slow requests are plain upload-packs.
+    git_ok(f.dir.path(), &["clone", "-q", &f.coder_url("slowapp"), "w"]);
+
+    // Slow requests, one at a time, each until git no longer starts one
+    // more for it (bounded).
+    // coder:tok-coder
+    let auth = "Y29kZXI6dG9rLWNvZGVy";
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        let before = backends_serving("slowapp");
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", f.port)).unwrap();
+        write!(
+            s,
+            "POST /git/slowapp.git/git-upload-pack HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+             Authorization: Basic {auth}\r\nContent-Type: application/x-git-upload-pack-request\r\n\
+             Content-Length: 100000\r\n\r\n0032want "
+        )
+        .unwrap();
+        held.push(s);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while backends_serving("slowapp") <= before && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        if backends_serving("slowapp") <= before {
+            break;
+        }
+    }
+    assert!(backends_serving("slowapp") >= 1);
+
+    // Another bottle's agent still gets its refs.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let request = http::Request::builder()
+        .method("GET")
+        .uri("/git/theirs.git/info/refs?service=git-upload-pack")
+        .header("authorization", "Basic b3BzYm90OnRvay1vcHM=")
+        .body(bottle::gate::http::full(""))
+        .unwrap();
+    let response = runtime.block_on(f.gateway.handle("ops", request));
+    assert_eq!(response.status(), 200, "{:?}", response);
+    drop(held);
+}

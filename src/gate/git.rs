@@ -92,7 +92,8 @@
 //! `receive.maxInputSize` ([`MAX_PACK`]), a bounded request body, an idle
 //! timeout on every pipe (a vanished or silent client kills the request's
 //! whole process group), and at most [`MAX_CONCURRENT`] requests running
-//! git at once. All security settings reach git as command-line
+//! git at once per bottle, [`MAX_PER_AGENT`] per agent (an agent that
+//! holds its requests open stalls nobody else). All security settings reach git as command-line
 //! configuration in its environment (`GIT_CONFIG_COUNT`), so nothing in a
 //! mirror's own config can weaken them; transports other than file, git,
 //! ssh and https are off (`protocol.allow=never`).
@@ -121,9 +122,11 @@ use upstream::{SshIdentity, Transport};
 pub const MAX_PACK: u64 = 512 << 20;
 /// The largest fetch negotiation an agent may send.
 const MAX_UPLOAD_REQUEST: u64 = 64 << 20;
-/// At most this many git requests run at once (others wait up to
-/// 30 seconds, then get 503).
+/// At most this many git requests of one bottle run at once (others wait
+/// up to 30 seconds, then get 503).
 pub const MAX_CONCURRENT: usize = 16;
+/// At most this many git requests of one agent run at once (likewise).
+pub const MAX_PER_AGENT: usize = 4;
 const QUEUE_WAIT: Duration = Duration::from_secs(30);
 /// ssh's connect timeout to an upstream.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -256,7 +259,9 @@ pub struct GitGateway {
     /// Per (bottle, remote), kept across reloads: serializes the upstream
     /// sync and pushes, and holds the remote's ssh-agent.
     states: Mutex<HashMap<(String, String), Shared>>,
-    permits: Arc<Semaphore>,
+    /// Slots for running git: per bottle (key: bottle, "") and per agent
+    /// (key: bottle, agent).
+    permits: Mutex<HashMap<(String, String), Arc<Semaphore>>>,
 }
 
 struct BottleGit {
@@ -329,7 +334,7 @@ impl GitGateway {
             ctx: Ctx { log, run_as, mount },
             bottles: RwLock::new(BTreeMap::new()),
             states: Mutex::new(HashMap::new()),
-            permits: Arc::new(Semaphore::new(MAX_CONCURRENT)),
+            permits: Mutex::new(HashMap::new()),
         }
     }
 
@@ -522,6 +527,21 @@ impl GitGateway {
         }
     }
 
+    /// The slots of `bottle` (`agent` empty) or of one of its agents.
+    fn slots(&self, bottle: &str, agent: &str) -> Arc<Semaphore> {
+        let size = if agent.is_empty() {
+            MAX_CONCURRENT
+        } else {
+            MAX_PER_AGENT
+        };
+        self.permits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((bottle.to_owned(), agent.to_owned()))
+            .or_insert_with(|| Arc::new(Semaphore::new(size)))
+            .clone()
+    }
+
     /// Answer one request for `/git/...` on `bottle`'s listener.
     pub async fn handle(&self, bottle: &str, req: Request) -> Response {
         let config = self
@@ -584,17 +604,24 @@ impl GitGateway {
                 ),
             );
         }
-        let permit =
-            match tokio::time::timeout(QUEUE_WAIT, self.permits.clone().acquire_owned()).await {
-                Ok(Ok(p)) => p,
-                _ => {
-                    return refuse(
-                        http::StatusCode::SERVICE_UNAVAILABLE,
-                        remote_name,
-                        "too many git requests at once; try again",
-                    );
-                }
-            };
+        // The agent's own slot first, then one of its bottle's: requests
+        // an agent holds open wait on its own slots only.
+        let permit = match tokio::time::timeout(QUEUE_WAIT, async {
+            let agent_slot = self.slots(bottle, &agent).acquire_owned().await;
+            let bottle_slot = self.slots(bottle, "").acquire_owned().await;
+            agent_slot.and_then(|a| bottle_slot.map(|b| (a, b)))
+        })
+        .await
+        {
+            Ok(Ok(p)) => p,
+            _ => {
+                return refuse(
+                    http::StatusCode::SERVICE_UNAVAILABLE,
+                    remote_name,
+                    "too many git requests at once; try again",
+                );
+            }
+        };
         // A mirror of this very upstream exists: the sync is a plain fetch
         // (a new or changed upstream means a fresh clone, done first).
         let cloned = remote.layout.mirror().join("HEAD").exists()
@@ -653,7 +680,10 @@ impl GitGateway {
         service: Service,
         advertisement: bool,
         req: Request,
-        permit: tokio::sync::OwnedSemaphorePermit,
+        permit: (
+            tokio::sync::OwnedSemaphorePermit,
+            tokio::sync::OwnedSemaphorePermit,
+        ),
     ) -> Response {
         let push = service == Service::ReceivePack && !advertisement;
         // A push holds the remote against syncs and other pushes until
