@@ -89,7 +89,8 @@
 //! reads the key file itself.
 //!
 //! Git's own limits apply to what the agent sends: `receive.fsckObjects`,
-//! `receive.maxInputSize` ([`MAX_PACK`]), a bounded request body, an idle
+//! `receive.maxInputSize` ([`MAX_PACK`]), bounded memory for git reading a
+//! push ([`MAX_PUSH_MEMORY`]), a bounded request body, an idle
 //! timeout on every pipe (a vanished or silent client kills the request's
 //! whole process group), and at most [`MAX_CONCURRENT`] requests running
 //! git at once per bottle, [`MAX_PER_AGENT`] per agent (an agent that
@@ -120,6 +121,11 @@ use upstream::{SshIdentity, Transport};
 
 /// The largest pack an agent may push.
 pub const MAX_PACK: u64 = 512 << 20;
+/// The most memory (`RLIMIT_DATA`) git may take while it reads an agent's
+/// push (receive-pack, index-pack or unpack-objects, the hook and its
+/// upstream push): a pack inflates far beyond its size (a delta of one-byte
+/// copies grows 65536-fold), and `receive.maxInputSize` counts packed bytes.
+pub const MAX_PUSH_MEMORY: u64 = 1 << 30;
 /// The largest fetch negotiation an agent may send.
 const MAX_UPLOAD_REQUEST: u64 = 64 << 20;
 /// At most this many git requests of one bottle run at once (others wait
@@ -192,6 +198,9 @@ pub(crate) struct Confine {
     bind: Option<(PathBuf, PathBuf)>,
     /// Entered after the bind, before dropping privileges.
     cwd: PathBuf,
+    /// The most memory (`RLIMIT_DATA`) the process and its children may
+    /// use; `None`: no limit of the gate's own.
+    max_data: Option<u64>,
 }
 
 fn cstring(p: &Path) -> CString {
@@ -205,6 +214,7 @@ fn confine(cmd: &mut std::process::Command, c: &Confine) {
     let run_as = c.run_as;
     let bind = c.bind.as_ref().map(|(r, v)| (cstring(r), cstring(v)));
     let cwd = cstring(&c.cwd);
+    let max_data = c.max_data;
     // SAFETY: only async-signal-safe system calls between fork and exec;
     // the strings were allocated before the fork.
     unsafe {
@@ -238,6 +248,15 @@ fn confine(cmd: &mut std::process::Command, c: &Confine) {
             }
             if libc::chdir(cwd.as_ptr()) != 0 {
                 return fail();
+            }
+            if let Some(max) = max_data {
+                let limit = libc::rlimit {
+                    rlim_cur: max,
+                    rlim_max: max,
+                };
+                if libc::setrlimit(libc::RLIMIT_DATA, &limit) != 0 {
+                    return fail();
+                }
             }
             if let Some(RunAs { uid, gid }) = run_as
                 && (libc::setgroups(0, std::ptr::null()) != 0
@@ -793,8 +812,12 @@ impl GitGateway {
                 );
             }
         });
+        let mut confine = self.ctx.confine(&remote.layout, remote.layout.view.clone());
+        if service == Service::ReceivePack {
+            confine.max_data = Some(MAX_PUSH_MEMORY);
+        }
         let cgi = cgi::Cgi {
-            confine: self.ctx.confine(&remote.layout, remote.layout.view.clone()),
+            confine,
             env,
             body_limit,
         };
@@ -943,6 +966,7 @@ impl Ctx {
     /// Git confined to `layout`'s bottle, working in `cwd` (a view path).
     fn confine(&self, layout: &Layout, cwd: PathBuf) -> Confine {
         Confine {
+            max_data: None,
             run_as: self.run_as,
             bind: self
                 .mount
@@ -1059,6 +1083,7 @@ impl Ctx {
         confine(
             cmd.as_std_mut(),
             &Confine {
+                max_data: None,
                 run_as: Some(run_as),
                 bind: None,
                 cwd: dir.clone(),
@@ -1121,6 +1146,7 @@ fn view_point(run_as: RunAs, log: &GateLog) -> Option<PathBuf> {
     confine(
         &mut probe,
         &Confine {
+            max_data: None,
             run_as: Some(run_as),
             bind: Some((std::env::temp_dir(), dir.clone())),
             cwd: dir.clone(),
