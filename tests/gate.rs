@@ -146,7 +146,19 @@ impl Gate {
     }
 
     fn spawn(state: &Path, manifests: &Path, upstream: &Upstream, env: &[(&str, &str)]) -> Child {
-        Command::new(bottle_exe())
+        Self::command(state, manifests, upstream, env)
+            .spawn()
+            .unwrap()
+    }
+
+    fn command(
+        state: &Path,
+        manifests: &Path,
+        upstream: &Upstream,
+        env: &[(&str, &str)],
+    ) -> Command {
+        let mut command = Command::new(bottle_exe());
+        command
             .arg("--state-dir")
             .arg(state)
             .args(["gate", "run"])
@@ -156,9 +168,8 @@ impl Gate {
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
+            .stderr(Stdio::null());
+        command
     }
 
     #[track_caller]
@@ -839,4 +850,71 @@ fn the_gate_starts_detached_with_its_values_on_a_pipe() {
     assert!(!args.contains("detached-secret"));
     assert!(bottle::gate::server::stop(&paths, Duration::from_secs(10)).unwrap());
     assert!(!bottle::gate::server::stop(&paths, Duration::from_secs(1)).unwrap());
+}
+
+/// Attack: with the usual limit of 1024 descriptors, an agent (no
+/// credential needed) opened idle connections to its bottle's listener
+/// until the gate had no descriptor left, and another bottle's agents could
+/// reach nothing. Now the gate raises its soft limit to the hard one and
+/// shares the descriptors it has between its listeners: one bottle's
+/// connections wait for that bottle's share only.
+#[test]
+fn idle_connections_to_one_bottle_leave_the_other_bottles_served() {
+    use std::os::unix::process::CommandExt;
+    let up = Upstream::start();
+    let manifests = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let paths = GatePaths::new(state.path(), PROJECT);
+    std::fs::write(
+        manifests.path().join("bottle.toml"),
+        format!(
+            "[project]\nname = \"{PROJECT}\"\n\n[bottle.dev]\n\n[agent.coder]\nbottle = \"dev\"\n"
+        ),
+    )
+    .unwrap();
+    let mut command = Gate::command(state.path(), manifests.path(), &up, &[]);
+    // SAFETY: setrlimit only, between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 512,
+                rlim_max: 512,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let gate = Gate {
+        child: command.spawn().unwrap(),
+        state,
+        manifests,
+        paths,
+    };
+    gate.wait_health(|_| true);
+    let mut cfg = config(&up, vec![format!("localhost:{}", up.tls)]);
+    cfg.bottles.get_mut("ops").unwrap().allow_internal = vec!["127.0.0.0/8".into()];
+    let ports = gate.reload(&cfg, &[("TEST_API_KEY", SECRET)]);
+
+    // Idle connections to dev, until the gate takes no more.
+    let dev: std::net::SocketAddr = ([127, 0, 0, 1], ports["dev"]).into();
+    let mut idle = Vec::new();
+    let mut failed = 0;
+    while idle.len() < 1000 && failed < 3 {
+        match TcpStream::connect_timeout(&dev, Duration::from_secs(2)) {
+            Ok(s) => {
+                idle.push(s);
+                failed = 0;
+            }
+            Err(_) => failed += 1,
+        }
+    }
+    assert!(idle.len() > 16, "{}", idle.len());
+
+    // ops's agent still goes through its own listener.
+    let url = format!("https://localhost:{}/hello", up.tls);
+    let (codes, body) = through(ports["ops"], "opsagent:ops-token", &up.ca_file, &url, &[]);
+    assert_eq!(codes, "200 200", "{body}");
+    drop(idle);
 }

@@ -16,6 +16,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
@@ -39,20 +40,69 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a client may take to send a request's headers, or to finish a
 /// TLS handshake the gate intercepts.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
-/// Connections one listener serves at once; more wait to be accepted.
-const MAX_CONNECTIONS: usize = 4096;
+/// Connections one listener serves at once, at most; more wait to be
+/// accepted. The gate gives each listener a share of its descriptors
+/// ([`Slots::set_cap`]), which may be fewer.
+pub(crate) const MAX_CONNECTIONS: usize = 4096;
+
+/// How many connections a listener serves at once: a share of the gate's
+/// descriptors, so that one bottle's connections (an agent needs no
+/// credential to open one) never take another bottle's.
+pub(crate) struct Slots {
+    active: AtomicUsize,
+    cap: AtomicUsize,
+    freed: tokio::sync::Notify,
+}
+
+impl Slots {
+    pub(crate) fn new(cap: usize) -> Arc<Self> {
+        Arc::new(Self {
+            active: AtomicUsize::new(0),
+            cap: AtomicUsize::new(cap),
+            freed: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// Serve at most `cap` connections from now on (those open stay).
+    pub(crate) fn set_cap(&self, cap: usize) {
+        self.cap.store(cap, Ordering::SeqCst);
+        self.freed.notify_one();
+    }
+
+    /// Wait until a connection may be accepted, and count it until the
+    /// guard is dropped.
+    async fn take(self: &Arc<Self>) -> SlotGuard {
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if self.active.load(Ordering::SeqCst) < self.cap.load(Ordering::SeqCst) {
+                self.active.fetch_add(1, Ordering::SeqCst);
+                return SlotGuard(self.clone());
+            }
+            freed.await;
+        }
+    }
+}
+
+struct SlotGuard(Arc<Slots>);
+
+impl Drop for SlotGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+        self.0.freed.notify_one();
+    }
+}
 
 pub(crate) async fn accept_loop(
     gate: Arc<Gate>,
     bottle: Arc<str>,
     port: u16,
     listener: TcpListener,
+    slots: Arc<Slots>,
 ) {
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
-        };
+        let permit = slots.take().await;
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(_) => {
