@@ -177,7 +177,11 @@ impl Target<'_> {
         if let (Value::Object(e), Value::Object(f)) = (&mut event, fields) {
             e.extend(f);
         }
-        self.gate.log.event("egress", event);
+        if self.agent.is_some() {
+            self.gate.log.event("egress", event);
+        } else {
+            self.gate.log.unidentified("egress", event);
+        }
     }
 
     fn deny(&self, status: StatusCode, rule: &str, message: String) -> Response {
@@ -817,7 +821,7 @@ async fn origin(
         let message = format!(
             "Host `{host}` is not this gate (127.0.0.1:{port}, localhost:{port}, 100.96.0.1:{port} or host.smolvm.internal:{port})"
         );
-        gate.log.event(
+        gate.log.unidentified(
             "gate",
             json!({"event": "wrong_host", "bottle": &*bottle, "host": host, "path": req.uri().path()}),
         );

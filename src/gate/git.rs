@@ -574,7 +574,7 @@ impl GitGateway {
             .and_then(|c| authenticate(&c.agents, req.headers()))
             .map(str::to_owned);
         let Some(agent) = agent else {
-            self.ctx.log.event(
+            self.ctx.log.unidentified(
                 "git",
                 json!({"bottle": bottle, "decision": "refused", "status": 401,
                        "path": truncate(req.uri().path(), 200),
