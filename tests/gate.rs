@@ -852,16 +852,10 @@ fn the_gate_starts_detached_with_its_values_on_a_pipe() {
     assert!(!bottle::gate::server::stop(&paths, Duration::from_secs(1)).unwrap());
 }
 
-/// Attack: with the usual limit of 1024 descriptors, an agent (no
-/// credential needed) opened idle connections to its bottle's listener
-/// until the gate had no descriptor left, and another bottle's agents could
-/// reach nothing. Now the gate raises its soft limit to the hard one and
-/// shares the descriptors it has between its listeners: one bottle's
-/// connections wait for that bottle's share only.
-#[test]
-fn idle_connections_to_one_bottle_leave_the_other_bottles_served() {
+/// A gate of the test's own with 512 descriptors (soft and hard), serving
+/// [`config`] with ops allowed to reach the TLS upstream on loopback.
+fn gate_with_few_descriptors(up: &Upstream) -> (Gate, BTreeMap<String, u16>) {
     use std::os::unix::process::CommandExt;
-    let up = Upstream::start();
     let manifests = tempfile::tempdir().unwrap();
     let state = tempfile::tempdir().unwrap();
     let paths = GatePaths::new(state.path(), PROJECT);
@@ -872,7 +866,7 @@ fn idle_connections_to_one_bottle_leave_the_other_bottles_served() {
         ),
     )
     .unwrap();
-    let mut command = Gate::command(state.path(), manifests.path(), &up, &[]);
+    let mut command = Gate::command(state.path(), manifests.path(), up, &[]);
     // SAFETY: setrlimit only, between fork and exec.
     unsafe {
         command.pre_exec(|| {
@@ -893,16 +887,20 @@ fn idle_connections_to_one_bottle_leave_the_other_bottles_served() {
         paths,
     };
     gate.wait_health(|_| true);
-    let mut cfg = config(&up, vec![format!("localhost:{}", up.tls)]);
+    let mut cfg = config(up, vec![format!("localhost:{}", up.tls)]);
     cfg.bottles.get_mut("ops").unwrap().allow_internal = vec!["127.0.0.0/8".into()];
     let ports = gate.reload(&cfg, &[("TEST_API_KEY", SECRET)]);
+    (gate, ports)
+}
 
-    // Idle connections to dev, until the gate takes no more.
-    let dev: std::net::SocketAddr = ([127, 0, 0, 1], ports["dev"]).into();
+/// Idle connections to `port` (no request on them), until the listener
+/// takes no more (bounded).
+fn idle_connections(port: u16) -> Vec<TcpStream> {
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
     let mut idle = Vec::new();
     let mut failed = 0;
     while idle.len() < 1000 && failed < 3 {
-        match TcpStream::connect_timeout(&dev, Duration::from_secs(2)) {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
             Ok(s) => {
                 idle.push(s);
                 failed = 0;
@@ -910,6 +908,38 @@ fn idle_connections_to_one_bottle_leave_the_other_bottles_served() {
             Err(_) => failed += 1,
         }
     }
+    idle
+}
+
+/// Attack: another bottle's guest (on smolvm every guest reaches every
+/// listener), or anything on the host, filled a bottle's listener with
+/// idle connections (no credential needed, each re-opened when the header
+/// timeout closes it): the bottle's own agents waited for a slot. Now a
+/// listener at its bound closes the oldest connection that has not yet
+/// shown a credential of the bottle to accept a new one.
+#[test]
+fn idle_connections_without_a_credential_do_not_lock_the_bottles_agents_out() {
+    let up = Upstream::start();
+    let (_gate, ports) = gate_with_few_descriptors(&up);
+    let idle = idle_connections(ports["dev"]);
+    assert!(idle.len() > 16, "{}", idle.len());
+    let url = format!("https://localhost:{}/hello", up.tls);
+    let (codes, body) = through(ports["dev"], "coder:coder-token", &up.ca_file, &url, &[]);
+    assert_eq!(codes, "200 200", "{body}");
+    drop(idle);
+}
+
+/// Attack: with the usual limit of 1024 descriptors, an agent (no
+/// credential needed) opened idle connections to its bottle's listener
+/// until the gate had no descriptor left, and another bottle's agents could
+/// reach nothing. Now the gate raises its soft limit to the hard one and
+/// shares the descriptors it has between its listeners: one bottle's
+/// connections wait for that bottle's share only.
+#[test]
+fn idle_connections_to_one_bottle_leave_the_other_bottles_served() {
+    let up = Upstream::start();
+    let (_gate, ports) = gate_with_few_descriptors(&up);
+    let idle = idle_connections(ports["dev"]);
     assert!(idle.len() > 16, "{}", idle.len());
 
     // ops's agent still goes through its own listener.

@@ -48,10 +48,19 @@ pub(crate) const MAX_CONNECTIONS: usize = 4096;
 /// How many connections a listener serves at once: a share of the gate's
 /// descriptors, so that one bottle's connections (an agent needs no
 /// credential to open one) never take another bottle's.
+///
+/// A connection counts from its accept until it closes (a CONNECT tunnel
+/// until the tunnel ends). At the bound, the listener closes the oldest
+/// connection that has not yet shown a credential of the bottle and
+/// accepts the next: connections anyone can open (on smolvm every guest
+/// reaches every listener) never lock the bottle's own agents out.
 pub(crate) struct Slots {
     active: AtomicUsize,
     cap: AtomicUsize,
     freed: tokio::sync::Notify,
+    /// Connections not yet identified, oldest first: (id, how to close it).
+    unidentified: std::sync::Mutex<std::collections::VecDeque<(u64, Arc<tokio::sync::Notify>)>>,
+    next_id: std::sync::atomic::AtomicU64,
 }
 
 impl Slots {
@@ -60,6 +69,8 @@ impl Slots {
             active: AtomicUsize::new(0),
             cap: AtomicUsize::new(cap),
             freed: tokio::sync::Notify::new(),
+            unidentified: Default::default(),
+            next_id: Default::default(),
         })
     }
 
@@ -69,28 +80,67 @@ impl Slots {
         self.freed.notify_one();
     }
 
-    /// Wait until a connection may be accepted, and count it until the
-    /// guard is dropped.
-    async fn take(self: &Arc<Self>) -> SlotGuard {
+    fn queue(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::VecDeque<(u64, Arc<tokio::sync::Notify>)>>
+    {
+        self.unidentified.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wait until a connection may be accepted (closing the oldest
+    /// unidentified one if the listener is at its bound), and count it.
+    async fn take(self: &Arc<Self>) -> Conn {
         loop {
             let freed = self.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
             if self.active.load(Ordering::SeqCst) < self.cap.load(Ordering::SeqCst) {
                 self.active.fetch_add(1, Ordering::SeqCst);
-                return SlotGuard(self.clone());
+                let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+                let close = Arc::new(tokio::sync::Notify::new());
+                self.queue().push_back((id, close.clone()));
+                return Conn {
+                    slots: self.clone(),
+                    id,
+                    close,
+                    identified: std::sync::atomic::AtomicBool::new(false),
+                };
+            }
+            let oldest = self.queue().pop_front();
+            if let Some((_, close)) = oldest {
+                close.notify_one();
             }
             freed.await;
         }
     }
 }
 
-struct SlotGuard(Arc<Slots>);
+/// One accepted connection, counted by its listener's [`Slots`] while it
+/// lives (a tunnel holds it too).
+pub(crate) struct Conn {
+    slots: Arc<Slots>,
+    id: u64,
+    /// Notified when the listener closes it to make room.
+    close: Arc<tokio::sync::Notify>,
+    identified: std::sync::atomic::AtomicBool,
+}
 
-impl Drop for SlotGuard {
+impl Conn {
+    /// It showed a credential of the bottle: never closed to make room.
+    fn identify(&self) {
+        if !self.identified.swap(true, Ordering::SeqCst) {
+            self.slots.queue().retain(|(id, _)| *id != self.id);
+        }
+    }
+}
+
+impl Drop for Conn {
     fn drop(&mut self) {
-        self.0.active.fetch_sub(1, Ordering::SeqCst);
-        self.0.freed.notify_one();
+        if !self.identified.load(Ordering::SeqCst) {
+            self.slots.queue().retain(|(id, _)| *id != self.id);
+        }
+        self.slots.active.fetch_sub(1, Ordering::SeqCst);
+        self.slots.freed.notify_one();
     }
 }
 
@@ -102,11 +152,12 @@ pub(crate) async fn accept_loop(
     slots: Arc<Slots>,
 ) {
     loop {
-        let permit = slots.take().await;
+        let conn = Arc::new(slots.take().await);
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(_) => {
                 // Out of descriptors, most likely: let some close.
+                drop(conn);
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -115,20 +166,53 @@ pub(crate) async fn accept_loop(
         let gate = gate.clone();
         let bottle = bottle.clone();
         tokio::spawn(async move {
+            let close = conn.close.clone();
             let service = service_fn(move |req| {
                 let gate = gate.clone();
                 let bottle = bottle.clone();
-                async move { Ok::<_, Infallible>(handle(gate, bottle, port, req).await) }
+                let conn = conn.clone();
+                async move { Ok::<_, Infallible>(handle(gate, bottle, port, conn, req).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            let serving = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades()
-                .await;
-            drop(permit);
+                .with_upgrades();
+            tokio::select! {
+                _ = serving => {}
+                _ = close.notified() => {}
+            }
         });
     }
+}
+
+/// Whether `req` carries a credential of one of `bottle`'s agents: its
+/// proxy token, git token (HTTP Basic) or MCP token (the path).
+fn identifies(live: &Live, bottle: &str, req: &http::Request<Incoming>) -> bool {
+    if proxy_agent(live, bottle, req.headers()).is_ok() {
+        return true;
+    }
+    let Some(b) = live.config.bottles.get(bottle) else {
+        return false;
+    };
+    let eq = |a: &str, b: &str| {
+        !a.is_empty() && super::config::constant_time_eq(a.as_bytes(), b.as_bytes())
+    };
+    if let Some((user, password)) = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| basic_credentials(v).ok())
+        && b.agents
+            .get(&user)
+            .is_some_and(|c| eq(&c.git_token, &password))
+    {
+        return true;
+    }
+    req.uri()
+        .path()
+        .strip_prefix("/mcp/")
+        .map(|t| t.trim_end_matches('/'))
+        .is_some_and(|token| b.agents.values().any(|c| eq(&c.mcp_token, token)))
 }
 
 fn boxed(req: http::Request<Incoming>) -> http::Request<Body> {
@@ -143,10 +227,14 @@ async fn handle(
     gate: Arc<Gate>,
     bottle: Arc<str>,
     port: u16,
+    conn: Arc<Conn>,
     req: http::Request<Incoming>,
 ) -> Response {
+    if identifies(&gate.live(), &bottle, &req) {
+        conn.identify();
+    }
     if req.method() == Method::CONNECT {
-        connect(gate, bottle, req).await
+        connect(gate, bottle, conn, req).await
     } else if req.uri().scheme().is_some() {
         forward_plain(gate, bottle, req).await
     } else {
@@ -231,16 +319,9 @@ fn proxy_agent(live: &Live, bottle: &str, headers: &HeaderMap) -> Result<String,
         );
     };
     let invalid = "invalid proxy credential";
-    let value = value.to_str().map_err(|_| invalid)?;
-    let (scheme, encoded) = value.trim().split_once(' ').ok_or(invalid)?;
-    if !scheme.eq_ignore_ascii_case("basic") {
-        return Err(invalid);
-    }
-    let decoded = crate::base64::decode_optional(encoded.trim()).ok_or(invalid)?;
-    let decoded = String::from_utf8(decoded).map_err(|_| invalid)?;
-    let (user, password) = decoded.split_once(':').ok_or(invalid)?;
+    let (user, password) = basic_credentials(value).map_err(|()| invalid)?;
     let gate = live.config.bottles.get(bottle).ok_or(invalid)?;
-    match gate.agents.get(user) {
+    match gate.agents.get(&user) {
         Some(c)
             if super::config::constant_time_eq(c.proxy_token.as_bytes(), password.as_bytes()) =>
         {
@@ -248,6 +329,19 @@ fn proxy_agent(live: &Live, bottle: &str, headers: &HeaderMap) -> Result<String,
         }
         _ => Err(invalid),
     }
+}
+
+/// The user and password of an HTTP `Basic` credential.
+fn basic_credentials(value: &HeaderValue) -> Result<(String, String), ()> {
+    let value = value.to_str().map_err(|_| ())?;
+    let (scheme, encoded) = value.trim().split_once(' ').ok_or(())?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return Err(());
+    }
+    let decoded = crate::base64::decode_optional(encoded.trim()).ok_or(())?;
+    let decoded = String::from_utf8(decoded).map_err(|_| ())?;
+    let (user, password) = decoded.split_once(':').ok_or(())?;
+    Ok((user.to_owned(), password.to_owned()))
 }
 
 /// Authenticate, decide and resolve a proxy request to `host:port`.
@@ -353,7 +447,12 @@ fn split_authority(authority: &str, default_port: u16) -> Option<(String, u16)> 
     (!host.is_empty() && port != 0).then_some((host, port))
 }
 
-async fn connect(gate: Arc<Gate>, bottle: Arc<str>, mut req: http::Request<Incoming>) -> Response {
+async fn connect(
+    gate: Arc<Gate>,
+    bottle: Arc<str>,
+    conn: Arc<Conn>,
+    mut req: http::Request<Incoming>,
+) -> Response {
     let Some((host, port)) = req
         .uri()
         .authority()
@@ -411,6 +510,8 @@ async fn connect(gate: Arc<Gate>, bottle: Arc<str>, mut req: http::Request<Incom
     let on_upgrade = hyper::upgrade::on(&mut req);
     let gate = gate.clone();
     tokio::spawn(async move {
+        // The tunnel is the connection's: it counts until it ends.
+        let _conn = conn;
         let Ok(upgraded) = on_upgrade.await else {
             return;
         };
