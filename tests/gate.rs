@@ -982,3 +982,55 @@ fn requests_without_a_credential_do_not_flood_the_log() {
     );
     assert!(log.contains("\"similar\":"), "{log}");
 }
+
+/// Attack: an agent with its credential opened tunnels until its bottle's
+/// listener was full (tunnels have no idle timeout): the other agents of
+/// the bottle waited for a slot. Now one agent holds at most half of them.
+#[test]
+fn one_agents_tunnels_leave_room_for_the_other_agents_of_its_bottle() {
+    let up = Upstream::start();
+    let (_gate, ports) = gate_with_few_descriptors(&up);
+    let mut tunnels = Vec::new();
+    let mut refused = None;
+    for _ in 0..200 {
+        let Ok(stream) = TcpStream::connect(("127.0.0.1", ports["dev"])) else {
+            break;
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut writer = stream.try_clone().unwrap();
+        let mut reader = BufReader::new(stream);
+        write!(
+            writer,
+            "CONNECT localhost:{p} HTTP/1.1\r\nHost: localhost:{p}\r\nProxy-Authorization: Basic {}\r\n\r\n",
+            basic("coder:coder-token"),
+            p = up.tls
+        )
+        .unwrap();
+        let mut status = String::new();
+        if reader.read_line(&mut status).is_err() || !status.starts_with("HTTP/1.1 200") {
+            refused = Some(status);
+            break;
+        }
+        tunnels.push(reader);
+    }
+    assert!(tunnels.len() >= 4, "{}", tunnels.len());
+    assert!(
+        refused
+            .as_deref()
+            .is_some_and(|s| s.starts_with("HTTP/1.1 503")),
+        "{refused:?} after {} tunnels",
+        tunnels.len()
+    );
+    let url = format!("https://localhost:{}/hello", up.tls);
+    let (codes, body) = through(
+        ports["dev"],
+        "reviewer:reviewer-token",
+        &up.ca_file,
+        &url,
+        &[],
+    );
+    assert_eq!(codes, "200 200", "{body}");
+    drop(tunnels);
+}

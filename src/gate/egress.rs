@@ -44,6 +44,8 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// accepted. The gate gives each listener a share of its descriptors
 /// ([`Slots::set_cap`]), which may be fewer.
 pub(crate) const MAX_CONNECTIONS: usize = 4096;
+/// Connections an agent may hold at once, whatever its listener's share.
+const MIN_PER_AGENT: usize = 4;
 
 /// How many connections a listener serves at once: a share of the gate's
 /// descriptors, so that one bottle's connections (an agent needs no
@@ -61,6 +63,8 @@ pub(crate) struct Slots {
     /// Connections not yet identified, oldest first: (id, how to close it).
     unidentified: std::sync::Mutex<std::collections::VecDeque<(u64, Arc<tokio::sync::Notify>)>>,
     next_id: std::sync::atomic::AtomicU64,
+    /// Identified connections per agent.
+    per_agent: std::sync::Mutex<std::collections::HashMap<String, usize>>,
 }
 
 impl Slots {
@@ -71,7 +75,15 @@ impl Slots {
             freed: tokio::sync::Notify::new(),
             unidentified: Default::default(),
             next_id: Default::default(),
+            per_agent: Default::default(),
         })
+    }
+
+    /// Connections one agent may hold at once: half the listener's, so
+    /// that an agent's tunnels leave room for the other agents of its
+    /// bottle.
+    fn per_agent_cap(&self) -> usize {
+        (self.cap.load(Ordering::SeqCst) / 2).max(MIN_PER_AGENT)
     }
 
     /// Serve at most `cap` connections from now on (those open stay).
@@ -103,7 +115,7 @@ impl Slots {
                     slots: self.clone(),
                     id,
                     close,
-                    identified: std::sync::atomic::AtomicBool::new(false),
+                    agent: std::sync::OnceLock::new(),
                 };
             }
             let oldest = self.queue().pop_front();
@@ -122,22 +134,53 @@ pub(crate) struct Conn {
     id: u64,
     /// Notified when the listener closes it to make room.
     close: Arc<tokio::sync::Notify>,
-    identified: std::sync::atomic::AtomicBool,
+    /// The agent whose credential it showed first.
+    agent: std::sync::OnceLock<String>,
 }
 
 impl Conn {
-    /// It showed a credential of the bottle: never closed to make room.
-    fn identify(&self) {
-        if !self.identified.swap(true, Ordering::SeqCst) {
-            self.slots.queue().retain(|(id, _)| *id != self.id);
+    /// It showed `agent`'s credential: never closed to make room, and
+    /// counted as that agent's. `Err(cap)`: the agent already holds as many
+    /// connections as it may.
+    fn identify(&self, agent: &str) -> Result<(), usize> {
+        if self.agent.get().is_some() {
+            return Ok(());
         }
+        let cap = self.slots.per_agent_cap();
+        let mut per_agent = self
+            .slots
+            .per_agent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let held = per_agent.entry(agent.to_owned()).or_default();
+        if *held >= cap {
+            return Err(cap);
+        }
+        *held += 1;
+        drop(per_agent);
+        let _ = self.agent.set(agent.to_owned());
+        self.slots.queue().retain(|(id, _)| *id != self.id);
+        Ok(())
     }
 }
 
 impl Drop for Conn {
     fn drop(&mut self) {
-        if !self.identified.load(Ordering::SeqCst) {
-            self.slots.queue().retain(|(id, _)| *id != self.id);
+        match self.agent.get() {
+            Some(agent) => {
+                let mut per_agent = self
+                    .slots
+                    .per_agent
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                if let Some(held) = per_agent.get_mut(agent) {
+                    *held = held.saturating_sub(1);
+                    if *held == 0 {
+                        per_agent.remove(agent);
+                    }
+                }
+            }
+            None => self.slots.queue().retain(|(id, _)| *id != self.id),
         }
         self.slots.active.fetch_sub(1, Ordering::SeqCst);
         self.slots.freed.notify_one();
@@ -188,13 +231,11 @@ pub(crate) async fn accept_loop(
 
 /// Whether `req` carries a credential of one of `bottle`'s agents: its
 /// proxy token, git token (HTTP Basic) or MCP token (the path).
-fn identifies(live: &Live, bottle: &str, req: &http::Request<Incoming>) -> bool {
-    if proxy_agent(live, bottle, req.headers()).is_ok() {
-        return true;
+fn identifies(live: &Live, bottle: &str, req: &http::Request<Incoming>) -> Option<String> {
+    if let Ok(agent) = proxy_agent(live, bottle, req.headers()) {
+        return Some(agent);
     }
-    let Some(b) = live.config.bottles.get(bottle) else {
-        return false;
-    };
+    let b = live.config.bottles.get(bottle)?;
     let eq = |a: &str, b: &str| {
         !a.is_empty() && super::config::constant_time_eq(a.as_bytes(), b.as_bytes())
     };
@@ -206,13 +247,17 @@ fn identifies(live: &Live, bottle: &str, req: &http::Request<Incoming>) -> bool 
             .get(&user)
             .is_some_and(|c| eq(&c.git_token, &password))
     {
-        return true;
+        return Some(user);
     }
-    req.uri()
+    let token = req
+        .uri()
         .path()
-        .strip_prefix("/mcp/")
-        .map(|t| t.trim_end_matches('/'))
-        .is_some_and(|token| b.agents.values().any(|c| eq(&c.mcp_token, token)))
+        .strip_prefix("/mcp/")?
+        .trim_end_matches('/');
+    b.agents
+        .iter()
+        .find(|(_, c)| eq(&c.mcp_token, token))
+        .map(|(name, _)| name.clone())
 }
 
 fn boxed(req: http::Request<Incoming>) -> http::Request<Body> {
@@ -230,8 +275,24 @@ async fn handle(
     conn: Arc<Conn>,
     req: http::Request<Incoming>,
 ) -> Response {
-    if identifies(&gate.live(), &bottle, &req) {
-        conn.identify();
+    if let Some(agent) = identifies(&gate.live(), &bottle, &req)
+        && let Err(cap) = conn.identify(&agent)
+    {
+        gate.log.event(
+            "egress",
+            json!({"bottle": &*bottle, "agent": agent, "decision": "denied",
+                   "rule": "connections", "reason": format!("more than {cap} connections open")}),
+        );
+        let mut response = text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!(
+                "bottle gate: agent `{agent}` already has {cap} connections open to bottle `{bottle}`'s gate; close some"
+            ),
+        );
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return response;
     }
     if req.method() == Method::CONNECT {
         connect(gate, bottle, conn, req).await
