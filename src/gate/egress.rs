@@ -275,7 +275,8 @@ async fn handle(
     conn: Arc<Conn>,
     req: http::Request<Incoming>,
 ) -> Response {
-    if let Some(agent) = identifies(&gate.live(), &bottle, &req)
+    if conn.agent.get().is_none()
+        && let Some(agent) = identifies(&gate.live(), &bottle, &req)
         && let Err(cap) = conn.identify(&agent)
     {
         gate.log.event(
