@@ -146,7 +146,19 @@ impl Gate {
     }
 
     fn spawn(state: &Path, manifests: &Path, upstream: &Upstream, env: &[(&str, &str)]) -> Child {
-        Command::new(bottle_exe())
+        Self::command(state, manifests, upstream, env)
+            .spawn()
+            .unwrap()
+    }
+
+    fn command(
+        state: &Path,
+        manifests: &Path,
+        upstream: &Upstream,
+        env: &[(&str, &str)],
+    ) -> Command {
+        let mut command = Command::new(bottle_exe());
+        command
             .arg("--state-dir")
             .arg(state)
             .args(["gate", "run"])
@@ -156,9 +168,8 @@ impl Gate {
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
+            .stderr(Stdio::null());
+        command
     }
 
     #[track_caller]
@@ -839,4 +850,187 @@ fn the_gate_starts_detached_with_its_values_on_a_pipe() {
     assert!(!args.contains("detached-secret"));
     assert!(bottle::gate::server::stop(&paths, Duration::from_secs(10)).unwrap());
     assert!(!bottle::gate::server::stop(&paths, Duration::from_secs(1)).unwrap());
+}
+
+/// A gate of the test's own with 512 descriptors (soft and hard), serving
+/// [`config`] with ops allowed to reach the TLS upstream on loopback.
+fn gate_with_few_descriptors(up: &Upstream) -> (Gate, BTreeMap<String, u16>) {
+    use std::os::unix::process::CommandExt;
+    let manifests = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let paths = GatePaths::new(state.path(), PROJECT);
+    std::fs::write(
+        manifests.path().join("bottle.toml"),
+        format!(
+            "[project]\nname = \"{PROJECT}\"\n\n[bottle.dev]\n\n[agent.coder]\nbottle = \"dev\"\n"
+        ),
+    )
+    .unwrap();
+    let mut command = Gate::command(state.path(), manifests.path(), up, &[]);
+    // SAFETY: setrlimit only, between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 512,
+                rlim_max: 512,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let gate = Gate {
+        child: command.spawn().unwrap(),
+        state,
+        manifests,
+        paths,
+    };
+    gate.wait_health(|_| true);
+    let mut cfg = config(up, vec![format!("localhost:{}", up.tls)]);
+    cfg.bottles.get_mut("ops").unwrap().allow_internal = vec!["127.0.0.0/8".into()];
+    let ports = gate.reload(&cfg, &[("TEST_API_KEY", SECRET)]);
+    (gate, ports)
+}
+
+/// Idle connections to `port` (no request on them), until the listener
+/// takes no more (bounded).
+fn idle_connections(port: u16) -> Vec<TcpStream> {
+    let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut idle = Vec::new();
+    let mut failed = 0;
+    while idle.len() < 1000 && failed < 3 {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+            Ok(s) => {
+                idle.push(s);
+                failed = 0;
+            }
+            Err(_) => failed += 1,
+        }
+    }
+    idle
+}
+
+/// Attack: another bottle's guest (on smolvm every guest reaches every
+/// listener), or anything on the host, filled a bottle's listener with
+/// idle connections (no credential needed, each re-opened when the header
+/// timeout closes it): the bottle's own agents waited for a slot. Now a
+/// listener at its bound closes the oldest connection that has not yet
+/// shown a credential of the bottle to accept a new one.
+#[test]
+fn idle_connections_without_a_credential_do_not_lock_the_bottles_agents_out() {
+    let up = Upstream::start();
+    let (_gate, ports) = gate_with_few_descriptors(&up);
+    let idle = idle_connections(ports["dev"]);
+    assert!(idle.len() > 16, "{}", idle.len());
+    let url = format!("https://localhost:{}/hello", up.tls);
+    let (codes, body) = through(ports["dev"], "coder:coder-token", &up.ca_file, &url, &[]);
+    assert_eq!(codes, "200 200", "{body}");
+    drop(idle);
+}
+
+/// Attack: with the usual limit of 1024 descriptors, an agent (no
+/// credential needed) opened idle connections to its bottle's listener
+/// until the gate had no descriptor left, and another bottle's agents could
+/// reach nothing. Now the gate raises its soft limit to the hard one and
+/// shares the descriptors it has between its listeners: one bottle's
+/// connections wait for that bottle's share only.
+#[test]
+fn idle_connections_to_one_bottle_leave_the_other_bottles_served() {
+    let up = Upstream::start();
+    let (_gate, ports) = gate_with_few_descriptors(&up);
+    let idle = idle_connections(ports["dev"]);
+    assert!(idle.len() > 16, "{}", idle.len());
+
+    // ops's agent still goes through its own listener.
+    let url = format!("https://localhost:{}/hello", up.tls);
+    let (codes, body) = through(ports["ops"], "opsagent:ops-token", &up.ca_file, &url, &[]);
+    assert_eq!(codes, "200 200", "{body}");
+    drop(idle);
+}
+
+/// Attack: pipelined proxy requests without a credential, each a line in
+/// the gate log (1.9 MB/s from one connection, without bound). Now such
+/// lines are sampled past a bound a minute (and the log is rotated).
+#[test]
+fn requests_without_a_credential_do_not_flood_the_log() {
+    let up = Upstream::start();
+    let gate = Gate::start(&up);
+    let ports = gate.reload(&config(&up, vec![]), &[("TEST_API_KEY", SECRET)]);
+    let before = gate.log().lines().count();
+    let stream = TcpStream::connect(("127.0.0.1", ports["dev"])).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = BufReader::new(stream);
+    const SENT: usize = 3000;
+    for _ in 0..SENT / 100 {
+        let batch = "GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n".repeat(100);
+        writer.write_all(batch.as_bytes()).unwrap();
+        for _ in 0..100 {
+            let (status, _) = read_response(&mut reader);
+            assert!(status.starts_with("HTTP/1.1 407"), "{status}");
+        }
+    }
+    let log = gate.log();
+    let written = log.lines().count() - before;
+    // A minute may turn while it runs: at most twice the bound.
+    assert!(
+        written <= 2 * (bottle::gate::log::UNIDENTIFIED_PER_MINUTE as usize + 3),
+        "{written} lines for {SENT} requests"
+    );
+    assert!(log.contains("\"similar\":"), "{log}");
+}
+
+/// Attack: an agent with its credential opened tunnels until its bottle's
+/// listener was full (tunnels have no idle timeout): the other agents of
+/// the bottle waited for a slot. Now one agent holds at most half of them.
+#[test]
+fn one_agents_tunnels_leave_room_for_the_other_agents_of_its_bottle() {
+    let up = Upstream::start();
+    let (_gate, ports) = gate_with_few_descriptors(&up);
+    let mut tunnels = Vec::new();
+    let mut refused = None;
+    for _ in 0..200 {
+        let Ok(stream) = TcpStream::connect(("127.0.0.1", ports["dev"])) else {
+            break;
+        };
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut writer = stream.try_clone().unwrap();
+        let mut reader = BufReader::new(stream);
+        write!(
+            writer,
+            "CONNECT localhost:{p} HTTP/1.1\r\nHost: localhost:{p}\r\nProxy-Authorization: Basic {}\r\n\r\n",
+            basic("coder:coder-token"),
+            p = up.tls
+        )
+        .unwrap();
+        let mut status = String::new();
+        if reader.read_line(&mut status).is_err() || !status.starts_with("HTTP/1.1 200") {
+            refused = Some(status);
+            break;
+        }
+        tunnels.push(reader);
+    }
+    assert!(tunnels.len() >= 4, "{}", tunnels.len());
+    assert!(
+        refused
+            .as_deref()
+            .is_some_and(|s| s.starts_with("HTTP/1.1 503")),
+        "{refused:?} after {} tunnels",
+        tunnels.len()
+    );
+    let url = format!("https://localhost:{}/hello", up.tls);
+    let (codes, body) = through(
+        ports["dev"],
+        "reviewer:reviewer-token",
+        &up.ca_file,
+        &url,
+        &[],
+    );
+    assert_eq!(codes, "200 200", "{body}");
+    drop(tunnels);
 }

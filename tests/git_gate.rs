@@ -584,3 +584,235 @@ fn reloads_change_what_is_served_without_a_restart() {
     assert!(!out.status.success());
     assert!(!std::path::Path::new("/tmp/pwned").exists());
 }
+
+/// The live `git http-backend` children of this test process serving
+/// `remote` (other tests of this binary run git too).
+fn backends_serving(remote: &str) -> usize {
+    let me = std::process::id().to_string();
+    let marker = format!("PATH_INFO=/{remote}.git/");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            let dir = e.path();
+            let stat = std::fs::read_to_string(dir.join("stat")).unwrap_or_default();
+            // pid (comm) state ppid ...
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1));
+            ppid == Some(me.as_str())
+                && std::fs::read(dir.join("environ"))
+                    .map(|env| {
+                        env.split(|b| *b == 0)
+                            .any(|v| v.starts_with(marker.as_bytes()))
+                    })
+                    .unwrap_or(false)
+        })
+        .count()
+}
+
+/// Attack: one agent opens many upload-pack requests and sends their
+/// bodies a byte at a time (each may idle 300 s between bytes), holding
+/// every slot git had for the whole gate: another bottle's agent got 503
+/// after 30 s. Now each agent and each bottle has slots of its own.
+#[test]
+fn an_agent_holding_slow_requests_does_not_stall_another_bottles_git() {
+    use std::io::Write;
+    let f = Fixture::new();
+    let upstream = f.upstream("upstream.git");
+    let theirs = f.upstream("theirs.git");
+    f.serve(&[remote("slowapp", &upstream, &[])]);
+    let ops: std::collections::BTreeMap<String, bottle::gate::config::AgentCredentials> = [(
+        "opsbot".to_owned(),
+        bottle::gate::config::AgentCredentials {
+            git_token: "tok-ops".into(),
+            ..Default::default()
+        },
+    )]
+    .into();
+    assert!(
+        f.gateway
+            .configure(
+                "ops",
+                &[remote("theirs", &theirs, &[])],
+                &ops,
+                &Default::default()
+            )
+            .is_empty()
+    );
+    // The mirror exists first: the slow requests are plain upload-packs.
+    git_ok(f.dir.path(), &["clone", "-q", &f.coder_url("slowapp"), "w"]);
+
+    // Slow requests, one at a time, each until git no longer starts one
+    // more for it (bounded).
+    // coder:tok-coder
+    let auth = "Y29kZXI6dG9rLWNvZGVy";
+    let mut held = Vec::new();
+    for _ in 0..40 {
+        let before = backends_serving("slowapp");
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", f.port)).unwrap();
+        write!(
+            s,
+            "POST /git/slowapp.git/git-upload-pack HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+             Authorization: Basic {auth}\r\nContent-Type: application/x-git-upload-pack-request\r\n\
+             Content-Length: 100000\r\n\r\n0032want "
+        )
+        .unwrap();
+        held.push(s);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while backends_serving("slowapp") <= before && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        if backends_serving("slowapp") <= before {
+            break;
+        }
+    }
+    assert!(backends_serving("slowapp") >= 1);
+
+    // Another bottle's agent still gets its refs.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let request = http::Request::builder()
+        .method("GET")
+        .uri("/git/theirs.git/info/refs?service=git-upload-pack")
+        .header("authorization", "Basic b3BzYm90OnRvay1vcHM=")
+        .body(bottle::gate::http::full(""))
+        .unwrap();
+    let response = runtime.block_on(f.gateway.handle("ops", request));
+    assert_eq!(response.status(), 200, "{:?}", response);
+    drop(held);
+}
+
+/// zlib without compression (stored blocks): what git inflates.
+fn zlib_stored(data: &[u8]) -> Vec<u8> {
+    let mut out = vec![0x78, 0x01];
+    let chunks: Vec<&[u8]> = data.chunks(65535).collect();
+    for (i, chunk) in chunks.iter().enumerate() {
+        out.push(u8::from(i + 1 == chunks.len()));
+        let len = chunk.len() as u16;
+        out.extend(len.to_le_bytes());
+        out.extend((!len).to_le_bytes());
+        out.extend(*chunk);
+    }
+    let (mut a, mut b) = (1u32, 0u32);
+    for byte in data {
+        a = (a + u32::from(*byte)) % 65521;
+        b = (b + a) % 65521;
+    }
+    out.extend(((b << 16) | a).to_be_bytes());
+    out
+}
+
+/// A pack object header: type and inflated size.
+fn pack_header(kind: u8, mut size: u64) -> Vec<u8> {
+    let mut out = vec![(kind << 4) | (size & 15) as u8];
+    size >>= 4;
+    while size > 0 {
+        *out.last_mut().unwrap() |= 0x80;
+        out.push((size & 0x7f) as u8);
+        size >>= 7;
+    }
+    out
+}
+
+fn varint(mut n: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let byte = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(byte);
+            return out;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+/// A two-object pack of a few hundred bytes: a 64 KiB blob and a delta
+/// on it whose every byte is a copy of all 64 KiB, `inflated` bytes in all.
+fn delta_bomb(inflated: u64) -> Vec<u8> {
+    let base = vec![b'A'; 65536];
+    let mut delta = varint(base.len() as u64);
+    delta.extend(varint(inflated));
+    delta.extend(std::iter::repeat_n(0x80u8, (inflated / 65536) as usize));
+    let mut pack = b"PACK".to_vec();
+    pack.extend(2u32.to_be_bytes());
+    pack.extend(2u32.to_be_bytes());
+    let first = pack.len();
+    pack.extend(pack_header(3, base.len() as u64));
+    pack.extend(zlib_stored(&base));
+    let second = pack.len();
+    pack.extend(pack_header(6, delta.len() as u64));
+    // The base's offset back from this object (git's offset encoding).
+    let mut n = (second - first) as u64;
+    let mut offset = vec![(n & 0x7f) as u8];
+    n >>= 7;
+    while n > 0 {
+        n -= 1;
+        offset.insert(0, 0x80 | (n & 0x7f) as u8);
+        n >>= 7;
+    }
+    pack.extend(offset);
+    pack.extend(zlib_stored(&delta));
+    let mut sha = std::process::Command::new("sha1sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut sha.stdin.take().unwrap(), &pack).unwrap();
+    let hex = String::from_utf8(sha.wait_with_output().unwrap().stdout).unwrap();
+    let hex = hex.split_whitespace().next().unwrap();
+    pack.extend((0..20).map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap()));
+    pack
+}
+
+/// Attack: a push of a few hundred bytes (a delta of one-byte copies)
+/// made git inflate it in memory: 1.25 GiB here, as much as the agent
+/// likes (host memory exhaustion), since `receive.maxInputSize` counts
+/// packed bytes. Now git that reads an agent's pack has bounded memory
+/// and the push is refused before any ref moves.
+#[test]
+fn a_delta_bomb_is_refused_without_inflating_it() {
+    use std::io::{Read, Write};
+    let f = Fixture::new();
+    let upstream = f.upstream("upstream.git");
+    f.serve(&[remote("app", &upstream, &["agent/*"])]);
+    git_ok(f.dir.path(), &["clone", "-q", &f.coder_url("app"), "w"]);
+
+    let pack = delta_bomb(1280 << 20);
+    assert!(pack.len() < 100 << 10, "{}", pack.len());
+    let command = format!(
+        "{} {} refs/heads/agent/bomb\0report-status\n",
+        "0".repeat(40),
+        "1".repeat(40)
+    );
+    let mut body = format!("{:04x}{command}0000", command.len() + 4).into_bytes();
+    body.extend(&pack);
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", f.port)).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(120)))
+        .unwrap();
+    write!(
+        s,
+        "POST /git/app.git/git-receive-pack HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+         Authorization: Basic Y29kZXI6dG9rLWNvZGVy\r\n\
+         Content-Type: application/x-git-receive-pack-request\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(&body).unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("unpack "), "{answer}");
+    assert!(!answer.contains("unpack ok"), "{answer}");
+    assert!(
+        git(&upstream, &["rev-parse", "--verify", "agent/bomb"])
+            .status
+            .code()
+            != Some(0)
+    );
+}

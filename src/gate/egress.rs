@@ -16,6 +16,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
@@ -39,24 +40,167 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a client may take to send a request's headers, or to finish a
 /// TLS handshake the gate intercepts.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
-/// Connections one listener serves at once; more wait to be accepted.
-const MAX_CONNECTIONS: usize = 4096;
+/// Connections one listener serves at once, at most; more wait to be
+/// accepted. The gate gives each listener a share of its descriptors
+/// ([`Slots::set_cap`]), which may be fewer.
+pub(crate) const MAX_CONNECTIONS: usize = 4096;
+/// Connections an agent may hold at once, whatever its listener's share.
+const MIN_PER_AGENT: usize = 4;
+
+/// How many connections a listener serves at once: a share of the gate's
+/// descriptors, so that one bottle's connections (an agent needs no
+/// credential to open one) never take another bottle's.
+///
+/// A connection counts from its accept until it closes (a CONNECT tunnel
+/// until the tunnel ends). At the bound, the listener closes the oldest
+/// connection that has not yet shown a credential of the bottle and
+/// accepts the next: connections anyone can open (on smolvm every guest
+/// reaches every listener) never lock the bottle's own agents out.
+pub(crate) struct Slots {
+    active: AtomicUsize,
+    cap: AtomicUsize,
+    freed: tokio::sync::Notify,
+    /// Connections not yet identified, oldest first: (id, how to close it).
+    unidentified: std::sync::Mutex<std::collections::VecDeque<(u64, Arc<tokio::sync::Notify>)>>,
+    next_id: std::sync::atomic::AtomicU64,
+    /// Identified connections per agent.
+    per_agent: std::sync::Mutex<std::collections::HashMap<String, usize>>,
+}
+
+impl Slots {
+    pub(crate) fn new(cap: usize) -> Arc<Self> {
+        Arc::new(Self {
+            active: AtomicUsize::new(0),
+            cap: AtomicUsize::new(cap),
+            freed: tokio::sync::Notify::new(),
+            unidentified: Default::default(),
+            next_id: Default::default(),
+            per_agent: Default::default(),
+        })
+    }
+
+    /// Connections one agent may hold at once: half the listener's, so
+    /// that an agent's tunnels leave room for the other agents of its
+    /// bottle.
+    fn per_agent_cap(&self) -> usize {
+        (self.cap.load(Ordering::SeqCst) / 2).max(MIN_PER_AGENT)
+    }
+
+    /// Serve at most `cap` connections from now on (those open stay).
+    pub(crate) fn set_cap(&self, cap: usize) {
+        self.cap.store(cap, Ordering::SeqCst);
+        self.freed.notify_one();
+    }
+
+    fn queue(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::VecDeque<(u64, Arc<tokio::sync::Notify>)>>
+    {
+        self.unidentified.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wait until a connection may be accepted (closing the oldest
+    /// unidentified one if the listener is at its bound), and count it.
+    async fn take(self: &Arc<Self>) -> Conn {
+        loop {
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if self.active.load(Ordering::SeqCst) < self.cap.load(Ordering::SeqCst) {
+                self.active.fetch_add(1, Ordering::SeqCst);
+                let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+                let close = Arc::new(tokio::sync::Notify::new());
+                self.queue().push_back((id, close.clone()));
+                return Conn {
+                    slots: self.clone(),
+                    id,
+                    close,
+                    agent: std::sync::OnceLock::new(),
+                };
+            }
+            let oldest = self.queue().pop_front();
+            if let Some((_, close)) = oldest {
+                close.notify_one();
+            }
+            freed.await;
+        }
+    }
+}
+
+/// One accepted connection, counted by its listener's [`Slots`] while it
+/// lives (a tunnel holds it too).
+pub(crate) struct Conn {
+    slots: Arc<Slots>,
+    id: u64,
+    /// Notified when the listener closes it to make room.
+    close: Arc<tokio::sync::Notify>,
+    /// The agent whose credential it showed first.
+    agent: std::sync::OnceLock<String>,
+}
+
+impl Conn {
+    /// It showed `agent`'s credential: never closed to make room, and
+    /// counted as that agent's. `Err(cap)`: the agent already holds as many
+    /// connections as it may.
+    fn identify(&self, agent: &str) -> Result<(), usize> {
+        if self.agent.get().is_some() {
+            return Ok(());
+        }
+        let cap = self.slots.per_agent_cap();
+        let mut per_agent = self
+            .slots
+            .per_agent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let held = per_agent.entry(agent.to_owned()).or_default();
+        if *held >= cap {
+            return Err(cap);
+        }
+        *held += 1;
+        drop(per_agent);
+        let _ = self.agent.set(agent.to_owned());
+        self.slots.queue().retain(|(id, _)| *id != self.id);
+        Ok(())
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        match self.agent.get() {
+            Some(agent) => {
+                let mut per_agent = self
+                    .slots
+                    .per_agent
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                if let Some(held) = per_agent.get_mut(agent) {
+                    *held = held.saturating_sub(1);
+                    if *held == 0 {
+                        per_agent.remove(agent);
+                    }
+                }
+            }
+            None => self.slots.queue().retain(|(id, _)| *id != self.id),
+        }
+        self.slots.active.fetch_sub(1, Ordering::SeqCst);
+        self.slots.freed.notify_one();
+    }
+}
 
 pub(crate) async fn accept_loop(
     gate: Arc<Gate>,
     bottle: Arc<str>,
     port: u16,
     listener: TcpListener,
+    slots: Arc<Slots>,
 ) {
-    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
-        };
+        let conn = Arc::new(slots.take().await);
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(_) => {
                 // Out of descriptors, most likely: let some close.
+                drop(conn);
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -65,20 +209,55 @@ pub(crate) async fn accept_loop(
         let gate = gate.clone();
         let bottle = bottle.clone();
         tokio::spawn(async move {
+            let close = conn.close.clone();
             let service = service_fn(move |req| {
                 let gate = gate.clone();
                 let bottle = bottle.clone();
-                async move { Ok::<_, Infallible>(handle(gate, bottle, port, req).await) }
+                let conn = conn.clone();
+                async move { Ok::<_, Infallible>(handle(gate, bottle, port, conn, req).await) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            let serving = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades()
-                .await;
-            drop(permit);
+                .with_upgrades();
+            tokio::select! {
+                _ = serving => {}
+                _ = close.notified() => {}
+            }
         });
     }
+}
+
+/// Whether `req` carries a credential of one of `bottle`'s agents: its
+/// proxy token, git token (HTTP Basic) or MCP token (the path).
+fn identifies(live: &Live, bottle: &str, req: &http::Request<Incoming>) -> Option<String> {
+    if let Ok(agent) = proxy_agent(live, bottle, req.headers()) {
+        return Some(agent);
+    }
+    let b = live.config.bottles.get(bottle)?;
+    let eq = |a: &str, b: &str| {
+        !a.is_empty() && super::config::constant_time_eq(a.as_bytes(), b.as_bytes())
+    };
+    if let Some((user, password)) = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| basic_credentials(v).ok())
+        && b.agents
+            .get(&user)
+            .is_some_and(|c| eq(&c.git_token, &password))
+    {
+        return Some(user);
+    }
+    let token = req
+        .uri()
+        .path()
+        .strip_prefix("/mcp/")?
+        .trim_end_matches('/');
+    b.agents
+        .iter()
+        .find(|(_, c)| eq(&c.mcp_token, token))
+        .map(|(name, _)| name.clone())
 }
 
 fn boxed(req: http::Request<Incoming>) -> http::Request<Body> {
@@ -93,10 +272,31 @@ async fn handle(
     gate: Arc<Gate>,
     bottle: Arc<str>,
     port: u16,
+    conn: Arc<Conn>,
     req: http::Request<Incoming>,
 ) -> Response {
+    if conn.agent.get().is_none()
+        && let Some(agent) = identifies(&gate.live(), &bottle, &req)
+        && let Err(cap) = conn.identify(&agent)
+    {
+        gate.log.event(
+            "egress",
+            json!({"bottle": &*bottle, "agent": agent, "decision": "denied",
+                   "rule": "connections", "reason": format!("more than {cap} connections open")}),
+        );
+        let mut response = text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!(
+                "bottle gate: agent `{agent}` already has {cap} connections open to bottle `{bottle}`'s gate; close some"
+            ),
+        );
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return response;
+    }
     if req.method() == Method::CONNECT {
-        connect(gate, bottle, req).await
+        connect(gate, bottle, conn, req).await
     } else if req.uri().scheme().is_some() {
         forward_plain(gate, bottle, req).await
     } else {
@@ -127,7 +327,11 @@ impl Target<'_> {
         if let (Value::Object(e), Value::Object(f)) = (&mut event, fields) {
             e.extend(f);
         }
-        self.gate.log.event("egress", event);
+        if self.agent.is_some() {
+            self.gate.log.event("egress", event);
+        } else {
+            self.gate.log.unidentified("egress", event);
+        }
     }
 
     fn deny(&self, status: StatusCode, rule: &str, message: String) -> Response {
@@ -177,16 +381,9 @@ fn proxy_agent(live: &Live, bottle: &str, headers: &HeaderMap) -> Result<String,
         );
     };
     let invalid = "invalid proxy credential";
-    let value = value.to_str().map_err(|_| invalid)?;
-    let (scheme, encoded) = value.trim().split_once(' ').ok_or(invalid)?;
-    if !scheme.eq_ignore_ascii_case("basic") {
-        return Err(invalid);
-    }
-    let decoded = crate::base64::decode_optional(encoded.trim()).ok_or(invalid)?;
-    let decoded = String::from_utf8(decoded).map_err(|_| invalid)?;
-    let (user, password) = decoded.split_once(':').ok_or(invalid)?;
+    let (user, password) = basic_credentials(value).map_err(|()| invalid)?;
     let gate = live.config.bottles.get(bottle).ok_or(invalid)?;
-    match gate.agents.get(user) {
+    match gate.agents.get(&user) {
         Some(c)
             if super::config::constant_time_eq(c.proxy_token.as_bytes(), password.as_bytes()) =>
         {
@@ -194,6 +391,19 @@ fn proxy_agent(live: &Live, bottle: &str, headers: &HeaderMap) -> Result<String,
         }
         _ => Err(invalid),
     }
+}
+
+/// The user and password of an HTTP `Basic` credential.
+fn basic_credentials(value: &HeaderValue) -> Result<(String, String), ()> {
+    let value = value.to_str().map_err(|_| ())?;
+    let (scheme, encoded) = value.trim().split_once(' ').ok_or(())?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return Err(());
+    }
+    let decoded = crate::base64::decode_optional(encoded.trim()).ok_or(())?;
+    let decoded = String::from_utf8(decoded).map_err(|_| ())?;
+    let (user, password) = decoded.split_once(':').ok_or(())?;
+    Ok((user.to_owned(), password.to_owned()))
 }
 
 /// Authenticate, decide and resolve a proxy request to `host:port`.
@@ -299,7 +509,12 @@ fn split_authority(authority: &str, default_port: u16) -> Option<(String, u16)> 
     (!host.is_empty() && port != 0).then_some((host, port))
 }
 
-async fn connect(gate: Arc<Gate>, bottle: Arc<str>, mut req: http::Request<Incoming>) -> Response {
+async fn connect(
+    gate: Arc<Gate>,
+    bottle: Arc<str>,
+    conn: Arc<Conn>,
+    mut req: http::Request<Incoming>,
+) -> Response {
     let Some((host, port)) = req
         .uri()
         .authority()
@@ -357,6 +572,8 @@ async fn connect(gate: Arc<Gate>, bottle: Arc<str>, mut req: http::Request<Incom
     let on_upgrade = hyper::upgrade::on(&mut req);
     let gate = gate.clone();
     tokio::spawn(async move {
+        // The tunnel is the connection's: it counts until it ends.
+        let _conn = conn;
         let Ok(upgraded) = on_upgrade.await else {
             return;
         };
@@ -767,7 +984,7 @@ async fn origin(
         let message = format!(
             "Host `{host}` is not this gate (127.0.0.1:{port}, localhost:{port}, 100.96.0.1:{port} or host.smolvm.internal:{port})"
         );
-        gate.log.event(
+        gate.log.unidentified(
             "gate",
             json!({"event": "wrong_host", "bottle": &*bottle, "host": host, "path": req.uri().path()}),
         );

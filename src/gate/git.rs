@@ -89,10 +89,12 @@
 //! reads the key file itself.
 //!
 //! Git's own limits apply to what the agent sends: `receive.fsckObjects`,
-//! `receive.maxInputSize` ([`MAX_PACK`]), a bounded request body, an idle
+//! `receive.maxInputSize` ([`MAX_PACK`]), bounded memory for git reading a
+//! push ([`MAX_PUSH_MEMORY`]), a bounded request body, an idle
 //! timeout on every pipe (a vanished or silent client kills the request's
 //! whole process group), and at most [`MAX_CONCURRENT`] requests running
-//! git at once. All security settings reach git as command-line
+//! git at once per bottle, [`MAX_PER_AGENT`] per agent (an agent that
+//! holds its requests open stalls nobody else). All security settings reach git as command-line
 //! configuration in its environment (`GIT_CONFIG_COUNT`), so nothing in a
 //! mirror's own config can weaken them; transports other than file, git,
 //! ssh and https are off (`protocol.allow=never`).
@@ -119,11 +121,18 @@ use upstream::{SshIdentity, Transport};
 
 /// The largest pack an agent may push.
 pub const MAX_PACK: u64 = 512 << 20;
+/// The most memory (`RLIMIT_DATA`) git may take while it reads an agent's
+/// push (receive-pack, index-pack or unpack-objects, the hook and its
+/// upstream push): a pack inflates far beyond its size (a delta of one-byte
+/// copies grows 65536-fold), and `receive.maxInputSize` counts packed bytes.
+pub const MAX_PUSH_MEMORY: u64 = 1 << 30;
 /// The largest fetch negotiation an agent may send.
 const MAX_UPLOAD_REQUEST: u64 = 64 << 20;
-/// At most this many git requests run at once (others wait up to
-/// 30 seconds, then get 503).
+/// At most this many git requests of one bottle run at once (others wait
+/// up to 30 seconds, then get 503).
 pub const MAX_CONCURRENT: usize = 16;
+/// At most this many git requests of one agent run at once (likewise).
+pub const MAX_PER_AGENT: usize = 4;
 const QUEUE_WAIT: Duration = Duration::from_secs(30);
 /// ssh's connect timeout to an upstream.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -189,6 +198,9 @@ pub(crate) struct Confine {
     bind: Option<(PathBuf, PathBuf)>,
     /// Entered after the bind, before dropping privileges.
     cwd: PathBuf,
+    /// The most memory (`RLIMIT_DATA`) the process and its children may
+    /// use; `None`: no limit of the gate's own.
+    max_data: Option<u64>,
 }
 
 fn cstring(p: &Path) -> CString {
@@ -202,6 +214,7 @@ fn confine(cmd: &mut std::process::Command, c: &Confine) {
     let run_as = c.run_as;
     let bind = c.bind.as_ref().map(|(r, v)| (cstring(r), cstring(v)));
     let cwd = cstring(&c.cwd);
+    let max_data = c.max_data;
     // SAFETY: only async-signal-safe system calls between fork and exec;
     // the strings were allocated before the fork.
     unsafe {
@@ -236,6 +249,15 @@ fn confine(cmd: &mut std::process::Command, c: &Confine) {
             if libc::chdir(cwd.as_ptr()) != 0 {
                 return fail();
             }
+            if let Some(max) = max_data {
+                let limit = libc::rlimit {
+                    rlim_cur: max,
+                    rlim_max: max,
+                };
+                if libc::setrlimit(libc::RLIMIT_DATA, &limit) != 0 {
+                    return fail();
+                }
+            }
             if let Some(RunAs { uid, gid }) = run_as
                 && (libc::setgroups(0, std::ptr::null()) != 0
                     || libc::setgid(gid) != 0
@@ -256,7 +278,9 @@ pub struct GitGateway {
     /// Per (bottle, remote), kept across reloads: serializes the upstream
     /// sync and pushes, and holds the remote's ssh-agent.
     states: Mutex<HashMap<(String, String), Shared>>,
-    permits: Arc<Semaphore>,
+    /// Slots for running git: per bottle (key: bottle, "") and per agent
+    /// (key: bottle, agent).
+    permits: Mutex<HashMap<(String, String), Arc<Semaphore>>>,
 }
 
 struct BottleGit {
@@ -329,7 +353,7 @@ impl GitGateway {
             ctx: Ctx { log, run_as, mount },
             bottles: RwLock::new(BTreeMap::new()),
             states: Mutex::new(HashMap::new()),
-            permits: Arc::new(Semaphore::new(MAX_CONCURRENT)),
+            permits: Mutex::new(HashMap::new()),
         }
     }
 
@@ -522,6 +546,21 @@ impl GitGateway {
         }
     }
 
+    /// The slots of `bottle` (`agent` empty) or of one of its agents.
+    fn slots(&self, bottle: &str, agent: &str) -> Arc<Semaphore> {
+        let size = if agent.is_empty() {
+            MAX_CONCURRENT
+        } else {
+            MAX_PER_AGENT
+        };
+        self.permits
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry((bottle.to_owned(), agent.to_owned()))
+            .or_insert_with(|| Arc::new(Semaphore::new(size)))
+            .clone()
+    }
+
     /// Answer one request for `/git/...` on `bottle`'s listener.
     pub async fn handle(&self, bottle: &str, req: Request) -> Response {
         let config = self
@@ -535,7 +574,7 @@ impl GitGateway {
             .and_then(|c| authenticate(&c.agents, req.headers()))
             .map(str::to_owned);
         let Some(agent) = agent else {
-            self.ctx.log.event(
+            self.ctx.log.unidentified(
                 "git",
                 json!({"bottle": bottle, "decision": "refused", "status": 401,
                        "path": truncate(req.uri().path(), 200),
@@ -584,17 +623,24 @@ impl GitGateway {
                 ),
             );
         }
-        let permit =
-            match tokio::time::timeout(QUEUE_WAIT, self.permits.clone().acquire_owned()).await {
-                Ok(Ok(p)) => p,
-                _ => {
-                    return refuse(
-                        http::StatusCode::SERVICE_UNAVAILABLE,
-                        remote_name,
-                        "too many git requests at once; try again",
-                    );
-                }
-            };
+        // The agent's own slot first, then one of its bottle's: requests
+        // an agent holds open wait on its own slots only.
+        let permit = match tokio::time::timeout(QUEUE_WAIT, async {
+            let agent_slot = self.slots(bottle, &agent).acquire_owned().await;
+            let bottle_slot = self.slots(bottle, "").acquire_owned().await;
+            agent_slot.and_then(|a| bottle_slot.map(|b| (a, b)))
+        })
+        .await
+        {
+            Ok(Ok(p)) => p,
+            _ => {
+                return refuse(
+                    http::StatusCode::SERVICE_UNAVAILABLE,
+                    remote_name,
+                    "too many git requests at once; try again",
+                );
+            }
+        };
         // A mirror of this very upstream exists: the sync is a plain fetch
         // (a new or changed upstream means a fresh clone, done first).
         let cloned = remote.layout.mirror().join("HEAD").exists()
@@ -653,7 +699,10 @@ impl GitGateway {
         service: Service,
         advertisement: bool,
         req: Request,
-        permit: tokio::sync::OwnedSemaphorePermit,
+        permit: (
+            tokio::sync::OwnedSemaphorePermit,
+            tokio::sync::OwnedSemaphorePermit,
+        ),
     ) -> Response {
         let push = service == Service::ReceivePack && !advertisement;
         // A push holds the remote against syncs and other pushes until
@@ -763,8 +812,12 @@ impl GitGateway {
                 );
             }
         });
+        let mut confine = self.ctx.confine(&remote.layout, remote.layout.view.clone());
+        if service == Service::ReceivePack {
+            confine.max_data = Some(MAX_PUSH_MEMORY);
+        }
         let cgi = cgi::Cgi {
-            confine: self.ctx.confine(&remote.layout, remote.layout.view.clone()),
+            confine,
             env,
             body_limit,
         };
@@ -913,6 +966,7 @@ impl Ctx {
     /// Git confined to `layout`'s bottle, working in `cwd` (a view path).
     fn confine(&self, layout: &Layout, cwd: PathBuf) -> Confine {
         Confine {
+            max_data: None,
             run_as: self.run_as,
             bind: self
                 .mount
@@ -1029,6 +1083,7 @@ impl Ctx {
         confine(
             cmd.as_std_mut(),
             &Confine {
+                max_data: None,
                 run_as: Some(run_as),
                 bind: None,
                 cwd: dir.clone(),
@@ -1091,6 +1146,7 @@ fn view_point(run_as: RunAs, log: &GateLog) -> Option<PathBuf> {
     confine(
         &mut probe,
         &Confine {
+            max_data: None,
             run_as: Some(run_as),
             bind: Some((std::env::temp_dir(), dir.clone())),
             cwd: dir.clone(),

@@ -156,6 +156,49 @@ struct ListenerHandle {
     configured: u16,
     bound: u16,
     task: JoinHandle<()>,
+    slots: Arc<egress::Slots>,
+}
+
+/// Descriptors the gate keeps for itself: its log, control socket, CA,
+/// the state directory's files.
+const FD_RESERVE: usize = 64;
+/// Descriptors kept per bottle for its git requests (three pipes each).
+const FD_PER_BOTTLE: usize = 64;
+/// Connections a listener may serve, whatever the descriptors say.
+const MIN_CONNECTIONS: usize = 8;
+
+/// Raise this process's soft limit on open descriptors to its hard limit;
+/// the soft limit it has then.
+fn raise_fd_limit() -> usize {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain system calls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 1024;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit.rlim_cur = limit.rlim_max;
+            }
+        }
+    }
+    usize::try_from(limit.rlim_cur).unwrap_or(usize::MAX)
+}
+
+/// Connections each of `listeners` listeners may serve at once with
+/// `fd_limit` descriptors: an equal share of what the gate does not keep
+/// for itself, two descriptors a connection (the agent's and upstream's).
+fn connections_per_listener(fd_limit: usize, listeners: usize) -> usize {
+    let listeners = listeners.max(1);
+    let spare = fd_limit.saturating_sub(FD_RESERVE + FD_PER_BOTTLE * listeners);
+    (spare / 2 / listeners).clamp(MIN_CONNECTIONS, egress::MAX_CONNECTIONS)
 }
 
 /// Everything the running gate shares between its tasks.
@@ -168,6 +211,8 @@ pub(crate) struct Gate {
     pub upstream_tls: Arc<rustls::ClientConfig>,
     live: RwLock<Arc<Live>>,
     listeners: tokio::sync::Mutex<BTreeMap<String, ListenerHandle>>,
+    /// The soft limit on open descriptors (raised to the hard one).
+    fd_limit: usize,
     started_at: u64,
     stop: Notify,
 }
@@ -255,14 +300,20 @@ impl Gate {
                 let _ = l.task.await;
             }
         }
+        let cap = connections_per_listener(self.fd_limit, config.bottles.len());
+        for l in listeners.values() {
+            l.slots.set_cap(cap);
+        }
         for (bottle, listener) in opened {
             let bound = listener.local_addr().map(|a| a.port()).unwrap_or(0);
             let configured = config.bottles[&bottle].port;
+            let slots = egress::Slots::new(cap);
             let task = tokio::spawn(egress::accept_loop(
                 self.clone(),
                 Arc::from(bottle.as_str()),
                 bound,
                 listener,
+                slots.clone(),
             ));
             listeners.insert(
                 bottle,
@@ -270,6 +321,7 @@ impl Gate {
                     configured,
                     bound,
                     task,
+                    slots,
                 },
             );
         }
@@ -480,6 +532,7 @@ fn serve(
         upstream_tls: upstream_tls(&log),
         live: RwLock::new(Arc::new(Live::new(GateConfig::default(), BTreeMap::new()))),
         listeners: tokio::sync::Mutex::new(BTreeMap::new()),
+        fd_limit: raise_fd_limit(),
         started_at: now(),
         stop: Notify::new(),
         paths,
@@ -733,6 +786,18 @@ pub fn stop(paths: &GatePaths, wait: Duration) -> Result<bool, GateError> {
 mod tests {
     use super::*;
     use crate::gate::config::BottleGate;
+
+    #[test]
+    fn listeners_share_the_descriptors_the_gate_does_not_keep() {
+        // 1024 descriptors, two bottles: (1024 - 64 - 128) / 2 / 2.
+        assert_eq!(connections_per_listener(1024, 2), 208);
+        assert_eq!(
+            connections_per_listener(1 << 20, 1),
+            egress::MAX_CONNECTIONS
+        );
+        assert_eq!(connections_per_listener(100, 3), MIN_CONNECTIONS);
+        assert_eq!(connections_per_listener(4096, 0), 1984);
+    }
 
     #[test]
     fn a_foreground_gate_reads_values_from_files_and_its_environment() {

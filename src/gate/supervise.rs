@@ -284,7 +284,7 @@ impl Supervise {
     ) -> impl Future<Output = Response> + Send + 'static {
         let who = self.agent_by_token(bottle, token);
         if who.is_none() {
-            self.inner.log.event(
+            self.inner.log.unidentified(
                 "supervise",
                 json!({"bottle": bottle, "event": "unknown_token", "decision": "deny"}),
             );
