@@ -460,6 +460,30 @@ fn status_shows_recent_denials_per_agent() {
     let reader = agent("reader")["denials"].clone();
     assert_eq!(reader["last_hour"], 2, "{json}");
     assert_eq!(reader["latest"][0]["host"], "reader-only.example");
+
+    // `egress-log`: the agent's host arrives escaped; an agent that is
+    // neither declared nor in the log is a typo (exit 2), not an empty
+    // history.
+    let run = p.bottle(&["egress-log", "--agent", "reader"]);
+    run.success();
+    assert!(
+        run.stdout.contains(r"\u{1b}[2Jclear.example:443"),
+        "{}",
+        run.stdout
+    );
+    assert!(!run.stdout.contains('\u{1b}'), "{}", run.stdout);
+    let run = p.bottle(&["egress-log", "--agent", "readr"]);
+    run.code(2);
+    assert!(
+        run.stderr.contains("no agent named `readr`"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("declared agents: coder, reader"),
+        "{}",
+        run.stderr
+    );
     assert_eq!(reader["latest"].as_array().unwrap().len(), 2);
 }
 

@@ -47,20 +47,25 @@ struct NoLog {
 
 pub fn run(global: &GlobalArgs, args: EgressLogArgs) -> miette::Result<Outcome> {
     let project = crate::manifest::load_dir(&args.dir.dir)?;
-    if let Some(agent) = &args.agent
-        && !project.agents.contains_key(agent)
-    {
-        return Err(session::UnknownTarget {
+    // An agent the manifests do not declare (any more) may still have lines
+    // in the log; one that has none is a typo, not an empty history.
+    let undeclared = args
+        .agent
+        .as_ref()
+        .filter(|a| !project.agents.contains_key(*a))
+        .map(|agent| session::UnknownTarget {
             agent: agent.clone(),
-            known: project
-                .agents
-                .keys()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", "),
-        }
-        .into());
+            known: crate::manifest::names::sorted_naturally(
+                project.agents.keys().map(String::as_str),
+            )
+            .join(", "),
+        });
+    if args.follow
+        && let Some(unknown) = undeclared
+    {
+        return Err(unknown.into());
     }
+    let mut shown = 0usize;
     let paths = GatePaths::new(&session::state_dir(global)?, &project.name);
     let path = paths.log();
     let mut offset = 0u64;
@@ -90,16 +95,20 @@ pub fn run(global: &GlobalArgs, args: EgressLogArgs) -> miette::Result<Outcome> 
                 let mut out = stdout.lock();
                 for line in BufReader::new(&partial[..complete]).lines() {
                     let Ok(line) = line else { continue };
-                    if let Some(text) = render(&line, args.agent.as_deref(), args.json)
-                        && writeln!(out, "{text}").is_err()
-                    {
-                        return Ok(Outcome::Success);
+                    if let Some(text) = render(&line, args.agent.as_deref(), args.json) {
+                        shown += 1;
+                        if writeln!(out, "{text}").is_err() {
+                            return Ok(Outcome::Success);
+                        }
                     }
                 }
                 let _ = out.flush();
                 partial.drain(..complete);
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && !args.follow => {
+                if let Some(unknown) = undeclared {
+                    return Err(unknown.into());
+                }
                 return Err(NoLog {
                     project: project.name.clone(),
                     path,
@@ -110,7 +119,10 @@ pub fn run(global: &GlobalArgs, args: EgressLogArgs) -> miette::Result<Outcome> 
             Err(e) => return Err(miette::miette!("reading {}: {e}", path.display())),
         }
         if !args.follow {
-            return Ok(Outcome::Success);
+            return match undeclared {
+                Some(unknown) if shown == 0 => Err(unknown.into()),
+                _ => Ok(Outcome::Success),
+            };
         }
         std::thread::sleep(Duration::from_millis(250));
     }
