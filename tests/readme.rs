@@ -22,6 +22,7 @@ fn the_readme_example_validates() {
     for dir in [
         "certs",
         "prompts",
+        "rootfs",
         "skills/rust-review",
         "scripts",
         "workspace",
@@ -50,4 +51,10 @@ fn the_readme_example_validates() {
         7,
         "machine ca prompt skills git setup:toolchain supervise"
     );
+    // And smolvm, the default runtime, runs it as written (`validate`).
+    let desired = bottle::desired::Desired::new(project, &graph);
+    if let Err(d) = bottle::preflight::runtime_check(&desired, bottle::runtime::RuntimeKind::Smolvm)
+    {
+        panic!("{:?}", miette::Report::new(d));
+    }
 }
