@@ -960,7 +960,14 @@ impl std::fmt::Display for GateStatus {
                 .iter()
                 .map(|(b, p)| format!("{b} 127.0.0.1:{p}"))
                 .collect();
-            write!(f, ", listening for {}", ports.join(", "))?;
+            // The ports kept for a gate that is not running are where it
+            // will listen once started, not where anything listens now.
+            let what = if self.pid.is_some() {
+                "listening for"
+            } else {
+                "to listen for"
+            };
+            write!(f, ", {what} {}", ports.join(", "))?;
         }
         if let Some(at) = self.started_at {
             write!(f, ", started {}", crate::time::format_unix(at))?;
