@@ -562,3 +562,20 @@ fn every_phase_in_one_run() {
     }
     assert!(!local.contains("image-needs-network"), "{local}");
 }
+
+/// The only agent sits in a file that does not parse: its syntax error is
+/// the problem, not "no agents declared" (which sent users looking for a
+/// missing table).
+#[test]
+fn a_file_that_does_not_parse_is_not_reported_as_missing_agents() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tmp.path().join("bottle.toml"),
+        "[project]\nname = \"p\"\n[bottle.dev]\nvolumes = [[[\n[agent.a]\nbottle = \"dev\"\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = run_in(tmp.path(), ".");
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("bottle::toml-syntax"), "{stderr}");
+    assert!(!stderr.contains("no agents declared"), "{stderr}");
+}

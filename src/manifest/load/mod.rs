@@ -94,12 +94,14 @@ pub fn load_dir_partial(dir: &Path) -> Result<Project, (Diagnostics, Option<Box<
     }
 
     let mut found = Found::default();
+    let mut unreadable = false;
     let mut texts = Vec::with_capacity(files.len());
     for rel in &files {
         let display = Path::new(dir).join(rel).display().to_string();
         let text = match fs::read(root.join(rel)).map(String::from_utf8) {
             Ok(Ok(text)) => text,
             Ok(Err(_)) => {
+                unreadable = true;
                 found.global(
                     ManifestDiagnostic::new(
                         "bottle::unreadable-file",
@@ -110,6 +112,7 @@ pub fn load_dir_partial(dir: &Path) -> Result<Project, (Diagnostics, Option<Box<
                 String::new()
             }
             Err(e) => {
+                unreadable = true;
                 found.global(
                     ManifestDiagnostic::new(
                         "bottle::unreadable-file",
@@ -180,7 +183,10 @@ pub fn load_dir_partial(dir: &Path) -> Result<Project, (Diagnostics, Option<Box<
 
     let name = project_name(&mut cx, &root, decls.project.take());
     let (bottles, agents) = validate::check(&mut cx, &decls);
-    if decls.agents.is_empty() && !decls.saw_agent_table {
+    // A file that does not parse (or cannot be read) may hold the agents:
+    // its own diagnostic says what to fix, "no agents" would mislead.
+    let all_read = syntax.iter().all(Option::is_none) && !unreadable;
+    if decls.agents.is_empty() && !decls.saw_agent_table && all_read {
         cx.found.global(
             ManifestDiagnostic::new(
                 "bottle::no-agents",
