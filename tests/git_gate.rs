@@ -254,6 +254,39 @@ fn fetch_follows_upstream_and_survives_its_loss() {
     );
 }
 
+/// A read-only local upstream owned by someone else than the gate's git
+/// user (root, as a user makes it with sudo), readable by everyone: git's
+/// ownership check refused it ("dubious ownership", a 502 for the agent),
+/// because the local transport's upload-pack never saw the gate's
+/// `safe.directory`.
+#[test]
+fn a_readable_local_upstream_owned_by_another_user_is_served() {
+    let f = Fixture::new();
+    let upstream = f.upstream("upstream.git");
+    let out = std::process::Command::new("chown")
+        .args(["-R", "0:0"])
+        .arg(&upstream)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    f.serve(&[remote("app", &upstream, &[])]);
+    let clone = git(f.dir.path(), &["clone", "-q", &f.coder_url("app"), "work"]);
+    assert!(clone.status.success(), "{}", stderr(&clone));
+    assert_eq!(
+        std::fs::read_to_string(f.path("work/README")).unwrap(),
+        "hello from upstream\n"
+    );
+    // And the next fetch, from the mirror it made, follows upstream.
+    let seed = f.path("upstream.git.seed");
+    let new = commit(&seed, "n.txt", "new upstream work\n");
+    git_ok(&seed, &["push", "-q", &upstream.to_string_lossy(), "main"]);
+    git_ok(&f.path("work"), &["fetch", "-q", "origin"]);
+    assert_eq!(
+        git_ok(&f.path("work"), &["rev-parse", "origin/main"]).trim(),
+        new
+    );
+}
+
 #[test]
 fn a_push_upstream_refuses_is_refused_with_its_message() {
     let f = Fixture::new();

@@ -996,21 +996,40 @@ impl Ctx {
         let recorded = std::fs::read_to_string(&upstream_file).ok();
         let env = self.base_env(remote, true);
         let cloned = mirror.join("HEAD").exists();
+        // A local upstream is read by an upload-pack git starts without the
+        // gate's config (git drops it for the local transport), so its
+        // `safe.directory` goes on that command line: an upstream owned by
+        // someone else than the git user is read, as it is by anyone.
+        let upload_pack: Vec<String> = match &remote.transport {
+            Transport::Local { path } => vec![
+                "--upload-pack".into(),
+                format!(
+                    "git -c safe.directory='{}' upload-pack",
+                    path.to_string_lossy().replace('\'', r"'\''")
+                ),
+            ],
+            _ => Vec::new(),
+        };
+        let upload_pack: Vec<&str> = upload_pack.iter().map(String::as_str).collect();
         if cloned && recorded.as_deref() == Some(remote.config.upstream.as_str()) {
+            let mut args = vec![
+                "fetch",
+                "--quiet",
+                "--prune",
+                "--no-write-fetch-head",
+                "--no-auto-maintenance",
+                "--no-show-forced-updates",
+            ];
+            args.extend(&upload_pack);
+            args.extend([
+                "--",
+                &remote.config.upstream,
+                "+refs/heads/*:refs/heads/*",
+                "+refs/tags/*:refs/tags/*",
+            ]);
             let ran = mirror::git(
                 &self.confine(&remote.layout, remote.layout.mirror_view()),
-                &[
-                    "fetch",
-                    "--quiet",
-                    "--prune",
-                    "--no-write-fetch-head",
-                    "--no-auto-maintenance",
-                    "--no-show-forced-updates",
-                    "--",
-                    &remote.config.upstream,
-                    "+refs/heads/*:refs/heads/*",
-                    "+refs/tags/*:refs/tags/*",
-                ],
+                &args,
                 &env,
                 mirror::SYNC_TIMEOUT,
             )
@@ -1029,16 +1048,13 @@ impl Ctx {
         }
         mirror::make_dir(&mirror, 0o755, self.run_as)
             .map_err(|e| format!("cannot create the mirror: {e}"))?;
+        let mirror_view = remote.layout.mirror_view().to_string_lossy().into_owned();
+        let mut args = vec!["clone", "--bare", "--quiet"];
+        args.extend(&upload_pack);
+        args.extend(["--", &remote.config.upstream, &mirror_view]);
         let ran = mirror::git(
             &self.confine(&remote.layout, remote.layout.view.clone()),
-            &[
-                "clone",
-                "--bare",
-                "--quiet",
-                "--",
-                &remote.config.upstream,
-                &remote.layout.mirror_view().to_string_lossy(),
-            ],
+            &args,
             &env,
             mirror::SYNC_TIMEOUT,
         )
